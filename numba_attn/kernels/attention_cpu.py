@@ -1,0 +1,228 @@
+"""Fused causal attention with grouped-query heads on the CPU, flash-style: an online softmax
+over blocks of keys, so neither the score matrix nor a mask is ever materialised.
+Twin: attention_cuda.py.
+
+Two schedules, same arithmetic:
+- prefill (many queries): a task is a tile of query rows (positions x the query heads of one KV
+  head) against all the keys it may see; the tile products run in BLAS (np.dot).
+- decode (a few queries): a task is a range of keys for every head at once, so K and V are
+  streamed from memory once, row by row; the ranges' partial results are merged at the end
+  (flash-decoding)."""
+import ctypes
+import glob
+import math
+import os
+
+import numpy as np
+from numba import float32, get_num_threads, njit, prange
+
+from .scalar import FASTMATH_INF
+
+BLOCK_ROWS = 64        # prefill: query rows per tile (positions x grouped heads)
+BLOCK_K = 64           # keys per block of the online softmax
+DECODE_MAX_Q = 4       # at most this many queries take the decode schedule
+MIN_SPLIT_KEYS = 256   # decode: a key range is never shorter than this
+
+
+def _single_threaded_jit_blas():
+    """np.dot inside jitted code calls SciPy's OpenBLAS. Our tasks already run on every core, so
+    that BLAS must not start threads of its own (they would oversubscribe the cores several
+    times over). SciPy's OpenBLAS is a library separate from NumPy's: NumPy keeps its threads."""
+    import scipy
+    libs = glob.glob(os.path.join(os.path.dirname(scipy.__file__) + ".libs", "libscipy_openblas*.so"))
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_set_num_threads", "openblas_set_num_threads"):
+            if hasattr(lib, name):
+                getattr(lib, name)(1)
+                break
+
+
+_single_threaded_jit_blas()
+
+
+@njit(inline="always", fastmath=FASTMATH_INF, cache=True)
+def _online_softmax_block(S, P, m_run, l_run, alpha, rows, nk, n_vis):
+    # S, P: (rows, nk) scores / probabilities; m_run, l_run, alpha: (rows,) running max, running
+    # sum, and this block's rescale factor. n_vis[r]: keys of the block row r sees (a prefix).
+    for r in range(rows):
+        m_new = m_run[r]
+        for j in range(n_vis[r]):
+            m_new = max(m_new, S[r, j])
+        if m_new == -np.inf:  # nothing seen yet
+            alpha[r] = float32(1)
+            for j in range(nk):
+                P[r, j] = float32(0)
+            continue
+        total = float32(0)
+        for j in range(n_vis[r]):
+            p = math.exp(S[r, j] - m_new)
+            P[r, j] = p
+            total += p
+        for j in range(n_vis[r], nk):
+            P[r, j] = float32(0)
+        alpha[r] = math.exp(m_run[r] - m_new)
+        l_run[r] = l_run[r] * alpha[r] + total
+        m_run[r] = m_new
+
+
+@njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
+def _attention_prefill(out, q, k, v, scale, causal, n_workers):
+    # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d)
+    B, q_len, H, d = q.shape
+    kv_len, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    scale = float32(scale)
+    bq = max(1, BLOCK_ROWS // G)                  # query positions per tile
+    n_qblk = (q_len + bq - 1) // bq
+    rows_max = bq * G
+    n_tasks = B * Hkv * n_qblk
+
+    # per-worker scratch, allocated once per call
+    Qt = np.empty((n_workers, rows_max, d), np.float32)
+    Ot = np.empty((n_workers, rows_max, d), np.float32)
+    Kt = np.empty((n_workers, BLOCK_K, d), np.float32)
+    Vt = np.empty((n_workers, BLOCK_K, d), np.float32)
+    St = np.empty((n_workers, rows_max * BLOCK_K), np.float32)
+    Pt = np.empty((n_workers, rows_max * BLOCK_K), np.float32)
+    PVt = np.empty((n_workers, rows_max * d), np.float32)
+    Mt = np.empty((n_workers, rows_max), np.float32)
+    Lt = np.empty((n_workers, rows_max), np.float32)
+    At = np.empty((n_workers, rows_max), np.float32)
+    Vis = np.empty((n_workers, rows_max), np.int64)
+
+    # worker w takes tasks w, w + n_workers, ...: interleaved, so causal tiles of unequal cost
+    # spread evenly, and each worker owns its scratch
+    for w in prange(n_workers):
+        for task in range(w, n_tasks, n_workers):
+            qb = task % n_qblk
+            hk = (task // n_qblk) % Hkv
+            z = task // (n_qblk * Hkv)
+            q0 = qb * bq
+            nq = min(bq, q_len - q0)
+            rows = nq * G                          # row r = (position q0 + r // G, head r % G)
+            Qs, O = Qt[w, :rows], Ot[w, :rows]
+            m_run, l_run, alpha, n_vis = Mt[w, :rows], Lt[w, :rows], At[w, :rows], Vis[w, :rows]
+            for r in range(rows):
+                for c in range(d):
+                    Qs[r, c] = q[z, q0 + r // G, hk * G + r % G, c] * scale
+                    O[r, c] = float32(0)
+                m_run[r] = -np.inf
+                l_run[r] = float32(0)
+
+            # keys up to the last one the tile's last query sees
+            k_end = min(kv_len, max(0, kv_len - q_len + q0 + nq)) if causal else kv_len
+            for k0 in range(0, k_end, BLOCK_K):
+                nk = min(BLOCK_K, k_end - k0)
+                S = St[w, :rows * nk].reshape((rows, nk))
+                P = Pt[w, :rows * nk].reshape((rows, nk))
+                PV = PVt[w, :rows * d].reshape((rows, d))
+                Ks, Vs = Kt[w, :nk], Vt[w, :nk]
+                for j in range(nk):
+                    for c in range(d):
+                        Ks[j, c] = k[z, k0 + j, hk, c]
+                        Vs[j, c] = v[z, k0 + j, hk, c]
+                for r in range(rows):
+                    n_vis[r] = min(nk, max(0, kv_len - q_len + q0 + r // G + 1 - k0)) if causal else nk
+                np.dot(Qs, Ks.T, S)                                # (rows, nk)
+                _online_softmax_block(S, P, m_run, l_run, alpha, rows, nk, n_vis)
+                np.dot(P, Vs, PV)                                  # (rows, d)
+                for r in range(rows):
+                    for c in range(d):
+                        O[r, c] = O[r, c] * alpha[r] + PV[r, c]
+
+            for r in range(rows):
+                inv = float32(1) / l_run[r] if l_run[r] > 0 else float32(0)
+                for c in range(d):
+                    out[z, q0 + r // G, hk * G + r % G, c] = O[r, c] * inv
+
+
+@njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
+def _attention_decode(out, q, k, v, scale, causal, n_workers):
+    # q, out: (b, q_len, H, d) with small q_len; k, v: (b, kv_len, Hkv, d)
+    B, q_len, H, d = q.shape
+    kv_len, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    scale = float32(scale)
+    rows = q_len * H                               # row r = (position r // H, head r % H)
+    n_split = max(1, min((2 * n_workers + B - 1) // B, kv_len // MIN_SPLIT_KEYS))
+    split_len = ((kv_len + n_split - 1) // n_split + BLOCK_K - 1) // BLOCK_K * BLOCK_K
+    n_split = max(1, (kv_len + split_len - 1) // split_len)
+    n_tasks = B * n_split
+
+    Qt = np.empty((n_workers, rows, d), np.float32)
+    St = np.empty((n_workers, rows, BLOCK_K), np.float32)
+    Pt = np.empty((n_workers, rows, BLOCK_K), np.float32)
+    At = np.empty((n_workers, rows), np.float32)
+    Vis = np.empty((n_workers, rows), np.int64)
+    # each key range's partial result: unnormalised output, running max and sum
+    O_part = np.empty((n_tasks, rows, d), np.float32)
+    M_part = np.empty((n_tasks, rows), np.float32)
+    L_part = np.empty((n_tasks, rows), np.float32)
+
+    for w in prange(n_workers):
+        for task in range(w, n_tasks, n_workers):
+            z, split = task // n_split, task % n_split
+            Qs, S, P, alpha, n_vis = Qt[w], St[w], Pt[w], At[w], Vis[w]
+            O, m_run, l_run = O_part[task], M_part[task], L_part[task]
+            for r in range(rows):
+                for c in range(d):
+                    Qs[r, c] = q[z, r // H, r % H, c] * scale
+                    O[r, c] = float32(0)
+                m_run[r] = -np.inf
+                l_run[r] = float32(0)
+            k_hi = min(kv_len, (split + 1) * split_len)
+            for k0 in range(split * split_len, k_hi, BLOCK_K):
+                nk = min(BLOCK_K, k_hi - k0)
+                for r in range(rows):
+                    n_vis[r] = min(nk, max(0, kv_len - q_len + r // H + 1 - k0)) if causal else nk
+                # scores: each key row (all KV heads, contiguous) is read once
+                for j in range(nk):
+                    for hk in range(Hkv):
+                        for t in range(q_len):
+                            for g in range(G):
+                                r = t * H + hk * G + g
+                                acc = float32(0)
+                                for c in range(d):
+                                    acc += Qs[r, c] * k[z, k0 + j, hk, c]
+                                S[r, j] = acc
+                _online_softmax_block(S, P, m_run, l_run, alpha, rows, nk, n_vis)
+                for r in range(rows):
+                    for c in range(d):
+                        O[r, c] *= alpha[r]
+                for j in range(nk):
+                    for hk in range(Hkv):
+                        for t in range(q_len):
+                            for g in range(G):
+                                r = t * H + hk * G + g
+                                p = P[r, j]
+                                for c in range(d):
+                                    O[r, c] += p * v[z, k0 + j, hk, c]
+
+    # merge the key ranges: rescale each partial to the common maximum
+    for zr in prange(B * rows):
+        z, r = zr // rows, zr % rows
+        t, h = r // H, r % H
+        m = float32(-np.inf)
+        for s in range(n_split):
+            m = max(m, M_part[z * n_split + s, r])
+        for c in range(d):
+            out[z, t, h, c] = float32(0)
+        if m == -np.inf:  # saw no key
+            continue
+        total = float32(0)
+        for s in range(n_split):
+            task = z * n_split + s
+            wgt = math.exp(M_part[task, r] - m)
+            total += L_part[task, r] * wgt
+            for c in range(d):
+                out[z, t, h, c] += O_part[task, r, c] * wgt
+        inv = float32(1) / total
+        for c in range(d):
+            out[z, t, h, c] *= inv
+
+
+def attention(out, q, k, v, scale, causal):
+    # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d)
+    schedule = _attention_decode if q.shape[1] <= DECODE_MAX_Q else _attention_prefill
+    schedule(out, q, k, v, scale, causal, get_num_threads())

@@ -1,0 +1,73 @@
+"""A preallocated key/value cache: one buffer per tensor for all layers, filled by position."""
+import numpy as np
+
+from . import checks
+from .backend import backend_of, empty
+
+
+class KVCache:
+    """k, v: (n_layers, max_seq, n_kv_heads, head_dim), allocated once.
+
+    append(layer, k, v) writes (seq, n_kv_heads, head_dim) at that layer's current length and
+    returns the filled views (kv_len, n_kv_heads, head_dim)."""
+
+    def __init__(self, n_layers, max_seq, n_kv_heads, head_dim, *, dtype=np.float32, device="cpu"):
+        self.n_layers = checks.positive_int("n_layers", n_layers)
+        self.max_seq = checks.positive_int("max_seq", max_seq)
+        self.n_kv_heads = checks.positive_int("n_kv_heads", n_kv_heads)
+        self.head_dim = checks.positive_int("head_dim", head_dim)
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        self.device = device
+        self.dtype = np.dtype(dtype)
+        if device == "cpu" and self.dtype != np.float32:
+            raise TypeError(f"a CPU KVCache stores float32, got {self.dtype.name}")
+        shape = (n_layers, max_seq, n_kv_heads, head_dim)
+        self.k = empty(shape, self.dtype, device)   # (n_layers, max_seq, n_kv_heads, head_dim)
+        self.v = empty(shape, self.dtype, device)   # (n_layers, max_seq, n_kv_heads, head_dim)
+        self.lengths = [0] * n_layers                 # tokens stored, per layer
+
+    @property
+    def length(self):
+        """Tokens stored (in layer 0, the first written at each step)."""
+        return self.lengths[0]
+
+    def append(self, layer, k, v):
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) \
+                or not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer must be an integer in [0, {self.n_layers}), got {layer!r}")
+        backend = backend_of(k, v)
+        if backend != self.device:
+            raise ValueError(f"this KVCache lives on {self.device}; got {backend} arrays")
+        want = (None, self.n_kv_heads, self.head_dim)
+        for name, x in (("k", k), ("v", v)):
+            checks.array(name, x, ndim=3, dtypes=(self.dtype,))
+            checks.shape(name, x, want)
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        start = self.lengths[layer]
+        end = start + k.shape[0]
+        if end > self.max_seq:
+            raise ValueError(f"KV cache full: layer {layer} holds {start} of {self.max_seq} "
+                             f"positions and cannot take {k.shape[0]} more; reset() it or make a "
+                             f"larger cache")
+        if self.device == "cpu":
+            self.k[layer, start:end] = k
+            self.v[layer, start:end] = v
+        else:
+            self.k[layer, start:end].copy_to_device(k)
+            self.v[layer, start:end].copy_to_device(v)
+        self.lengths[layer] = end
+        return self.k[layer, :end], self.v[layer, :end]
+
+    def reset(self):
+        self.lengths = [0] * self.n_layers
+
+    @property
+    def nbytes(self):
+        return 2 * self.n_layers * self.max_seq * self.n_kv_heads * self.head_dim * self.dtype.itemsize
+
+    def __repr__(self):
+        return (f"KVCache(n_layers={self.n_layers}, max_seq={self.max_seq}, "
+                f"n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
+                f"dtype={self.dtype.name}, device={self.device!r}, length={self.length})")

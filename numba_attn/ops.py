@@ -1,0 +1,192 @@
+"""The public kernel functions: validate, pick the backend from the arguments, call the kernel.
+
+NumPy arrays run kernels/<family>_cpu.py; CUDA arrays run kernels/<family>_cuda.py, whose
+functions have the same names and arguments. Results come back on the arguments' side."""
+import math
+
+import numpy as np
+
+from . import checks
+from .backend import as_device, backend_of, empty, kernels
+from .rope import RopeTable
+
+F32 = (np.float32,)
+# storage dtypes accepted for weights and K/V: float32 on the CPU; half precision on CUDA too
+STORAGE = {"cpu": (np.float32,), "cuda": (np.float32, np.float16)}
+
+
+def _prepare(backend, *arrays):
+    """Device arrays as numba views (CuPy, PyTorch...), host arrays unchanged."""
+    if backend == "cuda":
+        return [None if a is None else as_device(a) for a in arrays]
+    return list(arrays)
+
+
+def _output(name, out, shape, backend, inputs=()):
+    """A fresh output, or the caller's out= checked for shape, dtype and overlap."""
+    if out is None:
+        return empty(shape, np.float32, backend)
+    checks.out_array(name, out, shape)
+    if backend == "cpu":
+        for x_name, x in inputs:
+            if x is not None and out is not x and np.may_share_memory(out, x):
+                raise ValueError(f"{name} overlaps {x_name} without being it; pass a separate "
+                                 f"buffer (or {x_name} itself where in place is allowed)")
+    return out
+
+
+def apply_rope(x, table, start_pos=0, *, style="half", out=None):
+    """Rotate x (seq, heads, d) or (batch, seq, heads, d) at positions start_pos..start_pos+seq-1.
+
+    style="half" pairs i with i + d/2 (Hugging Face Llama/Mistral/Qwen2, NeoX);
+    style="interleaved" pairs 2i with 2i+1 (Meta Llama, GGUF, llama2.c, Candle rope_i).
+    In place when out is x."""
+    backend = backend_of(x, out)
+    if not isinstance(table, RopeTable):
+        raise TypeError(f"table must be a RopeTable, got {type(table).__name__}")
+    if style not in ("half", "interleaved"):
+        raise ValueError(f"style must be 'half' or 'interleaved', got {style!r}")
+    x, out = _prepare(backend, x, out)
+    checks.array("x", x, ndim=(3, 4), dtypes=F32)
+    if x.shape[-1] != table.head_dim:
+        raise ValueError(f"x has head_dim {x.shape[-1]} but the RopeTable was built for "
+                         f"{table.head_dim}")
+    start_pos = checks.nonnegative_int("start_pos", start_pos)
+    seq = x.shape[-3]
+    if start_pos + seq > table.max_positions:
+        raise ValueError(f"positions {start_pos}..{start_pos + seq - 1} are past the RopeTable's "
+                         f"max_positions={table.max_positions}")
+    out = _output("out", out, x.shape, backend, [("x", x)])
+    x4 = x.reshape((1,) + tuple(x.shape)) if len(x.shape) == 3 else x
+    out4 = out.reshape((1,) + tuple(out.shape)) if len(out.shape) == 3 else out
+    cos, sin = table.tables(backend)
+    rope = kernels("rope", backend)
+    (rope.rope_half if style == "half" else rope.rope_interleaved)(out4, x4, cos, sin, start_pos)
+    return out
+
+
+def linear(x, w, bias=None, *, out=None):
+    """x (..., in) @ w.T + bias -> (..., out), with w (out, in) as stored in checkpoints.
+
+    One row (decode) is a matrix-vector product bound by reading w; many rows (prefill) a GEMM.
+    A fused QKV projection is one w holding wq, wk and wv stacked along its first axis."""
+    backend = backend_of(x, w, bias, out)
+    x, w, bias, out = _prepare(backend, x, w, bias, out)
+    checks.array("x", x, ndim=(1, 2, 3, 4), dtypes=F32)
+    checks.array("w", w, ndim=2, dtypes=STORAGE[backend])
+    n_out, n_in = w.shape
+    if x.shape[-1] != n_in:
+        raise ValueError(f"x has {x.shape[-1]} input features but w {tuple(w.shape)} expects "
+                         f"{n_in} (w is (out_features, in_features))")
+    if bias is not None:
+        checks.array("bias", bias, ndim=1, dtypes=F32)
+        checks.shape("bias", bias, (n_out,))
+    out = _output("out", out, tuple(x.shape[:-1]) + (n_out,), backend,
+                  [("x", x), ("w", w), ("bias", bias)])
+    m = int(np.prod(x.shape[:-1], dtype=np.int64))
+    no_bias = empty((0,), np.float32, backend) if bias is None else bias
+    kernels("linear", backend).linear(out.reshape((m, n_out)), x.reshape((m, n_in)), w, no_bias)
+    return out
+
+
+def rmsnorm(x, weight, eps=1e-6, *, out=None):
+    """x / sqrt(mean(x^2, last axis) + eps) * weight. In place when out is x."""
+    backend = backend_of(x, weight, out)
+    x, weight, out = _prepare(backend, x, weight, out)
+    checks.array("x", x, ndim=(1, 2, 3, 4), dtypes=F32)
+    checks.array("weight", weight, ndim=1, dtypes=F32)
+    n = x.shape[-1]
+    checks.shape("weight", weight, (n,))
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    out = _output("out", out, x.shape, backend, [("x", x)])
+    m = x.size // n
+    kernels("norm", backend).rmsnorm(out.reshape((m, n)), x.reshape((m, n)), weight, float(eps))
+    return out
+
+
+def silu_mul(gate, up, *, out=None):
+    """SwiGLU's gate: silu(gate) * up, elementwise. In place when out is gate or up."""
+    backend = backend_of(gate, up, out)
+    gate, up, out = _prepare(backend, gate, up, out)
+    checks.array("gate", gate, dtypes=F32)
+    checks.array("up", up, dtypes=F32)
+    if tuple(gate.shape) != tuple(up.shape):
+        raise ValueError(f"gate and up must have the same shape, got {tuple(gate.shape)} and "
+                         f"{tuple(up.shape)}")
+    if out is not None and backend == "cpu" and out is up:
+        pass  # in place into up is fine: each element is read before it is written
+    out = _output("out", out, gate.shape, backend, [("gate", gate)] + ([] if out is up else [("up", up)]))
+    n = gate.size
+    kernels("norm", backend).silu_mul(out.reshape(n), gate.reshape(n), up.reshape(n))
+    return out
+
+
+def masked_softmax(scores, *, causal=True, scale=1.0, mask=None, out=None):
+    """Softmax over the last axis of scale * scores (..., q_len, kv_len) [+ mask].
+
+    causal=True applies the bottom-right causal rule inside the kernel (key j is visible to
+    query i iff j <= kv_len - q_len + i); mask is an optional additive array broadcastable to
+    (q_len, kv_len). A row with nothing visible gives zeros. In place when out is scores."""
+    backend = backend_of(scores, mask, out)
+    scores, mask, out = _prepare(backend, scores, mask, out)
+    checks.array("scores", scores, ndim=(2, 3, 4, 5), dtypes=F32)
+    q_len, kv_len = scores.shape[-2:]
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if mask is None:
+        mask2 = empty((0, 0), np.float32, backend)
+    else:
+        checks.array("mask", mask, ndim=(1, 2), dtypes=F32, contiguous=False)
+        try:
+            np.broadcast_shapes(tuple(mask.shape), (q_len, kv_len))
+            assert np.broadcast_shapes(tuple(mask.shape), (q_len, kv_len)) == (q_len, kv_len)
+        except (ValueError, AssertionError):
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to "
+                             f"(q_len, kv_len) = ({q_len}, {kv_len})") from None
+        mask2 = kernels("softmax", backend).broadcast_mask(mask, q_len, kv_len)
+    out = _output("out", out, scores.shape, backend, [("scores", scores)])
+    b = scores.size // (q_len * kv_len) if scores.size else 0
+    kernels("softmax", backend).masked_softmax(
+        out.reshape((b, q_len, kv_len)), scores.reshape((b, q_len, kv_len)), mask2,
+        float(scale), bool(causal))
+    return out
+
+
+def attention(q, k, v, *, causal=True, scale=None, out=None):
+    """Fused softmax(scale * q k^T [causal]) v with grouped-query heads.
+
+    q (q_len, H, d), k and v (kv_len, Hkv, d), or with a leading batch axis; H a multiple of
+    Hkv. Query i sits at position kv_len - q_len + i (bottom-right), which serves prefill
+    (q_len = kv_len), prefill over a cached prefix (q_len < kv_len) and decode (q_len = 1).
+    scale defaults to 1/sqrt(d)."""
+    backend = backend_of(q, k, v, out)
+    q, k, v, out = _prepare(backend, q, k, v, out)
+    checks.array("q", q, ndim=(3, 4), dtypes=F32)
+    checks.array("k", k, ndim=len(q.shape), dtypes=STORAGE[backend])
+    checks.array("v", v, ndim=len(q.shape), dtypes=STORAGE[backend])
+    if tuple(k.shape) != tuple(v.shape) or k.dtype != v.dtype:
+        raise ValueError(f"k and v must match, got {tuple(k.shape)} {k.dtype} and "
+                         f"{tuple(v.shape)} {v.dtype}")
+    *batch, q_len, n_heads, d = q.shape
+    *kbatch, kv_len, n_kv_heads, kd = k.shape
+    if batch != kbatch:
+        raise ValueError(f"q and k have different batch sizes: {batch} and {kbatch}")
+    if kd != d:
+        raise ValueError(f"q has head_dim {d} but k and v have {kd}")
+    if n_heads % n_kv_heads:
+        raise ValueError(f"query heads ({n_heads}) must be a multiple of key/value heads "
+                         f"({n_kv_heads})")
+    if kv_len == 0 or q_len == 0:
+        raise ValueError(f"q_len and kv_len must be at least 1, got {q_len} and {kv_len}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    out = _output("out", out, q.shape, backend, [("q", q), ("k", k), ("v", v)])
+    if out is q:
+        raise ValueError("out must not be q: attention reads every query of a tile before writing")
+    add = (lambda a: a.reshape((1,) + tuple(a.shape))) if not batch else (lambda a: a)
+    kernels("attention", backend).attention(add(out), add(q), add(k), add(v), float(scale),
+                                            bool(causal))
+    return out
