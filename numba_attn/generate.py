@@ -1,0 +1,170 @@
+"""Generation in three named phases: prefill (the whole prompt in one forward pass), decode_one
+(one token against the KV cache) and sample. generate() is a Python generator that yields
+token ids as they are chosen, so callers can stream.
+
+    stats = GenerationStats()
+    for token in generate(model, prompt_ids, max_tokens=64, sampling=SamplingParams(), stats=stats):
+        ...
+    print(stats.decode_tok_s, stats.stop_reason)
+"""
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .sampling import Sampler, SamplingParams
+
+STOP_EOS, STOP_MAX_TOKENS, STOP_CONTEXT = "eos", "max_tokens", "context"
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0      # yielded tokens (an EOS that stops generation is not one)
+    prefill_s: float = 0.0         # forward pass over the prompt
+    first_token_s: float = 0.0     # time to first token: prefill + first sample
+    decode_steps: int = 0          # decode_one calls
+    decode_s: float = 0.0          # decode_one + sample, prefill excluded
+    stop_reason: str = ""          # "eos" | "max_tokens" | "context"
+    context: int = 0               # the model's context (KV cache length)
+
+    @property
+    def prefill_tok_s(self):
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tok_s(self):
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+    @property
+    def message(self):
+        """A line saying why generation stopped."""
+        return {
+            STOP_EOS: "stopped at end-of-sequence token",
+            STOP_MAX_TOKENS: f"stopped after {self.generated_tokens} tokens (max tokens)",
+            STOP_CONTEXT: f"stopped: the context of {self.context} tokens is full "
+                          f"({self.prompt_tokens} prompt + {self.generated_tokens} generated)",
+        }.get(self.stop_reason, "not finished")
+
+
+def prefill(model, prompt):
+    """Run the whole prompt (1-D ids) in one pass from position 0; logits of its last token."""
+    return model.forward(prompt, 0)
+
+
+def decode_one(model, token, pos):
+    """Run one token (a (1,) int array) at position pos; its logits."""
+    return model.forward(token, pos)
+
+
+def check_room(model, n_prompt, max_tokens):
+    """Raise ValueError unless a prompt of n_prompt tokens and max_tokens more fit the
+    model's context (None: until the context is full, which needs room for one token)."""
+    context = model.max_seq
+    if n_prompt < 1:
+        raise ValueError("the prompt is empty (and the model has no BOS token to start from)")
+    wanted = n_prompt + (1 if max_tokens is None else max_tokens)
+    if wanted > context:
+        asked = "" if max_tokens is None else f" + {max_tokens} tokens to generate"
+        raise ValueError(f"the prompt ({n_prompt} tokens){asked} exceeds the model's context "
+                         f"of {context} tokens")
+
+
+def generate(model, prompt, *, max_tokens=256, sampling=SamplingParams(), eos_token_ids=None,
+             stats=None):
+    """Yield generated token ids. Stops at an EOS token (not yielded), after max_tokens, or
+    (max_tokens=None) when the context is full; stats.stop_reason says which.
+
+    prompt: token ids; max_tokens: int >= 0 or None; eos_token_ids: ids that stop generation
+    (default: the model config's); stats: a GenerationStats to fill in (optional)."""
+    prompt = np.asarray(prompt, dtype=np.int64)
+    if prompt.ndim != 1:
+        raise ValueError(f"prompt must be a 1-D sequence of token ids, got shape {prompt.shape}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or max_tokens < 0):
+        raise ValueError(f"max_tokens must be >= 0 or None, got {max_tokens!r}")
+    check_room(model, prompt.shape[0], max_tokens)
+    eos = frozenset(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    stats = GenerationStats() if stats is None else stats
+    stats.prompt_tokens, stats.context = prompt.shape[0], model.max_seq
+    sampler = Sampler(model.config.vocab_size, sampling)
+    limit = model.max_seq - prompt.shape[0] if max_tokens is None else max_tokens
+    if limit == 0:
+        stats.stop_reason = STOP_MAX_TOKENS if max_tokens is not None else STOP_CONTEXT
+        return
+
+    history = np.empty(prompt.shape[0] + limit, np.int64)  # prompt + generated, for penalties
+    history[:prompt.shape[0]] = prompt
+    n = prompt.shape[0]
+    step = np.empty(1, np.int64)                            # the token decode_one runs
+
+    t0 = time.perf_counter()
+    logits = prefill(model, prompt)
+    stats.prefill_s = time.perf_counter() - t0
+    token = sampler(logits, history[:n])
+    stats.first_token_s = time.perf_counter() - t0
+
+    while True:
+        if token in eos:
+            stats.stop_reason = STOP_EOS
+            return
+        history[n] = token
+        n += 1
+        stats.generated_tokens += 1
+        yield token
+        if stats.generated_tokens == limit:
+            stats.stop_reason = STOP_MAX_TOKENS if max_tokens is not None else STOP_CONTEXT
+            return
+        t = time.perf_counter()
+        step[0] = token
+        logits = decode_one(model, step, n - 1)
+        token = sampler(logits, history[:n])
+        stats.decode_s += time.perf_counter() - t
+        stats.decode_steps += 1
+
+
+# -- JIT accounting: were the kernels compiled in this process or loaded from Numba's cache? --
+
+def jit_cache_warm():
+    """True when every CPU kernel of the library has an index in Numba's on-disk cache (a run
+    will load them rather than compile), False when one has none, None when unknown."""
+    import importlib
+    import pkgutil
+
+    import numba_attn.kernels as kernels
+    try:
+        from numba.core.registry import CPUDispatcher
+        for info in pkgutil.iter_modules(kernels.__path__):
+            if not info.name.endswith("_cpu"):
+                continue
+            module = importlib.import_module(f"{kernels.__name__}.{info.name}")
+            for obj in vars(module).values():
+                if not isinstance(obj, CPUDispatcher) or obj.__module__ != module.__name__:
+                    continue
+                if obj.targetoptions.get("inline") == "always":
+                    continue                      # compiled into its callers, never alone
+                index = obj._cache._cache_file._index_path  # NullCache (cache=False): no attr
+                if not os.path.exists(index):
+                    return False
+        return True
+    except (ImportError, AttributeError):
+        return None
+
+
+class CompileTimer:
+    """with CompileTimer() as t: ... -> t.seconds spent compiling in Numba (0.0 when every
+    kernel came from the cache or was already compiled in this process)."""
+
+    def __enter__(self):
+        from numba.core import event
+        self._listener = event.TimingListener()
+        self._ctx = event.install_listener("numba:compile", self._listener)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+    @property
+    def seconds(self):
+        return self._listener.duration if self._listener.done else 0.0

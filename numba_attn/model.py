@@ -1,0 +1,268 @@
+"""Model: a Llama-family decoder (Llama, Mistral, Qwen2) built from the library's kernels.
+
+    weights = ModelWeights.load(config, folder)     # float32, fused QKV, read layer by layer
+    model = Model(config, weights)                  # + KV cache, RoPE table, activation buffers
+    logits = model.forward(prompt_ids, 0)           # prefill: the whole prompt in one pass
+    logits = model.forward([next_id], len(prompt))  # decode: one token against the KV cache
+
+Every kernel call writes into a buffer allocated once (`out=`); the forward pass itself only
+slices those buffers. Weight and buffer names follow the Hugging Face checkpoint.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import LlamaConfig
+from .kvcache import KVCache
+from .ops import apply_rope, attention, linear, rmsnorm, silu_mul
+from .rope import RopeTable
+from .weights import Checkpoint, CheckpointError
+
+DEFAULT_MAX_SEQ = 4096   # KV cache length when the caller gives none (and the model allows it)
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class LayerWeights:
+    input_layernorm: np.ndarray           # (hidden,)
+    qkv_proj: np.ndarray                  # (q_dim + 2 * kv_dim, hidden): q_proj, k_proj, v_proj
+    qkv_bias: np.ndarray | None           # (q_dim + 2 * kv_dim,) Qwen2; None for Llama
+    o_proj: np.ndarray                    # (hidden, q_dim)
+    o_bias: np.ndarray | None             # (hidden,) only with Llama's attention_bias
+    post_attention_layernorm: np.ndarray  # (hidden,)
+    gate_proj: np.ndarray                 # (intermediate, hidden)
+    up_proj: np.ndarray                   # (intermediate, hidden)
+    down_proj: np.ndarray                 # (hidden, intermediate)
+
+
+@dataclass
+class ModelWeights:
+    embed_tokens: np.ndarray              # (vocab, hidden)
+    layers: list                          # n_layers x LayerWeights
+    norm: np.ndarray                      # (hidden,)
+    lm_head: np.ndarray                   # (vocab, hidden); embed_tokens itself when tied
+
+    @classmethod
+    def load(cls, config, folder):
+        """Read a checkpoint folder into float32 arrays, one tensor at a time: each tensor is
+        read (and converted) straight into its final place, so loading holds one copy of the
+        model plus at most one tensor in flight."""
+        c = config
+        f32 = np.float32
+        with Checkpoint(folder) as ck:
+            def read(name, shape):
+                return ck.read(name, np.empty(shape, f32))
+
+            embed = read("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
+            layers = []
+            for i in range(c.n_layers):
+                p = f"model.layers.{i}."
+                # fused QKV: q_proj, k_proj, v_proj stacked along the output dimension
+                qkv = np.empty((c.qkv_dim, c.hidden_size), f32)
+                q, k, v = _split_rows(qkv, c)
+                ck.read(p + "self_attn.q_proj.weight", q)
+                ck.read(p + "self_attn.k_proj.weight", k)
+                ck.read(p + "self_attn.v_proj.weight", v)
+                qkv_bias = None
+                if c.qkv_bias:
+                    qkv_bias = np.empty(c.qkv_dim, f32)
+                    qb, kb, vb = _split_rows(qkv_bias, c)
+                    ck.read(p + "self_attn.q_proj.bias", qb)
+                    ck.read(p + "self_attn.k_proj.bias", kb)
+                    ck.read(p + "self_attn.v_proj.bias", vb)
+                layers.append(LayerWeights(
+                    input_layernorm=read(p + "input_layernorm.weight", (c.hidden_size,)),
+                    qkv_proj=qkv,
+                    qkv_bias=qkv_bias,
+                    o_proj=read(p + "self_attn.o_proj.weight", (c.hidden_size, c.q_dim)),
+                    o_bias=read(p + "self_attn.o_proj.bias", (c.hidden_size,))
+                    if c.o_bias else None,
+                    post_attention_layernorm=read(p + "post_attention_layernorm.weight",
+                                                  (c.hidden_size,)),
+                    gate_proj=read(p + "mlp.gate_proj.weight",
+                                   (c.intermediate_size, c.hidden_size)),
+                    up_proj=read(p + "mlp.up_proj.weight", (c.intermediate_size, c.hidden_size)),
+                    down_proj=read(p + "mlp.down_proj.weight",
+                                   (c.hidden_size, c.intermediate_size)),
+                ))
+            norm = read("model.norm.weight", (c.hidden_size,))
+            if c.tie_word_embeddings:
+                lm_head = embed
+            elif "lm_head.weight" in ck:
+                lm_head = read("lm_head.weight", (c.vocab_size, c.hidden_size))
+            else:
+                raise CheckpointError("lm_head.weight is missing and tie_word_embeddings is "
+                                      "false in config.json")
+        return cls(embed_tokens=embed, layers=layers, norm=norm, lm_head=lm_head)
+
+    @property
+    def nbytes(self):
+        arrays = [self.embed_tokens, self.norm]
+        if self.lm_head is not self.embed_tokens:
+            arrays.append(self.lm_head)
+        for layer in self.layers:
+            arrays += [a for a in vars(layer).values() if a is not None]
+        return sum(a.nbytes for a in arrays)
+
+
+def _split_rows(fused, c):
+    """Views of the q, k, v row blocks of a fused (qkv_dim, ...) array."""
+    return fused[:c.q_dim], fused[c.q_dim:c.q_dim + c.kv_dim], fused[c.q_dim + c.kv_dim:]
+
+
+class Buffers:
+    """Activations for up to `rows` tokens at once, allocated once; the forward pass works on
+    the first `seq` rows. Decode uses row 0 of the same buffers."""
+
+    def __init__(self, c, rows):
+        f32 = np.float32
+        self.rows = rows
+        self.x = np.empty((rows, c.hidden_size), f32)                  # residual stream
+        self.xb = np.empty((rows, c.hidden_size), f32)                 # normed x / projections
+        self.qkv = np.empty((rows, c.qkv_dim), f32)                    # fused q|k|v
+        self.q = np.empty((rows, c.n_heads, c.head_dim), f32)          # rotated queries
+        self.k = np.empty((rows, c.n_kv_heads, c.head_dim), f32)       # rotated keys
+        self.v = np.empty((rows, c.n_kv_heads, c.head_dim), f32)       # values
+        self.att = np.empty((rows, c.n_heads, c.head_dim), f32)        # attention output
+        self.gate = np.empty((rows, c.intermediate_size), f32)         # silu(gate) * up
+        self.up = np.empty((rows, c.intermediate_size), f32)
+        self.logits = np.empty((1, c.vocab_size), f32)                 # last position only
+
+    def take(self, seq):
+        """Views of the first seq rows: (x, xb, qkv, q, k, v, att, gate, up)."""
+        return (self.x[:seq], self.xb[:seq], self.qkv[:seq], self.q[:seq], self.k[:seq],
+                self.v[:seq], self.att[:seq], self.gate[:seq], self.up[:seq])
+
+
+class Model:
+    def __init__(self, config, weights, *, device="cpu", max_seq=None):
+        _check_device(device)
+        c = config
+        self.config = c
+        self.weights = weights
+        self.device = device
+        # positions this model instance runs: the model's context, or less when asked
+        self.max_seq = c.max_context if max_seq is None else int(max_seq)
+        if not 1 <= self.max_seq <= c.max_context:
+            raise ValueError(f"max_seq must be in [1, {c.max_context}] (the model's context), "
+                             f"got {max_seq}")
+        scaling = dict(c.rope_scaling) if c.rope_scaling else None
+        self.rope = RopeTable(c.head_dim, self.max_seq, theta=c.rope_theta, scaling=scaling)
+        self.cache = KVCache(c.n_layers, self.max_seq, c.n_kv_heads, c.head_dim)
+        self.buffers = Buffers(c, 1)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", max_seq=None):
+        """Load a Hugging Face folder (config.json, *.safetensors). max_seq: KV cache length;
+        default the model's context, at most DEFAULT_MAX_SEQ unless asked for more."""
+        _check_device(device)
+        path = os.fspath(path)
+        config = LlamaConfig.from_pretrained(path)
+        if max_seq is None:
+            max_seq = min(config.max_context, DEFAULT_MAX_SEQ)
+        elif not 1 <= max_seq <= config.max_context:
+            raise ValueError(f"a context of {max_seq} tokens was asked for; the model's context "
+                             f"is 1 to {config.max_context} tokens")
+        return cls(config, ModelWeights.load(config, path), device=device, max_seq=max_seq)
+
+    @property
+    def position(self):
+        """Tokens in the KV cache: the position the next token goes to."""
+        return self.cache.length
+
+    def reset(self):
+        self.cache.reset()
+
+    def forward(self, tokens, start_pos=0):
+        """Run tokens (1-D ints) at positions start_pos.. and return the float32 logits
+        (vocab,) of the last one. start_pos 0 starts a new sequence; otherwise it must be the
+        current cache length. The result is a view of a buffer the next call overwrites."""
+        c, w = self.config, self.weights
+        tokens = self._check_tokens(tokens, start_pos)
+        seq = tokens.shape[0]
+        if seq > self.buffers.rows:                      # once per longer prompt
+            self.buffers = None
+            self.buffers = Buffers(c, seq)
+        x, xb, qkv, q, k, v, att, gate, up = self.buffers.take(seq)
+        logits = self.buffers.logits
+
+        # token embedding
+        np.take(w.embed_tokens, tokens, axis=0, out=x, mode="clip")   # (seq, hidden)
+
+        for i, lw in enumerate(w.layers):
+            # attention: x += o_proj(attention(rope(q), rope(k), v))
+            rmsnorm(x, lw.input_layernorm, c.rms_norm_eps, out=xb)
+            linear(xb, lw.qkv_proj, lw.qkv_bias, out=qkv)                # (seq, qkv_dim)
+            _split_qkv(qkv, q, k, v)                                      # (seq, heads, d)
+            apply_rope(q, self.rope, start_pos, style="half", out=q)
+            apply_rope(k, self.rope, start_pos, style="half", out=k)
+            keys, values = self.cache.append(i, k, v)                     # (kv_len, n_kv, d)
+            attention(q, keys, values, causal=True, out=att)              # (seq, heads, d)
+            linear(att.reshape(seq, c.q_dim), lw.o_proj, lw.o_bias, out=xb)
+            np.add(x, xb, out=x)
+
+            # mlp: x += down_proj(silu(gate_proj(x)) * up_proj(x))
+            rmsnorm(x, lw.post_attention_layernorm, c.rms_norm_eps, out=xb)
+            linear(xb, lw.gate_proj, out=gate)                            # (seq, intermediate)
+            linear(xb, lw.up_proj, out=up)
+            silu_mul(gate, up, out=gate)
+            linear(gate, lw.down_proj, out=xb)                            # (seq, hidden)
+            np.add(x, xb, out=x)
+
+        # final norm and logits, last position only
+        rmsnorm(x[seq - 1:], w.norm, c.rms_norm_eps, out=xb[:1])
+        linear(xb[:1], w.lm_head, out=logits)                             # (1, vocab)
+        return logits[0]
+
+    def _check_tokens(self, tokens, start_pos):
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1 or tokens.shape[0] == 0 or not np.issubdtype(tokens.dtype,
+                                                                          np.integer):
+            raise ValueError(f"tokens must be a non-empty 1-D array of integers, got "
+                             f"shape {tokens.shape} dtype {tokens.dtype}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got "
+                             f"{lo if lo < 0 else hi}")
+        if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)):
+            raise TypeError(f"start_pos must be an int, got {type(start_pos).__name__}")
+        if start_pos == 0:
+            self.cache.reset()
+        elif start_pos != self.cache.length:
+            raise ValueError(f"start_pos must be 0 (a new sequence) or {self.cache.length} "
+                             f"(tokens in the KV cache), got {start_pos}")
+        if start_pos + tokens.shape[0] > self.max_seq:
+            raise ValueError(f"context full: {start_pos} cached + {tokens.shape[0]} new tokens "
+                             f"exceed the context of {self.max_seq} tokens")
+        return tokens
+
+    def warmup(self):
+        """Run a 2-token prefill and a decode step so every kernel is compiled (or loaded from
+        Numba's cache); leaves the KV cache empty."""
+        if self.max_seq >= 3:
+            self.forward(np.zeros(2, np.int64), 0)
+            self.forward(np.zeros(1, np.int64), 2)
+        else:
+            self.forward(np.zeros(1, np.int64), 0)
+        self.cache.reset()
+
+
+def _split_qkv(qkv, q, k, v):
+    """Copy the column blocks of the fused (seq, qkv_dim) projection into the contiguous
+    q (seq, n_heads, d), k and v (seq, n_kv_heads, d) buffers the kernels take (with more
+    than one row the blocks are strided views). A few KB per token: noise next to the
+    weight reads."""
+    seq = qkv.shape[0]
+    nq, nk = q[0].size, k[0].size
+    np.copyto(q.reshape(seq, nq), qkv[:, :nq])
+    np.copyto(k.reshape(seq, nk), qkv[:, nq:nq + nk])
+    np.copyto(v.reshape(seq, nk), qkv[:, nq + nk:])
+
+
+def _check_device(device):
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda":
+        raise ValueError("CUDA model not available yet (the CUDA kernels are being wired); "
+                         "use device='cpu'")

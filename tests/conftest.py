@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny random Llama-family model folders (see tiny_model.py)."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # `import tiny_model` from any test module
+
+from tiny_model import build_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """The default tiny model: Llama, hidden 64, 2 layers, 4 heads / 2 KV heads, float32."""
+    folder, _ = build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "llama"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_folder):
+    from numba_attn.model import Model
+    return Model.from_pretrained(tiny_folder)
+
+
+@pytest.fixture
+def make_folder(tmp_path):
+    """make_folder(name, **build_tiny_model kwargs) -> (folder, stored weights)."""
+    def make(name="m", **kwargs):
+        return build_tiny_model(str(tmp_path / name), **kwargs)
+    return make
