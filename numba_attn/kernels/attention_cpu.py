@@ -16,7 +16,7 @@ import os
 import numpy as np
 from numba import float32, get_num_threads, njit, prange
 
-from .scalar import FASTMATH_INF
+from .scalar import FASTMATH_INF, exp_f32
 
 BLOCK_ROWS = 64        # prefill: query rows per tile (positions x grouped heads)
 BLOCK_K = 64           # keys per block of the online softmax
@@ -56,12 +56,12 @@ def _online_softmax_block(S, P, m_run, l_run, alpha, rows, nk, n_vis):
             continue
         total = float32(0)
         for j in range(n_vis[r]):
-            p = math.exp(S[r, j] - m_new)
+            p = exp_f32(S[r, j] - m_new)
             P[r, j] = p
             total += p
         for j in range(n_vis[r], nk):
             P[r, j] = float32(0)
-        alpha[r] = math.exp(m_run[r] - m_new)
+        alpha[r] = exp_f32(m_run[r] - m_new)
         l_run[r] = l_run[r] * alpha[r] + total
         m_run[r] = m_new
 
@@ -213,7 +213,7 @@ def _attention_decode(out, q, k, v, scale, causal, n_workers):
         total = float32(0)
         for s in range(n_split):
             task = z * n_split + s
-            wgt = math.exp(M_part[task, r] - m)
+            wgt = exp_f32(M_part[task, r] - m)
             total += L_part[task, r] * wgt
             for c in range(d):
                 out[z, t, h, c] += O_part[task, r, c] * wgt

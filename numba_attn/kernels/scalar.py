@@ -2,7 +2,12 @@
 from both)."""
 import math
 
-from numba import float32, njit
+from llvmlite import ir
+from numba import float32, int32, njit, types
+from numba.extending import intrinsic
+
+# fastmath without 'nnan'/'ninf': kernels that use -inf as "masked" must keep infinities exact
+FASTMATH_INF = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 @njit(inline="always", fastmath=True, cache=True)
@@ -17,5 +22,28 @@ def rope_pair(x0, x1, c, s):
     return x0 * c - x1 * s, x1 * c + x0 * s
 
 
-# fastmath without 'nnan'/'ninf': kernels that use -inf as "masked" must keep infinities exact
-FASTMATH_INF = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+@intrinsic
+def _int32_bits_as_float32(typingctx, bits):
+    # reinterpret an int32's bits as a float32 (no conversion)
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+_LN2_HI = float32(0.693359375)            # ln 2 split in two so n * ln2 subtracts exactly
+_LN2_LO = float32(-2.12194440e-4)
+_LOG2E = float32(1.4426950408889634)
+_E2, _E3, _E4, _E5, _E6 = (float32(1 / math.factorial(i)) for i in range(2, 7))
+
+
+@njit(inline="always", fastmath=FASTMATH_INF, cache=True)
+def exp_f32(x):
+    # e^x in float32 for x <= 0 (softmax arguments), relative error ~2e-7; plain arithmetic, so
+    # loops calling it vectorise (libm's expf does not). x = n ln2 + r, e^x = 2^n e^r, |r| <= ln2/2.
+    xc = max(x, float32(-87.0))           # below this e^x underflows (to 0, below)
+    n = math.floor(xc * _LOG2E + float32(0.5))
+    r = (xc - n * _LN2_HI) - n * _LN2_LO
+    p = float32(1) + r * (float32(1) + r * (_E2 + r * (_E3 + r * (_E4 + r * (_E5 + r * _E6)))))
+    y = p * _int32_bits_as_float32((int32(n) + int32(127)) << 23)
+    return y if x >= float32(-87.0) else float32(0)

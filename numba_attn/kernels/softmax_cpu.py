@@ -2,12 +2,10 @@
 
 Causal rule (bottom-right aligned): query row i of q_len sees key j iff j <= kv_len - q_len + i.
 The rule is applied inside the loop bounds: no mask array is built or read for it."""
-import math
-
 import numpy as np
 from numba import float32, njit, prange
 
-from .scalar import FASTMATH_INF
+from .scalar import FASTMATH_INF, exp_f32
 
 
 @njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
@@ -34,7 +32,7 @@ def masked_softmax(out, scores, mask, scale, causal):
             continue
         total = float32(0)
         for j in range(n_vis):
-            e = math.exp(out[z, i, j] - m)
+            e = exp_f32(out[z, i, j] - m)
             out[z, i, j] = e
             total += e
         inv = float32(1) / total
