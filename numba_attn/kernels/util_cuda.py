@@ -1,0 +1,237 @@
+"""Device helpers shared by the CUDA kernels: wide loads that widen 16-bit storage to float32,
+and warp shuffles with a shared-memory fallback for numba's CUDA simulator.
+
+Storage types: float32, float16 and bfloat16. NumPy has no bfloat16, so bfloat16 travels as its
+raw bits in a uint16 array (a PyTorch bf16 tensor viewed as int16/uint16); `load` widens those
+bits exactly (bf16 is the top half of a float32).
+
+Loads come in chunks of CHUNK = 8 elements, the same for every storage type: one 16-byte load
+for 16-bit storage, two for float32. `load8(a, i, n)` needs i % 8 == 0, a 16-byte aligned base
+and n >= i + 8; `load8_tail(a, i, n)` is the guarded scalar version (zeros past n) for rows whose
+length or alignment rules out wide loads.
+
+Warp shuffles: the simulator implements neither shuffles nor syncwarp, so there `shfl_xor`
+exchanges through a shared scratch array of one float32 per thread and two barriers. Every
+thread of the block must then call it together (never inside a branch that splits the block);
+the kernels keep that rule on the GPU too. On the GPU the scratch is unused (declare it with
+SCRATCH elements, 1 there)."""
+import numpy as np
+from numba import config, cuda, float32, types
+
+SIM = bool(config.ENABLE_CUDASIM)
+# a small device function, inlined into its caller on the GPU
+device = cuda.jit(device=True) if SIM else cuda.jit(device=True, forceinline=True)
+CHUNK = 8        # elements per wide load, every storage type
+ALIGN = None if SIM else 16   # alignment= of shared arrays read by load8 (the simulator has none)
+FULL_MASK = 0xFFFFFFFF
+
+
+def storage_ok(dtype):
+    return np.dtype(dtype) in (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint16))
+
+
+def aligned(arr):
+    """Is the device array's first element 16-byte aligned?"""
+    iface = arr.__array_interface__ if SIM else arr.__cuda_array_interface__
+    return iface["data"][0] % 16 == 0
+
+
+def wide_ok(arr, row_len):
+    """Can rows of `row_len` elements of `arr` (a C-contiguous device array) use load8?"""
+    return row_len % CHUNK == 0 and aligned(arr)
+
+
+if not SIM:
+    from llvmlite import ir
+    from numba.cuda.extending import intrinsic
+
+    def _widen(builder, dtype, word_vals):
+        # word_vals: 32-bit integers each holding two 16-bit values (low half first)
+        out = []
+        i16, i32, f32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
+        for w in word_vals:
+            if dtype == types.float16:
+                lo = builder.bitcast(builder.trunc(w, i16), ir.HalfType())
+                hi = builder.bitcast(builder.trunc(builder.lshr(w, ir.Constant(i32, 16)), i16),
+                                     ir.HalfType())
+                out += [builder.fpext(lo, f32), builder.fpext(hi, f32)]
+            else:  # bfloat16 bits: a float32 with the low 16 bits zero
+                lo = builder.bitcast(builder.shl(w, ir.Constant(i32, 16)), f32)
+                hi = builder.bitcast(builder.and_(w, ir.Constant(i32, 0xFFFF0000)), f32)
+                out += [lo, hi]
+        return out
+
+    @intrinsic
+    def _load8(typingctx, arr, idx):
+        # 8 consecutive elements of a 1-D array from element idx (16-byte aligned), as float32
+        if not (isinstance(arr, types.Array) and arr.dtype in (types.float32, types.float16,
+                                                               types.uint16)):
+            return None
+        sig = types.UniTuple(types.float32, CHUNK)(arr, idx)
+
+        def codegen(context, builder, sig, args):
+            aty, ity = sig.args
+            ary = context.make_array(aty)(context, builder, args[0])
+            i = context.cast(builder, args[1], ity, types.intp)
+            ptr = builder.gep(ary.data, [i])
+            i32 = ir.IntType(32)
+            if aty.dtype == types.float32:
+                vty = ir.VectorType(ir.FloatType(), 4).as_pointer()
+                vals = []
+                for half in range(2):
+                    p = builder.gep(ptr, [ir.Constant(ir.IntType(64), 4 * half)])
+                    v = builder.load(builder.bitcast(p, vty), align=16)
+                    vals += [builder.extract_element(v, ir.Constant(i32, c)) for c in range(4)]
+            else:
+                vty = ir.VectorType(i32, 4).as_pointer()
+                v = builder.load(builder.bitcast(ptr, vty), align=16)
+                words = [builder.extract_element(v, ir.Constant(i32, c)) for c in range(4)]
+                vals = _widen(builder, aty.dtype, words)
+            return context.make_tuple(builder, sig.return_type, vals)
+
+        return sig, codegen
+
+    @intrinsic
+    def _load1(typingctx, arr, idx):
+        # one element of a 1-D array as float32
+        if not (isinstance(arr, types.Array) and arr.dtype in (types.float32, types.float16,
+                                                               types.uint16)):
+            return None
+        sig = types.float32(arr, idx)
+
+        def codegen(context, builder, sig, args):
+            aty, ity = sig.args
+            ary = context.make_array(aty)(context, builder, args[0])
+            i = context.cast(builder, args[1], ity, types.intp)
+            v = builder.load(builder.gep(ary.data, [i]))
+            f32 = ir.FloatType()
+            if aty.dtype == types.float32:
+                return v
+            if aty.dtype == types.float16:
+                if v.type != ir.HalfType():        # stored as i16 in some data models
+                    v = builder.bitcast(v, ir.HalfType())
+                return builder.fpext(v, f32)
+            w = builder.zext(v, ir.IntType(32))
+            return builder.bitcast(builder.shl(w, ir.Constant(ir.IntType(32), 16)), f32)
+
+        return sig, codegen
+
+    @intrinsic
+    def _store8(typingctx, arr, idx, vals):
+        # a[idx:idx+8] = vals (float32 array, 16-byte aligned idx)
+        if not (isinstance(arr, types.Array) and arr.dtype == types.float32):
+            return None
+        sig = types.void(arr, idx, vals)
+
+        def codegen(context, builder, sig, args):
+            aty, ity, vty_ = sig.args
+            ary = context.make_array(aty)(context, builder, args[0])
+            i = context.cast(builder, args[1], ity, types.intp)
+            ptr = builder.gep(ary.data, [i])
+            vals = [context.cast(builder, builder.extract_value(args[2], c), vty_[c],
+                                 types.float32) for c in range(CHUNK)]
+            vecty = ir.VectorType(ir.FloatType(), 4)
+            i32 = ir.IntType(32)
+            for half in range(2):
+                v = ir.Constant(vecty, ir.Undefined)
+                for c in range(4):
+                    v = builder.insert_element(v, vals[4 * half + c], ir.Constant(i32, c))
+                p = builder.gep(ptr, [ir.Constant(ir.IntType(64), 4 * half)])
+                builder.store(v, builder.bitcast(p, vecty.as_pointer()), align=16)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @device
+    def store8(a, i, vals):
+        """a[i:i+8] = vals (8 float32; i % 8 == 0, aligned float32 array)."""
+        _store8(a, i, vals)
+
+    @device
+    def load(a, i):
+        """a[i] as float32 (a: float32, float16 or bf16-bits uint16, 1-D)."""
+        return _load1(a, i)
+
+    @device
+    def load8(a, i, n):
+        """a[i:i+8] as 8 float32 (i % 8 == 0, aligned base; n unused)."""
+        return _load8(a, i)
+
+    @device
+    def load8_tail(a, i, n):
+        """a[i:i+8] as 8 float32, zeros at and past n (any alignment)."""
+        return (_load1(a, i) if i < n else float32(0),
+                _load1(a, i + 1) if i + 1 < n else float32(0),
+                _load1(a, i + 2) if i + 2 < n else float32(0),
+                _load1(a, i + 3) if i + 3 < n else float32(0),
+                _load1(a, i + 4) if i + 4 < n else float32(0),
+                _load1(a, i + 5) if i + 5 < n else float32(0),
+                _load1(a, i + 6) if i + 6 < n else float32(0),
+                _load1(a, i + 7) if i + 7 < n else float32(0))
+
+    @device
+    def shfl_xor(v, offset, scratch, tid):
+        """v of the lane `lane ^ offset` (offset < 32); scratch, tid unused on the GPU."""
+        return cuda.shfl_xor_sync(FULL_MASK, v, offset)
+
+else:  # numba's CUDA simulator: plain Python, run per thread
+
+    def _to_f32(v):
+        if isinstance(v, (np.uint16, int)) or getattr(v, "dtype", None) == np.uint16:
+            return np.array([int(v) << 16], np.uint32).view(np.float32)[0]
+        return np.float32(v)
+
+    @cuda.jit(device=True)
+    def load(a, i):
+        return _to_f32(a[i])
+
+    @cuda.jit(device=True)
+    def load8(a, i, n):
+        assert i % CHUNK == 0 and i + CHUNK <= n
+        return tuple(_to_f32(a[i + c]) for c in range(CHUNK))
+
+    @cuda.jit(device=True)
+    def store8(a, i, vals):
+        for c in range(CHUNK):
+            a[i + c] = vals[c]
+
+    @cuda.jit(device=True)
+    def load8_tail(a, i, n):
+        return tuple(_to_f32(a[i + c]) if i + c < n else np.float32(0) for c in range(CHUNK))
+
+    @cuda.jit(device=True)
+    def shfl_xor(v, offset, scratch, tid):
+        # every thread of the block calls this together; one scratch slot per thread
+        scratch[tid] = v
+        cuda.syncthreads()          # all values written before any is read
+        r = scratch[tid ^ offset]
+        cuda.syncthreads()          # all values read before the scratch is reused
+        return r
+
+
+SCRATCH = 1  # elements of the shfl_xor scratch on the GPU; kernels use block size in the sim
+
+
+def scratch_size(threads):
+    """Shared scratch elements a kernel of `threads` threads declares for shfl_xor."""
+    return threads if SIM else 1
+
+
+@device
+def group_sum(v, width, scratch, tid):
+    """Sum of v over aligned groups of `width` lanes (a power of two <= 32); all lanes get it."""
+    off = width // 2
+    while off > 0:
+        v += shfl_xor(v, off, scratch, tid)
+        off //= 2
+    return v
+
+
+@device
+def group_max(v, width, scratch, tid):
+    """Maximum of v over aligned groups of `width` lanes; all lanes get it."""
+    off = width // 2
+    while off > 0:
+        v = max(v, shfl_xor(v, off, scratch, tid))
+        off //= 2
+    return v
