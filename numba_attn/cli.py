@@ -11,7 +11,25 @@ from . import __version__
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "demo")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """A Click group whose errors (bad options included) print one line, `Error: ...`, and exit
+    non-zero: no usage block, no traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.ClickException as e:
+            click.echo(f"Error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="numba-attn")
 def main():
     """numba-attn: attention kernels and a Llama-family inference engine in Python + Numba."""
@@ -41,7 +59,7 @@ def main():
                    "> 1 discourages repeats.")
 @click.option("--repeat-last-n", type=click.IntRange(min=0), default=64, show_default=True,
               help="How many recent tokens the repeat penalty looks at, >= 0.")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
+@click.option("--seed", type=click.IntRange(min=0), default=None,
               help="Random seed, 0 to 2^63-1, for reproducible sampling. [default: random]")
 @click.option("--context", type=click.IntRange(min=1), default=None,
               help="KV cache length in tokens, 1 to the model's max_position_embeddings. "
@@ -82,6 +100,8 @@ def generate(prompt, model_dir, max_tokens, temperature, top_k, top_p, min_p, re
         check_room(model, len(ids), limit)
     except (ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
+    except MemoryError:
+        raise click.ClickException(f"not enough memory to load {model_dir}") from None
 
     # -- compile (first run) or load the kernels outside the timed generation --
     if jit_cache_warm() is False:
@@ -119,3 +139,7 @@ def _rate(x):
 
 # -- commands defined in other modules --
 # main.add_command(<command>)   e.g. the benchmark command from numba_attn/bench/
+
+
+if __name__ == "__main__":   # python -m numba_attn.cli ...
+    main()

@@ -67,8 +67,9 @@ def check_room(model, n_prompt, max_tokens):
     wanted = n_prompt + (1 if max_tokens is None else max_tokens)
     if wanted > context:
         asked = "" if max_tokens is None else f" + {max_tokens} tokens to generate"
-        raise ValueError(f"the prompt ({n_prompt} tokens){asked} exceeds the model's context "
-                         f"of {context} tokens")
+        plural = "" if n_prompt == 1 else "s"
+        raise ValueError(f"the prompt ({n_prompt} token{plural}){asked} exceeds the model's "
+                         f"context of {context} tokens")
 
 
 def generate(model, prompt, *, max_tokens=256, sampling=SamplingParams(), eos_token_ids=None,

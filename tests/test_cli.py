@@ -1,0 +1,224 @@
+"""`numba-attn generate` end to end on a tiny model folder, streaming text, and every bad input
+(one clean `Error:` line, non-zero exit, no traceback)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from numba_attn import __version__, cli
+from numba_attn.generate import generate
+from numba_attn.model import Model
+from numba_attn.sampling import SamplingParams
+from numba_attn.tokenizer import StreamDecoder, Tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def invoke(*args, input=None):
+    try:
+        runner = CliRunner(mix_stderr=False)   # click 8.1
+    except TypeError:
+        runner = CliRunner()                   # click >= 8.2: stderr kept apart
+    return runner.invoke(cli.main, list(args), input=input)
+
+
+def assert_one_line_error(result, match):
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and __version__ in result.stdout
+
+
+def test_generate_greedy_streams_the_api_tokens(tiny_folder):
+    result = invoke("generate", "Once upon a time", "--model", tiny_folder, "--max-tokens", "12",
+                    "--temperature", "0")
+    assert result.exit_code == 0, result.output
+    model = Model.from_pretrained(tiny_folder)
+    tok = Tokenizer(tiny_folder, model.config.bos_token_id)
+    ids = tok.encode("Once upon a time")
+    assert ids[0] == model.config.bos_token_id            # BOS from the config
+    out = list(generate(model, ids, max_tokens=12, sampling=SamplingParams(temperature=0)))
+    assert result.stdout == tok.decode(out) + "\n"
+    summary = result.stderr.strip().splitlines()[-1]
+    assert f"prompt {len(ids)} tokens, generated {len(out)}" in summary
+    for part in ("first token", "prefill", "decode", "tok/s", "kernels"):
+        assert part in summary
+
+
+def test_generate_sampling_options_and_stdin(tiny_folder):
+    args = ["--model", tiny_folder, "--max-tokens", "8", "--temperature", "0.9", "--top-k", "20",
+            "--top-p", "0.9", "--min-p", "0.02", "--repeat-penalty", "1.2", "--seed", "5"]
+    a = invoke("generate", "The quick brown fox", *args)
+    b = invoke("generate", *args, input="The quick brown fox")   # prompt from stdin
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    assert a.stdout == b.stdout
+
+
+def test_empty_prompt_starts_from_bos(tiny_folder):
+    result = invoke("generate", "", "--model", tiny_folder, "--max-tokens", "3")
+    assert result.exit_code == 0 and "prompt 1 tokens" in result.stderr
+
+
+def test_compiling_message_on_a_cold_cache(tiny_folder, monkeypatch):
+    monkeypatch.setattr("numba_attn.generate.jit_cache_warm", lambda: False)
+    result = invoke("generate", "hi", "--model", tiny_folder, "--max-tokens", "2")
+    assert result.exit_code == 0
+    assert result.stderr.startswith("compiling kernels (first run)...")
+
+
+def test_runs_to_the_context_limit(make_folder):
+    folder, _ = make_folder("ctx", max_pos=40, eos=None)
+    result = invoke("generate", "Once upon", "--model", folder, "--max-tokens", "-1")
+    assert result.exit_code == 0
+    assert "stopped: the context of 40 tokens is full" in result.stderr
+    n_prompt = int(result.stderr.split("prompt ")[2].split(" tokens")[0])
+    assert f"generated {40 - n_prompt} " in result.stderr  # prompt + generated = context
+
+
+def test_context_option(tiny_folder):
+    result = invoke("generate", "Once upon", "--model", tiny_folder, "--context", "20",
+                    "--max-tokens", "30")
+    assert_one_line_error(result, "exceeds the model's context of 20 tokens")
+
+
+def test_subprocess_run(tiny_folder):
+    """A real process, as a user runs it (python -m works without installing)."""
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "numba_attn.cli", "generate", "héllo wörld", "--model",
+           tiny_folder, "--max-tokens", "6", "--temperature", "0"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "generated 6" in p.stderr.splitlines()[-1]
+    bad = subprocess.run(cmd[:6] + ["/no/such/model"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert bad.returncode == 1 and bad.stderr == "Error: model folder not found: /no/such/model\n"
+
+
+# -- bad input: one line, non-zero exit, no traceback --
+
+@pytest.mark.parametrize("option, value, match", [
+    ("--temperature", "-1", "'--temperature': -1.0 is not in the range x>=0.0"),
+    ("--temperature", "nan", "temperature must be a finite number"),
+    ("--top-k", "-1", "'--top-k'"),
+    ("--top-p", "0", "'--top-p'"),
+    ("--top-p", "1.5", "'--top-p'"),
+    ("--min-p", "-0.5", "'--min-p'"),
+    ("--min-p", "2", "'--min-p'"),
+    ("--repeat-penalty", "0", "'--repeat-penalty'"),
+    ("--repeat-last-n", "-3", "'--repeat-last-n'"),
+    ("--seed", "-1", "'--seed'"),
+    ("--seed", "99999999999999999999", "seed must be in"),
+    ("--max-tokens", "-2", "'--max-tokens'"),
+    ("--max-tokens", "ten", "'ten' is not a valid integer"),
+    ("--device", "tpu", "'--device'"),
+    ("--context", "0", "'--context'"),
+])
+def test_out_of_range_options(tiny_folder, option, value, match):
+    assert_one_line_error(invoke("generate", "hi", "--model", tiny_folder, option, value), match)
+
+
+def test_missing_folder_and_files(tmp_path, make_folder, monkeypatch):
+    assert_one_line_error(invoke("generate", "hi", "--model", str(tmp_path / "nope")),
+                          "model folder not found")
+    monkeypatch.setattr(cli, "DEMO_MODEL", str(tmp_path / "demo"))
+    assert_one_line_error(invoke("generate", "hi"), "built-in demo model is not installed")
+    assert_one_line_error(invoke("generate", "hi", "--model", str(tmp_path)),
+                          "config.json not found")
+    folder, _ = make_folder("notok")
+    os.remove(os.path.join(folder, "tokenizer.json"))
+    assert_one_line_error(invoke("generate", "hi", "--model", folder),
+                          "tokenizer.json not found")
+    folder, _ = make_folder("badtok")
+    with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+        f.write('{"version": "1.0", "model": 7}')
+    assert_one_line_error(invoke("generate", "hi", "--model", folder), "cannot read")
+    folder, _ = make_folder("noweights")
+    os.remove(os.path.join(folder, "model.safetensors"))
+    assert_one_line_error(invoke("generate", "hi", "--model", folder), "no model.safetensors")
+
+
+@pytest.mark.parametrize("cut", [100, 20000])
+def test_truncated_or_corrupt_safetensors(make_folder, cut):
+    folder, _ = make_folder(f"trunc{cut}")
+    path = os.path.join(folder, "model.safetensors")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:cut])                 # mid-header / mid-data
+    assert_one_line_error(invoke("generate", "hi", "--model", folder),
+                          "corrupt or truncated safetensors file")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture 'GPT2LMHeadModel'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling type 'yarn'"),
+    ({"hidden_size": 65}, "model.embed_tokens.weight' has shape"),
+])
+def test_unsupported_config(make_folder, change, match):
+    folder, _ = make_folder("cfg")
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**config, **change}, f)
+    assert_one_line_error(invoke("generate", "hi", "--model", folder), match)
+
+
+def test_prompt_plus_max_tokens_beyond_context(tiny_folder):
+    result = invoke("generate", "hi " * 20, "--model", tiny_folder, "--max-tokens", "120")
+    assert_one_line_error(result, "+ 120 tokens to generate exceeds the model's context of 128")
+
+
+def test_cuda_not_available_yet(tiny_folder):
+    assert_one_line_error(invoke("generate", "hi", "--model", tiny_folder, "--device", "cuda"),
+                          "CUDA model not available yet")
+
+
+def test_every_option_help_gives_default_and_range():
+    result = invoke("generate", "--help")
+    assert result.exit_code == 0
+    for opt in cli.generate.params:
+        if isinstance(opt, cli.click.Option) and opt.name != "help":
+            assert "default" in (opt.help or "") or opt.show_default, opt.name
+
+
+# -- streaming text --
+
+def test_stream_decoder_multibyte(tiny_folder):
+    tok = Tokenizer(tiny_folder, 0)
+    text = "héllo wörld, ça va? 日本語のテキスト。 ✓ done"
+    ids = tok.hf.encode(text).ids
+    stream = StreamDecoder(tok)
+    chunks = [stream.step(i) for i in ids] + [stream.flush()]
+    assert "".join(chunks) == text
+    assert not any("\ufffd" in c for c in chunks)      # never half a character
+
+
+def test_stream_decoder_keeps_sentencepiece_spaces(tmp_path):
+    """Metaspace tokenizers (Llama 2, TinyLlama) drop the leading space of a decode: the
+    stream must still print ' world' after 'Hello'."""
+    from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers, trainers
+    hf = HF(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    hf.train_from_iterator(["Hello world, hello there. Once upon a time."] * 5,
+                           trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>"]
+                                               + byte_tokens, show_progress=False))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer(str(tmp_path), None)
+    ids = tok.encode("Hello world there")
+    assert len(ids) >= 3
+    stream = tok.stream(ids[:1])                       # prompt "Hello", then the rest streams
+    out = "".join(stream.step(i) for i in ids[1:]) + stream.flush()
+    assert tok.decode(ids[:1]) == "Hello" and out == " world there"
