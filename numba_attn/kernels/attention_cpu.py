@@ -137,6 +137,51 @@ def _attention_prefill(out, q, k, v, scale, causal, n_workers):
                     out[z, q0 + r // G, hk * G + r % G, c] = O[r, c] * inv
 
 
+@njit(inline="always", fastmath=FASTMATH_INF, cache=True)
+def _dots(S, j, Qs, r0, n, key):
+    # S[r0 + i, j] = Qs[r0 + i] . key for i < n; four rows per pass over key (d,)
+    d = key.shape[0]
+    i = 0
+    while i + 4 <= n:
+        a0 = float32(0)
+        a1 = float32(0)
+        a2 = float32(0)
+        a3 = float32(0)
+        for c in range(d):
+            kc = key[c]
+            a0 += Qs[r0 + i, c] * kc
+            a1 += Qs[r0 + i + 1, c] * kc
+            a2 += Qs[r0 + i + 2, c] * kc
+            a3 += Qs[r0 + i + 3, c] * kc
+        S[r0 + i, j], S[r0 + i + 1, j], S[r0 + i + 2, j], S[r0 + i + 3, j] = a0, a1, a2, a3
+        i += 4
+    for r in range(r0 + i, r0 + n):
+        acc = float32(0)
+        for c in range(d):
+            acc += Qs[r, c] * key[c]
+        S[r, j] = acc
+
+
+@njit(inline="always", fastmath=FASTMATH_INF, cache=True)
+def _axpys(O, r0, n, P, j, value):
+    # O[r0 + i] += P[r0 + i, j] * value for i < n; four rows per pass over value (d,)
+    d = value.shape[0]
+    i = 0
+    while i + 4 <= n:
+        p0, p1, p2, p3 = P[r0 + i, j], P[r0 + i + 1, j], P[r0 + i + 2, j], P[r0 + i + 3, j]
+        for c in range(d):
+            vc = value[c]
+            O[r0 + i, c] += p0 * vc
+            O[r0 + i + 1, c] += p1 * vc
+            O[r0 + i + 2, c] += p2 * vc
+            O[r0 + i + 3, c] += p3 * vc
+        i += 4
+    for r in range(r0 + i, r0 + n):
+        p = P[r, j]
+        for c in range(d):
+            O[r, c] += p * value[c]
+
+
 @njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
 def _attention_decode(out, q, k, v, scale, causal, n_workers):
     # q, out: (b, q_len, H, d) with small q_len; k, v: (b, kv_len, Hkv, d)
@@ -180,12 +225,8 @@ def _attention_decode(out, q, k, v, scale, causal, n_workers):
                 for j in range(nk):
                     for hk in range(Hkv):
                         for t in range(q_len):
-                            for g in range(G):
-                                r = t * H + hk * G + g
-                                acc = float32(0)
-                                for c in range(d):
-                                    acc += Qs[r, c] * k[z, k0 + j, hk, c]
-                                S[r, j] = acc
+                            r0 = t * H + hk * G
+                            _dots(S, j, Qs, r0, G, k[z, k0 + j, hk])
                 _online_softmax_block(S, P, m_run, l_run, alpha, rows, nk, n_vis)
                 for r in range(rows):
                     for c in range(d):
@@ -193,11 +234,8 @@ def _attention_decode(out, q, k, v, scale, causal, n_workers):
                 for j in range(nk):
                     for hk in range(Hkv):
                         for t in range(q_len):
-                            for g in range(G):
-                                r = t * H + hk * G + g
-                                p = P[r, j]
-                                for c in range(d):
-                                    O[r, c] += p * v[z, k0 + j, hk, c]
+                            r0 = t * H + hk * G
+                            _axpys(O, r0, G, P, j, v[z, k0 + j, hk])
 
     # merge the key ranges: rescale each partial to the common maximum
     for zr in prange(B * rows):
