@@ -1,0 +1,283 @@
+"""Model benchmarks, llama-bench style: prefill (pp512) and generation (tg128) tokens/s, time
+to first token, and a per-stage breakdown of one decoder layer.
+
+- pp N: one forward pass over N prompt tokens from an empty KV cache; tokens/s = N / time.
+  Time to first token: the same pass plus picking the first token (argmax of the logits).
+- tg N: N single-token forward passes from an empty cache, each picking its token (argmax);
+  tokens/s = N / time. Weight bytes read per token / time per token = the achieved bandwidth.
+- breakdown: each stage of one decoder layer timed alone with the public kernel functions on
+  buffers shaped like the model's layer (prefill at N tokens, and decode of one token at
+  position N), and the whole layer timed as one chain; the row "unaccounted" is the chain
+  minus the sum of its stages, so the shares add up to 100% exactly (neither overlap nor
+  missing time is hidden). It needs no Model instance, so it runs whatever state model.py is in.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import KVCache, RopeTable, apply_rope, attention, linear, rmsnorm, silu_mul
+from .timing import measure
+
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "models", "demo")
+TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, n_layers=22,
+                 n_heads=32, n_kv_heads=4, head_dim=64, rms_norm_eps=1e-5,
+                 max_position_embeddings=2048)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What the breakdown needs of a model: a decoder layer's shapes."""
+    hidden: int
+    intermediate: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_layers: int
+    vocab: int
+    eps: float = 1e-5
+
+    @classmethod
+    def of(cls, c):
+        return cls(c.hidden_size, c.intermediate_size, c.n_heads, c.n_kv_heads, c.head_dim,
+                   c.n_layers, c.vocab_size, c.rms_norm_eps)
+
+    @property
+    def qkv_dim(self):
+        return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+
+    @property
+    def layer_weight_bytes(self):
+        h, i = self.hidden, self.intermediate
+        return 4 * (self.qkv_dim * h + h * self.n_heads * self.head_dim + 3 * i * h + 2 * h)
+
+
+# -- the model under test --------------------------------------------------------------------
+
+def _fill(a, block):
+    """Fill a with copies of a random block (a prime length, so rows do not repeat in step):
+    random-looking weights at memcpy speed instead of a minute of random number generation."""
+    flat = a.reshape(-1)
+    for i in range(0, flat.size, block.size):
+        n = min(block.size, flat.size - i)
+        flat[i:i + n] = block[:n]
+    return a
+
+
+def _random_weights(c, seed=0):
+    """ModelWeights for config c: random float32 values, norms at one."""
+    from ..model import LayerWeights, ModelWeights
+    f32 = np.float32
+    block = np.random.default_rng(seed).standard_normal(1_000_003, dtype=f32)
+
+    def lin(n_out, n_in):          # scaled so activations stay O(1) through the layers
+        return _fill(np.empty((n_out, n_in), f32), block * f32(1 / np.sqrt(n_in)))
+
+    def norm(n):
+        return np.ones(n, f32)
+
+    layers = [LayerWeights(
+        input_layernorm=norm(c.hidden_size), qkv_proj=lin(c.qkv_dim, c.hidden_size),
+        qkv_bias=None, o_proj=lin(c.hidden_size, c.q_dim), o_bias=None,
+        post_attention_layernorm=norm(c.hidden_size),
+        gate_proj=lin(c.intermediate_size, c.hidden_size),
+        up_proj=lin(c.intermediate_size, c.hidden_size),
+        down_proj=lin(c.hidden_size, c.intermediate_size)) for _ in range(c.n_layers)]
+    return ModelWeights(embed_tokens=lin(c.vocab_size, c.hidden_size), layers=layers,
+                        norm=norm(c.hidden_size), lm_head=lin(c.vocab_size, c.hidden_size))
+
+
+def tinyllama_config(layers=TINYLLAMA["n_layers"]):
+    from ..config import LlamaConfig
+    return LlamaConfig(architecture="LlamaForCausalLM", **{**TINYLLAMA, "n_layers": layers})
+
+
+def random_model(layers=TINYLLAMA["n_layers"], *, max_seq=2048, device="cpu", seed=0):
+    """A TinyLlama-1.1B-shaped Model with random float32 weights (layers may be fewer)."""
+    from ..model import Model
+    c = tinyllama_config(layers)
+    return Model(c, _random_weights(c, seed), device=device, max_seq=max_seq)
+
+
+def load_model(model_dir, *, layers=None, max_seq, device="cpu"):
+    """(model, description). model_dir None: the built-in demo model when installed (and no
+    layer count is asked for), else a random TinyLlama-shaped model."""
+    from ..config import LlamaConfig
+    from ..model import Model
+    if model_dir is None and layers is None and \
+            os.path.isfile(os.path.join(DEMO_MODEL, "config.json")):
+        model_dir = DEMO_MODEL
+    if model_dir is not None:
+        model = Model.from_pretrained(model_dir, device=device, max_seq=max_seq)
+        name = "built-in demo model" if model_dir == DEMO_MODEL else model_dir
+        return model, f"{name} ({model.config.architecture}, {model.config.n_layers} layers)"
+    if device != "cpu":       # a tiny model first: refuse quickly where the device is not wired
+        tiny = LlamaConfig(architecture="LlamaForCausalLM", vocab_size=8, hidden_size=8,
+                           intermediate_size=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4)
+        Model(tiny, _random_weights(tiny), device=device, max_seq=4)
+    n = TINYLLAMA["n_layers"] if layers is None else layers
+    model = random_model(n, max_seq=max_seq, device=device)
+    fewer = "" if n == TINYLLAMA["n_layers"] else \
+        f" -- {n} of TinyLlama's {TINYLLAMA['n_layers']} layers, for speed"
+    return model, (f"random TinyLlama-1.1B-shaped model (hidden 2048, 32/4 heads, "
+                   f"intermediate 5632, vocab 32000, float32){fewer}")
+
+
+def model_weight_bytes(model):
+    """Bytes a decode step reads: every layer's weights, the final norm and the lm_head."""
+    w = model.weights
+    total = w.norm.nbytes + w.lm_head.nbytes
+    for lw in w.layers:
+        total += sum(a.nbytes for a in vars(lw).values() if a is not None)
+    return total
+
+
+# -- pp / tg / time to first token -------------------------------------------------------------
+
+def bench_generation(model, *, pp=512, tg=128, repeat=None, budget_s=5.0, seed=0):
+    """{'pp': ..., 'tg': ..., 'ttft': ...} each with Stats (seconds per run) and tokens/s."""
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, vocab, size=pp, dtype=np.int64)
+    tokens = np.zeros(1, np.int64)
+
+    def prefill():
+        return int(np.argmax(model.forward(prompt, 0)))     # the first token's id
+
+    def generate():
+        tokens[0] = 1
+        for pos in range(tg):
+            tokens[0] = int(np.argmax(model.forward(tokens, pos)))
+
+    timing = dict(repeat=repeat, budget_s=budget_s, warmup=0, warmup_s=0, min_samples=3, inner=1)
+    out = {}
+    if pp:
+        s = measure(prefill, **timing)
+        out["pp"] = {"tokens": pp, "stats": s.to_dict(), "tok_s": pp / s.median,
+                     "tok_s_min": pp / s.max, "tok_s_max": pp / s.min}
+        out["ttft"] = {"tokens": pp, "stats": s.to_dict()}
+    if tg:
+        s = measure(generate, **timing)
+        nbytes = model_weight_bytes(model)
+        out["tg"] = {"tokens": tg, "stats": s.to_dict(), "tok_s": tg / s.median,
+                     "tok_s_min": tg / s.max, "tok_s_max": tg / s.min,
+                     "weight_bytes": nbytes, "gbs": nbytes * tg / s.median / 1e9}
+    model.reset()
+    return out
+
+
+# -- one decoder layer, stage by stage --------------------------------------------------------
+
+def layer_stages(shape, seq, pos):
+    """[(stage, fn, bytes, flops)] for one decoder layer over seq tokens at positions
+    pos..pos+seq-1 (KV cache filled up to pos), and the whole layer as one chain."""
+    L = shape
+    f32 = np.float32
+    rng = np.random.default_rng(seq)
+    h, i, H, Hkv, d = L.hidden, L.intermediate, L.n_heads, L.n_kv_heads, L.head_dim
+    nq, nk = H * d, Hkv * d
+
+    def w(n_out, n_in):
+        return rng.standard_normal((n_out, n_in), dtype=f32) * f32(1 / np.sqrt(n_in))
+
+    # weights, as the model holds them
+    w_in, w_post = np.ones(h, f32), np.ones(h, f32)     # (hidden,)
+    w_qkv, w_o = w(L.qkv_dim, h), w(h, nq)              # (qkv_dim, hidden), (hidden, q_dim)
+    w_gate, w_up, w_down = w(i, h), w(i, h), w(h, i)    # (inter, hidden) x2, (hidden, inter)
+    # activations, allocated once
+    x = rng.standard_normal((seq, h), dtype=f32)        # residual stream in
+    xr = np.empty((seq, h), f32)                        # residual stream out
+    xb = np.empty((seq, h), f32)
+    qkv = np.empty((seq, L.qkv_dim), f32)
+    q = np.empty((seq, H, d), f32)
+    k = np.empty((seq, Hkv, d), f32)
+    v = np.empty((seq, Hkv, d), f32)
+    att = np.empty((seq, H, d), f32)
+    gate, up = np.empty((seq, i), f32), np.empty((seq, i), f32)
+    table = RopeTable(d, pos + seq)
+    cache = KVCache(1, pos + seq, Hkv, d)
+    if pos:                                             # the cached prefix
+        cache.append(0, rng.standard_normal((pos, Hkv, d), dtype=f32),
+                     rng.standard_normal((pos, Hkv, d), dtype=f32))
+    keys, values = cache.append(0, rng.standard_normal((seq, Hkv, d), dtype=f32),
+                                rng.standard_normal((seq, Hkv, d), dtype=f32))
+
+    def split():
+        np.copyto(q.reshape(seq, nq), qkv[:, :nq])
+        np.copyto(k.reshape(seq, nk), qkv[:, nq:nq + nk])
+        np.copyto(v.reshape(seq, nk), qkv[:, nq + nk:])
+
+    def rope():
+        apply_rope(q, table, pos, out=q)
+        apply_rope(k, table, pos, out=k)
+
+    def append():
+        cache.lengths[0] = pos                          # write the same positions again
+        cache.append(0, k, v)
+
+    B = 4 * seq                                         # bytes of one float32 per token
+    kv_len = pos + seq
+    causal_pairs = seq * pos + seq * (seq + 1) // 2     # (query, key) pairs a query sees
+    stages = [
+        ("attention norm", lambda: rmsnorm(x, w_in, L.eps, out=xb), 2 * B * h + 4 * h, 3 * seq * h),
+        ("qkv projection", lambda: linear(xb, w_qkv, out=qkv),
+         w_qkv.nbytes + B * (h + L.qkv_dim), 2 * seq * h * L.qkv_dim),
+        ("split q/k/v", split, 2 * B * L.qkv_dim, 0),
+        ("rope", rope, 2 * B * (nq + nk), 3 * seq * (nq + nk)),
+        ("kv cache append", append, 4 * B * nk, 0),
+        ("attention", lambda: attention(q, keys, values, causal=True, out=att),
+         2 * 4 * kv_len * nk + 2 * B * nq, 4 * d * H * causal_pairs),
+        ("output projection", lambda: linear(att.reshape(seq, nq), w_o, out=xb),
+         w_o.nbytes + B * (nq + h), 2 * seq * nq * h),
+        ("residual add", lambda: np.add(x, xb, out=xr), 3 * B * h, seq * h),
+        ("mlp norm", lambda: rmsnorm(xr, w_post, L.eps, out=xb), 2 * B * h + 4 * h, 3 * seq * h),
+        ("mlp gate + up projections",
+         lambda: (linear(xb, w_gate, out=gate), linear(xb, w_up, out=up)),
+         w_gate.nbytes + w_up.nbytes + B * (h + 2 * i), 4 * seq * h * i),
+        ("silu_mul", lambda: silu_mul(gate, up, out=gate), 3 * B * i, 5 * seq * i),
+        ("mlp down projection", lambda: linear(gate, w_down, out=xb),
+         w_down.nbytes + B * (i + h), 2 * seq * i * h),
+        ("residual add ", lambda: np.add(xr, xb, out=xr), 3 * B * h, seq * h),
+    ]
+
+    def layer():
+        for _, fn, _, _ in stages:
+            fn()
+    return stages, layer
+
+
+def breakdown(shape, *, seq, pos, limits=None, repeat=None, budget_s=0.5):
+    """Rows for every stage, 'unaccounted' (layer minus the stages' sum) and the layer total;
+    shares of the total add up to 1."""
+    stages, layer = layer_stages(shape, seq, pos)
+    timing = dict(repeat=repeat, budget_s=budget_s)
+    rows = []
+    for name, fn, nbytes, flops in stages:
+        rows.append(_stage_row(name.strip(), measure(fn, **timing), nbytes, flops, limits))
+    total = measure(layer, **timing)
+    parts = sum(r["stats"]["median"] for r in rows)
+    rows.append({"stage": "unaccounted (layer - sum of stages)", "stats": None,
+                 "median": total.median - parts, "bytes": 0, "flops": 0})
+    for r in rows:
+        r["share"] = r["median"] / total.median
+    total_row = _stage_row("layer total", total, sum(s[2] for s in stages),
+                           sum(s[3] for s in stages), limits)
+    total_row["share"] = 1.0
+    rows.append(total_row)
+    return {"seq": seq, "pos": pos, "rows": rows}
+
+
+def _stage_row(name, stats, nbytes, flops, limits):
+    t = stats.median
+    row = {"stage": name, "stats": stats.to_dict(), "median": t, "bytes": nbytes, "flops": flops,
+           "gbs": nbytes / t / 1e9 if t > 0 else None,
+           "gflops": flops / t / 1e9 if t > 0 and flops else None}
+    shares = {}
+    if limits is not None and row["gbs"]:
+        shares["memory"] = row["gbs"] / limits.read_gbs
+    if limits is not None and row["gflops"] and limits.sgemm_gflops:
+        shares["compute"] = row["gflops"] / limits.sgemm_gflops
+    row["bound"] = max(shares, key=shares.get) if shares else None
+    row["limit_share"] = shares.get(row["bound"])
+    return row
