@@ -71,7 +71,8 @@ def test_empty_prompt_starts_from_bos(tiny_folder):
 
 
 def test_compiling_message_on_a_cold_cache(tiny_folder, monkeypatch):
-    monkeypatch.setattr("numba_attn.generate.jit_cache_warm", lambda: False)
+    # the module, not numba_attn.generate (the package exports the function under that name)
+    monkeypatch.setattr(sys.modules["numba_attn.generate"], "jit_cache_warm", lambda: False)
     result = invoke("generate", "hi", "--model", tiny_folder, "--max-tokens", "2")
     assert result.exit_code == 0
     assert result.stderr.startswith("compiling kernels (first run)...")
