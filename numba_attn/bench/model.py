@@ -187,7 +187,8 @@ def layer_stages(shape, seq, pos):
     w_gate, w_up, w_down = w(i, h), w(i, h), w(h, i)    # (inter, hidden) x2, (hidden, inter)
     # activations, allocated once
     x = rng.standard_normal((seq, h), dtype=f32)        # residual stream in
-    xr = np.empty((seq, h), f32)                        # residual stream out
+    xr = np.empty((seq, h), f32)                        # residual stream after attention
+    xo = np.empty((seq, h), f32)                        # residual stream out
     xb = np.empty((seq, h), f32)
     qkv = np.empty((seq, L.qkv_dim), f32)
     q = np.empty((seq, H, d), f32)
@@ -238,7 +239,7 @@ def layer_stages(shape, seq, pos):
         ("silu_mul", lambda: silu_mul(gate, up, out=gate), 3 * B * i, 5 * seq * i),
         ("mlp down projection", lambda: linear(gate, w_down, out=xb),
          w_down.nbytes + B * (i + h), 2 * seq * i * h),
-        ("residual add ", lambda: np.add(xr, xb, out=xr), 3 * B * h, seq * h),
+        ("residual add ", lambda: np.add(xr, xb, out=xo), 3 * B * h, seq * h),
     ]
 
     def layer():
