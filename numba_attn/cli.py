@@ -139,6 +139,7 @@ def _rate(x):
 
 # -- commands defined in other modules --
 # main.add_command(<command>)   e.g. the benchmark command from numba_attn/bench/
+from .bench.cli import bench; main.add_command(bench)  # noqa: E402, E702
 
 
 if __name__ == "__main__":   # python -m numba_attn.cli ...
