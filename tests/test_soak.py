@@ -19,6 +19,17 @@ def rss_kb():
     pytest.skip("no /proc/self/status")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Memory, not speed, is measured here: one Numba thread keeps the many small kernel calls
+    from waiting on a second thread when the machine's cores are busy with other work."""
+    import numba
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def soak_model(tmp_path_factory):
     from tiny_model import build_tiny_model

@@ -1,0 +1,293 @@
+"""The speed figures of issue 4 on a TinyLlama-1.1B-shaped model (hidden 2048, 22 layers,
+32 heads / 4 KV heads, intermediate 5632, vocab 32000), random float32 weights.
+
+    python bench/bench_model.py /tmp/tinyllama           # write the folder once (4.4 GB), measure
+    python bench/bench_model.py /tmp/tiny --small        # a small shape: checks that it runs
+    python bench/bench_model.py /tmp/tinyllama --json out.json
+
+PATH gets a Hugging Face folder (config.json + model.safetensors, float32) unless it already
+holds one. The measuring then runs in a fresh process, so its peak resident memory is the
+engine's alone, and every figure is compared with a limit measured in that same process:
+
+- decode: tokens/s of single-token steps after a 16-token prompt, and the weight bytes each
+  step streams / its time, against NumPy's BLAS GEMV streaming the same matrices (target:
+  >= 90% of that bandwidth);
+- prefill: tokens/s of one forward pass over 512 tokens, against the rate at which NumPy's
+  BLAS GEMM does the same matrix products (the prefill's FLOP floor), and GFLOP/s of each;
+- peak resident memory (VmHWM) against the weight bytes plus the KV cache (target: <= 1.2x).
+JIT compile (or Numba cache load) is done before any timing and reported on its own.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                 num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                 max_position_embeddings=2048)
+SMALL = dict(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=3,
+             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024)
+REFERENCE = ("for scale, on this 2-core machine in float32: llama2.c 11.6 tok/s, llama.cpp 10.4 "
+             "tok/s (decode, ~46-51 GB/s); HF transformers 3.3 tok/s decode, 72 tok/s prefill-512")
+
+
+# -- writing the folder --------------------------------------------------------------------
+
+def write_folder(path, shape):
+    """config.json + model.safetensors with random float32 weights. The file is streamed
+    tensor by tensor in the safetensors layout (8-byte header length, JSON header, data), so
+    writing 4.4 GB never holds more than one tensor."""
+    os.makedirs(path, exist_ok=True)
+    c = shape
+    h, inter, hd = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    tensors = [("model.embed_tokens.weight", (c["vocab_size"], h))]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors += [(p + "input_layernorm.weight", (h,)),
+                    (p + "self_attn.q_proj.weight", (q, h)),
+                    (p + "self_attn.k_proj.weight", (kv, h)),
+                    (p + "self_attn.v_proj.weight", (kv, h)),
+                    (p + "self_attn.o_proj.weight", (h, q)),
+                    (p + "post_attention_layernorm.weight", (h,)),
+                    (p + "mlp.gate_proj.weight", (inter, h)),
+                    (p + "mlp.up_proj.weight", (inter, h)),
+                    (p + "mlp.down_proj.weight", (h, inter))]
+    tensors += [("model.norm.weight", (h,)), ("lm_head.weight", (c["vocab_size"], h))]
+
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shp in tensors:
+        n = 4 * int(np.prod(shp))
+        header[name] = {"dtype": "F32", "shape": list(shp), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)                       # data starts 8-byte aligned
+    # a prime-length random block tiled over each tensor: random-looking, at memcpy speed
+    block = np.random.default_rng(0).standard_normal(1_000_003).astype(np.float32)
+    tmp = os.path.join(path, "model.safetensors.partial")
+    with open(tmp, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for name, shp in tensors:
+            if len(shp) == 1:                              # norm weights
+                f.write(np.ones(shp, np.float32).tobytes())
+                continue
+            scaled = block * np.float32(1 / np.sqrt(shp[1]))
+            n = int(np.prod(shp))
+            for start in range(0, n, scaled.size):
+                f.write(scaled[:min(scaled.size, n - start)].tobytes())
+    os.replace(tmp, os.path.join(path, "model.safetensors"))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+              "torch_dtype": "float32", **shape}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def folder_matches(path, shape):
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return (all(config.get(k) == v for k, v in shape.items())
+            and os.path.isfile(os.path.join(path, "model.safetensors")))
+
+
+# -- measuring (in a fresh process) --------------------------------------------------------
+
+def vm(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def matrices(model):
+    """The weight matrices one decode step streams, in forward order (name, w)."""
+    out = []
+    for i, lw in enumerate(model.weights.layers):
+        out += [(f"{i}.qkv", lw.qkv_proj), (f"{i}.o", lw.o_proj), (f"{i}.gate", lw.gate_proj),
+                (f"{i}.up", lw.up_proj), (f"{i}.down", lw.down_proj)]
+    return out + [("lm_head", model.weights.lm_head)]
+
+
+def blas_gemv_s(mats, repeat):
+    """Best time of NumPy BLAS GEMV over every matrix once (a decode step's weight reads)."""
+    xs = {n: np.random.default_rng(1).standard_normal(n).astype(np.float32)
+          for n in {w.shape[1] for _, w in mats}}
+    ys = {n: np.empty(n, np.float32) for n in {w.shape[0] for _, w in mats}}
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for _, w in mats:
+            np.dot(w, xs[w.shape[1]], out=ys[w.shape[0]])
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def blas_gemm_s(mats, rows, repeat):
+    """Best time of NumPy BLAS GEMM x (rows, in) @ w.T over every matrix except the lm_head
+    (prefill computes logits for the last position only)."""
+    mats = [(n, w) for n, w in mats if n != "lm_head"]
+    xs = {n: np.random.default_rng(1).standard_normal((rows, n)).astype(np.float32)
+          for n in {w.shape[1] for _, w in mats}}
+    ys = {n: np.empty((rows, n), np.float32) for n in {w.shape[0] for _, w in mats}}
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for _, w in mats:
+            np.matmul(xs[w.shape[1]], w.T, out=ys[w.shape[0]])
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure(path, decode_tokens, prefill_tokens, repeat):
+    from numba_attn.generate import CompileTimer, jit_cache_warm
+    from numba_attn.model import Model
+
+    r = {}
+    t = time.perf_counter()
+    model = Model.from_pretrained(path, max_seq=max(prefill_tokens, 16 + decode_tokens) + 1)
+    r["load_s"] = time.perf_counter() - t
+    c = model.config
+    r["cache_warm_before"] = jit_cache_warm()
+    with CompileTimer() as jit:
+        t = time.perf_counter()
+        model.warmup()
+        r["warmup_s"] = time.perf_counter() - t
+    r["compile_s"] = jit.seconds
+
+    rng = np.random.default_rng(0)
+    # decode: single-token steps after a short prompt, each picking its token by argmax
+    pos = 16
+    token = int(np.argmax(model.forward(rng.integers(0, c.vocab_size, pos), 0)))
+    step = np.empty(1, np.int64)
+    times = []
+    for _ in range(decode_tokens):
+        step[0] = token
+        t = time.perf_counter()
+        token = int(np.argmax(model.forward(step, pos)))
+        times.append(time.perf_counter() - t)
+        pos += 1
+    mats = matrices(model)
+    step_bytes = sum(w.nbytes for _, w in mats) + model.weights.norm.nbytes + sum(
+        lw.input_layernorm.nbytes + lw.post_attention_layernorm.nbytes
+        for lw in model.weights.layers)
+    r["decode_step_s"] = statistics.median(times)
+    r["decode_tok_s"] = 1 / r["decode_step_s"]
+    r["decode_GBs"] = step_bytes / r["decode_step_s"] / 1e9
+
+    # prefill: one pass over prefill_tokens from an empty cache (best of `repeat`)
+    prompt = rng.integers(0, c.vocab_size, prefill_tokens)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        model.forward(prompt, 0)
+        best = min(best, time.perf_counter() - t)
+    n = prefill_tokens
+    matmul_flops = 2 * n * sum(w.size for name, w in mats if name != "lm_head") + 2 * c.vocab_size * c.hidden_size
+    attn_flops = 4 * c.n_layers * c.n_heads * c.head_dim * n * (n + 1) // 2  # causal QK^T + PV
+    r["prefill_s"] = best
+    r["prefill_tok_s"] = n / best
+    r["prefill_GFLOPs"] = (matmul_flops + attn_flops) / best / 1e9
+
+    # peak resident memory of the engine, before the BLAS comparisons allocate their own
+    r["peak_rss_bytes"] = vm("VmHWM")
+    r["weight_bytes"] = model.weights.nbytes
+    r["kv_cache_bytes"] = model.cache.nbytes
+    r["rss_ratio"] = r["peak_rss_bytes"] / (r["weight_bytes"] + r["kv_cache_bytes"])
+
+    # the limits, measured here and now on the same matrices
+    r["gemv_s"] = blas_gemv_s(mats, max(repeat, 3))
+    r["gemv_GBs"] = sum(w.nbytes for _, w in mats) / r["gemv_s"] / 1e9
+    r["decode_vs_gemv"] = r["decode_GBs"] / r["gemv_GBs"]
+    r["gemm_s"] = blas_gemm_s(mats, n, repeat)
+    r["gemm_tok_s"] = n / r["gemm_s"]
+    r["gemm_GFLOPs"] = (matmul_flops - 2 * c.vocab_size * c.hidden_size) / r["gemm_s"] / 1e9
+    r["prefill_vs_gemm"] = r["prefill_tok_s"] / r["gemm_tok_s"]
+    r.update(decode_tokens=decode_tokens, prefill_tokens=n, step_bytes=step_bytes,
+             layers=c.n_layers, hidden=c.hidden_size, vocab=c.vocab_size)
+    return r
+
+
+def report(r, command):
+    gb = 1e9
+    ok = lambda b: "yes" if b else "NO"  # noqa: E731
+    rows = [
+        ("decode", f"{r['decode_tok_s']:.2f} tok/s ({r['decode_step_s'] * 1e3:.1f} ms/token, "
+                   f"median of {r['decode_tokens']})", "", ""),
+        ("decode weight streaming", f"{r['decode_GBs']:.1f} GB/s "
+                                    f"({r['step_bytes'] / gb:.2f} GB per token)", "", ""),
+        ("NumPy BLAS GEMV, same matrices", f"{r['gemv_GBs']:.1f} GB/s "
+                                           f"({r['gemv_s'] * 1e3:.1f} ms)", "", ""),
+        ("decode / BLAS GEMV bandwidth", f"{r['decode_vs_gemv']:.1%}", ">= 90%",
+         ok(r["decode_vs_gemv"] >= 0.9)),
+        (f"prefill-{r['prefill_tokens']}", f"{r['prefill_tok_s']:.1f} tok/s "
+                                           f"({r['prefill_s']:.2f} s, {r['prefill_GFLOPs']:.0f} GFLOP/s)",
+         ">= 72 tok/s (HF transformers)", ok(r["prefill_tok_s"] >= 72)),
+        ("NumPy BLAS GEMM, same products", f"{r['gemm_tok_s']:.1f} tok/s "
+                                           f"({r['gemm_GFLOPs']:.0f} GFLOP/s)", "", ""),
+        ("prefill / BLAS GEMM rate", f"{r['prefill_vs_gemm']:.1%}", "close to 100%", ""),
+        ("peak resident memory", f"{r['peak_rss_bytes'] / gb:.2f} GB = {r['rss_ratio']:.2f}x "
+                                 f"(weights {r['weight_bytes'] / gb:.2f} GB + KV cache "
+                                 f"{r['kv_cache_bytes'] / gb:.3f} GB)", "<= 1.2x",
+         ok(r["rss_ratio"] <= 1.2)),
+        ("load / JIT", f"load {r['load_s']:.1f} s; warm-up {r['warmup_s']:.1f} s, of which "
+                       f"compiling {r['compile_s']:.1f} s (cache warm before: "
+                       f"{r['cache_warm_before']})", "", ""),
+    ]
+    lines = [f"`{command}`", "", f"{r['layers']} layers, hidden {r['hidden']}, vocab "
+             f"{r['vocab']}, float32; {REFERENCE}", "",
+             "| figure | measured | target | met |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("path", help="model folder to write (once) and measure, e.g. /tmp/tinyllama")
+    ap.add_argument("--small", action="store_true", help="a small shape, to check the script")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers (default: 22, TinyLlama's; fewer for a quick look)")
+    ap.add_argument("--decode-tokens", type=int, default=64, help="decode steps [64]")
+    ap.add_argument("--prefill-tokens", type=int, default=512, help="prefill length [512]")
+    ap.add_argument("--repeat", type=int, default=2, help="prefill / GEMM repeats, best kept [2]")
+    ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # the child
+    args = ap.parse_args()
+    shape = dict(SMALL if args.small else TINYLLAMA)
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+
+    if args.measure:
+        r = measure(args.path, args.decode_tokens, args.prefill_tokens, args.repeat)
+        print(json.dumps(r))
+        return
+
+    if not folder_matches(args.path, shape):
+        print(f"writing a random float32 model to {args.path} ...", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        write_folder(args.path, shape)
+        print(f"  written in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    child = [sys.executable, os.path.abspath(__file__), args.path, "--measure",
+             "--decode-tokens", str(args.decode_tokens), "--prefill-tokens",
+             str(args.prefill_tokens), "--repeat", str(args.repeat)]
+    print("measuring in a fresh process ...", file=sys.stderr, flush=True)
+    out = subprocess.run(child, stdout=subprocess.PIPE, check=True, text=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    command = "python bench/bench_model.py " + " ".join(sys.argv[1:])
+    print(report(r, command))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
