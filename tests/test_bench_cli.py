@@ -252,20 +252,32 @@ def test_model_text(tiny_folder):
     assert "JIT warm-up" in r.stdout
 
 
-def test_model_json_shares_add_up(tiny_folder):
-    res = json.loads(ok(["model", "--model", tiny_folder, "--format", "json"]
-                        + MODEL_TINY).stdout)
+@pytest.fixture(scope="module")
+def model_json(tiny_folder):
+    return json.loads(ok(["model", "--model", tiny_folder, "--format", "json"]
+                         + MODEL_TINY).stdout)
+
+
+def test_model_json_generation(model_json):
+    res = model_json
     assert res["generation"]["pp"]["tok_s"] > 0 and res["generation"]["tg"]["tok_s"] > 0
     assert res["generation"]["tg"]["stats"]["n"] == 2
-    assert set(res["breakdown"]) == {"prefill8", "decode@8"}
-    for bd in res["breakdown"].values():
+    assert res["jit"]["cpu"]["seconds"] > 0
+    names = [r["name"] for r in res["rows"]]
+    assert names[:3] == ["pp8", "tg4", "ttft/8"]
+    assert len(names) == len(set(names))            # unique: baselines match rows by name
+
+
+def test_model_json_breakdown_adds_up(model_json):
+    assert set(model_json["breakdown"]) == {"prefill8", "decode@8"}
+    for bd in model_json["breakdown"].values():
         parts = [r for r in bd["rows"] if r["stage"] != "layer total"]
         total = bd["rows"][-1]
         assert total["stage"] == "layer total"
         assert sum(r["median"] for r in parts) == pytest.approx(total["median"])
         assert sum(r["share"] for r in parts) == pytest.approx(1.0)
-    names = [r["name"] for r in res["rows"]]
-    assert names[:3] == ["pp8", "tg4", "ttft/8"]
+        stages = [r for r in parts if r["stats"]]
+        assert len(stages) == 13 and all(r["alone"]["median"] > 0 for r in stages)
 
 
 def test_model_csv_md_and_baseline(tiny_folder, bench_home):

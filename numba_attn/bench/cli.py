@@ -250,7 +250,9 @@ def kernels_cmd(ctx, ops, sizes, heads, kv_heads, head_dim, peers, device, repea
         hits1, miss1 = jit_cache_counts()
         jit[dev] = {"seconds": sum(spent.values()), "per_op": spent,
                     "cache_hits": hits1 - hits0, "compiled": miss1 - miss0}
+    load = machine["load_avg"]
     machine = describe(devices)         # the threading layer is known once a kernel ran
+    machine["load_avg"] = load          # the load before this run added its own
     lim_objs = {dev: _Lim(limits[dev]) if dev in limits else None for dev in devices}
 
     steps = [(dev, op, size) for dev in devices for op, size in K.plan(ops, sizes)]
@@ -375,7 +377,8 @@ def model_cmd(ctx, model_dir, layers, pp, tg, breakdown, device, repeat, time_bu
             est = layer * shape.n_layers
             bd["per_token_line"] = (
                 f"{shape.n_layers} layers x {layer * 1e3:.3f} ms = {est * 1e3:.2f} ms of a "
-                f"measured {per_token * 1e3:.2f} ms per generated token ({100 * est / per_token:.0f}%; "
+                f"measured {per_token * 1e3:.2f} ms per generated token "
+                f"({100 * est / per_token:.0f}%; "
                 f"the rest: embedding, final norm, lm_head {shape.vocab}x{shape.hidden}, argmax "
                 f"and Python; tg's attention sees 0..{gen['tg']['tokens'] - 1} positions, this "
                 f"layer {pp})")

@@ -4,9 +4,9 @@ the sgemm FLOP rate. Each row's "share of the limit" divides by these.
 Read bandwidth is the best of several readers over an array far larger than the caches (a
 reader that does not reach it is not the limit): NumPy's single-threaded sum, a Numba parallel
 sum on every thread, and NumPy's BLAS matrix-vector product (the access pattern of decode).
-The copy rate (bytes read + written) is reported beside it. sgemm: NumPy's BLAS on square
-float32 matrices. On CUDA: a device-to-device copy, a read-only reduction kernel, and
-PyTorch's sgemm when PyTorch sees the GPU."""
+NumPy's copy rate (one thread; bytes read + written) is reported beside it. sgemm: NumPy's
+BLAS on square float32 matrices. On CUDA: a read-only reduction kernel, a device-to-device
+copy, and PyTorch's fp32 sgemm (TF32 off) when PyTorch sees the GPU."""
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -32,13 +32,6 @@ class Limits:
     def to_dict(self):
         return asdict(self)
 
-    def describe(self):
-        readers = ", ".join(f"{k} {v:.1f}" for k, v in self.readers.items())
-        copy = f"; copy {self.copy_gbs:.1f} GB/s (read + write)" if self.copy_gbs else ""
-        sgemm = (f"; sgemm {self.sgemm_gflops:.1f} GFLOP/s ({self.sgemm_source})"
-                 if self.sgemm_gflops else "; sgemm: not measured")
-        return (f"limits on {self.device}: read {self.read_gbs:.1f} GB/s (best of: {readers})"
-                f"{copy}{sgemm}")
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -63,13 +56,11 @@ def host_limits(*, nbytes=READ_BYTES, sgemm_n=SGEMM_N, gemv_shape=GEMV_SHAPE, re
     readers["numba parallel sum"] = a.nbytes / t.median / 1e9
     t = measure(lambda: np.copyto(b, a), repeat=repeat, budget_s=budget_s, min_samples=3)
     copy = 2 * a.nbytes / t.median / 1e9
-    del b
     w = np.ones(gemv_shape, np.float32)
     x = np.ones(gemv_shape[1], np.float32)
     y = np.empty(gemv_shape[0], np.float32)
     t = measure(lambda: np.dot(w, x, out=y), repeat=repeat, budget_s=budget_s, min_samples=3)
     readers["BLAS sgemv"] = w.nbytes / t.median / 1e9
-    del a, w
     best = max(readers, key=readers.get)
 
     m = np.random.default_rng(0).standard_normal((sgemm_n, sgemm_n), dtype=np.float32)

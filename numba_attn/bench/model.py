@@ -5,11 +5,12 @@ to first token, and a per-stage breakdown of one decoder layer.
   Time to first token: the same pass plus picking the first token (argmax of the logits).
 - tg N: N single-token forward passes from an empty cache, each picking its token (argmax);
   tokens/s = N / time. Weight bytes read per token / time per token = the achieved bandwidth.
-- breakdown: each stage of one decoder layer timed alone with the public kernel functions on
-  buffers shaped like the model's layer (prefill at N tokens, and decode of one token at
-  position N), and the whole layer timed as one chain; the row "unaccounted" is the chain
-  minus the sum of its stages, so the shares add up to 100% exactly (neither overlap nor
-  missing time is hidden). It needs no Model instance, so it runs whatever state model.py is in.
+- breakdown: one decoder layer run with the public kernel functions on buffers shaped like
+  the model's layer (prefill at N tokens, and decode of one token at position N), each stage
+  timed in place (the clock read between stages of the running layer) and alone (a loop of
+  its own: the difference is what the neighbours cost it, e.g. a BLAS thread pool still
+  spinning). The in-place stages add up to the layer total; the row "unaccounted" holds the
+  little that medians do not add, so the shares sum to 100%. It needs no Model instance.
 """
 import os
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import KVCache, RopeTable, apply_rope, attention, linear, rmsnorm, silu_mul
-from .timing import measure
+from .timing import measure, measure_chain
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "models", "demo")
@@ -231,7 +232,7 @@ def layer_stages(shape, seq, pos):
          2 * 4 * kv_len * nk + 2 * B * nq, 4 * d * H * causal_pairs),
         ("output projection", lambda: linear(att.reshape(seq, nq), w_o, out=xb),
          w_o.nbytes + B * (nq + h), 2 * seq * nq * h),
-        ("residual add", lambda: np.add(x, xb, out=xr), 3 * B * h, seq * h),
+        ("residual add (attention)", lambda: np.add(x, xb, out=xr), 3 * B * h, seq * h),
         ("mlp norm", lambda: rmsnorm(xr, w_post, L.eps, out=xb), 2 * B * h + 4 * h, 3 * seq * h),
         ("mlp gate + up projections",
          lambda: (linear(xb, w_gate, out=gate), linear(xb, w_up, out=up)),
@@ -239,7 +240,7 @@ def layer_stages(shape, seq, pos):
         ("silu_mul", lambda: silu_mul(gate, up, out=gate), 3 * B * i, 5 * seq * i),
         ("mlp down projection", lambda: linear(gate, w_down, out=xb),
          w_down.nbytes + B * (i + h), 2 * seq * i * h),
-        ("residual add ", lambda: np.add(xr, xb, out=xo), 3 * B * h, seq * h),
+        ("residual add (mlp)", lambda: np.add(xr, xb, out=xo), 3 * B * h, seq * h),
     ]
 
     def layer():
@@ -249,21 +250,30 @@ def layer_stages(shape, seq, pos):
 
 
 def breakdown(shape, *, seq, pos, limits=None, repeat=None, budget_s=0.5):
-    """Rows for every stage, 'unaccounted' (layer minus the stages' sum) and the layer total;
-    shares of the total add up to 1."""
-    stages, layer = layer_stages(shape, seq, pos)
-    timing = dict(repeat=repeat, budget_s=budget_s)
+    """Rows for every stage, 'unaccounted' and the layer total.
+
+    Each stage is timed in place, inside the running layer (the clock is read between
+    stages, so a stage pays what the stages before it leave behind: caches, thread pools
+    still busy), and alone, in a loop of its own. Shares are of the layer total, in place;
+    'unaccounted' is the total's median minus the sum of the stages' medians (medians do not
+    add exactly; the clock reads cost ~0.1 us each), so the shares add up to 100%."""
+    stages, _ = layer_stages(shape, seq, pos)
+    parts, total = measure_chain([fn for _, fn, _, _ in stages], repeat=repeat,
+                                 budget_s=budget_s)
     rows = []
-    for name, fn, nbytes, flops in stages:
-        rows.append(_stage_row(name.strip(), measure(fn, **timing), nbytes, flops, limits))
-    total = measure(layer, **timing)
-    parts = sum(r["stats"]["median"] for r in rows)
-    rows.append({"stage": "unaccounted (layer - sum of stages)", "stats": None,
-                 "median": total.median - parts, "bytes": 0, "flops": 0})
+    for (name, fn, nbytes, flops), inlayer in zip(stages, parts):
+        alone = measure(fn, repeat=repeat, budget_s=min(budget_s, 0.2))
+        row = _stage_row(name, inlayer, nbytes, flops, limits)
+        row["alone"] = alone.to_dict()
+        rows.append(row)
+    rest = total.median - sum(r["median"] for r in rows)
+    rows.append({"stage": "unaccounted (total - sum of stages)", "stats": None, "alone": None,
+                 "median": rest, "bytes": 0, "flops": 0})
     for r in rows:
         r["share"] = r["median"] / total.median
     total_row = _stage_row("layer total", total, sum(s[2] for s in stages),
                            sum(s[3] for s in stages), limits)
+    total_row["alone"] = None
     total_row["share"] = 1.0
     rows.append(total_row)
     return {"seq": seq, "pos": pos, "rows": rows}

@@ -112,7 +112,9 @@ def _limits_line(lim):
     if lim is None:
         return "limits: not measured (--no-limits)"
     readers = ", ".join(f"{k} {v:.1f}" for k, v in lim["readers"].items())
-    copy = f"; copy {lim['copy_gbs']:.1f} GB/s (read + write)" if lim.get("copy_gbs") else ""
+    how = "device-to-device" if lim["device"] == "cuda" else "NumPy, 1 thread,"
+    copy = (f"; copy {lim['copy_gbs']:.1f} GB/s ({how} read + write)"
+            if lim.get("copy_gbs") else "")
     sgemm = (f"; sgemm {lim['sgemm_gflops']:.1f} GFLOP/s ({lim['sgemm_source']})"
              if lim.get("sgemm_gflops") else "; sgemm: not measured")
     small = " [small arrays: cache-assisted, not the true limits]" if lim.get("small") else ""
@@ -256,14 +258,15 @@ def format_model(result, fmt="text"):
         parts += [_table(header, rows, fmt), ""]
     for label, bd in result.get("breakdown", {}).items():
         parts.append(_breakdown_title(label, bd, result) + ("\n" if fmt == "md" else ""))
-        header = ["stage", "time", "share", "achieved", "of limit"]
+        header = ["stage", "in layer", "95% CI", "share", "alone", "achieved", "of limit"]
         if has_base:
             header.append(f"vs {base}")
         rows = []
         for r in bd["rows"]:
-            cells = [r["stage"], format_time(r["median"]), f"{100 * r['share']:.1f}%",
-                     _rate(r) if r.get("stats") else "-",
-                     _share(r, "limit_share") if r.get("stats") else "-"]
+            st, alone = r.get("stats"), r.get("alone")
+            cells = [r["stage"], format_time(r["median"]), _ci(st) if st else "",
+                     f"{100 * r['share']:.1f}%", format_time(alone["median"]) if alone else "-",
+                     _rate(r) if st else "-", _share(r, "limit_share") if st else "-"]
             if has_base:
                 cells.append(_baseline_cell(by_name.get(f"layer/{label}: {r['stage']}", {})
                                             .get("baseline")))
@@ -279,7 +282,8 @@ def _breakdown_title(label, bd, result):
     what = (f"prefill of {bd['seq']} tokens" if label.startswith("prefill")
             else f"decode of 1 token at position {bd['pos']}")
     return (f"one decoder layer ({what}; public kernels on buffers shaped like the model's "
-            f"layer{', 1 of ' + str(n) if n else ''}); shares add up to the layer total:")
+            f"layer{', 1 of ' + str(n) if n else ''}): each stage timed in place in the running "
+            f"layer (shares of the layer total, adding up to 100%) and alone in a loop:")
 
 
 def _model_csv(result):
@@ -290,8 +294,8 @@ def _model_csv(result):
                 "baseline_median_s", "baseline_change", "baseline_verdict"])
     for r in result["rows"]:
         o, b = r["ours"] or {}, r.get("baseline") or {}
-        w.writerow([r["name"], r["device"], r.get("median", o.get("median")), o.get("ci_low"), o.get("ci_high"),
-                    o.get("min"), o.get("max"), o.get("n"), r.get("tok_s"), r.get("share"),
+        w.writerow([r["name"], r["device"], r.get("median", o.get("median")), o.get("ci_low"),
+                    o.get("ci_high"), o.get("min"), o.get("max"), o.get("n"), r.get("tok_s"), r.get("share"),
                     r.get("gbs"), r.get("gflops"), b.get("median"), b.get("change"),
                     b.get("verdict")])
     return buf.getvalue()

@@ -8,7 +8,10 @@
 How a measurement runs (as criterion and timeit do it, in this order):
 1. one first call, timed on its own: it pays the JIT compilation (or the load from Numba's
    cache) and first-touch page faults, so it never enters a sample;
-2. warm-up calls until `warmup` calls and a tenth of the time budget are spent;
+2. warm-up calls until `warmup` calls and a tenth of the time budget (at least 0.15 s when
+   the budget allows) are spent: the CPU clocks up, and the thread pools of whatever ran
+   before (a peer's BLAS or OpenMP threads, which spin for a while after their last call)
+   go idle instead of competing with the measured code;
 3. each sample times `inner` back-to-back calls, chosen so one sample lasts at least
    `min_sample_s` (the clock's resolution and overhead stay below 0.1% of a sample);
 4. as many samples as fit in the time budget (at least `min_samples`, at most `max_samples`),
@@ -23,6 +26,8 @@ import numpy as np
 
 DEFAULT_BUDGET_S = 0.5       # seconds of sampling per measurement
 MIN_SAMPLE_S = 1e-3          # a sample lasts at least this long (inner calls are batched)
+MIN_WARMUP_S = 0.15          # warm-up floor: other thread pools (a peer's OpenBLAS or OpenMP
+                             # threads spin for ~0.1 s after their last call) go idle first
 MIN_SAMPLES = 5
 MAX_SAMPLES = 200
 BOOTSTRAP_RESAMPLES = 2000
@@ -104,7 +109,8 @@ def measure(fn, *, sync=None, repeat=None, budget_s=DEFAULT_BUDGET_S, warmup=2, 
     first = clock() - t0
 
     # 2. warm-up: `warmup` calls and at least warmup_s seconds
-    warmup_s = 0.1 * budget_s if warmup_s is None else warmup_s
+    if warmup_s is None:
+        warmup_s = max(0.1 * budget_s, min(MIN_WARMUP_S, budget_s))
     spent, calls, fastest = 0.0, 0, first
     while calls < warmup or (spent < warmup_s and calls < 10 * max_samples):
         t0 = clock()
@@ -145,6 +151,44 @@ def measure(fn, *, sync=None, repeat=None, budget_s=DEFAULT_BUDGET_S, warmup=2, 
         if gc_was_on:
             gc.enable()
     return summarize(samples, inner=inner, first_call_s=first)
+
+
+def measure_chain(fns, *, repeat=None, budget_s=DEFAULT_BUDGET_S, min_samples=MIN_SAMPLES,
+                  max_samples=MAX_SAMPLES, sync=None):
+    """Time a sequence of calls run back to back, each part in place: the clock is read
+    between parts, so a part pays what the parts before it leave behind (caches, busy thread
+    pools), as in the real sequence. Returns ([Stats of each part], Stats of the whole run);
+    the whole is the sum of the parts run by run (plus clock reads, ~0.1 us each)."""
+    sync = sync or (lambda: None)
+    clock = time.perf_counter
+
+    def run_once(parts):
+        t_start = t_prev = clock()
+        for i, fn in enumerate(fns):
+            fn()
+            sync()
+            t = clock()
+            parts[i].append(t - t_prev)
+            t_prev = t
+        return t_prev - t_start
+
+    scratch = [[] for _ in fns]
+    t0 = clock()
+    run_once(scratch)                         # first run: compilation, first touch
+    first = clock() - t0
+    est = min(run_once(scratch), run_once(scratch))   # warm-up
+    n = int(repeat) if repeat is not None else \
+        int(min(max_samples, max(min_samples, budget_s // max(est, 1e-9))))
+    parts, totals = [[] for _ in fns], []
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(n):
+            totals.append(run_once(parts))
+    finally:
+        if gc_was_on:
+            gc.enable()
+    return [summarize(p) for p in parts], summarize(totals, first_call_s=first)
 
 
 def difference(a, b):
