@@ -149,7 +149,7 @@ def blas_gemm_s(mats, rows, repeat):
 
 
 def measure(path, decode_tokens, prefill_tokens, repeat):
-    from numba_attn.generate import CompileTimer, jit_cache_warm
+    from numba_attn.generate import CompileTimer
     from numba_attn.model import Model
 
     r = {}
@@ -157,7 +157,6 @@ def measure(path, decode_tokens, prefill_tokens, repeat):
     model = Model.from_pretrained(path, max_seq=max(prefill_tokens, 16 + decode_tokens) + 1)
     r["load_s"] = time.perf_counter() - t
     c = model.config
-    r["cache_warm_before"] = jit_cache_warm()
     with CompileTimer() as jit:
         t = time.perf_counter()
         model.warmup()
@@ -240,8 +239,7 @@ def report(r, command):
                                  f"{r['kv_cache_bytes'] / gb:.3f} GB)", "<= 1.2x",
          ok(r["rss_ratio"] <= 1.2)),
         ("load / JIT", f"load {r['load_s']:.1f} s; warm-up {r['warmup_s']:.1f} s, of which "
-                       f"compiling {r['compile_s']:.1f} s (cache warm before: "
-                       f"{r['cache_warm_before']})", "", ""),
+                       f"compiling {r['compile_s']:.1f} s", "", ""),
     ]
     lines = [f"`{command}`", "", f"{r['layers']} layers, hidden {r['hidden']}, vocab "
              f"{r['vocab']}, float32; {REFERENCE}", "",

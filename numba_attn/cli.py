@@ -69,8 +69,8 @@ def main():
 def generate(prompt, model_dir, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
              repeat_last_n, seed, context, device):
     """Generate text from PROMPT (or standard input), streaming it as it comes."""
-    from .generate import (STOP_CONTEXT, CompileTimer, GenerationStats, check_room,
-                           generate as run, jit_cache_warm)
+    from .generate import STOP_CONTEXT, CompileTimer, GenerationStats, check_room
+    from .generate import generate as run
     from .model import Model
     from .sampling import SamplingParams
     from .tokenizer import Tokenizer
@@ -104,9 +104,10 @@ def generate(prompt, model_dir, max_tokens, temperature, top_k, top_p, min_p, re
         raise click.ClickException(f"not enough memory to load {model_dir}") from None
 
     # -- compile (first run) or load the kernels outside the timed generation --
-    if jit_cache_warm() is False:
+    def say_compiling():
         click.echo("compiling kernels (first run)...", err=True)
-    with CompileTimer() as jit:
+
+    with CompileTimer(on_compile=say_compiling) as jit:
         t0 = time.perf_counter()
         model.warmup()
         jit_s = time.perf_counter() - t0
@@ -138,8 +139,9 @@ def _rate(x):
 
 
 # -- commands defined in other modules --
-# main.add_command(<command>)   e.g. the benchmark command from numba_attn/bench/
-from .bench.cli import bench; main.add_command(bench)  # noqa: E402, E702
+from .bench.cli import bench  # noqa: E402
+
+main.add_command(bench)
 
 
 if __name__ == "__main__":   # python -m numba_attn.cli ...

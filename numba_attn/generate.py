@@ -7,7 +7,6 @@ token ids as they are chosen, so callers can stream.
         ...
     print(stats.decode_tok_s, stats.stop_reason)
 """
-import os
 import time
 from dataclasses import dataclass
 
@@ -126,39 +125,28 @@ def generate(model, prompt, *, max_tokens=256, sampling=SamplingParams(), eos_to
 
 # -- JIT accounting: were the kernels compiled in this process or loaded from Numba's cache? --
 
-def jit_cache_warm():
-    """True when every CPU kernel of the library has an index in Numba's on-disk cache (a run
-    will load them rather than compile), False when one has none, None when unknown."""
-    import importlib
-    import pkgutil
-
-    import numba_attn.kernels as kernels
-    try:
-        from numba.core.registry import CPUDispatcher
-        for info in pkgutil.iter_modules(kernels.__path__):
-            if not info.name.endswith("_cpu"):
-                continue
-            module = importlib.import_module(f"{kernels.__name__}.{info.name}")
-            for obj in vars(module).values():
-                if not isinstance(obj, CPUDispatcher) or obj.__module__ != module.__name__:
-                    continue
-                if obj.targetoptions.get("inline") == "always":
-                    continue                      # compiled into its callers, never alone
-                index = obj._cache._cache_file._index_path  # NullCache (cache=False): no attr
-                if not os.path.exists(index):
-                    return False
-        return True
-    except (ImportError, AttributeError):
-        return None
-
-
 class CompileTimer:
-    """with CompileTimer() as t: ... -> t.seconds spent compiling in Numba (0.0 when every
-    kernel came from the cache or was already compiled in this process)."""
+    """with CompileTimer(on_compile=f) as t: ... -> t.seconds spent compiling in Numba (0.0 when
+    every kernel came from the on-disk cache or was compiled earlier in this process).
+    on_compile() is called once, when the first compilation starts (a cold cache), so a
+    caller can say so before the wait rather than after."""
+
+    def __init__(self, on_compile=None):
+        self.on_compile = on_compile
 
     def __enter__(self):
         from numba.core import event
-        self._listener = event.TimingListener()
+
+        timer = self
+
+        class Listener(event.TimingListener):
+            def on_start(self, ev):
+                if timer.on_compile is not None:
+                    callback, timer.on_compile = timer.on_compile, None
+                    callback()
+                super().on_start(ev)
+
+        self._listener = Listener()
         self._ctx = event.install_listener("numba:compile", self._listener)
         self._ctx.__enter__()
         return self

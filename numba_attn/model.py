@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backend import empty
 from .config import LlamaConfig
 from .kvcache import KVCache
 from .ops import apply_rope, attention, linear, rmsnorm, silu_mul
@@ -112,22 +113,23 @@ def _split_rows(fused, c):
 
 
 class Buffers:
-    """Activations for up to `rows` tokens at once, allocated once; the forward pass works on
-    the first `seq` rows. Decode uses row 0 of the same buffers."""
+    """Activations for up to `rows` tokens at once, allocated once (on the model's device);
+    the forward pass works on the first `seq` rows. Decode uses row 0 of the same buffers."""
 
-    def __init__(self, c, rows):
-        f32 = np.float32
+    def __init__(self, c, rows, device="cpu"):
+        def buf(*shape):
+            return empty(shape, np.float32, device)
         self.rows = rows
-        self.x = np.empty((rows, c.hidden_size), f32)                  # residual stream
-        self.xb = np.empty((rows, c.hidden_size), f32)                 # normed x / projections
-        self.qkv = np.empty((rows, c.qkv_dim), f32)                    # fused q|k|v
-        self.q = np.empty((rows, c.n_heads, c.head_dim), f32)          # rotated queries
-        self.k = np.empty((rows, c.n_kv_heads, c.head_dim), f32)       # rotated keys
-        self.v = np.empty((rows, c.n_kv_heads, c.head_dim), f32)       # values
-        self.att = np.empty((rows, c.n_heads, c.head_dim), f32)        # attention output
-        self.gate = np.empty((rows, c.intermediate_size), f32)         # silu(gate) * up
-        self.up = np.empty((rows, c.intermediate_size), f32)
-        self.logits = np.empty((1, c.vocab_size), f32)                 # last position only
+        self.x = buf(rows, c.hidden_size)                      # residual stream
+        self.xb = buf(rows, c.hidden_size)                     # normed x / projections
+        self.qkv = buf(rows, c.qkv_dim)                        # fused q|k|v
+        self.q = buf(rows, c.n_heads, c.head_dim)              # rotated queries
+        self.k = buf(rows, c.n_kv_heads, c.head_dim)           # rotated keys
+        self.v = buf(rows, c.n_kv_heads, c.head_dim)           # values
+        self.att = buf(rows, c.n_heads, c.head_dim)            # attention output
+        self.gate = buf(rows, c.intermediate_size)             # silu(gate) * up
+        self.up = buf(rows, c.intermediate_size)
+        self.logits = buf(1, c.vocab_size)                     # last position only
 
     def take(self, seq):
         """Views of the first seq rows: (x, xb, qkv, q, k, v, att, gate, up)."""
@@ -149,8 +151,8 @@ class Model:
                              f"got {max_seq}")
         scaling = dict(c.rope_scaling) if c.rope_scaling else None
         self.rope = RopeTable(c.head_dim, self.max_seq, theta=c.rope_theta, scaling=scaling)
-        self.cache = KVCache(c.n_layers, self.max_seq, c.n_kv_heads, c.head_dim)
-        self.buffers = Buffers(c, 1)
+        self.cache = KVCache(c.n_layers, self.max_seq, c.n_kv_heads, c.head_dim, device=device)
+        self.buffers = Buffers(c, 1, device)
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", max_seq=None):
@@ -183,7 +185,7 @@ class Model:
         seq = tokens.shape[0]
         if seq > self.buffers.rows:                      # once per longer prompt
             self.buffers = None
-            self.buffers = Buffers(c, seq)
+            self.buffers = Buffers(c, seq, self.device)
         x, xb, qkv, q, k, v, att, gate, up = self.buffers.take(seq)
         logits = self.buffers.logits
 
@@ -237,14 +239,14 @@ class Model:
                              f"exceed the context of {self.max_seq} tokens")
         return tokens
 
-    def warmup(self):
-        """Run a 2-token prefill and a decode step so every kernel is compiled (or loaded from
-        Numba's cache); leaves the KV cache empty."""
-        if self.max_seq >= 3:
-            self.forward(np.zeros(2, np.int64), 0)
-            self.forward(np.zeros(1, np.int64), 2)
-        else:
-            self.forward(np.zeros(1, np.int64), 0)
+    def warmup(self, prefill_tokens=8):
+        """Compile (or load from Numba's cache) every kernel the forward pass uses: a prefill
+        long enough to take attention's prefill schedule (more than 4 queries) and a decode
+        step. Leaves the KV cache empty."""
+        n = max(1, min(prefill_tokens, self.max_seq - 1))
+        self.forward(np.zeros(n, np.int64), 0)
+        if n < self.max_seq:
+            self.forward(np.zeros(1, np.int64), n)
         self.cache.reset()
 
 
