@@ -350,3 +350,17 @@ def test_main_cli_has_bench_when_registered():
 
 def test_baseline_dir_follows_env(bench_home):
     assert report.baseline_dir() == os.path.join(str(bench_home), "baselines")
+
+
+def test_jit_table_format():
+    from numba_attn.bench.jit import format_jit
+    side = {"import_s": 0.5, "first_call_s": {"apply_rope half": 3.0, "attention decode": 20.0},
+            "total_s": 23.0, "compiled": 11, "cache_hits": 0, "process_wall_s": 25.0}
+    warm = dict(side, first_call_s={"apply_rope half": 0.03, "attention decode": 0.05},
+                total_s=0.08, compiled=0, cache_hits=11)
+    res = {"cold": side, "warm": warm}
+    text = format_jit(res)
+    assert "attention decode" in text and "20.000 s" in text and "11 / 0" in text
+    assert "| all first calls |" in format_jit(res, "md")
+    assert json.loads(format_jit(res, "json"))["warm"]["compiled"] == 0
+    assert "apply_rope half,3.0,0.03" in format_jit(res, "csv")

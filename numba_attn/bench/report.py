@@ -125,8 +125,11 @@ def _limits_line(lim):
 def _jit_line(dev, jit):
     how = ("loaded from Numba's cache" if jit.get("compiled", 0) == 0
            else f"{jit['compiled']} compiled, {jit.get('cache_hits', 0)} from cache")
+    extra = jit.get("first_calls_extra_s") or 0
+    more = (f"; the rows' first calls cost {extra:.2f} s more than warm calls (compilation "
+            f"for the full shapes, first touch of memory; also untimed)" if extra > 0.05 else "")
     return (f"JIT warm-up on {dev} (outside every timing): {jit['seconds']:.2f} s, kernels "
-            f"{how}")
+            f"{how}{more}")
 
 
 # -- kernels -------------------------------------------------------------------------------
