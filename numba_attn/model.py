@@ -196,10 +196,10 @@ class Model:
             # attention: x += o_proj(attention(rope(q), rope(k), v))
             rmsnorm(x, lw.input_layernorm, c.rms_norm_eps, out=xb)
             linear(xb, lw.qkv_proj, lw.qkv_bias, out=qkv)                # (seq, qkv_dim)
-            _split_qkv(qkv, q, k, v)                                      # (seq, heads, d)
-            apply_rope(q, self.rope, start_pos, style="half", out=q)
-            apply_rope(k, self.rope, start_pos, style="half", out=k)
-            keys, values = self.cache.append(i, k, v)                     # (kv_len, n_kv, d)
+            q_in, k_in, v_in = _split_qkv(qkv, q, k, v)                   # (seq, heads, d)
+            apply_rope(q_in, self.rope, start_pos, style="half", out=q)
+            apply_rope(k_in, self.rope, start_pos, style="half", out=k)
+            keys, values = self.cache.append(i, k, v_in)                  # (kv_len, n_kv, d)
             attention(q, keys, values, causal=True, out=att)              # (seq, heads, d)
             linear(att.reshape(seq, c.q_dim), lw.o_proj, lw.o_bias, out=xb)
             np.add(x, xb, out=x)
@@ -251,15 +251,18 @@ class Model:
 
 
 def _split_qkv(qkv, q, k, v):
-    """Copy the column blocks of the fused (seq, qkv_dim) projection into the contiguous
-    q (seq, n_heads, d), k and v (seq, n_kv_heads, d) buffers the kernels take (with more
-    than one row the blocks are strided views). A few KB per token: noise next to the
-    weight reads."""
+    """q (seq, n_heads, d), k and v (seq, n_kv_heads, d) out of the fused (seq, qkv_dim)
+    projection, C-contiguous as the kernels take them. One row (decode): its column blocks
+    are contiguous already, so views. More rows: the blocks are strided, so they are copied
+    into the q, k, v buffers (a few KB per token, noise next to the weight reads)."""
     seq = qkv.shape[0]
     nq, nk = q[0].size, k[0].size
-    np.copyto(q.reshape(seq, nq), qkv[:, :nq])
-    np.copyto(k.reshape(seq, nk), qkv[:, nq:nq + nk])
-    np.copyto(v.reshape(seq, nk), qkv[:, nq + nk:])
+    blocks = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
+    if seq == 1:
+        return tuple(b.reshape(dst.shape) for b, dst in zip(blocks, (q, k, v)))
+    for b, dst in zip(blocks, (q, k, v)):
+        np.copyto(dst.reshape(seq, -1), b)
+    return q, k, v
 
 
 def _check_device(device):
