@@ -10,10 +10,10 @@ GEMM_THREADS threads, each thread an 8 x 8 register tile; w is widened to float3
 is stored in shared memory."""
 import functools
 
-from numba import cuda, float32
+from numba import cuda
 
-from .util_cuda import (ALIGN, CHUNK, SIM, device, group_sum, load, load8, load8_tail, scratch_size,
-                        wide_ok)
+from .util_cuda import (ALIGN, CHUNK, SIM, device, float32, group_sum, load, load8,
+                        load8_tail, scratch_size, wide_ok)
 
 # --- GEMV (decode) ---
 GEMV_THREADS = 256                       # threads per block (a multiple of 32)

@@ -7,11 +7,11 @@ hit) writes the normalised values. silu_mul: one thread per chunk of 8."""
 import functools
 import math
 
-from numba import cuda, float32
+from numba import cuda
 
 from .scalar import FASTMATH_INF, silu
-from .util_cuda import (CHUNK, aligned, group_sum, load8, load8_tail, scratch_size, store8,
-                        wide_ok)
+from .util_cuda import (CHUNK, aligned, float32, group_sum, load8, load8_tail, scratch_size,
+                        store8, wide_ok)
 
 MAX_THREADS = 256          # rmsnorm threads per block (a multiple of 32, at most 1024)
 MAX_WARPS = MAX_THREADS // 32

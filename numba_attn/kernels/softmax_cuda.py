@@ -12,10 +12,11 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda, float32
+from numba import cuda
 
 from .scalar import FASTMATH_INF
-from .util_cuda import CHUNK, device, load8, load8_tail, scratch_size, shfl_xor, store8, wide_ok
+from .util_cuda import (CHUNK, device, float32, load8, load8_tail, scratch_size, shfl_xor,
+                        store8, wide_ok)
 
 MAX_THREADS = 256          # softmax threads per block (a power of two, 32..1024)
 MAX_WARPS = MAX_THREADS // 32

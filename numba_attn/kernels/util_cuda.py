@@ -11,14 +11,21 @@ and n >= i + 8; `load8_tail(a, i, n)` is the guarded scalar version (zeros past 
 length or alignment rules out wide loads.
 
 Warp shuffles: the simulator implements neither shuffles nor syncwarp, so there `shfl_xor`
-exchanges through a shared scratch array of one float32 per thread and two barriers. Every
+exchanges through a shared scratch array (scratch_size(threads) floats) and a barrier. Every
 thread of the block must then call it together (never inside a branch that splits the block);
 the kernels keep that rule on the GPU too. On the GPU the scratch is unused (declare it with
 SCRATCH elements, 1 there)."""
 import numpy as np
-from numba import config, cuda, float32, types
+from numba import config, cuda, types
 
 SIM = bool(config.ENABLE_CUDASIM)
+# float32 for the kernels: numba's type on the GPU; in the simulator NumPy's scalar type, the
+# same values without numba's Python-side casting cost (the simulator runs kernels as Python)
+if SIM:
+    from numpy import float32
+else:
+    from numba import float32
+
 # a small device function, inlined into its caller on the GPU
 device = cuda.jit(device=True) if SIM else cuda.jit(device=True, forceinline=True)
 CHUNK = 8        # elements per wide load, every storage type
@@ -175,46 +182,56 @@ if not SIM:
         return cuda.shfl_xor_sync(FULL_MASK, v, offset)
 
 else:  # numba's CUDA simulator: plain Python, run per thread
+    import threading
 
-    def _to_f32(v):
-        if isinstance(v, (np.uint16, int)) or getattr(v, "dtype", None) == np.uint16:
-            return np.array([int(v) << 16], np.uint32).view(np.float32)[0]
-        return np.float32(v)
+    def _host(a):
+        return getattr(a, "_ary", a)      # the NumPy array inside a simulator device array
+
+    def _widen_np(v):
+        # NumPy values as float32; uint16 holds bfloat16 bits
+        if v.dtype == np.uint16:
+            return (v.astype(np.uint32) << 16).view(np.float32)
+        return v.astype(np.float32)
 
     @cuda.jit(device=True)
     def load(a, i):
-        return _to_f32(a[i])
+        return _widen_np(_host(a)[i:i + 1])[0]
 
     @cuda.jit(device=True)
     def load8(a, i, n):
         assert i % CHUNK == 0 and i + CHUNK <= n
-        return tuple(_to_f32(a[i + c]) for c in range(CHUNK))
+        return _widen_np(_host(a)[i:i + CHUNK])
 
     @cuda.jit(device=True)
     def store8(a, i, vals):
-        for c in range(CHUNK):
-            a[i + c] = vals[c]
+        _host(a)[i:i + CHUNK] = vals
 
     @cuda.jit(device=True)
     def load8_tail(a, i, n):
-        return tuple(_to_f32(a[i + c]) if i + c < n else np.float32(0) for c in range(CHUNK))
+        v = np.zeros(CHUNK, np.float32)
+        if i < n:
+            w = _widen_np(_host(a)[i:min(i + CHUNK, n)])
+            v[:w.shape[0]] = w
+        return v
 
     @cuda.jit(device=True)
     def shfl_xor(v, offset, scratch, tid):
-        # every thread of the block calls this together; one scratch slot per thread
-        scratch[tid] = v
+        # every thread of the block calls this together. scratch: two exchange buffers of one
+        # slot per thread, used in turn (the parity lives on the simulator's thread object);
+        # a buffer is rewritten only after the next exchange's barrier, by which time every
+        # thread has read it, so one barrier per exchange is enough
+        t = scratch.shape[0] // 2
+        th = threading.current_thread()
+        par = th.__dict__.get("_shfl_parity", 0)
+        th.__dict__["_shfl_parity"] = 1 - par
+        scratch[par * t + tid] = v
         cuda.syncthreads()          # all values written before any is read
-        r = scratch[tid ^ offset]
-        cuda.syncthreads()          # all values read before the scratch is reused
-        return r
-
-
-SCRATCH = 1  # elements of the shfl_xor scratch on the GPU; kernels use block size in the sim
+        return scratch[par * t + (tid ^ offset)]
 
 
 def scratch_size(threads):
     """Shared scratch elements a kernel of `threads` threads declares for shfl_xor."""
-    return threads if SIM else 1
+    return 2 * threads if SIM else 1
 
 
 @device

@@ -1,0 +1,410 @@
+"""Fused causal attention with grouped-query heads on the GPU, flash-style: an online softmax
+over the keys, so neither the score matrix nor a mask is ever materialised. Twin:
+attention_cpu.py.
+
+K and V may be float32, float16 or bfloat16 (raw bits in uint16); all arithmetic is float32.
+
+Lane layout (both kernels): a head vector of D dims (d padded to a power of two >= 16) is
+split over LPK = D / 16 neighbouring lanes, 16 dims each, as two chunks of 8 at dims
+8 * (sub + LPK * t), t = 0, 1 (sub = lane % LPK); so each 16-byte load of a warp covers whole
+contiguous rows. A dot product is a 16-term partial sum per lane and a reduction over the LPK
+lanes (log2 LPK shuffles).
+
+Decode (few query rows, q_len <= DECODE_MAX_Q): flash-decoding. Grid (split, kv head, row
+tile). A block takes the QR query rows of one row tile (query positions x the query heads
+that share the KV head, so K and V are read once for the whole group) against one split of
+the keys; each group of LPK lanes (a key slot) takes its own keys, with a running max and
+sum. The block merges its slots in shared memory; with several splits, each block writes its partial
+(max, sum, unnormalised output) to a workspace and the last block of a tile to finish (an
+atomic counter) merges the splits and writes the output: one launch.
+
+Prefill: grid (query block, head, batch). A block of PF_THREADS threads takes PF_THREADS / LPK
+query rows of one head; tiles of BK keys of K and V are staged in shared memory (widened to
+float32) and every row streams them, one key at a time, with the online softmax (the sum is
+rescaled only when the max grows). Query blocks run heaviest first (causal)."""
+import functools
+import math
+
+import numpy as np
+from numba import cuda, int32, int64
+
+from .scalar import FASTMATH_INF
+from .util_cuda import (ALIGN, CHUNK, SIM, aligned, float32, group_sum, load8, load8_tail,
+                        scratch_size, store8)
+
+DPL = 16                     # head dims per lane: 2 chunks of 8
+MAX_D = 256                  # largest (padded) head dim
+
+# --- decode ---
+DEC_THREADS = 128 if not SIM else 64   # threads per block (4 warps on the GPU)
+DEC_WARPS = DEC_THREADS // 32
+DECODE_MAX_Q = 4             # q_len up to which the decode kernel serves
+QR_MAX = 4                   # query rows per decode block (registers: 2 * QR * 16 floats)
+MIN_SPLIT_STEPS = 4 if not SIM else 1   # a key split is at least this many block steps
+BLOCKS_PER_SM = 4            # decode grid target: this many blocks per multiprocessor
+
+# --- prefill ---
+PF_THREADS = 256 if not SIM else 64   # threads per block: PF_THREADS / LPK query rows
+PF_TILE = 4096 if not SIM else 256    # K (and V) tile in shared memory: BK = PF_TILE / D keys
+
+NEG_INF = float32(-math.inf)
+
+
+def padded_dim(d):
+    """The kernels' head dim D for a real head dim d: a power of two, 16..MAX_D."""
+    D = 16
+    while D < d:
+        D *= 2
+    if D > MAX_D:
+        raise NotImplementedError(f"head_dim {d} > {MAX_D} is not supported on CUDA")
+    return D
+
+
+@functools.cache
+def decode_kernel(D, QR, wide):
+    """Flash-decoding kernel for padded head dim D and QR query rows per block; wide: K/V rows
+    allow 16-byte loads (d == D, aligned bases)."""
+    LPK = D // DPL                     # lanes per key
+    KPW = 32 // LPK                    # keys per warp step
+    KPB = DEC_WARPS * KPW              # keys per block step
+    NSLOT = DEC_WARPS * KPW            # key slots per block (shared: NSLOT * QR * D floats)
+    ld = load8 if wide else load8_tail
+    SCRATCH = scratch_size(DEC_THREADS)
+
+    @cuda.jit(fastmath=FASTMATH_INF)
+    def attn_decode(out, q, k, v, ws, scale, causal, q_len, H, Hkv, kv_len, d, n_split,
+                    split_len, pbase):
+        # q, out: (B * q_len * H * d,); k, v: (B * kv_len * Hkv * d,); ws: workspace,
+        # [counters, one per (batch, kv head, row tile) | from pbase: partials, QR * (d + 2)
+        # per (tile, split)]
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        warp = tid // 32
+        ks = lane // LPK                             # key slot of this lane in the warp
+        sub = lane % LPK                             # this lane's dims: 8 * (sub + LPK * t)
+        split = cuda.blockIdx.x
+        hk = cuda.blockIdx.y % Hkv
+        z = cuda.blockIdx.y // Hkv
+        tile = cuda.blockIdx.z
+        n_tiles = cuda.gridDim.z
+        G = H // Hkv
+        dim0 = CHUNK * sub
+        dim1 = CHUNK * (sub + LPK)
+
+        scratch = cuda.shared.array(SCRATCH, float32)
+        sm_m = cuda.shared.array((NSLOT, QR), float32)    # per key slot: max, then weight
+        sm_l = cuda.shared.array((NSLOT, QR), float32)    # per key slot: sum of exp
+        sm_o = cuda.shared.array((NSLOT, QR, D), float32) # per key slot: unnormalised output
+        sm_row = cuda.shared.array((2, QR), float32)      # per row: common max, total sum
+        last = cuda.shared.array(1, int32)           # 1: this block merges the splits
+
+        # this tile's query rows r = (position qi, head g of the group), pre-scaled
+        qr = cuda.local.array((QR, DPL), float32)
+        acc = cuda.local.array((QR, DPL), float32)
+        m = cuda.local.array(QR, float32)
+        l = cuda.local.array(QR, float32)
+        lim = cuda.local.array(QR, int64)            # last key row r sees (-1: none)
+        last_key = -1
+        for r in range(QR):
+            gr = tile * QR + r
+            m[r] = NEG_INF
+            l[r] = float32(0)
+            for e in range(DPL):
+                qr[r, e] = float32(0)
+                acc[r, e] = float32(0)
+            lim[r] = -1
+            if gr < G * q_len:
+                qi = gr // G
+                h = hk * G + gr % G
+                vis = kv_len - q_len + qi if causal else kv_len - 1
+                lim[r] = vis
+                last_key = max(last_key, vis)
+                qb = ((z * q_len + qi) * H + h) * d
+                qv0 = load8_tail(q, qb + dim0, qb + d)
+                qv1 = load8_tail(q, qb + dim1, qb + d)
+                for c in range(CHUNK):
+                    qr[r, c] = qv0[c] * scale
+                    qr[r, CHUNK + c] = qv1[c] * scale
+
+        # this split's keys, cut at the last key any row sees
+        k_lo = split * split_len
+        k_hi = min(min(kv_len, k_lo + split_len), last_key + 1)
+        kvb = z * kv_len * Hkv * d + hk * d          # int64: key j's row starts at kvb + j*Hkv*d
+        for j0 in range(k_lo, k_hi, KPB):
+            j = j0 + warp * KPW + ks
+            jj = min(j, k_hi - 1)                    # keys past the split: load a valid row
+            rb = kvb + jj * (Hkv * d)
+            kv0 = ld(k, rb + dim0, rb + d)
+            kv1 = ld(k, rb + dim1, rb + d)
+            vv0 = ld(v, rb + dim0, rb + d)
+            vv1 = ld(v, rb + dim1, rb + d)
+            for r in range(QR):
+                part = float32(0)
+                for c in range(CHUNK):
+                    part += qr[r, c] * kv0[c] + qr[r, CHUNK + c] * kv1[c]
+                s = group_sum(part, LPK, scratch, tid)   # every lane of the block calls it
+                if j < k_hi and j <= lim[r]:
+                    if s > m[r]:                     # a new max: rescale what was summed
+                        a = math.exp(m[r] - s)
+                        l[r] *= a
+                        for e in range(DPL):
+                            acc[r, e] *= a
+                        m[r] = s
+                    p = math.exp(s - m[r])
+                    l[r] += p
+                    for c in range(CHUNK):
+                        acc[r, c] += p * vv0[c]
+                        acc[r, CHUNK + c] += p * vv1[c]
+
+        # merge the key slots (each LPK-lane group of each warp) through shared memory
+        slot = warp * KPW + ks
+        for r in range(QR):
+            if sub == 0:
+                sm_m[slot, r] = m[r]
+                sm_l[slot, r] = l[r]
+            for c in range(CHUNK):
+                sm_o[slot, r, dim0 + c] = acc[r, c]
+                sm_o[slot, r, dim1 + c] = acc[r, CHUNK + c]
+        cuda.syncthreads()      # every slot's (max, sum, output) is in shared memory
+        if tid < QR:            # row tid: the common max, each slot's weight, the total sum
+            mm = NEG_INF
+            for sl in range(NSLOT):
+                mm = max(mm, sm_m[sl, tid])
+            ll = float32(0)
+            for sl in range(NSLOT):
+                f = math.exp(sm_m[sl, tid] - mm) if mm > NEG_INF else float32(0)
+                sm_m[sl, tid] = f
+                ll += sm_l[sl, tid] * f
+            sm_row[0, tid] = mm
+            sm_row[1, tid] = ll
+        cuda.syncthreads()      # the weights are in shared memory
+
+        # the block's result, element (r, e) per thread: straight to out with a single split,
+        # else to the workspace
+        tile_id = cuda.blockIdx.y * n_tiles + tile
+        prow = (tile_id * n_split + split) * QR
+        for idx in range(tid, QR * d, DEC_THREADS):
+            r = idx // d
+            e = idx - r * d
+            o = float32(0)
+            for sl in range(NSLOT):
+                o += sm_o[sl, r, e] * sm_m[sl, r]
+            ll = sm_row[1, r]
+            gr = tile * QR + r
+            if n_split == 1:
+                if gr < G * q_len:
+                    qi = gr // G
+                    h = hk * G + gr % G
+                    out[((z * q_len + qi) * H + h) * d + e] = o / ll if ll > 0 else float32(0)
+            else:
+                pr = pbase + (prow + r) * (d + 2)
+                if e == 0:
+                    ws[pr] = sm_row[0, r]
+                    ws[pr + 1] = ll
+                ws[pr + 2 + e] = o
+        if n_split == 1:
+            return                                   # block-uniform
+
+        # several splits: the last block of this tile to finish merges them
+        cuda.threadfence()      # this block's partials are visible to every block ...
+        cuda.syncthreads()      # ... before thread 0 counts it as done
+        if tid == 0:
+            done = cuda.atomic.add(ws, tile_id, float32(1))
+            last[0] = 1 if done == float32(n_split - 1) else 0
+        cuda.syncthreads()      # every thread sees whether this block is the last
+        if last[0] == 0:
+            return
+        cuda.threadfence()      # the other blocks' partials are read after their count
+        for idx in range(tid, QR * d, DEC_THREADS):
+            r = idx // d
+            e = idx - r * d
+            gr = tile * QR + r
+            if gr < G * q_len:
+                p0 = pbase + (tile_id * n_split * QR + r) * (d + 2)
+                pstride = QR * (d + 2)
+                mm = NEG_INF
+                for sp in range(n_split):
+                    mm = max(mm, ws[p0 + sp * pstride])
+                ll = float32(0)
+                o = float32(0)
+                if mm > NEG_INF:
+                    for sp in range(n_split):
+                        f = math.exp(ws[p0 + sp * pstride] - mm)
+                        ll += ws[p0 + sp * pstride + 1] * f
+                        o += ws[p0 + sp * pstride + 2 + e] * f
+                qi = gr // G
+                h = hk * G + gr % G
+                out[((z * q_len + qi) * H + h) * d + e] = o / ll if ll > 0 else float32(0)
+        if tid == 0:
+            ws[tile_id] = float32(0)                 # reset the counter for the next call
+
+    return attn_decode
+
+
+@functools.cache
+def prefill_kernel(D, wide):
+    """Prefill kernel for padded head dim D; wide: K/V rows allow 16-byte loads."""
+    LPK = D // DPL                     # lanes per query row
+    ROWS = PF_THREADS // LPK           # query rows per block
+    BK = PF_TILE // D                  # keys per shared-memory tile
+    ld = load8 if wide else load8_tail
+    SCRATCH = scratch_size(PF_THREADS)
+
+    @cuda.jit(fastmath=FASTMATH_INF)
+    def attn_prefill(out, q, k, v, scale, causal, q_len, H, Hkv, kv_len, d):
+        # q, out: (B * q_len * H * d,); k, v: (B * kv_len * Hkv * d,)
+        tid = cuda.threadIdx.x
+        row = tid // LPK
+        sub = tid % LPK
+        qblk = cuda.gridDim.x - 1 - cuda.blockIdx.x   # heaviest (last) query blocks first
+        h = cuda.blockIdx.y
+        z = cuda.blockIdx.z
+        hk = h // (H // Hkv)
+        dim0 = CHUNK * sub
+        dim1 = CHUNK * (sub + LPK)
+        qi = qblk * ROWS + row
+        scratch = cuda.shared.array(SCRATCH, float32)
+        ks = cuda.shared.array(PF_TILE, float32, alignment=ALIGN)   # (BK, D) keys
+        vs = cuda.shared.array(PF_TILE, float32, alignment=ALIGN)   # (BK, D) values
+
+        # this row's query, pre-scaled; the last key it sees (-1: a row past q_len)
+        qr = cuda.local.array(DPL, float32)
+        acc = cuda.local.array(DPL, float32)
+        for e in range(DPL):
+            qr[e] = float32(0)
+            acc[e] = float32(0)
+        lim = -1
+        if qi < q_len:
+            lim = kv_len - q_len + qi if causal else kv_len - 1
+            qb = ((z * q_len + qi) * H + h) * d
+            qv0 = load8_tail(q, qb + dim0, qb + d)
+            qv1 = load8_tail(q, qb + dim1, qb + d)
+            for c in range(CHUNK):
+                qr[c] = qv0[c] * scale
+                qr[CHUNK + c] = qv1[c] * scale
+        m = NEG_INF
+        l = float32(0)
+
+        # keys any row of the block sees
+        k_end = kv_len
+        if causal:
+            k_end = min(kv_len, max(0, kv_len - q_len + min(q_len - 1, qblk * ROWS + ROWS - 1)
+                                    + 1))
+        kvb = z * kv_len * Hkv * d + hk * d
+        for kb in range(0, k_end, BK):
+            nk = min(BK, k_end - kb)
+            cuda.syncthreads()  # the previous tile is no longer read
+            for e in range(tid * CHUNK, PF_TILE, PF_THREADS * CHUNK):
+                jr = e // D
+                c0 = e - jr * D
+                if jr < nk and c0 < d:
+                    rb = kvb + (kb + jr) * (Hkv * d)
+                    store8(ks, e, ld(k, rb + c0, rb + d))
+                    store8(vs, e, ld(v, rb + c0, rb + d))
+                else:
+                    store8(ks, e, (float32(0), float32(0), float32(0), float32(0), float32(0),
+                                   float32(0), float32(0), float32(0)))
+                    store8(vs, e, (float32(0), float32(0), float32(0), float32(0), float32(0),
+                                   float32(0), float32(0), float32(0)))
+            cuda.syncthreads()  # the tile is in shared memory
+            for jr in range(nk):
+                k0 = load8(ks, jr * D + dim0, PF_TILE)
+                k1 = load8(ks, jr * D + dim1, PF_TILE)
+                part = float32(0)
+                for c in range(CHUNK):
+                    part += qr[c] * k0[c] + qr[CHUNK + c] * k1[c]
+                s = group_sum(part, LPK, scratch, tid)   # every thread of the block calls it
+                if kb + jr <= lim:
+                    if s > m:                        # a new max: rescale what was summed
+                        a = math.exp(m - s)
+                        l *= a
+                        for e in range(DPL):
+                            acc[e] *= a
+                        m = s
+                    p = math.exp(s - m)
+                    l += p
+                    v0 = load8(vs, jr * D + dim0, PF_TILE)
+                    v1 = load8(vs, jr * D + dim1, PF_TILE)
+                    for c in range(CHUNK):
+                        acc[c] += p * v0[c]
+                        acc[CHUNK + c] += p * v1[c]
+
+        if qi < q_len:
+            inv = float32(1) / l if l > 0 else float32(0)
+            ob = ((z * q_len + qi) * H + h) * d
+            for c in range(CHUNK):
+                if dim0 + c < d:
+                    out[ob + dim0 + c] = acc[c] * inv
+                if dim1 + c < d:
+                    out[ob + dim1 + c] = acc[CHUNK + c] * inv
+
+    return attn_prefill
+
+
+# --- host side ---------------------------------------------------------------------------
+
+_workspaces = {}   # device id -> (float32 device array, counters it holds at its start)
+
+
+@cuda.jit
+def _zero(a):
+    i = cuda.grid(1)
+    if i < a.shape[0]:                               # bounds guard
+        a[i] = float32(0)
+
+
+def _workspace(n_counters, n_partial):
+    """The decode workspace of this device: n_counters split counters (zero between calls) at
+    its start, then n_partial floats; allocated and zeroed once, grown when too small.
+    Returns (workspace, offset of the partials)."""
+    dev = 0 if SIM else cuda.get_current_device().id
+    ws, cap = _workspaces.get(dev, (None, 0))
+    if ws is None or cap < n_counters or ws.shape[0] < cap + n_partial:
+        cap = max(cap, n_counters, 1024 if not SIM else 1)
+        ws = cuda.device_array(cap + max(n_partial, 1 << 20 if not SIM else 1), dtype=np.float32)
+        _zero[(ws.shape[0] + 255) // 256, 256](ws)
+        _workspaces[dev] = (ws, cap)
+    return ws, cap
+
+
+@functools.cache
+def _sm_count():
+    return 132 if SIM else cuda.get_current_device().MULTIPROCESSOR_COUNT
+
+
+def _wide(d, D, *arrays):
+    return d == D and all(aligned(a) for a in arrays)
+
+
+def attention(out, q, k, v, scale, causal):
+    # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d); causal bottom-right
+    B, q_len, H, d = q.shape
+    kv_len, Hkv = k.shape[1], k.shape[2]
+    if B == 0 or q_len == 0 or kv_len == 0:
+        return
+    D = padded_dim(d)
+    G = H // Hkv
+    wide = _wide(d, D, k, v)
+    qf, kf, vf, of = q.reshape(-1), k.reshape(-1), v.reshape(-1), out.reshape(-1)
+    if q_len <= DECODE_MAX_Q:
+        rows = G * q_len
+        QR = 1
+        while QR < min(rows, QR_MAX):
+            QR *= 2
+        n_tiles = (rows + QR - 1) // QR
+        kpb = DEC_WARPS * (32 // (D // DPL))         # keys per block step
+        base = B * Hkv * n_tiles
+        n_split = max(1, min(-(-BLOCKS_PER_SM * _sm_count() // base),
+                             kv_len // (kpb * MIN_SPLIT_STEPS)))
+        split_len = -(-kv_len // n_split)
+        split_len = -(-split_len // kpb) * kpb
+        n_split = -(-kv_len // split_len)
+        ws, pbase = _workspace(base, base * n_split * QR * (d + 2) if n_split > 1 else 0)
+        decode_kernel(D, QR, wide)[(n_split, B * Hkv, n_tiles), DEC_THREADS](
+            of, qf, kf, vf, ws, float32(scale), bool(causal), q_len, H, Hkv, kv_len, d,
+            n_split, split_len, pbase)
+    else:
+        rows = PF_THREADS // (D // DPL)
+        grid = ((q_len + rows - 1) // rows, H, B)
+        prefill_kernel(D, wide)[grid, PF_THREADS](of, qf, kf, vf, float32(scale), bool(causal),
+                                                 q_len, H, Hkv, kv_len, d)

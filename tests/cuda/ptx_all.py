@@ -1,0 +1,88 @@
+"""Compile every CUDA kernel of numba_attn to PTX for sm_90, for each storage type it takes,
+with no GPU and without the simulator (which checks no types): `python ptx_all.py` prints one
+line per kernel and exits 1 if any failed. Run by test_ptx.py in its own process.
+
+Also checks the PTX for what would make a kernel slow without failing it: float64 arithmetic
+(a silent promotion such as `acc = 0.0`) and local-memory arrays (a register array indexed at
+run time)."""
+import os
+import re
+import sys
+import time
+import types as pytypes
+
+os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from numba import cuda, types as T  # noqa: E402
+import numba.cuda.dispatcher as _dispatcher  # noqa: E402
+
+# device functions called from a kernel are compiled for "the current device"; without a GPU
+# there is none: tell numba-cuda it is an sm_90 (compile_ptx itself takes cc=)
+_dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(9, 0))
+
+from numba_attn.kernels import (attention_cuda as A, linear_cuda as L, norm_cuda as N,  # noqa
+                                rope_cuda as R, softmax_cuda as S)
+
+F32, F16, U16 = T.float32[::1], T.float16[::1], T.uint16[::1]
+STORAGE = {"f32": F32, "f16": F16, "bf16": U16}
+I, F, B = T.int64, T.float32, T.boolean
+M2 = T.float32[:, ::1]
+
+
+def kernels():
+    """(name, dispatcher, argument types) for every kernel and variant."""
+    for wide in (True, False):
+        yield f"rmsnorm[wide={wide}]", N.rmsnorm_kernel(wide), (F32, F32, F32, F, I)
+        yield f"silu_mul[wide={wide}]", N.silu_mul_kernel(wide), (F32, F32, F32, I)
+        yield (f"masked_softmax[wide={wide}]", S.masked_softmax_kernel(wide),
+               (F32, F32, F32, F, B, I, I))
+    yield "fill_causal_mask", S._fill_causal_mask, (F32, I, I)
+    yield "broadcast_copy", S._broadcast_copy, (M2, T.float32[:, :])
+    for name, k in (("rope_half", R._rope_half), ("rope_interleaved", R._rope_interleaved)):
+        yield name, k, (F32, F32, M2, M2, I, I, I, I)
+    for st, W in STORAGE.items():
+        for wide in (True, False):
+            yield f"gemv[{st},wide={wide}]", L.gemv_kernel(wide), (F32, F32, W, F32, I, I)
+        yield f"gemm[{st}]", L._gemm, (F32, F32, W, F32, I, I, I)
+        yield (f"attention_decode[{st},D=128,QR=4]", A.decode_kernel(128, 4, True),
+               (F32, F32, W, W, F32, F, B, I, I, I, I, I, I, I, I))
+        yield (f"attention_prefill[{st},D=128]", A.prefill_kernel(128, True),
+               (F32, F32, W, W, F, B, I, I, I, I, I))
+    yield ("attention_decode[f32,D=128,QR=1]", A.decode_kernel(128, 1, True),
+           (F32, F32, F32, F32, F32, F, B, I, I, I, I, I, I, I, I))
+    yield ("attention_decode[f16,D=64,QR=2,scalar]", A.decode_kernel(64, 2, False),
+           (F32, F32, F16, F16, F32, F, B, I, I, I, I, I, I, I, I))
+    yield ("attention_prefill[f32,D=64,scalar]", A.prefill_kernel(64, False),
+           (F32, F32, F32, F32, F, B, I, I, I, I, I))
+    yield ("attention_prefill[bf16,D=256]", A.prefill_kernel(256, True),
+           (F32, F32, U16, U16, F, B, I, I, I, I, I))
+    yield "workspace_zero", A._zero, (F32,)
+
+
+def main():
+    failed = []
+    for name, k, sig in kernels():
+        t = time.perf_counter()
+        try:
+            ptx, _ = cuda.compile_ptx(k.py_func, sig, cc=(9, 0),
+                                      fastmath=k.targetoptions.get("fastmath", False))
+        except Exception as e:  # noqa: BLE001 - report every failure, then fail
+            failed.append(name)
+            print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+            continue
+        problems = []
+        if re.search(r"\.f64\b", ptx):
+            problems.append("float64 arithmetic")
+        if ".local" in ptx:
+            problems.append("local memory")
+        if problems:
+            failed.append(name)
+        print(f"{'FAIL' if problems else 'ok  '} {name} ({time.perf_counter() - t:.1f} s)"
+              + (": " + ", ".join(problems) if problems else ""), flush=True)
+    print(f"{len(failed)} failed" if failed else "all kernels compiled", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
