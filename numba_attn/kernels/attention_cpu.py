@@ -66,30 +66,71 @@ def _online_softmax_block(S, P, m_run, l_run, alpha, rows, nk, n_vis):
         m_run[r] = m_new
 
 
-@njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
+@njit(fastmath=FASTMATH_INF, cache=True)
+def _prefill_tile(out, q, k, v, scale, causal, z, hk, q0, nq, Qs, O, Ks, Vs, St, Pt, PVt,
+                  m_run, l_run, alpha, n_vis):
+    # one tile: queries q0..q0+nq-1 of the G heads sharing KV head hk, against every key they
+    # see. Qs, O: (rows, d); Ks, Vs: (BLOCK_K, d); St, Pt: (rows * BLOCK_K,); PVt: (rows * d,)
+    q_len, H, d = q.shape[1], q.shape[2], q.shape[3]
+    kv_len, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    rows = nq * G                                  # row r = (position q0 + r // G, head r % G)
+    for r in range(rows):
+        for c in range(d):
+            Qs[r, c] = q[z, q0 + r // G, hk * G + r % G, c] * scale
+            O[r, c] = float32(0)
+        m_run[r] = -np.inf
+        l_run[r] = float32(0)
+
+    # keys up to the last one the tile's last query sees
+    k_end = min(kv_len, max(0, kv_len - q_len + q0 + nq)) if causal else kv_len
+    for k0 in range(0, k_end, BLOCK_K):
+        nk = min(BLOCK_K, k_end - k0)
+        S = St[:rows * nk].reshape((rows, nk))
+        P = Pt[:rows * nk].reshape((rows, nk))
+        PV = PVt[:rows * d].reshape((rows, d))
+        for j in range(nk):
+            for c in range(d):
+                Ks[j, c] = k[z, k0 + j, hk, c]
+                Vs[j, c] = v[z, k0 + j, hk, c]
+        for r in range(rows):
+            n_vis[r] = min(nk, max(0, kv_len - q_len + q0 + r // G + 1 - k0)) if causal else nk
+        np.dot(Qs, Ks[:nk].T, S)                                  # (rows, nk)
+        _online_softmax_block(S, P, m_run, l_run, alpha, rows, nk, n_vis)
+        np.dot(P, Vs[:nk], PV)                                    # (rows, d)
+        for r in range(rows):
+            for c in range(d):
+                O[r, c] = O[r, c] * alpha[r] + PV[r, c]
+
+    for r in range(rows):
+        inv = float32(1) / l_run[r] if l_run[r] > 0 else float32(0)
+        for c in range(d):
+            out[z, q0 + r // G, hk * G + r % G, c] = O[r, c] * inv
+
+
+@njit(parallel=True, cache=True)
 def _attention_prefill(out, q, k, v, scale, causal, n_workers):
     # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d)
     B, q_len, H, d = q.shape
-    kv_len, Hkv = k.shape[1], k.shape[2]
+    Hkv = k.shape[2]
     G = H // Hkv
-    scale = float32(scale)
     bq = max(1, BLOCK_ROWS // G)                  # query positions per tile
     n_qblk = (q_len + bq - 1) // bq
-    rows_max = bq * G
+    rows = bq * G
     n_tasks = B * Hkv * n_qblk
 
     # per-worker scratch, allocated once per call
-    Qt = np.empty((n_workers, rows_max, d), np.float32)
-    Ot = np.empty((n_workers, rows_max, d), np.float32)
+    Qt = np.empty((n_workers, rows, d), np.float32)
+    Ot = np.empty((n_workers, rows, d), np.float32)
     Kt = np.empty((n_workers, BLOCK_K, d), np.float32)
     Vt = np.empty((n_workers, BLOCK_K, d), np.float32)
-    St = np.empty((n_workers, rows_max * BLOCK_K), np.float32)
-    Pt = np.empty((n_workers, rows_max * BLOCK_K), np.float32)
-    PVt = np.empty((n_workers, rows_max * d), np.float32)
-    Mt = np.empty((n_workers, rows_max), np.float32)
-    Lt = np.empty((n_workers, rows_max), np.float32)
-    At = np.empty((n_workers, rows_max), np.float32)
-    Vis = np.empty((n_workers, rows_max), np.int64)
+    St = np.empty((n_workers, rows * BLOCK_K), np.float32)
+    Pt = np.empty((n_workers, rows * BLOCK_K), np.float32)
+    PVt = np.empty((n_workers, rows * d), np.float32)
+    Mt = np.empty((n_workers, rows), np.float32)
+    Lt = np.empty((n_workers, rows), np.float32)
+    At = np.empty((n_workers, rows), np.float32)
+    Vis = np.empty((n_workers, rows), np.int64)
 
     # worker w takes tasks w, w + n_workers, ...: interleaved, so causal tiles of unequal cost
     # spread evenly, and each worker owns its scratch
@@ -98,43 +139,10 @@ def _attention_prefill(out, q, k, v, scale, causal, n_workers):
             qb = task % n_qblk
             hk = (task // n_qblk) % Hkv
             z = task // (n_qblk * Hkv)
-            q0 = qb * bq
-            nq = min(bq, q_len - q0)
-            rows = nq * G                          # row r = (position q0 + r // G, head r % G)
-            Qs, O = Qt[w, :rows], Ot[w, :rows]
-            m_run, l_run, alpha, n_vis = Mt[w, :rows], Lt[w, :rows], At[w, :rows], Vis[w, :rows]
-            for r in range(rows):
-                for c in range(d):
-                    Qs[r, c] = q[z, q0 + r // G, hk * G + r % G, c] * scale
-                    O[r, c] = float32(0)
-                m_run[r] = -np.inf
-                l_run[r] = float32(0)
-
-            # keys up to the last one the tile's last query sees
-            k_end = min(kv_len, max(0, kv_len - q_len + q0 + nq)) if causal else kv_len
-            for k0 in range(0, k_end, BLOCK_K):
-                nk = min(BLOCK_K, k_end - k0)
-                S = St[w, :rows * nk].reshape((rows, nk))
-                P = Pt[w, :rows * nk].reshape((rows, nk))
-                PV = PVt[w, :rows * d].reshape((rows, d))
-                Ks, Vs = Kt[w, :nk], Vt[w, :nk]
-                for j in range(nk):
-                    for c in range(d):
-                        Ks[j, c] = k[z, k0 + j, hk, c]
-                        Vs[j, c] = v[z, k0 + j, hk, c]
-                for r in range(rows):
-                    n_vis[r] = min(nk, max(0, kv_len - q_len + q0 + r // G + 1 - k0)) if causal else nk
-                np.dot(Qs, Ks.T, S)                                # (rows, nk)
-                _online_softmax_block(S, P, m_run, l_run, alpha, rows, nk, n_vis)
-                np.dot(P, Vs, PV)                                  # (rows, d)
-                for r in range(rows):
-                    for c in range(d):
-                        O[r, c] = O[r, c] * alpha[r] + PV[r, c]
-
-            for r in range(rows):
-                inv = float32(1) / l_run[r] if l_run[r] > 0 else float32(0)
-                for c in range(d):
-                    out[z, q0 + r // G, hk * G + r % G, c] = O[r, c] * inv
+            nq = min(bq, q_len - qb * bq)
+            _prefill_tile(out, q, k, v, float32(scale), causal, z, hk, qb * bq, nq,
+                          Qt[w, :nq * G], Ot[w, :nq * G], Kt[w], Vt[w], St[w], Pt[w], PVt[w],
+                          Mt[w, :nq * G], Lt[w, :nq * G], At[w, :nq * G], Vis[w, :nq * G])
 
 
 @njit(inline="always", fastmath=FASTMATH_INF, cache=True)
@@ -182,14 +190,45 @@ def _axpys(O, r0, n, P, j, value):
             O[r, c] += p * value[c]
 
 
+@njit(fastmath=FASTMATH_INF, cache=True)
+def _decode_range(q, k, v, scale, causal, z, k_lo, k_hi, Qs, S, P, alpha, n_vis, O, m_run, l_run):
+    # every query row against keys k_lo..k_hi-1 of batch z: O (rows, d) unnormalised, with the
+    # running max m_run and sum l_run (rows,). Qs: (rows, d); S, P: (rows, BLOCK_K)
+    q_len, H, d = q.shape[1], q.shape[2], q.shape[3]
+    kv_len, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    rows = q_len * H                               # row r = (position r // H, head r % H)
+    for r in range(rows):
+        for c in range(d):
+            Qs[r, c] = q[z, r // H, r % H, c] * scale
+            O[r, c] = float32(0)
+        m_run[r] = -np.inf
+        l_run[r] = float32(0)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        nk = min(BLOCK_K, k_hi - k0)
+        for r in range(rows):
+            n_vis[r] = min(nk, max(0, kv_len - q_len + r // H + 1 - k0)) if causal else nk
+        # scores: each key row (all KV heads, contiguous) is read once
+        for j in range(nk):
+            for hk in range(Hkv):
+                for t in range(q_len):
+                    _dots(S, j, Qs, t * H + hk * G, G, k[z, k0 + j, hk])
+        _online_softmax_block(S, P, m_run, l_run, alpha, rows, nk, n_vis)
+        for r in range(rows):
+            for c in range(d):
+                O[r, c] *= alpha[r]
+        for j in range(nk):
+            for hk in range(Hkv):
+                for t in range(q_len):
+                    _axpys(O, t * H + hk * G, G, P, j, v[z, k0 + j, hk])
+
+
 @njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
 def _attention_decode(out, q, k, v, scale, causal, n_workers):
     # q, out: (b, q_len, H, d) with small q_len; k, v: (b, kv_len, Hkv, d)
     B, q_len, H, d = q.shape
-    kv_len, Hkv = k.shape[1], k.shape[2]
-    G = H // Hkv
-    scale = float32(scale)
-    rows = q_len * H                               # row r = (position r // H, head r % H)
+    kv_len = k.shape[1]
+    rows = q_len * H
     n_split = max(1, min((2 * n_workers + B - 1) // B, kv_len // MIN_SPLIT_KEYS))
     split_len = ((kv_len + n_split - 1) // n_split + BLOCK_K - 1) // BLOCK_K * BLOCK_K
     n_split = max(1, (kv_len + split_len - 1) // split_len)
@@ -208,34 +247,9 @@ def _attention_decode(out, q, k, v, scale, causal, n_workers):
     for w in prange(n_workers):
         for task in range(w, n_tasks, n_workers):
             z, split = task // n_split, task % n_split
-            Qs, S, P, alpha, n_vis = Qt[w], St[w], Pt[w], At[w], Vis[w]
-            O, m_run, l_run = O_part[task], M_part[task], L_part[task]
-            for r in range(rows):
-                for c in range(d):
-                    Qs[r, c] = q[z, r // H, r % H, c] * scale
-                    O[r, c] = float32(0)
-                m_run[r] = -np.inf
-                l_run[r] = float32(0)
-            k_hi = min(kv_len, (split + 1) * split_len)
-            for k0 in range(split * split_len, k_hi, BLOCK_K):
-                nk = min(BLOCK_K, k_hi - k0)
-                for r in range(rows):
-                    n_vis[r] = min(nk, max(0, kv_len - q_len + r // H + 1 - k0)) if causal else nk
-                # scores: each key row (all KV heads, contiguous) is read once
-                for j in range(nk):
-                    for hk in range(Hkv):
-                        for t in range(q_len):
-                            r0 = t * H + hk * G
-                            _dots(S, j, Qs, r0, G, k[z, k0 + j, hk])
-                _online_softmax_block(S, P, m_run, l_run, alpha, rows, nk, n_vis)
-                for r in range(rows):
-                    for c in range(d):
-                        O[r, c] *= alpha[r]
-                for j in range(nk):
-                    for hk in range(Hkv):
-                        for t in range(q_len):
-                            r0 = t * H + hk * G
-                            _axpys(O, r0, G, P, j, v[z, k0 + j, hk])
+            _decode_range(q, k, v, float32(scale), causal, z, split * split_len,
+                          min(kv_len, (split + 1) * split_len), Qt[w], St[w], Pt[w], At[w],
+                          Vis[w], O_part[task], M_part[task], L_part[task])
 
     # merge the key ranges: rescale each partial to the common maximum
     for zr in prange(B * rows):
