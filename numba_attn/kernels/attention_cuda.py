@@ -242,13 +242,14 @@ def decode_kernel(D, QR, wide):
 
 
 @functools.cache
-def prefill_kernel(D, wide):
-    """Prefill kernel for padded head dim D; wide: K/V rows allow 16-byte loads."""
+def prefill_kernel(D, wide, threads=PF_THREADS):
+    """Prefill kernel for padded head dim D; wide: K/V rows allow 16-byte loads; threads per
+    block (threads / (D / 16) query rows)."""
     LPK = D // DPL                     # lanes per query row
-    ROWS = PF_THREADS // LPK           # query rows per block
+    ROWS = threads // LPK              # query rows per block
     BK = PF_TILE // D                  # keys per shared-memory tile
     ld = load8 if wide else load8_tail
-    SCRATCH = scratch_size(PF_THREADS)
+    SCRATCH = scratch_size(threads)
 
     @cuda.jit(fastmath=FASTMATH_INF)
     def attn_prefill(out, q, k, v, scale, causal, q_len, H, Hkv, kv_len, d):
@@ -294,7 +295,7 @@ def prefill_kernel(D, wide):
         for kb in range(0, k_end, BK):
             nk = min(BK, k_end - kb)
             cuda.syncthreads()  # the previous tile is no longer read
-            for e in range(tid * CHUNK, PF_TILE, PF_THREADS * CHUNK):
+            for e in range(tid * CHUNK, PF_TILE, threads * CHUNK):
                 jr = e // D
                 c0 = e - jr * D
                 if jr < nk and c0 < d:
@@ -406,5 +407,5 @@ def attention(out, q, k, v, scale, causal):
     else:
         rows = PF_THREADS // (D // DPL)
         grid = ((q_len + rows - 1) // rows, H, B)
-        prefill_kernel(D, wide)[grid, PF_THREADS](of, qf, kf, vf, float32(scale), bool(causal),
+        prefill_kernel(D, wide, PF_THREADS)[grid, PF_THREADS](of, qf, kf, vf, float32(scale), bool(causal),
                                                  q_len, H, Hkv, kv_len, d)

@@ -41,9 +41,11 @@ def dot8(a, b):
 
 
 @functools.cache
-def gemv_kernel(wide):
-    """The GEMV kernel; wide: rows of w allow 16-byte loads (k % 8 == 0, aligned base)."""
+def gemv_kernel(wide, rows=GEMV_ROWS):
+    """The GEMV kernel; wide: rows of w allow 16-byte loads (k % 8 == 0, aligned base); rows:
+    rows of w per warp."""
     ldw = load8 if wide else load8_tail
+    block_rows = GEMV_WARPS * rows
 
     @cuda.jit(fastmath=True)
     def gemv(out, x, w, bias, n, k):
@@ -55,9 +57,9 @@ def gemv_kernel(wide):
         xs = cuda.shared.array(X_SLAB, float32, alignment=ALIGN)
         scratch = cuda.shared.array(SCRATCH, float32)
         # this warp's rows; rows past n are clamped (loaded, never written): no warp diverges
-        r0 = cuda.blockIdx.x * GEMV_BLOCK_ROWS + warp * GEMV_ROWS
-        acc = cuda.local.array(GEMV_ROWS, float32)
-        for r in range(GEMV_ROWS):
+        r0 = cuda.blockIdx.x * block_rows + warp * rows
+        acc = cuda.local.array(rows, float32)
+        for r in range(rows):
             acc[r] = float32(0)
 
         for s0 in range(0, k, X_SLAB):
@@ -76,7 +78,7 @@ def gemv_kernel(wide):
                 x1 = load8(xs, base + step, X_SLAB)
                 x2 = load8(xs, base + 2 * step, X_SLAB)
                 x3 = load8(xs, base + 3 * step, X_SLAB)
-                for r in range(GEMV_ROWS):
+                for r in range(rows):
                     row_end = min(r0 + r, n - 1) * k + k
                     j = row_end - k + s0 + base
                     w0 = ldw(w, j, row_end)
@@ -88,7 +90,7 @@ def gemv_kernel(wide):
             # rest: one chunk at a time (x past the slab is zero in shared memory)
             while base < slab:
                 xv = load8(xs, base, X_SLAB)
-                for r in range(GEMV_ROWS):
+                for r in range(rows):
                     row = min(r0 + r, n - 1)
                     wv = ldw(w, row * k + s0 + base, row * k + k)
                     for c in range(CHUNK):
@@ -96,7 +98,7 @@ def gemv_kernel(wide):
                 base += step
 
         # each row's sum across the warp's lanes
-        for r in range(GEMV_ROWS):
+        for r in range(rows):
             total = group_sum(acc[r], 32, scratch, tid)
             row = r0 + r
             if lane == 0 and row < n:

@@ -18,10 +18,11 @@ LINEAR_FULL = [(1, 12288, 4096, False), (1, 4096, 11008, True), (4, 1000, 4100, 
                (128, 12288, 4096, False), (37, 300, 4096, True)]
 
 
+# the simulator is slow: each tiny case with one storage type, each type twice; on a GPU the
+# full-size cases with every type
+CASES = [(c, ("f32", "f16", "bf16")[i % 3]) for i, c in enumerate(LINEAR)]
 if GPU:
-    CASES = [(c, t) for c in LINEAR + LINEAR_FULL for t in ("f32", "f16", "bf16")]
-else:       # the simulator is slow: each case with one storage type, each type twice
-    CASES = [(c, ("f32", "f16", "bf16")[i % 3]) for i, c in enumerate(LINEAR)]
+    CASES += [(c, t) for c in LINEAR_FULL for t in ("f32", "f16", "bf16")]
 
 
 @pytest.mark.parametrize("case,wdtype", CASES)

@@ -1,0 +1,408 @@
+"""CUDA kernels against PyTorch on the same GPU, in one run (issue 3's speed table).
+
+    python bench/bench_cuda.py [--quick] [--only NAME,...]
+
+Needs a GPU, numba-cuda and PyTorch. Times are device times: CUDA events around each launch,
+with the launches queued behind a long `torch.cuda._sleep` so that the Python launch cost
+(about 20 us per numba launch) is not counted; the host cost per call is reported on its own
+("call us": wall time of back-to-back calls, launch included). Inputs are random, never zeros;
+working sets smaller than 4x the L2 cache rotate over several buffers so that repeated runs do
+not measure the cache. Median of REPS launches after warm-up (compilation is outside).
+
+Targets (issue 3): linear decode fp32 >= 0.95x PyTorch, fp16 weights >= 1.8x our fp32;
+attention decode (kv 8192, 32 heads, 32/8 GQA) >= 5x PyTorch SDPA, fp16 KV >= 1.8x our fp32;
+causal prefill S=2048 fp32 within 2x of PyTorch's best SDPA; masked_softmax, apply_rope,
+rmsnorm >= 80% of the measured device-to-device copy bandwidth."""
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from numba import cuda  # noqa: E402
+
+from numba_attn.kernels import (attention_cuda, linear_cuda, norm_cuda, rope_cuda,  # noqa: E402
+                                softmax_cuda)
+
+REPS = 30
+L2_BYTES = 50 * 2**20
+ROWS = []
+
+
+def nb(t):
+    """A numba device view of a torch CUDA tensor (no copy); bf16 as its raw bits (uint16)."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+        return cuda.as_cuda_array(t).view(np.uint16)
+    return cuda.as_cuda_array(t)
+
+
+def device_us(fn_per_buffer, n_buffers=1, reps=REPS):
+    """Median device time of one call (us). fn_per_buffer(i) launches on buffer set i."""
+    for i in range(min(3, n_buffers) if n_buffers > 1 else 2):
+        fn_per_buffer(i % n_buffers)
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    torch.cuda._sleep(int(2e9 * 150e-6 * reps))         # ~150 us of queue time per launch
+    for r in range(reps):
+        starts[r].record()
+        fn_per_buffer(r % n_buffers)
+        ends[r].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+
+
+def call_us(fn, reps=REPS):
+    """Wall time per call, back to back, launch cost included (us)."""
+    fn(0)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for r in range(reps):
+        fn(0)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps * 1e6
+
+
+def n_sets(bytes_per_set):
+    return max(1, min(16, math.ceil(4 * L2_BYTES / bytes_per_set)))
+
+
+def row(group, name, ours_us, ours_call_us, torch_us, work, unit, target=None, note=""):
+    ROWS.append(dict(group=group, name=name, ours=ours_us, call=ours_call_us, torch=torch_us,
+                     work=work, unit=unit, target=target, note=note))
+    rate = work / (ours_us * 1e-6) / (1e12 if unit == "TFLOP/s" else 1e9)
+    vs = f"{torch_us / ours_us:6.2f}x" if torch_us else "      "
+    print(f"{group:10s} {name:52s} {ours_us:9.1f} us {rate:8.1f} {unit:8s} torch "
+          f"{torch_us or float('nan'):9.1f} us {vs}  call {ours_call_us or float('nan'):7.1f} us"
+          f" {note}", flush=True)
+
+
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device="cuda", dtype=torch.float32).to(dtype)
+
+
+# ------------------------------------------------------------------------------------- copy
+
+def bench_copy():
+    n = 2**28                                      # 1 GiB of float32
+    a, b = randn(n), torch.empty(n, device="cuda")
+    us = device_us(lambda i: b.copy_(a))
+    bw = 2 * 4 * n / (us * 1e-6) / 1e9
+    print(f"copy       device-to-device 1 GiB: {us:.1f} us, {bw:.0f} GB/s (read + write)")
+    ROWS.append(dict(group="copy", name="device-to-device copy, 1 GiB", ours=us, call=None,
+                     torch=None, work=2 * 4 * n, unit="GB/s", target=None, note=""))
+    return bw
+
+
+# ------------------------------------------------------------------------------------- linear
+
+def bench_linear():
+    n, k = 12288, 4096
+    torch_mv = None
+    res = {}
+    for st, dt in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        w = randn(n, k, dtype=dt)
+        x = randn(1, k)
+        out = torch.empty(1, n, device="cuda")
+        bias = torch.empty(0, device="cuda")
+        W, X, O, Bz = nb(w), nb(x), nb(out), nb(bias)
+        fn = lambda i: linear_cuda.linear(O, X, W, Bz)  # noqa: E731
+        us = device_us(fn)
+        # correctness against torch on the stored weights
+        ref = (x.double() @ w.double().T).float()
+        err = ((out - ref).norm() / ref.norm()).item()
+        if st == "fp32":
+            torch_mv = device_us(lambda i: torch.mm(x, w.T, out=out))
+            tw = torch_mv
+        else:
+            xt = x.to(dt)
+            o2 = torch.empty(1, n, device="cuda", dtype=dt)
+            tw = device_us(lambda i: torch.mm(xt, w.T, out=o2))
+        res[st] = us
+        row("linear", f"decode 1x4096 @ {n}x4096 {st} weights", us, call_us(fn),
+            torch_mv if st == "fp32" else tw, w.numel() * w.element_size(), "GB/s",
+            note=f"err {err:.1e}" + (f"; torch {st} {tw:.1f} us" if st != "fp32" else ""))
+    # prefill GEMM
+    m = 128
+    w, x = randn(n, k), randn(m, k)
+    out = torch.empty(m, n, device="cuda")
+    W, X, O, Bz = nb(w), nb(x), nb(out), nb(torch.empty(0, device="cuda"))
+    fn = lambda i: linear_cuda.linear(O, X, W, Bz)  # noqa: E731
+    us = device_us(fn, reps=10)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    tus = device_us(lambda i: torch.mm(x, w.T, out=out), reps=10)
+    row("linear", f"prefill {m}x4096 @ {n}x4096 fp32 (CUDA cores)", us, None, tus,
+        2 * m * n * k, "TFLOP/s", note="torch fp32 without tf32")
+    return res, torch_mv
+
+
+# ---------------------------------------------------------------------------------- attention
+
+def bench_attention_decode():
+    kv, d = 8192, 128
+    res = {}
+    for H, Hkv in ((32, 32), (32, 8)):
+        for st, dt in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+            per = 2 * kv * Hkv * d * (4 if st == "fp32" else 2)
+            sets = n_sets(per)
+            q = randn(1, 1, H, d)
+            ks = [randn(1, kv, Hkv, d, dtype=dt) for _ in range(sets)]
+            vs = [randn(1, kv, Hkv, d, dtype=dt) for _ in range(sets)]
+            out = torch.empty(1, 1, H, d, device="cuda")
+            Q, O = nb(q), nb(out)
+            K, V = [nb(t) for t in ks], [nb(t) for t in vs]
+            scale = 1 / math.sqrt(d)
+            fn = lambda i: attention_cuda.attention(O, Q, K[i], V[i], scale, True)  # noqa: E731
+            us = device_us(fn, sets)
+            # reference: torch SDPA on float32 copies
+            qt = q.transpose(1, 2)                              # (1, H, 1, d)
+            kt = [t.float().transpose(1, 2).contiguous() for t in ks[:1]]
+            vt = [t.float().transpose(1, 2).contiguous() for t in vs[:1]]
+            ref = F.scaled_dot_product_attention(qt, kt[0], vt[0], enable_gqa=H != Hkv)
+            fn(0)
+            err = ((out.transpose(1, 2) - ref).norm() / ref.norm()).item()
+            tus = None
+            if st == "fp32":
+                ktl = [t.transpose(1, 2).contiguous() for t in ks]   # SDPA's (1, Hkv, kv, d)
+                vtl = [t.transpose(1, 2).contiguous() for t in vs]
+                tus = device_us(lambda i: F.scaled_dot_product_attention(
+                    qt, ktl[i], vtl[i], enable_gqa=H != Hkv), sets)
+                res[(H, Hkv, "torch")] = tus
+            res[(H, Hkv, st)] = us
+            row("attention", f"decode q=1 kv={kv} H={H}/{Hkv} d={d} {st} KV", us, call_us(fn),
+                res[(H, Hkv, "torch")], per, "GB/s", note=f"err {err:.1e}; {sets} KV sets")
+    return res
+
+
+def bench_attention_prefill():
+    S, H, d = 2048, 32, 128
+    q, k, v = randn(1, S, H, d), randn(1, S, H, d), randn(1, S, H, d)
+    out = torch.empty_like(q)
+    Q, K, V, O = nb(q), nb(k), nb(v), nb(out)
+    scale = 1 / math.sqrt(d)
+    fn = lambda i: attention_cuda.attention(O, Q, K, V, scale, True)  # noqa: E731
+    us = device_us(fn, reps=10)
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    err = ((out.transpose(1, 2) - ref).norm() / ref.norm()).item()
+    best, which = None, ""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    for name, be in (("default", None), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                     ("math", SDPBackend.MATH), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            if be is None:
+                t = device_us(lambda i: F.scaled_dot_product_attention(qt, kt, vt,
+                                                                       is_causal=True), reps=10)
+            else:
+                with sdpa_kernel(be):
+                    t = device_us(lambda i: F.scaled_dot_product_attention(
+                        qt, kt, vt, is_causal=True), reps=10)
+        except Exception as e:  # noqa: BLE001 - a backend that refuses fp32 is skipped
+            print(f"  torch SDPA {name}: {type(e).__name__}")
+            continue
+        print(f"  torch SDPA {name}: {t:.1f} us")
+        if best is None or t < best:
+            best, which = t, name
+    flops = 4 * S * S * d * H / 2                       # causal half of QK^T and PV
+    row("attention", f"prefill causal S={S} H={H} d={d} fp32", us, None, best, flops,
+        "TFLOP/s", note=f"err {err:.1e}; torch best: {which}")
+    return us, best
+
+
+# ------------------------------------------------------------------------- bandwidth kernels
+
+def bench_bandwidth(copy_bw):
+    res = {}
+    # masked_softmax over (32, 2048, 2048): non-causal, then causal (hidden keys not read)
+    b, q, kvl = 32, 2048, 2048
+    s = randn(b, q, kvl)
+    out = torch.empty_like(s)
+    S_, O, M = nb(s), nb(out), nb(torch.empty(0, 0, device="cuda"))
+    for causal in (False, True):
+        fn = lambda i: softmax_cuda.masked_softmax(O, S_, M, 0.088, causal)  # noqa: E731
+        us = device_us(fn, reps=10)
+        vis = b * (q * kvl - (q * (q - 1)) // 2 if causal else q * kvl)   # elements read
+        nbytes = 4 * (vis + b * q * kvl)
+        ref = torch.softmax(s * 0.088 + (torch.triu(torch.full((q, kvl), float("-inf"),
+                                                               device="cuda"), 1)
+                                         if causal else 0), -1)
+        err = ((out - ref).norm() / ref.norm()).item()
+        tus = device_us(lambda i: torch.softmax(s, -1), reps=10)
+        row("bandwidth", f"masked_softmax (32, 2048, 2048) causal={causal}", us, None, tus,
+            nbytes, "GB/s", note=f"{nbytes / (us * 1e-6) / 1e9 / copy_bw:.0%} of copy; err "
+            f"{err:.1e}; torch plain softmax")
+        res[f"softmax causal={causal}"] = nbytes / (us * 1e-6) / 1e9 / copy_bw
+    # apply_rope on (1, 8192, 32, 128)
+    x = randn(1, 8192, 32, 128)
+    o = torch.empty_like(x)
+    ang = torch.rand(8192, 64, device="cuda") * 100
+    cos, sin = ang.cos(), ang.sin()
+    X, O, C, Sn = nb(x), nb(o), nb(cos), nb(sin)
+    for style, kern in (("half", rope_cuda.rope_half), ("interleaved", rope_cuda.rope_interleaved)):
+        fn = lambda i: kern(O, X, C, Sn, 0)  # noqa: E731
+        us = device_us(fn, reps=10)
+        nbytes = 2 * x.numel() * 4
+        row("bandwidth", f"apply_rope (1, 8192, 32, 128) {style}", us, call_us(fn), None, nbytes,
+            "GB/s", note=f"{nbytes / (us * 1e-6) / 1e9 / copy_bw:.0%} of copy")
+        res[f"rope {style}"] = nbytes / (us * 1e-6) / 1e9 / copy_bw
+    # rmsnorm on (8192, 4096)
+    x = randn(8192, 4096)
+    w = randn(4096)
+    o = torch.empty_like(x)
+    X, W, O = nb(x), nb(w), nb(o)
+    fn = lambda i: norm_cuda.rmsnorm(O, X, W, 1e-5)  # noqa: E731
+    us = device_us(fn, reps=10)
+    nbytes = 2 * x.numel() * 4
+    tus = device_us(lambda i: F.rms_norm(x, (4096,), w, 1e-5), reps=10)
+    row("bandwidth", "rmsnorm (8192, 4096)", us, call_us(fn), tus, nbytes, "GB/s",
+        note=f"{nbytes / (us * 1e-6) / 1e9 / copy_bw:.0%} of copy; torch F.rms_norm")
+    res["rmsnorm"] = nbytes / (us * 1e-6) / 1e9 / copy_bw
+    # silu_mul on 32M elements
+    n = 2**25
+    g, u, o = randn(n), randn(n), torch.empty(n, device="cuda")
+    G, U, O = nb(g), nb(u), nb(o)
+    fn = lambda i: norm_cuda.silu_mul(O, G, U)  # noqa: E731
+    us = device_us(fn, reps=10)
+    tus = device_us(lambda i: torch.mul(F.silu(g), u, out=o), reps=10)
+    row("bandwidth", f"silu_mul ({n},)", us, call_us(fn), tus, 3 * n * 4, "GB/s",
+        note=f"{3 * n * 4 / (us * 1e-6) / 1e9 / copy_bw:.0%} of copy")
+    return res
+
+
+def bench_launch():
+    @cuda.jit
+    def empty(a):
+        pass
+
+    a = cuda.device_array(1)
+    empty[1, 1](a)
+    cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(200):
+        empty[1, 1](a)
+    cuda.synchronize()
+    us = (time.perf_counter() - t) / 200 * 1e6
+    print(f"launch     empty numba kernel, 1 device-array argument: {us:.1f} us per call")
+    return us
+
+
+def bench_tune():
+    """Variants of the block shapes, to pick the defaults (printed, not in the table)."""
+    print("\ntuning variants (device us):")
+    n, k = 12288, 4096
+    for st, dt in (("fp32", torch.float32), ("fp16", torch.float16)):
+        w, x = randn(n, k, dtype=dt), randn(1, k)
+        out = torch.empty(1, n, device="cuda")
+        W, X, O, Bz = nb(w), nb(x), nb(out), nb(torch.empty(0, device="cuda"))
+        for rows in (1, 2, 4):
+            kern = linear_cuda.gemv_kernel(True, rows)
+            grid = (-(-n // (linear_cuda.GEMV_WARPS * rows)), 1)
+            us = device_us(lambda i: kern[grid, linear_cuda.GEMV_THREADS](
+                O.reshape(-1), X.reshape(-1), W.reshape(-1), Bz, n, k))
+            print(f"  gemv {st} rows/warp={rows}: {us:.1f} us "
+                  f"({w.numel() * w.element_size() / us / 1e3:.0f} GB/s)")
+    kv, d = 8192, 128
+    for H, Hkv in ((32, 32), (32, 8)):
+        for st, dt in (("fp32", torch.float32), ("fp16", torch.float16)):
+            per = 2 * kv * Hkv * d * (4 if st == "fp32" else 2)
+            sets = n_sets(per)
+            q = randn(1, 1, H, d)
+            K = [nb(randn(1, kv, Hkv, d, dtype=dt)) for _ in range(sets)]
+            V = [nb(randn(1, kv, Hkv, d, dtype=dt)) for _ in range(sets)]
+            O, Q = nb(torch.empty(1, 1, H, d, device="cuda")), nb(q)
+            old = attention_cuda.BLOCKS_PER_SM
+            for bps in (1, 2, 4, 8, 16):
+                attention_cuda.BLOCKS_PER_SM = bps
+                us = device_us(lambda i: attention_cuda.attention(O, Q, K[i], V[i], 0.088, True),
+                               sets)
+                print(f"  decode {H}/{Hkv} {st} blocks/SM={bps}: {us:.1f} us "
+                      f"({per / us / 1e3:.0f} GB/s)")
+            attention_cuda.BLOCKS_PER_SM = old
+    S, H, d = 2048, 32, 128
+    q, k_, v_ = randn(1, S, H, d), randn(1, S, H, d), randn(1, S, H, d)
+    Q, K, V, O = nb(q), nb(k_), nb(v_), nb(torch.empty_like(q))
+    for threads in (128, 256, 512):
+        kern = attention_cuda.prefill_kernel(128, True, threads)
+        rows = threads // 8
+        grid = (-(-S // rows), H, 1)
+        us = device_us(lambda i: kern[grid, threads](
+            O.reshape(-1), Q.reshape(-1), K.reshape(-1), V.reshape(-1), 0.088, True, S, H, H,
+            S, d), reps=5)
+        print(f"  prefill S={S} threads={threads}: {us:.1f} us "
+              f"({4 * S * S * d * H / 2 / us / 1e6:.1f} TFLOP/s)")
+
+
+def resources():
+    """Registers, shared and local memory per thread of every kernel variant compiled here."""
+    print("\nkernel resources (registers/thread, shared bytes/block, local bytes/thread):")
+    kernels = [(f"gemv wide={w}", linear_cuda.gemv_kernel(w)) for w in (True, False)]
+    kernels += [("gemm", linear_cuda._gemm), ("rmsnorm", norm_cuda.rmsnorm_kernel(True)),
+                ("softmax", softmax_cuda.masked_softmax_kernel(True)),
+                ("rope_half", rope_cuda._rope_half)]
+    kernels += [(f"decode D=128 QR={qr}", attention_cuda.decode_kernel(128, qr, True))
+                for qr in (1, 2, 4)]
+    kernels += [("prefill D=128", attention_cuda.prefill_kernel(128, True))]
+    for name, k in kernels:
+        for sig in list(k.overloads):
+            try:
+                print(f"  {name:22s} {str(sig)[:60]:60s} regs {k.get_regs_per_thread(sig)} "
+                      f"shared {k.get_shared_mem_per_block(sig)} "
+                      f"local {k.get_local_mem_per_thread(sig)}")
+            except Exception as e:  # noqa: BLE001
+                print(f"  {name}: {type(e).__name__}: {e}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="comma-separated groups: copy (always), linear, "
+                    "decode, prefill, bandwidth, tune")
+    args = ap.parse_args()
+    only = set(filter(None, args.only.split(",")))
+    want = (lambda g: not only or g in only)
+    dev = torch.cuda.get_device_properties(0)
+    print(f"device: {dev.name}, {dev.multi_processor_count} SMs; torch {torch.__version__}; "
+          f"numba-cuda {cuda.__version__ if hasattr(cuda, '__version__') else '?'}")
+    launch = bench_launch()
+    copy_bw = bench_copy()
+    verdicts = []
+    if want("linear"):
+        res, torch_mv = bench_linear()
+        verdicts.append(("linear decode fp32 >= 0.95x PyTorch", torch_mv / res["fp32"], 0.95))
+        verdicts.append(("linear decode fp16 weights >= 1.8x our fp32", res["fp32"] / res["fp16"],
+                         1.8))
+        verdicts.append(("linear decode bf16 weights >= 1.8x our fp32", res["fp32"] / res["bf16"],
+                         1.8))
+    if want("decode"):
+        r = bench_attention_decode()
+        for H, Hkv in ((32, 32), (32, 8)):
+            verdicts.append((f"attention decode {H}/{Hkv} fp32 >= 5x SDPA",
+                             r[(H, Hkv, "torch")] / r[(H, Hkv, "fp32")], 5.0))
+            verdicts.append((f"attention decode {H}/{Hkv} fp16 KV >= 1.8x our fp32",
+                             r[(H, Hkv, "fp32")] / r[(H, Hkv, "fp16")], 1.8))
+    if want("prefill"):
+        us, best = bench_attention_prefill()
+        verdicts.append(("attention prefill S=2048 within 2x of SDPA (ratio >= 0.5)",
+                         best / us, 0.5))
+    if want("bandwidth"):
+        for name, frac in bench_bandwidth(copy_bw).items():
+            if not name.startswith("silu"):
+                verdicts.append((f"{name} >= 80% of copy bandwidth", frac, 0.8))
+    if want("tune"):
+        bench_tune()
+    resources()
+    print(f"\nlaunch cost {launch:.1f} us; copy {copy_bw:.0f} GB/s")
+    print("\nverdicts:")
+    for name, value, target in verdicts:
+        print(f"  {'PASS' if value >= target else 'MISS'}  {name}: {value:.2f} (target {target})")
+
+
+if __name__ == "__main__":
+    main()
