@@ -37,7 +37,8 @@ class MaskCache:
         self.misses = 0
 
     def get(self, q_len, kv_len, *, device="cpu"):
-        key = (q_len, kv_len, device if device == "cpu" else self._device_key())
+        # a device other than "cpu"/"cuda" misses here and causal_mask rejects it
+        key = (q_len, kv_len, self._device_key() if device == "cuda" else device)
         with self._lock:
             mask = self._entries.get(key)
             if mask is not None:
@@ -61,7 +62,8 @@ class MaskCache:
         return f"cuda:{cuda.get_current_device().id}"
 
     def __len__(self):
-        return len(self._entries)
+        with self._lock:   # get() inserts, then evicts: unlocked, len could read max_entries + 1
+            return len(self._entries)
 
     def __contains__(self, key):
         return (key[0], key[1], "cpu") in self._entries if len(key) == 2 else key in self._entries

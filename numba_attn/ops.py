@@ -83,6 +83,9 @@ def linear(x, w, bias=None, *, out=None):
         checks.shape("bias", bias, (n_out,))
     out = _output("out", out, tuple(x.shape[:-1]) + (n_out,), backend,
                   [("x", x), ("w", w), ("bias", bias)])
+    if out is x or out is w or out is bias:  # _output lets `out is x` through; not in place here
+        raise ValueError("out must not be x, w or bias: each output reads all of x; "
+                         "pass a separate buffer")
     m = int(np.prod(x.shape[:-1], dtype=np.int64))
     no_bias = empty((0,), np.float32, backend) if bias is None else bias
     kernels("linear", backend).linear(out.reshape((m, n_out)), x.reshape((m, n_in)), w, no_bias)
@@ -174,7 +177,7 @@ def attention(q, k, v, *, causal=True, scale=None, out=None):
         raise ValueError(f"q and k have different batch sizes: {batch} and {kbatch}")
     if kd != d:
         raise ValueError(f"q has head_dim {d} but k and v have {kd}")
-    if n_heads % n_kv_heads:
+    if n_kv_heads == 0 or n_heads % n_kv_heads:
         raise ValueError(f"query heads ({n_heads}) must be a multiple of key/value heads "
                          f"({n_kv_heads})")
     if kv_len == 0 or q_len == 0:
@@ -186,6 +189,8 @@ def attention(q, k, v, *, causal=True, scale=None, out=None):
     out = _output("out", out, q.shape, backend, [("q", q), ("k", k), ("v", v)])
     if out is q:
         raise ValueError("out must not be q: attention reads every query of a tile before writing")
+    if out is k or out is v:  # _output lets `out is k` through; other tiles still read k and v
+        raise ValueError("out must not be k or v: other tiles still read them while out is written")
     add = (lambda a: a.reshape((1,) + tuple(a.shape))) if not batch else (lambda a: a)
     kernels("attention", backend).attention(add(out), add(q), add(k), add(v), float(scale),
                                             bool(causal))

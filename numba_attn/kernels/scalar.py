@@ -12,8 +12,9 @@ FASTMATH_INF = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 @njit(inline="always", fastmath=True, cache=True)
 def silu(x):
-    # x * sigmoid(x), in float32
-    return x / (float32(1) + math.exp(-x))
+    # x * sigmoid(x), in float32. exp's argument is capped: exp(-x) overflowing to inf made
+    # x / inf a NaN under fastmath for x < -88; past the cap the result is ~x * e^-80, i.e. 0
+    return x / (float32(1) + math.exp(min(-x, float32(80))))
 
 
 @njit(inline="always", fastmath=True, cache=True)
