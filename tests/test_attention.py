@@ -1,0 +1,164 @@
+"""Fused attention against the float64 reference: GQA, causal bottom-right (prefill, prefill over
+a cached prefix, decode), a batch axis, rows that see nothing, and a hypothesis property test."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from numba_attn import attention
+from tests.reference import attention_ref
+
+# The output is a convex combination of rows of v (|v| ~ 1): float32 scores over d terms and an
+# online softmax over kv_len keys stay well inside 1e-5 absolute / 1e-4 relative, as long as the
+# scores are of order 1. float32 rounds a score s by ~|s| * 6e-8, and near-ties of the softmax
+# pass that on to the output: with large scores the absolute bound grows as 1e-6 * max |s|.
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def randn(seed, *shape):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def qkv(seed, q_len, kv_len, n_heads, n_kv_heads, d, batch=None):
+    lead = () if batch is None else (batch,)
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal(lead + (q_len, n_heads, d)).astype(np.float32)
+    k = rng.standard_normal(lead + (kv_len, n_kv_heads, d)).astype(np.float32)
+    v = rng.standard_normal(lead + (kv_len, n_kv_heads, d)).astype(np.float32)
+    return q, k, v
+
+
+def max_score(q, k, scale=None):
+    """max |scale * q . k| over all query heads and keys (GQA heads repeated), float64."""
+    groups = q.shape[-2] // k.shape[-2]
+    k = np.repeat(k.astype(np.float64), groups, axis=-2)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return np.abs(np.einsum("...qhd,...khd->...qhk", q.astype(np.float64), k) * scale).max()
+
+
+def check(y, want, q=None, k=None, scale=None):
+    """y against the reference; given q and k, the absolute bound follows the largest score."""
+    assert y.dtype == np.float32 and np.isfinite(y).all()
+    atol = ATOL if q is None else max(ATOL, 1e-6 * max_score(q, k, scale))
+    np.testing.assert_allclose(y, want, rtol=RTOL, atol=atol)
+
+
+CASES = [
+    # q_len, kv_len, H, Hkv, d, batch
+    (129, 129, 32, 8, 128, None),    # prefill, Llama-3-8B heads
+    (129, 129, 8, 1, 64, None),      # prefill, multi-query
+    (7, 7, 32, 8, 128, None),
+    (7, 129, 32, 8, 64, None),       # prefill over a cached prefix: q_len < kv_len
+    (65, 200, 4, 2, 64, None),       # tiles that straddle key blocks
+    (5, 300, 8, 8, 64, None),        # smallest prefill tile count, plain multi-head
+    (1, 129, 32, 8, 128, None),      # decode
+    (1, 1, 8, 1, 64, None),          # decode, first token
+    (3, 600, 32, 8, 64, None),       # decode schedule, several key ranges merged
+    (4, 1100, 8, 1, 128, None),      # decode schedule, causal inside the ranges
+    (7, 129, 8, 2, 64, 2),           # batch axis, prefill
+    (1, 129, 8, 2, 128, 3),          # batch axis, decode
+]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("q_len,kv_len,n_heads,n_kv_heads,d,batch", CASES,
+                         ids=["-".join(map(str, c)) for c in CASES])
+def test_attention_matches_reference(q_len, kv_len, n_heads, n_kv_heads, d, batch, causal):
+    q, k, v = qkv(q_len * 1000 + kv_len, q_len, kv_len, n_heads, n_kv_heads, d, batch)
+    copies = [a.copy() for a in (q, k, v)]
+    y = attention(q, k, v, causal=causal)
+    assert y.shape == q.shape
+    for a, c in zip((q, k, v), copies):
+        np.testing.assert_array_equal(a, c)
+    check(y, attention_ref(q, k, v, causal=causal))
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(7, 3), (129, 1), (4, 2), (2, 1), (70, 65)])
+def test_queries_that_see_no_key_give_zeros(q_len, kv_len):
+    """kv_len < q_len, causal, bottom-right: query i sits at kv_len - q_len + i, so the first
+    q_len - kv_len queries see nothing and come out as zeros (both schedules: q_len <= 4 too)."""
+    q, k, v = qkv(3, q_len, kv_len, 8, 2, 64, batch=2)
+    y = attention(q, k, v, causal=True)
+    blind = q_len - kv_len
+    assert np.all(y[:, :blind] == 0)
+    assert np.all(np.abs(y[:, blind:]).sum(-1) > 0)
+    check(y, attention_ref(q, k, v, causal=True))
+
+
+def test_cached_prefix_equals_last_rows_of_full_prefill():
+    """Prefill over a filled cache (q_len < kv_len) gives the same rows as a full prefill."""
+    q, k, v = qkv(4, 129, 129, 8, 2, 64)
+    full = attention(q, k, v)
+    for tail in (1, 3, 7, 64):
+        np.testing.assert_allclose(attention(q[-tail:], k, v), full[-tail:], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 2])
+def test_explicit_scale(scale):
+    q, k, v = qkv(5, 7, 70, 4, 2, 64)
+    check(attention(q, k, v, scale=scale), attention_ref(q, k, v, scale=scale), q, k, scale)
+    check(attention(q[:1], k, v, scale=scale), attention_ref(q[:1], k, v, scale=scale), q[:1], k, scale)
+
+
+@pytest.mark.parametrize("q_len", [1, 33])
+def test_large_scores_are_stable(q_len):
+    """Scores of a hundred and more overflow exp() unless each block subtracts the running max."""
+    q, k, v = qkv(6, q_len, 300, 8, 2, 64)
+    q *= np.float32(30)
+    assert max_score(q, k) > 100
+    check(attention(q, k, v), attention_ref(q, k, v), q, k)
+
+
+@pytest.mark.parametrize("q_len", [1, 9])
+def test_attention_into_out_buffer(q_len):
+    q, k, v = qkv(7, q_len, 100, 8, 4, 64)
+    out = np.full_like(q, np.nan)
+    assert attention(q, k, v, out=out) is out
+    check(out, attention_ref(q, k, v))
+
+
+@pytest.mark.parametrize("q_len", [1, 9])
+def test_wrong_reference_is_detected(q_len):
+    """Sanity: tolerances tell apart the GQA head mapping, causal alignment and the scale."""
+    q, k, v = qkv(8, q_len, 40, 8, 2, 32)
+    y = attention(q, k, v)
+    tiled = attention_ref(q, np.tile(k, (1, 4, 1)), np.tile(v, (1, 4, 1)))   # head h -> h % Hkv
+    top_left = attention_ref(q, k[:q_len], v[:q_len])     # query i at position i
+    wrongs = [tiled, top_left, attention_ref(q, k, v, scale=1.05 / math.sqrt(32))]
+    if q_len > 1:                                         # decode sees every key either way
+        wrongs.append(attention_ref(q, k, v, causal=False))
+    for wrong in wrongs:
+        with pytest.raises(AssertionError):
+            check(y, wrong)
+
+
+# ---------------------------------------------------------------------------- property test
+
+@st.composite
+def attention_cases(draw):
+    n_kv_heads = draw(st.integers(1, 4))
+    return dict(
+        q_len=draw(st.integers(1, 20)),
+        kv_len=draw(st.one_of(st.integers(1, 140), st.integers(250, 600))),
+        n_kv_heads=n_kv_heads,
+        n_heads=n_kv_heads * draw(st.integers(1, 5)),
+        d=draw(st.sampled_from([1, 2, 5, 16, 64, 128])),
+        batch=draw(st.one_of(st.none(), st.integers(1, 3))),
+        causal=draw(st.booleans()),
+        scale=draw(st.one_of(st.none(), st.floats(0.01, 2.0))),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+@settings(deadline=None, max_examples=30)
+@given(attention_cases())
+def test_attention_property(case):
+    q, k, v = qkv(case["seed"], case["q_len"], case["kv_len"], case["n_heads"],
+                  case["n_kv_heads"], case["d"], case["batch"])
+    y = attention(q, k, v, causal=case["causal"], scale=case["scale"])
+    want = attention_ref(q, k, v, causal=case["causal"], scale=case["scale"])
+    check(y, want, q, k, case["scale"])
+    if case["causal"] and case["q_len"] > case["kv_len"]:
+        assert np.all(y[..., : case["q_len"] - case["kv_len"], :, :] == 0)

@@ -1,0 +1,117 @@
+"""KVCache: preallocated per-layer storage, append returns views, overflow, reset."""
+import numpy as np
+import pytest
+
+from numba_attn import KVCache, attention
+from tests.reference import attention_ref
+
+
+def randn(seed, *shape):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def test_allocation():
+    cache = KVCache(3, 16, 2, 64)
+    assert cache.k.shape == cache.v.shape == (3, 16, 2, 64)
+    assert cache.k.dtype == cache.v.dtype == np.float32
+    assert cache.length == 0 and cache.lengths == [0, 0, 0]
+    assert cache.nbytes == 2 * 3 * 16 * 2 * 64 * 4
+    assert "max_seq=16" in repr(cache)
+
+
+def test_append_across_layers_returns_filled_views():
+    n_layers, max_seq, hkv, d = 3, 20, 2, 64
+    cache = KVCache(n_layers, max_seq, hkv, d)
+    written = {layer: ([], []) for layer in range(n_layers)}
+    for step, seq in enumerate([7, 1, 1, 5]):           # prefill, two decode steps, a chunk
+        for layer in range(n_layers):
+            k = randn(100 * step + layer, seq, hkv, d)
+            v = randn(100 * step + layer + 50, seq, hkv, d)
+            kk, vv = cache.append(layer, k, v)
+            written[layer][0].append(k)
+            written[layer][1].append(v)
+            total = sum(a.shape[0] for a in written[layer][0])
+            assert kk.shape == vv.shape == (total, hkv, d)
+            np.testing.assert_array_equal(kk, np.concatenate(written[layer][0]))
+            np.testing.assert_array_equal(vv, np.concatenate(written[layer][1]))
+            # views into the preallocated buffers, not copies; contiguous for the kernels
+            assert np.shares_memory(kk, cache.k[layer]) and np.shares_memory(vv, cache.v[layer])
+            assert kk.flags.c_contiguous and vv.flags.c_contiguous
+            assert cache.lengths[layer] == total
+        assert cache.length == cache.lengths[0]
+    # layers are independent: layer 1's data never landed in layer 0 or 2
+    assert not np.array_equal(cache.k[0, :14], cache.k[1, :14])
+
+
+def test_layers_fill_independently():
+    cache = KVCache(2, 8, 1, 4)
+    cache.append(0, randn(1, 5, 1, 4), randn(2, 5, 1, 4))
+    assert cache.lengths == [5, 0] and cache.length == 5
+    kk, _ = cache.append(1, randn(3, 2, 1, 4), randn(4, 2, 1, 4))
+    assert kk.shape[0] == 2 and cache.lengths == [5, 2]
+
+
+def test_append_copies_its_inputs():
+    cache = KVCache(1, 8, 2, 16)
+    k, v = randn(5, 3, 2, 16), randn(6, 3, 2, 16)
+    kk, vv = cache.append(0, k, v)
+    k_saved, v_saved = k.copy(), v.copy()
+    k[:] = 0.0
+    v[:] = 0.0
+    np.testing.assert_array_equal(kk, k_saved)
+    np.testing.assert_array_equal(vv, v_saved)
+
+
+def test_fill_exactly_then_overflow_raises_and_changes_nothing():
+    cache = KVCache(2, 8, 2, 16)
+    cache.append(0, randn(7, 5, 2, 16), randn(8, 5, 2, 16))
+    kk, _ = cache.append(0, randn(9, 3, 2, 16), randn(10, 3, 2, 16))    # exactly full: fine
+    assert kk.shape[0] == 8
+    before_k, before_v = cache.k.copy(), cache.v.copy()
+    with pytest.raises(ValueError, match=r"KV cache full: layer 0 holds 8 of 8 positions and cannot take 1 more"):
+        cache.append(0, randn(11, 1, 2, 16), randn(12, 1, 2, 16))
+    cache.append(1, randn(13, 6, 2, 16), randn(14, 6, 2, 16))
+    with pytest.raises(ValueError, match=r"KV cache full: layer 1 holds 6 of 8 .* cannot take 3 more"):
+        cache.append(1, randn(15, 3, 2, 16), randn(16, 3, 2, 16))
+    assert cache.lengths == [8, 6]
+    np.testing.assert_array_equal(cache.k[0], before_k[0])
+    np.testing.assert_array_equal(cache.v[0], before_v[0])
+
+
+def test_overflow_in_one_go_raises():
+    cache = KVCache(1, 4, 1, 8)
+    with pytest.raises(ValueError, match="KV cache full"):
+        cache.append(0, randn(1, 5, 1, 8), randn(2, 5, 1, 8))
+    assert cache.length == 0
+
+
+def test_reset():
+    cache = KVCache(2, 6, 2, 16)
+    for layer in range(2):
+        cache.append(layer, randn(layer, 6, 2, 16), randn(layer + 9, 6, 2, 16))
+    cache.reset()
+    assert cache.lengths == [0, 0] and cache.length == 0
+    k, v = randn(20, 2, 2, 16), randn(21, 2, 2, 16)
+    kk, vv = cache.append(1, k, v)                      # written from position 0 again
+    assert kk.shape == (2, 2, 16)
+    np.testing.assert_array_equal(kk, k)
+    np.testing.assert_array_equal(vv, v)
+    np.testing.assert_array_equal(cache.k[1, :2], k)
+    cache.append(1, randn(22, 4, 2, 16), randn(23, 4, 2, 16))   # and to the end again
+
+
+def test_cache_views_feed_attention():
+    """Prefill 7 tokens, then decode 3, attending over the cache's views each time: the same
+    as attention over the concatenated keys and values."""
+    n_heads, hkv, d = 8, 2, 64
+    cache = KVCache(1, 16, hkv, d)
+    ks, vs = [], []
+    for step, seq in enumerate([7, 1, 1, 1]):
+        q = randn(step, seq, n_heads, d)
+        k, v = randn(step + 10, seq, hkv, d), randn(step + 20, seq, hkv, d)
+        ks.append(k)
+        vs.append(v)
+        kk, vv = cache.append(0, k, v)
+        y = attention(q, kk, vv)
+        np.testing.assert_allclose(y, attention_ref(q, np.concatenate(ks), np.concatenate(vs)),
+                                   rtol=1e-4, atol=1e-5)

@@ -1,0 +1,104 @@
+"""rmsnorm and silu_mul (SwiGLU gate) against the float64 references."""
+import numpy as np
+import pytest
+
+from numba_attn import rmsnorm, silu_mul
+from tests.reference import rmsnorm_ref, silu_mul_ref
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def randn(seed, *shape):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- rmsnorm
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-6])
+@pytest.mark.parametrize("shape", [(64,), (1, 4096), (7, 129), (2, 7, 128), (2, 3, 5, 64)])
+def test_rmsnorm_matches_reference(shape, eps):
+    x, w = randn(len(shape) * 100 + shape[-1], *shape), randn(1, shape[-1])
+    x_before = x.copy()
+    y = rmsnorm(x, w, eps)
+    assert y.shape == x.shape and y.dtype == np.float32 and y is not x
+    np.testing.assert_array_equal(x, x_before)
+    np.testing.assert_allclose(y, rmsnorm_ref(x, w, eps), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("magnitude", [1e-4, 1e-2, 1e3, 1e4])
+def test_rmsnorm_magnitudes(magnitude):
+    """Large rows are normalised exactly; tiny rows are where eps dominates the denominator."""
+    x = randn(2, 7, 256) * np.float32(magnitude)
+    w = randn(3, 256)
+    y = rmsnorm(x, w, 1e-6)
+    np.testing.assert_allclose(y, rmsnorm_ref(x, w, 1e-6), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("shape", [(7, 129), (2, 3, 64)])
+def test_rmsnorm_in_place(shape):
+    x, w = randn(4, *shape), randn(5, shape[-1])
+    want = rmsnorm_ref(x, w, 1e-5)
+    y = rmsnorm(x, w, 1e-5, out=x)
+    assert y is x
+    np.testing.assert_allclose(x, want, rtol=RTOL, atol=ATOL)
+
+
+def test_rmsnorm_into_out_buffer_and_integer_eps():
+    x, w = randn(6, 3, 64), randn(7, 64)
+    out = np.full_like(x, np.nan)
+    assert rmsnorm(x, w, 1, out=out) is out
+    np.testing.assert_allclose(out, rmsnorm_ref(x, w, 1.0), rtol=RTOL, atol=ATOL)
+
+
+def test_rmsnorm_wrong_reference_is_detected():
+    x, w = randn(8, 5, 64) * np.float32(1e-3), randn(9, 64)
+    y = rmsnorm(x, w, 1e-6)
+    for wrong in (rmsnorm_ref(x, w, 1e-5),                           # another eps
+                  rmsnorm_ref(x, np.ones(64), 1e-6),                 # weight ignored
+                  x / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=0) + 1e-6) * w):  # wrong axis
+        with pytest.raises(AssertionError):
+            np.testing.assert_allclose(y, wrong, rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------- silu_mul
+
+@pytest.mark.parametrize("shape", [(1,), (7, 129), (10000,), (2, 3, 4101)])
+def test_silu_mul_matches_reference(shape):
+    gate, up = randn(10, *shape) * np.float32(3), randn(11, *shape)
+    y = silu_mul(gate, up)
+    assert y.shape == gate.shape and y.dtype == np.float32
+    np.testing.assert_allclose(y, silu_mul_ref(gate, up), rtol=RTOL, atol=ATOL)
+
+
+def test_silu_mul_extreme_gates_stay_finite():
+    gate = np.array([-1e4, -200.0, -88.0, -30.0, -1.0, -1e-8, 0.0, 1e-8, 1.0, 30.0, 88.0, 200.0, 1e4],
+                    np.float32)
+    up = np.linspace(-2.0, 2.0, gate.size).astype(np.float32)
+    y = silu_mul(gate, up)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, silu_mul_ref(gate, up), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("into", ["gate", "up"])
+def test_silu_mul_in_place(into):
+    gate, up = randn(12, 7, 129), randn(13, 7, 129)
+    want = silu_mul_ref(gate, up)
+    out = gate if into == "gate" else up
+    assert silu_mul(gate, up, out=out) is out
+    np.testing.assert_allclose(out, want, rtol=RTOL, atol=ATOL)
+
+
+def test_silu_mul_into_out_buffer():
+    gate, up = randn(14, 5, 64), randn(15, 5, 64)
+    out = np.full_like(gate, np.nan)
+    assert silu_mul(gate, up, out=out) is out
+    np.testing.assert_allclose(out, silu_mul_ref(gate, up), rtol=RTOL, atol=ATOL)
+
+
+def test_silu_mul_wrong_reference_is_detected():
+    gate, up = randn(16, 100), randn(17, 100)
+    y = silu_mul(gate, up)
+    for wrong in (silu_mul_ref(up, gate),                               # arguments swapped
+                  gate / (1 + np.exp(-gate.astype(np.float64)))):       # up forgotten
+        with pytest.raises(AssertionError):
+            np.testing.assert_allclose(y, wrong, rtol=RTOL, atol=ATOL)
