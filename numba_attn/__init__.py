@@ -6,7 +6,6 @@ from .mask import MaskCache, causal_mask
 from .ops import apply_rope, attention, linear, masked_softmax, rmsnorm, silu_mul
 from .rope import RopeTable
 from .model import Model
-from .generate import generate
 
 try:
     __version__ = version("numba-attn")
@@ -15,5 +14,5 @@ except PackageNotFoundError:  # running from a source tree
 
 __all__ = [
     "RopeTable", "apply_rope", "linear", "rmsnorm", "silu_mul", "causal_mask", "MaskCache",
-    "masked_softmax", "attention", "KVCache", "Model", "generate", "__version__",
+    "masked_softmax", "attention", "KVCache", "Model", "__version__",
 ]

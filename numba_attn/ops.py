@@ -15,6 +15,24 @@ F32 = (np.float32,)
 STORAGE = {"cpu": (np.float32,), "cuda": (np.float32, np.float16)}
 
 
+_EMPTY = {}  # (shape, backend, device) -> an empty float32 array: "no bias", "no mask"
+
+
+def _empty(shape, backend):
+    """A zero-size float32 placeholder, made once per backend (and CUDA device)."""
+    key = (shape, backend, _current_device(backend))
+    if key not in _EMPTY:
+        _EMPTY[key] = empty(shape, np.float32, backend)
+    return _EMPTY[key]
+
+
+def _current_device(backend):
+    if backend == "cpu":
+        return None
+    from numba import cuda
+    return cuda.get_current_device().id
+
+
 def _prepare(backend, *arrays):
     """Device arrays as numba views (CuPy, PyTorch...), host arrays unchanged."""
     if backend == "cuda":
@@ -87,7 +105,7 @@ def linear(x, w, bias=None, *, out=None):
         raise ValueError("out must not be x, w or bias: each output reads all of x; "
                          "pass a separate buffer")
     m = int(np.prod(x.shape[:-1], dtype=np.int64))
-    no_bias = empty((0,), np.float32, backend) if bias is None else bias
+    no_bias = _empty((0,), backend) if bias is None else bias
     kernels("linear", backend).linear(out.reshape((m, n_out)), x.reshape((m, n_in)), w, no_bias)
     return out
 
@@ -138,7 +156,7 @@ def masked_softmax(scores, *, causal=True, scale=1.0, mask=None, out=None):
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     if mask is None:
-        mask2 = empty((0, 0), np.float32, backend)
+        mask2 = _empty((0, 0), backend)
     else:
         checks.array("mask", mask, ndim=(1, 2), dtypes=F32, contiguous=False)
         try:

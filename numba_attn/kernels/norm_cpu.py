@@ -1,16 +1,23 @@
-"""RMSNorm and the SwiGLU gate on the CPU. Twin: norm_cuda.py."""
+"""RMSNorm and the SwiGLU gate on the CPU. Twin: norm_cuda.py.
+
+Each kernel is a serial function over a range of rows (or elements) and a thin parallel driver
+over ranges; small inputs (a decode step's single row) skip the thread pool, whose wake-up costs
+more than the work."""
 import math
 
 from numba import float32, njit, prange
 
 from .scalar import silu
 
+PARALLEL_MIN = 1 << 15  # elements below which the serial function runs alone
+SILU_CHUNK = 4096       # elements per parallel task
 
-@njit(parallel=True, fastmath=True, cache=True)
-def rmsnorm(out, x, weight, eps):
-    # x, out: (m, n); weight: (n,). out = x / sqrt(mean(x^2) + eps) * weight
-    m, n = x.shape
-    for r in prange(m):
+
+@njit(fastmath=True, cache=True)
+def _rmsnorm_rows(out, x, weight, eps, r0, r1):
+    # rows r0..r1-1 of x, out: (m, n); weight: (n,). out = x / sqrt(mean(x^2) + eps) * weight
+    n = x.shape[1]
+    for r in range(r0, r1):
         ss = float32(0)
         for j in range(n):
             ss += x[r, j] * x[r, j]
@@ -19,13 +26,37 @@ def rmsnorm(out, x, weight, eps):
             out[r, j] = x[r, j] * inv * weight[j]
 
 
-SILU_CHUNK = 4096  # elements per parallel task
+@njit(parallel=True, cache=True)
+def _rmsnorm_parallel(out, x, weight, eps):
+    for r in prange(x.shape[0]):
+        _rmsnorm_rows(out, x, weight, eps, r, r + 1)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def silu_mul(out, gate, up):
-    # gate, up, out: (n,). out = silu(gate) * up
+def rmsnorm(out, x, weight, eps):
+    # x, out: (m, n); weight: (n,)
+    if x.size < PARALLEL_MIN:
+        _rmsnorm_rows(out, x, weight, eps, 0, x.shape[0])
+    else:
+        _rmsnorm_parallel(out, x, weight, eps)
+
+
+@njit(fastmath=True, cache=True)
+def _silu_mul_range(out, gate, up, i0, i1):
+    # elements i0..i1-1 of gate, up, out: (n,). out = silu(gate) * up
+    for i in range(i0, i1):
+        out[i] = silu(gate[i]) * up[i]
+
+
+@njit(parallel=True, cache=True)
+def _silu_mul_parallel(out, gate, up):
     n = gate.shape[0]
     for c in prange((n + SILU_CHUNK - 1) // SILU_CHUNK):
-        for i in range(c * SILU_CHUNK, min(n, (c + 1) * SILU_CHUNK)):
-            out[i] = silu(gate[i]) * up[i]
+        _silu_mul_range(out, gate, up, c * SILU_CHUNK, min(n, (c + 1) * SILU_CHUNK))
+
+
+def silu_mul(out, gate, up):
+    # gate, up, out: (n,)
+    if gate.size < PARALLEL_MIN:
+        _silu_mul_range(out, gate, up, 0, gate.shape[0])
+    else:
+        _silu_mul_parallel(out, gate, up)
