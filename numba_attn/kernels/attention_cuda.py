@@ -26,11 +26,11 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda, int32, int64
+from numba import cuda, int32, int64, types
 
 from .scalar import FASTMATH_INF
-from .util_cuda import (ALIGN, CHUNK, SIM, aligned, float32, group_sum, load8, load8_tail,
-                        scratch_size, store8)
+from .util_cuda import (ALIGN, CHUNK, SIM, aligned, device, float32, group_max, group_sum, load4,
+                        load8, load8_tail, scratch_size, store4, store8)
 
 DPL = 16                     # head dims per lane: 2 chunks of 8
 MAX_D = 256                  # largest (padded) head dim
@@ -46,6 +46,10 @@ BLOCKS_PER_SM = 4            # decode grid target: this many blocks per multipro
 # --- prefill ---
 PF_THREADS = 256 if not SIM else 64   # threads per block: PF_THREADS / LPK query rows
 PF_TILE = 4096 if not SIM else 256    # K (and V) tile in shared memory: BK = PF_TILE / D keys
+TILED_D = (64, 128, 256)     # head dims (padded) that take the register-tiled prefill kernel
+TILED_THREADS = 256          # its threads per block: 16 x 16
+TQ = 64                      # its query rows per block (16 threads x 4)
+TK = 64                      # its keys per tile (16 threads x 4)
 
 NEG_INF = float32(-math.inf)
 
@@ -58,6 +62,34 @@ def padded_dim(d):
     if D > MAX_D:
         raise NotImplementedError(f"head_dim {d} > {MAX_D} is not supported on CUDA")
     return D
+
+
+@device
+def block_max(v, sm, scratch, tid):
+    """Maximum of v over the block (every thread calls it; every thread gets it)."""
+    v = group_max(v, 32, scratch, tid)
+    cuda.syncthreads()          # sm is free (a previous reduction has been read)
+    if tid % 32 == 0:
+        sm[tid // 32] = v
+    cuda.syncthreads()          # every warp's value is in shared memory
+    r = sm[0]
+    for w in range(1, cuda.blockDim.x // 32):
+        r = max(r, sm[w])
+    return r
+
+
+@device
+def block_sum(v, sm, scratch, tid):
+    """Sum of v over the block (every thread calls it; every thread gets it)."""
+    v = group_sum(v, 32, scratch, tid)
+    cuda.syncthreads()          # sm is free (a previous reduction has been read)
+    if tid % 32 == 0:
+        sm[tid // 32] = v
+    cuda.syncthreads()          # every warp's value is in shared memory
+    r = sm[0]
+    for w in range(1, cuda.blockDim.x // 32):
+        r += sm[w]
+    return r
 
 
 @functools.cache
@@ -97,6 +129,8 @@ def decode_kernel(D, QR, wide):
         sm_o = cuda.shared.array((NSLOT, QR, D), float32) # per key slot: unnormalised output
         sm_row = cuda.shared.array((2, QR), float32)      # per row: common max, total sum
         last = cuda.shared.array(1, int32)           # 1: this block merges the splits
+        sm_w = cuda.shared.array((DEC_THREADS, QR), float32)  # per split: weight / total
+        sm_red = cuda.shared.array(DEC_WARPS, float32)        # block reductions
 
         # this tile's query rows r = (position qi, head g of the group), pre-scaled
         qr = cuda.local.array((QR, DPL), float32)
@@ -130,14 +164,21 @@ def decode_kernel(D, QR, wide):
         k_lo = split * split_len
         k_hi = min(min(kv_len, k_lo + split_len), last_key + 1)
         kvb = z * kv_len * Hkv * d + hk * d          # int64: key j's row starts at kvb + j*Hkv*d
+        # stream the keys; the next step's K and V rows are loaded before this step's math
+        # (registers double-buffered), so two steps of loads are in flight
+        j = k_lo + warp * KPW + ks
+        rb = kvb + min(j, max(k_hi - 1, 0)) * (Hkv * d)   # keys past the split: a valid row
+        kv0 = ld(k, rb + dim0, rb + d)
+        kv1 = ld(k, rb + dim1, rb + d)
+        vv0 = ld(v, rb + dim0, rb + d)
+        vv1 = ld(v, rb + dim1, rb + d)
         for j0 in range(k_lo, k_hi, KPB):
             j = j0 + warp * KPW + ks
-            jj = min(j, k_hi - 1)                    # keys past the split: load a valid row
-            rb = kvb + jj * (Hkv * d)
-            kv0 = ld(k, rb + dim0, rb + d)
-            kv1 = ld(k, rb + dim1, rb + d)
-            vv0 = ld(v, rb + dim0, rb + d)
-            vv1 = ld(v, rb + dim1, rb + d)
+            rb = kvb + min(j + KPB, k_hi - 1) * (Hkv * d)
+            nk0 = ld(k, rb + dim0, rb + d)
+            nk1 = ld(k, rb + dim1, rb + d)
+            nv0 = ld(v, rb + dim0, rb + d)
+            nv1 = ld(v, rb + dim1, rb + d)
             for r in range(QR):
                 part = float32(0)
                 for c in range(CHUNK):
@@ -155,6 +196,7 @@ def decode_kernel(D, QR, wide):
                     for c in range(CHUNK):
                         acc[r, c] += p * vv0[c]
                         acc[r, CHUNK + c] += p * vv1[c]
+            kv0, kv1, vv0, vv1 = nk0, nk1, nv0, nv1
 
         # merge the key slots (each LPK-lane group of each warp) through shared memory
         slot = warp * KPW + ks
@@ -215,26 +257,46 @@ def decode_kernel(D, QR, wide):
         if last[0] == 0:
             return
         cuda.threadfence()      # the other blocks' partials are read after their count
+        # per row: the common max over the splits (thread sp holds split sp: n_split <=
+        # DEC_THREADS), each split's weight, and the total sum
+        pstride = QR * (d + 2)                       # floats per split
+        p0 = pbase + tile_id * n_split * pstride     # this tile's split 0
+        for r in range(QR):
+            ms = NEG_INF
+            ls = float32(0)
+            if tid < n_split:
+                ms = ws[p0 + tid * pstride + r * (d + 2)]
+                ls = ws[p0 + tid * pstride + r * (d + 2) + 1]
+            mm = block_max(ms, sm_red, scratch, tid)
+            f = math.exp(ms - mm) if mm > NEG_INF else float32(0)
+            ll = block_sum(ls * f, sm_red, scratch, tid)
+            if tid < n_split:
+                sm_w[tid, r] = f / ll if ll > 0 else float32(0)
+        cuda.syncthreads()      # every split's weight is in shared memory
+        # element (r, e) per thread: the weighted sum over the splits, 4 loads in flight
         for idx in range(tid, QR * d, DEC_THREADS):
             r = idx // d
             e = idx - r * d
             gr = tile * QR + r
+            pe = p0 + r * (d + 2) + 2 + e
+            o0 = float32(0)
+            o1 = float32(0)
+            o2 = float32(0)
+            o3 = float32(0)
+            sp = 0
+            while sp + 4 <= n_split:
+                o0 += ws[pe + sp * pstride] * sm_w[sp, r]
+                o1 += ws[pe + (sp + 1) * pstride] * sm_w[sp + 1, r]
+                o2 += ws[pe + (sp + 2) * pstride] * sm_w[sp + 2, r]
+                o3 += ws[pe + (sp + 3) * pstride] * sm_w[sp + 3, r]
+                sp += 4
+            while sp < n_split:
+                o0 += ws[pe + sp * pstride] * sm_w[sp, r]
+                sp += 1
             if gr < G * q_len:
-                p0 = pbase + (tile_id * n_split * QR + r) * (d + 2)
-                pstride = QR * (d + 2)
-                mm = NEG_INF
-                for sp in range(n_split):
-                    mm = max(mm, ws[p0 + sp * pstride])
-                ll = float32(0)
-                o = float32(0)
-                if mm > NEG_INF:
-                    for sp in range(n_split):
-                        f = math.exp(ws[p0 + sp * pstride] - mm)
-                        ll += ws[p0 + sp * pstride + 1] * f
-                        o += ws[p0 + sp * pstride + 2 + e] * f
                 qi = gr // G
                 h = hk * G + gr % G
-                out[((z * q_len + qi) * H + h) * d + e] = o / ll if ll > 0 else float32(0)
+                out[((z * q_len + qi) * H + h) * d + e] = (o0 + o1) + (o2 + o3)
         if tid == 0:
             ws[tile_id] = float32(0)                 # reset the counter for the next call
 
@@ -342,6 +404,186 @@ def prefill_kernel(D, wide, threads=PF_THREADS):
     return attn_prefill
 
 
+@functools.cache
+def prefill_tiled_kernel(D, wide):
+    """Register-tiled prefill kernel for head dim D in (64, 128, 256): a block of TQ = 64 query
+    rows x TK = 64 keys per tile, 16 x 16 threads. S = Q K^T: thread (ty, tx) owns the 4 x 4
+    scores of rows 4 ty + i and keys 4 tx + j (Q and K transposed in shared memory, so each step
+    over d is two 16-byte loads and 16 FMAs). Softmax: row max over the 16 lanes of a row group,
+    P = exp(S - max) through shared memory. O += P V: thread owns rows 4 ty + i, dims
+    DT * tx .. + DT (DT = D / 16). Dynamic shared memory: Q^T, K^T, V, P (112 KB at D = 128)."""
+    DT = D // 16                       # output dims per thread
+    ld = load8 if wide else load8_tail
+    SCRATCH = scratch_size(TILED_THREADS)
+    OFF_K = D * TQ                     # shared layout (floats): Q^T (D, TQ) | K^T (D, TK) |
+    OFF_V = OFF_K + D * TK             # V (TK, D) | P (TQ, TK)
+    OFF_P = OFF_V + TK * D
+
+    @cuda.jit(fastmath=FASTMATH_INF)
+    def attn_prefill_tiled(out, q, k, v, scale, causal, q_len, H, Hkv, kv_len, d):
+        # q, out: (B * q_len * H * d,); k, v: (B * kv_len * Hkv * d,)
+        tid = cuda.threadIdx.x
+        tx = tid % 16
+        ty = tid // 16
+        qblk = cuda.gridDim.x - 1 - cuda.blockIdx.x   # heaviest (last) query blocks first
+        h = cuda.blockIdx.y
+        z = cuda.blockIdx.z
+        hk = h // (H // Hkv)
+        q0 = qblk * TQ
+        sh = cuda.shared.array(0, types.float32)     # dynamic: OFF_P + TQ * TK floats
+        scratch = cuda.shared.array(SCRATCH, float32)
+        kvb = z * kv_len * Hkv * d + hk * d
+
+        # Q^T tile, pre-scaled (zeros past q_len and d): element (r, chunk) per step
+        for e in range(tid, TQ * (D // CHUNK), TILED_THREADS):
+            r = e % TQ
+            c0 = (e // TQ) * CHUNK
+            qv = (float32(0), float32(0), float32(0), float32(0), float32(0), float32(0),
+                  float32(0), float32(0))
+            if q0 + r < q_len and c0 < d:
+                qb = ((z * q_len + q0 + r) * H + h) * d
+                qv = load8_tail(q, qb + c0, qb + d)
+            for c in range(CHUNK):
+                sh[(c0 + c) * TQ + r] = qv[c] * scale
+
+        # this thread's rows: the last key each sees (-1: a row past q_len)
+        lim = cuda.local.array(4, int64)
+        m = cuda.local.array(4, float32)
+        lp = cuda.local.array(4, float32)            # partial row sums (this thread's keys)
+        for i in range(4):
+            qi = q0 + 4 * ty + i
+            lim[i] = -1
+            if qi < q_len:
+                lim[i] = kv_len - q_len + qi if causal else kv_len - 1
+            m[i] = NEG_INF
+            lp[i] = float32(0)
+        o = cuda.local.array((4, DT), float32)
+        for i in range(4):
+            for c in range(DT):
+                o[i, c] = float32(0)
+        sc = cuda.local.array((4, 4), float32)
+
+        k_end = kv_len
+        if causal:
+            k_end = min(kv_len, max(0, kv_len - q_len + min(q_len - 1, q0 + TQ - 1) + 1))
+        for kb in range(0, k_end, TK):
+            cuda.syncthreads()  # the previous tile (and, first time, nothing) is no longer read
+            # K^T and V tiles (zeros past kv_len and d): element (key, chunk) per step
+            for e in range(tid, TK * (D // CHUNK), TILED_THREADS):
+                j = e % TK
+                c0 = (e // TK) * CHUNK
+                kvv = (float32(0), float32(0), float32(0), float32(0), float32(0), float32(0),
+                       float32(0), float32(0))
+                vvv = kvv
+                if kb + j < kv_len and c0 < d:
+                    rb = kvb + (kb + j) * (Hkv * d)
+                    kvv = ld(k, rb + c0, rb + d)
+                    vvv = ld(v, rb + c0, rb + d)
+                for c in range(CHUNK):
+                    sh[OFF_K + (c0 + c) * TK + j] = kvv[c]
+                store8(sh, OFF_V + j * D + c0, vvv)
+            cuda.syncthreads()  # Q^T, K^T and V are in shared memory
+
+            # S = Q K^T for rows 4 ty + i, keys 4 tx + j
+            for i in range(4):
+                for j in range(4):
+                    sc[i, j] = float32(0)
+            for dd in range(D):
+                a = load4(sh, dd * TQ + 4 * ty)
+                b = load4(sh, OFF_K + dd * TK + 4 * tx)
+                for i in range(4):
+                    for j in range(4):
+                        sc[i, j] += a[i] * b[j]
+
+            # online softmax: hidden keys -inf, row max over the row's 16 lanes, P to shared
+            alpha = cuda.local.array(4, float32)
+            for i in range(4):
+                mx = NEG_INF
+                for j in range(4):
+                    if kb + 4 * tx + j > lim[i]:
+                        sc[i, j] = NEG_INF
+                    mx = max(mx, sc[i, j])
+                mx = group_max(mx, 16, scratch, tid)   # every thread of the block calls it
+                m_n = max(m[i], mx)
+                alpha[i] = float32(1)
+                if m_n > NEG_INF:
+                    alpha[i] = math.exp(m[i] - m_n)
+                    for j in range(4):
+                        sc[i, j] = math.exp(sc[i, j] - m_n)
+                else:
+                    for j in range(4):
+                        sc[i, j] = float32(0)
+                m[i] = m_n
+                lp[i] = lp[i] * alpha[i] + ((sc[i, 0] + sc[i, 1]) + (sc[i, 2] + sc[i, 3]))
+                store4(sh, OFF_P + (4 * ty + i) * TK + 4 * tx,
+                       (sc[i, 0], sc[i, 1], sc[i, 2], sc[i, 3]))
+            for i in range(4):
+                for c in range(DT):
+                    o[i, c] *= alpha[i]
+            cuda.syncthreads()  # P is in shared memory
+
+            # O += P V for rows 4 ty + i, dims DT tx + c; 4 keys per step
+            for j4 in range(0, TK, 4):
+                p0 = load4(sh, OFF_P + (4 * ty) * TK + j4)
+                p1 = load4(sh, OFF_P + (4 * ty + 1) * TK + j4)
+                p2 = load4(sh, OFF_P + (4 * ty + 2) * TK + j4)
+                p3 = load4(sh, OFF_P + (4 * ty + 3) * TK + j4)
+                for jj in range(4):
+                    vb = OFF_V + (j4 + jj) * D + DT * tx
+                    for c4 in range(DT // 4):
+                        vq = load4(sh, vb + 4 * c4)
+                        for c in range(4):
+                            o[0, 4 * c4 + c] += p0[jj] * vq[c]
+                            o[1, 4 * c4 + c] += p1[jj] * vq[c]
+                            o[2, 4 * c4 + c] += p2[jj] * vq[c]
+                            o[3, 4 * c4 + c] += p3[jj] * vq[c]
+
+        # the row sums over the row's 16 lanes; write O / l
+        for i in range(4):
+            l = group_sum(lp[i], 16, scratch, tid)   # every thread of the block calls it
+            qi = q0 + 4 * ty + i
+            if qi < q_len:
+                inv = float32(1) / l if l > 0 else float32(0)
+                ob = ((z * q_len + qi) * H + h) * d
+                for c in range(DT):
+                    if DT * tx + c < d:
+                        out[ob + DT * tx + c] = o[i, c] * inv
+
+    return attn_prefill_tiled
+
+
+_dyn_shared_ok = {}   # (kernel, device) -> True once its dynamic shared limit is raised
+
+
+def _launch_tiled(kernel, D, grid, args):
+    """Launch the tiled prefill kernel with its dynamic shared memory; False when the limit
+    above 48 KB cannot be raised here (the caller then uses the row-per-lanes kernel)."""
+    nbytes = 4 * (2 * D * TQ + TK * D + TQ * TK)
+    if not SIM:
+        dev = cuda.get_current_device().id
+        key = (kernel, dev, tuple(kernel.typeof_pyval(a) for a in args))
+        if key not in _dyn_shared_ok:
+            try:
+                from numba.cuda.cudadrv.driver import binding, driver
+                kern = kernel.compile(key[2])
+                cufunc = kern._codelibrary.get_cufunc()
+                attr = binding.CUfunction_attribute
+                driver.cuKernelSetAttribute(
+                    attr.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes,
+                    cufunc.handle, dev)
+                cufunc.set_shared_memory_carveout(100)   # room for two blocks per SM
+                _dyn_shared_ok[key] = True
+            except Exception as e:  # noqa: BLE001 - fall back, once, and say why
+                import warnings
+                warnings.warn(f"tiled prefill attention unavailable ({type(e).__name__}: "
+                              f"{e}); using the row-per-lanes kernel")
+                _dyn_shared_ok[key] = False
+        if not _dyn_shared_ok[key]:
+            return False
+    kernel[grid, TILED_THREADS, 0, nbytes](*args)
+    return True
+
+
 # --- host side ---------------------------------------------------------------------------
 
 _workspaces = {}   # device id -> (float32 device array, counters it holds at its start)
@@ -397,6 +639,7 @@ def attention(out, q, k, v, scale, causal):
         base = B * Hkv * n_tiles
         n_split = max(1, min(-(-BLOCKS_PER_SM * _sm_count() // base),
                              kv_len // (kpb * MIN_SPLIT_STEPS)))
+        n_split = min(n_split, DEC_THREADS)          # the merge gives each split a thread
         split_len = -(-kv_len // n_split)
         split_len = -(-split_len // kpb) * kpb
         n_split = -(-kv_len // split_len)
@@ -405,6 +648,10 @@ def attention(out, q, k, v, scale, causal):
             of, qf, kf, vf, ws, float32(scale), bool(causal), q_len, H, Hkv, kv_len, d,
             n_split, split_len, pbase)
     else:
+        args = (of, qf, kf, vf, float32(scale), bool(causal), q_len, H, Hkv, kv_len, d)
+        if D in TILED_D and _launch_tiled(prefill_tiled_kernel(D, wide),
+                                          D, ((q_len + TQ - 1) // TQ, H, B), args):
+            return
         rows = PF_THREADS // (D // DPL)
         grid = ((q_len + rows - 1) // rows, H, B)
         prefill_kernel(D, wide, PF_THREADS)[grid, PF_THREADS](of, qf, kf, vf, float32(scale), bool(causal),

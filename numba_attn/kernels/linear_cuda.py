@@ -3,8 +3,9 @@
 w may be float32, float16 or bfloat16 (raw bits in uint16); the products and sums are float32.
 
 Decode (a few rows of x): a matrix-vector product bound by reading w once. Each warp owns
-GEMV_ROWS rows of w and streams them in 16-byte chunks, 4 chunks per row in flight;
-x is staged in shared memory, X_SLAB elements at a time, shared by the block's warps.
+GEMV_ROWS rows of w and streams them in 16-byte chunks, 4 (float32) or 8 (16-bit) chunks of a
+row in flight per lane; x is staged in shared memory, X_SLAB elements at a time, shared by the
+block's warps.
 Prefill (many rows): a tiled GEMM on the CUDA cores, TILE x TILE outputs per block of
 GEMM_THREADS threads, each thread an 8 x 8 register tile; w is widened to float32 as its tile
 is stored in shared memory."""
@@ -18,10 +19,10 @@ from .util_cuda import (ALIGN, CHUNK, SIM, device, float32, group_sum, load, loa
 # --- GEMV (decode) ---
 GEMV_THREADS = 256                       # threads per block (a multiple of 32)
 GEMV_WARPS = GEMV_THREADS // 32
-GEMV_ROWS = 2                            # rows of w per warp
+GEMV_ROWS = 1                            # rows of w per warp (measured: 1 is best)
 GEMV_BLOCK_ROWS = GEMV_WARPS * GEMV_ROWS  # rows of w per block
-X_SLAB = 4096 if not SIM else 1024       # x elements staged in shared memory at a time
-                                         # (a multiple of 4 chunks of 8 per lane: 1024)
+X_SLAB = 4096 if not SIM else 2048       # x elements staged in shared memory at a time
+                                         # (a multiple of 8 chunks of 8 per lane: 2048)
 GEMV_MAX_M = 4                           # rows of x up to which the GEMV serves
 SCRATCH = scratch_size(GEMV_THREADS)
 
@@ -41,9 +42,10 @@ def dot8(a, b):
 
 
 @functools.cache
-def gemv_kernel(wide, rows=GEMV_ROWS):
+def gemv_kernel(wide, rows=GEMV_ROWS, quads=1):
     """The GEMV kernel; wide: rows of w allow 16-byte loads (k % 8 == 0, aligned base); rows:
-    rows of w per warp."""
+    rows of w per warp; quads: groups of 4 chunks of a row loaded together (2 for 16-bit
+    weights: the same bytes in flight as float32)."""
     ldw = load8 if wide else load8_tail
     block_rows = GEMV_WARPS * rows
 
@@ -69,9 +71,9 @@ def gemv_kernel(wide, rows=GEMV_ROWS):
                 xs[e] = x[xrow * k + s0 + e] if e < slab else float32(0)
             cuda.syncthreads()      # the slab is in shared memory
 
-            # main part: 4 chunks of each row, all loaded before any is used
+            # main part: 4 * QUADS chunks of each row, all loaded before any is used
             step = 32 * CHUNK
-            full = slab - 3 * step - CHUNK     # last base with all 4 chunks inside the slab
+            full = slab - (4 * quads - 1) * step - CHUNK  # last base with every chunk inside
             base = lane * CHUNK
             while base <= full:
                 x0 = load8(xs, base, X_SLAB)
@@ -85,8 +87,19 @@ def gemv_kernel(wide, rows=GEMV_ROWS):
                     w1 = ldw(w, j + step, row_end)
                     w2 = ldw(w, j + 2 * step, row_end)
                     w3 = ldw(w, j + 3 * step, row_end)
-                    acc[r] += (dot8(w0, x0) + dot8(w1, x1)) + (dot8(w2, x2) + dot8(w3, x3))
-                base += 4 * step
+                    a = (dot8(w0, x0) + dot8(w1, x1)) + (dot8(w2, x2) + dot8(w3, x3))
+                    if quads == 2:  # (compile-time) four more chunks, loaded with the first
+                        w4 = ldw(w, j + 4 * step, row_end)
+                        w5 = ldw(w, j + 5 * step, row_end)
+                        w6 = ldw(w, j + 6 * step, row_end)
+                        w7 = ldw(w, j + 7 * step, row_end)
+                        x4 = load8(xs, base + 4 * step, X_SLAB)
+                        x5 = load8(xs, base + 5 * step, X_SLAB)
+                        x6 = load8(xs, base + 6 * step, X_SLAB)
+                        x7 = load8(xs, base + 7 * step, X_SLAB)
+                        a += (dot8(w4, x4) + dot8(w5, x5)) + (dot8(w6, x6) + dot8(w7, x7))
+                    acc[r] += a
+                base += 4 * quads * step
             # rest: one chunk at a time (x past the slab is zero in shared memory)
             while base < slab:
                 xv = load8(xs, base, X_SLAB)
@@ -168,8 +181,9 @@ def linear(out, x, w, bias):
         return
     if m <= GEMV_MAX_M:
         grid = ((n + GEMV_BLOCK_ROWS - 1) // GEMV_BLOCK_ROWS, m)
-        gemv_kernel(wide_ok(w, k))[grid, GEMV_THREADS](out.reshape(-1), x.reshape(-1),
-                                                        w.reshape(-1), bias, n, k)
+        quads = 1 if w.dtype.itemsize == 4 else 2
+        gemv_kernel(wide_ok(w, k), GEMV_ROWS, quads)[grid, GEMV_THREADS](
+            out.reshape(-1), x.reshape(-1), w.reshape(-1), bias, n, k)
     else:
         grid = ((n + TILE - 1) // TILE, (m + TILE - 1) // TILE)
         _gemm[grid, GEMM_THREADS](out.reshape(-1), x.reshape(-1), w.reshape(-1), bias, m, n, k)

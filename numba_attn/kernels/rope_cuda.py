@@ -1,12 +1,14 @@
 """Rotary position embedding on the GPU. Twin: rope_cpu.py.
 
 One block column per token row (b, t) of x (heads * d elements); each thread rotates PAIRS pairs
-of that row, THREADS pairs apart, so a warp reads consecutive addresses. Memory-bound: x is
+of that row, THREADS pairs apart, so a warp reads consecutive addresses; when d % 8 == 0 and the
+bases are 16-byte aligned, PAIRS groups of 4 pairs, with 16-byte loads and stores. Memory-bound: x is
 read once and out written once; the cos/sin rows of a position stay in L1/L2. Safe in place
 (out is x): each pair is read and written by one thread."""
 from numba import cuda
 
 from .scalar import rope_pair
+from .util_cuda import aligned, load4, load8, store4, store8
 
 THREADS = 256      # threads per block (a multiple of 32)
 PAIRS = 2          # pairs per thread: independent loads in flight
@@ -42,12 +44,61 @@ def _rope_interleaved(out, x, cos, sin, start_pos, seq, row_pairs, half):
             out[j], out[j + 1] = rope_pair(x[j], x[j + 1], cos[pos, i], sin[pos, i])
 
 
-def _launch(kernel, out, x, cos, sin, start_pos):
+@cuda.jit(fastmath=True)
+def _rope_half4(out, x, cos, sin, start_pos, seq, row_quads, half):
+    # as _rope_half, 4 pairs per step with 16-byte loads (half % 4 == 0, aligned bases):
+    # quad p of a row is i = 4 (p % (half / 4)) .. + 3 of head p // (half / 4)
+    row = cuda.blockIdx.x
+    pos = start_pos + row % seq
+    base = row * (8 * row_quads)
+    hq = half // 4
+    for u in range(PAIRS):
+        p = (cuda.blockIdx.y * PAIRS + u) * THREADS + cuda.threadIdx.x
+        if p < row_quads:                            # bounds guard
+            h = p // hq
+            i = (p - h * hq) * 4
+            j = base + h * (2 * half) + i
+            a = load4(x, j)
+            b = load4(x, j + half)
+            c = load4(cos, pos * half + i)
+            s = load4(sin, pos * half + i)
+            y0 = rope_pair(a[0], b[0], c[0], s[0])
+            y1 = rope_pair(a[1], b[1], c[1], s[1])
+            y2 = rope_pair(a[2], b[2], c[2], s[2])
+            y3 = rope_pair(a[3], b[3], c[3], s[3])
+            store4(out, j, (y0[0], y1[0], y2[0], y3[0]))
+            store4(out, j + half, (y0[1], y1[1], y2[1], y3[1]))
+
+
+@cuda.jit(fastmath=True)
+def _rope_interleaved4(out, x, cos, sin, start_pos, seq, row_quads, half):
+    # as _rope_interleaved, 4 pairs (8 elements) per step with 16-byte loads
+    row = cuda.blockIdx.x
+    pos = start_pos + row % seq
+    base = row * (8 * row_quads)
+    for u in range(PAIRS):
+        p = (cuda.blockIdx.y * PAIRS + u) * THREADS + cuda.threadIdx.x
+        if p < row_quads:                            # bounds guard
+            i = (4 * p) % half
+            j = base + 8 * p
+            a = load8(x, j, j + 8)
+            c = load4(cos, pos * half + i)
+            s = load4(sin, pos * half + i)
+            y0 = rope_pair(a[0], a[1], c[0], s[0])
+            y1 = rope_pair(a[2], a[3], c[1], s[1])
+            y2 = rope_pair(a[4], a[5], c[2], s[2])
+            y3 = rope_pair(a[6], a[7], c[3], s[3])
+            store8(out, j, (y0[0], y0[1], y1[0], y1[1], y2[0], y2[1], y3[0], y3[1]))
+
+
+def _launch(kernel, kernel4, out, x, cos, sin, start_pos):
     # x, out: (batch, seq, heads, d); cos, sin: (max_pos, d // 2)
     batch, seq, heads, d = x.shape
     rows, row_pairs = batch * seq, heads * (d // 2)
     if rows == 0 or row_pairs == 0:
         return
+    if d % 8 == 0 and all(aligned(a) for a in (out, x, cos, sin)):
+        kernel, row_pairs = kernel4, row_pairs // 4       # 4 pairs per step
     cols = (row_pairs + THREADS * PAIRS - 1) // (THREADS * PAIRS)
     kernel[(rows, cols), THREADS](out.reshape(-1), x.reshape(-1), cos, sin, start_pos, seq,
                                   row_pairs, d // 2)
@@ -55,9 +106,9 @@ def _launch(kernel, out, x, cos, sin, start_pos):
 
 def rope_half(out, x, cos, sin, start_pos):
     # pairs (i, i + d/2): Hugging Face Llama checkpoints, NeoX
-    _launch(_rope_half, out, x, cos, sin, start_pos)
+    _launch(_rope_half, _rope_half4, out, x, cos, sin, start_pos)
 
 
 def rope_interleaved(out, x, cos, sin, start_pos):
     # pairs (2i, 2i + 1): Meta's Llama code, GGUF, Candle's rope_i
-    _launch(_rope_interleaved, out, x, cos, sin, start_pos)
+    _launch(_rope_interleaved, _rope_interleaved4, out, x, cos, sin, start_pos)

@@ -3,11 +3,13 @@
 Causal rule (bottom-right aligned): query row i of q_len sees key j iff j <= kv_len - q_len + i.
 The rule is applied as a loop bound: no mask array is built or read for it.
 
-masked_softmax: one block per row of scores. Pass 1 keeps a running (max, sum of exp) per
-thread over chunks of 8 keys and merges them across the block; pass 2 reads the row again (an
-L1/L2 hit) and writes exp(s - max) / sum. The hidden keys of a causal row are never read, only
-written as zeros. Safe in place (out is scores): pass 2 starts after the block barrier that
-ends pass 1, and each element is read and written by the same thread."""
+masked_softmax: one block per row of scores. Rows of up to ROW_CHUNKS * 8 * MAX_THREADS keys
+(8192) stay in registers, ROW_CHUNKS chunks of 8 per thread: load, block max, exp and block sum,
+store; each score is read once and exp taken once. Longer rows take two passes: pass 1 keeps a
+running (max, sum of exp) per thread and merges them across the block; pass 2 reads the row
+again (an L2 hit) and writes exp(s - max) / sum. The hidden keys of a causal row are never read,
+only written as zeros. Safe in place (out is scores): every read of a row happens before the
+block barrier of its first reduction, and each element is written by the thread that read it."""
 import functools
 import math
 
@@ -15,11 +17,13 @@ import numpy as np
 from numba import cuda
 
 from .scalar import FASTMATH_INF
-from .util_cuda import (CHUNK, device, float32, load8, load8_tail, scratch_size, shfl_xor,
-                        store8, wide_ok)
+from .util_cuda import (CHUNK, SIM, device, float32, load8, load8_tail, scratch_size,
+                        shfl_xor, store8, wide_ok)
 
 MAX_THREADS = 256          # softmax threads per block (a power of two, 32..1024)
 MAX_WARPS = MAX_THREADS // 32
+ROW_CHUNKS = 4 if not SIM else 1   # chunks of 8 per thread of a row held in registers (the
+                                   # kernel holds 4; the simulator takes the long path sooner)
 MASK_THREADS = 256         # fill_causal_mask threads per block
 SCRATCH = scratch_size(MAX_THREADS)
 NEG_INF = float32(-math.inf)
@@ -124,6 +128,129 @@ def masked_softmax_kernel(wide):
     return masked_softmax
 
 
+@device
+def _chunk_scores(sc, scores, mask, start, mrow, j0, n_vis, kv_len, scale, has_mask, wide):
+    # sc[0:8] = scale * scores + mask for keys j0..j0+7 of a row (-inf where hidden, none read
+    # past n_vis); returns their maximum
+    if j0 < n_vis:
+        if wide and j0 + CHUNK <= kv_len:
+            v = load8(scores, start + j0, start + kv_len)
+        else:
+            v = load8_tail(scores, start + j0, start + kv_len)
+        mk = (float32(0), float32(0), float32(0), float32(0), float32(0), float32(0),
+              float32(0), float32(0))
+        if has_mask:
+            if wide and j0 + CHUNK <= kv_len:
+                mk = load8(mask, mrow + j0, mrow + kv_len)
+            else:
+                mk = load8_tail(mask, mrow + j0, mrow + kv_len)
+        cm = NEG_INF
+        for c in range(CHUNK):
+            sc[c] = NEG_INF
+            if j0 + c < n_vis:
+                sc[c] = v[c] * scale
+                if has_mask:
+                    sc[c] += mk[c]
+            cm = max(cm, sc[c])
+        return cm
+    for c in range(CHUNK):
+        sc[c] = NEG_INF
+    return NEG_INF
+
+
+@device
+def _chunk_exp(sc, m):
+    # sc[c] = exp(sc[c] - m) in place (0 where sc is -inf or m is -inf); returns their sum
+    t = float32(0)
+    for c in range(CHUNK):
+        e = float32(0)
+        if m > NEG_INF:
+            e = math.exp(sc[c] - m)
+        sc[c] = e
+        t += e
+    return t
+
+
+@device
+def _chunk_store(out, sc, start, j0, kv_len, inv, wide):
+    # out[start + j0 : + 8] = sc * inv (the part inside the row)
+    if j0 >= kv_len:
+        return
+    if wide and j0 + CHUNK <= kv_len:
+        store8(out, start + j0, (sc[0] * inv, sc[1] * inv, sc[2] * inv, sc[3] * inv,
+                                 sc[4] * inv, sc[5] * inv, sc[6] * inv, sc[7] * inv))
+    else:
+        for c in range(CHUNK):
+            if j0 + c < kv_len:
+                out[start + j0 + c] = sc[c] * inv
+
+
+@device
+def _block_reduce(v, is_max, sm, scratch, tid, nthreads):
+    # max (is_max) or sum of v over the block; every thread calls it and gets the result
+    off = 16
+    while off > 0:
+        o = shfl_xor(v, off, scratch, tid)
+        v = max(v, o) if is_max else v + o
+        off //= 2
+    cuda.syncthreads()          # sm is free: the previous reduction's reads are done
+    if tid % 32 == 0:
+        sm[tid // 32] = v
+    cuda.syncthreads()          # every warp's value is in shared memory
+    v = sm[0]
+    for w in range(1, nthreads // 32):
+        v = max(v, sm[w]) if is_max else v + sm[w]
+    return v
+
+
+@functools.cache
+def softmax_rows_kernel(wide):
+    """masked_softmax for rows of at most ROW_CHUNKS * 8 * blockDim.x keys, held in registers:
+    each score is read once, and exp is taken once."""
+
+    @cuda.jit(fastmath=FASTMATH_INF)
+    def softmax_rows(out, scores, mask, scale, causal, q_len, kv_len):
+        # as masked_softmax; thread t holds chunks t, t + nthreads, ... (ROW_CHUNKS of them)
+        tid = cuda.threadIdx.x
+        nthreads = cuda.blockDim.x
+        row = cuda.blockIdx.x
+        i = row % q_len
+        start = row * kv_len
+        has_mask = mask.shape[0] > 0
+        mrow = i * kv_len
+        n_vis = kv_len
+        if causal:
+            n_vis = min(kv_len, max(0, kv_len - q_len + i + 1))
+        sm = cuda.shared.array(MAX_WARPS, float32)
+        scratch = cuda.shared.array(SCRATCH, float32)
+        s0 = cuda.local.array(CHUNK, float32)
+        s1 = cuda.local.array(CHUNK, float32)
+        s2 = cuda.local.array(CHUNK, float32)
+        s3 = cuda.local.array(CHUNK, float32)
+        step = nthreads * CHUNK
+        j0 = tid * CHUNK
+        # the scores (all loads issued before the math), their maximum
+        m = _chunk_scores(s0, scores, mask, start, mrow, j0, n_vis, kv_len, scale, has_mask,
+                          wide)
+        m = max(m, _chunk_scores(s1, scores, mask, start, mrow, j0 + step, n_vis, kv_len,
+                                 scale, has_mask, wide))
+        m = max(m, _chunk_scores(s2, scores, mask, start, mrow, j0 + 2 * step, n_vis, kv_len,
+                                 scale, has_mask, wide))
+        m = max(m, _chunk_scores(s3, scores, mask, start, mrow, j0 + 3 * step, n_vis, kv_len,
+                                 scale, has_mask, wide))
+        m = _block_reduce(m, True, sm, scratch, tid, nthreads)
+        # exp(s - max) kept in registers, their sum
+        t = (_chunk_exp(s0, m) + _chunk_exp(s1, m)) + (_chunk_exp(s2, m) + _chunk_exp(s3, m))
+        t = _block_reduce(t, False, sm, scratch, tid, nthreads)
+        inv = float32(1) / t if t > float32(0) else float32(0)
+        _chunk_store(out, s0, start, j0, kv_len, inv, wide)
+        _chunk_store(out, s1, start, j0 + step, kv_len, inv, wide)
+        _chunk_store(out, s2, start, j0 + 2 * step, kv_len, inv, wide)
+        _chunk_store(out, s3, start, j0 + 3 * step, kv_len, inv, wide)
+
+    return softmax_rows
+
+
 @cuda.jit
 def _fill_causal_mask(out, q_len, kv_len):
     # out: (q_len * kv_len,); one thread per element
@@ -135,23 +262,19 @@ def _fill_causal_mask(out, q_len, kv_len):
     out[e] = float32(0) if j <= kv_len - q_len + i else NEG_INF
 
 
-def _threads_for(n):
-    # enough threads for one chunk of 8 each, a power of two in [32, MAX_THREADS]
-    t = 32
-    while t < MAX_THREADS and t * CHUNK < n:
-        t *= 2
-    return t
-
-
 def masked_softmax(out, scores, mask, scale, causal):
     # scores, out: (b, q, kv); mask: (q, kv) additive or (0, 0) for none
     b, q, kv = scores.shape
     if b * q == 0 or kv == 0:
         return
-    wide = wide_ok(scores, kv) and wide_ok(out, kv)
-    masked_softmax_kernel(wide)[b * q, _threads_for(kv)](
-        out.reshape(-1), scores.reshape(-1), mask.reshape(-1), float32(scale), bool(causal),
-        q, kv)
+    wide = wide_ok(scores, kv) and wide_ok(out, kv) and (mask.shape[0] == 0
+                                                         or wide_ok(mask, kv))
+    threads = 32                     # ROW_CHUNKS chunks of 8 per thread, 32..MAX_THREADS
+    while threads < MAX_THREADS and threads * CHUNK * ROW_CHUNKS < kv:
+        threads *= 2
+    kernel = softmax_rows_kernel if kv <= threads * CHUNK * ROW_CHUNKS else masked_softmax_kernel
+    kernel(wide)[b * q, threads](out.reshape(-1), scores.reshape(-1), mask.reshape(-1),
+                                 float32(scale), bool(causal), q, kv)
 
 
 def fill_causal_mask(out):

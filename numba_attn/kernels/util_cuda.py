@@ -149,6 +149,58 @@ if not SIM:
 
         return sig, codegen
 
+    @intrinsic
+    def _load4(typingctx, arr, idx):
+        # a[idx:idx+4] of a float32 array (16-byte aligned idx)
+        if not (isinstance(arr, types.Array) and arr.dtype == types.float32):
+            return None
+        sig = types.UniTuple(types.float32, 4)(arr, idx)
+
+        def codegen(context, builder, sig, args):
+            aty, ity = sig.args
+            ary = context.make_array(aty)(context, builder, args[0])
+            i = context.cast(builder, args[1], ity, types.intp)
+            vty = ir.VectorType(ir.FloatType(), 4)
+            v = builder.load(builder.bitcast(builder.gep(ary.data, [i]), vty.as_pointer()),
+                             align=16)
+            vals = [builder.extract_element(v, ir.Constant(ir.IntType(32), c)) for c in range(4)]
+            return context.make_tuple(builder, sig.return_type, vals)
+
+        return sig, codegen
+
+    @intrinsic
+    def _store4(typingctx, arr, idx, vals):
+        # a[idx:idx+4] = vals (float32 array, 16-byte aligned idx)
+        if not (isinstance(arr, types.Array) and arr.dtype == types.float32):
+            return None
+        sig = types.void(arr, idx, vals)
+
+        def codegen(context, builder, sig, args):
+            aty, ity, vty_ = sig.args
+            ary = context.make_array(aty)(context, builder, args[0])
+            i = context.cast(builder, args[1], ity, types.intp)
+            vecty = ir.VectorType(ir.FloatType(), 4)
+            v = ir.Constant(vecty, ir.Undefined)
+            for c in range(4):
+                x = context.cast(builder, builder.extract_value(args[2], c), vty_[c],
+                                 types.float32)
+                v = builder.insert_element(v, x, ir.Constant(ir.IntType(32), c))
+            builder.store(v, builder.bitcast(builder.gep(ary.data, [i]), vecty.as_pointer()),
+                          align=16)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @device
+    def load4(a, i):
+        """a[i:i+4] of a float32 array as 4 float32 (i % 4 == 0, aligned base)."""
+        return _load4(a, i)
+
+    @device
+    def store4(a, i, vals):
+        """a[i:i+4] = vals (4 float32; i % 4 == 0, aligned float32 array)."""
+        _store4(a, i, vals)
+
     @device
     def store8(a, i, vals):
         """a[i:i+8] = vals (8 float32; i % 8 == 0, aligned float32 array)."""
@@ -185,7 +237,8 @@ else:  # numba's CUDA simulator: plain Python, run per thread
     import threading
 
     def _host(a):
-        return getattr(a, "_ary", a)      # the NumPy array inside a simulator device array
+        # the flat NumPy array inside a simulator device array (kernels index flat)
+        return getattr(a, "_ary", a).reshape(-1)
 
     def _widen_np(v):
         # NumPy values as float32; uint16 holds bfloat16 bits
@@ -205,6 +258,15 @@ else:  # numba's CUDA simulator: plain Python, run per thread
     @cuda.jit(device=True)
     def store8(a, i, vals):
         _host(a)[i:i + CHUNK] = vals
+
+    @cuda.jit(device=True)
+    def load4(a, i):
+        assert i % 4 == 0
+        return _host(a)[i:i + 4].astype(np.float32)
+
+    @cuda.jit(device=True)
+    def store4(a, i, vals):
+        _host(a)[i:i + 4] = vals
 
     @cuda.jit(device=True)
     def load8_tail(a, i, n):

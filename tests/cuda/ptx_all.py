@@ -49,6 +49,8 @@ def kernels():
                (F32, F32, W, W, F32, F, B, I, I, I, I, I, I, I, I))
         yield (f"attention_prefill[{st},D=128]", A.prefill_kernel(128, True),
                (F32, F32, W, W, F, B, I, I, I, I, I))
+        yield (f"attention_prefill_tiled[{st},D=128]", A.prefill_tiled_kernel(128, True),
+               (F32, F32, W, W, F, B, I, I, I, I, I))
     yield ("attention_decode[f32,D=128,QR=1]", A.decode_kernel(128, 1, True),
            (F32, F32, F32, F32, F32, F, B, I, I, I, I, I, I, I, I))
     yield ("attention_decode[f16,D=64,QR=2,scalar]", A.decode_kernel(64, 2, False),
@@ -57,6 +59,17 @@ def kernels():
            (F32, F32, F32, F32, F, B, I, I, I, I, I))
     yield ("attention_prefill[bf16,D=256]", A.prefill_kernel(256, True),
            (F32, F32, U16, U16, F, B, I, I, I, I, I))
+    yield ("attention_prefill_tiled[f32,D=64,scalar]", A.prefill_tiled_kernel(64, False),
+           (F32, F32, F32, F32, F, B, I, I, I, I, I))
+    yield ("attention_prefill_tiled[f16,D=256]", A.prefill_tiled_kernel(256, True),
+           (F32, F32, F16, F16, F, B, I, I, I, I, I))
+    for wide in (True, False):
+        yield (f"softmax_rows[wide={wide}]", S.softmax_rows_kernel(wide),
+               (F32, F32, F32, F, B, I, I))
+    yield ("rope_half4", R._rope_half4, (F32, F32, M2, M2, I, I, I, I))
+    yield ("rope_interleaved4", R._rope_interleaved4, (F32, F32, M2, M2, I, I, I, I))
+    yield ("gemv[f16,quads=2]", L.gemv_kernel(True, 1, 2), (F32, F32, F16, F32, I, I))
+    yield ("gemv[bf16,quads=2,rows=2]", L.gemv_kernel(True, 2, 2), (F32, F32, U16, F32, I, I))
     yield "workspace_zero", A._zero, (F32,)
 
 

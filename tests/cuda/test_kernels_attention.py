@@ -24,6 +24,8 @@ ATTN = [
     (1, 12, 20, 1, 1, 24, True),      # prefill, head dim 24
     (1, 5, 5, 2, 2, 16, False),       # non-causal prefill
     (1, 6, 3, 2, 1, 16, True),        # q_len > kv_len: the first rows see nothing
+    (1, 9, 9, 2, 1, 40, True),        # register-tiled prefill (head dim 40 -> 64)
+    (1, 6, 70, 2, 2, 48, True),       # tiled, two key tiles, a cached prefix
 ]
 ATTN_FULL = [
     (1, 1, 8192, 32, 32, 128, True),
@@ -37,13 +39,15 @@ ATTN_FULL = [
     (2, 129, 1200, 8, 2, 64, True),
     (1, 300, 300, 8, 8, 128, False),
     (1, 77, 77, 4, 4, 256, True),
+    (1, 200, 260, 4, 2, 96, True),
+    (1, 2048, 2048, 4, 4, 128, True),
 ]
 
 
 # the simulator is slow: 16-bit storage on a few cases; on a GPU each variant compiles once
 # (seconds): every full-size case in float32, the head-dim-128 ones in 16-bit storage too
 CASES = [(c, "f32") for c in ATTN] + [(ATTN[1], "f16"), (ATTN[2], "bf16"), (ATTN[5], "f16"),
-                                      (ATTN[7], "bf16")]
+                                      (ATTN[7], "bf16"), (ATTN[12], "f16")]
 if GPU:
     CASES += [(c, t) for c in ATTN_FULL for t in ("f32", "f16", "bf16")
               if t == "f32" or (c[5] == 128 and c[1] in (1, 512))]

@@ -12,7 +12,7 @@ GPU = MODE == "gpu"
 
 # (m, n, k, bias): GEMV (m <= 4) with k a multiple of 8 (16-byte loads) and not, several x
 # slabs, rows not a multiple of the block; GEMM (m > 4) with ragged tiles
-LINEAR = [(1, 20, 1304, True), (1, 7, 37, False), (3, 5, 64, True), (1, 17, 8, False),
+LINEAR = [(1, 9, 2600, True), (1, 7, 37, False), (3, 5, 64, True), (1, 17, 8, False),
           (9, 33, 40, True), (40, 45, 19, False)]
 LINEAR_FULL = [(1, 12288, 4096, False), (1, 4096, 11008, True), (4, 1000, 4100, True),
                (128, 12288, 4096, False), (37, 300, 4096, True)]
@@ -21,6 +21,7 @@ LINEAR_FULL = [(1, 12288, 4096, False), (1, 4096, 11008, True), (4, 1000, 4100, 
 # the simulator is slow: each tiny case with one storage type, each type twice; on a GPU the
 # full-size cases with every type
 CASES = [(c, ("f32", "f16", "bf16")[i % 3]) for i, c in enumerate(LINEAR)]
+CASES += [(LINEAR[0], "f16")]      # 16-bit weights: 8 chunks in flight, two x slabs
 if GPU:
     CASES += [(c, t) for c in LINEAR_FULL for t in ("f32", "f16", "bf16")]
 

@@ -14,7 +14,7 @@ GPU = MODE == "gpu"
 SOFTMAX = [(2, 3, 5, True, False), (1, 4, 64, True, True), (1, 3, 300, False, True),
            (1, 1, 17, True, False), (1, 5, 3, True, False), (1, 1, 2100, True, True)]
 SOFTMAX_FULL = [(32, 128, 128, True, False), (32, 1, 8192, True, False),
-                (8, 512, 1000, True, True), (4, 1024, 2048, False, True)]
+                (8, 512, 1000, True, True), (4, 1024, 2048, False, True), (2, 3, 20000, True, True)]
 
 
 def mask_for(rng, q, kv):
@@ -57,3 +57,16 @@ def test_broadcast_mask(shape):
     m = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     got = softmax_cuda.broadcast_mask(dev(m), 3, 5).copy_to_host()
     np.testing.assert_array_equal(got, np.broadcast_to(m, (3, 5)))
+
+
+@pytest.mark.parametrize("kv,wide", [(900, False), (1000, True)])
+def test_softmax_rows_kernel_four_chunks_per_thread(kv, wide):
+    # the register-resident kernel with 32 threads: each holds 4 chunks of the row
+    rng = np.random.default_rng(kv)
+    s = randn(rng, 2, 2, kv)
+    mask = mask_for(rng, 2, kv)
+    out = poisoned(s.shape)
+    softmax_cuda.softmax_rows_kernel(wide)[4, 32](out.reshape(-1), dev(s).reshape(-1),
+                                                  dev(mask).reshape(-1), np.float32(0.5),
+                                                  True, 2, kv)
+    assert np.abs(out.copy_to_host() - softmax_ref(s, 0.5, True, mask)).max() < 1e-6
