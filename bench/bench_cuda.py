@@ -212,8 +212,10 @@ def bench_attention_prefill():
         if best is None or t < best:
             best, which = t, name
     flops = 4 * S * S * d * H / 2                       # causal half of QK^T and PV
+    tiled = any(attention_cuda._dyn_shared_ok.values())
     row("attention", f"prefill causal S={S} H={H} d={d} fp32", us, None, best, flops,
-        "TFLOP/s", note=f"err {err:.1e}; torch best: {which}")
+        "TFLOP/s", note=f"err {err:.1e}; torch best: {which}; "
+        f"{'register-tiled' if tiled else 'row-per-lanes'} kernel")
     return us, best
 
 
@@ -302,12 +304,12 @@ def bench_tune():
         w, x = randn(n, k, dtype=dt), randn(1, k)
         out = torch.empty(1, n, device="cuda")
         W, X, O, Bz = nb(w), nb(x), nb(out), nb(torch.empty(0, device="cuda"))
-        for rows in (1, 2, 4):
-            kern = linear_cuda.gemv_kernel(True, rows)
+        for rows, quads in ((1, 1), (2, 1), (1, 2), (2, 2)):
+            kern = linear_cuda.gemv_kernel(True, rows, quads)
             grid = (-(-n // (linear_cuda.GEMV_WARPS * rows)), 1)
             us = device_us(lambda i: kern[grid, linear_cuda.GEMV_THREADS](
                 O.reshape(-1), X.reshape(-1), W.reshape(-1), Bz, n, k))
-            print(f"  gemv {st} rows/warp={rows}: {us:.1f} us "
+            print(f"  gemv {st} rows/warp={rows} chunks={4 * quads}: {us:.1f} us "
                   f"({w.numel() * w.element_size() / us / 1e3:.0f} GB/s)")
     kv, d = 8192, 128
     for H, Hkv in ((32, 32), (32, 8)):
@@ -319,7 +321,7 @@ def bench_tune():
             V = [nb(randn(1, kv, Hkv, d, dtype=dt)) for _ in range(sets)]
             O, Q = nb(torch.empty(1, 1, H, d, device="cuda")), nb(q)
             old = attention_cuda.BLOCKS_PER_SM
-            for bps in (1, 2, 4, 8, 16):
+            for bps in (1, 2, 3, 4, 6, 8):
                 attention_cuda.BLOCKS_PER_SM = bps
                 us = device_us(lambda i: attention_cuda.attention(O, Q, K[i], V[i], 0.088, True),
                                sets)
@@ -329,33 +331,36 @@ def bench_tune():
     S, H, d = 2048, 32, 128
     q, k_, v_ = randn(1, S, H, d), randn(1, S, H, d), randn(1, S, H, d)
     Q, K, V, O = nb(q), nb(k_), nb(v_), nb(torch.empty_like(q))
-    for threads in (128, 256, 512):
+    for threads in (128, 256):
         kern = attention_cuda.prefill_kernel(128, True, threads)
         rows = threads // 8
         grid = (-(-S // rows), H, 1)
         us = device_us(lambda i: kern[grid, threads](
             O.reshape(-1), Q.reshape(-1), K.reshape(-1), V.reshape(-1), 0.088, True, S, H, H,
             S, d), reps=5)
-        print(f"  prefill S={S} threads={threads}: {us:.1f} us "
+        print(f"  prefill row-per-lanes S={S} threads={threads}: {us:.1f} us "
               f"({4 * S * S * d * H / 2 / us / 1e6:.1f} TFLOP/s)")
 
 
 def resources():
     """Registers, shared and local memory per thread of every kernel variant compiled here."""
     print("\nkernel resources (registers/thread, shared bytes/block, local bytes/thread):")
-    kernels = [(f"gemv wide={w}", linear_cuda.gemv_kernel(w)) for w in (True, False)]
+    kernels = [(f"gemv wide={w} quads={qd}", linear_cuda.gemv_kernel(w, 1, qd))
+               for w in (True, False) for qd in (1, 2)]
     kernels += [("gemm", linear_cuda._gemm), ("rmsnorm", norm_cuda.rmsnorm_kernel(True)),
-                ("softmax", softmax_cuda.masked_softmax_kernel(True)),
-                ("rope_half", rope_cuda._rope_half)]
+                ("softmax rows", softmax_cuda.softmax_rows_kernel(True)),
+                ("softmax 2-pass", softmax_cuda.masked_softmax_kernel(True)),
+                ("rope_half4", rope_cuda._rope_half4)]
     kernels += [(f"decode D=128 QR={qr}", attention_cuda.decode_kernel(128, qr, True))
                 for qr in (1, 2, 4)]
-    kernels += [("prefill D=128", attention_cuda.prefill_kernel(128, True))]
+    kernels += [("prefill tiled D=128", attention_cuda.prefill_tiled_kernel(128, True)),
+                ("prefill rows D=128", attention_cuda.prefill_kernel(128, True, 256))]
     for name, k in kernels:
-        for sig in list(k.overloads):
+        for sig, kk in list(k.overloads.items()):
             try:
-                print(f"  {name:22s} {str(sig)[:60]:60s} regs {k.get_regs_per_thread(sig)} "
-                      f"shared {k.get_shared_mem_per_block(sig)} "
-                      f"local {k.get_local_mem_per_thread(sig)}")
+                print(f"  {name:24s} {str(sig[2] if len(sig) > 2 else sig)[:40]:40s} "
+                      f"regs {kk.regs_per_thread} shared {kk.shared_mem_per_block} "
+                      f"local {kk.local_mem_per_thread}")
             except Exception as e:  # noqa: BLE001
                 print(f"  {name}: {type(e).__name__}: {e}")
 
