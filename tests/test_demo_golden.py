@@ -1,0 +1,262 @@
+"""Checks for the built-in demo model (numba_attn/models/demo) and its golden data.
+
+tests/data/demo_golden.json was written by tools/demo/train.py with the PyTorch
+reference model loaded from the *exported* float16 weights and run in float32:
+
+- ``cases[i]``: ``prompt``, ``prompt_ids`` (``<s>`` = 1 prepended), ``generated_ids``
+  (greedy argmax, exactly ``max_new_tokens`` tokens, no stop at ``</s>``),
+  ``generated_text`` and ``min_top1_top2_margin`` (smallest logit gap between the
+  best and second-best token over the steps, to judge how safe an exact match is);
+- ``last_logits``: the float32 logits at the last position of case 0's prompt
+  (``top10_ids``/``top10_values``, ``first16_values``, ``mean``, ``std``, ``logsumexp``).
+
+The first tests need only numpy, safetensors and tokenizers: they check the shipped
+folder and re-derive the golden data with an independent numpy implementation of
+HF LlamaForCausalLM.  The ``test_engine_*`` tests run numba_attn's engine
+(``numba_attn.Model``) against the same data.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "numba_attn" / "models" / "demo"
+GOLDEN = ROOT / "tests" / "data" / "demo_golden.json"
+REQUIRED_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+MAX_TOTAL_BYTES = 20 * 1024 * 1024
+LOGIT_ATOL = 2e-3
+LOGIT_RTOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def golden():
+    with open(GOLDEN) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def config():
+    with open(DEMO / "config.json") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    from safetensors.numpy import load_file
+
+    return load_file(str(DEMO / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+
+
+# ----------------------------------------------------------------------------------
+# The shipped folder
+# ----------------------------------------------------------------------------------
+def test_demo_folder_files_and_size():
+    assert DEMO.is_dir(), DEMO
+    for name in REQUIRED_FILES:
+        assert (DEMO / name).is_file(), name
+    total = sum(p.stat().st_size for p in DEMO.iterdir() if p.is_file())
+    assert total < MAX_TOTAL_BYTES, total
+
+
+def test_config(config):
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["model_type"] == "llama"
+    for key in ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+                "max_position_embeddings", "vocab_size", "bos_token_id", "eos_token_id",
+                "tie_word_embeddings", "torch_dtype"]:
+        assert key in config, key
+    assert config["num_attention_heads"] % config["num_key_value_heads"] == 0
+    assert config["num_key_value_heads"] < config["num_attention_heads"]  # GQA
+    assert config["head_dim"] * config["num_attention_heads"] == config["hidden_size"]
+    assert config["tie_word_embeddings"] is False
+    with open(DEMO / "generation_config.json") as f:
+        gen = json.load(f)
+    assert gen["bos_token_id"] == config["bos_token_id"]
+    assert gen["eos_token_id"] == config["eos_token_id"]
+
+
+def expected_shapes(cfg):
+    d, ff, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    nh, nkv, v = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"]
+    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,),
+              "lm_head.weight": (v, d)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (d,),
+            p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (nh * hd, d),
+            p + "self_attn.k_proj.weight": (nkv * hd, d),
+            p + "self_attn.v_proj.weight": (nkv * hd, d),
+            p + "self_attn.o_proj.weight": (d, nh * hd),
+            p + "mlp.gate_proj.weight": (ff, d),
+            p + "mlp.up_proj.weight": (ff, d),
+            p + "mlp.down_proj.weight": (d, ff),
+        })
+    return shapes
+
+
+def test_weights_names_shapes_dtype(config, weights):
+    shapes = expected_shapes(config)
+    assert set(weights) == set(shapes)
+    dtype = {"float16": np.float16, "float32": np.float32}[config["torch_dtype"]]
+    for name, w in weights.items():
+        assert w.shape == shapes[name], name
+        assert w.dtype == dtype, name
+        assert np.isfinite(w).all(), name
+
+
+def test_tokenizer(config, tokenizer, golden):
+    assert tokenizer.get_vocab_size() == config["vocab_size"]
+    assert tokenizer.token_to_id("<s>") == config["bos_token_id"] == golden["bos_token_id"]
+    assert tokenizer.token_to_id("</s>") == config["eos_token_id"] == golden["eos_token_id"]
+    text = "\"Oh! Mr. Bennet, you are wanted immediately; we are all in an uproar.\""
+    ids = tokenizer.encode(text).ids
+    assert ids[0] == config["bos_token_id"]  # <s> prepended by the post-processor
+    assert tokenizer.encode(text, add_special_tokens=False).ids == ids[1:]
+    assert tokenizer.decode(ids) == text  # byte-level decoder: clean round trip
+    for case in golden["cases"]:
+        assert tokenizer.encode(case["prompt"]).ids == case["prompt_ids"]
+        assert tokenizer.decode(case["generated_ids"], skip_special_tokens=False) == \
+            case["generated_text"]
+
+
+def test_golden_format(golden, config):
+    assert golden["stop_at_eos"] is False
+    assert len(golden["cases"]) >= 3
+    for case in golden["cases"]:
+        assert case["prompt_ids"][0] == config["bos_token_id"]
+        assert len(case["generated_ids"]) == golden["max_new_tokens"]
+        assert all(0 <= t < config["vocab_size"] for t in case["generated_ids"])
+    ll = golden["last_logits"]
+    assert ll["prompt_ids"] == golden["cases"][ll["case"]]["prompt_ids"]
+    assert ll["vocab_size"] == config["vocab_size"]
+    assert len(ll["top10_ids"]) == len(ll["top10_values"]) == 10
+
+
+# ----------------------------------------------------------------------------------
+# Independent numpy reference of HF LlamaForCausalLM (float32, full recomputation)
+# ----------------------------------------------------------------------------------
+class NumpyLlama:
+    def __init__(self, cfg, weights):
+        self.cfg = cfg
+        self.w = {k: v.astype(np.float32) for k, v in weights.items()}
+        hd = cfg["head_dim"]
+        exps = np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)
+        self.inv_freq = (np.float32(1.0) / (np.float32(cfg["rope_theta"]) ** exps)).astype(np.float32)
+
+    def _rms(self, x, w):
+        var = (x * x).mean(-1, keepdims=True)
+        return w * (x / np.sqrt(var + np.float32(self.cfg["rms_norm_eps"])))
+
+    def _rope(self, x, pos):  # x: (H, T, hd)
+        freqs = pos[:, None].astype(np.float32) * self.inv_freq[None, :]
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        cos, sin = np.cos(emb), np.sin(emb)
+        half = x.shape[-1] // 2
+        rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rot * sin
+
+    def logits(self, ids):
+        """float32 logits of every position of `ids` (positions 0..T-1)."""
+        cfg, w = self.cfg, self.w
+        T, hd = len(ids), cfg["head_dim"]
+        nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        pos = np.arange(T)
+        mask = np.triu(np.full((T, T), -np.inf, dtype=np.float32), k=1)
+        x = w["model.embed_tokens.weight"][np.asarray(ids)]
+        for i in range(cfg["num_hidden_layers"]):
+            p = f"model.layers.{i}."
+            h = self._rms(x, w[p + "input_layernorm.weight"])
+            q = (h @ w[p + "self_attn.q_proj.weight"].T).reshape(T, nh, hd).transpose(1, 0, 2)
+            k = (h @ w[p + "self_attn.k_proj.weight"].T).reshape(T, nkv, hd).transpose(1, 0, 2)
+            v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(T, nkv, hd).transpose(1, 0, 2)
+            q, k = self._rope(q, pos), self._rope(k, pos)
+            rep = nh // nkv  # query head j reads KV head j // rep (HF repeat_kv)
+            k, v = np.repeat(k, rep, axis=0), np.repeat(v, rep, axis=0)
+            s = q @ k.transpose(0, 2, 1) / np.float32(math.sqrt(hd)) + mask
+            s = np.exp(s - s.max(-1, keepdims=True))
+            a = (s / s.sum(-1, keepdims=True)) @ v  # (nh, T, hd)
+            x = x + a.transpose(1, 0, 2).reshape(T, nh * hd) @ w[p + "self_attn.o_proj.weight"].T
+            h = self._rms(x, w[p + "post_attention_layernorm.weight"])
+            g = h @ w[p + "mlp.gate_proj.weight"].T
+            u = h @ w[p + "mlp.up_proj.weight"].T
+            x = x + ((g / (1 + np.exp(-g))) * u) @ w[p + "mlp.down_proj.weight"].T
+        x = self._rms(x, w["model.norm.weight"])
+        return (x @ w["lm_head.weight"].T).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def numpy_model(config, weights):
+    return NumpyLlama(config, weights)
+
+
+def check_last_logits(logits, golden):
+    ll = golden["last_logits"]
+    assert logits.shape == (ll["vocab_size"],)
+    top = np.argsort(-logits, kind="stable")[:10]
+    assert [int(t) for t in top] == ll["top10_ids"]
+    np.testing.assert_allclose(logits[top], ll["top10_values"], atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
+    np.testing.assert_allclose(logits[:16], ll["first16_values"], atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
+    assert abs(float(logits.mean()) - ll["mean"]) < LOGIT_ATOL
+    assert abs(float(logits.std(ddof=1)) - ll["std"]) < LOGIT_ATOL
+
+
+def test_numpy_reference_last_logits(numpy_model, golden):
+    logits = numpy_model.logits(golden["last_logits"]["prompt_ids"])[-1]
+    check_last_logits(logits, golden)
+
+
+def test_numpy_reference_greedy(numpy_model, golden):
+    for case in golden["cases"]:
+        ids = list(case["prompt_ids"])
+        for _ in range(golden["max_new_tokens"]):
+            ids.append(int(np.argmax(numpy_model.logits(ids)[-1])))
+        assert ids[len(case["prompt_ids"]):] == case["generated_ids"], case["prompt"]
+
+
+# ----------------------------------------------------------------------------------
+# The numba_attn engine
+# ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine():
+    from numba_attn import Model
+
+    return Model.from_pretrained(str(DEMO))
+
+
+def test_engine_last_logits(engine, golden):
+    ids = np.array(golden["last_logits"]["prompt_ids"], dtype=np.int64)
+    logits = np.asarray(engine.forward(ids, start_pos=0))
+    assert logits.dtype == np.float32
+    check_last_logits(logits, golden)
+
+
+@pytest.mark.parametrize("case_index", range(4))
+def test_engine_greedy(engine, golden, case_index):
+    if case_index >= len(golden["cases"]):
+        pytest.fail("golden file has fewer cases than this test expects")
+    case = golden["cases"][case_index]
+    prompt = np.array(case["prompt_ids"], dtype=np.int64)
+    logits = np.asarray(engine.forward(prompt, start_pos=0))
+    pos = len(prompt)
+    out = []
+    for _ in range(golden["max_new_tokens"]):
+        tok = int(np.argmax(logits))
+        out.append(tok)
+        logits = np.asarray(engine.forward(np.array([tok], dtype=np.int64), start_pos=pos))
+        pos += 1
+    assert out == case["generated_ids"], case["prompt"]
