@@ -16,6 +16,7 @@ import os
 import numpy as np
 from numba import float32, get_num_threads, njit, prange
 
+from . import cpu_pool
 from .scalar import FASTMATH_INF, exp_f32
 
 BLOCK_ROWS = 64        # prefill: query rows per tile (positions x grouped heads)
@@ -276,5 +277,8 @@ def _attention_decode(out, q, k, v, scale, causal, n_workers):
 
 def attention(out, q, k, v, scale, causal):
     # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d)
-    schedule = _attention_decode if q.shape[1] <= DECODE_MAX_Q else _attention_prefill
-    schedule(out, q, k, v, scale, causal, get_num_threads())
+    B, q_len, H, d = q.shape
+    work = B * q_len * H * k.shape[1] * d      # multiply-adds of q k^T (at most)
+    schedule = _attention_decode if q_len <= DECODE_MAX_Q else _attention_prefill
+    n_workers = get_num_threads() if work >= cpu_pool.PARALLEL_MIN_WORK else 1
+    cpu_pool.run(schedule, work, out, q, k, v, scale, causal, n_workers)

@@ -5,6 +5,8 @@ vectorised dot products. Prefill (many rows) is compute-bound: NumPy's BLAS sgem
 import numpy as np
 from numba import float32, njit, prange
 
+from . import cpu_pool
+
 GEMV_ROWS = 4  # rows of w per inner step: x is loaded once for 4 dot products
 
 
@@ -46,8 +48,8 @@ def _add_bias(out, bias):
 def linear(out, x, w, bias):
     # x: (m, k); w: (n, k); bias: (n,) or (0,); out: (m, n)
     if x.shape[0] == 1:
-        _gemv(out[0], x[0], w)
+        cpu_pool.run(_gemv, w.size, out[0], x[0], w)
     else:
         np.matmul(x, w.T, out=out)  # BLAS sgemm; w.T is a view, no copy
     if bias.shape[0]:
-        _add_bias(out, bias)
+        cpu_pool.run(_add_bias, out.size, out, bias)

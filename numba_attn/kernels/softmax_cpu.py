@@ -5,11 +5,12 @@ The rule is applied inside the loop bounds: no mask array is built or read for i
 import numpy as np
 from numba import float32, njit, prange
 
+from . import cpu_pool
 from .scalar import FASTMATH_INF, exp_f32
 
 
 @njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
-def masked_softmax(out, scores, mask, scale, causal):
+def _masked_softmax(out, scores, mask, scale, causal):
     # scores, out: (b, q, kv); mask: (q, kv) additive (may be a broadcast view) or (0, 0).
     # out may be scores (in place).
     b, q, kv = scores.shape
@@ -40,6 +41,11 @@ def masked_softmax(out, scores, mask, scale, causal):
             out[z, i, j] *= inv
         for j in range(n_vis, kv):
             out[z, i, j] = float32(0)
+
+
+def masked_softmax(out, scores, mask, scale, causal):
+    # scores, out: (b, q, kv); mask: (q, kv) or (0, 0)
+    cpu_pool.run(_masked_softmax, scores.size, out, scores, mask, scale, causal)
 
 
 @njit(parallel=True, cache=True)
