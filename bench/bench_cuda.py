@@ -212,7 +212,7 @@ def bench_attention_prefill():
         if best is None or t < best:
             best, which = t, name
     flops = 4 * S * S * d * H / 2                       # causal half of QK^T and PV
-    tiled = any(attention_cuda._dyn_shared_ok.values())
+    tiled = attention_cuda.PREFILL_TILED and any(attention_cuda._dyn_shared_ok.values())
     row("attention", f"prefill causal S={S} H={H} d={d} fp32", us, None, best, flops,
         "TFLOP/s", note=f"err {err:.1e}; torch best: {which}; "
         f"{'register-tiled' if tiled else 'row-per-lanes'} kernel")
@@ -299,18 +299,6 @@ def bench_launch():
 def bench_tune():
     """Variants of the block shapes, to pick the defaults (printed, not in the table)."""
     print("\ntuning variants (device us):")
-    n, k = 12288, 4096
-    for st, dt in (("fp32", torch.float32), ("fp16", torch.float16)):
-        w, x = randn(n, k, dtype=dt), randn(1, k)
-        out = torch.empty(1, n, device="cuda")
-        W, X, O, Bz = nb(w), nb(x), nb(out), nb(torch.empty(0, device="cuda"))
-        for rows, quads in ((1, 1), (2, 1), (1, 2), (2, 2)):
-            kern = linear_cuda.gemv_kernel(True, rows, quads)
-            grid = (-(-n // (linear_cuda.GEMV_WARPS * rows)), 1)
-            us = device_us(lambda i: kern[grid, linear_cuda.GEMV_THREADS](
-                O.reshape(-1), X.reshape(-1), W.reshape(-1), Bz, n, k))
-            print(f"  gemv {st} rows/warp={rows} chunks={4 * quads}: {us:.1f} us "
-                  f"({w.numel() * w.element_size() / us / 1e3:.0f} GB/s)")
     kv, d = 8192, 128
     for H, Hkv in ((32, 32), (32, 8)):
         for st, dt in (("fp32", torch.float32), ("fp16", torch.float16)):
@@ -328,18 +316,16 @@ def bench_tune():
                 print(f"  decode {H}/{Hkv} {st} blocks/SM={bps}: {us:.1f} us "
                       f"({per / us / 1e3:.0f} GB/s)")
             attention_cuda.BLOCKS_PER_SM = old
+    # prefill: the register-tiled kernel against the default row-per-lanes one
     S, H, d = 2048, 32, 128
     q, k_, v_ = randn(1, S, H, d), randn(1, S, H, d), randn(1, S, H, d)
     Q, K, V, O = nb(q), nb(k_), nb(v_), nb(torch.empty_like(q))
-    for threads in (128, 256):
-        kern = attention_cuda.prefill_kernel(128, True, threads)
-        rows = threads // 8
-        grid = (-(-S // rows), H, 1)
-        us = device_us(lambda i: kern[grid, threads](
-            O.reshape(-1), Q.reshape(-1), K.reshape(-1), V.reshape(-1), 0.088, True, S, H, H,
-            S, d), reps=5)
-        print(f"  prefill row-per-lanes S={S} threads={threads}: {us:.1f} us "
+    for tiled in (False, True):
+        attention_cuda.PREFILL_TILED = tiled
+        us = device_us(lambda i: attention_cuda.attention(O, Q, K, V, 0.088, True), reps=5)
+        print(f"  prefill S={S} {'register-tiled' if tiled else 'row-per-lanes'}: {us:.1f} us "
               f"({4 * S * S * d * H / 2 / us / 1e6:.1f} TFLOP/s)")
+    attention_cuda.PREFILL_TILED = False
 
 
 def resources():

@@ -3,9 +3,8 @@
 w may be float32, float16 or bfloat16 (raw bits in uint16); the products and sums are float32.
 
 Decode (a few rows of x): a matrix-vector product bound by reading w once. Each warp owns
-GEMV_ROWS rows of w and streams them in 16-byte chunks, 4 (float32) or 8 (16-bit) chunks of a
-row in flight per lane; x is staged in shared memory, X_SLAB elements at a time, shared by the
-block's warps.
+GEMV_ROWS rows of w and streams them in 16-byte chunks, 4 chunks of a row in flight per lane;
+x is staged in shared memory, X_SLAB elements at a time, shared by the block's warps.
 Prefill (many rows): a tiled GEMM on the CUDA cores, TILE x TILE outputs per block of
 GEMM_THREADS threads, each thread an 8 x 8 register tile; w is widened to float32 as its tile
 is stored in shared memory."""
@@ -44,8 +43,8 @@ def dot8(a, b):
 @functools.cache
 def gemv_kernel(wide, rows=GEMV_ROWS, quads=1):
     """The GEMV kernel; wide: rows of w allow 16-byte loads (k % 8 == 0, aligned base); rows:
-    rows of w per warp; quads: groups of 4 chunks of a row loaded together (2 for 16-bit
-    weights: the same bytes in flight as float32)."""
+    rows of w per warp; quads: groups of 4 chunks of a row loaded together (measured on the
+    H100: 1 is best for every storage type, rows 1 too)."""
     ldw = load8 if wide else load8_tail
     block_rows = GEMV_WARPS * rows
 
@@ -181,8 +180,7 @@ def linear(out, x, w, bias):
         return
     if m <= GEMV_MAX_M:
         grid = ((n + GEMV_BLOCK_ROWS - 1) // GEMV_BLOCK_ROWS, m)
-        quads = 1 if w.dtype.itemsize == 4 else 2
-        gemv_kernel(wide_ok(w, k), GEMV_ROWS, quads)[grid, GEMV_THREADS](
+        gemv_kernel(wide_ok(w, k))[grid, GEMV_THREADS](
             out.reshape(-1), x.reshape(-1), w.reshape(-1), bias, n, k)
     else:
         grid = ((n + TILE - 1) // TILE, (m + TILE - 1) // TILE)
