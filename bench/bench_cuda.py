@@ -309,7 +309,7 @@ def bench_tune():
             V = [nb(randn(1, kv, Hkv, d, dtype=dt)) for _ in range(sets)]
             O, Q = nb(torch.empty(1, 1, H, d, device="cuda")), nb(q)
             old = attention_cuda.BLOCKS_PER_SM
-            for bps in (1, 2, 3, 4, 6, 8):
+            for bps in (2, 4, 8):
                 attention_cuda.BLOCKS_PER_SM = bps
                 us = device_us(lambda i: attention_cuda.attention(O, Q, K[i], V[i], 0.088, True),
                                sets)
