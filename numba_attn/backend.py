@@ -1,12 +1,29 @@
 """Host/device dispatch. NumPy arrays run the CPU kernels; CUDA arrays (numba device arrays or any
 object with __cuda_array_interface__: CuPy, PyTorch CUDA tensors) run the CUDA kernels."""
+import functools
 import importlib
 
 import numpy as np
 
 
 def is_cuda_array(x):
-    return hasattr(x, "__cuda_array_interface__")
+    # __cuda_ndarray__: numba's own device arrays, including the CUDA simulator's (which have
+    # no __cuda_array_interface__)
+    return hasattr(x, "__cuda_array_interface__") or bool(getattr(x, "__cuda_ndarray__", False))
+
+
+def cuda_unavailable():
+    """None when numba-cuda sees a GPU (or runs its simulator); otherwise why not, in words."""
+    try:
+        from numba import cuda
+    except Exception:  # noqa: BLE001 - not installed or broken: either way no GPU for us
+        return "numba-cuda is not installed (pip install 'numba-attn[cuda]')"
+    try:
+        if cuda.is_available():
+            return None
+    except Exception:  # noqa: BLE001
+        pass
+    return "numba.cuda.is_available() is False"
 
 
 def backend_of(*arrays):
@@ -25,10 +42,58 @@ def kernels(family, backend):
 
 def as_device(x):
     """A numba device-array view of any __cuda_array_interface__ object (no copy)."""
-    from numba import cuda
-    if cuda.is_cuda_array(x) and not hasattr(x, "copy_to_host"):
+    if hasattr(x, "__cuda_array_interface__") and not hasattr(x, "copy_to_host"):
+        from numba import cuda
         return cuda.as_cuda_array(x)
+    sim = _simulator_arrays()
+    if sim is not None and type(x) is sim[0]:
+        return sim[1](x._ary, x.stream)
     return x
+
+
+@functools.cache
+def _simulator_arrays():
+    """Under numba's CUDA simulator: (its device array type, the same with a plain tuple shape).
+    The simulator's shape refuses negative indices (x.shape[-1]), which real device arrays take
+    on the host; the host code here uses them. None without the simulator."""
+    from numba import config
+    if not config.ENABLE_CUDASIM:
+        return None
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    class SimulatorArray(FakeCUDAArray):
+        @property
+        def shape(self):
+            return self._ary.shape
+
+    return FakeCUDAArray, SimulatorArray
+
+
+def device_id():
+    """The current CUDA device's id (0 under the simulator, whose device has none)."""
+    from numba import cuda
+    return getattr(cuda.get_current_device(), "id", 0)
+
+
+def copy_from_host(dst, src):
+    """Host values src into dst, a host or device array of the same shape; returns dst."""
+    if is_cuda_array(dst):
+        as_device(dst).copy_to_device(src)
+    else:
+        dst[...] = src
+    return dst
+
+
+def copy_to_host(dst, src):
+    """The values of src (a host or device array) in the host array dst; returns dst. When src
+    is dst (a host buffer already), nothing is copied."""
+    if src is dst:
+        return dst
+    if is_cuda_array(src):
+        as_device(src).copy_to_host(dst)
+    else:
+        dst[...] = src
+    return dst
 
 
 def empty(shape, dtype, backend):

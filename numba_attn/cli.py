@@ -66,8 +66,12 @@ def main():
                    "[default: the model's context, at most 4096]")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where to run: cpu or cuda.")
+@click.option("--weight-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True,
+              help="Storage of the linear weights: float32, or float16 (--device cuda only: "
+                   "half the bytes per token, float32 arithmetic).")
 def generate(prompt, model_dir, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
-             repeat_last_n, seed, context, device):
+             repeat_last_n, seed, context, device, weight_dtype):
     """Generate text from PROMPT (or standard input), streaming it as it comes."""
     from .generate import STOP_CONTEXT, CompileTimer, GenerationStats, check_room
     from .generate import generate as run
@@ -94,7 +98,8 @@ def generate(prompt, model_dir, max_tokens, temperature, top_k, top_p, min_p, re
     limit = None if max_tokens == -1 else max_tokens
 
     try:
-        model = Model.from_pretrained(model_dir, device=device, max_seq=context)
+        model = Model.from_pretrained(model_dir, device=device, max_seq=context,
+                                      weight_dtype=weight_dtype)
         tokenizer = Tokenizer(model_dir, model.config.bos_token_id)
         ids = tokenizer.encode(prompt)
         check_room(model, len(ids), limit)

@@ -8,7 +8,7 @@ from collections import OrderedDict
 import numpy as np
 
 from . import checks
-from .backend import kernels
+from .backend import device_id, kernels
 
 
 def causal_mask(q_len, kv_len, *, device="cpu"):
@@ -58,8 +58,7 @@ class MaskCache:
 
     @staticmethod
     def _device_key():
-        from numba import cuda
-        return f"cuda:{cuda.get_current_device().id}"
+        return f"cuda:{device_id()}"
 
     def __len__(self):
         with self._lock:   # get() inserts, then evicts: unlocked, len could read max_entries + 1

@@ -7,25 +7,35 @@
 
 Every kernel call writes into a buffer allocated once (`out=`); the forward pass itself only
 slices those buffers. Weight and buffer names follow the Hugging Face checkpoint.
+
+The same forward pass runs on both devices: every step is a public function of ops.py, which
+picks the CPU or CUDA kernel from its arguments. With device="cuda" the weights are copied to
+the GPU once as they are read (float32, or float16 linear weights with weight_dtype="float16"),
+the KV cache and the activation buffers live there, each forward call copies its token ids to
+the device, and only the final logits (vocab,) come back to the host for sampling.
 """
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import empty
+from .backend import copy_from_host, copy_to_host, cuda_unavailable, empty, is_cuda_array
 from .config import LlamaConfig
 from .kvcache import KVCache
-from .ops import apply_rope, attention, linear, rmsnorm, silu_mul
+from .ops import (add, apply_rope, attention, embedding, linear, rmsnorm, silu_mul,
+                  split_qkv)
 from .rope import RopeTable
 from .weights import Checkpoint, CheckpointError
 
 DEFAULT_MAX_SEQ = 4096   # KV cache length when the caller gives none (and the model allows it)
 DEVICES = ("cpu", "cuda")
+# storage of the linear weights (projections, MLP, lm_head); norms, biases and a separate
+# embedding table stay float32. float16 halves the bytes a decode step reads, CUDA only
+WEIGHT_DTYPES = {"cpu": ("float32",), "cuda": ("float32", "float16")}
 
 
 @dataclass
-class LayerWeights:
+class LayerWeights:                       # host (NumPy) or device arrays, by the model's device
     input_layernorm: np.ndarray           # (hidden,)
     qkv_proj: np.ndarray                  # (q_dim + 2 * kv_dim, hidden): q_proj, k_proj, v_proj
     qkv_bias: np.ndarray | None           # (q_dim + 2 * kv_dim,) Qwen2; None for Llama
@@ -45,17 +55,22 @@ class ModelWeights:
     lm_head: np.ndarray                   # (vocab, hidden); embed_tokens itself when tied
 
     @classmethod
-    def load(cls, config, folder):
+    def load(cls, config, folder, *, device="cpu", weight_dtype="float32"):
         """Read a checkpoint folder into float32 arrays, one tensor at a time: each tensor is
         read (and converted) straight into its final place, so loading holds one copy of the
-        model plus at most one tensor in flight."""
+        model plus at most one tensor in flight. device="cuda": each tensor is copied to the
+        GPU as soon as it is read (the host holds one tensor at a time), the linear weights
+        in weight_dtype."""
         c = config
         f32 = np.float32
+        put = _placer(device, weight_dtype)
         with Checkpoint(folder) as ck:
-            def read(name, shape):
-                return ck.read(name, np.empty(shape, f32))
+            def read(name, shape, matrix=False):
+                return put(name, ck.read(name, np.empty(shape, f32)), matrix)
 
-            embed = read("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
+            # the embedding table is also the lm_head when tied: then it is stored like one
+            embed = read("model.embed_tokens.weight", (c.vocab_size, c.hidden_size),
+                         c.tie_word_embeddings)
             layers = []
             for i in range(c.n_layers):
                 p = f"model.layers.{i}."
@@ -65,6 +80,7 @@ class ModelWeights:
                 ck.read(p + "self_attn.q_proj.weight", q)
                 ck.read(p + "self_attn.k_proj.weight", k)
                 ck.read(p + "self_attn.v_proj.weight", v)
+                qkv = put(p + "self_attn.qkv_proj.weight", qkv, True)
                 qkv_bias = None
                 if c.qkv_bias:
                     qkv_bias = np.empty(c.qkv_dim, f32)
@@ -72,39 +88,101 @@ class ModelWeights:
                     ck.read(p + "self_attn.q_proj.bias", qb)
                     ck.read(p + "self_attn.k_proj.bias", kb)
                     ck.read(p + "self_attn.v_proj.bias", vb)
+                    qkv_bias = put(p + "self_attn.qkv_proj.bias", qkv_bias, False)
                 layers.append(LayerWeights(
                     input_layernorm=read(p + "input_layernorm.weight", (c.hidden_size,)),
                     qkv_proj=qkv,
                     qkv_bias=qkv_bias,
-                    o_proj=read(p + "self_attn.o_proj.weight", (c.hidden_size, c.q_dim)),
+                    o_proj=read(p + "self_attn.o_proj.weight", (c.hidden_size, c.q_dim), True),
                     o_bias=read(p + "self_attn.o_proj.bias", (c.hidden_size,))
                     if c.o_bias else None,
                     post_attention_layernorm=read(p + "post_attention_layernorm.weight",
                                                   (c.hidden_size,)),
                     gate_proj=read(p + "mlp.gate_proj.weight",
-                                   (c.intermediate_size, c.hidden_size)),
-                    up_proj=read(p + "mlp.up_proj.weight", (c.intermediate_size, c.hidden_size)),
+                                   (c.intermediate_size, c.hidden_size), True),
+                    up_proj=read(p + "mlp.up_proj.weight", (c.intermediate_size, c.hidden_size),
+                                 True),
                     down_proj=read(p + "mlp.down_proj.weight",
-                                   (c.hidden_size, c.intermediate_size)),
+                                   (c.hidden_size, c.intermediate_size), True),
                 ))
             norm = read("model.norm.weight", (c.hidden_size,))
             if c.tie_word_embeddings:
                 lm_head = embed
             elif "lm_head.weight" in ck:
-                lm_head = read("lm_head.weight", (c.vocab_size, c.hidden_size))
+                lm_head = read("lm_head.weight", (c.vocab_size, c.hidden_size), True)
             else:
                 raise CheckpointError("lm_head.weight is missing and tie_word_embeddings is "
                                       "false in config.json")
         return cls(embed_tokens=embed, layers=layers, norm=norm, lm_head=lm_head)
 
-    @property
-    def nbytes(self):
+    def arrays(self):
+        """Every distinct weight array (a tied lm_head once)."""
         arrays = [self.embed_tokens, self.norm]
         if self.lm_head is not self.embed_tokens:
             arrays.append(self.lm_head)
         for layer in self.layers:
             arrays += [a for a in vars(layer).values() if a is not None]
-        return sum(a.nbytes for a in arrays)
+        return arrays
+
+    @property
+    def nbytes(self):
+        return sum(int(a.nbytes) for a in self.arrays())
+
+    @property
+    def device(self):
+        """'cpu' or 'cuda': where the arrays live."""
+        return "cuda" if is_cuda_array(self.norm) else "cpu"
+
+    @property
+    def weight_dtype(self):
+        """Storage of the linear weights: 'float32' or 'float16'."""
+        return np.dtype(self.layers[0].qkv_proj.dtype if self.layers else
+                        self.lm_head.dtype).name
+
+    def to_device(self, weight_dtype="float32"):
+        """A copy on the GPU of host weights, the linear weights in weight_dtype (tied
+        embeddings stay tied)."""
+        if self.device != "cpu":
+            raise ValueError("these weights are on the GPU already")
+        put = _placer("cuda", weight_dtype)
+        matrices = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        tied = self.lm_head is self.embed_tokens
+        embed = put("model.embed_tokens.weight", self.embed_tokens, tied)
+        layers = [LayerWeights(**{k: None if a is None else put(k, a, k in matrices)
+                                  for k, a in vars(lw).items()}) for lw in self.layers]
+        return type(self)(embed_tokens=embed, layers=layers, norm=put("norm", self.norm, False),
+                          lm_head=embed if tied else put("lm_head", self.lm_head, True))
+
+
+def _check_weight_dtype(device, weight_dtype):
+    try:
+        name = np.dtype(weight_dtype).name
+    except TypeError:
+        name = None
+    if name not in WEIGHT_DTYPES[device]:
+        raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES[device])} on "
+                         f"{device}, got {weight_dtype!r}"
+                         + (" (float16 weights need device='cuda')" if name == "float16"
+                            else ""))
+    return name
+
+
+def _placer(device, weight_dtype):
+    """put(name, host float32 array, matrix) -> the array the model keeps: the host array itself
+    on the CPU; on CUDA a device copy, matrices (linear weights) stored in weight_dtype."""
+    half = _check_weight_dtype(device, weight_dtype) == "float16"
+    if device == "cpu":
+        return lambda name, a, matrix: a
+    from numba import cuda
+
+    def put(name, a, matrix):
+        if matrix and half:
+            a = a.astype(np.float16)
+            if not np.isfinite(a).all():
+                raise CheckpointError(f"tensor {name!r} has values beyond float16's range; "
+                                      f"use weight_dtype='float32'")
+        return cuda.to_device(a)
+    return put
 
 
 def _split_rows(fused, c):
@@ -130,6 +208,10 @@ class Buffers:
         self.gate = buf(rows, c.intermediate_size)             # silu(gate) * up
         self.up = buf(rows, c.intermediate_size)
         self.logits = buf(1, c.vocab_size)                     # last position only
+        self.ids = empty((rows,), np.int64, device)            # token ids, on the device
+        # the logits sampling reads, on the host (the device buffer itself on the CPU)
+        self.logits_host = self.logits if device == "cpu" else np.empty((1, c.vocab_size),
+                                                                         np.float32)
 
     def take(self, seq):
         """Views of the first seq rows: (x, xb, qkv, q, k, v, att, gate, up)."""
@@ -138,12 +220,23 @@ class Buffers:
 
 
 class Model:
-    def __init__(self, config, weights, *, device="cpu", max_seq=None):
+    def __init__(self, config, weights, *, device="cpu", max_seq=None, weight_dtype=None):
+        """weights: ModelWeights on `device`, or host weights for a CUDA model (copied to the
+        GPU here, the linear weights in weight_dtype, default float32)."""
         _check_device(device)
         c = config
+        if weights.device != device:
+            if device == "cpu":
+                raise ValueError("a CPU model needs host weights; these are on the GPU")
+            weights = weights.to_device(weight_dtype or "float32")
+        elif weight_dtype is not None and _check_weight_dtype(device, weight_dtype) != \
+                weights.weight_dtype:
+            raise ValueError(f"weight_dtype={weight_dtype!r} but the weights are stored as "
+                             f"{weights.weight_dtype}")
         self.config = c
         self.weights = weights
         self.device = device
+        self.weight_dtype = weights.weight_dtype
         # positions this model instance runs: the model's context, or less when asked
         self.max_seq = c.max_context if max_seq is None else int(max_seq)
         if not 1 <= self.max_seq <= c.max_context:
@@ -155,10 +248,13 @@ class Model:
         self.buffers = Buffers(c, 1, device)
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", max_seq=None):
+    def from_pretrained(cls, path, device="cpu", max_seq=None, weight_dtype="float32"):
         """Load a Hugging Face folder (config.json, *.safetensors). max_seq: KV cache length;
-        default the model's context, at most DEFAULT_MAX_SEQ unless asked for more."""
+        default the model's context, at most DEFAULT_MAX_SEQ unless asked for more.
+        device="cuda" puts the weights, KV cache and buffers on the GPU; weight_dtype="float16"
+        (CUDA only) stores the linear weights in half precision (float32 arithmetic)."""
         _check_device(device)
+        _check_weight_dtype(device, weight_dtype)
         path = os.fspath(path)
         config = LlamaConfig.from_pretrained(path)
         if max_seq is None:
@@ -166,7 +262,8 @@ class Model:
         elif not 1 <= max_seq <= config.max_context:
             raise ValueError(f"a context of {max_seq} tokens was asked for; the model's context "
                              f"is 1 to {config.max_context} tokens")
-        return cls(config, ModelWeights.load(config, path), device=device, max_seq=max_seq)
+        weights = ModelWeights.load(config, path, device=device, weight_dtype=weight_dtype)
+        return cls(config, weights, device=device, max_seq=max_seq)
 
     @property
     def position(self):
@@ -179,30 +276,33 @@ class Model:
     def forward(self, tokens, start_pos=0):
         """Run tokens (1-D ints) at positions start_pos.. and return the float32 logits
         (vocab,) of the last one. start_pos 0 starts a new sequence; otherwise it must be the
-        current cache length. The result is a view of a buffer the next call overwrites."""
+        current cache length. The result is a host (NumPy) view of a buffer the next call
+        overwrites, on either device."""
         c, w = self.config, self.weights
         tokens = self._check_tokens(tokens, start_pos)
         seq = tokens.shape[0]
         if seq > self.buffers.rows:                      # once per longer prompt
             self.buffers = None
             self.buffers = Buffers(c, seq, self.device)
-        x, xb, qkv, q, k, v, att, gate, up = self.buffers.take(seq)
-        logits = self.buffers.logits
+        b = self.buffers
+        x, xb, qkv, q, k, v, att, gate, up = b.take(seq)
 
-        # token embedding
-        np.take(w.embed_tokens, tokens, axis=0, out=x, mode="clip")   # (seq, hidden)
+        # token embedding; on CUDA the ids go to the device first (one small copy)
+        ids = copy_from_host(b.ids[:seq], tokens)
+        embedding(w.embed_tokens, ids, out=x)                             # (seq, hidden)
 
         for i, lw in enumerate(w.layers):
             # attention: x += o_proj(attention(rope(q), rope(k), v))
             rmsnorm(x, lw.input_layernorm, c.rms_norm_eps, out=xb)
             linear(xb, lw.qkv_proj, lw.qkv_bias, out=qkv)                # (seq, qkv_dim)
-            q_in, k_in, v_in = _split_qkv(qkv, q, k, v)                   # (seq, heads, d)
+            q_in, k_in, v_in = split_qkv(qkv, c.n_heads, c.n_kv_heads,   # (seq, heads, d)
+                                         out=(q, k, v))
             apply_rope(q_in, self.rope, start_pos, style="half", out=q)
             apply_rope(k_in, self.rope, start_pos, style="half", out=k)
             keys, values = self.cache.append(i, k, v_in)                  # (kv_len, n_kv, d)
             attention(q, keys, values, causal=True, out=att)              # (seq, heads, d)
             linear(att.reshape(seq, c.q_dim), lw.o_proj, lw.o_bias, out=xb)
-            np.add(x, xb, out=x)
+            add(x, xb, out=x)
 
             # mlp: x += down_proj(silu(gate_proj(x)) * up_proj(x))
             rmsnorm(x, lw.post_attention_layernorm, c.rms_norm_eps, out=xb)
@@ -210,12 +310,12 @@ class Model:
             linear(xb, lw.up_proj, out=up)
             silu_mul(gate, up, out=gate)
             linear(gate, lw.down_proj, out=xb)                            # (seq, hidden)
-            np.add(x, xb, out=x)
+            add(x, xb, out=x)
 
         # final norm and logits, last position only
         rmsnorm(x[seq - 1:], w.norm, c.rms_norm_eps, out=xb[:1])
-        linear(xb[:1], w.lm_head, out=logits)                             # (1, vocab)
-        return logits[0]
+        linear(xb[:1], w.lm_head, out=b.logits)                           # (1, vocab)
+        return copy_to_host(b.logits_host, b.logits)[0]                   # to the host
 
     def _check_tokens(self, tokens, start_pos):
         tokens = np.asarray(tokens)
@@ -237,7 +337,7 @@ class Model:
         if start_pos + tokens.shape[0] > self.max_seq:
             raise ValueError(f"context full: {start_pos} cached + {tokens.shape[0]} new tokens "
                              f"exceed the context of {self.max_seq} tokens")
-        return tokens
+        return np.ascontiguousarray(tokens, np.int64)
 
     def warmup(self, prefill_tokens=8):
         """Compile (or load from Numba's cache) every kernel the forward pass uses: a prefill
@@ -250,24 +350,10 @@ class Model:
         self.cache.reset()
 
 
-def _split_qkv(qkv, q, k, v):
-    """q (seq, n_heads, d), k and v (seq, n_kv_heads, d) out of the fused (seq, qkv_dim)
-    projection, C-contiguous as the kernels take them. One row (decode): its column blocks
-    are contiguous already, so views. More rows: the blocks are strided, so they are copied
-    into the q, k, v buffers (a few KB per token, noise next to the weight reads)."""
-    seq = qkv.shape[0]
-    nq, nk = q[0].size, k[0].size
-    blocks = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
-    if seq == 1:
-        return tuple(b.reshape(dst.shape) for b, dst in zip(blocks, (q, k, v)))
-    for b, dst in zip(blocks, (q, k, v)):
-        np.copyto(dst.reshape(seq, -1), b)
-    return q, k, v
-
-
 def _check_device(device):
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cuda":
-        raise ValueError("CUDA model not available yet (the CUDA kernels are being wired); "
-                         "use device='cpu'")
+        why = cuda_unavailable()
+        if why is not None:
+            raise ValueError(f"CUDA requested but no GPU is available ({why})")

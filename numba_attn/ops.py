@@ -7,10 +7,11 @@ import math
 import numpy as np
 
 from . import checks
-from .backend import as_device, backend_of, empty, kernels
+from .backend import as_device, backend_of, device_id, empty, kernels
 from .rope import RopeTable
 
 F32 = (np.float32,)
+IDS = (np.int64,)
 # storage dtypes accepted for weights and K/V: float32 on the CPU; half precision on CUDA too
 STORAGE = {"cpu": (np.float32,), "cuda": (np.float32, np.float16)}
 
@@ -29,14 +30,18 @@ def _empty(shape, backend):
 def _current_device(backend):
     if backend == "cpu":
         return None
-    from numba import cuda
-    return cuda.get_current_device().id
+    return device_id()
 
 
 def _prepare(backend, *arrays):
-    """Device arrays as numba views (CuPy, PyTorch...), host arrays unchanged."""
+    """Device arrays as numba views (CuPy, PyTorch...), host arrays unchanged. An object passed
+    twice (out is x) gets one view, so the `out is x` checks still see it."""
     if backend == "cuda":
-        return [None if a is None else as_device(a) for a in arrays]
+        views = {}
+        for a in arrays:
+            if a is not None and id(a) not in views:
+                views[id(a)] = as_device(a)
+        return [None if a is None else views[id(a)] for a in arrays]
     return list(arrays)
 
 
@@ -213,3 +218,70 @@ def attention(q, k, v, *, causal=True, scale=None, out=None):
     kernels("attention", backend).attention(add(out), add(q), add(k), add(v), float(scale),
                                             bool(causal))
     return out
+
+
+# -- the small steps between the kernels of a forward pass: embedding, residual add, q|k|v --
+
+def embedding(table, tokens, *, out=None):
+    """Rows of table (vocab, hidden) for the token ids tokens (seq,) int64 -> (seq, hidden)
+    float32. Ids outside [0, vocab) are clipped (check them first). On CUDA, tokens is a device
+    array too, and table may be float16 (a tied lm_head stored in half precision)."""
+    backend = backend_of(table, tokens, out)
+    table, tokens, out = _prepare(backend, table, tokens, out)
+    checks.array("table", table, ndim=2, dtypes=STORAGE[backend])
+    checks.array("tokens", tokens, ndim=1, dtypes=IDS)
+    out = _output("out", out, (tokens.shape[0], table.shape[1]), backend, [("table", table)])
+    kernels("tensor", backend).embedding(out, table, tokens)
+    return out
+
+
+def add(a, b, *, out=None):
+    """a + b, elementwise (float32, same shapes). In place when out is a or b (the residual
+    stream: add(x, y, out=x))."""
+    backend = backend_of(a, b, out)
+    a, b, out = _prepare(backend, a, b, out)
+    checks.array("a", a, dtypes=F32)
+    checks.array("b", b, dtypes=F32)
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    inputs = [(name, x) for name, x in (("a", a), ("b", b)) if x is not out]
+    out = _output("out", out, a.shape, backend, inputs)
+    n = int(np.prod(a.shape, dtype=np.int64))
+    kernels("tensor", backend).add(out.reshape(n), a.reshape(n), b.reshape(n))
+    return out
+
+
+def split_qkv(qkv, n_heads, n_kv_heads, *, out=None):
+    """q (seq, n_heads, d), k and v (seq, n_kv_heads, d) out of a fused projection qkv
+    (seq, (n_heads + 2 * n_kv_heads) * d), each C-contiguous as the kernels take them.
+
+    One row (decode): views of qkv, no copy (out is not used). More rows: the column blocks
+    are strided, so they are copied into out = (q, k, v) (new arrays when None)."""
+    if out is not None and (not isinstance(out, (tuple, list)) or len(out) != 3):
+        raise ValueError("out must be a (q, k, v) tuple of three arrays")
+    backend = backend_of(qkv, *(out or ()))
+    qkv, = _prepare(backend, qkv)
+    checks.array("qkv", qkv, ndim=2, dtypes=F32)
+    n_heads = checks.positive_int("n_heads", n_heads)
+    n_kv_heads = checks.positive_int("n_kv_heads", n_kv_heads)
+    seq, width = qkv.shape
+    heads = n_heads + 2 * n_kv_heads
+    if width % heads:
+        raise ValueError(f"qkv has {width} columns, not a multiple of n_heads + 2 * n_kv_heads "
+                         f"= {heads}")
+    d = width // heads
+    shapes = [(seq, n_heads, d), (seq, n_kv_heads, d), (seq, n_kv_heads, d)]
+    bounds = [0, n_heads * d, (n_heads + n_kv_heads) * d, width]
+    if seq == 1:
+        flat = qkv.reshape(width)
+        return tuple(flat[bounds[i]:bounds[i + 1]].reshape(shapes[i]) for i in range(3))
+    if out is None:
+        out = tuple(empty(s, np.float32, backend) for s in shapes)
+    out = _prepare(backend, *out)
+    for name, o, s in zip("qkv", out, shapes):
+        _output(f"out {name}", o, s, backend, [("qkv", qkv)])
+    q, k, v = out
+    kernels("tensor", backend).split_qkv(q.reshape(seq, bounds[1]), k.reshape(seq, n_kv_heads * d),
+                                         v.reshape(seq, n_kv_heads * d), qkv)
+    return tuple(out)

@@ -4,6 +4,7 @@ import math
 import numpy as np
 
 from . import checks
+from .backend import device_id
 
 ROPE_SCALING_TYPES = ("llama3", "linear")
 
@@ -69,7 +70,7 @@ class RopeTable:
         if backend == "cpu":
             return self.cos, self.sin
         from numba import cuda
-        dev = cuda.get_current_device().id
+        dev = device_id()
         if dev not in self._device:
             self._device[dev] = (cuda.to_device(self.cos), cuda.to_device(self.sin))
         return self._device[dev]

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from numba_attn import __version__, cli
+from numba_attn.backend import cuda_unavailable
 from numba_attn.generate import generate
 from numba_attn.model import Model
 from numba_attn.sampling import SamplingParams
@@ -190,9 +191,15 @@ def test_prompt_plus_max_tokens_beyond_context(tiny_folder):
     assert_one_line_error(result, "+ 120 tokens to generate exceeds the model's context of 128")
 
 
-def test_cuda_not_available_yet(tiny_folder):
+@pytest.mark.skipif(cuda_unavailable() is None, reason="a GPU is present")
+def test_device_cuda_without_gpu(tiny_folder):
     assert_one_line_error(invoke("generate", "hi", "--model", tiny_folder, "--device", "cuda"),
-                          "CUDA model not available yet")
+                          "CUDA requested but no GPU is available")
+
+
+def test_float16_weights_need_cuda(tiny_folder):
+    assert_one_line_error(invoke("generate", "hi", "--model", tiny_folder, "--weight-dtype",
+                                 "float16"), "float16 weights need device='cuda'")
 
 
 def test_every_option_help_gives_default_and_range():

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from numba_attn.backend import cuda_unavailable
 from numba_attn.generate import GenerationStats, generate
 from numba_attn.model import Model
 from numba_attn.sampling import SamplingParams
@@ -270,11 +271,20 @@ def test_forward_rejects_context_overflow(tiny_model):
         tiny_model.forward([1] * 29, 100)
 
 
-def test_device_cuda_not_yet(tiny_folder):
-    with pytest.raises(ValueError, match="CUDA model not available yet"):
+@pytest.mark.skipif(cuda_unavailable() is None, reason="a GPU is present (tests/cuda runs it)")
+def test_device_cuda_without_gpu(tiny_folder):
+    with pytest.raises(ValueError, match=r"^CUDA requested but no GPU is available"):
         Model.from_pretrained(tiny_folder, device="cuda")
+
+
+def test_bad_device_and_weight_dtype(tiny_folder):
     with pytest.raises(ValueError, match="device must be"):
         Model.from_pretrained(tiny_folder, device="tpu")
+    with pytest.raises(ValueError, match=r"weight_dtype must be one of float32 on cpu, got "
+                                         r"'float16' \(float16 weights need device='cuda'\)"):
+        Model.from_pretrained(tiny_folder, weight_dtype="float16")
+    with pytest.raises(ValueError, match="weight_dtype must be one of float32 on cpu"):
+        Model.from_pretrained(tiny_folder, weight_dtype="int8")
 
 
 def _damage(folder, how):

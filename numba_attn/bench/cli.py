@@ -311,13 +311,17 @@ class _Lim:
               help="Prompt tokens of the prefill test (pp), >= 0; 0 = skip.")
 @click.option("-n", "--tg", type=click.IntRange(min=0), default=128, show_default=True,
               help="Tokens of the generation test (tg), >= 0; 0 = skip.")
+@click.option("--weight-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True,
+              help="Storage of the linear weights: float16 halves the bytes a decode step "
+                   "reads (--device cuda only).")
 @click.option("--breakdown/--no-breakdown", default=True, show_default=True,
               help="Time one decoder layer stage by stage (prefill at pp tokens, and decode "
                    "of one token at position pp).")
 @_common
 @click.pass_context
-def model_cmd(ctx, model_dir, layers, pp, tg, breakdown, device, repeat, time_budget,
-              limits_mode, fmt, save_baseline, baseline, fail_on_regression, plot_path):
+def model_cmd(ctx, model_dir, layers, pp, tg, weight_dtype, breakdown, device, repeat,
+              time_budget, limits_mode, fmt, save_baseline, baseline, fail_on_regression, plot_path):
     """llama-bench style: prefill (pp) and generation (tg) tokens/s, time to first token, and
     where one decoder layer's time goes."""
     import os
@@ -341,7 +345,7 @@ def model_cmd(ctx, model_dir, layers, pp, tg, breakdown, device, repeat, time_bu
     _say("loading the model..." if model_dir else "setting up the model...")
     try:
         model, model_desc = M.load_model(model_dir, layers=layers, max_seq=max(pp, tg, 1),
-                                         device=dev)
+                                         device=dev, weight_dtype=weight_dtype)
     except (ValueError, OSError) as e:
         raise click.ClickException(f"cannot load the model: {e}") from None
     shape = M.LayerShape.of(model.config)
@@ -357,7 +361,7 @@ def model_cmd(ctx, model_dir, layers, pp, tg, breakdown, device, repeat, time_bu
                  "compiled": jit_cache_counts()[1] - miss0}}
 
     steps = (["generation"] if pp or tg else []) + \
-        (["prefill", "decode"] if breakdown and dev == "cpu" else [])
+        (["prefill", "decode"] if breakdown else [])
     gen, bds = {}, {}
     with click.progressbar(steps, label="bench model", file=sys.stderr,
                            item_show_func=lambda s: s) as bar:
@@ -367,14 +371,18 @@ def model_cmd(ctx, model_dir, layers, pp, tg, breakdown, device, repeat, time_bu
             elif step == "prefill":
                 seq = max(pp, 1)
                 bds[f"prefill{seq}"] = M.breakdown(shape, seq=seq, pos=0, limits=lim,
-                                                   repeat=repeat, budget_s=min(budget, 0.5))
+                                                   repeat=repeat, budget_s=min(budget, 0.5),
+                                                   device=dev, weight_dtype=weight_dtype)
             else:
                 bds[f"decode@{pp}"] = M.breakdown(shape, seq=1, pos=pp, limits=lim,
-                                                  repeat=repeat, budget_s=min(budget, 0.5))
+                                                  repeat=repeat, budget_s=min(budget, 0.5),
+                                                  device=dev, weight_dtype=weight_dtype)
 
-    notes = [f"model: {model_desc}; weights {M.model_weight_bytes(model) / 1e9:.2f} GB float32"]
-    if breakdown and dev != "cpu":
-        notes.append("layer breakdown: CPU only for now (not run on cuda)")
+    notes = [f"model: {model_desc}; weights {M.model_weight_bytes(model) / 1e9:.2f} GB "
+             f"({model.weight_dtype} linear weights)"]
+    if breakdown and dev == "cuda":
+        notes.append("layer breakdown on cuda: wall time with a synchronize after each stage, "
+                     "so each stage pays its launch cost (~20 us a kernel)")
     rows = _model_rows(gen, bds, dev)
     for label, bd in bds.items():
         if label.startswith("decode") and "tg" in gen:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import KVCache, RopeTable, apply_rope, attention, linear, rmsnorm, silu_mul
+from ..backend import empty
+from ..ops import add, split_qkv
 from .timing import measure, measure_chain
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -94,14 +96,18 @@ def tinyllama_config(layers=TINYLLAMA["n_layers"]):
     return LlamaConfig(architecture="LlamaForCausalLM", **{**TINYLLAMA, "n_layers": layers})
 
 
-def random_model(layers=TINYLLAMA["n_layers"], *, max_seq=2048, device="cpu", seed=0):
-    """A TinyLlama-1.1B-shaped Model with random float32 weights (layers may be fewer)."""
+def random_model(layers=TINYLLAMA["n_layers"], *, max_seq=2048, device="cpu", seed=0,
+                 weight_dtype="float32"):
+    """A TinyLlama-1.1B-shaped Model with random float32 weights (layers may be fewer); on
+    CUDA the linear weights may be stored in float16."""
     from ..model import Model
     c = tinyllama_config(layers)
-    return Model(c, _random_weights(c, seed), device=device, max_seq=max_seq)
+    return Model(c, _random_weights(c, seed), device=device, max_seq=max_seq,
+                 weight_dtype=None if device == "cpu" and weight_dtype == "float32"
+                 else weight_dtype)
 
 
-def load_model(model_dir, *, layers=None, max_seq, device="cpu"):
+def load_model(model_dir, *, layers=None, max_seq, device="cpu", weight_dtype="float32"):
     """(model, description). model_dir None: the built-in demo model when installed (and no
     layer count is asked for), else a random TinyLlama-shaped model."""
     from ..config import LlamaConfig
@@ -110,19 +116,20 @@ def load_model(model_dir, *, layers=None, max_seq, device="cpu"):
             os.path.isfile(os.path.join(DEMO_MODEL, "config.json")):
         model_dir = DEMO_MODEL
     if model_dir is not None:
-        model = Model.from_pretrained(model_dir, device=device, max_seq=max_seq)
+        model = Model.from_pretrained(model_dir, device=device, max_seq=max_seq,
+                                      weight_dtype=weight_dtype)
         name = "built-in demo model" if model_dir == DEMO_MODEL else model_dir
         return model, f"{name} ({model.config.architecture}, {model.config.n_layers} layers)"
     if device != "cpu":       # a tiny model first: refuse quickly where the device is not wired
         tiny = LlamaConfig(architecture="LlamaForCausalLM", vocab_size=8, hidden_size=8,
                            intermediate_size=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4)
-        Model(tiny, _random_weights(tiny), device=device, max_seq=4)
+        Model(tiny, _random_weights(tiny), device=device, max_seq=4, weight_dtype=weight_dtype)
     n = TINYLLAMA["n_layers"] if layers is None else layers
-    model = random_model(n, max_seq=max_seq, device=device)
+    model = random_model(n, max_seq=max_seq, device=device, weight_dtype=weight_dtype)
     fewer = "" if n == TINYLLAMA["n_layers"] else \
         f" -- {n} of TinyLlama's {TINYLLAMA['n_layers']} layers, for speed"
     return model, (f"random TinyLlama-1.1B-shaped model (hidden 2048, 32/4 heads, "
-                   f"intermediate 5632, vocab 32000, float32){fewer}")
+                   f"intermediate 5632, vocab 32000, {weight_dtype} weights){fewer}")
 
 
 def model_weight_bytes(model):
@@ -170,53 +177,56 @@ def bench_generation(model, *, pp=512, tg=128, repeat=None, budget_s=5.0, seed=0
 
 # -- one decoder layer, stage by stage --------------------------------------------------------
 
-def layer_stages(shape, seq, pos):
+def layer_stages(shape, seq, pos, device="cpu", weight_dtype="float32"):
     """[(stage, fn, bytes, flops)] for one decoder layer over seq tokens at positions
-    pos..pos+seq-1 (KV cache filled up to pos), and the whole layer as one chain."""
+    pos..pos+seq-1 (KV cache filled up to pos), and the whole layer as one chain. The stages
+    are the model's own calls (ops.py), on host arrays or, with device="cuda", device arrays."""
     L = shape
     f32 = np.float32
     rng = np.random.default_rng(seq)
     h, i, H, Hkv, d = L.hidden, L.intermediate, L.n_heads, L.n_kv_heads, L.head_dim
     nq, nk = H * d, Hkv * d
 
-    def w(n_out, n_in):
-        return rng.standard_normal((n_out, n_in), dtype=f32) * f32(1 / np.sqrt(n_in))
+    def put(a):                                         # host values -> the device's array
+        return cuda_to_device(a) if device == "cuda" else a
+
+    def buf(*shape):
+        return empty(shape, f32, device)
+
+    def w(n_out, n_in):                                 # a linear weight, stored as the model's
+        a = rng.standard_normal((n_out, n_in), dtype=f32) * f32(1 / np.sqrt(n_in))
+        return put(a.astype(weight_dtype))
 
     # weights, as the model holds them
-    w_in, w_post = np.ones(h, f32), np.ones(h, f32)     # (hidden,)
+    w_in, w_post = put(np.ones(h, f32)), put(np.ones(h, f32))   # (hidden,)
     w_qkv, w_o = w(L.qkv_dim, h), w(h, nq)              # (qkv_dim, hidden), (hidden, q_dim)
     w_gate, w_up, w_down = w(i, h), w(i, h), w(h, i)    # (inter, hidden) x2, (hidden, inter)
     # activations, allocated once
-    x = rng.standard_normal((seq, h), dtype=f32)        # residual stream in
-    xr = np.empty((seq, h), f32)                        # residual stream after attention
-    xo = np.empty((seq, h), f32)                        # residual stream out
-    xb = np.empty((seq, h), f32)
-    qkv = np.empty((seq, L.qkv_dim), f32)
-    q = np.empty((seq, H, d), f32)
-    k = np.empty((seq, Hkv, d), f32)
-    v = np.empty((seq, Hkv, d), f32)
-    att = np.empty((seq, H, d), f32)
-    gate, up = np.empty((seq, i), f32), np.empty((seq, i), f32)
+    x = put(rng.standard_normal((seq, h), dtype=f32))   # residual stream in
+    xr, xo, xb = buf(seq, h), buf(seq, h), buf(seq, h)  # after attention, out, scratch
+    qkv = buf(seq, L.qkv_dim)
+    q, k, v = buf(seq, H, d), buf(seq, Hkv, d), buf(seq, Hkv, d)
+    att = buf(seq, H, d)
+    gate, up = buf(seq, i), buf(seq, i)
     table = RopeTable(d, pos + seq)
-    cache = KVCache(1, pos + seq, Hkv, d)
+    cache = KVCache(1, pos + seq, Hkv, d, device=device)
     if pos:                                             # the cached prefix
-        cache.append(0, rng.standard_normal((pos, Hkv, d), dtype=f32),
-                     rng.standard_normal((pos, Hkv, d), dtype=f32))
-    keys, values = cache.append(0, rng.standard_normal((seq, Hkv, d), dtype=f32),
-                                rng.standard_normal((seq, Hkv, d), dtype=f32))
+        cache.append(0, put(rng.standard_normal((pos, Hkv, d), dtype=f32)),
+                     put(rng.standard_normal((pos, Hkv, d), dtype=f32)))
+    keys, values = cache.append(0, put(rng.standard_normal((seq, Hkv, d), dtype=f32)),
+                                put(rng.standard_normal((seq, Hkv, d), dtype=f32)))
+    parts = [q, k, v]                                   # split's result: views when seq is 1
 
     def split():
-        np.copyto(q.reshape(seq, nq), qkv[:, :nq])
-        np.copyto(k.reshape(seq, nk), qkv[:, nq:nq + nk])
-        np.copyto(v.reshape(seq, nk), qkv[:, nq + nk:])
+        parts[:] = split_qkv(qkv, H, Hkv, out=(q, k, v))
 
     def rope():
-        apply_rope(q, table, pos, out=q)
-        apply_rope(k, table, pos, out=k)
+        apply_rope(parts[0], table, pos, out=q)
+        apply_rope(parts[1], table, pos, out=k)
 
     def append():
         cache.lengths[0] = pos                          # write the same positions again
-        cache.append(0, k, v)
+        cache.append(0, k, parts[2])
 
     B = 4 * seq                                         # bytes of one float32 per token
     kv_len = pos + seq
@@ -225,14 +235,14 @@ def layer_stages(shape, seq, pos):
         ("attention norm", lambda: rmsnorm(x, w_in, L.eps, out=xb), 2 * B * h + 4 * h, 3 * seq * h),
         ("qkv projection", lambda: linear(xb, w_qkv, out=qkv),
          w_qkv.nbytes + B * (h + L.qkv_dim), 2 * seq * h * L.qkv_dim),
-        ("split q/k/v", split, 2 * B * L.qkv_dim, 0),
+        ("split q/k/v", split, 0 if seq == 1 else 2 * B * L.qkv_dim, 0),
         ("rope", rope, 2 * B * (nq + nk), 3 * seq * (nq + nk)),
         ("kv cache append", append, 4 * B * nk, 0),
         ("attention", lambda: attention(q, keys, values, causal=True, out=att),
          2 * 4 * kv_len * nk + 2 * B * nq, 4 * d * H * causal_pairs),
         ("output projection", lambda: linear(att.reshape(seq, nq), w_o, out=xb),
          w_o.nbytes + B * (nq + h), 2 * seq * nq * h),
-        ("residual add (attention)", lambda: np.add(x, xb, out=xr), 3 * B * h, seq * h),
+        ("residual add (attention)", lambda: add(x, xb, out=xr), 3 * B * h, seq * h),
         ("mlp norm", lambda: rmsnorm(xr, w_post, L.eps, out=xb), 2 * B * h + 4 * h, 3 * seq * h),
         ("mlp gate + up projections",
          lambda: (linear(xb, w_gate, out=gate), linear(xb, w_up, out=up)),
@@ -240,7 +250,7 @@ def layer_stages(shape, seq, pos):
         ("silu_mul", lambda: silu_mul(gate, up, out=gate), 3 * B * i, 5 * seq * i),
         ("mlp down projection", lambda: linear(gate, w_down, out=xb),
          w_down.nbytes + B * (i + h), 2 * seq * i * h),
-        ("residual add (mlp)", lambda: np.add(xr, xb, out=xo), 3 * B * h, seq * h),
+        ("residual add (mlp)", lambda: add(xr, xb, out=xo), 3 * B * h, seq * h),
     ]
 
     def layer():
@@ -249,7 +259,21 @@ def layer_stages(shape, seq, pos):
     return stages, layer
 
 
-def breakdown(shape, *, seq, pos, limits=None, repeat=None, budget_s=0.5):
+def cuda_to_device(a):
+    from numba import cuda
+    return cuda.to_device(a)
+
+
+def device_sync(device):
+    """What to call before reading a clock: kernel launches return before the GPU is done."""
+    if device == "cuda":
+        from numba import cuda
+        return cuda.synchronize
+    return None
+
+
+def breakdown(shape, *, seq, pos, limits=None, repeat=None, budget_s=0.5, device="cpu",
+              weight_dtype="float32"):
     """Rows for every stage, 'unaccounted' and the layer total.
 
     Each stage is timed in place, inside the running layer (the clock is read between
@@ -257,12 +281,13 @@ def breakdown(shape, *, seq, pos, limits=None, repeat=None, budget_s=0.5):
     still busy), and alone, in a loop of its own. Shares are of the layer total, in place;
     'unaccounted' is the total's median minus the sum of the stages' medians (medians do not
     add exactly; the clock reads cost ~0.1 us each), so the shares add up to 100%."""
-    stages, _ = layer_stages(shape, seq, pos)
+    stages, _ = layer_stages(shape, seq, pos, device, weight_dtype)
+    sync = device_sync(device)
     parts, total = measure_chain([fn for _, fn, _, _ in stages], repeat=repeat,
-                                 budget_s=budget_s)
+                                 budget_s=budget_s, sync=sync)
     rows = []
     for (name, fn, nbytes, flops), inlayer in zip(stages, parts):
-        alone = measure(fn, repeat=repeat, budget_s=min(budget_s, 0.2))
+        alone = measure(fn, sync=sync, repeat=repeat, budget_s=min(budget_s, 0.2))
         row = _stage_row(name, inlayer, nbytes, flops, limits)
         row["alone"] = alone.to_dict()
         rows.append(row)

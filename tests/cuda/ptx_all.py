@@ -22,7 +22,7 @@ import numba.cuda.dispatcher as _dispatcher  # noqa: E402
 _dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(9, 0))
 
 from numba_attn.kernels import (attention_cuda as A, linear_cuda as L, norm_cuda as N,  # noqa
-                                rope_cuda as R, softmax_cuda as S)
+                                rope_cuda as R, softmax_cuda as S, tensor_cuda as TN)
 
 F32, F16, U16 = T.float32[::1], T.float16[::1], T.uint16[::1]
 STORAGE = {"f32": F32, "f16": F16, "bf16": U16}
@@ -71,6 +71,10 @@ def kernels():
     yield ("gemv[f16,quads=2]", L.gemv_kernel(True, 1, 2), (F32, F32, F16, F32, I, I))
     yield ("gemv[bf16,quads=2,rows=2]", L.gemv_kernel(True, 2, 2), (F32, F32, U16, F32, I, I))
     yield "workspace_zero", A._zero, (F32,)
+    for st, W in STORAGE.items():
+        yield f"embedding[{st}]", TN._embedding, (F32, W, T.int64[::1], I, I)
+    yield "add", TN._add, (F32, F32, F32, I)
+    yield "split_qkv", TN._split_qkv, (F32, F32, F32, F32, I, I, I)
 
 
 def main():

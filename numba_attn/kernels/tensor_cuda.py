@@ -1,0 +1,78 @@
+"""The small tensor steps of the forward pass on the GPU: token embedding, elementwise add (the
+residual), and splitting the fused q|k|v projection. Twin: tensor_cpu.py.
+
+All three are memory-bound copies of a few KB per token: one thread per output element, a warp
+reading and writing consecutive addresses. The embedding table may be stored in float32,
+float16 or bfloat16 bits (uint16; a tied lm_head in half precision) and is widened to float32."""
+from numba import cuda
+
+from .util_cuda import load
+
+THREADS = 256      # threads per block (a multiple of 32)
+
+
+@cuda.jit
+def _embedding(out, table, tokens, hidden, vocab):
+    # out: (seq * hidden,) float32; table: (vocab * hidden,); tokens: (seq,) int64.
+    # Block (row, col): token row, columns col * THREADS ...; ids clipped to [0, vocab)
+    row = cuda.blockIdx.x
+    j = cuda.blockIdx.y * THREADS + cuda.threadIdx.x
+    if j < hidden:                                   # bounds guard
+        t = min(max(tokens[row], 0), vocab - 1)
+        out[row * hidden + j] = load(table, t * hidden + j)   # int64 offsets
+
+
+@cuda.jit
+def _add(out, a, b, n):
+    # out, a, b: (n,) float32; out = a + b (in place when out is a or b: one thread per element)
+    i = cuda.blockIdx.x * THREADS + cuda.threadIdx.x
+    if i < n:                                        # bounds guard
+        out[i] = a[i] + b[i]
+
+
+@cuda.jit
+def _split_qkv(q, k, v, qkv, nq, nk, total):
+    # qkv: (seq * width,), width = nq + 2 * nk; q: (seq * nq,); k, v: (seq * nk,).
+    # One thread per element of qkv, written to its block's buffer
+    i = cuda.blockIdx.x * THREADS + cuda.threadIdx.x
+    if i < total:                                    # bounds guard
+        width = nq + 2 * nk
+        r = i // width
+        c = i - r * width
+        x = qkv[i]
+        if c < nq:
+            q[r * nq + c] = x
+        elif c < nq + nk:
+            k[r * nk + c - nq] = x
+        else:
+            v[r * nk + c - nq - nk] = x
+
+
+def _blocks(n):
+    return (n + THREADS - 1) // THREADS
+
+
+def embedding(out, table, tokens):
+    # out: (seq, hidden) float32; table: (vocab, hidden); tokens: (seq,) int64
+    seq, hidden = out.shape
+    if seq == 0 or hidden == 0:
+        return
+    _embedding[(seq, _blocks(hidden)), THREADS](out.reshape(-1), table.reshape(-1), tokens,
+                                                hidden, table.shape[0])
+
+
+def add(out, a, b):
+    # out, a, b: (n,) float32
+    n = out.shape[0]
+    if n == 0:
+        return
+    _add[_blocks(n), THREADS](out, a, b, n)
+
+
+def split_qkv(q, k, v, qkv):
+    # qkv: (seq, nq + 2 * nk); q: (seq, nq); k, v: (seq, nk)
+    total = qkv.shape[0] * qkv.shape[1]
+    if total == 0:
+        return
+    _split_qkv[_blocks(total), THREADS](q.reshape(-1), k.reshape(-1), v.reshape(-1),
+                                        qkv.reshape(-1), q.shape[1], k.shape[1], total)
