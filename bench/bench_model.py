@@ -14,10 +14,13 @@ engine's alone, and every figure is compared with a limit measured in that same 
   >= 90% of that bandwidth);
 - prefill: tokens/s of one forward pass over 512 tokens, against the rate at which NumPy's
   BLAS GEMM does the same matrix products (the prefill's FLOP floor), and GFLOP/s of each;
-- peak resident memory (VmHWM) against the weight bytes plus the KV cache (target: <= 1.2x).
+- peak resident memory (VmHWM) against the weight bytes plus the KV cache (target: <= 1.2x);
+- the peer, when importable: Hugging Face transformers on PyTorch, same folder, same steps,
+  in a process of its own.
 JIT compile (or Numba cache load) is done before any timing and reported on its own.
 """
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -25,7 +28,8 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # as numba_attn sets it: before NumPy
+import numpy as np  # noqa: E402
 
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                  num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
@@ -216,6 +220,43 @@ def measure(path, decode_tokens, prefill_tokens, repeat):
     return r
 
 
+def measure_transformers(path, decode_tokens, prefill_tokens, repeat):
+    """The peer: Hugging Face transformers on PyTorch (CPU, float32) on the same folder, the same
+    prefill and decode steps (KV cache, last-position logits, argmax)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_grad_enabled(False)
+    r = {"torch_threads": torch.get_num_threads()}
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    r["load_s"] = time.perf_counter() - t
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(0)
+    pos = 16
+    out = model(torch.tensor(rng.integers(0, vocab, (1, pos))), use_cache=True, logits_to_keep=1)
+    cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
+    times = []
+    for _ in range(decode_tokens):
+        t = time.perf_counter()
+        out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
+        times.append(time.perf_counter() - t)
+    r["decode_step_s"] = statistics.median(times)
+    r["decode_tok_s"] = 1 / r["decode_step_s"]
+    prompt = torch.tensor(rng.integers(0, vocab, (1, prefill_tokens)))
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        model(prompt, use_cache=True, logits_to_keep=1)
+        best = min(best, time.perf_counter() - t)
+    r["prefill_s"] = best
+    r["prefill_tok_s"] = prefill_tokens / best
+    r["version"] = __import__("transformers").__version__ + " / torch " + torch.__version__
+    return r
+
+
 def report(r, command):
     gb = 1e9
     ok = lambda b: "yes" if b else "NO"  # noqa: E731
@@ -234,6 +275,18 @@ def report(r, command):
         ("NumPy BLAS GEMM, same products", f"{r['gemm_tok_s']:.1f} tok/s "
                                            f"({r['gemm_GFLOPs']:.0f} GFLOP/s)", "", ""),
         ("prefill / BLAS GEMM rate", f"{r['prefill_vs_gemm']:.1%}", "close to 100%", ""),
+    ]
+    hf = r.get("transformers")
+    if hf:
+        rows += [
+            ("HF transformers decode (same run)", f"{hf['decode_tok_s']:.2f} tok/s; ours "
+                                                  f"{r['decode_tok_s'] / hf['decode_tok_s']:.1f}x",
+             "", ""),
+            ("HF transformers prefill (same run)", f"{hf['prefill_tok_s']:.1f} tok/s; ours "
+                                                   f"{r['prefill_tok_s'] / hf['prefill_tok_s']:.2f}x",
+             ">= 1x", ok(r["prefill_tok_s"] >= hf["prefill_tok_s"])),
+        ]
+    rows += [
         ("peak resident memory", f"{r['peak_rss_bytes'] / gb:.2f} GB = {r['rss_ratio']:.2f}x "
                                  f"(weights {r['weight_bytes'] / gb:.2f} GB + KV cache "
                                  f"{r['kv_cache_bytes'] / gb:.3f} GB)", "<= 1.2x",
@@ -241,8 +294,9 @@ def report(r, command):
         ("load / JIT", f"load {r['load_s']:.1f} s; warm-up {r['warmup_s']:.1f} s, of which "
                        f"compiling {r['compile_s']:.1f} s", "", ""),
     ]
+    peer = f"; peer: transformers {hf['version']}, {hf['torch_threads']} threads" if hf else ""
     lines = [f"`{command}`", "", f"{r['layers']} layers, hidden {r['hidden']}, vocab "
-             f"{r['vocab']}, float32; {REFERENCE}", "",
+             f"{r['vocab']}, float32; {REFERENCE}{peer}", "",
              "| figure | measured | target | met |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
@@ -258,15 +312,18 @@ def main():
     ap.add_argument("--prefill-tokens", type=int, default=512, help="prefill length [512]")
     ap.add_argument("--repeat", type=int, default=2, help="prefill / GEMM repeats, best kept [2]")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # the child
+    ap.add_argument("--no-peer", action="store_true",
+                    help="skip Hugging Face transformers (measured when importable)")
+    ap.add_argument("--measure", choices=["ours", "transformers"],
+                    help=argparse.SUPPRESS)  # the child
     args = ap.parse_args()
     shape = dict(SMALL if args.small else TINYLLAMA)
     if args.layers:
         shape["num_hidden_layers"] = args.layers
 
     if args.measure:
-        r = measure(args.path, args.decode_tokens, args.prefill_tokens, args.repeat)
-        print(json.dumps(r))
+        fn = measure if args.measure == "ours" else measure_transformers
+        print(json.dumps(fn(args.path, args.decode_tokens, args.prefill_tokens, args.repeat)))
         return
 
     if not folder_matches(args.path, shape):
@@ -274,12 +331,17 @@ def main():
         t = time.perf_counter()
         write_folder(args.path, shape)
         print(f"  written in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    child = [sys.executable, os.path.abspath(__file__), args.path, "--measure",
-             "--decode-tokens", str(args.decode_tokens), "--prefill-tokens",
-             str(args.prefill_tokens), "--repeat", str(args.repeat)]
-    print("measuring in a fresh process ...", file=sys.stderr, flush=True)
-    out = subprocess.run(child, stdout=subprocess.PIPE, check=True, text=True).stdout
-    r = json.loads(out.strip().splitlines()[-1])
+    def child(who):
+        cmd = [sys.executable, os.path.abspath(__file__), args.path, "--measure", who,
+               "--decode-tokens", str(args.decode_tokens), "--prefill-tokens",
+               str(args.prefill_tokens), "--repeat", str(args.repeat)]
+        print(f"measuring {who} in a fresh process ...", file=sys.stderr, flush=True)
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, check=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    r = child("ours")
+    if not args.no_peer and importlib.util.find_spec("transformers") is not None:
+        r["transformers"] = child("transformers")
     command = "python bench/bench_model.py " + " ".join(sys.argv[1:])
     print(report(r, command))
     if args.json:

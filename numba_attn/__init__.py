@@ -1,7 +1,17 @@
 """numba-attn: attention and Llama-style inference kernels on plain arrays, CPU and CUDA."""
-from importlib.metadata import PackageNotFoundError, version
+import os
 
-from .kvcache import KVCache
+# OpenBLAS worker threads spin for ~0.1 s after each BLAS call (the default timeout, 2^28
+# cycles), holding the cores our Numba kernels run on next (the norm, rope and attention between
+# a prefill's GEMMs); 2^4 cycles lets them sleep at once: prefill-512 of a 4-layer TinyLlama
+# shape 505 -> 611 tokens/s on 2 cores (bench/RESULTS.md). Read when OpenBLAS
+# loads, so this works when numba_attn is imported before NumPy (as the CLI does); set it in
+# the environment yourself otherwise. A value already set is kept.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402
+
+from .kvcache import KVCache  # noqa: E402
 from .mask import MaskCache, causal_mask
 from .ops import apply_rope, attention, linear, masked_softmax, rmsnorm, silu_mul
 from .rope import RopeTable

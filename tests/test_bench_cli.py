@@ -305,6 +305,18 @@ def test_model_bad_options(args, words):
     clean_error(run(["model"] + args + ["--limits", "none"]), *words)
 
 
+def test_model_default_demo_fits_its_context():
+    """Without --model: the demo model (context 256); the default pp 512 is shortened to fit
+    and said so, an explicit -p beyond the context is refused."""
+    res = json.loads(ok(["model", "-n", "2", "--no-breakdown", "--format", "json", "--repeat",
+                         "1", "--time-budget", "0.01", "--limits", "none"]).stdout)
+    assert "built-in demo model" in res["model"]
+    assert res["generation"]["pp"]["tokens"] == 256
+    assert any("pp 512 -> 256" in n for n in res["notes"])
+    clean_error(run(["model", "-p", "300", "-n", "2", "--limits", "none"]),
+                "-p 300 exceeds the model's context of 256 tokens")
+
+
 def test_model_bad_folder_is_clean(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     clean_error(run(["model", "--model", str(tmp_path)] + MODEL_TINY), "cannot load the model")

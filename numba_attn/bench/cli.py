@@ -348,6 +348,14 @@ def model_cmd(ctx, model_dir, layers, pp, tg, weight_dtype, breakdown, device, r
                                          device=dev, weight_dtype=weight_dtype)
     except (ValueError, OSError) as e:
         raise click.ClickException(f"cannot load the model: {e}") from None
+    fitted = []
+    for name, flag, n in (("pp", "-p", pp), ("tg", "-n", tg)):
+        if n > model.max_seq:     # only the default demo model is loaded shorter than asked
+            if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
+                raise click.UsageError(f"{flag} {n} exceeds the model's context of "
+                                       f"{model.max_seq} tokens")
+            fitted.append(f"{name} {n} -> {model.max_seq}, the demo model's context")
+    pp, tg = min(pp, model.max_seq), min(tg, model.max_seq)
     shape = M.LayerShape.of(model.config)
     limits = _limits(devices, limits_mode, repeat, _say)
     lim = _Lim(limits[dev]) if dev in limits else None
@@ -380,6 +388,9 @@ def model_cmd(ctx, model_dir, layers, pp, tg, weight_dtype, breakdown, device, r
 
     notes = [f"model: {model_desc}; weights {M.model_weight_bytes(model) / 1e9:.2f} GB "
              f"({model.weight_dtype} linear weights)"]
+    if fitted:
+        notes.append("shortened to fit: " + "; ".join(fitted) + " (--layers N for the "
+                     "TinyLlama-shaped model)")
     if breakdown and dev == "cuda":
         notes.append("layer breakdown on cuda: wall time with a synchronize after each stage, "
                      "so each stage pays its launch cost (~20 us a kernel)")

@@ -116,6 +116,8 @@ def load_model(model_dir, *, layers=None, max_seq, device="cpu", weight_dtype="f
             os.path.isfile(os.path.join(DEMO_MODEL, "config.json")):
         model_dir = DEMO_MODEL
     if model_dir is not None:
+        if model_dir == DEMO_MODEL:          # the default: as long a context as it has
+            max_seq = min(max_seq, LlamaConfig.from_pretrained(model_dir).max_context)
         model = Model.from_pretrained(model_dir, device=device, max_seq=max_seq,
                                       weight_dtype=weight_dtype)
         name = "built-in demo model" if model_dir == DEMO_MODEL else model_dir

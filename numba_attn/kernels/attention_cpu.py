@@ -191,6 +191,57 @@ def _axpys(O, r0, n, P, j, value):
             O[r, c] += p * value[c]
 
 
+@njit(inline="always", fastmath=FASTMATH_INF, cache=True)
+def _dots2(S, j, Qs, r0, n, key0, key1):
+    # S[r0 + i, j] = Qs[r0 + i] . key0 and S[r0 + i, j + 1] = Qs[r0 + i] . key1 for i < n:
+    # two keys per pass over the query rows, so each query element loaded serves both
+    d = key0.shape[0]
+    i = 0
+    while i + 4 <= n:
+        a0 = float32(0)
+        a1 = float32(0)
+        a2 = float32(0)
+        a3 = float32(0)
+        b0 = float32(0)
+        b1 = float32(0)
+        b2 = float32(0)
+        b3 = float32(0)
+        for c in range(d):
+            k0c, k1c = key0[c], key1[c]
+            q0, q1, q2, q3 = Qs[r0 + i, c], Qs[r0 + i + 1, c], Qs[r0 + i + 2, c], Qs[r0 + i + 3, c]
+            a0 += q0 * k0c
+            a1 += q1 * k0c
+            a2 += q2 * k0c
+            a3 += q3 * k0c
+            b0 += q0 * k1c
+            b1 += q1 * k1c
+            b2 += q2 * k1c
+            b3 += q3 * k1c
+        S[r0 + i, j], S[r0 + i + 1, j], S[r0 + i + 2, j], S[r0 + i + 3, j] = a0, a1, a2, a3
+        S[r0 + i, j + 1], S[r0 + i + 1, j + 1] = b0, b1
+        S[r0 + i + 2, j + 1], S[r0 + i + 3, j + 1] = b2, b3
+        i += 4
+    for r in range(r0 + i, r0 + n):
+        a = float32(0)
+        b = float32(0)
+        for c in range(d):
+            a += Qs[r, c] * key0[c]
+            b += Qs[r, c] * key1[c]
+        S[r, j] = a
+        S[r, j + 1] = b
+
+
+@njit(inline="always", fastmath=FASTMATH_INF, cache=True)
+def _axpys2(O, r0, n, P, j, value0, value1):
+    # O[r0 + i] += P[r0 + i, j] * value0 + P[r0 + i, j + 1] * value1 for i < n: two keys per
+    # pass, so each O element is loaded and stored once for both
+    d = value0.shape[0]
+    for r in range(r0, r0 + n):
+        p0, p1 = P[r, j], P[r, j + 1]
+        for c in range(d):
+            O[r, c] += p0 * value0[c] + p1 * value1[c]
+
+
 @njit(fastmath=FASTMATH_INF, cache=True)
 def _decode_range(q, k, v, scale, causal, z, k_lo, k_hi, Qs, S, P, alpha, n_vis, O, m_run, l_run):
     # every query row against keys k_lo..k_hi-1 of batch z: O (rows, d) unnormalised, with the
@@ -209,19 +260,27 @@ def _decode_range(q, k, v, scale, causal, z, k_lo, k_hi, Qs, S, P, alpha, n_vis,
         nk = min(BLOCK_K, k_hi - k0)
         for r in range(rows):
             n_vis[r] = min(nk, max(0, kv_len - q_len + r // H + 1 - k0)) if causal else nk
-        # scores: each key row (all KV heads, contiguous) is read once
-        for j in range(nk):
+        # scores: each key row (all KV heads, contiguous) is read once, two rows at a time
+        for j in range(0, nk - 1, 2):
             for hk in range(Hkv):
                 for t in range(q_len):
-                    _dots(S, j, Qs, t * H + hk * G, G, k[z, k0 + j, hk])
+                    _dots2(S, j, Qs, t * H + hk * G, G, k[z, k0 + j, hk], k[z, k0 + j + 1, hk])
+        if nk % 2:
+            for hk in range(Hkv):
+                for t in range(q_len):
+                    _dots(S, nk - 1, Qs, t * H + hk * G, G, k[z, k0 + nk - 1, hk])
         _online_softmax_block(S, P, m_run, l_run, alpha, rows, nk, n_vis)
         for r in range(rows):
             for c in range(d):
                 O[r, c] *= alpha[r]
-        for j in range(nk):
+        for j in range(0, nk - 1, 2):
             for hk in range(Hkv):
                 for t in range(q_len):
-                    _axpys(O, t * H + hk * G, G, P, j, v[z, k0 + j, hk])
+                    _axpys2(O, t * H + hk * G, G, P, j, v[z, k0 + j, hk], v[z, k0 + j + 1, hk])
+        if nk % 2:
+            for hk in range(Hkv):
+                for t in range(q_len):
+                    _axpys(O, t * H + hk * G, G, P, nk - 1, v[z, k0 + nk - 1, hk])
 
 
 @njit(parallel=True, fastmath=FASTMATH_INF, cache=True)

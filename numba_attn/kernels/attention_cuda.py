@@ -41,7 +41,7 @@ DEC_WARPS = DEC_THREADS // 32
 DECODE_MAX_Q = 4             # q_len up to which the decode kernel serves
 QR_MAX = 4                   # query rows per decode block (registers: 2 * QR * 16 floats)
 MIN_SPLIT_STEPS = 4 if not SIM else 1   # a key split is at least this many block steps
-BLOCKS_PER_SM = 4            # decode grid target: this many blocks per multiprocessor
+BLOCKS_PER_SM = 2            # decode grid target: blocks per multiprocessor (H200: 2 beat 4 and 8)
 
 # --- prefill ---
 PF_THREADS = 256 if not SIM else 64   # threads per block: PF_THREADS / LPK query rows
