@@ -58,6 +58,15 @@ def _output(name, out, shape, backend, inputs=()):
     return out
 
 
+def _same_shape_f32(name_a, a, name_b, b):
+    """The two inputs of an elementwise op: float32, C-contiguous, the same shape."""
+    checks.array(name_a, a, dtypes=F32)
+    checks.array(name_b, b, dtypes=F32)
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+
+
 def apply_rope(x, table, start_pos=0, *, style="half", out=None):
     """Rotate x (seq, heads, d) or (batch, seq, heads, d) at positions start_pos..start_pos+seq-1.
 
@@ -135,11 +144,7 @@ def silu_mul(gate, up, *, out=None):
     """SwiGLU's gate: silu(gate) * up, elementwise. In place when out is gate or up."""
     backend = backend_of(gate, up, out)
     gate, up, out = _prepare(backend, gate, up, out)
-    checks.array("gate", gate, dtypes=F32)
-    checks.array("up", up, dtypes=F32)
-    if tuple(gate.shape) != tuple(up.shape):
-        raise ValueError(f"gate and up must have the same shape, got {tuple(gate.shape)} and "
-                         f"{tuple(up.shape)}")
+    _same_shape_f32("gate", gate, "up", up)
     if out is not None and backend == "cpu" and out is up:
         pass  # in place into up is fine: each element is read before it is written
     out = _output("out", out, gate.shape, backend, [("gate", gate)] + ([] if out is up else [("up", up)]))
@@ -240,11 +245,7 @@ def add(a, b, *, out=None):
     stream: add(x, y, out=x))."""
     backend = backend_of(a, b, out)
     a, b, out = _prepare(backend, a, b, out)
-    checks.array("a", a, dtypes=F32)
-    checks.array("b", b, dtypes=F32)
-    if tuple(a.shape) != tuple(b.shape):
-        raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
+    _same_shape_f32("a", a, "b", b)
     inputs = [(name, x) for name, x in (("a", a), ("b", b)) if x is not out]
     out = _output("out", out, a.shape, backend, inputs)
     n = int(np.prod(a.shape, dtype=np.int64))

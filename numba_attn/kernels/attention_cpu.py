@@ -17,7 +17,7 @@ import numpy as np
 from numba import float32, get_num_threads, njit, prange
 
 from . import cpu_pool
-from .scalar import FASTMATH_INF, exp_f32
+from .scalar import FASTMATH_INF, exp_f32, row_max
 
 BLOCK_ROWS = 64        # prefill: query rows per tile (positions x grouped heads)
 BLOCK_K = 64           # keys per block of the online softmax
@@ -47,9 +47,7 @@ def _online_softmax_block(S, P, m_run, l_run, alpha, rows, nk, n_vis):
     # S, P: (rows, nk) scores / probabilities; m_run, l_run, alpha: (rows,) running max, running
     # sum, and this block's rescale factor. n_vis[r]: keys of the block row r sees (a prefix).
     for r in range(rows):
-        m_new = m_run[r]
-        for j in range(n_vis[r]):
-            m_new = max(m_new, S[r, j])
+        m_new = row_max(S, r, n_vis[r], m_run[r])
         if m_new == -np.inf:  # nothing seen yet
             alpha[r] = float32(1)
             for j in range(nk):
@@ -87,21 +85,26 @@ def _prefill_tile(out, q, k, v, scale, causal, z, hk, q0, nq, Qs, O, Ks, Vs, St,
     k_end = min(kv_len, max(0, kv_len - q_len + q0 + nq)) if causal else kv_len
     for k0 in range(0, k_end, BLOCK_K):
         nk = min(BLOCK_K, k_end - k0)
-        S = St[:rows * nk].reshape((rows, nk))
-        P = Pt[:rows * nk].reshape((rows, nk))
-        PV = PVt[:rows * d].reshape((rows, d))
+        # causal: the tile's rows before r0 see none of these keys; they are skipped (their
+        # running max, sum and output are untouched), so a tall tile wastes no work
+        r0 = min(rows, max(0, (k0 - (kv_len - q_len) - q0) * G)) if causal else 0
+        nr = rows - r0
+        S = St[:nr * nk].reshape((nr, nk))
+        P = Pt[:nr * nk].reshape((nr, nk))
+        PV = PVt[:nr * d].reshape((nr, d))
         for j in range(nk):
             for c in range(d):
                 Ks[j, c] = k[z, k0 + j, hk, c]
                 Vs[j, c] = v[z, k0 + j, hk, c]
-        for r in range(rows):
-            n_vis[r] = min(nk, max(0, kv_len - q_len + q0 + r // G + 1 - k0)) if causal else nk
-        np.dot(Qs, Ks[:nk].T, S)                                  # (rows, nk)
-        _online_softmax_block(S, P, m_run, l_run, alpha, rows, nk, n_vis)
-        np.dot(P, Vs[:nk], PV)                                    # (rows, d)
-        for r in range(rows):
+        for r in range(nr):
+            n_vis[r] = min(nk, max(0, kv_len - q_len + q0 + (r0 + r) // G + 1 - k0)) \
+                if causal else nk
+        np.dot(Qs[r0:], Ks[:nk].T, S)                             # (nr, nk)
+        _online_softmax_block(S, P, m_run[r0:], l_run[r0:], alpha, nr, nk, n_vis)
+        np.dot(P, Vs[:nk], PV)                                    # (nr, d)
+        for r in range(nr):
             for c in range(d):
-                O[r, c] = O[r, c] * alpha[r] + PV[r, c]
+                O[r0 + r, c] = O[r0 + r, c] * alpha[r] + PV[r, c]
 
     for r in range(rows):
         inv = float32(1) / l_run[r] if l_run[r] > 0 else float32(0)

@@ -36,3 +36,15 @@ if MODE == "delegate":   # everything runs in test_simulator.py's child process
 def full():
     """True on a real GPU: test at full size; False under the simulator: tiny shapes."""
     return MODE == "gpu"
+
+
+@pytest.fixture(scope="module")
+def fast_simulator():
+    """Under the simulator, a faster syncthreads barrier (sim_barrier.py) for the module: for
+    the tests that launch many kernels (the model)."""
+    if MODE != "sim":
+        yield
+        return
+    from tests.cuda.sim_barrier import fast_barrier
+    with fast_barrier():
+        yield

@@ -25,14 +25,7 @@ SIM_NEW_TOKENS = 1                 # golden tokens checked per prompt under the 
 WEIGHT_DTYPES = ["float32", "float16"] if GPU else ["float32"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_simulator():
-    if MODE != "sim":
-        yield
-        return
-    from tests.cuda.sim_barrier import fast_barrier
-    with fast_barrier():
-        yield
+pytestmark = pytest.mark.usefixtures("fast_simulator")   # many launches: tests/cuda/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,7 @@ RTOL = 1e-4                        # max |cuda - cpu| relative to max |cpu|
 GREEDY = SamplingParams(temperature=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_simulator():
-    if MODE != "sim":
-        yield
-        return
-    from tests.cuda.sim_barrier import fast_barrier
-    with fast_barrier():
-        yield
+pytestmark = pytest.mark.usefixtures("fast_simulator")   # many launches: tests/cuda/conftest.py
 
 
 def assert_close(got, ref, rtol=RTOL):
