@@ -7,7 +7,7 @@ import math
 
 from numba import float32, njit, prange
 
-from .scalar import silu
+from .scalar import silu_vec
 
 PARALLEL_MIN = 1 << 15  # elements below which the serial function runs alone
 SILU_CHUNK = 4096       # elements per parallel task
@@ -40,11 +40,12 @@ def rmsnorm(out, x, weight, eps):
         _rmsnorm_parallel(out, x, weight, eps)
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, error_model="numpy", cache=True)
 def _silu_mul_range(out, gate, up, i0, i1):
-    # elements i0..i1-1 of gate, up, out: (n,). out = silu(gate) * up
+    # elements i0..i1-1 of gate, up, out: (n,). out = silu(gate) * up. error_model="numpy": no
+    # division-by-zero check (1 + e^-x > 0), which kept the loop from vectorising (8x slower)
     for i in range(i0, i1):
-        out[i] = silu(gate[i]) * up[i]
+        out[i] = silu_vec(gate[i]) * up[i]
 
 
 @njit(parallel=True, cache=True)

