@@ -56,7 +56,7 @@ def exp_f32(x):
 
 @njit(inline="always", fastmath=FASTMATH_NNAN, cache=True)
 def row_max(S, r, n, init):
-    # max(init, S[r, 0], ..., S[r, n - 1]) for finite scores (init may be -inf). Four running
+    # max(init, S[r, 0], ..., S[r, n - 1]) for values without NaN (-inf is fine). Four running
     # maxima, so four compares are in flight: 2.7x faster than one chain of max() here
     m0 = init
     m1 = init

@@ -6,7 +6,7 @@ import numpy as np
 from numba import float32, njit, prange
 
 from . import cpu_pool
-from .scalar import FASTMATH_INF, exp_f32
+from .scalar import FASTMATH_INF, exp_f32, row_max
 
 
 @njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
@@ -20,13 +20,13 @@ def _masked_softmax(out, scores, mask, scale, causal):
         z, i = row // q, row % q
         # keys visible under the causal rule: [0, n_vis)
         n_vis = min(kv, max(0, kv - q + i + 1)) if causal else kv
-        m = float32(-np.inf)
-        for j in range(n_vis):
-            s = scale * scores[z, i, j]
-            if has_mask:
-                s += mask[i, j]
-            out[z, i, j] = s
-            m = max(m, s)
+        if has_mask:
+            for j in range(n_vis):
+                out[z, i, j] = scale * scores[z, i, j] + mask[i, j]
+        else:
+            for j in range(n_vis):
+                out[z, i, j] = scale * scores[z, i, j]
+        m = row_max(out[z], i, n_vis, float32(-np.inf))
         if m == -np.inf:  # nothing visible: zeros, never NaN
             for j in range(kv):
                 out[z, i, j] = float32(0)
