@@ -190,12 +190,27 @@ def _split_rows(fused, c):
     return fused[:c.q_dim], fused[c.q_dim:c.q_dim + c.kv_dim], fused[c.q_dim + c.kv_dim:]
 
 
+def _staggered_empty(shape, k):
+    """A float32 host array whose address is 1088 * k bytes past a 4 KB boundary (mod 4 KB).
+    Large NumPy arrays all start at the same offset in a page; a kernel reading one such buffer
+    while writing another then sees false store-to-load conflicts (4K aliasing): silu_mul in
+    place over the model's gate and up ran 2.2x slower. 1088 bytes = 17 cache lines."""
+    n = int(np.prod(shape))
+    raw = np.empty(n + 1024, np.float32)
+    start = (k * 272 - raw.ctypes.data // 4) % 1024
+    return raw[start:start + n].reshape(shape)
+
+
 class Buffers:
     """Activations for up to `rows` tokens at once, allocated once (on the model's device);
     the forward pass works on the first `seq` rows. Decode uses row 0 of the same buffers."""
 
     def __init__(self, c, rows, device="cpu"):
+        count = iter(range(1 << 30))
+
         def buf(*shape):
+            if device == "cpu":
+                return _staggered_empty(shape, next(count))
             return empty(shape, np.float32, device)
         self.rows = rows
         self.x = buf(rows, c.hidden_size)                      # residual stream
