@@ -10,8 +10,8 @@ holds one. The measuring then runs in a fresh process, so its peak resident memo
 engine's alone, and every figure is compared with a limit measured in that same process:
 
 - decode: tokens/s of single-token steps after a 16-token prompt, and the weight bytes each
-  step streams / its time, against NumPy's BLAS GEMV streaming the same matrices (target:
-  >= 90% of that bandwidth);
+  step streams / its time, against NumPy's BLAS GEMV streaming the same matrices, the two
+  interleaved so both see the same machine (target: >= 90% of that bandwidth);
 - prefill: tokens/s of one forward pass over 512 tokens, against the rate at which NumPy's
   BLAS GEMM does the same matrix products (the prefill's FLOP floor), and GFLOP/s of each;
 - peak resident memory (VmHWM) against the weight bytes plus the KV cache (target: <= 1.2x);
@@ -28,7 +28,8 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # as numba_attn sets it: before NumPy
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # as numba_attn sets them: before NumPy
+os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 import numpy as np  # noqa: E402
 
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
@@ -122,37 +123,42 @@ def matrices(model):
     return out + [("lm_head", model.weights.lm_head)]
 
 
-def blas_gemv_s(mats, repeat):
-    """Best time of NumPy BLAS GEMV over every matrix once (a decode step's weight reads)."""
+def blas_gemv(mats):
+    """f() -> NumPy BLAS GEMV over every matrix once (a decode step's weight reads)."""
     xs = {n: np.random.default_rng(1).standard_normal(n).astype(np.float32)
           for n in {w.shape[1] for _, w in mats}}
     ys = {n: np.empty(n, np.float32) for n in {w.shape[0] for _, w in mats}}
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
+
+    def run():
         for _, w in mats:
             np.dot(w, xs[w.shape[1]], out=ys[w.shape[0]])
-        best = min(best, time.perf_counter() - t)
-    return best
+    return run
 
 
-def blas_gemm_s(mats, rows, repeat):
-    """Best time of NumPy BLAS GEMM x (rows, in) @ w.T over every matrix except the lm_head
-    (prefill computes logits for the last position only)."""
+def blas_gemm(mats, rows):
+    """f() -> NumPy BLAS GEMM x (rows, in) @ w.T over every matrix except the lm_head (prefill
+    computes logits for the last position only)."""
     mats = [(n, w) for n, w in mats if n != "lm_head"]
     xs = {n: np.random.default_rng(1).standard_normal((rows, n)).astype(np.float32)
           for n in {w.shape[1] for _, w in mats}}
     ys = {n: np.empty((rows, n), np.float32) for n in {w.shape[0] for _, w in mats}}
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
+
+    def run():
         for _, w in mats:
             np.matmul(xs[w.shape[1]], w.T, out=ys[w.shape[0]])
-        best = min(best, time.perf_counter() - t)
-    return best
+    return run
+
+
+def timed(f):
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
 
 
 def measure(path, decode_tokens, prefill_tokens, repeat):
+    """Ours and the BLAS limits, interleaved: decode steps alternate with GEMV passes in
+    `rounds` rounds, prefill passes with GEMM passes, so both sides of each ratio see the same
+    machine (the memory bandwidth here drifts by 20% between minutes)."""
     from numba_attn.generate import CompileTimer
     from numba_attn.model import Model
 
@@ -166,57 +172,63 @@ def measure(path, decode_tokens, prefill_tokens, repeat):
         model.warmup()
         r["warmup_s"] = time.perf_counter() - t
     r["compile_s"] = jit.seconds
+    mats = matrices(model)
+    rounds = max(repeat, 3)
 
     rng = np.random.default_rng(0)
-    # decode: single-token steps after a short prompt, each picking its token by argmax
+    # decode: single-token steps after a short prompt, each picking its token by argmax; after
+    # every decode_tokens / rounds steps, one GEMV pass over the same matrices
     pos = 16
     token = int(np.argmax(model.forward(rng.integers(0, c.vocab_size, pos), 0)))
     step = np.empty(1, np.int64)
-    times = []
-    for _ in range(decode_tokens):
+    gemv = blas_gemv(mats)
+    gemv()                                                # first touch of its buffers
+    times, gemv_times = [], []
+    for i in range(decode_tokens):
         step[0] = token
         t = time.perf_counter()
         token = int(np.argmax(model.forward(step, pos)))
         times.append(time.perf_counter() - t)
         pos += 1
-    mats = matrices(model)
+        if (i + 1) % max(1, decode_tokens // rounds) == 0:
+            gemv_times.append(timed(gemv))
     step_bytes = sum(w.nbytes for _, w in mats) + model.weights.norm.nbytes + sum(
         lw.input_layernorm.nbytes + lw.post_attention_layernorm.nbytes
         for lw in model.weights.layers)
     r["decode_step_s"] = statistics.median(times)
     r["decode_tok_s"] = 1 / r["decode_step_s"]
     r["decode_GBs"] = step_bytes / r["decode_step_s"] / 1e9
+    r["gemv_s"] = statistics.median(gemv_times)
+    r["gemv_GBs"] = sum(w.nbytes for _, w in mats) / r["gemv_s"] / 1e9
+    r["decode_vs_gemv"] = r["decode_GBs"] / r["gemv_GBs"]
 
-    # prefill: one pass over prefill_tokens from an empty cache (best of `repeat`)
+    # prefill: one pass over prefill_tokens from an empty cache, alternating with the GEMM
+    # passes (best of `rounds` each). Peak memory is read after the first prefill, before the
+    # GEMM allocates its own buffers
     prompt = rng.integers(0, c.vocab_size, prefill_tokens)
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        model.forward(prompt, 0)
-        best = min(best, time.perf_counter() - t)
-    n = prefill_tokens
-    matmul_flops = 2 * n * sum(w.size for name, w in mats if name != "lm_head") + 2 * c.vocab_size * c.hidden_size
-    attn_flops = 4 * c.n_layers * c.n_heads * c.head_dim * n * (n + 1) // 2  # causal QK^T + PV
-    r["prefill_s"] = best
-    r["prefill_tok_s"] = n / best
-    r["prefill_GFLOPs"] = (matmul_flops + attn_flops) / best / 1e9
-
-    # peak resident memory of the engine, before the BLAS comparisons allocate their own
+    model.forward(prompt, 0)
     r["peak_rss_bytes"] = vm("VmHWM")
     r["weight_bytes"] = model.weights.nbytes
     r["kv_cache_bytes"] = model.cache.nbytes
     r["rss_ratio"] = r["peak_rss_bytes"] / (r["weight_bytes"] + r["kv_cache_bytes"])
-
-    # the limits, measured here and now on the same matrices
-    r["gemv_s"] = blas_gemv_s(mats, max(repeat, 3))
-    r["gemv_GBs"] = sum(w.nbytes for _, w in mats) / r["gemv_s"] / 1e9
-    r["decode_vs_gemv"] = r["decode_GBs"] / r["gemv_GBs"]
-    r["gemm_s"] = blas_gemm_s(mats, n, repeat)
+    n = prefill_tokens
+    gemm = blas_gemm(mats, n)
+    gemm()
+    prefill_times, gemm_times = [], []
+    for _ in range(rounds):
+        prefill_times.append(timed(lambda: model.forward(prompt, 0)))
+        gemm_times.append(timed(gemm))
+    matmul_flops = 2 * n * sum(w.size for name, w in mats if name != "lm_head") + 2 * c.vocab_size * c.hidden_size
+    attn_flops = 4 * c.n_layers * c.n_heads * c.head_dim * n * (n + 1) // 2  # causal QK^T + PV
+    r["prefill_s"] = min(prefill_times)
+    r["prefill_tok_s"] = n / r["prefill_s"]
+    r["prefill_GFLOPs"] = (matmul_flops + attn_flops) / r["prefill_s"] / 1e9
+    r["gemm_s"] = min(gemm_times)
     r["gemm_tok_s"] = n / r["gemm_s"]
     r["gemm_GFLOPs"] = (matmul_flops - 2 * c.vocab_size * c.hidden_size) / r["gemm_s"] / 1e9
     r["prefill_vs_gemm"] = r["prefill_tok_s"] / r["gemm_tok_s"]
     r.update(decode_tokens=decode_tokens, prefill_tokens=n, step_bytes=step_bytes,
-             layers=c.n_layers, hidden=c.hidden_size, vocab=c.vocab_size)
+             layers=c.n_layers, hidden=c.hidden_size, vocab=c.vocab_size, rounds=rounds)
     return r
 
 
@@ -286,6 +298,9 @@ def report(r, command):
                                                    f"{r['prefill_tok_s'] / hf['prefill_tok_s']:.2f}x",
              ">= 1x", ok(r["prefill_tok_s"] >= hf["prefill_tok_s"])),
         ]
+    if r.get("rounds_line"):
+        rows.append(("prefill-512 ours vs transformers, every round (sorted)", r["rounds_line"],
+                     "", ""))
     rows += [
         ("peak resident memory", f"{r['peak_rss_bytes'] / gb:.2f} GB = {r['rss_ratio']:.2f}x "
                                  f"(weights {r['weight_bytes'] / gb:.2f} GB + KV cache "
@@ -310,7 +325,12 @@ def main():
                     help="decoder layers (default: 22, TinyLlama's; fewer for a quick look)")
     ap.add_argument("--decode-tokens", type=int, default=64, help="decode steps [64]")
     ap.add_argument("--prefill-tokens", type=int, default=512, help="prefill length [512]")
-    ap.add_argument("--repeat", type=int, default=2, help="prefill / GEMM repeats, best kept [2]")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="rounds of prefill alternating with GEMM (best kept) and of decode "
+                         "alternating with GEMV (medians), at least 3 [3]")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure ours and the peer this many times, alternating processes; "
+                         "the table is the median round by prefill ratio [1]")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     ap.add_argument("--no-peer", action="store_true",
                     help="skip Hugging Face transformers (measured when importable)")
@@ -339,9 +359,20 @@ def main():
         out = subprocess.run(cmd, stdout=subprocess.PIPE, check=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
-    r = child("ours")
-    if not args.no_peer and importlib.util.find_spec("transformers") is not None:
-        r["transformers"] = child("transformers")
+    peer = not args.no_peer and importlib.util.find_spec("transformers") is not None
+    runs = []
+    for _ in range(max(1, args.rounds)):
+        r = child("ours")
+        if peer:
+            r["transformers"] = child("transformers")
+        runs.append(r)
+    if peer and len(runs) > 1:
+        runs.sort(key=lambda x: x["prefill_tok_s"] / x["transformers"]["prefill_tok_s"])
+        for x in runs:
+            x["rounds_line"] = ", ".join(
+                f"{y['prefill_tok_s']:.1f} vs {y['transformers']['prefill_tok_s']:.1f} "
+                f"({y['prefill_tok_s'] / y['transformers']['prefill_tok_s']:.2f}x)" for y in runs)
+    r = runs[len(runs) // 2]
     command = "python bench/bench_model.py " + " ".join(sys.argv[1:])
     print(report(r, command))
     if args.json:

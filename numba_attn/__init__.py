@@ -8,6 +8,11 @@ import os
 # loads, so this works when numba_attn is imported before NumPy (as the CLI does); set it in
 # the environment yourself otherwise. A value already set is kept.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+# The same the other way round: Numba's OpenMP threads spin ~300000 iterations (GNU libgomp's
+# default) after each parallel region, taking cores from the GEMM that follows. 30000 keeps
+# back-to-back decode regions warm: prefill-512 +5-12%, decode -1.5-3.4% (4 TinyLlama layers,
+# three runs each way, bench/RESULTS.md). Read when Numba starts its OpenMP pool.
+os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 from importlib.metadata import PackageNotFoundError, version  # noqa: E402
 
