@@ -10,7 +10,6 @@ Two schedules, same arithmetic:
   (flash-decoding)."""
 import ctypes
 import glob
-import math
 import os
 
 import numpy as np
