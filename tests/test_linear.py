@@ -1,10 +1,12 @@
-"""linear (GEMV for one row, GEMM for many) against the float64 reference."""
+"""linear (GEMV for one row, the few-rows kernel up to GEMV_MAX_ROWS, GEMM beyond) against the
+float64 reference."""
 import math
 
 import numpy as np
 import pytest
 
 from numba_attn import linear
+from numba_attn.kernels.linear_cpu import GEMV_MAX_ROWS
 from tests.reference import linear_ref
 
 
@@ -23,7 +25,10 @@ def assert_matmul_close(y, want, k):
     (1, 64, 48),        # decode: GEMV, n a multiple of its 4-row step
     (1, 129, 7),        # GEMV with tail rows (7 = 4 + 3) and an odd length
     (1, 4096, 12),      # GEMV with a long reduction
-    (7, 129, 65),       # prefill: GEMM, awkward sizes
+    (2, 64, 48),        # a few rows: every row of x against each 4-row block of w
+    (7, 129, 65),       # a few rows, odd count, tail rows of w, awkward sizes
+    (GEMV_MAX_ROWS, 130, 9),        # the most rows the few-rows kernel takes
+    (GEMV_MAX_ROWS + 1, 129, 65),   # one more: BLAS sgemm
     (129, 128, 96),
 ])
 def test_linear_matches_reference(m, k, n, bias):
