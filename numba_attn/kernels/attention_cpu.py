@@ -16,7 +16,7 @@ import numpy as np
 from numba import float32, get_num_threads, njit, prange
 
 from . import cpu_pool
-from .scalar import FASTMATH_INF, exp_f32, row_max
+from .scalar import FASTMATH_INF, dots_4x1, dots_4x2, exp_f32, row_max
 
 BLOCK_ROWS = 64        # prefill: query rows per tile (positions x grouped heads)
 BLOCK_K = 64           # keys per block of the online softmax
@@ -151,24 +151,15 @@ def _attention_prefill(out, q, k, v, scale, causal, n_workers):
 @njit(inline="always", fastmath=FASTMATH_INF, cache=True)
 def _dots(S, j, Qs, r0, n, key):
     # S[r0 + i, j] = Qs[r0 + i] . key for i < n; four rows per pass over key (d,)
-    d = key.shape[0]
     i = 0
     while i + 4 <= n:
-        a0 = float32(0)
-        a1 = float32(0)
-        a2 = float32(0)
-        a3 = float32(0)
-        for c in range(d):
-            kc = key[c]
-            a0 += Qs[r0 + i, c] * kc
-            a1 += Qs[r0 + i + 1, c] * kc
-            a2 += Qs[r0 + i + 2, c] * kc
-            a3 += Qs[r0 + i + 3, c] * kc
-        S[r0 + i, j], S[r0 + i + 1, j], S[r0 + i + 2, j], S[r0 + i + 3, j] = a0, a1, a2, a3
+        r = r0 + i
+        S[r, j], S[r + 1, j], S[r + 2, j], S[r + 3, j] = dots_4x1(Qs[r], Qs[r + 1], Qs[r + 2],
+                                                                  Qs[r + 3], key)
         i += 4
     for r in range(r0 + i, r0 + n):
         acc = float32(0)
-        for c in range(d):
+        for c in range(key.shape[0]):
             acc += Qs[r, c] * key[c]
         S[r, j] = acc
 
@@ -197,36 +188,17 @@ def _axpys(O, r0, n, P, j, value):
 def _dots2(S, j, Qs, r0, n, key0, key1):
     # S[r0 + i, j] = Qs[r0 + i] . key0 and S[r0 + i, j + 1] = Qs[r0 + i] . key1 for i < n:
     # two keys per pass over the query rows, so each query element loaded serves both
-    d = key0.shape[0]
     i = 0
     while i + 4 <= n:
-        a0 = float32(0)
-        a1 = float32(0)
-        a2 = float32(0)
-        a3 = float32(0)
-        b0 = float32(0)
-        b1 = float32(0)
-        b2 = float32(0)
-        b3 = float32(0)
-        for c in range(d):
-            k0c, k1c = key0[c], key1[c]
-            q0, q1, q2, q3 = Qs[r0 + i, c], Qs[r0 + i + 1, c], Qs[r0 + i + 2, c], Qs[r0 + i + 3, c]
-            a0 += q0 * k0c
-            a1 += q1 * k0c
-            a2 += q2 * k0c
-            a3 += q3 * k0c
-            b0 += q0 * k1c
-            b1 += q1 * k1c
-            b2 += q2 * k1c
-            b3 += q3 * k1c
-        S[r0 + i, j], S[r0 + i + 1, j], S[r0 + i + 2, j], S[r0 + i + 3, j] = a0, a1, a2, a3
-        S[r0 + i, j + 1], S[r0 + i + 1, j + 1] = b0, b1
-        S[r0 + i + 2, j + 1], S[r0 + i + 3, j + 1] = b2, b3
+        r = r0 + i
+        (S[r, j], S[r + 1, j], S[r + 2, j], S[r + 3, j], S[r, j + 1], S[r + 1, j + 1],
+         S[r + 2, j + 1], S[r + 3, j + 1]) = dots_4x2(Qs[r], Qs[r + 1], Qs[r + 2], Qs[r + 3],
+                                                       key0, key1)
         i += 4
     for r in range(r0 + i, r0 + n):
         a = float32(0)
         b = float32(0)
-        for c in range(d):
+        for c in range(key0.shape[0]):
             a += Qs[r, c] * key0[c]
             b += Qs[r, c] * key1[c]
         S[r, j] = a

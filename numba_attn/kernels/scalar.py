@@ -84,3 +84,46 @@ def silu_vec(x):
     # not; the caller needs error_model="numpy" too, or the division's zero check blocks it).
     # The cap keeps exp's argument in exp_f32's range
     return x / (float32(1) + exp_f32(min(-x, float32(80))))
+
+
+@njit(inline="always", fastmath=FASTMATH_INF, cache=True)
+def dots_4x1(a0, a1, a2, a3, b):
+    # the dot products of four vectors with b (all of one length), in one pass over b: b's
+    # elements are loaded once for four products (GEMV's 4 rows of w, attention's 4 query rows)
+    s0 = float32(0)
+    s1 = float32(0)
+    s2 = float32(0)
+    s3 = float32(0)
+    for c in range(b.shape[0]):
+        bc = b[c]
+        s0 += a0[c] * bc
+        s1 += a1[c] * bc
+        s2 += a2[c] * bc
+        s3 += a3[c] * bc
+    return s0, s1, s2, s3
+
+
+@njit(inline="always", fastmath=FASTMATH_INF, cache=True)
+def dots_4x2(a0, a1, a2, a3, b0, b1):
+    # as dots_4x1 against two vectors at once, so each element of a0..a3 serves two products:
+    # (a0.b0, a1.b0, a2.b0, a3.b0, a0.b1, a1.b1, a2.b1, a3.b1)
+    s0 = float32(0)
+    s1 = float32(0)
+    s2 = float32(0)
+    s3 = float32(0)
+    t0 = float32(0)
+    t1 = float32(0)
+    t2 = float32(0)
+    t3 = float32(0)
+    for c in range(b0.shape[0]):
+        x0, x1, x2, x3 = a0[c], a1[c], a2[c], a3[c]
+        p, q = b0[c], b1[c]
+        s0 += x0 * p
+        s1 += x1 * p
+        s2 += x2 * p
+        s3 += x3 * p
+        t0 += x0 * q
+        t1 += x1 * q
+        t2 += x2 * q
+        t3 += x3 * q
+    return s0, s1, s2, s3, t0, t1, t2, t3
