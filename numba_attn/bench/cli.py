@@ -16,6 +16,7 @@ import click
 
 from . import kernels as K
 from . import report
+from ..backend import cuda_unavailable
 from .machine import cuda_available, describe, jit_cache_counts
 from .timing import DEFAULT_BUDGET_S
 
@@ -126,12 +127,8 @@ def _devices(device):
     if device == "all":
         click.echo("note: no CUDA GPU here; --device all runs the CPU only", err=True)
         return ["cpu"]
-    try:
-        import numba.cuda  # noqa: F401
-        why = "numba.cuda.is_available() is False"
-    except ImportError:
-        why = "numba-cuda is not installed: pip install 'numba-attn[cuda]'"
-    raise click.UsageError(f"--device cuda: no CUDA GPU is available here ({why})")
+    raise click.UsageError(f"--device cuda: no CUDA GPU is available here "
+                           f"({cuda_unavailable()})")
 
 
 def _validate(kind, save_baseline, baseline, plot_path, fail_on_regression):

@@ -7,6 +7,8 @@ import os
 import platform
 from importlib import metadata
 
+from ..backend import cuda_unavailable
+
 
 def _version(dist):
     try:
@@ -62,11 +64,7 @@ def numpy_blas():
 
 def cuda_available():
     """True when numba-cuda is installed and sees a GPU."""
-    try:
-        from numba import cuda
-        return bool(cuda.is_available())
-    except Exception:
-        return False
+    return cuda_unavailable() is None
 
 
 def gpu_name():
