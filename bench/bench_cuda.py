@@ -326,13 +326,20 @@ def bench_tune():
         print(f"  prefill S={S} {'register-tiled' if tiled else 'row-per-lanes'}: {us:.1f} us "
               f"({4 * S * S * d * H / 2 / us / 1e6:.1f} TFLOP/s)")
     attention_cuda.PREFILL_TILED = False
+    old = attention_cuda.PF_THREADS, attention_cuda.PF_KEYS
+    for threads in (128, 256):
+        for ks in (1, 2, 4, 8):
+            attention_cuda.PF_THREADS, attention_cuda.PF_KEYS = threads, ks
+            us = device_us(lambda i: attention_cuda.attention(O, Q, K, V, 0.088, True), reps=5)
+            print(f"  prefill S={S} row-per-lanes, {threads} threads, {ks} keys per step: "
+                  f"{us:.1f} us ({4 * S * S * d * H / 2 / us / 1e6:.1f} TFLOP/s)")
+    attention_cuda.PF_THREADS, attention_cuda.PF_KEYS = old
 
 
 def resources():
     """Registers, shared and local memory per thread of every kernel variant compiled here."""
     print("\nkernel resources (registers/thread, shared bytes/block, local bytes/thread):")
-    kernels = [(f"gemv wide={w} quads={qd}", linear_cuda.gemv_kernel(w, 1, qd))
-               for w in (True, False) for qd in (1, 2)]
+    kernels = [(f"gemv wide={w}", linear_cuda.gemv_kernel(w)) for w in (True, False)]
     kernels += [("gemm", linear_cuda._gemm), ("rmsnorm", norm_cuda.rmsnorm_kernel(True)),
                 ("softmax rows", softmax_cuda.softmax_rows_kernel(True)),
                 ("softmax 2-pass", softmax_cuda.masked_softmax_kernel(True)),

@@ -20,8 +20,9 @@ atomic counter) merges the splits and writes the output: one launch.
 
 Prefill: grid (query block, head, batch). A block of PF_THREADS threads takes PF_THREADS / LPK
 query rows of one head; tiles of BK keys of K and V are staged in shared memory (widened to
-float32) and every row streams them, one key at a time, with the online softmax (the sum is
-rescaled only when the max grows). Query blocks run heaviest first (causal)."""
+float32) and every row streams them, PF_KEYS keys per step (their dot products, butterflies
+and exponentials in flight together), with the online softmax (the sum is rescaled only when
+the max grows). Query blocks run heaviest first (causal)."""
 import functools
 import math
 
@@ -30,7 +31,7 @@ from numba import cuda, int32, int64, types
 
 from .scalar import FASTMATH_INF
 from .util_cuda import (ALIGN, CHUNK, SIM, aligned, device, float32, group_max, group_sum, load4,
-                        load8, load8_tail, scratch_size, store4, store8)
+                        load8, load8_tail, scratch_size, shfl_xor, store4, store8)
 
 DPL = 16                     # head dims per lane: 2 chunks of 8
 MAX_D = 256                  # largest (padded) head dim
@@ -46,6 +47,7 @@ BLOCKS_PER_SM = 2            # decode grid target: blocks per multiprocessor (H2
 # --- prefill ---
 PF_THREADS = 256 if not SIM else 64   # threads per block: PF_THREADS / LPK query rows
 PF_TILE = 4096 if not SIM else 256    # K (and V) tile in shared memory: BK = PF_TILE / D keys
+PF_KEYS = 4                  # keys per step of a row (independent work in flight)
 # The register-tiled prefill kernel (prefill_tiled_kernel) is correct but measured slower than
 # the row-per-lanes kernel on the H100 (S=2048, 32 heads: 9.8 ms against 5.2 ms; not yet
 # profiled), so it is off by default; PREFILL_TILED = True switches it on.
@@ -311,12 +313,14 @@ def decode_kernel(D, QR, wide):
 
 
 @functools.cache
-def prefill_kernel(D, wide, threads=PF_THREADS):
+def prefill_kernel(D, wide, threads=PF_THREADS, ks=PF_KEYS):
     """Prefill kernel for padded head dim D; wide: K/V rows allow 16-byte loads; threads per
-    block (threads / (D / 16) query rows)."""
+    block (threads / (D / 16) query rows); ks: keys per step (their dot products, reductions
+    and exponentials are independent, so ks of each are in flight at once)."""
     LPK = D // DPL                     # lanes per query row
     ROWS = threads // LPK              # query rows per block
     BK = PF_TILE // D                  # keys per shared-memory tile
+    KS = min(ks, BK)                   # keys per step (powers of two: BK % KS == 0)
     ld = load8 if wide else load8_tail
     SCRATCH = scratch_size(threads)
 
@@ -334,12 +338,13 @@ def prefill_kernel(D, wide, threads=PF_THREADS):
         dim1 = CHUNK * (sub + LPK)
         qi = qblk * ROWS + row
         scratch = cuda.shared.array(SCRATCH, float32)
-        ks = cuda.shared.array(PF_TILE, float32, alignment=ALIGN)   # (BK, D) keys
-        vs = cuda.shared.array(PF_TILE, float32, alignment=ALIGN)   # (BK, D) values
+        kt = cuda.shared.array(PF_TILE, float32, alignment=ALIGN)   # (BK, D) keys
+        vt = cuda.shared.array(PF_TILE, float32, alignment=ALIGN)   # (BK, D) values
 
         # this row's query, pre-scaled; the last key it sees (-1: a row past q_len)
         qr = cuda.local.array(DPL, float32)
         acc = cuda.local.array(DPL, float32)
+        s = cuda.local.array(KS, float32)            # this step's scores
         for e in range(DPL):
             qr[e] = float32(0)
             acc[e] = float32(0)
@@ -369,35 +374,48 @@ def prefill_kernel(D, wide, threads=PF_THREADS):
                 c0 = e - jr * D
                 if jr < nk and c0 < d:
                     rb = kvb + (kb + jr) * (Hkv * d)
-                    store8(ks, e, ld(k, rb + c0, rb + d))
-                    store8(vs, e, ld(v, rb + c0, rb + d))
-                else:
-                    store8(ks, e, (float32(0), float32(0), float32(0), float32(0), float32(0),
+                    store8(kt, e, ld(k, rb + c0, rb + d))
+                    store8(vt, e, ld(v, rb + c0, rb + d))
+                else:           # zeros past the keys and dims: finite scores, masked below
+                    store8(kt, e, (float32(0), float32(0), float32(0), float32(0), float32(0),
                                    float32(0), float32(0), float32(0)))
-                    store8(vs, e, (float32(0), float32(0), float32(0), float32(0), float32(0),
+                    store8(vt, e, (float32(0), float32(0), float32(0), float32(0), float32(0),
                                    float32(0), float32(0), float32(0)))
             cuda.syncthreads()  # the tile is in shared memory
-            for jr in range(nk):
-                k0 = load8(ks, jr * D + dim0, PF_TILE)
-                k1 = load8(ks, jr * D + dim1, PF_TILE)
-                part = float32(0)
-                for c in range(CHUNK):
-                    part += qr[c] * k0[c] + qr[CHUNK + c] * k1[c]
-                s = group_sum(part, LPK, scratch, tid)   # every thread of the block calls it
-                if kb + jr <= lim:
-                    if s > m:                        # a new max: rescale what was summed
-                        a = math.exp(m - s)
-                        l *= a
-                        for e in range(DPL):
-                            acc[e] *= a
-                        m = s
-                    p = math.exp(s - m)
-                    l += p
-                    v0 = load8(vs, jr * D + dim0, PF_TILE)
-                    v1 = load8(vs, jr * D + dim1, PF_TILE)
+            for j0 in range(0, nk, KS):
+                # KS scores: partial dot products, then one butterfly over the row's lanes
+                for u in range(KS):
+                    k0 = load8(kt, (j0 + u) * D + dim0, PF_TILE)
+                    k1 = load8(kt, (j0 + u) * D + dim1, PF_TILE)
+                    part = float32(0)
                     for c in range(CHUNK):
-                        acc[c] += p * v0[c]
-                        acc[CHUNK + c] += p * v1[c]
+                        part += qr[c] * k0[c] + qr[CHUNK + c] * k1[c]
+                    s[u] = part
+                off = LPK // 2
+                while off > 0:  # every thread of the block runs it (shfl_xor's rule)
+                    for u in range(KS):
+                        s[u] += shfl_xor(s[u], off, scratch, tid)
+                    off //= 2
+                mx = NEG_INF
+                for u in range(KS):
+                    if j0 + u >= nk or kb + j0 + u > lim:
+                        s[u] = NEG_INF          # past the tile, or hidden (causal, padding row)
+                    mx = max(mx, s[u])
+                if mx > m:                      # a new max: rescale what was summed
+                    a = math.exp(m - mx)
+                    l *= a
+                    for e in range(DPL):
+                        acc[e] *= a
+                    m = mx
+                if m > NEG_INF:                 # something visible so far
+                    for u in range(KS):
+                        p = math.exp(s[u] - m)  # 0 for a hidden key
+                        l += p
+                        v0 = load8(vt, (j0 + u) * D + dim0, PF_TILE)
+                        v1 = load8(vt, (j0 + u) * D + dim1, PF_TILE)
+                        for c in range(CHUNK):
+                            acc[c] += p * v0[c]
+                            acc[CHUNK + c] += p * v1[c]
 
         if qi < q_len:
             inv = float32(1) / l if l > 0 else float32(0)
@@ -661,5 +679,5 @@ def attention(out, q, k, v, scale, causal):
             return
         rows = PF_THREADS // (D // DPL)
         grid = ((q_len + rows - 1) // rows, H, B)
-        prefill_kernel(D, wide, PF_THREADS)[grid, PF_THREADS](of, qf, kf, vf, float32(scale), bool(causal),
-                                                 q_len, H, Hkv, kv_len, d)
+        prefill_kernel(D, wide, PF_THREADS, PF_KEYS)[grid, PF_THREADS](
+            of, qf, kf, vf, float32(scale), bool(causal), q_len, H, Hkv, kv_len, d)

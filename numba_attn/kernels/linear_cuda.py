@@ -2,9 +2,10 @@
 
 w may be float32, float16 or bfloat16 (raw bits in uint16); the products and sums are float32.
 
-Decode (a few rows of x): a matrix-vector product bound by reading w once. Each warp owns
-GEMV_ROWS rows of w and streams them in 16-byte chunks, 4 chunks of a row in flight per lane;
-x is staged in shared memory, X_SLAB elements at a time, shared by the block's warps.
+Decode (a few rows of x): a matrix-vector product bound by reading w once. Each warp owns a
+row of w and streams it in 16-byte chunks, 4 chunks per step, the next step's loads issued
+before this step's math (8 chunks in flight per lane); x is staged in shared memory, X_SLAB
+elements at a time, shared by the block's warps.
 Prefill (many rows): a tiled GEMM on the CUDA cores, TILE x TILE outputs per block of
 GEMM_THREADS threads, each thread an 8 x 8 register tile; w is widened to float32 as its tile
 is stored in shared memory."""
@@ -17,9 +18,7 @@ from .util_cuda import (ALIGN, CHUNK, SIM, device, float32, group_sum, load, loa
 
 # --- GEMV (decode) ---
 GEMV_THREADS = 256                       # threads per block (a multiple of 32)
-GEMV_WARPS = GEMV_THREADS // 32
-GEMV_ROWS = 1                            # rows of w per warp (measured: 1 is best)
-GEMV_BLOCK_ROWS = GEMV_WARPS * GEMV_ROWS  # rows of w per block
+GEMV_WARPS = GEMV_THREADS // 32          # rows of w per block: one per warp
 X_SLAB = 4096 if not SIM else 2048       # x elements staged in shared memory at a time
                                          # (a multiple of 8 chunks of 8 per lane: 2048)
 GEMV_MAX_M = 4                           # rows of x up to which the GEMV serves
@@ -41,12 +40,19 @@ def dot8(a, b):
 
 
 @functools.cache
-def gemv_kernel(wide, rows=GEMV_ROWS, quads=1):
-    """The GEMV kernel; wide: rows of w allow 16-byte loads (k % 8 == 0, aligned base); rows:
-    rows of w per warp; quads: groups of 4 chunks of a row loaded together (measured on the
-    H100: 1 is best for every storage type, rows 1 too)."""
+def gemv_kernel(wide):
+    """The GEMV kernel; wide: rows of w allow 16-byte loads (k % 8 == 0, aligned base).
+    Each step's chunks of w are loaded before the previous step's math (and a slab's first
+    step before x is staged), so two steps of loads are in flight per lane."""
     ldw = load8 if wide else load8_tail
-    block_rows = GEMV_WARPS * rows
+
+    @device
+    def ldw_any(w, j, row_end):
+        # w[j:j+8] as float32 where j may be past the row (a prefetch that will not be used):
+        # wide loads re-read the row's last chunk, guarded loads give zeros
+        if wide:
+            return load8(w, min(j, row_end - CHUNK), row_end)
+        return load8_tail(w, j, row_end)
 
     @cuda.jit(fastmath=True)
     def gemv(out, x, w, bias, n, k):
@@ -57,66 +63,52 @@ def gemv_kernel(wide, rows=GEMV_ROWS, quads=1):
         xrow = cuda.blockIdx.y
         xs = cuda.shared.array(X_SLAB, float32, alignment=ALIGN)
         scratch = cuda.shared.array(SCRATCH, float32)
-        # this warp's rows; rows past n are clamped (loaded, never written): no warp diverges
-        r0 = cuda.blockIdx.x * block_rows + warp * rows
-        acc = cuda.local.array(rows, float32)
-        for r in range(rows):
-            acc[r] = float32(0)
+        # this warp's row; a row past n is clamped (loaded, never written): no warp diverges
+        row = cuda.blockIdx.x * GEMV_WARPS + warp
+        rb = min(row, n - 1) * k                    # int64: w offsets pass 2**31
+        row_end = rb + k
+        step = 32 * CHUNK                           # a warp's chunks are contiguous
+        span = 4 * step                             # elements of a row per main step
+        acc = float32(0)
 
         for s0 in range(0, k, X_SLAB):
             slab = min(X_SLAB, k - s0)
+            full = slab - 3 * step - CHUNK          # last base with all 4 chunks inside
+            base = lane * CHUNK
+            j = rb + s0 + base
+            w0 = ldw_any(w, j, row_end)             # the first step, in flight while x is staged
+            w1 = ldw_any(w, j + step, row_end)
+            w2 = ldw_any(w, j + 2 * step, row_end)
+            w3 = ldw_any(w, j + 3 * step, row_end)
             cuda.syncthreads()      # the previous slab is no longer read
             for e in range(tid, X_SLAB, GEMV_THREADS):
                 xs[e] = x[xrow * k + s0 + e] if e < slab else float32(0)
             cuda.syncthreads()      # the slab is in shared memory
 
-            # main part: 4 * QUADS chunks of each row, all loaded before any is used
-            step = 32 * CHUNK
-            full = slab - (4 * quads - 1) * step - CHUNK  # last base with every chunk inside
-            base = lane * CHUNK
+            # main part: 4 chunks of the row per step
             while base <= full:
                 x0 = load8(xs, base, X_SLAB)
                 x1 = load8(xs, base + step, X_SLAB)
                 x2 = load8(xs, base + 2 * step, X_SLAB)
                 x3 = load8(xs, base + 3 * step, X_SLAB)
-                for r in range(rows):
-                    row_end = min(r0 + r, n - 1) * k + k
-                    j = row_end - k + s0 + base
-                    w0 = ldw(w, j, row_end)
-                    w1 = ldw(w, j + step, row_end)
-                    w2 = ldw(w, j + 2 * step, row_end)
-                    w3 = ldw(w, j + 3 * step, row_end)
-                    a = (dot8(w0, x0) + dot8(w1, x1)) + (dot8(w2, x2) + dot8(w3, x3))
-                    if quads == 2:  # (compile-time) four more chunks, loaded with the first
-                        w4 = ldw(w, j + 4 * step, row_end)
-                        w5 = ldw(w, j + 5 * step, row_end)
-                        w6 = ldw(w, j + 6 * step, row_end)
-                        w7 = ldw(w, j + 7 * step, row_end)
-                        x4 = load8(xs, base + 4 * step, X_SLAB)
-                        x5 = load8(xs, base + 5 * step, X_SLAB)
-                        x6 = load8(xs, base + 6 * step, X_SLAB)
-                        x7 = load8(xs, base + 7 * step, X_SLAB)
-                        a += (dot8(w4, x4) + dot8(w5, x5)) + (dot8(w6, x6) + dot8(w7, x7))
-                    acc[r] += a
-                base += 4 * quads * step
+                n0 = ldw_any(w, j + span, row_end)      # the next step's w
+                n1 = ldw_any(w, j + span + step, row_end)
+                n2 = ldw_any(w, j + span + 2 * step, row_end)
+                n3 = ldw_any(w, j + span + 3 * step, row_end)
+                acc += (dot8(w0, x0) + dot8(w1, x1)) + (dot8(w2, x2) + dot8(w3, x3))
+                w0, w1, w2, w3 = n0, n1, n2, n3
+                base += span
+                j += span
             # rest: one chunk at a time (x past the slab is zero in shared memory)
             while base < slab:
-                xv = load8(xs, base, X_SLAB)
-                for r in range(rows):
-                    row = min(r0 + r, n - 1)
-                    wv = ldw(w, row * k + s0 + base, row * k + k)
-                    for c in range(CHUNK):
-                        acc[r] += wv[c] * xv[c]
+                acc += dot8(ldw(w, rb + s0 + base, row_end), load8(xs, base, X_SLAB))
                 base += step
 
-        # each row's sum across the warp's lanes
-        for r in range(rows):
-            total = group_sum(acc[r], 32, scratch, tid)
-            row = r0 + r
-            if lane == 0 and row < n:
-                if bias.shape[0] > 0:
-                    total += bias[row]
-                out[xrow * n + row] = total
+        total = group_sum(acc, 32, scratch, tid)    # the row's sum across the warp's lanes
+        if lane == 0 and row < n:
+            if bias.shape[0] > 0:
+                total += bias[row]
+            out[xrow * n + row] = total
 
     return gemv
 
@@ -179,7 +171,7 @@ def linear(out, x, w, bias):
     if m == 0 or n == 0:
         return
     if m <= GEMV_MAX_M:
-        grid = ((n + GEMV_BLOCK_ROWS - 1) // GEMV_BLOCK_ROWS, m)
+        grid = ((n + GEMV_WARPS - 1) // GEMV_WARPS, m)
         gemv_kernel(wide_ok(w, k))[grid, GEMV_THREADS](
             out.reshape(-1), x.reshape(-1), w.reshape(-1), bias, n, k)
     else:

@@ -2,16 +2,18 @@
 
 One block column per token row (b, t) of x (heads * d elements); each thread rotates PAIRS pairs
 of that row, THREADS pairs apart, so a warp reads consecutive addresses; when d % 8 == 0 and the
-bases are 16-byte aligned, PAIRS groups of 4 pairs, with 16-byte loads and stores. Memory-bound: x is
-read once and out written once; the cos/sin rows of a position stay in L1/L2. Safe in place
+bases are 16-byte aligned, 16-byte loads and stores (half: PAIRS groups of 4 pairs;
+interleaved: 2 * PAIRS groups of 2, all loaded before any is stored). Memory-bound: x is read
+once and out written once; the cos/sin rows of a position stay in L1/L2. Safe in place
 (out is x): each pair is read and written by one thread."""
 from numba import cuda
 
 from .scalar import rope_pair
-from .util_cuda import aligned, load4, load8, store4, store8
+from .util_cuda import aligned, float32, load4, store4
 
 THREADS = 256      # threads per block (a multiple of 32)
 PAIRS = 2          # pairs per thread: independent loads in flight
+UNITS = 2 * PAIRS  # 16-byte units of 2 pairs per thread (interleaved, wide)
 
 
 @cuda.jit(fastmath=True)
@@ -72,23 +74,26 @@ def _rope_half4(out, x, cos, sin, start_pos, seq, row_quads, half):
 
 @cuda.jit(fastmath=True)
 def _rope_interleaved4(out, x, cos, sin, start_pos, seq, row_quads, half):
-    # as _rope_interleaved, 4 pairs (8 elements) per step with 16-byte loads
+    # as _rope_interleaved, 2 pairs per 16-byte load (d % 8 == 0, aligned bases): the thread's
+    # UNITS loads, THREADS apart (each 512 contiguous bytes for a warp), are all issued
+    # before any store; unit f of a row is elements 4f..4f+3, pairs i = 2f % half and i + 1
     row = cuda.blockIdx.x
     pos = start_pos + row % seq
     base = row * (8 * row_quads)
-    for u in range(PAIRS):
-        p = (cuda.blockIdx.y * PAIRS + u) * THREADS + cuda.threadIdx.x
-        if p < row_quads:                            # bounds guard
-            i = (4 * p) % half
-            j = base + 8 * p
-            a = load8(x, j, j + 8)
-            c = load4(cos, pos * half + i)
-            s = load4(sin, pos * half + i)
-            y0 = rope_pair(a[0], a[1], c[0], s[0])
-            y1 = rope_pair(a[2], a[3], c[1], s[1])
-            y2 = rope_pair(a[4], a[5], c[2], s[2])
-            y3 = rope_pair(a[6], a[7], c[3], s[3])
-            store8(out, j, (y0[0], y0[1], y1[0], y1[1], y2[0], y2[1], y3[0], y3[1]))
+    last = 2 * row_quads - 1
+    vals = cuda.local.array((UNITS, 4), float32)
+    for u in range(UNITS):
+        f = min((cuda.blockIdx.y * UNITS + u) * THREADS + cuda.threadIdx.x, last)
+        a = load4(x, base + 4 * f)
+        for c in range(4):
+            vals[u, c] = a[c]
+    for u in range(UNITS):
+        f = (cuda.blockIdx.y * UNITS + u) * THREADS + cuda.threadIdx.x
+        if f <= last:                                # bounds guard
+            i = (2 * f) % half
+            y0 = rope_pair(vals[u, 0], vals[u, 1], cos[pos, i], sin[pos, i])
+            y1 = rope_pair(vals[u, 2], vals[u, 3], cos[pos, i + 1], sin[pos, i + 1])
+            store4(out, base + 4 * f, (y0[0], y0[1], y1[0], y1[1]))
 
 
 def _launch(kernel, kernel4, out, x, cos, sin, start_pos):

@@ -59,6 +59,8 @@ def kernels():
            (F32, F32, F32, F32, F, B, I, I, I, I, I))
     yield ("attention_prefill[bf16,D=256]", A.prefill_kernel(256, True),
            (F32, F32, U16, U16, F, B, I, I, I, I, I))
+    yield ("attention_prefill[f32,D=128,1 key per step]", A.prefill_kernel(128, True, ks=1),
+           (F32, F32, F32, F32, F, B, I, I, I, I, I))
     yield ("attention_prefill_tiled[f32,D=64,scalar]", A.prefill_tiled_kernel(64, False),
            (F32, F32, F32, F32, F, B, I, I, I, I, I))
     yield ("attention_prefill_tiled[f16,D=256]", A.prefill_tiled_kernel(256, True),
@@ -68,8 +70,6 @@ def kernels():
                (F32, F32, F32, F, B, I, I))
     yield ("rope_half4", R._rope_half4, (F32, F32, M2, M2, I, I, I, I))
     yield ("rope_interleaved4", R._rope_interleaved4, (F32, F32, M2, M2, I, I, I, I))
-    yield ("gemv[f16,quads=2]", L.gemv_kernel(True, 1, 2), (F32, F32, F16, F32, I, I))
-    yield ("gemv[bf16,quads=2,rows=2]", L.gemv_kernel(True, 2, 2), (F32, F32, U16, F32, I, I))
     yield "workspace_zero", A._zero, (F32,)
     for st, W in STORAGE.items():
         yield f"embedding[{st}]", TN._embedding, (F32, W, T.int64[::1], I, I)
