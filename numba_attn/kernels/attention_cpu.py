@@ -326,10 +326,12 @@ def _softmax16(typingctx, st, ld, nk, m_run, l_run, alpha, n_vis, diag):
     return sig, codegen
 
 
+_set_12x32, _set_12x16 = _microkernel(12, 2, False), _microkernel(12, 1, False)
 _set_8x32, _set_8x16 = _microkernel(8, 2, False), _microkernel(8, 1, False)
 _set_4x32, _set_4x16 = _microkernel(4, 2, False), _microkernel(4, 1, False)
 _set_2x32, _set_2x16 = _microkernel(2, 2, False), _microkernel(2, 1, False)
 _set_1x32, _set_1x16 = _microkernel(1, 2, False), _microkernel(1, 1, False)
+_acc_12x32, _acc_12x16 = _microkernel(12, 2, True), _microkernel(12, 1, True)
 _acc_8x32, _acc_8x16 = _microkernel(8, 2, True), _microkernel(8, 1, True)
 _acc_4x32, _acc_4x16 = _microkernel(4, 2, True), _microkernel(4, 1, True)
 _acc_2x32, _acc_2x16 = _microkernel(2, 2, True), _microkernel(2, 1, True)
@@ -338,11 +340,18 @@ _acc_1x32, _acc_1x16 = _microkernel(1, 2, True), _microkernel(1, 1, True)
 
 @njit(inline="always")
 def _mk_set(n, wide, c, ldc, a, sa_i, sa_t, b, ldb, K):
-    # rows 0..n-1 of C (32 floats wide, else 16) = A B, in micro-kernel calls of 8, 4, 2, 1 rows
+    # rows 0..n-1 of C (32 floats wide, else 16) = A B, in micro-kernel calls of 12, 8, 4, 2, 1
+    # rows (12 x 32: 24 accumulators, ~5% faster here than 8 x 32)
     i = 0
     while i < n:
         ci, ai = c + 4 * i * ldc, a + 4 * i * sa_i
-        if n - i >= 8:
+        if n - i >= 12:
+            if wide:
+                _set_12x32(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
+            else:
+                _set_12x16(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
+            i += 12
+        elif n - i >= 8:
             if wide:
                 _set_8x32(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
             else:
@@ -370,8 +379,13 @@ def _mk_set(n, wide, c, ldc, a, sa_i, sa_t, b, ldb, K):
 
 @njit(inline="always")
 def _mk_acc(n, wide, c, ldc, a, sa_i, sa_t, b, ldb, K, alpha):
-    # n (8, 4, 2 or 1) rows of C (32 floats wide, else 16) = C * alpha[row] + A B
-    if n == 8:
+    # n (12, 8, 4, 2 or 1) rows of C (32 floats wide, else 16) = C * alpha[row] + A B
+    if n == 12:
+        if wide:
+            _acc_12x32(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+        else:
+            _acc_12x16(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+    elif n == 8:
         if wide:
             _acc_8x32(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
         else:
@@ -459,11 +473,12 @@ def _mk_tile(out, q, Kh, Vh, scale, causal, G, z, hk, q0, nq, Qf, O, Sf, m_run, 
         for r in range(r0a, ld, 16):
             _softmax16(st_p + 4 * r, ld, nk, mr_p + 4 * r, lr_p + 4 * r, a_p + 4 * r,
                        nv_p + 4 * r, diag)
-        # O[r] = O[r] * alpha[r] + sum_j P^T[j, r] V[k0 + j], in groups of 8 rows by 32 columns;
+        # O[r] = O[r] * alpha[r] + sum_j P^T[j, r] V[k0 + j], in groups of 12 rows by 32 columns;
         # a group runs over the keys its last row sees (P is 0 past each row's own)
         i = r0
         while i < rows:
-            g = 8 if rows - i >= 8 else (4 if rows - i >= 4 else (2 if rows - i >= 2 else 1))
+            g = 12 if rows - i >= 12 else (8 if rows - i >= 8 else (4 if rows - i >= 4 else
+                                                                   (2 if rows - i >= 2 else 1)))
             klen = n_vis[i + g - 1]
             for c0 in range(0, d, 32):
                 _mk_acc(g, c0 + 32 <= d, o_p + 4 * (i * d + c0), d, st_p + 4 * i, 1, ld,
