@@ -49,9 +49,16 @@ def device_us(fn_per_buffer, n_buffers=1, reps=REPS):
     for i in range(min(3, n_buffers) if n_buffers > 1 else 2):
         fn_per_buffer(i % n_buffers)
     torch.cuda.synchronize()
+    t = time.perf_counter()                             # the host's cost of one launch
+    for i in range(3):
+        fn_per_buffer(i % n_buffers)
+    host = (time.perf_counter() - t) / 3
+    torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    torch.cuda._sleep(int(2e9 * 150e-6 * reps))         # ~150 us of queue time per launch
+    # the GPU sleeps while every launch is queued (at least 150 us, or twice the host's cost,
+    # per launch), so that the events time the kernels and not Python
+    torch.cuda._sleep(int(2e9 * max(150e-6, 2 * host) * reps))
     for r in range(reps):
         starts[r].record()
         fn_per_buffer(r % n_buffers)
@@ -326,14 +333,15 @@ def bench_tune():
         print(f"  prefill S={S} {'register-tiled' if tiled else 'row-per-lanes'}: {us:.1f} us "
               f"({4 * S * S * d * H / 2 / us / 1e6:.1f} TFLOP/s)")
     attention_cuda.PREFILL_TILED = False
-    old = attention_cuda.PF_THREADS, attention_cuda.PF_KEYS
+    old = attention_cuda.PF_THREADS, attention_cuda.PF_KEYS, attention_cuda.PF_ROWS
     for threads in (128, 256):
-        for ks in (1, 2, 4, 8):
-            attention_cuda.PF_THREADS, attention_cuda.PF_KEYS = threads, ks
+        for ks, rows in ((2, 1), (4, 1), (2, 2), (4, 2), (1, 4), (2, 4), (4, 4)):
+            attention_cuda.PF_THREADS, attention_cuda.PF_KEYS, attention_cuda.PF_ROWS = \
+                threads, ks, rows
             us = device_us(lambda i: attention_cuda.attention(O, Q, K, V, 0.088, True), reps=5)
-            print(f"  prefill S={S} row-per-lanes, {threads} threads, {ks} keys per step: "
-                  f"{us:.1f} us ({4 * S * S * d * H / 2 / us / 1e6:.1f} TFLOP/s)")
-    attention_cuda.PF_THREADS, attention_cuda.PF_KEYS = old
+            print(f"  prefill S={S} row-per-lanes, {threads} threads, {ks} keys x {rows} rows "
+                  f"per step: {us:.1f} us ({4 * S * S * d * H / 2 / us / 1e6:.1f} TFLOP/s)")
+    attention_cuda.PF_THREADS, attention_cuda.PF_KEYS, attention_cuda.PF_ROWS = old
 
 
 def resources():

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Everything the GPU checks need, in one device call (the device tool's machine: a bare image
 # with PyTorch and numba-cuda, NumPy 2.4 carried in .whl/). Writes logs under $OUT.
-#   bench/gpu_run.sh [tests|generate|bench|cli-bench]...   (default: all four)
+#   bench/gpu_run.sh [tests|generate|bench|cli-bench|profile]...   (default: the first four)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -20,6 +20,8 @@ for step in $steps; do
       na generate "$P" --device cpu --max-tokens 64 --seed 1; } 2>&1 | tee "$OUT/generate.txt" ;;
   bench)
     python3 bench/bench_cuda.py 2>&1 | tee "$OUT/bench_cuda.txt" ;;
+  profile)
+    python3 bench/profile_cuda_host.py 2>&1 | tee "$OUT/profile.txt" ;;
   cli-bench)
     { na bench kernels --device cuda --format md
       na bench model --device cuda --format md

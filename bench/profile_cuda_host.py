@@ -48,7 +48,7 @@ def main():
     lw = w.layers[0]
     x, xb, qkv = b.x[:1], b.xb[:1], b.qkv[:1]
     q, k, v = ops.split_qkv(qkv, c.n_heads, c.n_kv_heads)
-    keys, values = model.cache.k[0, :17], model.cache.v[0, :17]
+    keys, values = model.cache.k[0, :16], model.cache.v[0, :16]
     cos, sin = model.rope.tables("cuda")
 
     @cuda.jit
@@ -68,7 +68,7 @@ def main():
     rows = [
         ("empty numba launch (1 array)", lambda: empty[1, 1](xf)),
         ("reshape(-1) of a device array", lambda: x.reshape(-1)),
-        ("slice cache.k[0, :17]", lambda: model.cache.k[0, :17]),
+        ("slice cache.k[0, :16]", lambda: model.cache.k[0, :16]),
         ("__cuda_array_interface__", lambda: x.__cuda_array_interface__),
         ("cuda.get_current_device()", lambda: cuda.get_current_device()),
         ("ops.rmsnorm", lambda: ops.rmsnorm(x, lw.input_layernorm, 1e-5, out=xb)),
@@ -80,9 +80,9 @@ def main():
         ("ops.split_qkv (decode views)", lambda: ops.split_qkv(qkv, c.n_heads, c.n_kv_heads)),
         ("ops.apply_rope q", lambda: ops.apply_rope(q, model.rope, 16, out=q)),
         ("  rope_cuda.rope_half", lambda: rope_cuda.rope_half(q4, q4, cos, sin, 16)),
-        ("model.cache.append", lambda: (model.cache.lengths.__setitem__(0, 16),
+        ("model.cache.append", lambda: (model.cache.lengths.__setitem__(0, 15),
                                         model.cache.append(0, k, v))),
-        ("ops.attention decode kv 17", lambda: ops.attention(q, keys, values, out=b.att[:1])),
+        ("ops.attention decode kv 16", lambda: ops.attention(q, keys, values, out=b.att[:1])),
         ("  attention_cuda.attention", lambda: attention_cuda.attention(att4, q4, k4, v4,
                                                                         0.125, True)),
         ("ops.add", lambda: ops.add(x, xb, out=x)),
@@ -94,7 +94,7 @@ def main():
         print(f"  {name:34s} {per_call_us(fn):8.1f}")
 
     model.forward(np.arange(16), 0)
-    n = 17
+    n = 16
     t = time.perf_counter()
     for i in range(args.steps):
         model.forward([1], n + i)

@@ -2,7 +2,7 @@
 import numpy as np
 
 from . import checks
-from .backend import backend_of, empty
+from .backend import backend_of, empty, view
 
 
 class KVCache:
@@ -54,11 +54,16 @@ class KVCache:
         if self.device == "cpu":
             self.k[layer, start:end] = k
             self.v[layer, start:end] = v
-        else:
-            self.k[layer, start:end].copy_to_device(k)
-            self.v[layer, start:end].copy_to_device(v)
+            self.lengths[layer] = end
+            return self.k[layer, :end], self.v[layer, :end]
+        # CUDA: views built directly (numba's slicing costs ~70 us of Python per view)
+        row = self.n_kv_heads * self.head_dim
+        base = layer * self.max_seq * row
+        view(self.k, tuple(k.shape), base + start * row).copy_to_device(k)
+        view(self.v, tuple(v.shape), base + start * row).copy_to_device(v)
         self.lengths[layer] = end
-        return self.k[layer, :end], self.v[layer, :end]
+        shape = (end, self.n_kv_heads, self.head_dim)
+        return view(self.k, shape, base), view(self.v, shape, base)
 
     def reset(self):
         self.lengths = [0] * self.n_layers

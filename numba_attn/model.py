@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import copy_from_host, copy_to_host, cuda_unavailable, empty, is_cuda_array
+from .backend import (copy_from_host, copy_to_host, cuda_unavailable, empty, is_cuda_array,
+                      reshape, rows)
 from .config import LlamaConfig
 from .kvcache import KVCache
 from .ops import (add, apply_rope, attention, embedding, linear, rmsnorm, silu_mul,
@@ -213,6 +214,7 @@ class Buffers:
                 return _staggered_empty(shape, next(count))
             return empty(shape, np.float32, device)
         self.rows = rows
+        self._views = {}                                       # seq -> take(seq)
         self.x = buf(rows, c.hidden_size)                      # residual stream
         self.xb = buf(rows, c.hidden_size)                     # normed x / projections
         self.qkv = buf(rows, c.qkv_dim)                        # fused q|k|v
@@ -229,9 +231,14 @@ class Buffers:
                                                                          np.float32)
 
     def take(self, seq):
-        """Views of the first seq rows: (x, xb, qkv, q, k, v, att, gate, up)."""
-        return (self.x[:seq], self.xb[:seq], self.qkv[:seq], self.q[:seq], self.k[:seq],
-                self.v[:seq], self.att[:seq], self.gate[:seq], self.up[:seq])
+        """Views of the first seq rows: (x, xb, qkv, q, k, v, att, gate, up); made once per
+        seq (the same objects every decode step, so their cached device views are reused)."""
+        views = self._views.get(seq)
+        if views is None:
+            views = self._views[seq] = tuple(
+                rows(a, 0, seq) for a in (self.x, self.xb, self.qkv, self.q, self.k, self.v,
+                                          self.att, self.gate, self.up))
+        return views
 
 
 class Model:
@@ -303,7 +310,7 @@ class Model:
         x, xb, qkv, q, k, v, att, gate, up = b.take(seq)
 
         # token embedding; on CUDA the ids go to the device first (one small copy)
-        ids = copy_from_host(b.ids[:seq], tokens)
+        ids = copy_from_host(rows(b.ids, 0, seq), tokens)
         embedding(w.embed_tokens, ids, out=x)                             # (seq, hidden)
 
         for i, lw in enumerate(w.layers):
@@ -316,7 +323,7 @@ class Model:
             apply_rope(k_in, self.rope, start_pos, style="half", out=k)
             keys, values = self.cache.append(i, k, v_in)                  # (kv_len, n_kv, d)
             attention(q, keys, values, causal=True, out=att)              # (seq, heads, d)
-            linear(att.reshape(seq, c.q_dim), lw.o_proj, lw.o_bias, out=xb)
+            linear(reshape(att, (seq, c.q_dim)), lw.o_proj, lw.o_bias, out=xb)
             add(x, xb, out=x)
 
             # mlp: x += down_proj(silu(gate_proj(x)) * up_proj(x))
@@ -328,8 +335,9 @@ class Model:
             add(x, xb, out=x)
 
         # final norm and logits, last position only
-        rmsnorm(x[seq - 1:], w.norm, c.rms_norm_eps, out=xb[:1])
-        linear(xb[:1], w.lm_head, out=b.logits)                           # (1, vocab)
+        last = rows(xb, 0, 1)
+        rmsnorm(rows(x, seq - 1, seq), w.norm, c.rms_norm_eps, out=last)
+        linear(last, w.lm_head, out=b.logits)                             # (1, vocab)
         return copy_to_host(b.logits_host, b.logits)[0]                   # to the host
 
     def _check_tokens(self, tokens, start_pos):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from . import checks
-from .backend import as_device, backend_of, device_id, empty, kernels
+from .backend import as_device, backend_of, device_id, empty, kernels, reshape, view
 from .rope import RopeTable
 
 F32 = (np.float32,)
@@ -89,8 +89,8 @@ def apply_rope(x, table, start_pos=0, *, style="half", out=None):
         raise ValueError(f"positions {start_pos}..{start_pos + seq - 1} are past the RopeTable's "
                          f"max_positions={table.max_positions}")
     out = _output("out", out, x.shape, backend, [("x", x)])
-    x4 = x.reshape((1,) + tuple(x.shape)) if len(x.shape) == 3 else x
-    out4 = out.reshape((1,) + tuple(out.shape)) if len(out.shape) == 3 else out
+    x4 = reshape(x, (1,) + tuple(x.shape)) if len(x.shape) == 3 else x
+    out4 = reshape(out, (1,) + tuple(out.shape)) if len(out.shape) == 3 else out
     cos, sin = table.tables(backend)
     rope = kernels("rope", backend)
     (rope.rope_half if style == "half" else rope.rope_interleaved)(out4, x4, cos, sin, start_pos)
@@ -120,7 +120,8 @@ def linear(x, w, bias=None, *, out=None):
                          "pass a separate buffer")
     m = int(np.prod(x.shape[:-1], dtype=np.int64))
     no_bias = _empty((0,), backend) if bias is None else bias
-    kernels("linear", backend).linear(out.reshape((m, n_out)), x.reshape((m, n_in)), w, no_bias)
+    kernels("linear", backend).linear(reshape(out, (m, n_out)), reshape(x, (m, n_in)), w,
+                                      no_bias)
     return out
 
 
@@ -136,7 +137,8 @@ def rmsnorm(x, weight, eps=1e-6, *, out=None):
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     out = _output("out", out, x.shape, backend, [("x", x)])
     m = x.size // n
-    kernels("norm", backend).rmsnorm(out.reshape((m, n)), x.reshape((m, n)), weight, float(eps))
+    kernels("norm", backend).rmsnorm(reshape(out, (m, n)), reshape(x, (m, n)), weight,
+                                     float(eps))
     return out
 
 
@@ -149,7 +151,7 @@ def silu_mul(gate, up, *, out=None):
         pass  # in place into up is fine: each element is read before it is written
     out = _output("out", out, gate.shape, backend, [("gate", gate)] + ([] if out is up else [("up", up)]))
     n = gate.size
-    kernels("norm", backend).silu_mul(out.reshape(n), gate.reshape(n), up.reshape(n))
+    kernels("norm", backend).silu_mul(reshape(out, (n,)), reshape(gate, (n,)), reshape(up, (n,)))
     return out
 
 
@@ -179,7 +181,7 @@ def masked_softmax(scores, *, causal=True, scale=1.0, mask=None, out=None):
     out = _output("out", out, scores.shape, backend, [("scores", scores)])
     b = scores.size // (q_len * kv_len) if scores.size else 0
     kernels("softmax", backend).masked_softmax(
-        out.reshape((b, q_len, kv_len)), scores.reshape((b, q_len, kv_len)), mask2,
+        reshape(out, (b, q_len, kv_len)), reshape(scores, (b, q_len, kv_len)), mask2,
         float(scale), bool(causal))
     return out
 
@@ -219,7 +221,7 @@ def attention(q, k, v, *, causal=True, scale=None, out=None):
         raise ValueError("out must not be q: attention reads every query of a tile before writing")
     if out is k or out is v:  # _output lets `out is k` through; other tiles still read k and v
         raise ValueError("out must not be k or v: other tiles still read them while out is written")
-    add = (lambda a: a.reshape((1,) + tuple(a.shape))) if not batch else (lambda a: a)
+    add = (lambda a: reshape(a, (1,) + tuple(a.shape))) if not batch else (lambda a: a)
     kernels("attention", backend).attention(add(out), add(q), add(k), add(v), float(scale),
                                             bool(causal))
     return out
@@ -249,7 +251,7 @@ def add(a, b, *, out=None):
     inputs = [(name, x) for name, x in (("a", a), ("b", b)) if x is not out]
     out = _output("out", out, a.shape, backend, inputs)
     n = int(np.prod(a.shape, dtype=np.int64))
-    kernels("tensor", backend).add(out.reshape(n), a.reshape(n), b.reshape(n))
+    kernels("tensor", backend).add(reshape(out, (n,)), reshape(a, (n,)), reshape(b, (n,)))
     return out
 
 
@@ -275,14 +277,14 @@ def split_qkv(qkv, n_heads, n_kv_heads, *, out=None):
     shapes = [(seq, n_heads, d), (seq, n_kv_heads, d), (seq, n_kv_heads, d)]
     bounds = [0, n_heads * d, (n_heads + n_kv_heads) * d, width]
     if seq == 1:
-        flat = qkv.reshape(width)
-        return tuple(flat[bounds[i]:bounds[i + 1]].reshape(shapes[i]) for i in range(3))
+        return tuple(view(qkv, shapes[i], bounds[i]) for i in range(3))
     if out is None:
         out = tuple(empty(s, np.float32, backend) for s in shapes)
     out = _prepare(backend, *out)
     for name, o, s in zip("qkv", out, shapes):
         _output(f"out {name}", o, s, backend, [("qkv", qkv)])
     q, k, v = out
-    kernels("tensor", backend).split_qkv(q.reshape(seq, bounds[1]), k.reshape(seq, n_kv_heads * d),
-                                         v.reshape(seq, n_kv_heads * d), qkv)
+    kernels("tensor", backend).split_qkv(reshape(q, (seq, bounds[1])),
+                                         reshape(k, (seq, n_kv_heads * d)),
+                                         reshape(v, (seq, n_kv_heads * d)), qkv)
     return tuple(out)

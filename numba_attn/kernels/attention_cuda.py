@@ -4,11 +4,13 @@ attention_cpu.py.
 
 K and V may be float32, float16 or bfloat16 (raw bits in uint16); all arithmetic is float32.
 
-Lane layout (both kernels): a head vector of D dims (d padded to a power of two >= 16) is
-split over LPK = D / 16 neighbouring lanes, 16 dims each, as two chunks of 8 at dims
-8 * (sub + LPK * t), t = 0, 1 (sub = lane % LPK); so each 16-byte load of a warp covers whole
-contiguous rows. A dot product is a 16-term partial sum per lane and a reduction over the LPK
-lanes (log2 LPK shuffles).
+Lane layout: a head vector of D dims (d padded to a power of two >= 16) is split over LPK =
+D / 16 neighbouring lanes (a lane group), 16 dims each: in decode as two chunks of 8 at dims
+8 * (sub + LPK * t), t < 2 (16-byte loads of K/V rows from global memory cover whole rows), in
+prefill as four chunks of 4 at dims 4 * (sub + LPK * t), t < 4 (16-byte loads from shared
+memory, a quarter warp reading 128 contiguous bytes: no bank conflicts); sub = lane % LPK. A dot
+product is a 16-term partial sum per lane and a reduction over the LPK lanes (log2 LPK
+shuffles).
 
 Decode (few query rows, q_len <= DECODE_MAX_Q): flash-decoding. Grid (split, kv head, row
 tile). A block takes the QR query rows of one row tile (query positions x the query heads
@@ -18,11 +20,12 @@ sum. The block merges its slots in shared memory; with several splits, each bloc
 (max, sum, unnormalised output) to a workspace and the last block of a tile to finish (an
 atomic counter) merges the splits and writes the output: one launch.
 
-Prefill: grid (query block, head, batch). A block of PF_THREADS threads takes PF_THREADS / LPK
-query rows of one head; tiles of BK keys of K and V are staged in shared memory (widened to
-float32) and every row streams them, PF_KEYS keys per step (their dot products, butterflies
-and exponentials in flight together), with the online softmax (the sum is rescaled only when
-the max grows). Query blocks run heaviest first (causal)."""
+Prefill: grid (query block, head, batch). A block of PF_THREADS threads, PF_THREADS / LPK lane
+groups of PF_ROWS query rows each, takes one head; tiles of BK keys of K and V are staged in
+shared memory (widened to float32) and every group streams them, PF_KEYS keys per step (the
+dot products, butterflies and exponentials of PF_ROWS x PF_KEYS scores in flight together; each
+K and V value read from shared memory serves PF_ROWS rows), with the online softmax (the sum
+is rescaled only when the max grows). Query blocks run heaviest first (causal)."""
 import functools
 import math
 
@@ -30,8 +33,8 @@ import numpy as np
 from numba import cuda, int32, int64, types
 
 from .scalar import FASTMATH_INF
-from .util_cuda import (ALIGN, CHUNK, SIM, aligned, device, float32, group_max, group_sum, load4,
-                        load8, load8_tail, scratch_size, shfl_xor, store4, store8)
+from .util_cuda import (ALIGN, CHUNK, SIM, aligned, device, flat, float32, group_max, group_sum,
+                        load4, load8, load8_tail, scratch_size, shfl_xor, store4, store8)
 
 DPL = 16                     # head dims per lane: 2 chunks of 8
 MAX_D = 256                  # largest (padded) head dim
@@ -48,6 +51,7 @@ BLOCKS_PER_SM = 2            # decode grid target: blocks per multiprocessor (H2
 PF_THREADS = 256 if not SIM else 64   # threads per block: PF_THREADS / LPK query rows
 PF_TILE = 4096 if not SIM else 256    # K (and V) tile in shared memory: BK = PF_TILE / D keys
 PF_KEYS = 4                  # keys per step of a row (independent work in flight)
+PF_ROWS = 2                  # query rows per lane group (each K/V read serves them all)
 # The register-tiled prefill kernel (prefill_tiled_kernel) is correct but measured slower than
 # the row-per-lanes kernel on the H100 (S=2048, 32 heads: 9.8 ms against 5.2 ms; not yet
 # profiled), so it is off by default; PREFILL_TILED = True switches it on.
@@ -313,52 +317,58 @@ def decode_kernel(D, QR, wide):
 
 
 @functools.cache
-def prefill_kernel(D, wide, threads=PF_THREADS, ks=PF_KEYS):
+def prefill_kernel(D, wide, threads=PF_THREADS, ks=PF_KEYS, rows=PF_ROWS):
     """Prefill kernel for padded head dim D; wide: K/V rows allow 16-byte loads; threads per
-    block (threads / (D / 16) query rows); ks: keys per step (their dot products, reductions
-    and exponentials are independent, so ks of each are in flight at once)."""
-    LPK = D // DPL                     # lanes per query row
-    ROWS = threads // LPK              # query rows per block
+    block; ks: keys per step (their dot products, butterflies and exponentials in flight
+    together); rows: query rows per lane group (each K and V value read from shared memory
+    serves that many rows)."""
+    LPK = D // DPL                     # lanes per lane group
+    GROUPS = threads // LPK            # lane groups per block
+    ROWS = GROUPS * rows               # query rows per block: group g has g + GROUPS * r
     BK = PF_TILE // D                  # keys per shared-memory tile
     KS = min(ks, BK)                   # keys per step (powers of two: BK % KS == 0)
+    R = rows
     ld = load8 if wide else load8_tail
     SCRATCH = scratch_size(threads)
 
     @cuda.jit(fastmath=FASTMATH_INF)
     def attn_prefill(out, q, k, v, scale, causal, q_len, H, Hkv, kv_len, d):
-        # q, out: (B * q_len * H * d,); k, v: (B * kv_len * Hkv * d,)
+        # q, out: (B * q_len * H * d,); k, v: (B * kv_len * Hkv * d,). Lane sub of a group
+        # holds dims 4 (sub + LPK t) .. + 3, t < 4: the 8 lanes of a quarter warp read 128
+        # contiguous bytes of a key row (no bank conflicts)
         tid = cuda.threadIdx.x
-        row = tid // LPK
+        grp = tid // LPK
         sub = tid % LPK
         qblk = cuda.gridDim.x - 1 - cuda.blockIdx.x   # heaviest (last) query blocks first
         h = cuda.blockIdx.y
         z = cuda.blockIdx.z
         hk = h // (H // Hkv)
-        dim0 = CHUNK * sub
-        dim1 = CHUNK * (sub + LPK)
-        qi = qblk * ROWS + row
         scratch = cuda.shared.array(SCRATCH, float32)
         kt = cuda.shared.array(PF_TILE, float32, alignment=ALIGN)   # (BK, D) keys
         vt = cuda.shared.array(PF_TILE, float32, alignment=ALIGN)   # (BK, D) values
 
-        # this row's query, pre-scaled; the last key it sees (-1: a row past q_len)
-        qr = cuda.local.array(DPL, float32)
-        acc = cuda.local.array(DPL, float32)
-        s = cuda.local.array(KS, float32)            # this step's scores
-        for e in range(DPL):
-            qr[e] = float32(0)
-            acc[e] = float32(0)
-        lim = -1
-        if qi < q_len:
-            lim = kv_len - q_len + qi if causal else kv_len - 1
+        # this group's rows: queries pre-scaled, running max and sum, last key seen (-1: a
+        # row past q_len)
+        qr = cuda.local.array((R, DPL), float32)
+        acc = cuda.local.array((R, DPL), float32)
+        m = cuda.local.array(R, float32)
+        l = cuda.local.array(R, float32)
+        lim = cuda.local.array(R, int64)
+        s = cuda.local.array((R, KS), float32)       # this step's scores, then weights
+        for r in range(R):
+            qi = qblk * ROWS + grp + GROUPS * r
+            m[r] = NEG_INF
+            l[r] = float32(0)
+            lim[r] = -1
+            if qi < q_len:
+                lim[r] = kv_len - q_len + qi if causal else kv_len - 1
             qb = ((z * q_len + qi) * H + h) * d
-            qv0 = load8_tail(q, qb + dim0, qb + d)
-            qv1 = load8_tail(q, qb + dim1, qb + d)
-            for c in range(CHUNK):
-                qr[c] = qv0[c] * scale
-                qr[CHUNK + c] = qv1[c] * scale
-        m = NEG_INF
-        l = float32(0)
+            for t in range(4):
+                for c in range(4):
+                    dim = 4 * (sub + LPK * t) + c
+                    acc[r, 4 * t + c] = float32(0)
+                    qr[r, 4 * t + c] = q[qb + dim] * scale if qi < q_len and dim < d \
+                        else float32(0)
 
         # keys any row of the block sees
         k_end = kv_len
@@ -383,48 +393,67 @@ def prefill_kernel(D, wide, threads=PF_THREADS, ks=PF_KEYS):
                                    float32(0), float32(0), float32(0)))
             cuda.syncthreads()  # the tile is in shared memory
             for j0 in range(0, nk, KS):
-                # KS scores: partial dot products, then one butterfly over the row's lanes
+                # R x KS scores: partial dot products, then one butterfly over the group
                 for u in range(KS):
-                    k0 = load8(kt, (j0 + u) * D + dim0, PF_TILE)
-                    k1 = load8(kt, (j0 + u) * D + dim1, PF_TILE)
-                    part = float32(0)
-                    for c in range(CHUNK):
-                        part += qr[c] * k0[c] + qr[CHUNK + c] * k1[c]
-                    s[u] = part
+                    kb0 = (j0 + u) * D + 4 * sub
+                    k0 = load4(kt, kb0)
+                    k1 = load4(kt, kb0 + 4 * LPK)
+                    k2 = load4(kt, kb0 + 8 * LPK)
+                    k3 = load4(kt, kb0 + 12 * LPK)
+                    for r in range(R):
+                        part = float32(0)
+                        for c in range(4):
+                            part += (qr[r, c] * k0[c] + qr[r, 4 + c] * k1[c]) + \
+                                (qr[r, 8 + c] * k2[c] + qr[r, 12 + c] * k3[c])
+                        s[r, u] = part
                 off = LPK // 2
                 while off > 0:  # every thread of the block runs it (shfl_xor's rule)
-                    for u in range(KS):
-                        s[u] += shfl_xor(s[u], off, scratch, tid)
+                    for r in range(R):
+                        for u in range(KS):
+                            s[r, u] += shfl_xor(s[r, u], off, scratch, tid)
                     off //= 2
-                mx = NEG_INF
-                for u in range(KS):
-                    if j0 + u >= nk or kb + j0 + u > lim:
-                        s[u] = NEG_INF          # past the tile, or hidden (causal, padding row)
-                    mx = max(mx, s[u])
-                if mx > m:                      # a new max: rescale what was summed
-                    a = math.exp(m - mx)
-                    l *= a
-                    for e in range(DPL):
-                        acc[e] *= a
-                    m = mx
-                if m > NEG_INF:                 # something visible so far
+                # online softmax per row: hidden keys (causal, past the tile, a padding row)
+                # weigh 0; the sum and output are rescaled only when the max grows
+                for r in range(R):
+                    mx = NEG_INF
                     for u in range(KS):
-                        p = math.exp(s[u] - m)  # 0 for a hidden key
-                        l += p
-                        v0 = load8(vt, (j0 + u) * D + dim0, PF_TILE)
-                        v1 = load8(vt, (j0 + u) * D + dim1, PF_TILE)
-                        for c in range(CHUNK):
-                            acc[c] += p * v0[c]
-                            acc[CHUNK + c] += p * v1[c]
+                        if j0 + u >= nk or kb + j0 + u > lim[r]:
+                            s[r, u] = NEG_INF
+                        mx = max(mx, s[r, u])
+                    if mx > m[r]:
+                        a = math.exp(m[r] - mx)
+                        l[r] *= a
+                        for e in range(DPL):
+                            acc[r, e] *= a
+                        m[r] = mx
+                    for u in range(KS):
+                        p = math.exp(s[r, u] - m[r]) if m[r] > NEG_INF else float32(0)
+                        s[r, u] = p
+                        l[r] += p
+                for u in range(KS):
+                    vb0 = (j0 + u) * D + 4 * sub
+                    v0 = load4(vt, vb0)
+                    v1 = load4(vt, vb0 + 4 * LPK)
+                    v2 = load4(vt, vb0 + 8 * LPK)
+                    v3 = load4(vt, vb0 + 12 * LPK)
+                    for r in range(R):
+                        p = s[r, u]
+                        for c in range(4):
+                            acc[r, c] += p * v0[c]
+                            acc[r, 4 + c] += p * v1[c]
+                            acc[r, 8 + c] += p * v2[c]
+                            acc[r, 12 + c] += p * v3[c]
 
-        if qi < q_len:
-            inv = float32(1) / l if l > 0 else float32(0)
-            ob = ((z * q_len + qi) * H + h) * d
-            for c in range(CHUNK):
-                if dim0 + c < d:
-                    out[ob + dim0 + c] = acc[c] * inv
-                if dim1 + c < d:
-                    out[ob + dim1 + c] = acc[CHUNK + c] * inv
+        for r in range(R):
+            qi = qblk * ROWS + grp + GROUPS * r
+            if qi < q_len:
+                inv = float32(1) / l[r] if l[r] > 0 else float32(0)
+                ob = ((z * q_len + qi) * H + h) * d
+                for t in range(4):
+                    for c in range(4):
+                        dim = 4 * (sub + LPK * t) + c
+                        if dim < d:
+                            out[ob + dim] = acc[r, 4 * t + c] * inv
 
     return attn_prefill
 
@@ -653,7 +682,7 @@ def attention(out, q, k, v, scale, causal):
     D = padded_dim(d)
     G = H // Hkv
     wide = _wide(d, D, k, v)
-    qf, kf, vf, of = q.reshape(-1), k.reshape(-1), v.reshape(-1), out.reshape(-1)
+    qf, kf, vf, of = flat(q), flat(k), flat(v), flat(out)
     if q_len <= DECODE_MAX_Q:
         rows = G * q_len
         QR = 1
@@ -677,7 +706,7 @@ def attention(out, q, k, v, scale, causal):
         if PREFILL_TILED and D in TILED_D and _launch_tiled(prefill_tiled_kernel(D, wide),
                                           D, ((q_len + TQ - 1) // TQ, H, B), args):
             return
-        rows = PF_THREADS // (D // DPL)
+        rows = PF_THREADS // (D // DPL) * PF_ROWS
         grid = ((q_len + rows - 1) // rows, H, B)
-        prefill_kernel(D, wide, PF_THREADS, PF_KEYS)[grid, PF_THREADS](
+        prefill_kernel(D, wide, PF_THREADS, PF_KEYS, PF_ROWS)[grid, PF_THREADS](
             of, qf, kf, vf, float32(scale), bool(causal), q_len, H, Hkv, kv_len, d)

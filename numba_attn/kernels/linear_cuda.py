@@ -13,7 +13,7 @@ import functools
 
 from numba import cuda
 
-from .util_cuda import (ALIGN, CHUNK, SIM, device, float32, group_sum, load, load8,
+from .util_cuda import (ALIGN, CHUNK, SIM, device, flat, float32, group_sum, load, load8,
                         load8_tail, scratch_size, wide_ok)
 
 # --- GEMV (decode) ---
@@ -173,7 +173,7 @@ def linear(out, x, w, bias):
     if m <= GEMV_MAX_M:
         grid = ((n + GEMV_WARPS - 1) // GEMV_WARPS, m)
         gemv_kernel(wide_ok(w, k))[grid, GEMV_THREADS](
-            out.reshape(-1), x.reshape(-1), w.reshape(-1), bias, n, k)
+            flat(out), flat(x), flat(w), bias, n, k)
     else:
         grid = ((n + TILE - 1) // TILE, (m + TILE - 1) // TILE)
-        _gemm[grid, GEMM_THREADS](out.reshape(-1), x.reshape(-1), w.reshape(-1), bias, m, n, k)
+        _gemm[grid, GEMM_THREADS](flat(out), flat(x), flat(w), bias, m, n, k)

@@ -10,8 +10,8 @@ import math
 from numba import cuda
 
 from .scalar import FASTMATH_INF, silu
-from .util_cuda import (CHUNK, aligned, float32, group_sum, load8, load8_tail, scratch_size,
-                        store8, wide_ok)
+from .util_cuda import (CHUNK, aligned, flat, float32, group_sum, load8, load8_tail,
+                        scratch_size, store8, wide_ok)
 
 MAX_THREADS = 256          # rmsnorm threads per block (a multiple of 32, at most 1024)
 MAX_WARPS = MAX_THREADS // 32
@@ -106,7 +106,7 @@ def rmsnorm(out, x, weight, eps):
     if m == 0 or n == 0:
         return
     wide = wide_ok(x, n) and wide_ok(out, n) and wide_ok(weight, n)
-    rmsnorm_kernel(wide)[m, _threads_for(n)](out.reshape(-1), x.reshape(-1), weight,
+    rmsnorm_kernel(wide)[m, _threads_for(n)](flat(out), flat(x), weight,
                                              float32(eps), n)
 
 

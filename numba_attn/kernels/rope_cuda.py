@@ -9,7 +9,7 @@ once and out written once; the cos/sin rows of a position stay in L1/L2. Safe in
 from numba import cuda
 
 from .scalar import rope_pair
-from .util_cuda import aligned, float32, load4, store4
+from .util_cuda import aligned, flat, float32, load4, store4
 
 THREADS = 256      # threads per block (a multiple of 32)
 PAIRS = 2          # pairs per thread: independent loads in flight
@@ -105,7 +105,7 @@ def _launch(kernel, kernel4, out, x, cos, sin, start_pos):
     if d % 8 == 0 and all(aligned(a) for a in (out, x, cos, sin)):
         kernel, row_pairs = kernel4, row_pairs // 4       # 4 pairs per step
     cols = (row_pairs + THREADS * PAIRS - 1) // (THREADS * PAIRS)
-    kernel[(rows, cols), THREADS](out.reshape(-1), x.reshape(-1), cos, sin, start_pos, seq,
+    kernel[(rows, cols), THREADS](flat(out), flat(x), cos, sin, start_pos, seq,
                                   row_pairs, d // 2)
 
 

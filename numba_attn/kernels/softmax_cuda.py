@@ -17,7 +17,7 @@ import numpy as np
 from numba import cuda
 
 from .scalar import FASTMATH_INF
-from .util_cuda import (CHUNK, SIM, device, float32, load8, load8_tail, scratch_size,
+from .util_cuda import (CHUNK, SIM, device, flat, float32, load8, load8_tail, scratch_size,
                         shfl_xor, store8, wide_ok)
 
 MAX_THREADS = 256          # softmax threads per block (a power of two, 32..1024)
@@ -273,7 +273,7 @@ def masked_softmax(out, scores, mask, scale, causal):
     while threads < MAX_THREADS and threads * CHUNK * ROW_CHUNKS < kv:
         threads *= 2
     kernel = softmax_rows_kernel if kv <= threads * CHUNK * ROW_CHUNKS else masked_softmax_kernel
-    kernel(wide)[b * q, threads](out.reshape(-1), scores.reshape(-1), mask.reshape(-1),
+    kernel(wide)[b * q, threads](flat(out), flat(scores), flat(mask),
                                  float32(scale), bool(causal), q, kv)
 
 
@@ -283,7 +283,7 @@ def fill_causal_mask(out):
     if q * kv == 0:
         return
     _fill_causal_mask[(q * kv + MASK_THREADS - 1) // MASK_THREADS, MASK_THREADS](
-        out.reshape(-1), q, kv)
+        flat(out), q, kv)
 
 
 @cuda.jit

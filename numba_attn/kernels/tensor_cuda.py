@@ -6,7 +6,7 @@ reading and writing consecutive addresses. The embedding table may be stored in 
 float16 or bfloat16 bits (uint16; a tied lm_head in half precision) and is widened to float32."""
 from numba import cuda
 
-from .util_cuda import load
+from .util_cuda import flat, load
 
 THREADS = 256      # threads per block (a multiple of 32)
 
@@ -57,7 +57,7 @@ def embedding(out, table, tokens):
     seq, hidden = out.shape
     if seq == 0 or hidden == 0:
         return
-    _embedding[(seq, _blocks(hidden)), THREADS](out.reshape(-1), table.reshape(-1), tokens,
+    _embedding[(seq, _blocks(hidden)), THREADS](flat(out), flat(table), tokens,
                                                 hidden, table.shape[0])
 
 
@@ -74,5 +74,5 @@ def split_qkv(q, k, v, qkv):
     total = qkv.shape[0] * qkv.shape[1]
     if total == 0:
         return
-    _split_qkv[_blocks(total), THREADS](q.reshape(-1), k.reshape(-1), v.reshape(-1),
-                                        qkv.reshape(-1), q.shape[1], k.shape[1], total)
+    _split_qkv[_blocks(total), THREADS](flat(q), flat(k), flat(v),
+                                        flat(qkv), q.shape[1], k.shape[1], total)

@@ -15,10 +15,18 @@ exchanges through a shared scratch array (scratch_size(threads) floats) and a ba
 thread of the block must then call it together (never inside a branch that splits the block);
 the kernels keep that rule on the GPU too. On the GPU the scratch is unused (declare it with
 SCRATCH elements, 1 there)."""
+import os
+
 import numpy as np
 from numba import config, cuda, types
 
 SIM = bool(config.ENABLE_CUDASIM)
+# decode launches small grids on purpose (one block per few rows of a small batch); numba's
+# low-occupancy warning would fire on most of them, and formatting it costs every launch.
+# Off unless the user asks for it (NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=1)
+if "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS" not in os.environ:
+    os.environ["NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS"] = "0"   # survives numba's config reloads
+    config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
 # float32 for the kernels: numba's type on the GPU; in the simulator NumPy's scalar type, the
 # same values without numba's Python-side casting cost (the simulator runs kernels as Python)
 if SIM:
@@ -289,6 +297,54 @@ else:  # numba's CUDA simulator: plain Python, run per thread
         scratch[par * t + tid] = v
         cuda.syncthreads()          # all values written before any is read
         return scratch[par * t + (tid ^ offset)]
+
+
+_MAX_VIEWS = 64   # views kept per array (KV-cache views change length every decode step)
+
+
+def view(a, shape, offset=0):
+    """A C-contiguous view `shape` of the C-contiguous device array a, starting `offset`
+    elements in. numba's reshape and slicing cost 10-70 us of Python per view (measured on the
+    H200's host), which a decode step pays dozens of times: here the device array is built
+    directly, and kept on `a` for the next call with the same shape and offset."""
+    shape = tuple(shape)
+    if SIM:
+        return a.reshape(-1)[offset:offset + _prod(shape)].reshape(shape)
+    views = a.__dict__.get("_views")
+    if views is None:
+        views = a.__dict__["_views"] = {}
+    key = (shape, offset)
+    v = views.get(key)
+    if v is None:
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+        n = _prod(shape)
+        if offset < 0 or offset + n > a.size:
+            raise ValueError(f"view {shape} at {offset} is past an array of {a.size} elements")
+        item = a.dtype.itemsize
+        strides, step = [], item
+        for dim in reversed(shape):
+            strides.append(step)
+            step *= dim
+        data = a.gpu_data if offset == 0 and n == a.size else \
+            a.gpu_data.view(offset * item, (offset + n) * item)
+        v = DeviceNDArray(shape, tuple(reversed(strides)), a.dtype, stream=a.stream,
+                          gpu_data=data)
+        if len(views) >= _MAX_VIEWS:
+            views.clear()
+        views[key] = v
+    return v
+
+
+def flat(a):
+    """The C-contiguous device array a as 1-D (a cached view)."""
+    return view(a, (a.size,))
+
+
+def _prod(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def scratch_size(threads):

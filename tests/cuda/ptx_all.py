@@ -59,8 +59,10 @@ def kernels():
            (F32, F32, F32, F32, F, B, I, I, I, I, I))
     yield ("attention_prefill[bf16,D=256]", A.prefill_kernel(256, True),
            (F32, F32, U16, U16, F, B, I, I, I, I, I))
-    yield ("attention_prefill[f32,D=128,1 key per step]", A.prefill_kernel(128, True, ks=1),
-           (F32, F32, F32, F32, F, B, I, I, I, I, I))
+    for ks, rows in ((1, 1), (4, 4)):
+        yield (f"attention_prefill[f32,D=128,{ks} keys x {rows} rows]",
+               A.prefill_kernel(128, True, ks=ks, rows=rows),
+               (F32, F32, F32, F32, F, B, I, I, I, I, I))
     yield ("attention_prefill_tiled[f32,D=64,scalar]", A.prefill_tiled_kernel(64, False),
            (F32, F32, F32, F32, F, B, I, I, I, I, I))
     yield ("attention_prefill_tiled[f16,D=256]", A.prefill_tiled_kernel(256, True),
