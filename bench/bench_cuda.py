@@ -315,14 +315,14 @@ def bench_tune():
             K = [nb(randn(1, kv, Hkv, d, dtype=dt)) for _ in range(sets)]
             V = [nb(randn(1, kv, Hkv, d, dtype=dt)) for _ in range(sets)]
             O, Q = nb(torch.empty(1, 1, H, d, device="cuda")), nb(q)
-            old = attention_cuda.BLOCKS_PER_SM
+            old = attention_cuda.BLOCKS_PER_SM, attention_cuda.BLOCKS_PER_SM_HALF_MHA
             for bps in (2, 4, 8):
-                attention_cuda.BLOCKS_PER_SM = bps
+                attention_cuda.BLOCKS_PER_SM = attention_cuda.BLOCKS_PER_SM_HALF_MHA = bps
                 us = device_us(lambda i: attention_cuda.attention(O, Q, K[i], V[i], 0.088, True),
                                sets)
                 print(f"  decode {H}/{Hkv} {st} blocks/SM={bps}: {us:.1f} us "
                       f"({per / us / 1e3:.0f} GB/s)")
-            attention_cuda.BLOCKS_PER_SM = old
+            attention_cuda.BLOCKS_PER_SM, attention_cuda.BLOCKS_PER_SM_HALF_MHA = old
     # prefill: the register-tiled kernel against the default row-per-lanes one
     S, H, d = 2048, 32, 128
     q, k_, v_ = randn(1, S, H, d), randn(1, S, H, d), randn(1, S, H, d)
@@ -333,21 +333,35 @@ def bench_tune():
         print(f"  prefill S={S} {'register-tiled' if tiled else 'row-per-lanes'}: {us:.1f} us "
               f"({4 * S * S * d * H / 2 / us / 1e6:.1f} TFLOP/s)")
     attention_cuda.PREFILL_TILED = False
-    old = attention_cuda.PF_THREADS, attention_cuda.PF_KEYS, attention_cuda.PF_ROWS
-    for threads in (128, 256):
-        for ks, rows in ((2, 1), (4, 1), (2, 2), (4, 2), (1, 4), (2, 4), (4, 4)):
-            attention_cuda.PF_THREADS, attention_cuda.PF_KEYS, attention_cuda.PF_ROWS = \
-                threads, ks, rows
-            us = device_us(lambda i: attention_cuda.attention(O, Q, K, V, 0.088, True), reps=5)
-            print(f"  prefill S={S} row-per-lanes, {threads} threads, {ks} keys x {rows} rows "
-                  f"per step: {us:.1f} us ({4 * S * S * d * H / 2 / us / 1e6:.1f} TFLOP/s)")
-    attention_cuda.PF_THREADS, attention_cuda.PF_KEYS, attention_cuda.PF_ROWS = old
+    A = attention_cuda
+    old = A.PF_THREADS, A.PF_KEYS, A.PF_ROWS, A.PF_TILE
+    for threads, ks, rows, tile in ((128, 2, 4, 2048), (128, 2, 4, 4096), (128, 2, 4, 5120),
+                                    (128, 4, 4, 5120), (64, 2, 4, 4096), (256, 2, 4, 4096),
+                                    (128, 1, 4, 4096)):
+        A.PF_THREADS, A.PF_KEYS, A.PF_ROWS, A.PF_TILE = threads, ks, rows, tile
+        us = device_us(lambda i: A.attention(O, Q, K, V, 0.088, True), reps=5)
+        print(f"  prefill S={S} row-per-lanes, {threads} threads, {ks} keys x {rows} rows per "
+              f"step, tile {tile}: {us:.1f} us ({4 * S * S * d * H / 2 / us / 1e6:.1f} TFLOP/s)")
+    A.PF_THREADS, A.PF_KEYS, A.PF_ROWS, A.PF_TILE = old
+    # GEMV: loads of the next step issued before this step's math, or not, per storage
+    x = randn(1, 4096)
+    for st, dt in (("fp32", torch.float32), ("fp16", torch.float16)):
+        ws = [nb(randn(12288, 4096, dtype=dt)) for _ in range(n_sets(12288 * 4096 * 4))]
+        X, Y, NB = nb(x), nb(torch.empty(1, 12288, device="cuda")), nb(torch.empty(0, device="cuda"))
+        for pipe in (False, True):
+            kern = linear_cuda.gemv_kernel(True, pipe)
+            grid = ((12288 + linear_cuda.GEMV_WARPS - 1) // linear_cuda.GEMV_WARPS, 1)
+            us = device_us(lambda i: kern[grid, linear_cuda.GEMV_THREADS](
+                linear_cuda.flat(Y), linear_cuda.flat(X), linear_cuda.flat(ws[i]), NB, 12288,
+                4096), len(ws))
+            print(f"  gemv {st} pipelined={pipe}: {us:.1f} us")
 
 
 def resources():
     """Registers, shared and local memory per thread of every kernel variant compiled here."""
     print("\nkernel resources (registers/thread, shared bytes/block, local bytes/thread):")
-    kernels = [(f"gemv wide={w}", linear_cuda.gemv_kernel(w)) for w in (True, False)]
+    kernels = [(f"gemv wide={w} pipelined={p}", linear_cuda.gemv_kernel(w, p))
+               for w in (True, False) for p in (True, False)]
     kernels += [("gemm", linear_cuda._gemm), ("rmsnorm", norm_cuda.rmsnorm_kernel(True)),
                 ("softmax rows", softmax_cuda.softmax_rows_kernel(True)),
                 ("softmax 2-pass", softmax_cuda.masked_softmax_kernel(True)),

@@ -8,8 +8,11 @@ import numpy as np
 
 def is_cuda_array(x):
     # __cuda_ndarray__: numba's own device arrays, including the CUDA simulator's (which have
-    # no __cuda_array_interface__)
-    return hasattr(x, "__cuda_array_interface__") or bool(getattr(x, "__cuda_ndarray__", False))
+    # no __cuda_array_interface__); asked first: a class attribute, where hasattr evaluates
+    # the interface property (a dict built per call)
+    if type(x) is np.ndarray:
+        return False
+    return bool(getattr(x, "__cuda_ndarray__", False)) or hasattr(x, "__cuda_array_interface__")
 
 
 def cuda_unavailable():

@@ -46,12 +46,15 @@ DECODE_MAX_Q = 4             # q_len up to which the decode kernel serves
 QR_MAX = 4                   # query rows per decode block (registers: 2 * QR * 16 floats)
 MIN_SPLIT_STEPS = 4 if not SIM else 1   # a key split is at least this many block steps
 BLOCKS_PER_SM = 2            # decode grid target: blocks per multiprocessor (H200: 2 beat 4 and 8)
+BLOCKS_PER_SM_HALF_MHA = 4   # ... with 16-bit K/V and one query row per block (H200: 46 vs 51 us)
 
 # --- prefill ---
-PF_THREADS = 256 if not SIM else 64   # threads per block: PF_THREADS / LPK query rows
+PF_THREADS = 128 if not SIM else 64   # threads per block: PF_THREADS / LPK lane groups
 PF_TILE = 4096 if not SIM else 256    # K (and V) tile in shared memory: BK = PF_TILE / D keys
-PF_KEYS = 4                  # keys per step of a row (independent work in flight)
-PF_ROWS = 2                  # query rows per lane group (each K/V read serves them all)
+PF_KEYS = 2                  # keys per step of a row (independent work in flight)
+PF_ROWS = 4                  # query rows per lane group (each K/V read serves them all)
+# (H200, S=2048, 32 heads, d=128: 128 threads x 2 keys x 4 rows 2.03 ms; 256 x 4 x 2 2.45 ms;
+# one key x one row per step, the first version, 5.2 ms)
 # The register-tiled prefill kernel (prefill_tiled_kernel) is correct but measured slower than
 # the row-per-lanes kernel on the H100 (S=2048, 32 heads: 9.8 ms against 5.2 ms; not yet
 # profiled), so it is off by default; PREFILL_TILED = True switches it on.
@@ -317,15 +320,16 @@ def decode_kernel(D, QR, wide):
 
 
 @functools.cache
-def prefill_kernel(D, wide, threads=PF_THREADS, ks=PF_KEYS, rows=PF_ROWS):
+def prefill_kernel(D, wide, threads=PF_THREADS, ks=PF_KEYS, rows=PF_ROWS, tile=PF_TILE):
     """Prefill kernel for padded head dim D; wide: K/V rows allow 16-byte loads; threads per
     block; ks: keys per step (their dot products, butterflies and exponentials in flight
     together); rows: query rows per lane group (each K and V value read from shared memory
-    serves that many rows)."""
+    serves that many rows); tile: floats of K (and of V) staged in shared memory at a time."""
     LPK = D // DPL                     # lanes per lane group
     GROUPS = threads // LPK            # lane groups per block
     ROWS = GROUPS * rows               # query rows per block: group g has g + GROUPS * r
-    BK = PF_TILE // D                  # keys per shared-memory tile
+    TILE = tile
+    BK = TILE // D                     # keys per shared-memory tile
     KS = min(ks, BK)                   # keys per step (powers of two: BK % KS == 0)
     R = rows
     ld = load8 if wide else load8_tail
@@ -344,8 +348,8 @@ def prefill_kernel(D, wide, threads=PF_THREADS, ks=PF_KEYS, rows=PF_ROWS):
         z = cuda.blockIdx.z
         hk = h // (H // Hkv)
         scratch = cuda.shared.array(SCRATCH, float32)
-        kt = cuda.shared.array(PF_TILE, float32, alignment=ALIGN)   # (BK, D) keys
-        vt = cuda.shared.array(PF_TILE, float32, alignment=ALIGN)   # (BK, D) values
+        kt = cuda.shared.array(TILE, float32, alignment=ALIGN)   # (BK, D) keys
+        vt = cuda.shared.array(TILE, float32, alignment=ALIGN)   # (BK, D) values
 
         # this group's rows: queries pre-scaled, running max and sum, last key seen (-1: a
         # row past q_len)
@@ -379,7 +383,7 @@ def prefill_kernel(D, wide, threads=PF_THREADS, ks=PF_KEYS, rows=PF_ROWS):
         for kb in range(0, k_end, BK):
             nk = min(BK, k_end - kb)
             cuda.syncthreads()  # the previous tile is no longer read
-            for e in range(tid * CHUNK, PF_TILE, threads * CHUNK):
+            for e in range(tid * CHUNK, TILE, threads * CHUNK):
                 jr = e // D
                 c0 = e - jr * D
                 if jr < nk and c0 < d:
@@ -691,7 +695,8 @@ def attention(out, q, k, v, scale, causal):
         n_tiles = (rows + QR - 1) // QR
         kpb = DEC_WARPS * (32 // (D // DPL))         # keys per block step
         base = B * Hkv * n_tiles
-        n_split = max(1, min(-(-BLOCKS_PER_SM * _sm_count() // base),
+        bps = BLOCKS_PER_SM_HALF_MHA if k.dtype.itemsize == 2 and QR == 1 else BLOCKS_PER_SM
+        n_split = max(1, min(-(-bps * _sm_count() // base),
                              kv_len // (kpb * MIN_SPLIT_STEPS)))
         n_split = min(n_split, DEC_THREADS)          # the merge gives each split a thread
         split_len = -(-kv_len // n_split)
@@ -708,5 +713,5 @@ def attention(out, q, k, v, scale, causal):
             return
         rows = PF_THREADS // (D // DPL) * PF_ROWS
         grid = ((q_len + rows - 1) // rows, H, B)
-        prefill_kernel(D, wide, PF_THREADS, PF_KEYS, PF_ROWS)[grid, PF_THREADS](
+        prefill_kernel(D, wide, PF_THREADS, PF_KEYS, PF_ROWS, PF_TILE)[grid, PF_THREADS](
             of, qf, kf, vf, float32(scale), bool(causal), q_len, H, Hkv, kv_len, d)

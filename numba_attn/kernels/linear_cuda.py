@@ -23,6 +23,9 @@ X_SLAB = 4096 if not SIM else 2048       # x elements staged in shared memory at
                                          # (a multiple of 8 chunks of 8 per lane: 2048)
 GEMV_MAX_M = 4                           # rows of x up to which the GEMV serves
 SCRATCH = scratch_size(GEMV_THREADS)
+PIPELINED_ITEMSIZES = (2,)               # weight item sizes the GEMV pipelines (H200: 16-bit
+                                         # 33.3 -> 32.6 us, float32 55.2 -> 58.7 us pipelined)
+ZERO8 = (float32(0),) * CHUNK
 
 # --- GEMM (prefill) ---
 TILE = 128 if not SIM else 32            # outputs per block along m and along n
@@ -40,10 +43,11 @@ def dot8(a, b):
 
 
 @functools.cache
-def gemv_kernel(wide):
-    """The GEMV kernel; wide: rows of w allow 16-byte loads (k % 8 == 0, aligned base).
-    Each step's chunks of w are loaded before the previous step's math (and a slab's first
-    step before x is staged), so two steps of loads are in flight per lane."""
+def gemv_kernel(wide, pipelined):
+    """The GEMV kernel; wide: rows of w allow 16-byte loads (k % 8 == 0, aligned base);
+    pipelined: each step's chunks of w are loaded before the previous step's math (and a
+    slab's first step before x is staged), two steps of loads in flight per lane (16-bit
+    weights: a step of them is half the bytes of float32's)."""
     ldw = load8 if wide else load8_tail
 
     @device
@@ -76,10 +80,13 @@ def gemv_kernel(wide):
             full = slab - 3 * step - CHUNK          # last base with all 4 chunks inside
             base = lane * CHUNK
             j = rb + s0 + base
-            w0 = ldw_any(w, j, row_end)             # the first step, in flight while x is staged
-            w1 = ldw_any(w, j + step, row_end)
-            w2 = ldw_any(w, j + 2 * step, row_end)
-            w3 = ldw_any(w, j + 3 * step, row_end)
+            if pipelined:   # (compile-time) the first step, in flight while x is staged
+                w0 = ldw_any(w, j, row_end)
+                w1 = ldw_any(w, j + step, row_end)
+                w2 = ldw_any(w, j + 2 * step, row_end)
+                w3 = ldw_any(w, j + 3 * step, row_end)
+            else:
+                w0 = w1 = w2 = w3 = ZERO8
             cuda.syncthreads()      # the previous slab is no longer read
             for e in range(tid, X_SLAB, GEMV_THREADS):
                 xs[e] = x[xrow * k + s0 + e] if e < slab else float32(0)
@@ -91,10 +98,17 @@ def gemv_kernel(wide):
                 x1 = load8(xs, base + step, X_SLAB)
                 x2 = load8(xs, base + 2 * step, X_SLAB)
                 x3 = load8(xs, base + 3 * step, X_SLAB)
-                n0 = ldw_any(w, j + span, row_end)      # the next step's w
-                n1 = ldw_any(w, j + span + step, row_end)
-                n2 = ldw_any(w, j + span + 2 * step, row_end)
-                n3 = ldw_any(w, j + span + 3 * step, row_end)
+                if pipelined:
+                    n0 = ldw_any(w, j + span, row_end)      # the next step's w
+                    n1 = ldw_any(w, j + span + step, row_end)
+                    n2 = ldw_any(w, j + span + 2 * step, row_end)
+                    n3 = ldw_any(w, j + span + 3 * step, row_end)
+                else:
+                    w0 = ldw(w, j, row_end)                 # this step's w
+                    w1 = ldw(w, j + step, row_end)
+                    w2 = ldw(w, j + 2 * step, row_end)
+                    w3 = ldw(w, j + 3 * step, row_end)
+                    n0, n1, n2, n3 = w0, w1, w2, w3
                 acc += (dot8(w0, x0) + dot8(w1, x1)) + (dot8(w2, x2) + dot8(w3, x3))
                 w0, w1, w2, w3 = n0, n1, n2, n3
                 base += span
@@ -172,7 +186,7 @@ def linear(out, x, w, bias):
         return
     if m <= GEMV_MAX_M:
         grid = ((n + GEMV_WARPS - 1) // GEMV_WARPS, m)
-        gemv_kernel(wide_ok(w, k))[grid, GEMV_THREADS](
+        gemv_kernel(wide_ok(w, k), w.dtype.itemsize in PIPELINED_ITEMSIZES)[grid, GEMV_THREADS](
             flat(out), flat(x), flat(w), bias, n, k)
     else:
         grid = ((n + TILE - 1) // TILE, (m + TILE - 1) // TILE)

@@ -1,5 +1,6 @@
 """The small tensor steps of the forward pass on the CPU: token embedding, elementwise add (the
-residual), and splitting the fused q|k|v projection. Twin: tensor_cuda.py.
+residual), splitting the fused q|k|v projection, and writing new keys and values into the KV
+cache. Twin: tensor_cuda.py.
 
 Each is one NumPy call: a gather or a copy as fast as memory allows, no thread pool to wake."""
 import numpy as np
@@ -22,3 +23,11 @@ def split_qkv(q, k, v, qkv):
     np.copyto(q, qkv[:, :nq])
     np.copyto(k, qkv[:, nq:nq + nk])
     np.copyto(v, qkv[:, nq + nk:])
+
+
+def append_kv(k_cache, v_cache, k, v, offset):
+    # k_cache, v_cache: C-contiguous caches; k, v: new rows; written from element offset of the
+    # caches' flat views
+    n = k.size
+    k_cache.reshape(-1)[offset:offset + n] = k.reshape(-1)
+    v_cache.reshape(-1)[offset:offset + n] = v.reshape(-1)

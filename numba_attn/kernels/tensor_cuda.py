@@ -1,7 +1,8 @@
 """The small tensor steps of the forward pass on the GPU: token embedding, elementwise add (the
-residual), and splitting the fused q|k|v projection. Twin: tensor_cpu.py.
+residual), splitting the fused q|k|v projection, and writing new keys and values into the KV
+cache. Twin: tensor_cpu.py.
 
-All three are memory-bound copies of a few KB per token: one thread per output element, a warp
+All four are memory-bound copies of a few KB per token: one thread per output element, a warp
 reading and writing consecutive addresses. The embedding table may be stored in float32,
 float16 or bfloat16 bits (uint16; a tied lm_head in half precision) and is widened to float32."""
 from numba import cuda
@@ -48,6 +49,16 @@ def _split_qkv(q, k, v, qkv, nq, nk, total):
             v[r * nk + c - nq - nk] = x
 
 
+@cuda.jit
+def _append_kv(k_cache, v_cache, k, v, offset, n):
+    # k, v: (n,) new rows, written at k_cache[offset:offset + n], v_cache[...] (same dtype);
+    # one launch for both, where numba's copy_to_device costs ~100 us of Python per copy
+    i = cuda.blockIdx.x * THREADS + cuda.threadIdx.x
+    if i < n:                                        # bounds guard
+        k_cache[offset + i] = k[i]
+        v_cache[offset + i] = v[i]
+
+
 def _blocks(n):
     return (n + THREADS - 1) // THREADS
 
@@ -76,3 +87,12 @@ def split_qkv(q, k, v, qkv):
         return
     _split_qkv[_blocks(total), THREADS](flat(q), flat(k), flat(v),
                                         flat(qkv), q.shape[1], k.shape[1], total)
+
+
+def append_kv(k_cache, v_cache, k, v, offset):
+    # k_cache, v_cache: C-contiguous caches; k, v: C-contiguous new rows of one dtype with
+    # them; written from element offset of the caches' flat views
+    n = k.size
+    if n == 0:
+        return
+    _append_kv[_blocks(n), THREADS](flat(k_cache), flat(v_cache), flat(k), flat(v), offset, n)
