@@ -10,7 +10,7 @@ Two schedules, same arithmetic:
   rows), so the online softmax is vectorised across query rows with no horizontal reductions, and
   both products run in a register-blocked AVX-512 micro-kernel of our own (explicit <16 x float>
   LLVM IR; about 140-160 GFLOP/s on one core, against 90-110 for BLAS np.dot on these small
-  blocks). Head sizes that are not a multiple of 16 take the older BLAS tile (np.dot).
+  blocks). Head sizes that are not a multiple of 32 take the older BLAS tile (np.dot).
 - decode (a few queries): a task is a range of keys for every head at once, so K and V are
   streamed from memory once, row by row; the ranges' partial results are merged at the end
   (flash-decoding)."""
@@ -326,85 +326,45 @@ def _softmax16(typingctx, st, ld, nk, m_run, l_run, alpha, n_vis, diag):
     return sig, codegen
 
 
-_set_12x32, _set_12x16 = _microkernel(12, 2, False), _microkernel(12, 1, False)
-_set_8x32, _set_8x16 = _microkernel(8, 2, False), _microkernel(8, 1, False)
-_set_4x32, _set_4x16 = _microkernel(4, 2, False), _microkernel(4, 1, False)
-_set_2x32, _set_2x16 = _microkernel(2, 2, False), _microkernel(2, 1, False)
-_set_1x32, _set_1x16 = _microkernel(1, 2, False), _microkernel(1, 1, False)
-_acc_12x32, _acc_12x16 = _microkernel(12, 2, True), _microkernel(12, 1, True)
-_acc_8x32, _acc_8x16 = _microkernel(8, 2, True), _microkernel(8, 1, True)
-_acc_4x32, _acc_4x16 = _microkernel(4, 2, True), _microkernel(4, 1, True)
-_acc_2x32, _acc_2x16 = _microkernel(2, 2, True), _microkernel(2, 1, True)
-_acc_1x32, _acc_1x16 = _microkernel(1, 2, True), _microkernel(1, 1, True)
+_set_12, _set_8 = _microkernel(12, 2, False), _microkernel(8, 2, False)
+_set_4, _set_1 = _microkernel(4, 2, False), _microkernel(1, 2, False)
+_acc_12, _acc_8 = _microkernel(12, 2, True), _microkernel(8, 2, True)
+_acc_4, _acc_1 = _microkernel(4, 2, True), _microkernel(1, 2, True)
 
 
 @njit(inline="always")
-def _mk_set(n, wide, c, ldc, a, sa_i, sa_t, b, ldb, K):
-    # rows 0..n-1 of C (32 floats wide, else 16) = A B, in micro-kernel calls of 12, 8, 4, 2, 1
-    # rows (12 x 32: 24 accumulators, ~5% faster here than 8 x 32)
+def _mk_set(n, c, ldc, a, sa_i, sa_t, b, ldb, K):
+    # rows 0..n-1 of C (32 floats wide) = A B, in micro-kernel calls of 12, 8, 4 and 1 rows
+    # (12 x 32: 24 accumulators, ~5% faster here than 8 x 32; few variants: each costs compile
+    # time)
     i = 0
     while i < n:
         ci, ai = c + 4 * i * ldc, a + 4 * i * sa_i
         if n - i >= 12:
-            if wide:
-                _set_12x32(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
-            else:
-                _set_12x16(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
+            _set_12(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
             i += 12
         elif n - i >= 8:
-            if wide:
-                _set_8x32(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
-            else:
-                _set_8x16(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
+            _set_8(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
             i += 8
         elif n - i >= 4:
-            if wide:
-                _set_4x32(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
-            else:
-                _set_4x16(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
+            _set_4(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
             i += 4
-        elif n - i >= 2:
-            if wide:
-                _set_2x32(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
-            else:
-                _set_2x16(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
-            i += 2
         else:
-            if wide:
-                _set_1x32(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
-            else:
-                _set_1x16(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
+            _set_1(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
             i += 1
 
 
 @njit(inline="always")
-def _mk_acc(n, wide, c, ldc, a, sa_i, sa_t, b, ldb, K, alpha):
-    # n (12, 8, 4, 2 or 1) rows of C (32 floats wide, else 16) = C * alpha[row] + A B
+def _mk_acc(n, c, ldc, a, sa_i, sa_t, b, ldb, K, alpha):
+    # n (12, 8, 4 or 1) rows of C (32 floats wide) = C * alpha[row] + A B
     if n == 12:
-        if wide:
-            _acc_12x32(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-        else:
-            _acc_12x16(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+        _acc_12(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
     elif n == 8:
-        if wide:
-            _acc_8x32(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-        else:
-            _acc_8x16(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+        _acc_8(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
     elif n == 4:
-        if wide:
-            _acc_4x32(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-        else:
-            _acc_4x16(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-    elif n == 2:
-        if wide:
-            _acc_2x32(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-        else:
-            _acc_2x16(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+        _acc_4(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
     else:
-        if wide:
-            _acc_1x32(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-        else:
-            _acc_1x16(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+        _acc_1(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
 
 
 @njit(fastmath=FASTMATH_INF, cache=True)
@@ -412,13 +372,13 @@ def _mk_tile(out, q, Kh, Vh, scale, causal, G, z, hk, q0, nq, Qf, O, Sf, m_run, 
              n_vis):
     # one tile: queries q0..q0+nq-1 of the G heads sharing KV head hk, against every key they
     # see. Kh, Vh: (kv_len, d), this head's keys and values, packed. Row r of the tile: position
-    # q0 + r // G, head hk * G + r % G; ld: the rows padded to 16. Scratch: Qf (d * ld,) for
+    # q0 + r // G, head hk * G + r % G; ld: the rows padded to 32. Scratch: Qf (d * ld,) for
     # Q^T, Sf (BLOCK_K * ld,) for the block's S^T then P^T, O (ld, d), the rest (ld,), n_vis
     # int32
     q_len, d = q.shape[1], q.shape[3]
     kv_len = Kh.shape[0]
     rows = nq * G
-    ld = (rows + 15) // 16 * 16
+    ld = (rows + 31) // 32 * 32
     Qt = Qf[:d * ld].reshape((d, ld))
     St = Sf[:BLOCK_K * ld].reshape((BLOCK_K, ld))
     # Qt = (scale * the tile's query rows)^T, through O: rows copied whole, then transposed in
@@ -454,21 +414,18 @@ def _mk_tile(out, q, Kh, Vh, scale, causal, G, z, hk, q0, nq, Qf, O, Sf, m_run, 
     for k0 in range(0, k_end, BLOCK_K):
         nk = min(BLOCK_K, k_end - k0)
         # causal: rows before r0 see none of these keys; they are skipped from r0a (r0 rounded
-        # down to 16) on, as vectors of 16 rows
+        # down to 32) on
         r0 = min(rows, max(0, (k0 - kpos) * G)) if causal else 0
-        r0a = r0 // 16 * 16
+        r0a = r0 // 32 * 32
         diag = False
         for r in range(r0a, ld):
             n_vis[r] = min(nk, max(0, kpos + r // G + 1 - k0)) if causal and r < rows else nk
             diag = diag or n_vis[r] < nk
-        # S^T[j, r] = K[k0 + j] . Qt[:, r], in column groups of 32 rows (16 at the end); causal:
-        # a group computes only the keys its last row sees (the rest is masked below)
-        cg = r0a
-        while cg < ld:
-            wide = cg + 32 <= ld
-            nj = n_vis[cg + (31 if wide else 15)]
-            _mk_set(nj, wide, st_p + 4 * cg, ld, k_p + 4 * k0 * d, d, 1, qt_p + 4 * cg, ld, d)
-            cg += 32 if wide else 16
+        # S^T[j, r] = K[k0 + j] . Qt[:, r], in column groups of 32 rows; causal: a group computes
+        # only the keys its last row sees (the rest is masked below)
+        for cg in range(r0a, ld, 32):
+            _mk_set(n_vis[cg + 31], st_p + 4 * cg, ld, k_p + 4 * k0 * d, d, 1, qt_p + 4 * cg, ld,
+                    d)
         # online softmax over the block, 16 rows at a time
         for r in range(r0a, ld, 16):
             _softmax16(st_p + 4 * r, ld, nk, mr_p + 4 * r, lr_p + 4 * r, a_p + 4 * r,
@@ -477,11 +434,10 @@ def _mk_tile(out, q, Kh, Vh, scale, causal, G, z, hk, q0, nq, Qf, O, Sf, m_run, 
         # a group runs over the keys its last row sees (P is 0 past each row's own)
         i = r0
         while i < rows:
-            g = 12 if rows - i >= 12 else (8 if rows - i >= 8 else (4 if rows - i >= 4 else
-                                                                   (2 if rows - i >= 2 else 1)))
+            g = 12 if rows - i >= 12 else (8 if rows - i >= 8 else (4 if rows - i >= 4 else 1))
             klen = n_vis[i + g - 1]
             for c0 in range(0, d, 32):
-                _mk_acc(g, c0 + 32 <= d, o_p + 4 * (i * d + c0), d, st_p + 4 * i, 1, ld,
+                _mk_acc(g, o_p + 4 * (i * d + c0), d, st_p + 4 * i, 1, ld,
                         v_p + 4 * (k0 * d + c0), d, klen, a_p + 4 * i)
             i += g
 
@@ -494,13 +450,13 @@ def _mk_tile(out, q, Kh, Vh, scale, causal, G, z, hk, q0, nq, Qf, O, Sf, m_run, 
 
 @njit(parallel=True, cache=True)
 def _attention_prefill_mk(out, q, k, v, scale, causal, n_workers):
-    # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d); d a multiple of 16
+    # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d); d a multiple of 32
     B, q_len, H, d = q.shape
     kv_len, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
     bq = max(1, TILE_ROWS // G)                   # query positions per tile
     n_qblk = (q_len + bq - 1) // bq
-    ld = (bq * G + 15) // 16 * 16
+    ld = (bq * G + 31) // 32 * 32
     # a task: query blocks qb = chunk, chunk + n_chunks, ... of one (batch, KV head), whose K and
     # V are packed once for all of them; a head is split only when there are too few heads to
     # keep every worker busy (interleaved, so the causal costs of the chunks even out)
@@ -514,13 +470,20 @@ def _attention_prefill_mk(out, q, k, v, scale, causal, n_workers):
             k_end = min(kv_len, max(0, kv_len - q_len + qb * bq + nq)) if causal else kv_len
             cost[task] += (k_end + 16) * nq
     # static schedule balanced by causal cost: longest first, each to the least loaded worker
-    order = np.argsort(-cost, kind="mergesort")
-    owner = np.empty(n_tasks, np.int64)
+    # (plain loops: np.argsort alone added 1.7 s to the first compile)
+    owner = np.full(n_tasks, -1, np.int64)
     load = np.zeros(n_workers, np.int64)
-    for t in range(n_tasks):
-        w = np.argmin(load)
-        owner[order[t]] = w
-        load[w] += cost[order[t]]
+    for _ in range(n_tasks):
+        best = -1
+        for task in range(n_tasks):
+            if owner[task] < 0 and (best < 0 or cost[task] > cost[best]):
+                best = task
+        w = 0
+        for i in range(1, n_workers):
+            if load[i] < load[w]:
+                w = i
+        owner[best] = w
+        load[w] += cost[best]
 
     # per-worker scratch, allocated once per call
     Qf = np.empty((n_workers, d * ld), np.float32)
@@ -720,7 +683,7 @@ def attention(out, q, k, v, scale, causal):
     work = B * q_len * H * k.shape[1] * d      # multiply-adds of q k^T (at most)
     if q_len <= DECODE_MAX_Q:
         schedule = _attention_decode
-    elif d % 16 == 0:
+    elif d % 32 == 0:
         schedule = _attention_prefill_mk
     else:
         schedule = _attention_prefill           # BLAS tiles: any head size
