@@ -343,25 +343,12 @@ def bench_tune():
         print(f"  prefill S={S} row-per-lanes, {threads} threads, {ks} keys x {rows} rows per "
               f"step, tile {tile}: {us:.1f} us ({4 * S * S * d * H / 2 / us / 1e6:.1f} TFLOP/s)")
     A.PF_THREADS, A.PF_KEYS, A.PF_ROWS, A.PF_TILE = old
-    # GEMV: loads of the next step issued before this step's math, or not, per storage
-    x = randn(1, 4096)
-    for st, dt in (("fp32", torch.float32), ("fp16", torch.float16)):
-        ws = [nb(randn(12288, 4096, dtype=dt)) for _ in range(n_sets(12288 * 4096 * 4))]
-        X, Y, NB = nb(x), nb(torch.empty(1, 12288, device="cuda")), nb(torch.empty(0, device="cuda"))
-        for pipe in (False, True):
-            kern = linear_cuda.gemv_kernel(True, pipe)
-            grid = ((12288 + linear_cuda.GEMV_WARPS - 1) // linear_cuda.GEMV_WARPS, 1)
-            us = device_us(lambda i: kern[grid, linear_cuda.GEMV_THREADS](
-                linear_cuda.flat(Y), linear_cuda.flat(X), linear_cuda.flat(ws[i]), NB, 12288,
-                4096), len(ws))
-            print(f"  gemv {st} pipelined={pipe}: {us:.1f} us")
 
 
 def resources():
     """Registers, shared and local memory per thread of every kernel variant compiled here."""
     print("\nkernel resources (registers/thread, shared bytes/block, local bytes/thread):")
-    kernels = [(f"gemv wide={w} pipelined={p}", linear_cuda.gemv_kernel(w, p))
-               for w in (True, False) for p in (True, False)]
+    kernels = [(f"gemv wide={w}", linear_cuda.gemv_kernel(w)) for w in (True, False)]
     kernels += [("gemm", linear_cuda._gemm), ("rmsnorm", norm_cuda.rmsnorm_kernel(True)),
                 ("softmax rows", softmax_cuda.softmax_rows_kernel(True)),
                 ("softmax 2-pass", softmax_cuda.masked_softmax_kernel(True)),

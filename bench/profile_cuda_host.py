@@ -64,7 +64,7 @@ def main():
         values.reshape((1,) + values.shape)
     att4 = b.att[:1].reshape((1, 1, c.n_heads, c.head_dim))
     nobias = cuda.device_array(0, np.float32)
-    gemv = linear_cuda.gemv_kernel(True, False)
+    gemv = linear_cuda.gemv_kernel(True)
     rows = [
         ("empty numba launch (1 array)", lambda: empty[1, 1](xf)),
         ("reshape(-1) of a device array", lambda: x.reshape(-1)),

@@ -3,9 +3,8 @@
 w may be float32, float16 or bfloat16 (raw bits in uint16); the products and sums are float32.
 
 Decode (a few rows of x): a matrix-vector product bound by reading w once. Each warp owns a
-row of w and streams it in 16-byte chunks, 4 chunks per step, the next step's loads issued
-before this step's math (8 chunks in flight per lane); x is staged in shared memory, X_SLAB
-elements at a time, shared by the block's warps.
+row of w and streams it in 16-byte chunks, 4 chunks of a row in flight per lane; x is staged
+in shared memory, X_SLAB elements at a time, shared by the block's warps.
 Prefill (many rows): a tiled GEMM on the CUDA cores, TILE x TILE outputs per block of
 GEMM_THREADS threads, each thread an 8 x 8 register tile; w is widened to float32 as its tile
 is stored in shared memory."""
@@ -23,9 +22,6 @@ X_SLAB = 4096 if not SIM else 2048       # x elements staged in shared memory at
                                          # (a multiple of 8 chunks of 8 per lane: 2048)
 GEMV_MAX_M = 4                           # rows of x up to which the GEMV serves
 SCRATCH = scratch_size(GEMV_THREADS)
-PIPELINED_ITEMSIZES = (2,)               # weight item sizes the GEMV pipelines (H200: 16-bit
-                                         # 33.3 -> 32.6 us, float32 55.2 -> 58.7 us pipelined)
-ZERO8 = (float32(0),) * CHUNK
 
 # --- GEMM (prefill) ---
 TILE = 128 if not SIM else 32            # outputs per block along m and along n
@@ -43,20 +39,11 @@ def dot8(a, b):
 
 
 @functools.cache
-def gemv_kernel(wide, pipelined):
-    """The GEMV kernel; wide: rows of w allow 16-byte loads (k % 8 == 0, aligned base);
-    pipelined: each step's chunks of w are loaded before the previous step's math (and a
-    slab's first step before x is staged), two steps of loads in flight per lane (16-bit
-    weights: a step of them is half the bytes of float32's)."""
+def gemv_kernel(wide):
+    """The GEMV kernel; wide: rows of w allow 16-byte loads (k % 8 == 0, aligned base).
+    (Loading the next step's chunks before this step's math was measured slower on the H200:
+    float32 59.0 against 57.2 us, float16 32.9 against 30.9.)"""
     ldw = load8 if wide else load8_tail
-
-    @device
-    def ldw_any(w, j, row_end):
-        # w[j:j+8] as float32 where j may be past the row (a prefetch that will not be used):
-        # wide loads re-read the row's last chunk, guarded loads give zeros
-        if wide:
-            return load8(w, min(j, row_end - CHUNK), row_end)
-        return load8_tail(w, j, row_end)
 
     @cuda.jit(fastmath=True)
     def gemv(out, x, w, bias, n, k):
@@ -77,42 +64,26 @@ def gemv_kernel(wide, pipelined):
 
         for s0 in range(0, k, X_SLAB):
             slab = min(X_SLAB, k - s0)
-            full = slab - 3 * step - CHUNK          # last base with all 4 chunks inside
-            base = lane * CHUNK
-            j = rb + s0 + base
-            if pipelined:   # (compile-time) the first step, in flight while x is staged
-                w0 = ldw_any(w, j, row_end)
-                w1 = ldw_any(w, j + step, row_end)
-                w2 = ldw_any(w, j + 2 * step, row_end)
-                w3 = ldw_any(w, j + 3 * step, row_end)
-            else:
-                w0 = w1 = w2 = w3 = ZERO8
             cuda.syncthreads()      # the previous slab is no longer read
             for e in range(tid, X_SLAB, GEMV_THREADS):
                 xs[e] = x[xrow * k + s0 + e] if e < slab else float32(0)
             cuda.syncthreads()      # the slab is in shared memory
 
-            # main part: 4 chunks of the row per step
+            # main part: 4 chunks of the row per step, all loaded before any is used
+            full = slab - 3 * step - CHUNK          # last base with all 4 chunks inside
+            base = lane * CHUNK
             while base <= full:
+                j = rb + s0 + base
+                w0 = ldw(w, j, row_end)
+                w1 = ldw(w, j + step, row_end)
+                w2 = ldw(w, j + 2 * step, row_end)
+                w3 = ldw(w, j + 3 * step, row_end)
                 x0 = load8(xs, base, X_SLAB)
                 x1 = load8(xs, base + step, X_SLAB)
                 x2 = load8(xs, base + 2 * step, X_SLAB)
                 x3 = load8(xs, base + 3 * step, X_SLAB)
-                if pipelined:
-                    n0 = ldw_any(w, j + span, row_end)      # the next step's w
-                    n1 = ldw_any(w, j + span + step, row_end)
-                    n2 = ldw_any(w, j + span + 2 * step, row_end)
-                    n3 = ldw_any(w, j + span + 3 * step, row_end)
-                else:
-                    w0 = ldw(w, j, row_end)                 # this step's w
-                    w1 = ldw(w, j + step, row_end)
-                    w2 = ldw(w, j + 2 * step, row_end)
-                    w3 = ldw(w, j + 3 * step, row_end)
-                    n0, n1, n2, n3 = w0, w1, w2, w3
                 acc += (dot8(w0, x0) + dot8(w1, x1)) + (dot8(w2, x2) + dot8(w3, x3))
-                w0, w1, w2, w3 = n0, n1, n2, n3
                 base += span
-                j += span
             # rest: one chunk at a time (x past the slab is zero in shared memory)
             while base < slab:
                 acc += dot8(ldw(w, rb + s0 + base, row_end), load8(xs, base, X_SLAB))
@@ -186,7 +157,7 @@ def linear(out, x, w, bias):
         return
     if m <= GEMV_MAX_M:
         grid = ((n + GEMV_WARPS - 1) // GEMV_WARPS, m)
-        gemv_kernel(wide_ok(w, k), w.dtype.itemsize in PIPELINED_ITEMSIZES)[grid, GEMV_THREADS](
+        gemv_kernel(wide_ok(w, k))[grid, GEMV_THREADS](
             flat(out), flat(x), flat(w), bias, n, k)
     else:
         grid = ((n + TILE - 1) // TILE, (m + TILE - 1) // TILE)

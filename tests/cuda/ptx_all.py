@@ -43,9 +43,7 @@ def kernels():
         yield name, k, (F32, F32, M2, M2, I, I, I, I)
     for st, W in STORAGE.items():
         for wide in (True, False):
-            for pipe in (True, False):
-                yield (f"gemv[{st},wide={wide},pipelined={pipe}]", L.gemv_kernel(wide, pipe),
-                       (F32, F32, W, F32, I, I))
+            yield f"gemv[{st},wide={wide}]", L.gemv_kernel(wide), (F32, F32, W, F32, I, I)
         yield f"gemm[{st}]", L._gemm, (F32, F32, W, F32, I, I, I)
         yield (f"attention_decode[{st},D=128,QR=4]", A.decode_kernel(128, 4, True),
                (F32, F32, W, W, F32, F, B, I, I, I, I, I, I, I, I))
