@@ -319,6 +319,14 @@ def decode_kernel(D, QR, wide):
     return attn_decode
 
 
+@device
+def lane_dims(tile, i, lpk):
+    """A lane's 16 dims of a key or value row in a shared tile (prefill layout): 4 chunks of 4
+    floats at tile[i + 4 lpk t], t < 4."""
+    return (load4(tile, i), load4(tile, i + 4 * lpk), load4(tile, i + 8 * lpk),
+            load4(tile, i + 12 * lpk))
+
+
 @functools.cache
 def prefill_kernel(D, wide, threads=PF_THREADS, ks=PF_KEYS, rows=PF_ROWS, tile=PF_TILE):
     """Prefill kernel for padded head dim D; wide: K/V rows allow 16-byte loads; threads per
@@ -399,11 +407,7 @@ def prefill_kernel(D, wide, threads=PF_THREADS, ks=PF_KEYS, rows=PF_ROWS, tile=P
             for j0 in range(0, nk, KS):
                 # R x KS scores: partial dot products, then one butterfly over the group
                 for u in range(KS):
-                    kb0 = (j0 + u) * D + 4 * sub
-                    k0 = load4(kt, kb0)
-                    k1 = load4(kt, kb0 + 4 * LPK)
-                    k2 = load4(kt, kb0 + 8 * LPK)
-                    k3 = load4(kt, kb0 + 12 * LPK)
+                    k0, k1, k2, k3 = lane_dims(kt, (j0 + u) * D + 4 * sub, LPK)
                     for r in range(R):
                         part = float32(0)
                         for c in range(4):
@@ -435,11 +439,7 @@ def prefill_kernel(D, wide, threads=PF_THREADS, ks=PF_KEYS, rows=PF_ROWS, tile=P
                         s[r, u] = p
                         l[r] += p
                 for u in range(KS):
-                    vb0 = (j0 + u) * D + 4 * sub
-                    v0 = load4(vt, vb0)
-                    v1 = load4(vt, vb0 + 4 * LPK)
-                    v2 = load4(vt, vb0 + 8 * LPK)
-                    v3 = load4(vt, vb0 + 12 * LPK)
+                    v0, v1, v2, v3 = lane_dims(vt, (j0 + u) * D + 4 * sub, LPK)
                     for r in range(R):
                         p = s[r, u]
                         for c in range(4):
