@@ -219,10 +219,8 @@ def bench_attention_prefill():
         if best is None or t < best:
             best, which = t, name
     flops = 4 * S * S * d * H / 2                       # causal half of QK^T and PV
-    tiled = attention_cuda.PREFILL_TILED and any(attention_cuda._dyn_shared_ok.values())
     row("attention", f"prefill causal S={S} H={H} d={d} fp32", us, None, best, flops,
-        "TFLOP/s", note=f"err {err:.1e}; torch best: {which}; "
-        f"{'register-tiled' if tiled else 'row-per-lanes'} kernel")
+        "TFLOP/s", note=f"err {err:.1e}; torch best: {which}")
     return us, best
 
 
@@ -323,16 +321,10 @@ def bench_tune():
                 print(f"  decode {H}/{Hkv} {st} blocks/SM={bps}: {us:.1f} us "
                       f"({per / us / 1e3:.0f} GB/s)")
             attention_cuda.BLOCKS_PER_SM, attention_cuda.BLOCKS_PER_SM_HALF_MHA = old
-    # prefill: the register-tiled kernel against the default row-per-lanes one
+    # prefill: block shapes of the row-per-lanes kernel
     S, H, d = 2048, 32, 128
     q, k_, v_ = randn(1, S, H, d), randn(1, S, H, d), randn(1, S, H, d)
     Q, K, V, O = nb(q), nb(k_), nb(v_), nb(torch.empty_like(q))
-    for tiled in (False, True):
-        attention_cuda.PREFILL_TILED = tiled
-        us = device_us(lambda i: attention_cuda.attention(O, Q, K, V, 0.088, True), reps=5)
-        print(f"  prefill S={S} {'register-tiled' if tiled else 'row-per-lanes'}: {us:.1f} us "
-              f"({4 * S * S * d * H / 2 / us / 1e6:.1f} TFLOP/s)")
-    attention_cuda.PREFILL_TILED = False
     A = attention_cuda
     old = A.PF_THREADS, A.PF_KEYS, A.PF_ROWS, A.PF_TILE
     for threads, ks, rows, tile in ((128, 2, 4, 2048), (128, 2, 4, 4096), (128, 2, 4, 5120),
@@ -355,8 +347,7 @@ def resources():
                 ("rope_half4", rope_cuda._rope_half4)]
     kernels += [(f"decode D=128 QR={qr}", attention_cuda.decode_kernel(128, qr, True))
                 for qr in (1, 2, 4)]
-    kernels += [("prefill tiled D=128", attention_cuda.prefill_tiled_kernel(128, True)),
-                ("prefill rows D=128", attention_cuda.prefill_kernel(128, True, 256))]
+    kernels += [("prefill D=128", attention_cuda.prefill_kernel(128, True))]
     for name, k in kernels:
         for sig, kk in list(k.overloads.items()):
             try:

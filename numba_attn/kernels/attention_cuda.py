@@ -30,11 +30,11 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda, int32, int64, types
+from numba import cuda, int32, int64
 
 from .scalar import FASTMATH_INF
 from .util_cuda import (ALIGN, CHUNK, SIM, aligned, device, flat, float32, group_max, group_sum,
-                        load4, load8, load8_tail, scratch_size, shfl_xor, store4, store8)
+                        load4, load8, load8_tail, scratch_size, shfl_xor, store8)
 
 DPL = 16                     # head dims per lane: 2 chunks of 8
 MAX_D = 256                  # largest (padded) head dim
@@ -55,14 +55,6 @@ PF_KEYS = 2                  # keys per step of a row (independent work in fligh
 PF_ROWS = 4                  # query rows per lane group (each K/V read serves them all)
 # (H200, S=2048, 32 heads, d=128: 128 threads x 2 keys x 4 rows 2.03 ms; 256 x 4 x 2 2.45 ms;
 # one key x one row per step, the first version, 5.2 ms)
-# The register-tiled prefill kernel (prefill_tiled_kernel) is correct but measured slower than
-# the row-per-lanes kernel on the H100 (S=2048, 32 heads: 9.8 ms against 5.2 ms; not yet
-# profiled), so it is off by default; PREFILL_TILED = True switches it on.
-PREFILL_TILED = False
-TILED_D = (64, 128, 256)     # head dims (padded) it takes
-TILED_THREADS = 256          # its threads per block: 16 x 16
-TQ = 64                      # its query rows per block (16 threads x 4)
-TK = 64                      # its keys per tile (16 threads x 4)
 
 NEG_INF = float32(-math.inf)
 
@@ -462,186 +454,6 @@ def prefill_kernel(D, wide, threads=PF_THREADS, ks=PF_KEYS, rows=PF_ROWS, tile=P
     return attn_prefill
 
 
-@functools.cache
-def prefill_tiled_kernel(D, wide):
-    """Register-tiled prefill kernel for head dim D in (64, 128, 256): a block of TQ = 64 query
-    rows x TK = 64 keys per tile, 16 x 16 threads. S = Q K^T: thread (ty, tx) owns the 4 x 4
-    scores of rows 4 ty + i and keys 4 tx + j (Q and K transposed in shared memory, so each step
-    over d is two 16-byte loads and 16 FMAs). Softmax: row max over the 16 lanes of a row group,
-    P = exp(S - max) through shared memory. O += P V: thread owns rows 4 ty + i, dims
-    DT * tx .. + DT (DT = D / 16). Dynamic shared memory: Q^T, K^T, V, P (112 KB at D = 128)."""
-    DT = D // 16                       # output dims per thread
-    ld = load8 if wide else load8_tail
-    SCRATCH = scratch_size(TILED_THREADS)
-    OFF_K = D * TQ                     # shared layout (floats): Q^T (D, TQ) | K^T (D, TK) |
-    OFF_V = OFF_K + D * TK             # V (TK, D) | P (TQ, TK)
-    OFF_P = OFF_V + TK * D
-
-    @cuda.jit(fastmath=FASTMATH_INF)
-    def attn_prefill_tiled(out, q, k, v, scale, causal, q_len, H, Hkv, kv_len, d):
-        # q, out: (B * q_len * H * d,); k, v: (B * kv_len * Hkv * d,)
-        tid = cuda.threadIdx.x
-        tx = tid % 16
-        ty = tid // 16
-        qblk = cuda.gridDim.x - 1 - cuda.blockIdx.x   # heaviest (last) query blocks first
-        h = cuda.blockIdx.y
-        z = cuda.blockIdx.z
-        hk = h // (H // Hkv)
-        q0 = qblk * TQ
-        sh = cuda.shared.array(0, types.float32)     # dynamic: OFF_P + TQ * TK floats
-        scratch = cuda.shared.array(SCRATCH, float32)
-        kvb = z * kv_len * Hkv * d + hk * d
-
-        # Q^T tile, pre-scaled (zeros past q_len and d): element (r, chunk) per step
-        for e in range(tid, TQ * (D // CHUNK), TILED_THREADS):
-            r = e % TQ
-            c0 = (e // TQ) * CHUNK
-            qv = (float32(0), float32(0), float32(0), float32(0), float32(0), float32(0),
-                  float32(0), float32(0))
-            if q0 + r < q_len and c0 < d:
-                qb = ((z * q_len + q0 + r) * H + h) * d
-                qv = load8_tail(q, qb + c0, qb + d)
-            for c in range(CHUNK):
-                sh[(c0 + c) * TQ + r] = qv[c] * scale
-
-        # this thread's rows: the last key each sees (-1: a row past q_len)
-        lim = cuda.local.array(4, int64)
-        m = cuda.local.array(4, float32)
-        lp = cuda.local.array(4, float32)            # partial row sums (this thread's keys)
-        for i in range(4):
-            qi = q0 + 4 * ty + i
-            lim[i] = -1
-            if qi < q_len:
-                lim[i] = kv_len - q_len + qi if causal else kv_len - 1
-            m[i] = NEG_INF
-            lp[i] = float32(0)
-        o = cuda.local.array((4, DT), float32)
-        for i in range(4):
-            for c in range(DT):
-                o[i, c] = float32(0)
-        sc = cuda.local.array((4, 4), float32)
-
-        k_end = kv_len
-        if causal:
-            k_end = min(kv_len, max(0, kv_len - q_len + min(q_len - 1, q0 + TQ - 1) + 1))
-        for kb in range(0, k_end, TK):
-            cuda.syncthreads()  # the previous tile (and, first time, nothing) is no longer read
-            # K^T and V tiles (zeros past kv_len and d): element (key, chunk) per step
-            for e in range(tid, TK * (D // CHUNK), TILED_THREADS):
-                j = e % TK
-                c0 = (e // TK) * CHUNK
-                kvv = (float32(0), float32(0), float32(0), float32(0), float32(0), float32(0),
-                       float32(0), float32(0))
-                vvv = kvv
-                if kb + j < kv_len and c0 < d:
-                    rb = kvb + (kb + j) * (Hkv * d)
-                    kvv = ld(k, rb + c0, rb + d)
-                    vvv = ld(v, rb + c0, rb + d)
-                for c in range(CHUNK):
-                    sh[OFF_K + (c0 + c) * TK + j] = kvv[c]
-                store8(sh, OFF_V + j * D + c0, vvv)
-            cuda.syncthreads()  # Q^T, K^T and V are in shared memory
-
-            # S = Q K^T for rows 4 ty + i, keys 4 tx + j
-            for i in range(4):
-                for j in range(4):
-                    sc[i, j] = float32(0)
-            for dd in range(D):
-                a = load4(sh, dd * TQ + 4 * ty)
-                b = load4(sh, OFF_K + dd * TK + 4 * tx)
-                for i in range(4):
-                    for j in range(4):
-                        sc[i, j] += a[i] * b[j]
-
-            # online softmax: hidden keys -inf, row max over the row's 16 lanes, P to shared
-            alpha = cuda.local.array(4, float32)
-            for i in range(4):
-                mx = NEG_INF
-                for j in range(4):
-                    if kb + 4 * tx + j > lim[i]:
-                        sc[i, j] = NEG_INF
-                    mx = max(mx, sc[i, j])
-                mx = group_max(mx, 16, scratch, tid)   # every thread of the block calls it
-                m_n = max(m[i], mx)
-                alpha[i] = float32(1)
-                if m_n > NEG_INF:
-                    alpha[i] = math.exp(m[i] - m_n)
-                    for j in range(4):
-                        sc[i, j] = math.exp(sc[i, j] - m_n)
-                else:
-                    for j in range(4):
-                        sc[i, j] = float32(0)
-                m[i] = m_n
-                lp[i] = lp[i] * alpha[i] + ((sc[i, 0] + sc[i, 1]) + (sc[i, 2] + sc[i, 3]))
-                store4(sh, OFF_P + (4 * ty + i) * TK + 4 * tx,
-                       (sc[i, 0], sc[i, 1], sc[i, 2], sc[i, 3]))
-            for i in range(4):
-                for c in range(DT):
-                    o[i, c] *= alpha[i]
-            cuda.syncthreads()  # P is in shared memory
-
-            # O += P V for rows 4 ty + i, dims DT tx + c; 4 keys per step
-            for j4 in range(0, TK, 4):
-                p0 = load4(sh, OFF_P + (4 * ty) * TK + j4)
-                p1 = load4(sh, OFF_P + (4 * ty + 1) * TK + j4)
-                p2 = load4(sh, OFF_P + (4 * ty + 2) * TK + j4)
-                p3 = load4(sh, OFF_P + (4 * ty + 3) * TK + j4)
-                for jj in range(4):
-                    vb = OFF_V + (j4 + jj) * D + DT * tx
-                    for c4 in range(DT // 4):
-                        vq = load4(sh, vb + 4 * c4)
-                        for c in range(4):
-                            o[0, 4 * c4 + c] += p0[jj] * vq[c]
-                            o[1, 4 * c4 + c] += p1[jj] * vq[c]
-                            o[2, 4 * c4 + c] += p2[jj] * vq[c]
-                            o[3, 4 * c4 + c] += p3[jj] * vq[c]
-
-        # the row sums over the row's 16 lanes; write O / l
-        for i in range(4):
-            l = group_sum(lp[i], 16, scratch, tid)   # every thread of the block calls it
-            qi = q0 + 4 * ty + i
-            if qi < q_len:
-                inv = float32(1) / l if l > 0 else float32(0)
-                ob = ((z * q_len + qi) * H + h) * d
-                for c in range(DT):
-                    if DT * tx + c < d:
-                        out[ob + DT * tx + c] = o[i, c] * inv
-
-    return attn_prefill_tiled
-
-
-_dyn_shared_ok = {}   # (kernel, device) -> True once its dynamic shared limit is raised
-
-
-def _launch_tiled(kernel, D, grid, args):
-    """Launch the tiled prefill kernel with its dynamic shared memory; False when the limit
-    above 48 KB cannot be raised here (the caller then uses the row-per-lanes kernel)."""
-    nbytes = 4 * (2 * D * TQ + TK * D + TQ * TK)
-    if not SIM:
-        dev = cuda.get_current_device().id
-        key = (kernel, dev, tuple(kernel.typeof_pyval(a) for a in args))
-        if key not in _dyn_shared_ok:
-            try:
-                from numba.cuda.cudadrv.driver import binding, driver
-                kern = kernel.compile(key[2])
-                cufunc = kern._codelibrary.get_cufunc()
-                attr = binding.CUfunction_attribute
-                driver.cuKernelSetAttribute(
-                    attr.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes,
-                    cufunc.handle, dev)
-                cufunc.set_shared_memory_carveout(100)   # room for two blocks per SM
-                _dyn_shared_ok[key] = True
-            except Exception as e:  # noqa: BLE001 - fall back, once, and say why
-                import warnings
-                warnings.warn(f"tiled prefill attention unavailable ({type(e).__name__}: "
-                              f"{e}); using the row-per-lanes kernel")
-                _dyn_shared_ok[key] = False
-        if not _dyn_shared_ok[key]:
-            return False
-    kernel[grid, TILED_THREADS, 0, nbytes](*args)
-    return True
-
-
 # --- host side ---------------------------------------------------------------------------
 
 _workspaces = {}   # device id -> (float32 device array, counters it holds at its start)
@@ -707,10 +519,6 @@ def attention(out, q, k, v, scale, causal):
             of, qf, kf, vf, ws, float32(scale), bool(causal), q_len, H, Hkv, kv_len, d,
             n_split, split_len, pbase)
     else:
-        args = (of, qf, kf, vf, float32(scale), bool(causal), q_len, H, Hkv, kv_len, d)
-        if PREFILL_TILED and D in TILED_D and _launch_tiled(prefill_tiled_kernel(D, wide),
-                                          D, ((q_len + TQ - 1) // TQ, H, B), args):
-            return
         rows = PF_THREADS // (D // DPL) * PF_ROWS
         grid = ((q_len + rows - 1) // rows, H, B)
         prefill_kernel(D, wide, PF_THREADS, PF_KEYS, PF_ROWS, PF_TILE)[grid, PF_THREADS](

@@ -49,8 +49,6 @@ def kernels():
                (F32, F32, W, W, F32, F, B, I, I, I, I, I, I, I, I))
         yield (f"attention_prefill[{st},D=128]", A.prefill_kernel(128, True),
                (F32, F32, W, W, F, B, I, I, I, I, I))
-        yield (f"attention_prefill_tiled[{st},D=128]", A.prefill_tiled_kernel(128, True),
-               (F32, F32, W, W, F, B, I, I, I, I, I))
     yield ("attention_decode[f32,D=128,QR=1]", A.decode_kernel(128, 1, True),
            (F32, F32, F32, F32, F32, F, B, I, I, I, I, I, I, I, I))
     yield ("attention_decode[f16,D=64,QR=2,scalar]", A.decode_kernel(64, 2, False),
@@ -63,10 +61,6 @@ def kernels():
         yield (f"attention_prefill[f32,D=128,{ks} keys x {rows} rows]",
                A.prefill_kernel(128, True, ks=ks, rows=rows),
                (F32, F32, F32, F32, F, B, I, I, I, I, I))
-    yield ("attention_prefill_tiled[f32,D=64,scalar]", A.prefill_tiled_kernel(64, False),
-           (F32, F32, F32, F32, F, B, I, I, I, I, I))
-    yield ("attention_prefill_tiled[f16,D=256]", A.prefill_tiled_kernel(256, True),
-           (F32, F32, F16, F16, F, B, I, I, I, I, I))
     for wide in (True, False):
         yield (f"softmax_rows[wide={wide}]", S.softmax_rows_kernel(wide),
                (F32, F32, F32, F, B, I, I))

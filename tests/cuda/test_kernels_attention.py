@@ -24,8 +24,8 @@ ATTN = [
     (1, 12, 20, 1, 1, 24, True),      # prefill, head dim 24
     (1, 5, 5, 2, 2, 16, False),       # non-causal prefill
     (1, 6, 3, 2, 1, 16, True),        # q_len > kv_len: the first rows see nothing
-    (1, 9, 9, 2, 1, 40, True),        # register-tiled prefill (head dim 40 -> 64)
-    (1, 5, 66, 1, 1, 48, True),       # tiled: two key tiles, a cached prefix
+    (1, 9, 9, 2, 1, 40, True),        # prefill, head dim 40 -> 64
+    (1, 5, 66, 1, 1, 48, True),       # prefill, several key tiles, a cached prefix
 ]
 ATTN_FULL = [
     (1, 1, 8192, 32, 32, 128, True),
@@ -53,18 +53,8 @@ if GPU:
               if t == "f32" or (c[5] == 128 and c[1] in (1, 512))]
 
 
-@pytest.fixture(params=[False, True], ids=["rows", "tiled"])
-def tiled(request, monkeypatch):
-    """Run prefill cases with the row-per-lanes kernel and with the register-tiled one."""
-    monkeypatch.setattr(attention_cuda, "PREFILL_TILED", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("case,kv_dtype", CASES)
-def test_attention(case, kv_dtype, tiled):
-    if tiled and (case[1] <= attention_cuda.DECODE_MAX_Q
-                  or attention_cuda.padded_dim(case[5]) not in attention_cuda.TILED_D):
-        pytest.skip("not a case for the tiled prefill kernel")
+def test_attention(case, kv_dtype):
     B, ql, kl, H, Hkv, d, causal = case
     rng = np.random.default_rng(abs(hash((case, kv_dtype))) % 2**32)
     q = randn(rng, B, ql, H, d)
