@@ -112,6 +112,8 @@ def view(a, shape, offset=0):
     """A C-contiguous view `shape` of the C-contiguous array a, `offset` elements in (on CUDA,
     cached on a)."""
     if isinstance(a, np.ndarray):
+        if not a.flags.c_contiguous:        # reshape(-1) would copy: the view would be lost
+            raise ValueError("view() needs a C-contiguous array")
         n = int(np.prod(shape, dtype=np.int64))
         return a.reshape(-1)[offset:offset + n].reshape(shape)
     from .kernels.util_cuda import view as device_view
