@@ -1,10 +1,15 @@
 """y = x @ w.T + bias on the CPU, w stored (out, in) as in checkpoints. Twin: linear_cuda.py.
 
-Decode (one row) is a matrix-vector product bound by reading w once: a parallel loop of
-vectorised dot products; a few rows (a short prompt) the same, every row of x against each
-block of w while it is in cache. Prefill (many rows) is compute-bound: NumPy's BLAS sgemm."""
+Decode (one row) is a matrix-vector product bound by reading w once: a parallel loop over
+blocks of 4 rows of w, each block's dot products in explicit vector IR with software prefetch
+(_dots4); a few rows (a short prompt) a parallel loop of vectorised dot products, every row
+of x against each block of w while it is in cache. Prefill (many rows) is compute-bound:
+NumPy's BLAS sgemm."""
 import numpy as np
-from numba import float32, njit, prange
+from llvmlite import ir
+from numba import float32, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import cpu_pool
 from .scalar import dots_4x1, dots_4x2
@@ -13,6 +18,86 @@ GEMV_ROWS = 4  # rows of w per inner step: x is loaded once for 4 dot products
 # up to this many rows of x, our kernel streams w once and beats BLAS sgemm (12288x4096 on 2
 # cores: 8 rows 13 ms against 25 ms, 16 rows 20 against 27; even at 24, behind at 32)
 GEMV_MAX_ROWS = 16
+# decode GEMV: how far ahead (bytes) each row of w is prefetched (the hardware's streams stop
+# at every 4 KB page). 1, 2 and 3 KB measured alike here; the same loop without it 1-2% slower
+PREFETCH_BYTES = 2048
+_VEC = 8      # floats per vector in _dots4 (256 bits; 512-bit vectors measured no faster)
+_UNROLL = 4   # vectors per row per loop step (4 accumulators a row, 128 bytes = 2 lines)
+
+_F32 = ir.FloatType()
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+
+
+@intrinsic
+def _dots4(typingctx, x, w, ldw, nv):
+    """The dot products of 4 rows of w with x over their first 8 nv floats: (s0, s1, s2, s3).
+    x, w are byte addresses (x contiguous; row i of w at w + 4 i ldw, contiguous). Each row's
+    line PREFETCH_BYTES ahead is prefetched as the loop reaches a line."""
+    sig = types.UniTuple(types.float32, 4)(x, w, ldw, nv)
+
+    def codegen(context, builder, signature, args):
+        x, w, ldw, nv = [context.cast(builder, v, t, types.int64)
+                         for v, t in zip(args, signature.args)]
+        vt = ir.VectorType(_F32, _VEC)
+        fp, vp, i8p = ir.PointerType(_F32), ir.PointerType(vt), ir.PointerType(ir.IntType(8))
+        xp = builder.inttoptr(x, fp)
+        rows = [builder.gep(builder.inttoptr(w, fp), [builder.mul(ldw, ir.Constant(_I64, i))])
+                for i in range(4)]
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vt, [vt, vt, vt]), f"llvm.fma.v{_VEC}f32")
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]),
+            "llvm.prefetch.p0")
+        acc = [[cgutils.alloca_once(builder, vt) for _ in range(_UNROLL)] for _ in range(4)]
+        for row in acc:
+            for a in row:
+                builder.store(ir.Constant(vt, [0.0] * _VEC), a)
+
+        def vec(base, c):
+            return builder.load(builder.bitcast(builder.gep(base, [c]), vp), align=4)
+
+        def step(c, u, pf):
+            # vector at float offset c of x and of each row into accumulator u
+            xv = vec(xp, c)
+            # PREFETCH_BYTES ahead in the row; past its end (a row of ldw floats), the same
+            # offset in the row 4 below: the next block's rows (none past the last: a prefetch
+            # does not fault)
+            ahead = builder.add(c, ir.Constant(_I64, PREFETCH_BYTES // 4))
+            below = builder.add(ahead, builder.mul(ldw, ir.Constant(_I64, 3)))
+            ahead = builder.select(builder.icmp_signed(">=", ahead, ldw), below, ahead)
+            for i in range(4):
+                if pf:   # read, keep in all caches, data
+                    line = builder.gep(rows[i], [ahead])
+                    builder.call(prefetch, [builder.bitcast(line, i8p), ir.Constant(_I32, 0),
+                                            ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+                builder.store(builder.call(fma, [vec(rows[i], c), xv, builder.load(acc[i][u])]),
+                              acc[i][u])
+
+        n_main = builder.udiv(nv, ir.Constant(_I64, _UNROLL))
+        with cgutils.for_range(builder, n_main) as loop:
+            base = builder.mul(loop.index, ir.Constant(_I64, _UNROLL * _VEC))
+            for u in range(_UNROLL):   # one prefetch per 64-byte line
+                step(builder.add(base, ir.Constant(_I64, u * _VEC)), u, (u * _VEC * 4) % 64 == 0)
+        done = builder.mul(n_main, ir.Constant(_I64, _UNROLL))
+        with cgutils.for_range(builder, builder.sub(nv, done)) as loop:
+            step(builder.mul(builder.add(done, loop.index), ir.Constant(_I64, _VEC)), 0, True)
+        sums = []
+        for row in acc:
+            v = builder.load(row[0])
+            for a in row[1:]:
+                v = builder.fadd(v, builder.load(a))
+            n = _VEC
+            while n > 1:   # horizontal sum: halves added
+                h = n // 2
+                lo, hi = (builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, h),
+                                                                     list(range(s, s + h))))
+                          for s in (0, h))
+                v = builder.fadd(lo, hi)
+                n = h
+            sums.append(builder.extract_element(v, ir.Constant(_I32, 0)))
+        return context.make_tuple(builder, signature.return_type, sums)
+    return sig, codegen
 
 
 @njit(inline="always", fastmath=True, cache=True)
@@ -30,14 +115,25 @@ def _tail_rows(out, x, w, r0):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _gemv(out, x, w):
-    # x: (1, k); w: (n, k); out: (1, n). Four rows of w per pass over x
-    n = w.shape[0]
+    # x: (1, k); w: (n, k); out: (1, n). Four rows of w per pass over x: the first k - k % 8
+    # columns in _dots4, the rest here
+    n, k = w.shape
     xr, o = x[0], out[0]
+    nv = k // _VEC
+    k0 = nv * _VEC
+    ldw = w.strides[0] // 4
+    xa, wa = xr.ctypes.data, w.ctypes.data
     for blk in prange((n + GEMV_ROWS - 1) // GEMV_ROWS):
         r0 = blk * GEMV_ROWS
         if r0 + GEMV_ROWS <= n:
-            o[r0], o[r0 + 1], o[r0 + 2], o[r0 + 3] = dots_4x1(w[r0], w[r0 + 1], w[r0 + 2],
-                                                              w[r0 + 3], xr)
+            s0, s1, s2, s3 = _dots4(xa, wa + 4 * r0 * ldw, ldw, nv)
+            for j in range(k0, k):
+                xj = xr[j]
+                s0 += w[r0, j] * xj
+                s1 += w[r0 + 1, j] * xj
+                s2 += w[r0 + 2, j] * xj
+                s3 += w[r0 + 3, j] * xj
+            o[r0], o[r0 + 1], o[r0 + 2], o[r0 + 3] = s0, s1, s2, s3
         else:
             _tail_rows(out, x, w, r0)
 
