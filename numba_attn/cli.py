@@ -9,6 +9,7 @@ import click
 from . import __version__
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "demo")
+DEFAULT_MAX_TOKENS = 256   # generate's default: fewer when the context has less room
 
 
 class OneLineErrors(click.Group):
@@ -40,9 +41,9 @@ def main():
 @click.option("--model", "model_dir", metavar="DIR", default=None,
               help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json). "
                    "[default: the built-in demo model]")
-@click.option("--max-tokens", type=click.IntRange(min=-1), default=256, show_default=True,
+@click.option("--max-tokens", type=click.IntRange(min=-1), default=None,
               help="Tokens to generate, 0 or more; -1 = until end-of-sequence or the context "
-                   "is full.")
+                   "is full. [default: 256, or fewer when the context has less room]")
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.8, show_default=True,
               help="Sampling temperature, >= 0; 0 = greedy (always the most likely token).")
 @click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True,
@@ -95,13 +96,15 @@ def generate(prompt, model_dir, max_tokens, temperature, top_k, top_p, min_p, re
                                        f"({model_dir}); pass --model DIR")
     elif not os.path.isdir(model_dir):
         raise click.ClickException(f"model folder not found: {model_dir}")
-    limit = None if max_tokens == -1 else max_tokens
+    limit = None if max_tokens == -1 else max_tokens      # None given: DEFAULT_MAX_TOKENS
 
     try:
         model = Model.from_pretrained(model_dir, device=device, max_seq=context,
                                       weight_dtype=weight_dtype)
         tokenizer = Tokenizer(model_dir, model.config.bos_token_id)
         ids = tokenizer.encode(prompt)
+        if max_tokens is None:   # the default fits the context; an explicit count must fit
+            limit = max(1, min(DEFAULT_MAX_TOKENS, model.max_seq - len(ids)))
         check_room(model, len(ids), limit)
     except (ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None

@@ -191,6 +191,20 @@ def test_prompt_plus_max_tokens_beyond_context(tiny_folder):
     assert_one_line_error(result, "+ 120 tokens to generate exceeds the model's context of 128")
 
 
+def test_readme_command_default_fits_the_context():
+    # README's main job, as written there: the demo model (a 256-token context) and the default
+    # --max-tokens, which is 256 or fewer when the context has less room (never an error here)
+    result = invoke("generate", "The old sea", "--seed", "1")
+    assert result.exit_code == 0, result.stderr
+    assert "generated" in result.stderr and "tok/s" in result.stderr
+
+
+def test_default_max_tokens_still_refuses_a_full_context(tiny_folder):
+    # the prompt alone fills the 128-token context: no room for even one token
+    result = invoke("generate", "hi " * 200, "--model", tiny_folder)
+    assert_one_line_error(result, "exceeds the model's context of 128")
+
+
 @pytest.mark.skipif(cuda_unavailable() is None, reason="a GPU is present")
 def test_device_cuda_without_gpu(tiny_folder):
     assert_one_line_error(invoke("generate", "hi", "--model", tiny_folder, "--device", "cuda"),
