@@ -26,6 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import cpu_pool
+from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, fma, prefetch
 from .scalar import FASTMATH_INF, dots_4x1, dots_4x2, exp_f32, row_max
 
 BLOCK_ROWS = 64        # prefill, BLAS tile (odd head sizes): query rows per tile
@@ -164,10 +165,7 @@ def _attention_prefill(out, q, k, v, scale, causal, n_workers):
 # Numba's own loops vectorise to 256-bit registers here (LLVM prefers 256 bits on this CPU);
 # explicit <16 x float> values are lowered to AVX-512 zmm registers (two ymm halves elsewhere).
 
-_F32 = ir.FloatType()
 _V16 = ir.VectorType(_F32, 16)
-_I64 = ir.IntType(64)
-_I32 = ir.IntType(32)
 _VI32 = ir.VectorType(_I32, 16)
 
 
@@ -187,8 +185,7 @@ def _microkernel(R, NV, accumulate):
             fp, vp = ir.PointerType(_F32), ir.PointerType(_V16)
             cp, ap = builder.inttoptr(c, fp), builder.inttoptr(a, fp)
             bp, alp = builder.inttoptr(b, fp), builder.inttoptr(alpha, fp)
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.fma.v16f32")
+            vfma = fma(builder, _V16)
             undef = ir.Constant(_V16, ir.Undefined)
             zeros16 = ir.Constant(ir.VectorType(_I32, 16), [0] * 16)
 
@@ -226,7 +223,7 @@ def _microkernel(R, NV, accumulate):
                     av = bcast(builder.load(builder.gep(
                         ap, [builder.add(aoff, builder.mul(ir.Constant(_I64, i), sa_i))])))
                     for n in range(NV):
-                        builder.store(builder.call(fma, [av, bv[n], builder.load(acc[i][n])]),
+                        builder.store(builder.call(vfma, [av, bv[n], builder.load(acc[i][n])]),
                                       acc[i][n])
             for i in range(R):
                 for n in range(NV):
@@ -259,8 +256,7 @@ def _softmax16(typingctx, st, ld, nk, m_run, l_run, alpha, n_vis, diag):
                                                "llvm.floor.v16f32")
         vmax = cgutils.get_or_insert_function(mod, ir.FunctionType(_V16, [_V16, _V16]),
                                               "llvm.maxnum.v16f32")
-        fma = cgutils.get_or_insert_function(mod, ir.FunctionType(_V16, [_V16, _V16, _V16]),
-                                             "llvm.fma.v16f32")
+        vfma = fma(builder, _V16)
         sp = builder.inttoptr(st, fp)
         mptr = builder.inttoptr(m_run, vp)
         lptr = builder.inttoptr(l_run, vp)
@@ -273,13 +269,13 @@ def _softmax16(typingctx, st, ld, nk, m_run, l_run, alpha, n_vis, diag):
 
         def vexp(x):
             xc = builder.call(vmax, [x, _vconst(-87.0)])
-            n = builder.call(floor, [builder.call(fma, [xc, _vconst(1.4426950408889634),
+            n = builder.call(floor, [builder.call(vfma, [xc, _vconst(1.4426950408889634),
                                                         _vconst(0.5)])])
-            r = builder.call(fma, [n, _vconst(-0.693359375), xc])
-            r = builder.call(fma, [n, _vconst(2.12194440e-4), r])
+            r = builder.call(vfma, [n, _vconst(-0.693359375), xc])
+            r = builder.call(vfma, [n, _vconst(2.12194440e-4), r])
             p = _vconst(1 / math.factorial(6))
             for kk in (5, 4, 3, 2, 1, 0):
-                p = builder.call(fma, [p, r, _vconst(1 / math.factorial(kk))])
+                p = builder.call(vfma, [p, r, _vconst(1 / math.factorial(kk))])
             e = builder.bitcast(builder.shl(builder.add(builder.fptosi(n, _VI32),
                                                         ir.Constant(_VI32, [127] * 16)),
                                             ir.Constant(_VI32, [23] * 16)), _V16)
@@ -320,7 +316,7 @@ def _softmax16(typingctx, st, ld, nk, m_run, l_run, alpha, n_vis, diag):
             e = vexp(builder.fsub(builder.load(p, align=4), msafe))
             builder.store(e, p, align=4)
             builder.store(builder.fadd(builder.load(lslot), e), lslot)
-        builder.store(builder.call(fma, [builder.load(lptr, align=4), al, builder.load(lslot)]),
+        builder.store(builder.call(vfma, [builder.load(lptr, align=4), al, builder.load(lslot)]),
                       lptr, align=4)
         return context.get_dummy_value()
     return sig, codegen
@@ -334,14 +330,8 @@ def _prefetch_for_write(typingctx, addr, nbytes):
     def codegen(context, builder, signature, args):
         a = context.cast(builder, args[0], signature.args[0], types.int64)
         n = context.cast(builder, args[1], signature.args[1], types.int64)
-        i8p = ir.PointerType(ir.IntType(8))
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]),
-            "llvm.prefetch.p0")
         with cgutils.for_range(builder, builder.ashr(n, ir.Constant(_I64, 6))) as lines:
-            line = builder.add(a, builder.mul(lines.index, ir.Constant(_I64, 64)))
-            builder.call(fn, [builder.inttoptr(line, i8p), ir.Constant(_I32, 1),
-                              ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+            prefetch(builder, builder.add(a, builder.mul(lines.index, ir.Constant(_I64, 64))), 1)
         return context.get_dummy_value()
     return sig, codegen
 

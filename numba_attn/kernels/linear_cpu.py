@@ -12,6 +12,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import cpu_pool
+from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, fma, prefetch
 from .scalar import dots_4x1, dots_4x2
 
 GEMV_ROWS = 4  # rows of w per inner step: x is loaded once for 4 dot products
@@ -24,9 +25,6 @@ PREFETCH_BYTES = 2048
 _VEC = 8      # floats per vector in _dots4 (256 bits; 512-bit vectors measured no faster)
 _UNROLL = 4   # vectors per row per loop step (4 accumulators a row, 128 bytes = 2 lines)
 
-_F32 = ir.FloatType()
-_I32 = ir.IntType(32)
-_I64 = ir.IntType(64)
 
 
 @intrinsic
@@ -40,15 +38,11 @@ def _dots4(typingctx, x, w, ldw, nv):
         x, w, ldw, nv = [context.cast(builder, v, t, types.int64)
                          for v, t in zip(args, signature.args)]
         vt = ir.VectorType(_F32, _VEC)
-        fp, vp, i8p = ir.PointerType(_F32), ir.PointerType(vt), ir.PointerType(ir.IntType(8))
+        fp, vp = ir.PointerType(_F32), ir.PointerType(vt)
         xp = builder.inttoptr(x, fp)
         rows = [builder.gep(builder.inttoptr(w, fp), [builder.mul(ldw, ir.Constant(_I64, i))])
                 for i in range(4)]
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vt, [vt, vt, vt]), f"llvm.fma.v{_VEC}f32")
-        prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]),
-            "llvm.prefetch.p0")
+        vfma = fma(builder, vt)
         acc = [[cgutils.alloca_once(builder, vt) for _ in range(_UNROLL)] for _ in range(4)]
         for row in acc:
             for a in row:
@@ -69,9 +63,8 @@ def _dots4(typingctx, x, w, ldw, nv):
             for i in range(4):
                 if pf:   # read, keep in all caches, data
                     line = builder.gep(rows[i], [ahead])
-                    builder.call(prefetch, [builder.bitcast(line, i8p), ir.Constant(_I32, 0),
-                                            ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-                builder.store(builder.call(fma, [vec(rows[i], c), xv, builder.load(acc[i][u])]),
+                    prefetch(builder, builder.ptrtoint(line, _I64), 0)
+                builder.store(builder.call(vfma, [vec(rows[i], c), xv, builder.load(acc[i][u])]),
                               acc[i][u])
 
         n_main = builder.udiv(nv, ir.Constant(_I64, _UNROLL))

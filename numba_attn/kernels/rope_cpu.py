@@ -12,13 +12,13 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .llvm_cpu import F32 as _F32, I64 as _I64, prefetch
+
 
 PARALLEL_MIN = 1 << 15  # elements below which the serial function runs alone
 PREFETCH_BYTES = 4096   # style half, vector path: how far ahead x and out are prefetched
 
-_F32 = ir.FloatType()
 _V16 = ir.VectorType(_F32, 16)
-_I64 = ir.IntType(64)
 
 
 @intrinsic
@@ -39,16 +39,6 @@ def _rope_half_heads(typingctx, o, x, c, s, n_heads, d):
         def at(base, off):
             return builder.bitcast(builder.gep(base, [off]), vp)
 
-        i8p = ir.PointerType(ir.IntType(8))
-        prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [ir.IntType(32)] * 3),
-            "llvm.prefetch.p0")
-
-        def pf(base, off, write):
-            addr = builder.inttoptr(builder.add(base, off), i8p)
-            builder.call(prefetch, [addr, ir.Constant(ir.IntType(32), write),
-                                    ir.Constant(ir.IntType(32), 3), ir.Constant(ir.IntType(32), 1)])
-
         with cgutils.for_range(builder, n_heads) as heads:
             h0 = builder.mul(heads.index, d)
             # software prefetch PREFETCH_BYTES ahead, for reading x and for writing o: the
@@ -58,8 +48,8 @@ def _rope_half_heads(typingctx, o, x, c, s, n_heads, d):
                 off = builder.add(builder.mul(builder.add(h0, builder.mul(
                     lines.index, ir.Constant(_I64, 16))), ir.Constant(_I64, 4)),
                     ir.Constant(_I64, PREFETCH_BYTES))
-                pf(x, off, 0)
-                pf(o, off, 1)
+                prefetch(builder, builder.add(x, off), 0)
+                prefetch(builder, builder.add(o, off), 1)
             with cgutils.for_range(builder, builder.ashr(d, ir.Constant(_I64, 5))) as steps:
                 i = builder.mul(steps.index, ir.Constant(_I64, 16))
                 i0 = builder.add(h0, i)
