@@ -301,9 +301,33 @@ def bench_launch():
     return us
 
 
+# prefill variants tuned: (threads, keys per step, rows per lane group, tile floats)
+PF_VARIANTS = ((128, 4, 4, 4096), (128, 2, 4, 4096), (128, 4, 4, 5120))
+
+
+# decode variants tuned, per (GQA, storage): (query rows per block at most, head dims per
+# lane, keys per lane group and step, blocks per SM)
+_MHA = [(2, dpl, keys, bps) for dpl, keys in ((16, 1), (16, 2), (16, 4), (32, 1), (32, 2))
+        for bps in (2, 3, 4)]
+_GQA = [(qr, dpl, keys, bps) for qr in (2, 4) for dpl in (8, 16) for keys in (1, 2, 4)
+        for bps in (2, 3)]
+DECODE_VARIANTS = {(False, "fp32"): [(2, 16, k, b) for k in (1, 2, 4) for b in (2, 3)],
+                   (False, "fp16"): _MHA, (True, "fp32"): _GQA, (True, "fp16"): _GQA}
+# GEMV variants tuned: (rows per warp, chunks per step, threads per block)
+GEMV_VARIANTS = {"fp32": ((1, 4, 256), (2, 4, 256), (2, 4, 128), (1, 4, 512), (1, 2, 256)),
+                 "fp16": ((1, 4, 256), (2, 2, 256), (2, 2, 128), (2, 2, 512), (1, 4, 128),
+                          (1, 4, 512), (1, 2, 512))}
+
+
+def _err(a, b):
+    return float((a.float() - b.float()).abs().max())
+
+
 def bench_tune():
-    """Variants of the block shapes, to pick the defaults (printed, not in the table)."""
+    """Variants of the block shapes, to pick the defaults (printed, not in the table); each
+    with its largest difference from the defaults' output."""
     print("\ntuning variants (device us):")
+    A, L = attention_cuda, linear_cuda
     kv, d = 8192, 128
     for H, Hkv in ((32, 32), (32, 8)):
         for st, dt in (("fp32", torch.float32), ("fp16", torch.float16)):
@@ -312,42 +336,71 @@ def bench_tune():
             q = randn(1, 1, H, d)
             K = [nb(randn(1, kv, Hkv, d, dtype=dt)) for _ in range(sets)]
             V = [nb(randn(1, kv, Hkv, d, dtype=dt)) for _ in range(sets)]
-            O, Q = nb(torch.empty(1, 1, H, d, device="cuda")), nb(q)
-            old = attention_cuda.BLOCKS_PER_SM, attention_cuda.BLOCKS_PER_SM_HALF_MHA
-            for bps in (2, 4, 8):
-                attention_cuda.BLOCKS_PER_SM = attention_cuda.BLOCKS_PER_SM_HALF_MHA = bps
-                us = device_us(lambda i: attention_cuda.attention(O, Q, K[i], V[i], 0.088, True),
-                               sets)
-                print(f"  decode {H}/{Hkv} {st} blocks/SM={bps}: {us:.1f} us "
-                      f"({per / us / 1e3:.0f} GB/s)")
-            attention_cuda.BLOCKS_PER_SM, attention_cuda.BLOCKS_PER_SM_HALF_MHA = old
+            o_ref, o = torch.empty(1, 1, H, d, device="cuda"), torch.empty(1, 1, H, d,
+                                                                             device="cuda")
+            O, O_ref, Q = nb(o), nb(o_ref), nb(q)
+            A.attention(O_ref, Q, K[0], V[0], 0.088, True)
+            old = A.QR_MAX, dict(A.DECODE_SHAPE)
+            for qr_max, dpl, keys, bps in DECODE_VARIANTS[(Hkv < H, st)]:
+                A.QR_MAX = qr_max
+                A.DECODE_SHAPE = {key: (dpl, keys, bps) for key in old[1]}
+                us = device_us(lambda i: A.attention(O, Q, K[i], V[i], 0.088, True), sets)
+                A.attention(O, Q, K[0], V[0], 0.088, True)
+                print(f"  decode {H}/{Hkv} {st} rows<={qr_max} dims/lane={dpl} keys/step={keys} "
+                      f"blocks/SM={bps}: {us:.1f} us ({per / us / 1e3:.0f} GB/s) "
+                      f"diff {_err(o, o_ref):.1e}", flush=True)
+            A.QR_MAX, A.DECODE_SHAPE = old
+    # GEMV: rows per warp x chunks per step
+    n, k = 12288, 4096
+    x = randn(1, k)
+    for st, dt in (("fp32", torch.float32), ("fp16", torch.float16)):
+        sets = n_sets(n * k * (4 if st == "fp32" else 2))
+        W = [nb(randn(n, k, dtype=dt)) for _ in range(sets)]
+        y_ref, y = torch.empty(1, n, device="cuda"), torch.empty(1, n, device="cuda")
+        X, Y, Y_ref, no_bias = nb(x), nb(y), nb(y_ref), nb(torch.empty(0, device="cuda"))
+        L.linear(Y_ref, X, W[0], no_bias)
+        old = dict(L.GEMV_SHAPE)
+        for shape in GEMV_VARIANTS[st] * 2:      # twice: the noise
+            L.GEMV_SHAPE[W[0].dtype.itemsize] = shape
+            us = device_us(lambda i: L.linear(Y, X, W[i], no_bias), sets)
+            L.linear(Y, X, W[0], no_bias)
+            print(f"  gemv {st} rows/warp={shape[0]} chunks/step={shape[1]} threads={shape[2]}: "
+                  f"{us:.1f} us "
+                  f"({n * k * (4 if st == 'fp32' else 2) / us / 1e3:.0f} GB/s) "
+                  f"diff {_err(y, y_ref):.1e}", flush=True)
+        L.GEMV_SHAPE.clear()
+        L.GEMV_SHAPE.update(old)
     # prefill: block shapes of the row-per-lanes kernel
     S, H, d = 2048, 32, 128
     q, k_, v_ = randn(1, S, H, d), randn(1, S, H, d), randn(1, S, H, d)
-    Q, K, V, O = nb(q), nb(k_), nb(v_), nb(torch.empty_like(q))
-    A = attention_cuda
+    o, o_ref = torch.empty_like(q), torch.empty_like(q)
+    Q, K, V, O, O_ref = nb(q), nb(k_), nb(v_), nb(o), nb(o_ref)
+    A.attention(O_ref, Q, K, V, 0.088, True)
     old = A.PF_THREADS, A.PF_KEYS, A.PF_ROWS, A.PF_TILE
-    for threads, ks, rows, tile in ((128, 2, 4, 2048), (128, 2, 4, 4096), (128, 2, 4, 5120),
-                                    (128, 4, 4, 5120), (64, 2, 4, 4096), (256, 2, 4, 4096),
-                                    (128, 1, 4, 4096)):
+    for threads, ks, rows, tile in PF_VARIANTS:
         A.PF_THREADS, A.PF_KEYS, A.PF_ROWS, A.PF_TILE = threads, ks, rows, tile
         us = device_us(lambda i: A.attention(O, Q, K, V, 0.088, True), reps=5)
+        A.attention(O, Q, K, V, 0.088, True)
         print(f"  prefill S={S} row-per-lanes, {threads} threads, {ks} keys x {rows} rows per "
-              f"step, tile {tile}: {us:.1f} us ({4 * S * S * d * H / 2 / us / 1e6:.1f} TFLOP/s)")
+              f"step, tile {tile}: {us:.1f} us ({4 * S * S * d * H / 2 / us / 1e6:.1f} TFLOP/s) "
+              f"diff {_err(o, o_ref):.1e}", flush=True)
     A.PF_THREADS, A.PF_KEYS, A.PF_ROWS, A.PF_TILE = old
 
 
 def resources():
     """Registers, shared and local memory per thread of every kernel variant compiled here."""
     print("\nkernel resources (registers/thread, shared bytes/block, local bytes/thread):")
-    kernels = [(f"gemv wide={w}", linear_cuda.gemv_kernel(w)) for w in (True, False)]
+    kernels = [(f"gemv {shape}", linear_cuda.gemv_kernel(True, *shape))
+               for shape in set(GEMV_VARIANTS["fp32"] + GEMV_VARIANTS["fp16"])]
     kernels += [("gemm", linear_cuda._gemm), ("rmsnorm", norm_cuda.rmsnorm_kernel(True)),
                 ("softmax rows", softmax_cuda.softmax_rows_kernel(True)),
                 ("softmax 2-pass", softmax_cuda.masked_softmax_kernel(True)),
                 ("rope_half4", rope_cuda._rope_half4)]
-    kernels += [(f"decode D=128 QR={qr}", attention_cuda.decode_kernel(128, qr, True))
-                for qr in (1, 2, 4)]
-    kernels += [("prefill D=128", attention_cuda.prefill_kernel(128, True))]
+    kernels += [(f"decode D=128 QR={qr} dpl={dpl} keys={ku}",
+                 attention_cuda.decode_kernel(128, qr, True, dpl, ku))
+                for qr in (1, 2, 4) for dpl in (8, 16, 32) for ku in (1, 2, 4)]
+    kernels += [(f"prefill D=128 {v}", attention_cuda.prefill_kernel(128, True, *v))
+                for v in PF_VARIANTS]
     for name, k in kernels:
         for sig, kk in list(k.overloads.items()):
             try:

@@ -3,22 +3,23 @@ over the keys, so neither the score matrix nor a mask is ever materialised. Twin
 attention_cpu.py.
 
 K and V may be float32, float16 or bfloat16 (raw bits in uint16); all arithmetic is float32.
+Scores are kept in base 2 (q pre-scaled by log2 e): each exponential is one ex2 instruction.
 
-Lane layout: a head vector of D dims (d padded to a power of two >= 16) is split over LPK =
-D / 16 neighbouring lanes (a lane group), 16 dims each: in decode as two chunks of 8 at dims
-8 * (sub + LPK * t), t < 2 (16-byte loads of K/V rows from global memory cover whole rows), in
-prefill as four chunks of 4 at dims 4 * (sub + LPK * t), t < 4 (16-byte loads from shared
-memory, a quarter warp reading 128 contiguous bytes: no bank conflicts); sub = lane % LPK. A dot
-product is a 16-term partial sum per lane and a reduction over the LPK lanes (log2 LPK
-shuffles).
+Lane layout: a head vector of D dims (d padded to a power of two >= 16) is split over LPK
+neighbouring lanes (a lane group). Decode: DPL dims per lane (DECODE_SHAPE), chunks of 8 at
+dims 8 * (sub + LPK * t) (16-byte loads of K/V rows from global memory cover whole rows).
+Prefill: 16 dims per lane as four chunks of 4 at dims 4 * (sub + LPK * t), t < 4 (16-byte loads
+from shared memory, a quarter warp reading 128 contiguous bytes: no bank conflicts); sub =
+lane % LPK. A dot product is a partial sum per lane and a reduction over the LPK lanes
+(log2 LPK shuffles).
 
-Decode (few query rows, q_len <= DECODE_MAX_Q): flash-decoding. Grid (split, kv head, row
+Decode (few query rows, q_len <= DECODE_MAX_Q): flash-decoding. Grid (kv head, split, row
 tile). A block takes the QR query rows of one row tile (query positions x the query heads
 that share the KV head, so K and V are read once for the whole group) against one split of
-the keys; each group of LPK lanes (a key slot) takes its own keys, with a running max and
-sum. The block merges its slots in shared memory; with several splits, each block writes its partial
-(max, sum, unnormalised output) to a workspace and the last block of a tile to finish (an
-atomic counter) merges the splits and writes the output: one launch.
+the keys; each lane group (a key slot) takes its own keys, several per step, with a running
+max and sum per row. The block merges its slots in shared memory; with several splits, each
+block writes its partial (max, sum, unnormalised output) to a workspace and the last block of
+a tile to finish (an atomic counter) merges the splits and writes the output: one launch.
 
 Prefill: grid (query block, head, batch). A block of PF_THREADS threads, PF_THREADS / LPK lane
 groups of PF_ROWS query rows each, takes one head; tiles of BK keys of K and V are staged in
@@ -33,30 +34,35 @@ import numpy as np
 from numba import cuda, int32, int64
 
 from .scalar import FASTMATH_INF
-from .util_cuda import (ALIGN, CHUNK, SIM, aligned, device, flat, float32, group_max, group_sum,
-                        load4, load8, load8_tail, scratch_size, shfl_xor, store8)
+from .util_cuda import (ALIGN, CHUNK, SIM, aligned, device, exp2, flat, float32, group_max,
+                        group_sum, load4, load8, load8_tail, scratch_size, shfl_xor, store8)
 
-DPL = 16                     # head dims per lane: 2 chunks of 8
+DPL = 16                     # head dims per lane (prefill; decode's default)
 MAX_D = 256                  # largest (padded) head dim
 
 # --- decode ---
 DEC_THREADS = 128 if not SIM else 64   # threads per block (4 warps on the GPU)
 DEC_WARPS = DEC_THREADS // 32
 DECODE_MAX_Q = 4             # q_len up to which the decode kernel serves
-QR_MAX = 4                   # query rows per decode block (registers: 2 * QR * 16 floats)
+QR_MAX = 2                   # query rows per decode block (H200, 32/8 heads: 2 beat 4)
 MIN_SPLIT_STEPS = 4 if not SIM else 1   # a key split is at least this many block steps
-BLOCKS_PER_SM = 2            # decode grid target: blocks per multiprocessor (H200: 2 beat 4 and 8)
-BLOCKS_PER_SM_HALF_MHA = 4   # ... with 16-bit K/V and one query row per block (H200: 46 vs 51 us)
+# (K/V item size, several query rows per block) -> (head dims per lane, keys per lane group and
+# step, blocks per SM the key splits aim at); H200, kv 8192, d 128 (bench_cuda.py tune):
+# 32/32 fp32 70.4 us, fp16 41.4; 32/8 fp32 33.8, fp16 30.4
+DECODE_SHAPE = {(4, False): (16, 2, 3), (2, False): (16, 4, 3),
+                (4, True): (16, 4, 2), (2, True): (16, 4, 2)}
 
 # --- prefill ---
 PF_THREADS = 128 if not SIM else 64   # threads per block: PF_THREADS / LPK lane groups
 PF_TILE = 4096 if not SIM else 256    # K (and V) tile in shared memory: BK = PF_TILE / D keys
-PF_KEYS = 2                  # keys per step of a row (independent work in flight)
+PF_KEYS = 4                  # keys per step of a row (independent work in flight)
 PF_ROWS = 4                  # query rows per lane group (each K/V read serves them all)
-# (H200, S=2048, 32 heads, d=128: 128 threads x 2 keys x 4 rows 2.03 ms; 256 x 4 x 2 2.45 ms;
-# one key x one row per step, the first version, 5.2 ms)
+# (H200, S=2048, 32 heads, d=128: 128 threads x 4 keys x 4 rows 1.76 ms; 2 keys x 4 rows 2.03;
+# 4 x 2 1.92; 256 threads x 4 x 4 1.94; one key x one row per step, the first version, 5.2)
 
 NEG_INF = float32(-math.inf)
+LOG2E = float32(math.log2(math.e))
+M_FLOOR = float32(-1e30)     # a row's running max before any key: exp(-inf - M_FLOOR) = 0
 
 
 def padded_dim(d):
@@ -98,10 +104,15 @@ def block_sum(v, sm, scratch, tid):
 
 
 @functools.cache
-def decode_kernel(D, QR, wide):
+def decode_kernel(D, QR, wide, dpl=DPL, keys=2):
     """Flash-decoding kernel for padded head dim D and QR query rows per block; wide: K/V rows
-    allow 16-byte loads (d == D, aligned bases)."""
-    LPK = D // DPL                     # lanes per key
+    allow 16-byte loads (d == D, aligned bases); dpl: head dims per lane (8, 16 or 32: fewer
+    means more lanes per key, fewer registers, more shuffles); keys: keys per lane group and
+    step (more loads in flight, more registers)."""
+    KU = keys                          # keys per lane group and step
+    NPL = min(dpl, D)                  # dims per lane
+    NCH = NPL // CHUNK                 # chunks of 8 per lane: dims 8 * (sub + LPK * t), t < NCH
+    LPK = D // NPL                     # lanes per key
     KPW = 32 // LPK                    # keys per warp step
     KPB = DEC_WARPS * KPW              # keys per block step
     NSLOT = DEC_WARPS * KPW            # key slots per block (shared: NSLOT * QR * D floats)
@@ -116,6 +127,7 @@ def decode_kernel(D, QR, wide):
         # [counters, one per (batch, kv head, row tile) | from pbase: partials, QR * (d + 2)
         # per (tile, split)]
         tid = cuda.threadIdx.x
+        scale2 = scale * LOG2E                       # scores in base 2: exp2, one op fewer
         lane = tid % 32
         warp = tid // 32
         ks = lane // LPK                             # key slot of this lane in the warp
@@ -128,8 +140,6 @@ def decode_kernel(D, QR, wide):
         tile = cuda.blockIdx.z
         n_tiles = cuda.gridDim.z
         G = H // Hkv
-        dim0 = CHUNK * sub
-        dim1 = CHUNK * (sub + LPK)
 
         scratch = cuda.shared.array(SCRATCH, float32)
         sm_m = cuda.shared.array((NSLOT, QR), float32)    # per key slot: max, then weight
@@ -141,17 +151,20 @@ def decode_kernel(D, QR, wide):
         sm_red = cuda.shared.array(DEC_WARPS, float32)        # block reductions
 
         # this tile's query rows r = (position qi, head g of the group), pre-scaled
-        qr = cuda.local.array((QR, DPL), float32)
-        acc = cuda.local.array((QR, DPL), float32)
+        qr = cuda.local.array((QR, NPL), float32)
+        acc = cuda.local.array((QR, NPL), float32)
         m = cuda.local.array(QR, float32)
         l = cuda.local.array(QR, float32)
         lim = cuda.local.array(QR, int64)            # last key row r sees (-1: none)
+        ku = cuda.local.array((KU, NPL), float32)    # this step's keys and values
+        vu = cuda.local.array((KU, NPL), float32)
+        su = cuda.local.array((QR, KU), float32)     # ... their scores, then weights
         last_key = -1
         for r in range(QR):
             gr = tile * QR + r
-            m[r] = NEG_INF
+            m[r] = M_FLOOR
             l[r] = float32(0)
-            for e in range(DPL):
+            for e in range(NPL):
                 qr[r, e] = float32(0)
                 acc[r, e] = float32(0)
             lim[r] = -1
@@ -162,49 +175,63 @@ def decode_kernel(D, QR, wide):
                 lim[r] = vis
                 last_key = max(last_key, vis)
                 qb = ((z * q_len + qi) * H + h) * d
-                qv0 = load8_tail(q, qb + dim0, qb + d)
-                qv1 = load8_tail(q, qb + dim1, qb + d)
-                for c in range(CHUNK):
-                    qr[r, c] = qv0[c] * scale
-                    qr[r, CHUNK + c] = qv1[c] * scale
+                for t in range(NCH):
+                    qv = load8_tail(q, qb + CHUNK * (sub + LPK * t), qb + d)
+                    for c in range(CHUNK):
+                        qr[r, CHUNK * t + c] = qv[c] * scale2
 
         # this split's keys, cut at the last key any row sees
         k_lo = split * split_len
         k_hi = min(min(kv_len, k_lo + split_len), last_key + 1)
         kvb = z * kv_len * Hkv * d + hk * d          # int64: key j's row starts at kvb + j*Hkv*d
-        # stream the keys; the next step's K and V rows are loaded before this step's math
-        # (registers double-buffered), so two steps of loads are in flight
-        j = k_lo + warp * KPW + ks
-        rb = kvb + min(j, max(k_hi - 1, 0)) * (Hkv * d)   # keys past the split: a valid row
-        kv0 = ld(k, rb + dim0, rb + d)
-        kv1 = ld(k, rb + dim1, rb + d)
-        vv0 = ld(v, rb + dim0, rb + d)
-        vv1 = ld(v, rb + dim1, rb + d)
-        for j0 in range(k_lo, k_hi, KPB):
-            j = j0 + warp * KPW + ks
-            rb = kvb + min(j + KPB, k_hi - 1) * (Hkv * d)
-            nk0 = ld(k, rb + dim0, rb + d)
-            nk1 = ld(k, rb + dim1, rb + d)
-            nv0 = ld(v, rb + dim0, rb + d)
-            nv1 = ld(v, rb + dim1, rb + d)
-            for r in range(QR):
-                part = float32(0)
-                for c in range(CHUNK):
-                    part += qr[r, c] * kv0[c] + qr[r, CHUNK + c] * kv1[c]
-                s = group_sum(part, LPK, scratch, tid)   # every lane of the block calls it
-                if j < k_hi and j <= lim[r]:
-                    if s > m[r]:                     # a new max: rescale what was summed
-                        a = math.exp(m[r] - s)
-                        l[r] *= a
-                        for e in range(DPL):
-                            acc[r, e] *= a
-                        m[r] = s
-                    p = math.exp(s - m[r])
-                    l[r] += p
+        # KU keys per lane group per step, all loaded before any is used; the rows' scores
+        # of all KU keys computed together, one max and rescale per row and step
+        for j0 in range(k_lo, k_hi, KPB * KU):
+            for u in range(KU):
+                rb = kvb + min(j0 + u * KPB + warp * KPW + ks, k_hi - 1) * (Hkv * d)
+                for t in range(NCH):
+                    dim = CHUNK * (sub + LPK * t)
+                    kt = ld(k, rb + dim, rb + d)
+                    vt = ld(v, rb + dim, rb + d)
                     for c in range(CHUNK):
-                        acc[r, c] += p * vv0[c]
-                        acc[r, CHUNK + c] += p * vv1[c]
-            kv0, kv1, vv0, vv1 = nk0, nk1, nv0, nv1
+                        ku[u, CHUNK * t + c] = kt[c]
+                        vu[u, CHUNK * t + c] = vt[c]
+            for r in range(QR):
+                for u in range(KU):
+                    p0 = float32(0)
+                    p1 = float32(0)
+                    for e in range(0, NPL, 2):
+                        p0 += qr[r, e] * ku[u, e]
+                        p1 += qr[r, e + 1] * ku[u, e + 1]
+                    su[r, u] = p0 + p1
+            off = LPK // 2
+            while off > 0:          # every thread of the block runs it (shfl_xor's rule)
+                for r in range(QR):
+                    for u in range(KU):
+                        su[r, u] += shfl_xor(su[r, u], off, scratch, tid)
+                off //= 2
+            for r in range(QR):
+                mx = NEG_INF
+                for u in range(KU):
+                    j = j0 + u * KPB + warp * KPW + ks
+                    if j >= k_hi or j > lim[r]:
+                        su[r, u] = NEG_INF
+                    mx = max(mx, su[r, u])
+                if mx > m[r]:                    # a new max: rescale what was summed
+                    a = exp2(m[r] - mx)
+                    l[r] *= a
+                    for e in range(NPL):
+                        acc[r, e] *= a
+                    m[r] = mx
+                for u in range(KU):
+                    p = exp2(su[r, u] - m[r])    # 0 for a hidden key (m >= M_FLOOR)
+                    su[r, u] = p
+                    l[r] += p
+            for u in range(KU):
+                for r in range(QR):
+                    p = su[r, u]
+                    for e in range(NPL):
+                        acc[r, e] += p * vu[u, e]
 
         # merge the key slots (each LPK-lane group of each warp) through shared memory
         slot = warp * KPW + ks
@@ -212,9 +239,9 @@ def decode_kernel(D, QR, wide):
             if sub == 0:
                 sm_m[slot, r] = m[r]
                 sm_l[slot, r] = l[r]
-            for c in range(CHUNK):
-                sm_o[slot, r, dim0 + c] = acc[r, c]
-                sm_o[slot, r, dim1 + c] = acc[r, CHUNK + c]
+            for t in range(NCH):
+                for c in range(CHUNK):
+                    sm_o[slot, r, CHUNK * (sub + LPK * t) + c] = acc[r, CHUNK * t + c]
         cuda.syncthreads()      # every slot's (max, sum, output) is in shared memory
         if tid < QR:            # row tid: the common max, each slot's weight, the total sum
             mm = NEG_INF
@@ -222,7 +249,7 @@ def decode_kernel(D, QR, wide):
                 mm = max(mm, sm_m[sl, tid])
             ll = float32(0)
             for sl in range(NSLOT):
-                f = math.exp(sm_m[sl, tid] - mm) if mm > NEG_INF else float32(0)
+                f = exp2(sm_m[sl, tid] - mm) if mm > NEG_INF else float32(0)
                 sm_m[sl, tid] = f
                 ll += sm_l[sl, tid] * f
             sm_row[0, tid] = mm
@@ -276,7 +303,7 @@ def decode_kernel(D, QR, wide):
                 ms = ws[p0 + tid * pstride + r * (d + 2)]
                 ls = ws[p0 + tid * pstride + r * (d + 2) + 1]
             mm = block_max(ms, sm_red, scratch, tid)
-            f = math.exp(ms - mm) if mm > NEG_INF else float32(0)
+            f = exp2(ms - mm) if mm > NEG_INF else float32(0)
             ll = block_sum(ls * f, sm_red, scratch, tid)
             if tid < n_split:
                 sm_w[tid, r] = f / ll if ll > 0 else float32(0)
@@ -341,6 +368,7 @@ def prefill_kernel(D, wide, threads=PF_THREADS, ks=PF_KEYS, rows=PF_ROWS, tile=P
         # holds dims 4 (sub + LPK t) .. + 3, t < 4: the 8 lanes of a quarter warp read 128
         # contiguous bytes of a key row (no bank conflicts)
         tid = cuda.threadIdx.x
+        scale2 = scale * LOG2E                       # scores in base 2: exp2, one op fewer
         grp = tid // LPK
         sub = tid % LPK
         qblk = cuda.gridDim.x - 1 - cuda.blockIdx.x   # heaviest (last) query blocks first
@@ -361,7 +389,7 @@ def prefill_kernel(D, wide, threads=PF_THREADS, ks=PF_KEYS, rows=PF_ROWS, tile=P
         s = cuda.local.array((R, KS), float32)       # this step's scores, then weights
         for r in range(R):
             qi = qblk * ROWS + grp + GROUPS * r
-            m[r] = NEG_INF
+            m[r] = M_FLOOR
             l[r] = float32(0)
             lim[r] = -1
             if qi < q_len:
@@ -371,7 +399,7 @@ def prefill_kernel(D, wide, threads=PF_THREADS, ks=PF_KEYS, rows=PF_ROWS, tile=P
                 for c in range(4):
                     dim = 4 * (sub + LPK * t) + c
                     acc[r, 4 * t + c] = float32(0)
-                    qr[r, 4 * t + c] = q[qb + dim] * scale if qi < q_len and dim < d \
+                    qr[r, 4 * t + c] = q[qb + dim] * scale2 if qi < q_len and dim < d \
                         else float32(0)
 
         # keys any row of the block sees
@@ -379,9 +407,12 @@ def prefill_kernel(D, wide, threads=PF_THREADS, ks=PF_KEYS, rows=PF_ROWS, tile=P
         if causal:
             k_end = min(kv_len, max(0, kv_len - q_len + min(q_len - 1, qblk * ROWS + ROWS - 1)
                                     + 1))
+        # the last key the block's first row sees: tiles up to it need no mask
+        vis0 = kv_len - q_len + qblk * ROWS if causal else kv_len - 1
         kvb = z * kv_len * Hkv * d + hk * d
         for kb in range(0, k_end, BK):
             nk = min(BK, k_end - kb)
+            full = nk == BK and kb + BK - 1 <= vis0     # every key visible to every row
             cuda.syncthreads()  # the previous tile is no longer read
             for e in range(tid * CHUNK, TILE, threads * CHUNK):
                 jr = e // D
@@ -413,21 +444,25 @@ def prefill_kernel(D, wide, threads=PF_THREADS, ks=PF_KEYS, rows=PF_ROWS, tile=P
                             s[r, u] += shfl_xor(s[r, u], off, scratch, tid)
                     off //= 2
                 # online softmax per row: hidden keys (causal, past the tile, a padding row)
-                # weigh 0; the sum and output are rescaled only when the max grows
+                # weigh 0 (exp(-inf - m) with m >= M_FLOOR, finite); the sum and output are
+                # rescaled only when the max grows
+                if not full:                        # block-uniform
+                    for r in range(R):
+                        for u in range(KS):
+                            if j0 + u >= nk or kb + j0 + u > lim[r]:
+                                s[r, u] = NEG_INF
                 for r in range(R):
-                    mx = NEG_INF
-                    for u in range(KS):
-                        if j0 + u >= nk or kb + j0 + u > lim[r]:
-                            s[r, u] = NEG_INF
+                    mx = s[r, 0]
+                    for u in range(1, KS):
                         mx = max(mx, s[r, u])
                     if mx > m[r]:
-                        a = math.exp(m[r] - mx)
+                        a = exp2(m[r] - mx)
                         l[r] *= a
                         for e in range(DPL):
                             acc[r, e] *= a
                         m[r] = mx
                     for u in range(KS):
-                        p = math.exp(s[r, u] - m[r]) if m[r] > NEG_INF else float32(0)
+                        p = exp2(s[r, u] - m[r])
                         s[r, u] = p
                         l[r] += p
                 for u in range(KS):
@@ -505,9 +540,10 @@ def attention(out, q, k, v, scale, causal):
         while QR < min(rows, QR_MAX):
             QR *= 2
         n_tiles = (rows + QR - 1) // QR
-        kpb = DEC_WARPS * (32 // (D // DPL))         # keys per block step
+        dpl, ku, bps = DECODE_SHAPE[(k.dtype.itemsize, QR > 1)]
+        dpl = min(dpl, D)
+        kpb = DEC_WARPS * (32 // (D // dpl)) * ku    # keys per block step
         base = B * Hkv * n_tiles
-        bps = BLOCKS_PER_SM_HALF_MHA if k.dtype.itemsize == 2 and QR == 1 else BLOCKS_PER_SM
         n_split = max(1, min(-(-bps * _sm_count() // base),
                              kv_len // (kpb * MIN_SPLIT_STEPS)))
         n_split = min(n_split, DEC_THREADS)          # the merge gives each split a thread
@@ -515,7 +551,7 @@ def attention(out, q, k, v, scale, causal):
         split_len = -(-split_len // kpb) * kpb
         n_split = -(-kv_len // split_len)
         ws, pbase = _workspace(base, base * n_split * QR * (d + 2) if n_split > 1 else 0)
-        decode_kernel(D, QR, wide)[(B * Hkv, n_split, n_tiles), DEC_THREADS](
+        decode_kernel(D, QR, wide, dpl, ku)[(B * Hkv, n_split, n_tiles), DEC_THREADS](
             of, qf, kf, vf, ws, float32(scale), bool(causal), q_len, H, Hkv, kv_len, d,
             n_split, split_len, pbase)
     else:

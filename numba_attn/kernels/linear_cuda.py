@@ -2,26 +2,29 @@
 
 w may be float32, float16 or bfloat16 (raw bits in uint16); the products and sums are float32.
 
-Decode (a few rows of x): a matrix-vector product bound by reading w once. Each warp owns a
-row of w and streams it in 16-byte chunks, 4 chunks of a row in flight per lane; x is staged
-in shared memory, X_SLAB elements at a time, shared by the block's warps.
+Decode (a few rows of x): a matrix-vector product bound by reading w once. Each warp owns
+RPW rows of w and streams them in 16-byte chunks, U chunks of each row in flight per lane
+(GEMV_SHAPE, per storage type); x is staged in shared memory, X_SLAB elements at a time,
+shared by the block's warps, and each x chunk read from it serves the warp's RPW rows.
 Prefill (many rows): a tiled GEMM on the CUDA cores, TILE x TILE outputs per block of
 GEMM_THREADS threads, each thread an 8 x 8 register tile; w is widened to float32 as its tile
 is stored in shared memory."""
 import functools
 
-from numba import cuda
+from numba import cuda, int64
 
 from .util_cuda import (ALIGN, CHUNK, SIM, device, flat, float32, group_sum, load, load8,
                         load8_tail, scratch_size, wide_ok)
 
 # --- GEMV (decode) ---
-GEMV_THREADS = 256                       # threads per block (a multiple of 32)
-GEMV_WARPS = GEMV_THREADS // 32          # rows of w per block: one per warp
+GEMV_THREADS = 256                       # threads per block (a multiple of 32), by default
 X_SLAB = 4096 if not SIM else 2048       # x elements staged in shared memory at a time
                                          # (a multiple of 8 chunks of 8 per lane: 2048)
 GEMV_MAX_M = 4                           # rows of x up to which the GEMV serves
-SCRATCH = scratch_size(GEMV_THREADS)
+# w's item size -> (rows per warp, chunks per step, threads per block); H200, 12288 x 4096
+# (bench_cuda.py tune): fp32 54.3-54.8 us against 57.4 for (1, 4, 256); fp16 29.3-29.5 against
+# 31.3
+GEMV_SHAPE = {4: (2, 4, 256), 2: (2, 2, 512)}
 
 # --- GEMM (prefill) ---
 TILE = 128 if not SIM else 32            # outputs per block along m and along n
@@ -39,11 +42,16 @@ def dot8(a, b):
 
 
 @functools.cache
-def gemv_kernel(wide):
-    """The GEMV kernel; wide: rows of w allow 16-byte loads (k % 8 == 0, aligned base).
+def gemv_kernel(wide, rpw=1, unroll=4, threads=GEMV_THREADS):
+    """The GEMV kernel; wide: rows of w allow 16-byte loads (k % 8 == 0, aligned base); rpw:
+    rows of w per warp (each x chunk read from shared memory serves them all); unroll: chunks
+    of each row loaded per step, all before any is used; threads per block (a multiple of 32).
     (Loading the next step's chunks before this step's math was measured slower on the H200:
     float32 59.0 against 57.2 us, float16 32.9 against 30.9.)"""
     ldw = load8 if wide else load8_tail
+    RPW, U, THREADS = rpw, unroll, threads
+    ROWS = THREADS // 32 * RPW                       # rows of w per block: RPW per warp
+    SCRATCH = scratch_size(THREADS)
 
     @cuda.jit(fastmath=True)
     def gemv(out, x, w, bias, n, k):
@@ -54,46 +62,62 @@ def gemv_kernel(wide):
         xrow = cuda.blockIdx.y
         xs = cuda.shared.array(X_SLAB, float32, alignment=ALIGN)
         scratch = cuda.shared.array(SCRATCH, float32)
-        # this warp's row; a row past n is clamped (loaded, never written): no warp diverges
-        row = cuda.blockIdx.x * GEMV_WARPS + warp
-        rb = min(row, n - 1) * k                    # int64: w offsets pass 2**31
-        row_end = rb + k
+        # this warp's rows row0 + i, i < RPW; a row past n is clamped (loaded, never written):
+        # no warp diverges
+        row0 = cuda.blockIdx.x * ROWS + warp * RPW
+        rb = cuda.local.array(RPW, int64)            # int64: w offsets pass 2**31
+        acc = cuda.local.array(RPW, float32)
+        wv = cuda.local.array((RPW, U, CHUNK), float32)   # this step's chunks of w and x
+        xv = cuda.local.array((U, CHUNK), float32)
+        for i in range(RPW):
+            rb[i] = min(row0 + i, n - 1) * k
+            acc[i] = float32(0)
         step = 32 * CHUNK                           # a warp's chunks are contiguous
-        span = 4 * step                             # elements of a row per main step
-        acc = float32(0)
+        span = U * step                             # elements of a row per main step
 
         for s0 in range(0, k, X_SLAB):
             slab = min(X_SLAB, k - s0)
             cuda.syncthreads()      # the previous slab is no longer read
-            for e in range(tid, X_SLAB, GEMV_THREADS):
+            for e in range(tid, X_SLAB, THREADS):
                 xs[e] = x[xrow * k + s0 + e] if e < slab else float32(0)
             cuda.syncthreads()      # the slab is in shared memory
 
-            # main part: 4 chunks of the row per step, all loaded before any is used
-            full = slab - 3 * step - CHUNK          # last base with all 4 chunks inside
+            # main part: U chunks of each row per step, all loaded before any is used
+            full = slab - (U - 1) * step - CHUNK    # last base with all U chunks inside
             base = lane * CHUNK
             while base <= full:
-                j = rb + s0 + base
-                w0 = ldw(w, j, row_end)
-                w1 = ldw(w, j + step, row_end)
-                w2 = ldw(w, j + 2 * step, row_end)
-                w3 = ldw(w, j + 3 * step, row_end)
-                x0 = load8(xs, base, X_SLAB)
-                x1 = load8(xs, base + step, X_SLAB)
-                x2 = load8(xs, base + 2 * step, X_SLAB)
-                x3 = load8(xs, base + 3 * step, X_SLAB)
-                acc += (dot8(w0, x0) + dot8(w1, x1)) + (dot8(w2, x2) + dot8(w3, x3))
+                for i in range(RPW):
+                    for u in range(U):
+                        wc = ldw(w, rb[i] + s0 + base + u * step, rb[i] + k)
+                        for c in range(CHUNK):
+                            wv[i, u, c] = wc[c]
+                for u in range(U):
+                    xc = load8(xs, base + u * step, X_SLAB)
+                    for c in range(CHUNK):
+                        xv[u, c] = xc[c]
+                for i in range(RPW):                # short chains: a tree per chunk
+                    part = float32(0)
+                    for u in range(U):
+                        part += ((wv[i, u, 0] * xv[u, 0] + wv[i, u, 1] * xv[u, 1]) +
+                                 (wv[i, u, 2] * xv[u, 2] + wv[i, u, 3] * xv[u, 3])) + \
+                            ((wv[i, u, 4] * xv[u, 4] + wv[i, u, 5] * xv[u, 5]) +
+                             (wv[i, u, 6] * xv[u, 6] + wv[i, u, 7] * xv[u, 7]))
+                    acc[i] += part
                 base += span
             # rest: one chunk at a time (x past the slab is zero in shared memory)
             while base < slab:
-                acc += dot8(ldw(w, rb + s0 + base, row_end), load8(xs, base, X_SLAB))
+                xc = load8(xs, base, X_SLAB)
+                for i in range(RPW):
+                    acc[i] += dot8(ldw(w, rb[i] + s0 + base, rb[i] + k), xc)
                 base += step
 
-        total = group_sum(acc, 32, scratch, tid)    # the row's sum across the warp's lanes
-        if lane == 0 and row < n:
-            if bias.shape[0] > 0:
-                total += bias[row]
-            out[xrow * n + row] = total
+        for i in range(RPW):
+            total = group_sum(acc[i], 32, scratch, tid)   # the row's sum across the lanes
+            row = row0 + i
+            if lane == 0 and row < n:
+                if bias.shape[0] > 0:
+                    total += bias[row]
+                out[xrow * n + row] = total
 
     return gemv
 
@@ -156,8 +180,10 @@ def linear(out, x, w, bias):
     if m == 0 or n == 0:
         return
     if m <= GEMV_MAX_M:
-        grid = ((n + GEMV_WARPS - 1) // GEMV_WARPS, m)
-        gemv_kernel(wide_ok(w, k))[grid, GEMV_THREADS](
+        rpw, unroll, threads = GEMV_SHAPE[w.dtype.itemsize]
+        rows = threads // 32 * rpw
+        grid = ((n + rows - 1) // rows, m)
+        gemv_kernel(wide_ok(w, k), rpw, unroll, threads)[grid, threads](
             flat(out), flat(x), flat(w), bias, n, k)
     else:
         grid = ((n + TILE - 1) // TILE, (m + TILE - 1) // TILE)

@@ -15,6 +15,7 @@ exchanges through a shared scratch array (scratch_size(threads) floats) and a ba
 thread of the block must then call it together (never inside a branch that splits the block);
 the kernels keep that rule on the GPU too. On the GPU the scratch is unused (declare it with
 SCRATCH elements, 1 there)."""
+import math
 import os
 
 import numpy as np
@@ -237,6 +238,11 @@ if not SIM:
                 _load1(a, i + 7) if i + 7 < n else float32(0))
 
     @device
+    def exp2(x):
+        """2**x in one ex2 instruction (fastmath kernels)."""
+        return math.exp2(x)
+
+    @device
     def shfl_xor(v, offset, scratch, tid):
         """v of the lane `lane ^ offset` (offset < 32); scratch, tid unused on the GPU."""
         return cuda.shfl_xor_sync(FULL_MASK, v, offset)
@@ -283,6 +289,10 @@ else:  # numba's CUDA simulator: plain Python, run per thread
             w = _widen_np(_host(a)[i:min(i + CHUNK, n)])
             v[:w.shape[0]] = w
         return v
+
+    @cuda.jit(device=True)
+    def exp2(x):
+        return np.exp2(x)       # Python's math.exp2 is 3.11+
 
     @cuda.jit(device=True)
     def shfl_xor(v, offset, scratch, tid):

@@ -49,6 +49,15 @@ def kernels():
                (F32, F32, W, W, F32, F, B, I, I, I, I, I, I, I, I))
         yield (f"attention_prefill[{st},D=128]", A.prefill_kernel(128, True),
                (F32, F32, W, W, F, B, I, I, I, I, I))
+    for st in ("f32", "f16"):
+        for qr, dpl, ku in ((1, 8, 1), (1, 32, 2), (4, 8, 4), (2, 16, 4), (1, 16, 4), (2, 8, 2)):
+            yield (f"attention_decode[{st},D=128,QR={qr},dpl={dpl},keys={ku}]",
+                   A.decode_kernel(128, qr, True, dpl, ku),
+                   (F32, F32, STORAGE[st], STORAGE[st], F32, F, B, I, I, I, I, I, I, I, I))
+        for rpw, unroll, threads in ((2, 4, 256), (2, 2, 512), (1, 8, 256), (2, 2, 128)):
+            yield (f"gemv[{st},rows/warp={rpw},unroll={unroll},threads={threads}]",
+                   L.gemv_kernel(True, rpw, unroll, threads),
+                   (F32, F32, STORAGE[st], F32, I, I))
     yield ("attention_decode[f32,D=128,QR=1]", A.decode_kernel(128, 1, True),
            (F32, F32, F32, F32, F32, F, B, I, I, I, I, I, I, I, I))
     yield ("attention_decode[f16,D=64,QR=2,scalar]", A.decode_kernel(64, 2, False),

@@ -82,3 +82,15 @@ def test_decode_twice_same_workspace():
         out = poisoned(q.shape)
         attention_cuda.attention(out, dev(q), dev(k), dev(v), 0.25, True)
         assert rel_err(out.copy_to_host(), attention_ref(q, k, v, True, 0.25)) < 1e-5
+
+
+# decode's other shapes (the tuned variants): 8, 16 or 32 head dims per lane (more or fewer
+# lanes per key), 1 to 4 keys per lane group and step
+@pytest.mark.parametrize("dpl,keys", [(8, 1), (32, 1), (16, 2), (8, 4), (32, 2)])
+@pytest.mark.parametrize("case,kv_dtype", [(ATTN[3], "f32"), (ATTN[2], "f16")] +
+                         ([(ATTN_FULL[0], "f16"), (ATTN_FULL[3], "f32")] if GPU else []))
+def test_decode_shapes(monkeypatch, dpl, keys, case, kv_dtype):
+    monkeypatch.setattr(attention_cuda, "DECODE_SHAPE",
+                        {key: (dpl, keys, bps) for key, (_, _, bps)
+                         in attention_cuda.DECODE_SHAPE.items()})
+    test_attention(case, kv_dtype)

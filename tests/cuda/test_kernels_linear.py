@@ -41,3 +41,13 @@ def test_linear(case, wdtype):
     cpu = np.empty((m, n), np.float32)               # the CPU kernel on the widened weights
     linear_cpu.linear(cpu, x, w64.astype(np.float32), bias)
     np.testing.assert_allclose(got, cpu, rtol=1e-4, atol=1e-4)
+
+
+# the GEMV's other block shapes: several rows of w per warp, more or fewer chunks per step,
+# other block sizes
+@pytest.mark.parametrize("shape", [(2, 4, 256), (4, 2, 128), (1, 8, 512), (2, 2, 128)])
+@pytest.mark.parametrize("case,wdtype", [(LINEAR[0], "f16"), (LINEAR[2], "f32")] +
+                         ([(LINEAR_FULL[1], "f32"), (LINEAR_FULL[0], "bf16")] if GPU else []))
+def test_gemv_shapes(monkeypatch, shape, case, wdtype):
+    monkeypatch.setattr(linear_cuda, "GEMV_SHAPE", {4: shape, 2: shape})
+    test_linear(case, wdtype)
