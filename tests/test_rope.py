@@ -184,3 +184,29 @@ def test_wrong_reference_is_detected():
         np.testing.assert_allclose(y, rope_interleaved_ref(x, inv, 3), rtol=RTOL, atol=ATOL)
     z = apply_rope(x, table(64), 3, style="interleaved")
     assert np.abs(z - rope_half_ref(x, inv, 3)).max() > 100 * ATOL
+
+
+# out of place past the L2 caches (x >= 2 MB), style half writes out with non-temporal stores
+# of whole 64-byte lines: every 16-byte offset of out from a line, 1 and 2 threads, a batch
+# axis, odd row counts, a head dim that is not a power of two; nothing around out is touched
+@pytest.mark.parametrize("shift", [0, 4, 8, 12])
+@pytest.mark.parametrize("threads,shape", [(2, (2, 65, 32, 128)), (1, (131, 32, 128)),
+                                           (2, (1, 173, 32, 96))])
+def test_apply_rope_streaming_out_of_place(shift, threads, shape):
+    import numba
+    x = randn(16 + shift, *shape)
+    n = x.size
+    buf = np.full(n + 64, 12345.0, np.float32)
+    first = (-buf.ctypes.data % 64) // 4                 # floats to the next 64-byte line
+    off = first + shift
+    out = buf[off:off + n].reshape(shape)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        y = apply_rope(x, table(shape[-1]), 37, out=out)
+    finally:
+        numba.set_num_threads(before)
+    assert y is out
+    np.testing.assert_allclose(out, rope_half_ref(x, inv_freq_ref(shape[-1]), 37), rtol=RTOL,
+                               atol=ATOL)
+    assert (buf[:off] == 12345.0).all() and (buf[off + n:] == 12345.0).all()

@@ -1,5 +1,6 @@
 """LLVM IR pieces shared by the CPU kernels written as numba intrinsics (explicit vectors):
-the scalar types, and the fma and prefetch intrinsics declared once per module."""
+the scalar types, the fma, prefetch and masked-store intrinsics declared once per module, and
+non-temporal stores."""
 from llvmlite import ir
 from numba.core import cgutils
 
@@ -22,3 +23,20 @@ def prefetch(builder, addr, write):
         builder.module, ir.FunctionType(ir.VoidType(), [I8P, I32, I32, I32]), "llvm.prefetch.p0")
     builder.call(fn, [builder.inttoptr(addr, I8P), ir.Constant(I32, write), ir.Constant(I32, 3),
                       ir.Constant(I32, 1)])
+
+
+def store_nt(builder, v, ptr):
+    """Store vector v at ptr, aligned to its size, non-temporally: the line goes to memory
+    without being read first (no read for ownership) and leaves every cache level."""
+    st = builder.store(v, ptr, align=v.type.count * 4)
+    st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(I32, 1)]))
+
+
+def masked_store(builder, v, ptr, lanes):
+    """Store the lanes of float vector v whose flag in lanes (a list of bools) is set, at ptr
+    (aligned to 4 bytes); the other lanes' memory is left untouched."""
+    vt = v.type
+    mt = ir.VectorType(ir.IntType(1), vt.count)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+        ir.VoidType(), [vt, ptr.type, I32, mt]), f"llvm.masked.store.v{vt.count}f32.p0")
+    builder.call(fn, [v, ptr, ir.Constant(I32, 4), ir.Constant(mt, lanes)])
