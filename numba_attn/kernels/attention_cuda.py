@@ -103,6 +103,38 @@ def block_sum(v, sm, scratch, tid):
     return r
 
 
+@device
+def butterfly_sum(s, rows, keys, width, scratch, tid):
+    """s[r, u] summed over aligned groups of `width` lanes, for r < rows, u < keys, their
+    shuffles interleaved; every thread of the block calls it (shfl_xor's rule)."""
+    off = width // 2
+    while off > 0:
+        for r in range(rows):
+            for u in range(keys):
+                s[r, u] += shfl_xor(s[r, u], off, scratch, tid)
+        off //= 2
+
+
+@device
+def online_softmax_step(s, r, keys, m, l, acc, dims):
+    """Row r takes the scores s[r, :keys] (base 2, hidden keys at -inf): its running max m[r]
+    and sum l[r], with l[r] and acc[r, :dims] rescaled only when the max grows; s[r] becomes
+    the weights (0 for a hidden key: m >= M_FLOOR is finite)."""
+    mx = s[r, 0]
+    for u in range(1, keys):
+        mx = max(mx, s[r, u])
+    if mx > m[r]:
+        a = exp2(m[r] - mx)
+        l[r] *= a
+        for e in range(dims):
+            acc[r, e] *= a
+        m[r] = mx
+    for u in range(keys):
+        p = exp2(s[r, u] - m[r])
+        s[r, u] = p
+        l[r] += p
+
+
 @functools.cache
 def decode_kernel(D, QR, wide, dpl=DPL, keys=2):
     """Flash-decoding kernel for padded head dim D and QR query rows per block; wide: K/V rows
@@ -204,29 +236,13 @@ def decode_kernel(D, QR, wide, dpl=DPL, keys=2):
                         p0 += qr[r, e] * ku[u, e]
                         p1 += qr[r, e + 1] * ku[u, e + 1]
                     su[r, u] = p0 + p1
-            off = LPK // 2
-            while off > 0:          # every thread of the block runs it (shfl_xor's rule)
-                for r in range(QR):
-                    for u in range(KU):
-                        su[r, u] += shfl_xor(su[r, u], off, scratch, tid)
-                off //= 2
+            butterfly_sum(su, QR, KU, LPK, scratch, tid)
             for r in range(QR):
-                mx = NEG_INF
                 for u in range(KU):
                     j = j0 + u * KPB + warp * KPW + ks
                     if j >= k_hi or j > lim[r]:
                         su[r, u] = NEG_INF
-                    mx = max(mx, su[r, u])
-                if mx > m[r]:                    # a new max: rescale what was summed
-                    a = exp2(m[r] - mx)
-                    l[r] *= a
-                    for e in range(NPL):
-                        acc[r, e] *= a
-                    m[r] = mx
-                for u in range(KU):
-                    p = exp2(su[r, u] - m[r])    # 0 for a hidden key (m >= M_FLOOR)
-                    su[r, u] = p
-                    l[r] += p
+                online_softmax_step(su, r, KU, m, l, acc, NPL)
             for u in range(KU):
                 for r in range(QR):
                     p = su[r, u]
@@ -437,34 +453,16 @@ def prefill_kernel(D, wide, threads=PF_THREADS, ks=PF_KEYS, rows=PF_ROWS, tile=P
                             part += (qr[r, c] * k0[c] + qr[r, 4 + c] * k1[c]) + \
                                 (qr[r, 8 + c] * k2[c] + qr[r, 12 + c] * k3[c])
                         s[r, u] = part
-                off = LPK // 2
-                while off > 0:  # every thread of the block runs it (shfl_xor's rule)
-                    for r in range(R):
-                        for u in range(KS):
-                            s[r, u] += shfl_xor(s[r, u], off, scratch, tid)
-                    off //= 2
+                butterfly_sum(s, R, KS, LPK, scratch, tid)
                 # online softmax per row: hidden keys (causal, past the tile, a padding row)
-                # weigh 0 (exp(-inf - m) with m >= M_FLOOR, finite); the sum and output are
-                # rescaled only when the max grows
+                # at -inf
                 if not full:                        # block-uniform
                     for r in range(R):
                         for u in range(KS):
                             if j0 + u >= nk or kb + j0 + u > lim[r]:
                                 s[r, u] = NEG_INF
                 for r in range(R):
-                    mx = s[r, 0]
-                    for u in range(1, KS):
-                        mx = max(mx, s[r, u])
-                    if mx > m[r]:
-                        a = exp2(m[r] - mx)
-                        l[r] *= a
-                        for e in range(DPL):
-                            acc[r, e] *= a
-                        m[r] = mx
-                    for u in range(KS):
-                        p = exp2(s[r, u] - m[r])
-                        s[r, u] = p
-                        l[r] += p
+                    online_softmax_step(s, r, KS, m, l, acc, DPL)
                 for u in range(KS):
                     v0, v1, v2, v3 = lane_dims(vt, (j0 + u) * D + 4 * sub, LPK)
                     for r in range(R):
