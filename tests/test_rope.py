@@ -186,7 +186,7 @@ def test_wrong_reference_is_detected():
     assert np.abs(z - rope_half_ref(x, inv, 3)).max() > 100 * ATOL
 
 
-# out of place past the L2 caches (x >= 2 MB), style half writes out with non-temporal stores
+# out of place past the L2 caches (x >= 1 MB a thread), style half writes out with non-temporal stores
 # of whole 64-byte lines: every 16-byte offset of out from a line, 1 and 2 threads, a batch
 # axis, odd row counts, a head dim that is not a power of two; nothing around out is touched
 @pytest.mark.parametrize("shift", [0, 4, 8, 12])

@@ -18,8 +18,8 @@ from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, masked_store, prefe
 
 PARALLEL_MIN = 1 << 15  # elements below which the serial function runs alone
 PREFETCH_BYTES = 4096   # style half, vector path: how far ahead x and out are prefetched
-STREAM_MIN_BYTES = 2 << 20     # style half out of place, x at least this large and this large
-STREAM_THREAD_BYTES = 1 << 20  # a thread (half an L2): out written non-temporally
+STREAM_THREAD_BYTES = 1 << 20  # style half out of place, x at least this much a thread (half
+                               # an L2): out written non-temporally
 
 _V16 = ir.VectorType(_F32, 16)
 
@@ -243,15 +243,9 @@ def _rope_half_streams(out, x, parts):
 
 
 @njit(parallel=True, cache=True)
-def _rope_half_parallel(out, x, cos, sin, start_pos):
-    for bt in prange(x.shape[0] * x.shape[1]):
-        _rope_half_rows(out, x, cos, sin, start_pos, bt, bt + 1)
-
-
-@njit(parallel=True, cache=True)
-def _rope_half_parallel_stream(out, x, cos, sin, start_pos, parts):
-    # _rope_half_parallel for large x; parts: the number of threads (numba's get_num_threads,
-    # called here, would keep this function out of the cache) or ranges of rows
+def _rope_half_parallel(out, x, cos, sin, start_pos, parts):
+    # parts: the number of threads (numba's get_num_threads, called here, would keep this
+    # function out of the cache) or ranges of rows
     n = x.shape[0] * x.shape[1]
     if _rope_half_streams(out, x, parts):
         # out of place and beyond L2: non-temporal stores (q+k at seq 128, 2 MB each: 150 ->
@@ -275,11 +269,9 @@ def rope_half(out, x, cos, sin, start_pos):
     # x, out: (batch, seq, heads, d); cos, sin: (max_pos, d//2)
     if x.size < PARALLEL_MIN:
         _rope_half_rows(out, x, cos, sin, start_pos, 0, x.shape[0] * x.shape[1])
-    elif x.size * 4 < STREAM_MIN_BYTES:
-        _rope_half_parallel(out, x, cos, sin, start_pos)
     else:   # parts: the pool's size (get_num_threads cost ~2 us a call here, after the kernel
         # left the caches cold); with fewer threads set, prange spreads the parts over them
-        _rope_half_parallel_stream(out, x, cos, sin, start_pos, config.NUMBA_NUM_THREADS)
+        _rope_half_parallel(out, x, cos, sin, start_pos, config.NUMBA_NUM_THREADS)
 
 
 def rope_interleaved(out, x, cos, sin, start_pos):
