@@ -306,13 +306,14 @@ PF_VARIANTS = ((128, 4, 4, 4096), (128, 2, 4, 4096), (128, 4, 4, 5120))
 
 
 # decode variants tuned, per (GQA, storage): (query rows per block at most, head dims per
-# lane, keys per lane group and step, blocks per SM)
-_MHA = [(2, dpl, keys, bps) for dpl, keys in ((16, 1), (16, 2), (16, 4), (32, 1), (32, 2))
-        for bps in (2, 3, 4)]
-_GQA = [(qr, dpl, keys, bps) for qr in (2, 4) for dpl in (8, 16) for keys in (1, 2, 4)
-        for bps in (2, 3)]
-DECODE_VARIANTS = {(False, "fp32"): [(2, 16, k, b) for k in (1, 2, 4) for b in (2, 3)],
-                   (False, "fp16"): _MHA, (True, "fp32"): _GQA, (True, "fp16"): _GQA}
+# lane, keys per lane group and step, blocks per SM, pipelined loads, block steps per split at
+# least)
+_MHA = [(2, 16, keys, bps, False, 4) for keys in (2, 4) for bps in (3, 4, 6)] + \
+    [(2, 16, 2, bps, True, 4) for bps in (3, 4)]
+_GQA = [(2, 16, 4, bps, pipe, 4) for bps in (2, 3) for pipe in (False, True)] + \
+    [(2, 16, 2, bps, True, 4) for bps in (2, 3)] + [(2, 8, 4, 2, True, 4), (4, 8, 2, 2, True, 4)]
+DECODE_VARIANTS = {(False, "fp32"): _MHA, (False, "fp16"): _MHA, (True, "fp32"): _GQA,
+                   (True, "fp16"): _GQA}
 # GEMV variants tuned: (rows per warp, chunks per step, threads per block)
 GEMV_VARIANTS = {"fp32": ((1, 4, 256), (2, 4, 256), (2, 4, 128), (1, 4, 512), (1, 2, 256)),
                  "fp16": ((1, 4, 256), (2, 2, 256), (2, 2, 128), (2, 2, 512), (1, 4, 128),
@@ -323,13 +324,13 @@ def _err(a, b):
     return float((a.float() - b.float()).abs().max())
 
 
-def bench_tune():
+def bench_tune(parts=("decode", "gemv", "prefill")):
     """Variants of the block shapes, to pick the defaults (printed, not in the table); each
     with its largest difference from the defaults' output."""
     print("\ntuning variants (device us):")
     A, L = attention_cuda, linear_cuda
     kv, d = 8192, 128
-    for H, Hkv in ((32, 32), (32, 8)):
+    for H, Hkv in ((32, 32), (32, 8)) if "decode" in parts else ():
         for st, dt in (("fp32", torch.float32), ("fp16", torch.float16)):
             per = 2 * kv * Hkv * d * (4 if st == "fp32" else 2)
             sets = n_sets(per)
@@ -340,20 +341,21 @@ def bench_tune():
                                                                              device="cuda")
             O, O_ref, Q = nb(o), nb(o_ref), nb(q)
             A.attention(O_ref, Q, K[0], V[0], 0.088, True)
-            old = A.QR_MAX, dict(A.DECODE_SHAPE)
-            for qr_max, dpl, keys, bps in DECODE_VARIANTS[(Hkv < H, st)]:
-                A.QR_MAX = qr_max
-                A.DECODE_SHAPE = {key: (dpl, keys, bps) for key in old[1]}
+            old = A.QR_MAX, dict(A.DECODE_SHAPE), A.MIN_SPLIT_STEPS
+            for qr_max, dpl, keys, bps, pipe, ms in DECODE_VARIANTS[(Hkv < H, st)]:
+                A.QR_MAX, A.MIN_SPLIT_STEPS = qr_max, ms
+                A.DECODE_SHAPE = {key: (dpl, keys, bps, pipe) for key in old[1]}
                 us = device_us(lambda i: A.attention(O, Q, K[i], V[i], 0.088, True), sets)
                 A.attention(O, Q, K[0], V[0], 0.088, True)
                 print(f"  decode {H}/{Hkv} {st} rows<={qr_max} dims/lane={dpl} keys/step={keys} "
-                      f"blocks/SM={bps}: {us:.1f} us ({per / us / 1e3:.0f} GB/s) "
+                      f"blocks/SM={bps} pipe={int(pipe)} steps>={ms}: {us:.1f} us "
+                      f"({per / us / 1e3:.0f} GB/s) "
                       f"diff {_err(o, o_ref):.1e}", flush=True)
-            A.QR_MAX, A.DECODE_SHAPE = old
+            A.QR_MAX, A.DECODE_SHAPE, A.MIN_SPLIT_STEPS = old
     # GEMV: rows per warp x chunks per step
     n, k = 12288, 4096
     x = randn(1, k)
-    for st, dt in (("fp32", torch.float32), ("fp16", torch.float16)):
+    for st, dt in (("fp32", torch.float32), ("fp16", torch.float16)) if "gemv" in parts else ():
         sets = n_sets(n * k * (4 if st == "fp32" else 2))
         W = [nb(randn(n, k, dtype=dt)) for _ in range(sets)]
         y_ref, y = torch.empty(1, n, device="cuda"), torch.empty(1, n, device="cuda")
@@ -370,6 +372,8 @@ def bench_tune():
                   f"diff {_err(y, y_ref):.1e}", flush=True)
         L.GEMV_SHAPE.clear()
         L.GEMV_SHAPE.update(old)
+    if "prefill" not in parts:
+        return
     # prefill: block shapes of the row-per-lanes kernel
     S, H, d = 2048, 32, 128
     q, k_, v_ = randn(1, S, H, d), randn(1, S, H, d), randn(1, S, H, d)
@@ -396,9 +400,10 @@ def resources():
                 ("softmax rows", softmax_cuda.softmax_rows_kernel(True)),
                 ("softmax 2-pass", softmax_cuda.masked_softmax_kernel(True)),
                 ("rope_half4", rope_cuda._rope_half4)]
-    kernels += [(f"decode D=128 QR={qr} dpl={dpl} keys={ku}",
-                 attention_cuda.decode_kernel(128, qr, True, dpl, ku))
-                for qr in (1, 2, 4) for dpl in (8, 16, 32) for ku in (1, 2, 4)]
+    kernels += [(f"decode D=128 QR={qr} dpl={dpl} keys={ku}{' pipe' if pipe else ''}",
+                 attention_cuda.decode_kernel(128, qr, True, dpl, ku, pipe))
+                for qr in (1, 2, 4) for dpl in (8, 16, 32) for ku in (1, 2, 4)
+                for pipe in (False, True)]
     kernels += [(f"prefill D=128 {v}", attention_cuda.prefill_kernel(128, True, *v))
                 for v in PF_VARIANTS]
     for name, k in kernels:
@@ -414,7 +419,8 @@ def resources():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated groups: copy (always), linear, "
-                    "decode, prefill, bandwidth, tune")
+                    "decode, prefill, bandwidth, tune (all variants) or tune-decode, tune-gemv, "
+                    "tune-prefill")
     args = ap.parse_args()
     only = set(filter(None, args.only.split(",")))
     want = (lambda g: not only or g in only)
@@ -448,6 +454,8 @@ def main():
                 verdicts.append((f"{name} >= 80% of copy bandwidth", frac, 0.8))
     if want("tune"):
         bench_tune()
+    elif any(g.startswith("tune-") for g in only):
+        bench_tune([g[5:] for g in only if g.startswith("tune-")])
     resources()
     print(f"\nlaunch cost {launch:.1f} us; copy {copy_bw:.0f} GB/s")
     print("\nverdicts:")

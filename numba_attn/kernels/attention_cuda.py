@@ -13,13 +13,14 @@ from shared memory, a quarter warp reading 128 contiguous bytes: no bank conflic
 lane % LPK. A dot product is a partial sum per lane and a reduction over the LPK lanes
 (log2 LPK shuffles).
 
-Decode (few query rows, q_len <= DECODE_MAX_Q): flash-decoding. Grid (kv head, split, row
-tile). A block takes the QR query rows of one row tile (query positions x the query heads
-that share the KV head, so K and V are read once for the whole group) against one split of
-the keys; each lane group (a key slot) takes its own keys, several per step, with a running
-max and sum per row. The block merges its slots in shared memory; with several splits, each
-block writes its partial (max, sum, unnormalised output) to a workspace and the last block of
-a tile to finish (an atomic counter) merges the splits and writes the output: one launch.
+Decode (few query rows, q_len <= DECODE_MAX_Q): flash-decoding. Grid ((batch, kv head, row
+tile), split): the row tiles of a KV head are neighbours, so the second to read a key row
+finds it in L2. A block takes the QR query rows of one row tile (query positions x the query
+heads that share the KV head) against one split of the keys; each lane group (a key slot)
+takes its own keys, several per step, with a running max and sum per row. The block merges
+its slots in shared memory; with several splits, each block writes its partial (max, sum,
+unnormalised output) to a workspace and the last block of a tile to finish (an atomic
+counter) merges the splits and writes the output: one launch.
 
 Prefill: grid (query block, head, batch). A block of PF_THREADS threads, PF_THREADS / LPK lane
 groups of PF_ROWS query rows each, takes one head; tiles of BK keys of K and V are staged in
@@ -34,8 +35,9 @@ import numpy as np
 from numba import cuda, int32, int64
 
 from .scalar import FASTMATH_INF
-from .util_cuda import (ALIGN, CHUNK, SIM, aligned, device, exp2, flat, float32, group_max,
-                        group_sum, load4, load8, load8_tail, scratch_size, shfl_xor, store8)
+from .util_cuda import (ALIGN, CHUNK, RAW, SIM, aligned, device, exp2, flat, float32,
+                        group_max, group_sum, load4, load8, load8_raw, load8_tail, prefetch_l1,
+                        scratch_size, shfl_xor, store8, widen8)
 
 DPL = 16                     # head dims per lane (prefill; decode's default)
 MAX_D = 256                  # largest (padded) head dim
@@ -46,11 +48,12 @@ DEC_WARPS = DEC_THREADS // 32
 DECODE_MAX_Q = 4             # q_len up to which the decode kernel serves
 QR_MAX = 2                   # query rows per decode block (H200, 32/8 heads: 2 beat 4)
 MIN_SPLIT_STEPS = 4 if not SIM else 1   # a key split is at least this many block steps
+MERGE_SPLITS = 8             # splits the last block of a tile merges per pass (loads in flight)
 # (K/V item size, several query rows per block) -> (head dims per lane, keys per lane group and
-# step, blocks per SM the key splits aim at); H200, kv 8192, d 128 (bench_cuda.py tune):
-# 32/32 fp32 70.4 us, fp16 41.4; 32/8 fp32 33.8, fp16 30.4
-DECODE_SHAPE = {(4, False): (16, 2, 3), (2, False): (16, 4, 3),
-                (4, True): (16, 4, 2), (2, True): (16, 4, 2)}
+# step, blocks per SM the key splits aim at, pipelined loads); H200, kv 8192, d 128
+# (bench_cuda.py tune): 32/32 fp32 70.4 us, fp16 41.4; 32/8 fp32 33.8, fp16 30.4
+DECODE_SHAPE = {(4, False): (16, 2, 3, False), (2, False): (16, 4, 3, False),
+                (4, True): (16, 4, 2, False), (2, True): (16, 4, 2, False)}
 
 # --- prefill ---
 PF_THREADS = 128 if not SIM else 64   # threads per block: PF_THREADS / LPK lane groups
@@ -136,21 +139,72 @@ def online_softmax_step(s, r, keys, m, l, acc, dims):
 
 
 @functools.cache
-def decode_kernel(D, QR, wide, dpl=DPL, keys=2):
+def decode_kernel(D, QR, wide, dpl=DPL, keys=2, pipe=False):
     """Flash-decoding kernel for padded head dim D and QR query rows per block; wide: K/V rows
     allow 16-byte loads (d == D, aligned bases); dpl: head dims per lane (8, 16 or 32: fewer
     means more lanes per key, fewer registers, more shuffles); keys: keys per lane group and
-    step (more loads in flight, more registers)."""
+    step (more loads in flight, more registers); pipe (wide only): the next step's K/V loads
+    are issued before this step's arithmetic (their words held in registers meanwhile).
+    Either way the first step's K/V are asked for before the queries are read."""
+    PIPE = pipe and wide
     KU = keys                          # keys per lane group and step
     NPL = min(dpl, D)                  # dims per lane
     NCH = NPL // CHUNK                 # chunks of 8 per lane: dims 8 * (sub + LPK * t), t < NCH
     LPK = D // NPL                     # lanes per key
     KPW = 32 // LPK                    # keys per warp step
     KPB = DEC_WARPS * KPW              # keys per block step
-    NSLOT = DEC_WARPS * KPW            # key slots per block (shared: NSLOT * QR * D floats)
+    NSLOT = DEC_WARPS * KPW            # key slots per block
+    SM_O = NSLOT * QR * D              # their outputs in shared memory
     EPT = -(-QR * D // DEC_THREADS)    # output elements per thread in the split merge
     ld = load8 if wide else load8_tail
     SCRATCH = scratch_size(DEC_THREADS)
+
+    @device
+    def fetch(k, v, ku, vu, kvb, j0, k_hi, my, sub, row, d):
+        # keys j0 + u * KPB + my (u < KU; clamped to k_hi - 1) of K and V, widened, into ku, vu
+        # (row: elements from one key row to the next; d: the head dim, zeros past it)
+        for u in range(KU):
+            rb = kvb + min(j0 + u * KPB + my, k_hi - 1) * row
+            for t in range(NCH):
+                dim = CHUNK * (sub + LPK * t)
+                kt = ld(k, rb + dim, rb + d)
+                vt = ld(v, rb + dim, rb + d)
+                for c in range(CHUNK):
+                    ku[u, CHUNK * t + c] = kt[c]
+                    vu[u, CHUNK * t + c] = vt[c]
+
+    @device
+    def fetch_raw(k, v, rk, rv, kvb, j0, k_hi, my, sub, row):
+        # the same keys' words as stored (wide rows), into rk, rv: loads issued, not waited for
+        for u in range(KU):
+            rb = kvb + min(j0 + u * KPB + my, k_hi - 1) * row
+            for t in range(NCH):
+                dim = CHUNK * (sub + LPK * t)
+                wk = load8_raw(k, rb + dim)
+                wv = load8_raw(v, rb + dim)
+                for c in range(CHUNK):
+                    rk[u, t, c] = wk[c]
+                    rv[u, t, c] = wv[c]
+
+    @device
+    def prefetch(k, v, kvb, j0, k_hi, my, sub, row):
+        # fetch's keys, their lines asked into L1
+        for u in range(KU):
+            rb = kvb + min(j0 + u * KPB + my, k_hi - 1) * row
+            for t in range(NCH):
+                prefetch_l1(k, rb + CHUNK * (sub + LPK * t))
+                prefetch_l1(v, rb + CHUNK * (sub + LPK * t))
+
+    @device
+    def widen(k, v, rk, rv, ku, vu):
+        # fetch_raw's words as float32, into ku, vu
+        for u in range(KU):
+            for t in range(NCH):
+                kt = widen8(k, rk, u, t)
+                vt = widen8(v, rv, u, t)
+                for c in range(CHUNK):
+                    ku[u, CHUNK * t + c] = kt[c]
+                    vu[u, CHUNK * t + c] = vt[c]
 
     @cuda.jit(fastmath=FASTMATH_INF)
     def attn_decode(out, q, k, v, ws, scale, causal, q_len, H, Hkv, kv_len, d, n_split,
@@ -164,19 +218,23 @@ def decode_kernel(D, QR, wide, dpl=DPL, keys=2):
         warp = tid // 32
         ks = lane // LPK                             # key slot of this lane in the warp
         sub = lane % LPK                             # this lane's dims: 8 * (sub + LPK * t)
-        # heads fastest in the grid: blocks running together read neighbouring parts of the
-        # same key rows (all heads of one position are contiguous), not scattered ranges
-        split = cuda.blockIdx.y
-        hk = cuda.blockIdx.x % Hkv
-        z = cuda.blockIdx.x // Hkv
-        tile = cuda.blockIdx.z
-        n_tiles = cuda.gridDim.z
+        # grid x: (batch, kv head, row tile), tiles fastest, then heads: the row tiles of a
+        # KV head run together (the second to read a key row finds it in L2), and blocks
+        # running together read neighbouring parts of the same key rows (all heads of one
+        # position are contiguous), not scattered ranges
         G = H // Hkv
+        n_tiles = (G * q_len + QR - 1) // QR
+        split = cuda.blockIdx.y
+        tile_id = cuda.blockIdx.x                    # (batch, kv head, row tile)
+        tile = tile_id % n_tiles
+        hk = (tile_id // n_tiles) % Hkv
+        z = tile_id // (n_tiles * Hkv)
 
         scratch = cuda.shared.array(SCRATCH, float32)
         sm_m = cuda.shared.array((NSLOT, QR), float32)    # per key slot: max, then weight
         sm_l = cuda.shared.array((NSLOT, QR), float32)    # per key slot: sum of exp
-        sm_o = cuda.shared.array((NSLOT, QR, D), float32) # per key slot: unnormalised output
+        sm_o = cuda.shared.array(SM_O, float32, alignment=ALIGN)  # (slot, row, D): per key
+        #                                                   slot, the unnormalised output
         sm_row = cuda.shared.array((2, QR), float32)      # per row: common max, total sum
         last = cuda.shared.array(1, int32)           # 1: this block merges the splits
         sm_w = cuda.shared.array((DEC_THREADS, QR), float32)  # per split: weight / total
@@ -191,6 +249,20 @@ def decode_kernel(D, QR, wide, dpl=DPL, keys=2):
         ku = cuda.local.array((KU, NPL), float32)    # this step's keys and values
         vu = cuda.local.array((KU, NPL), float32)
         su = cuda.local.array((QR, KU), float32)     # ... their scores, then weights
+        rk = cuda.local.array((KU, NCH, CHUNK), RAW)  # pipe: the next step's K/V as loaded
+        rv = cuda.local.array((KU, NCH, CHUNK), RAW)
+
+        # this split's keys (cut below at the last key any row sees); the first step's K/V
+        # are on their way while the queries are read
+        k_lo = split * split_len
+        k_hi = min(kv_len, k_lo + split_len)
+        kvb = z * kv_len * Hkv * d + hk * d          # int64: key j's row starts at kvb + j*Hkv*d
+        my = warp * KPW + ks                         # this slot's key in a block step
+        if k_lo < k_hi:
+            if PIPE:
+                fetch_raw(k, v, rk, rv, kvb, k_lo, k_hi, my, sub, Hkv * d)
+            else:           # no registers held: the lines are asked into L1
+                prefetch(k, v, kvb, k_lo, k_hi, my, sub, Hkv * d)
         last_key = -1
         for r in range(QR):
             gr = tile * QR + r
@@ -212,22 +284,17 @@ def decode_kernel(D, QR, wide, dpl=DPL, keys=2):
                     for c in range(CHUNK):
                         qr[r, CHUNK * t + c] = qv[c] * scale2
 
-        # this split's keys, cut at the last key any row sees
-        k_lo = split * split_len
-        k_hi = min(min(kv_len, k_lo + split_len), last_key + 1)
-        kvb = z * kv_len * Hkv * d + hk * d          # int64: key j's row starts at kvb + j*Hkv*d
-        # KU keys per lane group per step, all loaded before any is used; the rows' scores
-        # of all KU keys computed together, one max and rescale per row and step
-        for j0 in range(k_lo, k_hi, KPB * KU):
-            for u in range(KU):
-                rb = kvb + min(j0 + u * KPB + warp * KPW + ks, k_hi - 1) * (Hkv * d)
-                for t in range(NCH):
-                    dim = CHUNK * (sub + LPK * t)
-                    kt = ld(k, rb + dim, rb + d)
-                    vt = ld(v, rb + dim, rb + d)
-                    for c in range(CHUNK):
-                        ku[u, CHUNK * t + c] = kt[c]
-                        vu[u, CHUNK * t + c] = vt[c]
+        k_end = min(k_hi, last_key + 1)             # keys past the last one seen: skipped
+        # KU keys per lane group per step, all loaded before any is used (pipe: loaded by the
+        # step before, ahead of its arithmetic); the rows' scores of all KU keys computed
+        # together, one max and rescale per row and step
+        for j0 in range(k_lo, k_end, KPB * KU):
+            if PIPE:
+                widen(k, v, rk, rv, ku, vu)
+                if j0 + KPB * KU < k_end:            # block-uniform
+                    fetch_raw(k, v, rk, rv, kvb, j0 + KPB * KU, k_hi, my, sub, Hkv * d)
+            else:
+                fetch(k, v, ku, vu, kvb, j0, k_end, my, sub, Hkv * d, d)
             for r in range(QR):
                 for u in range(KU):
                     p0 = float32(0)
@@ -239,8 +306,8 @@ def decode_kernel(D, QR, wide, dpl=DPL, keys=2):
             butterfly_sum(su, QR, KU, LPK, scratch, tid)
             for r in range(QR):
                 for u in range(KU):
-                    j = j0 + u * KPB + warp * KPW + ks
-                    if j >= k_hi or j > lim[r]:
+                    j = j0 + u * KPB + my
+                    if j >= k_end or j > lim[r]:
                         su[r, u] = NEG_INF
                 online_softmax_step(su, r, KU, m, l, acc, NPL)
             for u in range(KU):
@@ -250,14 +317,16 @@ def decode_kernel(D, QR, wide, dpl=DPL, keys=2):
                         acc[r, e] += p * vu[u, e]
 
         # merge the key slots (each LPK-lane group of each warp) through shared memory
-        slot = warp * KPW + ks
+        slot = my
         for r in range(QR):
             if sub == 0:
                 sm_m[slot, r] = m[r]
                 sm_l[slot, r] = l[r]
             for t in range(NCH):
-                for c in range(CHUNK):
-                    sm_o[slot, r, CHUNK * (sub + LPK * t) + c] = acc[r, CHUNK * t + c]
+                store8(sm_o, (slot * QR + r) * D + CHUNK * (sub + LPK * t),
+                       (acc[r, CHUNK * t], acc[r, CHUNK * t + 1], acc[r, CHUNK * t + 2],
+                        acc[r, CHUNK * t + 3], acc[r, CHUNK * t + 4], acc[r, CHUNK * t + 5],
+                        acc[r, CHUNK * t + 6], acc[r, CHUNK * t + 7]))
         cuda.syncthreads()      # every slot's (max, sum, output) is in shared memory
         if tid < QR:            # row tid: the common max, each slot's weight, the total sum
             mm = NEG_INF
@@ -274,14 +343,13 @@ def decode_kernel(D, QR, wide, dpl=DPL, keys=2):
 
         # the block's result, element (r, e) per thread: straight to out with a single split,
         # else to the workspace
-        tile_id = cuda.blockIdx.x * n_tiles + tile
         prow = (tile_id * n_split + split) * QR
         for idx in range(tid, QR * d, DEC_THREADS):
             r = idx // d
             e = idx - r * d
             o = float32(0)
             for sl in range(NSLOT):
-                o += sm_o[sl, r, e] * sm_m[sl, r]
+                o += sm_o[(sl * QR + r) * D + e] * sm_m[sl, r]
             ll = sm_row[1, r]
             gr = tile * QR + r
             if n_split == 1:
@@ -309,37 +377,38 @@ def decode_kernel(D, QR, wide, dpl=DPL, keys=2):
             return
         cuda.threadfence()      # the other blocks' partials are read after their count
         # per row: the common max over the splits (thread sp holds split sp: n_split <=
-        # DEC_THREADS), each split's weight, and the total sum
+        # DEC_THREADS), each split's weight, and the total sum; every row's loads first
         pstride = QR * (d + 2)                       # floats per split
         p0 = pbase + tile_id * n_split * pstride     # this tile's split 0
+        ms = cuda.local.array(QR, float32)           # split tid's max and sum per row
+        ls = cuda.local.array(QR, float32)
         for r in range(QR):
-            ms = NEG_INF
-            ls = float32(0)
+            ms[r] = NEG_INF
+            ls[r] = float32(0)
             if tid < n_split:
-                ms = ws[p0 + tid * pstride + r * (d + 2)]
-                ls = ws[p0 + tid * pstride + r * (d + 2) + 1]
-            mm = block_max(ms, sm_red, scratch, tid)
-            f = exp2(ms - mm) if mm > NEG_INF else float32(0)
-            ll = block_sum(ls * f, sm_red, scratch, tid)
+                ms[r] = ws[p0 + tid * pstride + r * (d + 2)]
+                ls[r] = ws[p0 + tid * pstride + r * (d + 2) + 1]
+        for r in range(QR):
+            mm = block_max(ms[r], sm_red, scratch, tid)
+            f = exp2(ms[r] - mm) if mm > NEG_INF else float32(0)
+            ll = block_sum(ls[r] * f, sm_red, scratch, tid)
             if tid < n_split:
                 sm_w[tid, r] = f / ll if ll > 0 else float32(0)
         cuda.syncthreads()      # every split's weight is in shared memory
-        # elements (r, e) = tid + u * DEC_THREADS (u < EPT) per thread, all at once: the
-        # weighted sum over the splits, 2 * EPT loads in flight
+        # elements (r, e) = tid + u * DEC_THREADS (u < EPT) per thread: the weighted sum over
+        # the splits, MERGE_SPLITS of them per pass (EPT * MERGE_SPLITS loads in flight)
         osum = cuda.local.array(EPT, float32)
         for u in range(EPT):
             osum[u] = float32(0)
-        sp = 0
-        while sp < n_split:
-            sp1 = min(sp + 1, n_split - 1)           # a second split per step (weight 0 past)
-            w1 = float32(1) if sp + 1 < n_split else float32(0)
+        for sp in range(0, n_split, MERGE_SPLITS):
             for u in range(EPT):
                 idx = min(tid + u * DEC_THREADS, QR * d - 1)
                 r = idx // d
                 pe = p0 + r * (d + 2) + 2 + (idx - r * d)
-                osum[u] += ws[pe + sp * pstride] * sm_w[sp, r] + \
-                    ws[pe + sp1 * pstride] * (sm_w[sp1, r] * w1)
-            sp += 2
+                for w in range(MERGE_SPLITS):
+                    s1 = min(sp + w, n_split - 1)    # past the last split: weight 0
+                    wt = sm_w[s1, r] if sp + w < n_split else float32(0)
+                    osum[u] += ws[pe + s1 * pstride] * wt
         for u in range(EPT):
             idx = tid + u * DEC_THREADS
             r = idx // d
@@ -538,7 +607,7 @@ def attention(out, q, k, v, scale, causal):
         while QR < min(rows, QR_MAX):
             QR *= 2
         n_tiles = (rows + QR - 1) // QR
-        dpl, ku, bps = DECODE_SHAPE[(k.dtype.itemsize, QR > 1)]
+        dpl, ku, bps, pipe = DECODE_SHAPE[(k.dtype.itemsize, QR > 1)]
         dpl = min(dpl, D)
         kpb = DEC_WARPS * (32 // (D // dpl)) * ku    # keys per block step
         base = B * Hkv * n_tiles
@@ -549,7 +618,7 @@ def attention(out, q, k, v, scale, causal):
         split_len = -(-split_len // kpb) * kpb
         n_split = -(-kv_len // split_len)
         ws, pbase = _workspace(base, base * n_split * QR * (d + 2) if n_split > 1 else 0)
-        decode_kernel(D, QR, wide, dpl, ku)[(B * Hkv, n_split, n_tiles), DEC_THREADS](
+        decode_kernel(D, QR, wide, dpl, ku, pipe)[(base, n_split), DEC_THREADS](
             of, qf, kf, vf, ws, float32(scale), bool(causal), q_len, H, Hkv, kv_len, d,
             n_split, split_len, pbase)
     else:

@@ -10,6 +10,11 @@ for 16-bit storage, two for float32. `load8(a, i, n)` needs i % 8 == 0, a 16-byt
 and n >= i + 8; `load8_tail(a, i, n)` is the guarded scalar version (zeros past n) for rows whose
 length or alignment rules out wide loads.
 
+Software pipelining splits load8 in two: `load8_raw(a, i)` issues the loads and returns the
+chunk's 32-bit words as stored (8 for float32, 4 for 16-bit storage, then zeros), to be kept
+in a local array of type RAW; `widen8(a, raw, u, t)` turns raw[u, t, :] into 8 float32 later,
+when the loads have landed.
+
 Warp shuffles: the simulator implements neither shuffles nor syncwarp, so there `shfl_xor`
 exchanges through a shared scratch array (scratch_size(threads) floats) and a barrier. Every
 thread of the block must then call it together (never inside a branch that splits the block);
@@ -40,6 +45,8 @@ device = cuda.jit(device=True) if SIM else cuda.jit(device=True, forceinline=Tru
 CHUNK = 8        # elements per wide load, every storage type
 ALIGN = None if SIM else 16   # alignment= of shared arrays read by load8 (the simulator has none)
 FULL_MASK = 0xFFFFFFFF
+# the element type of local arrays holding load8_raw's words (the simulator keeps the values)
+RAW = np.float32 if SIM else types.uint32
 
 
 def storage_ok(dtype):
@@ -104,6 +111,71 @@ if not SIM:
                 words = [builder.extract_element(v, ir.Constant(i32, c)) for c in range(4)]
                 vals = _widen(builder, aty.dtype, words)
             return context.make_tuple(builder, sig.return_type, vals)
+
+        return sig, codegen
+
+    @intrinsic
+    def _load8_raw(typingctx, arr, idx):
+        # the 32-bit words of 8 elements from element idx (16-byte aligned): 8 for float32,
+        # 4 for 16-bit storage (then 4 zeros)
+        if not (isinstance(arr, types.Array) and arr.dtype in (types.float32, types.float16,
+                                                               types.uint16)):
+            return None
+        sig = types.UniTuple(types.uint32, CHUNK)(arr, idx)
+
+        def codegen(context, builder, sig, args):
+            aty, ity = sig.args
+            ary = context.make_array(aty)(context, builder, args[0])
+            i = context.cast(builder, args[1], ity, types.intp)
+            ptr = builder.gep(ary.data, [i])
+            i32 = ir.IntType(32)
+            vty = ir.VectorType(i32, 4).as_pointer()
+            words = []
+            for half in range(2 if aty.dtype == types.float32 else 1):
+                p = builder.gep(ptr, [ir.Constant(ir.IntType(64), 4 * half)])
+                v = builder.load(builder.bitcast(p, vty), align=16)
+                words += [builder.extract_element(v, ir.Constant(i32, c)) for c in range(4)]
+            words += [ir.Constant(i32, 0)] * (CHUNK - len(words))
+            return context.make_tuple(builder, sig.return_type, words)
+
+        return sig, codegen
+
+    @intrinsic
+    def _widen8(typingctx, arr, words):
+        # load8_raw's words of an array like arr as 8 float32
+        if not (isinstance(arr, types.Array) and arr.dtype in (types.float32, types.float16,
+                                                               types.uint16)):
+            return None
+        sig = types.UniTuple(types.float32, CHUNK)(arr, words)
+
+        def codegen(context, builder, sig, args):
+            aty, wty = sig.args
+            w = [context.cast(builder, builder.extract_value(args[1], c), wty[c], types.uint32)
+                 for c in range(CHUNK)]
+            if aty.dtype == types.float32:
+                vals = [builder.bitcast(x, ir.FloatType()) for x in w]
+            else:
+                vals = _widen(builder, aty.dtype, w[:4])
+            return context.make_tuple(builder, sig.return_type, vals)
+
+        return sig, codegen
+
+    @intrinsic
+    def _prefetch_l1(typingctx, arr, idx):
+        # ask for the cache line of a[idx] in L1 (prefetch.L1: no register, no wait)
+        if not isinstance(arr, types.Array):
+            return None
+        sig = types.void(arr, idx)
+
+        def codegen(context, builder, sig, args):
+            aty, ity = sig.args
+            ary = context.make_array(aty)(context, builder, args[0])
+            i = context.cast(builder, args[1], ity, types.intp)
+            ptr = builder.gep(ary.data, [i])
+            fnty = ir.FunctionType(ir.VoidType(), [ptr.type])
+            asm = ir.InlineAsm(fnty, "prefetch.L1 [$0];", "l", side_effect=True)
+            builder.call(asm, [ptr])
+            return context.get_dummy_value()
 
         return sig, codegen
 
@@ -226,6 +298,22 @@ if not SIM:
         return _load8(a, i)
 
     @device
+    def prefetch_l1(a, i):
+        """Start bringing the cache line of a[i] into L1 (nothing to wait for)."""
+        _prefetch_l1(a, i)
+
+    @device
+    def load8_raw(a, i):
+        """The stored words of a[i:i+8] (i % 8 == 0, aligned base), for widen8."""
+        return _load8_raw(a, i)
+
+    @device
+    def widen8(a, raw, u, t):
+        """raw[u, t, :8], words load8_raw read from an array like a, as 8 float32."""
+        return _widen8(a, (raw[u, t, 0], raw[u, t, 1], raw[u, t, 2], raw[u, t, 3],
+                           raw[u, t, 4], raw[u, t, 5], raw[u, t, 6], raw[u, t, 7]))
+
+    @device
     def load8_tail(a, i, n):
         """a[i:i+8] as 8 float32, zeros at and past n (any alignment)."""
         return (_load1(a, i) if i < n else float32(0),
@@ -268,6 +356,19 @@ else:  # numba's CUDA simulator: plain Python, run per thread
     def load8(a, i, n):
         assert i % CHUNK == 0 and i + CHUNK <= n
         return _widen_np(_host(a)[i:i + CHUNK])
+
+    @cuda.jit(device=True)
+    def prefetch_l1(a, i):
+        pass
+
+    @cuda.jit(device=True)
+    def load8_raw(a, i):
+        assert i % CHUNK == 0
+        return _widen_np(_host(a)[i:i + CHUNK])
+
+    @cuda.jit(device=True)
+    def widen8(a, raw, u, t):
+        return raw[u, t, :]
 
     @cuda.jit(device=True)
     def store8(a, i, vals):

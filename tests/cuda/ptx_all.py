@@ -47,6 +47,10 @@ def kernels():
         yield f"gemm[{st}]", L._gemm, (F32, F32, W, F32, I, I, I)
         yield (f"attention_decode[{st},D=128,QR=4]", A.decode_kernel(128, 4, True),
                (F32, F32, W, W, F32, F, B, I, I, I, I, I, I, I, I))
+        for qr, dpl, ku in ((1, 16, 4), (2, 16, 2)):
+            yield (f"attention_decode[{st},D=128,QR={qr},dpl={dpl},keys={ku},pipe]",
+                   A.decode_kernel(128, qr, True, dpl, ku, True),
+                   (F32, F32, W, W, F32, F, B, I, I, I, I, I, I, I, I))
         yield (f"attention_prefill[{st},D=128]", A.prefill_kernel(128, True),
                (F32, F32, W, W, F, B, I, I, I, I, I))
     for st in ("f32", "f16"):

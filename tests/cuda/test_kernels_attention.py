@@ -85,12 +85,14 @@ def test_decode_twice_same_workspace():
 
 
 # decode's other shapes (the tuned variants): 8, 16 or 32 head dims per lane (more or fewer
-# lanes per key), 1 to 4 keys per lane group and step
-@pytest.mark.parametrize("dpl,keys", [(8, 1), (32, 1), (16, 2), (8, 4), (32, 2)])
+# lanes per key), 1 to 4 keys per lane group and step, loads pipelined or not
+@pytest.mark.parametrize("dpl,keys,pipe", [(8, 1, False), (32, 1, False), (16, 2, False),
+                                           (8, 4, False), (32, 2, False), (16, 1, True),
+                                           (8, 2, True), (16, 4, True)])
 @pytest.mark.parametrize("case,kv_dtype", [(ATTN[3], "f32"), (ATTN[2], "f16")] +
                          ([(ATTN_FULL[0], "f16"), (ATTN_FULL[3], "f32")] if GPU else []))
-def test_decode_shapes(monkeypatch, dpl, keys, case, kv_dtype):
+def test_decode_shapes(monkeypatch, dpl, keys, pipe, case, kv_dtype):
     monkeypatch.setattr(attention_cuda, "DECODE_SHAPE",
-                        {key: (dpl, keys, bps) for key, (_, _, bps)
+                        {key: (dpl, keys, bps, pipe) for key, (_, _, bps, _)
                          in attention_cuda.DECODE_SHAPE.items()})
     test_attention(case, kv_dtype)

@@ -1,0 +1,101 @@
+"""The CUDA decode attention kernel under the microscope: the benchmark's four decode shapes
+(kv 8192, d 128, 32/32 and 32/8 heads, fp32 and fp16 KV), for Nsight Compute and for a
+histogram of the kernels' SASS instructions.
+
+    python bench/profile_decode.py run      # warm-up launches, then one launch per shape
+    ncu --clock-control none -k regex:attn_decode -s 4 --set full \\
+        python bench/profile_decode.py run  # hardware counters of the four measured launches
+    python bench/profile_decode.py sass     # registers and SASS opcodes per kernel
+    python bench/profile_decode.py floor    # decode time against kv length; read rate of
+                                            # torch's sum over the same bytes (needs PyTorch)
+
+Needs a GPU and numba-cuda (no PyTorch)."""
+import collections
+import os
+import re
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from numba import cuda  # noqa: E402
+
+from numba_attn.kernels import attention_cuda as A  # noqa: E402
+
+KV, D = 8192, 128
+SHAPES = [(32, 32, np.float32), (32, 32, np.float16), (32, 8, np.float32), (32, 8, np.float16)]
+
+
+def arrays(H, Hkv, dt, rng):
+    q = cuda.to_device(rng.standard_normal((1, 1, H, D), dtype=np.float32))
+    k = cuda.to_device(rng.standard_normal((1, KV, Hkv, D), dtype=np.float32).astype(dt))
+    v = cuda.to_device(rng.standard_normal((1, KV, Hkv, D), dtype=np.float32).astype(dt))
+    return cuda.device_array_like(q), q, k, v
+
+
+def run():
+    rng = np.random.default_rng(0)
+    sets = [arrays(H, Hkv, dt, rng) for H, Hkv, dt in SHAPES]
+    for s in sets:                               # compile and warm up
+        A.attention(*s, 0.088, True)
+    cuda.synchronize()
+    for (H, Hkv, dt), s in zip(SHAPES, sets):
+        A.attention(*s, 0.088, True)
+        cuda.synchronize()
+        print(f"launched decode {H}/{Hkv} {np.dtype(dt).name}", flush=True)
+
+
+def sass():
+    run()
+    for key, kern in sorted(_decode_kernels().items()):
+        for sig, k in kern.overloads.items():
+            text = kern.inspect_sass(sig)
+            ops = collections.Counter()
+            for line in text.splitlines():
+                m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+                if m:
+                    ops[m.group(1)] += 1
+            print(f"\ndecode_kernel{key} {sig[2]}: regs {k.regs_per_thread}, "
+                  f"{sum(ops.values())} instructions")
+            print("  " + ", ".join(f"{op} {n}" for op, n in ops.most_common(40)))
+
+
+def _decode_kernels():
+    out = {}
+    for H, Hkv, dt in SHAPES:
+        G = H // Hkv
+        QR = 1
+        while QR < min(G, A.QR_MAX):
+            QR *= 2
+        dpl, ku, _, pipe = A.DECODE_SHAPE[(np.dtype(dt).itemsize, QR > 1)]
+        out[(D, QR, True, dpl, ku, pipe)] = A.decode_kernel(D, QR, True, dpl, ku, pipe)
+    return out
+
+
+def floor():
+    """Fixed and per-byte cost: decode at several kv lengths, and PyTorch's sum (a read-only
+    kernel) over the K and V bytes of each shape (the read rate a kernel can reach at that
+    size)."""
+    import torch
+    from bench_cuda import device_us, n_sets, nb
+    for H, Hkv, dt in SHAPES:
+        tdt = torch.float32 if dt == np.float32 else torch.float16
+        for kv in (256, 2048, 8192, 32768):
+            per = 2 * kv * Hkv * D * np.dtype(dt).itemsize
+            sets = n_sets(per)
+            K = [nb(torch.randn(1, kv, Hkv, D, device="cuda").to(tdt)) for _ in range(sets)]
+            V = [nb(torch.randn(1, kv, Hkv, D, device="cuda").to(tdt)) for _ in range(sets)]
+            Q = nb(torch.randn(1, 1, H, D, device="cuda"))
+            O = nb(torch.empty(1, 1, H, D, device="cuda"))
+            us = device_us(lambda i: A.attention(O, Q, K[i], V[i], 0.088, True), sets)
+            flat = [torch.randn(per // np.dtype(dt).itemsize, device="cuda").to(tdt)
+                    for _ in range(sets)]
+            tus = device_us(lambda i: flat[i].sum(), sets)
+            print(f"decode {H}/{Hkv} {np.dtype(dt).name} kv {kv:6d}: {us:7.1f} us "
+                  f"{per / us / 1e3:6.0f} GB/s | torch sum of the same bytes {tus:7.1f} us "
+                  f"{per / tus / 1e3:6.0f} GB/s | ours/sum {us / tus:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    {"run": run, "sass": sass, "floor": floor}[sys.argv[1] if len(sys.argv) > 1 else "run"]()
