@@ -308,10 +308,9 @@ PF_VARIANTS = ((128, 4, 4, 4096), (128, 2, 4, 4096), (128, 4, 4, 5120))
 # decode variants tuned, per (GQA, storage): (query rows per block at most, head dims per
 # lane, keys per lane group and step, blocks per SM, pipelined loads, block steps per split at
 # least)
-_MHA = [(2, 16, keys, bps, False, 4) for keys in (2, 4) for bps in (3, 4, 6)] + \
-    [(2, 16, 2, bps, True, 4) for bps in (3, 4)]
+_MHA = [(2, 16, keys, bps, False, 4) for keys in (2, 4) for bps in (3, 4)]
 _GQA = [(2, 16, 4, bps, pipe, 4) for bps in (2, 3) for pipe in (False, True)] + \
-    [(2, 16, 2, bps, True, 4) for bps in (2, 3)] + [(2, 8, 4, 2, True, 4), (4, 8, 2, 2, True, 4)]
+    [(2, 16, 2, 2, True, 4), (2, 8, 4, 2, True, 4)]
 DECODE_VARIANTS = {(False, "fp32"): _MHA, (False, "fp16"): _MHA, (True, "fp32"): _GQA,
                    (True, "fp16"): _GQA}
 # GEMV variants tuned: (rows per warp, chunks per step, threads per block)

@@ -48,12 +48,12 @@ DEC_WARPS = DEC_THREADS // 32
 DECODE_MAX_Q = 4             # q_len up to which the decode kernel serves
 QR_MAX = 2                   # query rows per decode block (H200, 32/8 heads: 2 beat 4)
 MIN_SPLIT_STEPS = 4 if not SIM else 1   # a key split is at least this many block steps
-MERGE_SPLITS = 8             # splits the last block of a tile merges per pass (loads in flight)
+MERGE_SPLITS = 16            # splits the last block of a tile merges per pass (loads in flight)
 # (K/V item size, several query rows per block) -> (head dims per lane, keys per lane group and
 # step, blocks per SM the key splits aim at, pipelined loads); H200, kv 8192, d 128
 # (bench_cuda.py tune): 32/32 fp32 70.4 us, fp16 41.4; 32/8 fp32 33.8, fp16 30.4
 DECODE_SHAPE = {(4, False): (16, 2, 3, False), (2, False): (16, 4, 3, False),
-                (4, True): (16, 4, 2, False), (2, True): (16, 4, 2, False)}
+                (4, True): (16, 4, 2, False), (2, True): (16, 4, 2, True)}
 
 # --- prefill ---
 PF_THREADS = 128 if not SIM else 64   # threads per block: PF_THREADS / LPK lane groups
@@ -377,17 +377,29 @@ def decode_kernel(D, QR, wide, dpl=DPL, keys=2, pipe=False):
             return
         cuda.threadfence()      # the other blocks' partials are read after their count
         # per row: the common max over the splits (thread sp holds split sp: n_split <=
-        # DEC_THREADS), each split's weight, and the total sum; every row's loads first
+        # DEC_THREADS), each split's weight, and the total sum. Elements (r, e) = tid + u *
+        # DEC_THREADS (u < EPT) per thread: the weighted sum over the splits, MERGE_SPLITS of
+        # them per pass. Every load of the first pass goes out with the (max, sum) loads,
+        # before the reductions: one round trip when n_split <= MERGE_SPLITS
         pstride = QR * (d + 2)                       # floats per split
         p0 = pbase + tile_id * n_split * pstride     # this tile's split 0
         ms = cuda.local.array(QR, float32)           # split tid's max and sum per row
         ls = cuda.local.array(QR, float32)
+        pv = cuda.local.array((EPT, MERGE_SPLITS), float32)   # a pass's partial outputs
+        osum = cuda.local.array(EPT, float32)
         for r in range(QR):
             ms[r] = NEG_INF
             ls[r] = float32(0)
             if tid < n_split:
                 ms[r] = ws[p0 + tid * pstride + r * (d + 2)]
                 ls[r] = ws[p0 + tid * pstride + r * (d + 2) + 1]
+        for u in range(EPT):
+            osum[u] = float32(0)
+            idx = min(tid + u * DEC_THREADS, QR * d - 1)
+            r = idx // d
+            pe = p0 + r * (d + 2) + 2 + (idx - r * d)
+            for w in range(MERGE_SPLITS):
+                pv[u, w] = ws[pe + min(w, n_split - 1) * pstride]
         for r in range(QR):
             mm = block_max(ms[r], sm_red, scratch, tid)
             f = exp2(ms[r] - mm) if mm > NEG_INF else float32(0)
@@ -395,20 +407,19 @@ def decode_kernel(D, QR, wide, dpl=DPL, keys=2, pipe=False):
             if tid < n_split:
                 sm_w[tid, r] = f / ll if ll > 0 else float32(0)
         cuda.syncthreads()      # every split's weight is in shared memory
-        # elements (r, e) = tid + u * DEC_THREADS (u < EPT) per thread: the weighted sum over
-        # the splits, MERGE_SPLITS of them per pass (EPT * MERGE_SPLITS loads in flight)
-        osum = cuda.local.array(EPT, float32)
-        for u in range(EPT):
-            osum[u] = float32(0)
         for sp in range(0, n_split, MERGE_SPLITS):
             for u in range(EPT):
                 idx = min(tid + u * DEC_THREADS, QR * d - 1)
                 r = idx // d
                 pe = p0 + r * (d + 2) + 2 + (idx - r * d)
+                if sp > 0:                           # block-uniform
+                    for w in range(MERGE_SPLITS):
+                        pv[u, w] = ws[pe + min(sp + w, n_split - 1) * pstride]
                 for w in range(MERGE_SPLITS):
-                    s1 = min(sp + w, n_split - 1)    # past the last split: weight 0
-                    wt = sm_w[s1, r] if sp + w < n_split else float32(0)
-                    osum[u] += ws[pe + s1 * pstride] * wt
+                    # past the last split: weight 0
+                    wt = sm_w[min(sp + w, n_split - 1), r] if sp + w < n_split else \
+                        float32(0)
+                    osum[u] += pv[u, w] * wt
         for u in range(EPT):
             idx = tid + u * DEC_THREADS
             r = idx // d
