@@ -84,67 +84,57 @@ if not SIM:
                 out += [lo, hi]
         return out
 
-    @intrinsic
-    def _load8(typingctx, arr, idx):
-        # 8 consecutive elements of a 1-D array from element idx (16-byte aligned), as float32
-        if not (isinstance(arr, types.Array) and arr.dtype in (types.float32, types.float16,
-                                                               types.uint16)):
-            return None
-        sig = types.UniTuple(types.float32, CHUNK)(arr, idx)
+    def _as_float32(builder, dtype, words):
+        # 32-bit words of 8 stored elements (8 words for float32, 4 for 16-bit) as 8 float32
+        if dtype == types.float32:
+            return [builder.bitcast(w, ir.FloatType()) for w in words[:CHUNK]]
+        return _widen(builder, dtype, words[:4])
 
-        def codegen(context, builder, sig, args):
-            aty, ity = sig.args
-            ary = context.make_array(aty)(context, builder, args[0])
-            i = context.cast(builder, args[1], ity, types.intp)
-            ptr = builder.gep(ary.data, [i])
-            i32 = ir.IntType(32)
-            if aty.dtype == types.float32:
-                vty = ir.VectorType(ir.FloatType(), 4).as_pointer()
-                vals = []
-                for half in range(2):
-                    p = builder.gep(ptr, [ir.Constant(ir.IntType(64), 4 * half)])
-                    v = builder.load(builder.bitcast(p, vty), align=16)
-                    vals += [builder.extract_element(v, ir.Constant(i32, c)) for c in range(4)]
-            else:
-                vty = ir.VectorType(i32, 4).as_pointer()
-                v = builder.load(builder.bitcast(ptr, vty), align=16)
-                words = [builder.extract_element(v, ir.Constant(i32, c)) for c in range(4)]
-                vals = _widen(builder, aty.dtype, words)
-            return context.make_tuple(builder, sig.return_type, vals)
+    def _load_words(context, builder, sig, args):
+        # the 32-bit words of a[idx:idx+8] (16-byte aligned): 8 for float32, 4 for 16-bit
+        aty, ity = sig.args
+        ary = context.make_array(aty)(context, builder, args[0])
+        i = context.cast(builder, args[1], ity, types.intp)
+        ptr = builder.gep(ary.data, [i])
+        i32 = ir.IntType(32)
+        vty = ir.VectorType(i32, 4).as_pointer()
+        words = []
+        for half in range(2 if aty.dtype == types.float32 else 1):
+            p = builder.gep(ptr, [ir.Constant(ir.IntType(64), 4 * half)])
+            v = builder.load(builder.bitcast(p, vty), align=16)
+            words += [builder.extract_element(v, ir.Constant(i32, c)) for c in range(4)]
+        return words
 
-        return sig, codegen
+    def _storage(arr):
+        return isinstance(arr, types.Array) and arr.dtype in (types.float32, types.float16,
+                                                              types.uint16)
 
-    @intrinsic
-    def _load8_raw(typingctx, arr, idx):
-        # the 32-bit words of 8 elements from element idx (16-byte aligned): 8 for float32,
-        # 4 for 16-bit storage (then 4 zeros)
-        if not (isinstance(arr, types.Array) and arr.dtype in (types.float32, types.float16,
-                                                               types.uint16)):
-            return None
-        sig = types.UniTuple(types.uint32, CHUNK)(arr, idx)
+    def _load8_intrinsic(raw):
+        # raw False: 8 consecutive elements of a 1-D array from element idx (16-byte aligned),
+        # as float32; raw True: their 32-bit words as stored (4 for 16-bit storage, then zeros)
+        @intrinsic
+        def load8(typingctx, arr, idx):
+            if not _storage(arr):
+                return None
+            sig = types.UniTuple(types.uint32 if raw else types.float32, CHUNK)(arr, idx)
 
-        def codegen(context, builder, sig, args):
-            aty, ity = sig.args
-            ary = context.make_array(aty)(context, builder, args[0])
-            i = context.cast(builder, args[1], ity, types.intp)
-            ptr = builder.gep(ary.data, [i])
-            i32 = ir.IntType(32)
-            vty = ir.VectorType(i32, 4).as_pointer()
-            words = []
-            for half in range(2 if aty.dtype == types.float32 else 1):
-                p = builder.gep(ptr, [ir.Constant(ir.IntType(64), 4 * half)])
-                v = builder.load(builder.bitcast(p, vty), align=16)
-                words += [builder.extract_element(v, ir.Constant(i32, c)) for c in range(4)]
-            words += [ir.Constant(i32, 0)] * (CHUNK - len(words))
-            return context.make_tuple(builder, sig.return_type, words)
+            def codegen(context, builder, sig, args):
+                words = _load_words(context, builder, sig, args)
+                if raw:
+                    vals = words + [ir.Constant(ir.IntType(32), 0)] * (CHUNK - len(words))
+                else:
+                    vals = _as_float32(builder, sig.args[0].dtype, words)
+                return context.make_tuple(builder, sig.return_type, vals)
 
-        return sig, codegen
+            return sig, codegen
+        return load8
+
+    _load8, _load8_raw = _load8_intrinsic(False), _load8_intrinsic(True)
 
     @intrinsic
     def _widen8(typingctx, arr, words):
-        # load8_raw's words of an array like arr as 8 float32
-        if not (isinstance(arr, types.Array) and arr.dtype in (types.float32, types.float16,
-                                                               types.uint16)):
+        # _load8_raw's words of an array like arr as 8 float32
+        if not _storage(arr):
             return None
         sig = types.UniTuple(types.float32, CHUNK)(arr, words)
 
@@ -152,11 +142,7 @@ if not SIM:
             aty, wty = sig.args
             w = [context.cast(builder, builder.extract_value(args[1], c), wty[c], types.uint32)
                  for c in range(CHUNK)]
-            if aty.dtype == types.float32:
-                vals = [builder.bitcast(x, ir.FloatType()) for x in w]
-            else:
-                vals = _widen(builder, aty.dtype, w[:4])
-            return context.make_tuple(builder, sig.return_type, vals)
+            return context.make_tuple(builder, sig.return_type, _as_float32(builder, aty.dtype, w))
 
         return sig, codegen
 
@@ -182,8 +168,7 @@ if not SIM:
     @intrinsic
     def _load1(typingctx, arr, idx):
         # one element of a 1-D array as float32
-        if not (isinstance(arr, types.Array) and arr.dtype in (types.float32, types.float16,
-                                                               types.uint16)):
+        if not _storage(arr):
             return None
         sig = types.float32(arr, idx)
 
