@@ -51,7 +51,7 @@ MIN_SPLIT_STEPS = 4 if not SIM else 1   # a key split is at least this many bloc
 MERGE_SPLITS = 16            # splits the last block of a tile merges per pass (loads in flight)
 # (K/V item size, several query rows per block) -> (head dims per lane, keys per lane group and
 # step, blocks per SM the key splits aim at, pipelined loads); H200, kv 8192, d 128
-# (bench_cuda.py tune): 32/32 fp32 70.4 us, fp16 41.4; 32/8 fp32 33.8, fp16 30.4
+# (bench_cuda.py --only tune-decode): 32/32 fp32 71.4 us, fp16 41.8; 32/8 fp32 30.2, fp16 24.1
 DECODE_SHAPE = {(4, False): (16, 2, 3, False), (2, False): (16, 4, 3, False),
                 (4, True): (16, 4, 2, False), (2, True): (16, 4, 2, True)}
 
