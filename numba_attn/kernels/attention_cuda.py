@@ -160,11 +160,17 @@ def decode_kernel(D, QR, wide, dpl=DPL, keys=2, pipe=False):
     SCRATCH = scratch_size(DEC_THREADS)
 
     @device
+    def key_row(kvb, j0, u, my, k_hi, row):
+        # where key j0 + u * KPB + my starts (clamped to k_hi - 1: a real row, masked later);
+        # row: elements from one key row to the next
+        return kvb + min(j0 + u * KPB + my, k_hi - 1) * row
+
+    @device
     def fetch(k, v, ku, vu, kvb, j0, k_hi, my, sub, row, d):
-        # keys j0 + u * KPB + my (u < KU; clamped to k_hi - 1) of K and V, widened, into ku, vu
-        # (row: elements from one key row to the next; d: the head dim, zeros past it)
+        # keys j0 + u * KPB + my (u < KU) of K and V, widened, into ku, vu (d: the head dim,
+        # zeros past it)
         for u in range(KU):
-            rb = kvb + min(j0 + u * KPB + my, k_hi - 1) * row
+            rb = key_row(kvb, j0, u, my, k_hi, row)
             for t in range(NCH):
                 dim = CHUNK * (sub + LPK * t)
                 kt = ld(k, rb + dim, rb + d)
@@ -177,7 +183,7 @@ def decode_kernel(D, QR, wide, dpl=DPL, keys=2, pipe=False):
     def fetch_raw(k, v, rk, rv, kvb, j0, k_hi, my, sub, row):
         # the same keys' words as stored (wide rows), into rk, rv: loads issued, not waited for
         for u in range(KU):
-            rb = kvb + min(j0 + u * KPB + my, k_hi - 1) * row
+            rb = key_row(kvb, j0, u, my, k_hi, row)
             for t in range(NCH):
                 dim = CHUNK * (sub + LPK * t)
                 wk = load8_raw(k, rb + dim)
@@ -190,7 +196,7 @@ def decode_kernel(D, QR, wide, dpl=DPL, keys=2, pipe=False):
     def prefetch(k, v, kvb, j0, k_hi, my, sub, row):
         # fetch's keys, their lines asked into L1
         for u in range(KU):
-            rb = kvb + min(j0 + u * KPB + my, k_hi - 1) * row
+            rb = key_row(kvb, j0, u, my, k_hi, row)
             for t in range(NCH):
                 prefetch_l1(k, rb + CHUNK * (sub + LPK * t))
                 prefetch_l1(v, rb + CHUNK * (sub + LPK * t))
