@@ -9,7 +9,7 @@ histogram of the kernels' SASS instructions.
     python bench/profile_decode.py floor    # decode time against kv length; read rate of
                                             # torch's sum over the same bytes (needs PyTorch)
 
-Needs a GPU and numba-cuda (no PyTorch)."""
+Needs a GPU and numba-cuda; `floor` also PyTorch."""
 import collections
 import os
 import re
@@ -64,11 +64,7 @@ def sass():
 def _decode_kernels():
     out = {}
     for H, Hkv, dt in SHAPES:
-        G = H // Hkv
-        QR = 1
-        while QR < min(G, A.QR_MAX):
-            QR *= 2
-        dpl, ku, _, pipe = A.DECODE_SHAPE[(np.dtype(dt).itemsize, QR > 1)]
+        QR, dpl, ku, _, pipe = A.decode_shape(H // Hkv, np.dtype(dt).itemsize)
         out[(D, QR, True, dpl, ku, pipe)] = A.decode_kernel(D, QR, True, dpl, ku, pipe)
     return out
 

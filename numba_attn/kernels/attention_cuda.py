@@ -608,6 +608,16 @@ def _wide(d, D, *arrays):
     return d == D and all(aligned(a) for a in arrays)
 
 
+def decode_shape(rows, itemsize):
+    """Query rows per block (a power of two, at most QR_MAX) for `rows` query rows per KV head,
+    and DECODE_SHAPE's (head dims per lane, keys per step, blocks per SM, pipelined) for K/V
+    items of `itemsize` bytes."""
+    QR = 1
+    while QR < min(rows, QR_MAX):
+        QR *= 2
+    return (QR,) + DECODE_SHAPE[(itemsize, QR > 1)]
+
+
 def attention(out, q, k, v, scale, causal):
     # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d); causal bottom-right
     B, q_len, H, d = q.shape
@@ -619,12 +629,8 @@ def attention(out, q, k, v, scale, causal):
     wide = _wide(d, D, k, v)
     qf, kf, vf, of = flat(q), flat(k), flat(v), flat(out)
     if q_len <= DECODE_MAX_Q:
-        rows = G * q_len
-        QR = 1
-        while QR < min(rows, QR_MAX):
-            QR *= 2
-        n_tiles = (rows + QR - 1) // QR
-        dpl, ku, bps, pipe = DECODE_SHAPE[(k.dtype.itemsize, QR > 1)]
+        QR, dpl, ku, bps, pipe = decode_shape(G * q_len, k.dtype.itemsize)
+        n_tiles = (G * q_len + QR - 1) // QR
         dpl = min(dpl, D)
         kpb = DEC_WARPS * (32 // (D // dpl)) * ku    # keys per block step
         base = B * Hkv * n_tiles
