@@ -35,7 +35,7 @@ import numpy as np
 from numba import cuda, int32, int64
 
 from .scalar import FASTMATH_INF
-from .util_cuda import (ALIGN, CHUNK, RAW, SIM, aligned, device, exp2, flat, float32,
+from .util_cuda import (ALIGN, CHUNK, RAW, SIM, aligned, arrive, device, exp2, flat, float32,
                         group_max, group_sum, load4, load8, load8_raw, load8_tail, prefetch_l1,
                         scratch_size, shfl_xor, store8, widen8)
 
@@ -47,7 +47,9 @@ DEC_THREADS = 128 if not SIM else 64   # threads per block (4 warps on the GPU)
 DEC_WARPS = DEC_THREADS // 32
 DECODE_MAX_Q = 4             # q_len up to which the decode kernel serves
 QR_MAX = 2                   # query rows per decode block (H200, 32/8 heads: 2 beat 4)
-MIN_SPLIT_STEPS = 4 if not SIM else 1   # a key split is at least this many block steps
+MIN_SPLIT_STEPS = 2 if not SIM else 1   # a key split is at least this many block steps ...
+NO_SPLIT_STEPS = 4 if not SIM else 0    # ... and up to this many steps in all, one split: the
+#                            merge costs more than the steps it saves (H200: kv 256, 32/8 heads)
 MERGE_SPLITS = 16            # splits the last block of a tile merges per pass (loads in flight)
 # (K/V item size, several query rows per block) -> (head dims per lane, keys per lane group and
 # step, blocks per SM the key splits aim at, pipelined loads); H200, kv 8192, d 128
@@ -373,15 +375,13 @@ def decode_kernel(D, QR, wide, dpl=DPL, keys=2, pipe=False):
             return                                   # block-uniform
 
         # several splits: the last block of this tile to finish merges them
-        cuda.threadfence()      # this block's partials are visible to every block ...
-        cuda.syncthreads()      # ... before thread 0 counts it as done
-        if tid == 0:
-            done = cuda.atomic.add(ws, tile_id, float32(1))
+        cuda.syncthreads()      # this block's partials are written before thread 0 counts
+        if tid == 0:            # it as done: released with them; the last to count acquires
+            done = arrive(ws, tile_id)               # every block's
             last[0] = 1 if done == float32(n_split - 1) else 0
         cuda.syncthreads()      # every thread sees whether this block is the last
         if last[0] == 0:
             return
-        cuda.threadfence()      # the other blocks' partials are read after their count
         # per row: the common max over the splits (thread sp holds split sp: n_split <=
         # DEC_THREADS), each split's weight, and the total sum. Elements (r, e) = tid + u *
         # DEC_THREADS (u < EPT) per thread: the weighted sum over the splits, MERGE_SPLITS of
@@ -634,8 +634,9 @@ def attention(out, q, k, v, scale, causal):
         dpl = min(dpl, D)
         kpb = DEC_WARPS * (32 // (D // dpl)) * ku    # keys per block step
         base = B * Hkv * n_tiles
-        n_split = max(1, min(-(-bps * _sm_count() // base),
-                             kv_len // (kpb * MIN_SPLIT_STEPS)))
+        # at most bps blocks per SM in all (one wave), each split MIN_SPLIT_STEPS steps at least
+        n_split = 1 if kv_len <= kpb * NO_SPLIT_STEPS else \
+            max(1, min(bps * _sm_count() // base, kv_len // (kpb * MIN_SPLIT_STEPS)))
         n_split = min(n_split, DEC_THREADS)          # the merge gives each split a thread
         split_len = -(-kv_len // n_split)
         split_len = -(-split_len // kpb) * kpb

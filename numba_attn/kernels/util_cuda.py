@@ -166,6 +166,27 @@ if not SIM:
         return sig, codegen
 
     @intrinsic
+    def _arrive(typingctx, arr, idx):
+        # arr[idx] += 1 (float32), atomically at GPU scope with acquire-release semantics;
+        # the old value
+        if not (isinstance(arr, types.Array) and arr.dtype == types.float32):
+            return None
+        sig = types.float32(arr, idx)
+
+        def codegen(context, builder, sig, args):
+            aty, ity = sig.args
+            ary = context.make_array(aty)(context, builder, args[0])
+            i = context.cast(builder, args[1], ity, types.intp)
+            ptr = builder.gep(ary.data, [i])
+            fnty = ir.FunctionType(ir.FloatType(), [ptr.type])
+            asm = ir.InlineAsm(fnty, "{ .reg .u64 g; cvta.to.global.u64 g, $1; "
+                               "atom.acq_rel.gpu.global.add.f32 $0, [g], 0f3F800000; }",
+                               "=f,l,~{memory}", side_effect=True)
+            return builder.call(asm, [ptr])
+
+        return sig, codegen
+
+    @intrinsic
     def _load1(typingctx, arr, idx):
         # one element of a 1-D array as float32
         if not _storage(arr):
@@ -288,6 +309,13 @@ if not SIM:
         _prefetch_l1(a, i)
 
     @device
+    def arrive(a, i):
+        """a[i] += 1 atomically (float32 a), the old value: a release of the writes this thread
+        made or saw (a block's, after a barrier) and an acquire of those of every earlier
+        arrival (one instruction where threadfence + atomic + threadfence took three)."""
+        return _arrive(a, i)
+
+    @device
     def load8_raw(a, i):
         """The stored words of a[i:i+8] (i % 8 == 0, aligned base), for widen8."""
         return _load8_raw(a, i)
@@ -345,6 +373,10 @@ else:  # numba's CUDA simulator: plain Python, run per thread
     @cuda.jit(device=True)
     def prefetch_l1(a, i):
         pass
+
+    @cuda.jit(device=True)
+    def arrive(a, i):
+        return cuda.atomic.add(a, i, float32(1))
 
     @cuda.jit(device=True)
     def load8_raw(a, i):
