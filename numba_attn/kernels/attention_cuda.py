@@ -618,6 +618,21 @@ def decode_shape(rows, itemsize):
     return (QR,) + DECODE_SHAPE[(itemsize, QR > 1)]
 
 
+def key_splits(kv_len, kpb, tiles, max_blocks, min_steps=None, no_split_steps=None):
+    """Decode's key splits: (count, keys per split, a multiple of kpb, the keys per block
+    step) for `tiles` row tiles. At most max_blocks blocks in all (one wave), each split
+    min_steps block steps at least (MIN_SPLIT_STEPS), one split when the keys take at most
+    no_split_steps steps (NO_SPLIT_STEPS), at most DEC_THREADS splits (the merge gives each a
+    thread)."""
+    min_steps = MIN_SPLIT_STEPS if min_steps is None else min_steps
+    no_split_steps = NO_SPLIT_STEPS if no_split_steps is None else no_split_steps
+    n = 1 if kv_len <= kpb * no_split_steps else \
+        max(1, min(max_blocks // tiles, kv_len // (kpb * min_steps), DEC_THREADS))
+    per = -(-kv_len // n)
+    split_len = -(-per // kpb) * kpb
+    return -(-kv_len // split_len), split_len
+
+
 def attention(out, q, k, v, scale, causal):
     # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d); causal bottom-right
     B, q_len, H, d = q.shape
@@ -634,13 +649,7 @@ def attention(out, q, k, v, scale, causal):
         dpl = min(dpl, D)
         kpb = DEC_WARPS * (32 // (D // dpl)) * ku    # keys per block step
         base = B * Hkv * n_tiles
-        # at most bps blocks per SM in all (one wave), each split MIN_SPLIT_STEPS steps at least
-        n_split = 1 if kv_len <= kpb * NO_SPLIT_STEPS else \
-            max(1, min(bps * _sm_count() // base, kv_len // (kpb * MIN_SPLIT_STEPS)))
-        n_split = min(n_split, DEC_THREADS)          # the merge gives each split a thread
-        split_len = -(-kv_len // n_split)
-        split_len = -(-split_len // kpb) * kpb
-        n_split = -(-kv_len // split_len)
+        n_split, split_len = key_splits(kv_len, kpb, base, bps * _sm_count())
         ws, pbase = _workspace(base, base * n_split * QR * (d + 2) if n_split > 1 else 0)
         decode_kernel(D, QR, wide, dpl, ku, pipe)[(base, n_split), DEC_THREADS](
             of, qf, kf, vf, ws, float32(scale), bool(causal), q_len, H, Hkv, kv_len, d,

@@ -90,12 +90,16 @@ if not SIM:
             return [builder.bitcast(w, ir.FloatType()) for w in words[:CHUNK]]
         return _widen(builder, dtype, words[:4])
 
+    def _element_ptr(context, builder, sig, args):
+        # the address of arr[idx], the intrinsic's first two arguments
+        aty, ity = sig.args[:2]
+        ary = context.make_array(aty)(context, builder, args[0])
+        return builder.gep(ary.data, [context.cast(builder, args[1], ity, types.intp)])
+
     def _load_words(context, builder, sig, args):
         # the 32-bit words of a[idx:idx+8] (16-byte aligned): 8 for float32, 4 for 16-bit
-        aty, ity = sig.args
-        ary = context.make_array(aty)(context, builder, args[0])
-        i = context.cast(builder, args[1], ity, types.intp)
-        ptr = builder.gep(ary.data, [i])
+        aty = sig.args[0]
+        ptr = _element_ptr(context, builder, sig, args)
         i32 = ir.IntType(32)
         vty = ir.VectorType(i32, 4).as_pointer()
         words = []
@@ -154,10 +158,7 @@ if not SIM:
         sig = types.void(arr, idx)
 
         def codegen(context, builder, sig, args):
-            aty, ity = sig.args
-            ary = context.make_array(aty)(context, builder, args[0])
-            i = context.cast(builder, args[1], ity, types.intp)
-            ptr = builder.gep(ary.data, [i])
+            ptr = _element_ptr(context, builder, sig, args)
             fnty = ir.FunctionType(ir.VoidType(), [ptr.type])
             asm = ir.InlineAsm(fnty, "prefetch.L1 [$0];", "l", side_effect=True)
             builder.call(asm, [ptr])
@@ -174,10 +175,7 @@ if not SIM:
         sig = types.float32(arr, idx)
 
         def codegen(context, builder, sig, args):
-            aty, ity = sig.args
-            ary = context.make_array(aty)(context, builder, args[0])
-            i = context.cast(builder, args[1], ity, types.intp)
-            ptr = builder.gep(ary.data, [i])
+            ptr = _element_ptr(context, builder, sig, args)
             fnty = ir.FunctionType(ir.FloatType(), [ptr.type])
             asm = ir.InlineAsm(fnty, "{ .reg .u64 g; cvta.to.global.u64 g, $1; "
                                "atom.acq_rel.gpu.global.add.f32 $0, [g], 0f3F800000; }",
@@ -194,10 +192,8 @@ if not SIM:
         sig = types.float32(arr, idx)
 
         def codegen(context, builder, sig, args):
-            aty, ity = sig.args
-            ary = context.make_array(aty)(context, builder, args[0])
-            i = context.cast(builder, args[1], ity, types.intp)
-            v = builder.load(builder.gep(ary.data, [i]))
+            aty = sig.args[0]
+            v = builder.load(_element_ptr(context, builder, sig, args))
             f32 = ir.FloatType()
             if aty.dtype == types.float32:
                 return v
@@ -218,10 +214,8 @@ if not SIM:
         sig = types.void(arr, idx, vals)
 
         def codegen(context, builder, sig, args):
-            aty, ity, vty_ = sig.args
-            ary = context.make_array(aty)(context, builder, args[0])
-            i = context.cast(builder, args[1], ity, types.intp)
-            ptr = builder.gep(ary.data, [i])
+            vty_ = sig.args[2]
+            ptr = _element_ptr(context, builder, sig, args)
             vals = [context.cast(builder, builder.extract_value(args[2], c), vty_[c],
                                  types.float32) for c in range(CHUNK)]
             vecty = ir.VectorType(ir.FloatType(), 4)
@@ -244,12 +238,9 @@ if not SIM:
         sig = types.UniTuple(types.float32, 4)(arr, idx)
 
         def codegen(context, builder, sig, args):
-            aty, ity = sig.args
-            ary = context.make_array(aty)(context, builder, args[0])
-            i = context.cast(builder, args[1], ity, types.intp)
+            ptr = _element_ptr(context, builder, sig, args)
             vty = ir.VectorType(ir.FloatType(), 4)
-            v = builder.load(builder.bitcast(builder.gep(ary.data, [i]), vty.as_pointer()),
-                             align=16)
+            v = builder.load(builder.bitcast(ptr, vty.as_pointer()), align=16)
             vals = [builder.extract_element(v, ir.Constant(ir.IntType(32), c)) for c in range(4)]
             return context.make_tuple(builder, sig.return_type, vals)
 
@@ -263,17 +254,15 @@ if not SIM:
         sig = types.void(arr, idx, vals)
 
         def codegen(context, builder, sig, args):
-            aty, ity, vty_ = sig.args
-            ary = context.make_array(aty)(context, builder, args[0])
-            i = context.cast(builder, args[1], ity, types.intp)
+            vty_ = sig.args[2]
+            ptr = _element_ptr(context, builder, sig, args)
             vecty = ir.VectorType(ir.FloatType(), 4)
             v = ir.Constant(vecty, ir.Undefined)
             for c in range(4):
                 x = context.cast(builder, builder.extract_value(args[2], c), vty_[c],
                                  types.float32)
                 v = builder.insert_element(v, x, ir.Constant(ir.IntType(32), c))
-            builder.store(v, builder.bitcast(builder.gep(ary.data, [i]), vecty.as_pointer()),
-                          align=16)
+            builder.store(v, builder.bitcast(ptr, vecty.as_pointer()), align=16)
             return context.get_dummy_value()
 
         return sig, codegen

@@ -96,3 +96,18 @@ def test_decode_shapes(monkeypatch, dpl, keys, pipe, case, kv_dtype):
                         {key: (dpl, keys, bps, pipe) for key, (_, _, bps, _)
                          in attention_cuda.DECODE_SHAPE.items()})
     test_attention(case, kv_dtype)
+
+
+# decode's key splits with the GPU's constants (2 steps per split at least, one split up to 4
+# steps in all) on a 132-SM H200: 32/8 heads, 2 row tiles per KV head, 2 blocks per SM
+@pytest.mark.parametrize("kv_len,kpb,tiles,max_blocks,want", [
+    (1, 64, 16, 264, 1), (256, 64, 16, 264, 1), (257, 64, 16, 264, 2),
+    (1024, 64, 16, 264, 8), (8192, 64, 16, 264, 16), (32768, 64, 16, 264, 16),
+    (32768, 32, 32, 396, 12), (1 << 20, 32, 1, 10 ** 6, attention_cuda.DEC_THREADS)])
+def test_key_splits(kv_len, kpb, tiles, max_blocks, want):
+    n, split_len = attention_cuda.key_splits(kv_len, kpb, tiles, max_blocks, 2, 4)
+    assert n == want
+    assert split_len % kpb == 0
+    assert (n - 1) * split_len < kv_len <= n * split_len      # every key, no empty split
+    assert n * tiles <= max(max_blocks, tiles)               # one wave
+    assert n == 1 or split_len >= 2 * kpb
