@@ -171,4 +171,5 @@ def splits():
 
 
 if __name__ == "__main__":
-    {"run": run, "sass": sass, "floor": floor, "splits": splits}[sys.argv[1] if len(sys.argv) > 1 else "run"]()
+    modes = {"run": run, "sass": sass, "floor": floor, "splits": splits}
+    modes[sys.argv[1] if len(sys.argv) > 1 else "run"]()

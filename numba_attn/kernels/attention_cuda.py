@@ -619,11 +619,11 @@ def decode_shape(rows, itemsize):
 
 
 def key_splits(kv_len, kpb, tiles, max_blocks, min_steps=None, no_split_steps=None):
-    """Decode's key splits: (count, keys per split, a multiple of kpb, the keys per block
-    step) for `tiles` row tiles. At most max_blocks blocks in all (one wave), each split
-    min_steps block steps at least (MIN_SPLIT_STEPS), one split when the keys take at most
-    no_split_steps steps (NO_SPLIT_STEPS), at most DEC_THREADS splits (the merge gives each a
-    thread)."""
+    """Decode's key splits for `tiles` row tiles: (count, keys per split), the keys per split a
+    multiple of kpb (the keys of a block step). At most max_blocks blocks in all (one wave),
+    each split min_steps block steps at least (MIN_SPLIT_STEPS), one split when the keys take
+    at most no_split_steps steps (NO_SPLIT_STEPS), at most DEC_THREADS splits (the merge gives
+    each a thread)."""
     min_steps = MIN_SPLIT_STEPS if min_steps is None else min_steps
     no_split_steps = NO_SPLIT_STEPS if no_split_steps is None else no_split_steps
     n = 1 if kv_len <= kpb * no_split_steps else \
