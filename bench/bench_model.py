@@ -159,7 +159,7 @@ def measure(path, decode_tokens, prefill_tokens, repeat):
     """Ours and the BLAS limits, interleaved: decode steps alternate with GEMV passes in
     `rounds` rounds, prefill passes with GEMM passes, so both sides of each ratio see the same
     machine (the memory bandwidth here drifts by 20% between minutes)."""
-    from numba_attn.generate import CompileTimer
+    from numba_attn.generation import CompileTimer
     from numba_attn.model import Model
 
     r = {}

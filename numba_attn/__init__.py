@@ -21,6 +21,12 @@ from .mask import MaskCache, causal_mask
 from .ops import apply_rope, attention, linear, masked_softmax, rmsnorm, silu_mul
 from .rope import RopeTable
 from .model import Model
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+from .generation import GenerationStats, generate
+
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "demo")
+"""The built-in demo model's folder: a 3.2M-parameter Llama trained on Jane Austen's novels."""
 
 try:
     __version__ = version("numba-attn")
@@ -29,5 +35,6 @@ except PackageNotFoundError:  # running from a source tree
 
 __all__ = [
     "RopeTable", "apply_rope", "linear", "rmsnorm", "silu_mul", "causal_mask", "MaskCache",
-    "masked_softmax", "attention", "KVCache", "Model", "__version__",
+    "masked_softmax", "attention", "KVCache", "Model", "Tokenizer", "SamplingParams",
+    "GenerationStats", "generate", "DEMO_MODEL", "__version__",
 ]

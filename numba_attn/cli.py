@@ -6,9 +6,7 @@ import time
 
 import click
 
-from . import __version__
-
-DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "demo")
+from . import DEMO_MODEL, __version__
 DEFAULT_MAX_TOKENS = 256   # generate's default: fewer when the context has less room
 
 
@@ -74,8 +72,8 @@ def main():
 def generate(prompt, model_dir, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
              repeat_last_n, seed, context, device, weight_dtype):
     """Generate text from PROMPT (or standard input), streaming it as it comes."""
-    from .generate import STOP_CONTEXT, CompileTimer, GenerationStats, check_room
-    from .generate import generate as run
+    from .generation import STOP_CONTEXT, CompileTimer, GenerationStats, check_room
+    from .generation import generate as run
     from .model import Model
     from .sampling import SamplingParams
     from .tokenizer import Tokenizer

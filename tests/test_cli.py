@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from numba_attn import __version__, cli
 from numba_attn.backend import cuda_unavailable
-from numba_attn.generate import generate
+from numba_attn.generation import generate
 from numba_attn.model import Model
 from numba_attn.sampling import SamplingParams
 from numba_attn.tokenizer import StreamDecoder, Tokenizer

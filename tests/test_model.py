@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from numba_attn.backend import cuda_unavailable
-from numba_attn.generate import GenerationStats, generate
+from numba_attn.generation import GenerationStats, generate
 from numba_attn.model import Model
 from numba_attn.sampling import SamplingParams
 from numba_attn.weights import CheckpointError

@@ -5,7 +5,7 @@ import gc
 import numpy as np
 import pytest
 
-from numba_attn.generate import GenerationStats, generate
+from numba_attn.generation import GenerationStats, generate
 from numba_attn.model import Model
 from numba_attn.sampling import SamplingParams
 from numba_attn.tokenizer import Tokenizer

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from numba_attn.backend import is_cuda_array
-from numba_attn.generate import generate
+from numba_attn.generation import generate
 from numba_attn.model import Model, ModelWeights
 from numba_attn.sampling import SamplingParams
 from tests.cuda.conftest import MODE
