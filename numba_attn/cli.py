@@ -12,11 +12,13 @@ DEFAULT_MAX_TOKENS = 256   # generate's default: fewer when the context has less
 
 class OneLineErrors(click.Group):
     """A Click group whose errors (bad options included) print one line, `Error: ...`, and exit
-    non-zero: no usage block, no traceback."""
+    non-zero: no usage block, no traceback. With no arguments at all it prints its help."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, False, **extra)
+        if not (sys.argv[1:] if args is None else args):
+            args = ["--help"]
         try:
             rv = super().main(args, prog_name, complete_var, False, **extra)
         except click.ClickException as e:
@@ -59,7 +61,8 @@ def main():
 @click.option("--repeat-last-n", type=click.IntRange(min=0), default=64, show_default=True,
               help="How many recent tokens the repeat penalty looks at, >= 0.")
 @click.option("--seed", type=click.IntRange(min=0), default=None,
-              help="Random seed, 0 to 2^63-1, for reproducible sampling. [default: random]")
+              help="Random seed, 0 to 2^63-1, for reproducible sampling. [default: a random "
+                   "one, printed in the summary line]")
 @click.option("--context", type=click.IntRange(min=1), default=None,
               help="KV cache length in tokens, 1 to the model's max_position_embeddings. "
                    "[default: the model's context, at most 4096]")
@@ -69,57 +72,34 @@ def main():
               show_default=True,
               help="Storage of the linear weights: float32, or float16 (--device cuda only: "
                    "half the bytes per token, float32 arithmetic).")
+@click.option("--show-prompt/--no-show-prompt", default=None,
+              help="Print the prompt before its continuation. [default: on when standard "
+                   "output is a terminal, off when it is piped]")
 def generate(prompt, model_dir, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
-             repeat_last_n, seed, context, device, weight_dtype):
-    """Generate text from PROMPT (or standard input), streaming it as it comes."""
-    from .generation import STOP_CONTEXT, CompileTimer, GenerationStats, check_room
+             repeat_last_n, seed, context, device, weight_dtype, show_prompt):
+    """Generate text from PROMPT (or standard input: no PROMPT, or -), streaming it as it
+    comes; a summary line goes to standard error."""
     from .generation import generate as run
-    from .model import Model
-    from .sampling import SamplingParams
-    from .tokenizer import Tokenizer
 
     # -- validate everything before loading anything heavy --
-    try:
-        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                  min_p=min_p, repeat_penalty=repeat_penalty,
-                                  repeat_last_n=repeat_last_n, seed=seed)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-    if prompt is None:
-        prompt = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
-    if model_dir is None:
-        model_dir = DEMO_MODEL
-        if not os.path.isdir(model_dir):
-            raise click.ClickException(f"the built-in demo model is not installed "
-                                       f"({model_dir}); pass --model DIR")
-    elif not os.path.isdir(model_dir):
-        raise click.ClickException(f"model folder not found: {model_dir}")
-    limit = None if max_tokens == -1 else max_tokens      # None given: DEFAULT_MAX_TOKENS
+    if seed is None and temperature > 0:
+        seed = random_seed()
+    sampling = _sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                         repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
+    prompt = _read_prompt(prompt)
+    if show_prompt is None:
+        show_prompt = _isatty(sys.stdout)
 
-    try:
-        model = Model.from_pretrained(model_dir, device=device, max_seq=context,
-                                      weight_dtype=weight_dtype)
-        tokenizer = Tokenizer(model_dir, model.config.bos_token_id)
-        ids = tokenizer.encode(prompt)
-        if max_tokens is None:   # the default fits the context; an explicit count must fit
-            limit = max(1, min(DEFAULT_MAX_TOKENS, model.max_seq - len(ids)))
-        check_room(model, len(ids), limit)
-    except (ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from None
-    except MemoryError:
-        raise click.ClickException(f"not enough memory to load {model_dir}") from None
+    model, tokenizer, jit = load(model_dir, device=device, context=context,
+                                 weight_dtype=weight_dtype)
+    ids = tokenizer.encode(prompt)
+    limit = _token_limit(model, len(ids), max_tokens)
 
-    # -- compile (first run) or load the kernels outside the timed generation --
-    def say_compiling():
-        click.echo("compiling kernels (first run)...", err=True)
-
-    with CompileTimer(on_compile=say_compiling) as jit:
-        t0 = time.perf_counter()
-        model.warmup()
-        jit_s = time.perf_counter() - t0
-
+    from .generation import GenerationStats
     stats = GenerationStats()
     stream = tokenizer.stream(ids)
+    if show_prompt:
+        click.echo(prompt, nl=False)
     try:
         for token in run(model, ids, max_tokens=limit, sampling=sampling, stats=stats):
             click.echo(stream.step(token), nl=False)
@@ -129,15 +109,137 @@ def generate(prompt, model_dir, max_tokens, temperature, top_k, top_p, min_p, re
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(stream.flush())
+    click.echo(summary(stats, jit, seed=sampling.seed if not sampling.greedy else None),
+               err=True)
 
-    if stats.stop_reason == STOP_CONTEXT:
-        click.echo(stats.message, err=True)
-    kernels = (f"kernels compiled this run ({jit.seconds:.1f} s)" if jit.seconds > 0
-               else f"kernels loaded from cache ({jit_s:.1f} s)")
-    click.echo(f"prompt {stats.prompt_tokens} tokens, generated {stats.generated_tokens} | "
-               f"first token {stats.first_token_s:.2f} s | "
-               f"prefill {_rate(stats.prefill_tok_s)} tok/s | "
-               f"decode {_rate(stats.decode_tok_s)} tok/s | {kernels}", err=True)
+
+# -- the steps every generating command shares: read, load, check room, report --
+
+def random_seed():
+    """A fresh seed in SamplingParams' range, so that a run can be repeated with --seed."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+def _sampling(**options):
+    from .sampling import SamplingParams
+    try:
+        return SamplingParams(**options)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def _isatty(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _read_prompt(prompt):
+    """The prompt argument, or standard input when it is missing or '-' (one trailing newline,
+    the one `echo` adds, is not part of the prompt)."""
+    if prompt is not None and prompt != "-":
+        return prompt
+    if sys.stdin is None or (prompt is None and _isatty(sys.stdin)):
+        return ""
+    text = sys.stdin.read()
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith("\n") else text
+
+
+class LoadTimer:
+    """What load() reports of the kernels: compiled in this run, or loaded from Numba's cache,
+    and how long that took."""
+
+    def __init__(self, compiled_s, load_s):
+        self.compiled_s, self.load_s = compiled_s, load_s
+
+    def __str__(self):
+        if self.compiled_s > 0:
+            return f"kernels compiled this run ({self.compiled_s:.1f} s)"
+        return f"kernels loaded from cache ({self.load_s:.1f} s)"
+
+
+def load(model_dir, *, device="cpu", context=None, weight_dtype="float32"):
+    """The model (the demo when model_dir is None), its tokenizer, and its kernels compiled or
+    loaded (saying so first when they compile): (model, tokenizer, LoadTimer). Every failure
+    is a one-line click error."""
+    from .generation import CompileTimer
+    from .model import WEIGHT_DTYPES, Model
+    from .tokenizer import Tokenizer
+
+    if weight_dtype not in WEIGHT_DTYPES[device]:
+        needs = [d for d, names in WEIGHT_DTYPES.items() if weight_dtype in names]
+        raise click.UsageError(f"--weight-dtype {weight_dtype} needs --device "
+                               f"{' or '.join(needs)}")
+    if model_dir is None:
+        model_dir = DEMO_MODEL
+        if not os.path.isdir(model_dir):
+            raise click.ClickException(f"the built-in demo model is not installed "
+                                       f"({model_dir}); pass --model DIR")
+    elif os.path.isfile(model_dir):
+        raise click.ClickException(f"--model {model_dir} is a file; it takes a Hugging Face "
+                                   f"model folder (config.json, *.safetensors, tokenizer.json)")
+    elif not os.path.isdir(model_dir):
+        raise click.ClickException(f"model folder not found: {model_dir}")
+    try:
+        model = Model.from_pretrained(model_dir, device=device, max_seq=context,
+                                      weight_dtype=weight_dtype)
+        tokenizer = Tokenizer(model_dir, model.config.bos_token_id)
+    except (ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    except MemoryError:
+        raise click.ClickException(f"not enough memory to load {model_dir}") from None
+
+    def say_compiling():
+        click.echo("compiling kernels (first run)...", err=True)
+
+    with CompileTimer(on_compile=say_compiling) as jit:     # outside the timed generation
+        t0 = time.perf_counter()
+        model.warmup()
+        load_s = time.perf_counter() - t0
+    return model, tokenizer, LoadTimer(jit.seconds, load_s)
+
+
+def _token_limit(model, n_prompt, max_tokens):
+    """generate()'s max_tokens from --max-tokens (None given: 256 or fewer when the context has
+    less room; -1: until the context is full), refused when the prompt leaves no room."""
+    context = model.max_seq
+    if n_prompt < 1:
+        raise click.ClickException("the prompt is empty and the model has no BOS token to "
+                                   "start from")
+    if n_prompt > context or (n_prompt == context and max_tokens != 0):
+        raise click.ClickException(f"the prompt of {n_prompt} tokens fills the context of "
+                                   f"{context} (raise --context or shorten the prompt)")
+    if max_tokens is None:
+        return min(DEFAULT_MAX_TOKENS, context - n_prompt)
+    if max_tokens == -1:
+        return None
+    if n_prompt + max_tokens > context:
+        raise click.ClickException(f"the prompt of {n_prompt} tokens leaves room for "
+                                   f"{context - n_prompt} more in the context of {context}, "
+                                   f"not --max-tokens {max_tokens}")
+    return max_tokens
+
+
+STOP_WORDS = {"eos": "end-of-sequence", "max_tokens": "max tokens", "context": "context full"}
+
+
+def summary(stats, jit, *, seed=None):
+    """The line after a generation: counts, time to first token, rates, why it stopped, the seed
+    (when sampling), and how the kernels were loaded."""
+    n = stats.generated_tokens
+    parts = [f"prompt {stats.prompt_tokens} token{'' if stats.prompt_tokens == 1 else 's'}, "
+             f"generated {n} token{'' if n == 1 else 's'}",
+             f"first token {stats.first_token_s * 1e3:.0f} ms",
+             f"prefill {_rate(stats.prefill_tok_s)} tok/s",
+             f"decode {_rate(stats.decode_tok_s)} tok/s",
+             f"stopped: {STOP_WORDS.get(stats.stop_reason, 'interrupted')}"]
+    if seed is not None:
+        parts.append(f"seed {seed}")
+    parts.append(str(jit))
+    return " | ".join(parts)
 
 
 def _rate(x):

@@ -63,12 +63,13 @@ def check_room(model, n_prompt, max_tokens):
     context = model.max_seq
     if n_prompt < 1:
         raise ValueError("the prompt is empty (and the model has no BOS token to start from)")
-    wanted = n_prompt + (1 if max_tokens is None else max_tokens)
-    if wanted > context:
-        asked = "" if max_tokens is None else f" + {max_tokens} tokens to generate"
-        plural = "" if n_prompt == 1 else "s"
-        raise ValueError(f"the prompt ({n_prompt} token{plural}){asked} exceeds the model's "
-                         f"context of {context} tokens")
+    wanted = 1 if max_tokens is None else max_tokens
+    if n_prompt > context or (n_prompt == context and wanted > 0):
+        raise ValueError(f"the prompt of {n_prompt} tokens fills the model's context of "
+                         f"{context} tokens")
+    if n_prompt + wanted > context:
+        raise ValueError(f"the prompt of {n_prompt} tokens leaves room for {context - n_prompt} "
+                         f"more in the model's context of {context}, not max_tokens={max_tokens}")
 
 
 def generate(model, prompt, *, max_tokens=256, sampling=SamplingParams(), eos_token_ids=None,

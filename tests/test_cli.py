@@ -51,9 +51,11 @@ def test_generate_greedy_streams_the_api_tokens(tiny_folder):
     out = list(generate(model, ids, max_tokens=12, sampling=SamplingParams(temperature=0)))
     assert result.stdout == tok.decode(out) + "\n"
     summary = result.stderr.strip().splitlines()[-1]
-    assert f"prompt {len(ids)} tokens, generated {len(out)}" in summary
-    for part in ("first token", "prefill", "decode", "tok/s", "kernels"):
+    assert f"prompt {len(ids)} tokens, generated {len(out)} tokens" in summary
+    for part in ("first token", " ms", "prefill", "decode", "tok/s", "stopped: max tokens",
+                 "kernels"):
         assert part in summary
+    assert "seed" not in summary                           # greedy: no seed to repeat
 
 
 def test_generate_sampling_options_and_stdin(tiny_folder):
@@ -67,7 +69,7 @@ def test_generate_sampling_options_and_stdin(tiny_folder):
 
 def test_empty_prompt_starts_from_bos(tiny_folder):
     result = invoke("generate", "", "--model", tiny_folder, "--max-tokens", "3")
-    assert result.exit_code == 0 and "prompt 1 tokens" in result.stderr
+    assert result.exit_code == 0 and "prompt 1 token, generated 3 tokens" in result.stderr
 
 
 def test_compiling_message_when_numba_compiles(tiny_folder, monkeypatch):
@@ -94,15 +96,16 @@ def test_runs_to_the_context_limit(make_folder):
     folder, _ = make_folder("ctx", max_pos=40, eos=None)
     result = invoke("generate", "Once upon", "--model", folder, "--max-tokens", "-1")
     assert result.exit_code == 0
-    assert "stopped: the context of 40 tokens is full" in result.stderr
-    n_prompt = int(result.stderr.split("prompt ")[2].split(" tokens")[0])
-    assert f"generated {40 - n_prompt} " in result.stderr  # prompt + generated = context
+    summary = result.stderr.strip().splitlines()[-1]
+    assert "stopped: context full" in summary
+    n_prompt = int(summary.split("prompt ")[1].split(" tokens")[0])
+    assert f"generated {40 - n_prompt} tokens" in summary  # prompt + generated = context
 
 
 def test_context_option(tiny_folder):
     result = invoke("generate", "Once upon", "--model", tiny_folder, "--context", "20",
                     "--max-tokens", "30")
-    assert_one_line_error(result, "exceeds the model's context of 20 tokens")
+    assert_one_line_error(result, "more in the context of 20, not --max-tokens 30")
 
 
 def test_subprocess_run(tiny_folder):
@@ -188,7 +191,8 @@ def test_unsupported_config(make_folder, change, match):
 
 def test_prompt_plus_max_tokens_beyond_context(tiny_folder):
     result = invoke("generate", "hi " * 20, "--model", tiny_folder, "--max-tokens", "120")
-    assert_one_line_error(result, "+ 120 tokens to generate exceeds the model's context of 128")
+    assert_one_line_error(result, "leaves room for")
+    assert "more in the context of 128, not --max-tokens 120" in result.stderr
 
 
 def test_readme_command_default_fits_the_context():
@@ -202,7 +206,7 @@ def test_readme_command_default_fits_the_context():
 def test_default_max_tokens_still_refuses_a_full_context(tiny_folder):
     # the prompt alone fills the 128-token context: no room for even one token
     result = invoke("generate", "hi " * 200, "--model", tiny_folder)
-    assert_one_line_error(result, "exceeds the model's context of 128")
+    assert_one_line_error(result, "tokens fills the context of 128 (raise --context")
 
 
 @pytest.mark.skipif(cuda_unavailable() is None, reason="a GPU is present")
@@ -213,7 +217,7 @@ def test_device_cuda_without_gpu(tiny_folder):
 
 def test_float16_weights_need_cuda(tiny_folder):
     assert_one_line_error(invoke("generate", "hi", "--model", tiny_folder, "--weight-dtype",
-                                 "float16"), "float16 weights need device='cuda'")
+                                 "float16"), "--weight-dtype float16 needs --device cuda")
 
 
 def test_every_option_help_gives_default_and_range():
@@ -255,3 +259,75 @@ def test_stream_decoder_keeps_sentencepiece_spaces(tmp_path):
     stream = tok.stream(ids[:1])                       # prompt "Hello", then the rest streams
     out = "".join(stream.step(i) for i in ids[1:]) + stream.flush()
     assert tok.decode(ids[:1]) == "Hello" and out == " world there"
+
+
+# -- the command line as a newcomer meets it --
+
+def test_no_arguments_prints_the_help():
+    result = invoke()
+    assert result.exit_code == 0 and "Usage:" in result.stdout and "generate" in result.stdout
+    assert "Error" not in result.output
+
+
+def test_python_dash_m_runs_the_cli():
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, "-m", "numba_attn", "--version"], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert p.returncode == 0 and __version__ in p.stdout
+
+
+def test_prompt_from_stdin_drops_one_trailing_newline(tiny_folder):
+    args = ["--model", tiny_folder, "--max-tokens", "5", "--temperature", "0"]
+    direct = invoke("generate", "Once upon a time", *args)
+    piped = invoke("generate", *args, input="Once upon a time\n")
+    dash = invoke("generate", "-", *args, input="Once upon a time\r\n")
+    two = invoke("generate", "-", *args, input="Once upon a time\n\n")
+    assert direct.exit_code == piped.exit_code == dash.exit_code == two.exit_code == 0
+    assert direct.stdout == piped.stdout == dash.stdout
+    n = lambda r: r.stderr.strip().splitlines()[-1].split(" tokens,")[0]  # noqa: E731
+    assert n(direct) == n(piped) == n(dash) != n(two)   # only one newline is dropped
+
+
+def test_show_prompt_before_the_continuation(tiny_folder):
+    args = ["Once upon a time", "--model", tiny_folder, "--max-tokens", "5", "--temperature", "0"]
+    plain = invoke("generate", *args)                         # piped: the continuation alone
+    shown = invoke("generate", *args, "--show-prompt")
+    assert shown.stdout == "Once upon a time" + plain.stdout
+    assert invoke("generate", *args, "--no-show-prompt").stdout == plain.stdout
+
+
+def test_the_summary_gives_the_seed_to_repeat_a_run(tiny_folder):
+    args = ["Once upon a time", "--model", tiny_folder, "--max-tokens", "12",
+            "--temperature", "1.5", "--top-k", "0", "--top-p", "1", "--min-p", "0"]
+    first = invoke("generate", *args)
+    summary = first.stderr.strip().splitlines()[-1]
+    seed = summary.split("| seed ")[1].split(" |")[0]
+    again = invoke("generate", *args, "--seed", seed)
+    assert int(seed) >= 0 and again.stdout == first.stdout
+    assert f"| seed {seed} |" in again.stderr
+
+
+def test_one_token_is_singular_and_first_token_in_ms(tiny_folder):
+    result = invoke("generate", "Once", "--model", tiny_folder, "--max-tokens", "1",
+                    "--temperature", "0")
+    summary = result.stderr.strip().splitlines()[-1]
+    assert "generated 1 token |" in summary
+    ms = summary.split("first token ")[1].split(" |")[0]
+    assert ms.endswith(" ms") and float(ms[:-3]) >= 0
+
+
+def test_stop_reason_end_of_sequence(make_folder):
+    folder, _ = make_folder("eos_none", eos=None)
+    model = Model.from_pretrained(folder)
+    greedy = list(generate(model, Tokenizer(folder, model.config.bos_token_id).encode("Once"),
+                           max_tokens=1, sampling=SamplingParams(temperature=0)))
+    folder, _ = make_folder("eos_first", eos=int(greedy[0]))   # the greedy token ends the text
+    result = invoke("generate", "Once", "--model", folder, "--temperature", "0")
+    assert result.exit_code == 0 and "stopped: end-of-sequence" in result.stderr
+    assert "generated 0 tokens" in result.stderr
+
+
+def test_model_that_is_a_file(tiny_folder):
+    path = os.path.join(tiny_folder, "config.json")
+    assert_one_line_error(invoke("generate", "hi", "--model", path),
+                          f"--model {path} is a file; it takes a Hugging Face model folder")
