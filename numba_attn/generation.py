@@ -30,10 +30,12 @@ class GenerationStats:
 
     @property
     def prefill_tok_s(self):
+        """Prompt tokens per second of the prefill pass (NaN when nothing was timed)."""
         return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
 
     @property
     def decode_tok_s(self):
+        """Decode steps per second, sampling included (NaN when nothing was timed)."""
         return self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
 
     @property

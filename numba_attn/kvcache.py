@@ -33,6 +33,9 @@ class KVCache:
         return self.lengths[0]
 
     def append(self, layer, k, v):
+        """Write k, v (new_tokens, n_kv_heads, head_dim) after the layer's stored tokens and
+        return views of everything stored so far, (kv_len, n_kv_heads, head_dim) each.
+        Raises ValueError when they would run past max_seq."""
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) \
                 or not 0 <= layer < self.n_layers:
             raise ValueError(f"layer must be an integer in [0, {self.n_layers}), got {layer!r}")
@@ -60,10 +63,12 @@ class KVCache:
         return view(self.k, shape, base), view(self.v, shape, base)
 
     def reset(self):
+        """Forget every stored token (the buffers stay allocated)."""
         self.lengths = [0] * self.n_layers
 
     @property
     def nbytes(self):
+        """Bytes of the K and V buffers together."""
         return 2 * self.n_layers * self.max_seq * self.n_kv_heads * self.head_dim * self.dtype.itemsize
 
     def __repr__(self):

@@ -30,6 +30,7 @@ class MaskCache:
     Host masks are returned read-only so a caller cannot corrupt a shared entry."""
 
     def __init__(self, max_entries=64):
+        """max_entries: masks kept before the least recently used is evicted."""
         self.max_entries = checks.positive_int("max_entries", max_entries)
         self._entries = OrderedDict()
         self._lock = threading.Lock()
@@ -37,6 +38,9 @@ class MaskCache:
         self.misses = 0
 
     def get(self, q_len, kv_len, *, device="cpu"):
+        """The (q_len, kv_len) float32 causal mask (0 where query i may see key j, -inf
+        elsewhere; bottom-right aligned) on `device`: the cached one on a hit, built and
+        cached on a miss. Host masks are read-only."""
         # a device other than "cpu"/"cuda" misses here and causal_mask rejects it
         key = (q_len, kv_len, self._device_key() if device == "cuda" else device)
         with self._lock:
@@ -68,6 +72,7 @@ class MaskCache:
         return (key[0], key[1], "cpu") in self._entries if len(key) == 2 else key in self._entries
 
     def clear(self):
+        """Drop every entry and zero the hit and miss counters."""
         with self._lock:
             self._entries.clear()
             self.hits = 0

@@ -242,6 +242,13 @@ class Buffers:
 
 
 class Model:
+    """A Llama-family decoder (Llama, Mistral, Qwen2) with its KV cache, on the CPU or a CUDA
+    GPU. Load one with Model.from_pretrained(folder); forward(tokens, start_pos) runs tokens
+    and returns the last one's logits; generation.generate() drives it token by token.
+
+    config: the frozen ModelConfig; weights: ModelWeights; cache: the KVCache (max_seq long);
+    position: tokens in the cache."""
+
     def __init__(self, config, weights, *, device="cpu", max_seq=None, weight_dtype=None):
         """weights: ModelWeights on `device`, or host weights for a CUDA model (copied to the
         GPU here, the linear weights in weight_dtype, default float32)."""
@@ -293,6 +300,7 @@ class Model:
         return self.cache.length
 
     def reset(self):
+        """Empty the KV cache: the next forward starts a new sequence at position 0."""
         self.cache.reset()
 
     def forward(self, tokens, start_pos=0):

@@ -46,6 +46,8 @@ class RopeTable:
     """cos and sin of position * frequency, (max_positions, head_dim // 2) float32 each."""
 
     def __init__(self, head_dim, max_positions, theta=10000.0, scaling=None):
+        """head_dim: even; max_positions: table rows; theta: the rope base; scaling: a Hugging
+        Face rope_scaling dict (llama3 or linear) or None."""
         self.head_dim = checks.positive_int("head_dim", head_dim)
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")

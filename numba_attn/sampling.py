@@ -35,6 +35,7 @@ class SamplingParams:
 
     @property
     def greedy(self):
+        """True when temperature is 0: the most likely token, no randomness."""
         return self.temperature == 0
 
 

@@ -7,6 +7,9 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 
 class Tokenizer:
+    """A model folder's tokenizer.json (through Hugging Face `tokenizers`) with the model's
+    BOS rule: encode(text) -> ids, decode(ids) -> text, stream(ids) -> a StreamDecoder."""
+
     def __init__(self, path, bos_token_id=None):
         """path: a model folder (or its tokenizer.json); bos_token_id: from the model config."""
         path = os.fspath(path)
@@ -23,6 +26,7 @@ class Tokenizer:
 
     @property
     def vocab_size(self):
+        """Token ids the tokenizer knows, added tokens included."""
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text):
@@ -34,6 +38,7 @@ class Tokenizer:
         return ids
 
     def decode(self, ids):
+        """Text of the token ids, special tokens (BOS, EOS) left out."""
         return self.hf.decode(list(ids), skip_special_tokens=True)
 
     def stream(self, context=()):
