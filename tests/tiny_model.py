@@ -42,16 +42,17 @@ def build_tiny_model(folder, *, arch="LlamaForCausalLM", hidden=64, layers=2, he
                      kv_heads=2, head_dim=None, intermediate=96, vocab=None, max_pos=128,
                      rope_theta=10000.0, rope_scaling=None, rope_parameters=None,
                      tie=False, dtype="float32", shards=1, seed=0, scale=1.0,
-                     eos=EOS, config_overrides=None, tokenizer=True):
+                     eos=EOS, config_overrides=None, tokenizer=True, attention_bias=False):
     """Write the folder and return (folder, {name: float32 array as stored}). eos: the
     end-of-sequence id(s) written to generation_config.json (None: generation never stops
-    early, which makes lengths predictable)."""
+    early, which makes lengths predictable). attention_bias: Llama's option, biases on q, k, v
+    and o_proj (config.json "attention_bias": true); Qwen2 has q, k, v biases regardless."""
     os.makedirs(folder, exist_ok=True)
     tok = build_tokenizer() if tokenizer else None
     if vocab is None:
         vocab = tok.get_vocab_size() if tok else 300
     hd = head_dim or hidden // heads
-    qkv_bias = arch == "Qwen2ForCausalLM"
+    qkv_bias = arch == "Qwen2ForCausalLM" or attention_bias
     rng = np.random.default_rng(seed)
 
     def lin(n_out, n_in):  # activations stay O(1) through the layers
@@ -72,6 +73,8 @@ def build_tiny_model(folder, *, arch="LlamaForCausalLM", hidden=64, layers=2, he
                 w[p + f"self_attn.{n}_proj.bias"] = (
                     0.5 * rng.standard_normal(size)).astype(np.float32)
         w[p + "self_attn.o_proj.weight"] = lin(hidden, heads * hd)
+        if attention_bias:      # as large as the residual stream: dropping it shows
+            w[p + "self_attn.o_proj.bias"] = (0.5 * rng.standard_normal(hidden)).astype(np.float32)
         w[p + "post_attention_layernorm.weight"] = norm_w(hidden)
         w[p + "mlp.gate_proj.weight"] = lin(intermediate, hidden)
         w[p + "mlp.up_proj.weight"] = lin(intermediate, hidden)
@@ -95,6 +98,8 @@ def build_tiny_model(folder, *, arch="LlamaForCausalLM", hidden=64, layers=2, he
     }
     if head_dim:
         config["head_dim"] = head_dim
+    if attention_bias:
+        config["attention_bias"] = True
     if rope_parameters is not None:
         config["rope_parameters"] = rope_parameters
     else:
