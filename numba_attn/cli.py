@@ -113,6 +113,54 @@ def generate(prompt, model_dir, max_tokens, temperature, top_k, top_p, min_p, re
                err=True)
 
 
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--model", "model_dir", metavar="DIR", default=None,
+              help="Hugging Face model folder. [default: the built-in demo model]")
+@click.option("--context", type=click.IntRange(min=2), default=None,
+              help="Window length in tokens, 2 to the model's context; the text is scored in "
+                   "non-overlapping windows of this many tokens. [default: the model's "
+                   "context, at most 4096]")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where to run: cpu or cuda.")
+@click.option("--weight-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True, help="Storage of the linear weights (as for generate).")
+def perplexity(file, model_dir, context, device, weight_dtype):
+    """Perplexity of the text in FILE under the model (lower is better): its token ids, BOS
+    first, in non-overlapping windows of --context tokens, each scoring its tokens after the
+    first. The number to compare across weight types, as llama.cpp's llama-perplexity."""
+    from .perplexity import perplexity as score
+    from .perplexity import windows
+
+    try:
+        with open(file, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise click.ClickException(f"text file not found: {file}") from None
+    except UnicodeDecodeError as e:
+        raise click.ClickException(f"{file} is not UTF-8 text ({e.reason} at byte "
+                                   f"{e.start})") from None
+    except OSError as e:
+        raise click.ClickException(f"cannot read {file}: {e.strerror}") from None
+    model, tokenizer, jit = load(model_dir, device=device, context=context,
+                                 weight_dtype=weight_dtype)
+    ids = tokenizer.encode(text)
+    if len(ids) < 2:
+        raise click.ClickException(f"{file} has {len(ids)} token; at least 2 are needed to "
+                                   f"score one")
+    n_windows = len(windows(len(ids), model.max_seq))
+    t0 = time.perf_counter()
+    with click.progressbar(length=n_windows, label="scoring", file=sys.stderr,
+                           hidden=not _isatty(sys.stderr)) as bar:
+        result = score(model, ids, on_window=lambda done, total: bar.update(1))
+    seconds = time.perf_counter() - t0
+    click.echo(f"perplexity {result.perplexity:.4f} over {result.scored_tokens} tokens "
+               f"({result.windows} window{'' if result.windows == 1 else 's'} of up to "
+               f"{model.max_seq} tokens, {model.weight_dtype} weights)")
+    click.echo(f"{len(ids)} tokens in {seconds:.2f} s ({len(ids) / seconds:.1f} tok/s) | {jit}",
+               err=True)
+
+
 # -- the steps every generating command shares: read, load, check room, report --
 
 def random_seed():

@@ -303,11 +303,12 @@ class Model:
         """Empty the KV cache: the next forward starts a new sequence at position 0."""
         self.cache.reset()
 
-    def forward(self, tokens, start_pos=0):
+    def forward(self, tokens, start_pos=0, *, all_logits=False):
         """Run tokens (1-D ints) at positions start_pos.. and return the float32 logits
         (vocab,) of the last one. start_pos 0 starts a new sequence; otherwise it must be the
         current cache length. The result is a host (NumPy) view of a buffer the next call
-        overwrites, on either device."""
+        overwrites, on either device. all_logits=True returns every position's logits,
+        (seq, vocab), in a new host array (for scoring a text)."""
         c, w = self.config, self.weights
         tokens = self._check_tokens(tokens, start_pos)
         seq = tokens.shape[0]
@@ -341,6 +342,11 @@ class Model:
             silu_mul(gate, up, out=gate)
             linear(gate, lw.down_proj, out=xb)                            # (seq, hidden)
             add(x, xb, out=x)
+
+        if all_logits:                                                    # (seq, vocab)
+            rmsnorm(x, w.norm, c.rms_norm_eps, out=xb)
+            logits = linear(xb, w.lm_head)
+            return copy_to_host(np.empty((seq, c.vocab_size), np.float32), logits)
 
         # final norm and logits, last position only
         last = rows(xb, 0, 1)
