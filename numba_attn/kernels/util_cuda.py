@@ -267,6 +267,64 @@ if not SIM:
 
         return sig, codegen
 
+    @intrinsic
+    def _load_words4(typingctx, arr, idx):
+        # the 4 32-bit words of the 16 bytes at a[idx] (an int8 or uint32 array, 16-byte
+        # aligned), as stored
+        if not (isinstance(arr, types.Array) and arr.dtype in (types.int8, types.uint32)):
+            return None
+        sig = types.UniTuple(types.uint32, 4)(arr, idx)
+
+        def codegen(context, builder, sig, args):
+            return context.make_tuple(builder, sig.return_type,
+                                      _load_words(context, builder, sig, args))
+
+        return sig, codegen
+
+    def _asm_codegen(text, constraints, sig):
+        # codegen of one PTX instruction on scalar registers, opaque to LLVM (fastmath cannot
+        # reassociate or approximate it)
+        ll = {types.int32: ir.IntType(32), types.uint32: ir.IntType(32),
+              types.float32: ir.FloatType()}
+
+        def codegen(context, builder, sig_, args):
+            vals = [context.cast(builder, v, t, want)
+                    for v, t, want in zip(args, sig_.args, sig.args)]
+            fnty = ir.FunctionType(ll[sig.return_type], [ll[t] for t in sig.args])
+            return builder.call(ir.InlineAsm(fnty, text, constraints), vals)
+
+        return codegen
+
+    _DP4A = types.int32(types.uint32, types.uint32, types.int32)
+    _DIV = types.float32(types.float32, types.float32)
+
+    @intrinsic
+    def _dp4a(typingctx, a, b, c):
+        # c + the sum of the 4 products of the signed bytes of a and b (exact in int32)
+        return (types.int32(a, b, c),
+                _asm_codegen("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", _DP4A))
+
+    @intrinsic
+    def _div_rn(typingctx, a, b):
+        # a / b rounded to nearest, as IEEE (fastmath would make it div.approx)
+        return types.float32(a, b), _asm_codegen("div.rn.f32 $0, $1, $2;", "=f,f,f", _DIV)
+
+    @device
+    def load16_words(a, i):
+        """The 16 bytes at a[i] (int8 array, i % 16 == 0, 16-byte aligned base; or uint32
+        array, i % 4 == 0) as 4 uint32 words, little-endian: byte j of word 0 is a[i + j]."""
+        return _load_words4(a, i)
+
+    @device
+    def dp4a(a, b, c):
+        """c + sum over j < 4 of signed byte j of a times signed byte j of b (int32)."""
+        return _dp4a(a, b, c)
+
+    @device
+    def div_rn(a, b):
+        """a / b in float32, correctly rounded even in a fastmath kernel (CPU's result)."""
+        return _div_rn(a, b)
+
     @device
     def load4(a, i):
         """a[i:i+4] of a float32 array as 4 float32 (i % 4 == 0, aligned base)."""
@@ -379,6 +437,24 @@ else:  # numba's CUDA simulator: plain Python, run per thread
     @cuda.jit(device=True)
     def store8(a, i, vals):
         _host(a)[i:i + CHUNK] = vals
+
+    @cuda.jit(device=True)
+    def load16_words(a, i):
+        h = _host(a)
+        if h.dtype == np.uint32:
+            return h[i:i + 4].copy()
+        assert i % 16 == 0
+        return h[i:i + 16].copy().view(np.uint32)
+
+    @cuda.jit(device=True)
+    def dp4a(a, b, c):
+        ab = np.array([a], np.uint32).view(np.int8).astype(np.int32)
+        bb = np.array([b], np.uint32).view(np.int8).astype(np.int32)
+        return np.int32(c + int((ab * bb).sum()))
+
+    @cuda.jit(device=True)
+    def div_rn(a, b):
+        return np.float32(a) / np.float32(b)
 
     @cuda.jit(device=True)
     def load4(a, i):

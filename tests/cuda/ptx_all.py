@@ -1,6 +1,7 @@
 """Compile every CUDA kernel of numba_attn to PTX for sm_90, for each storage type it takes,
 with no GPU and without the simulator (which checks no types): `python ptx_all.py` prints one
-line per kernel and exits 1 if any failed. Run by test_ptx.py in its own process.
+line per kernel and exits 1 if any failed. Run by test_ptx.py in its own process;
+`python ptx_all.py WORD...` compiles only the kernels whose name contains one of the words.
 
 Also checks the PTX for what would make a kernel slow without failing it: float64 arithmetic
 (a silent promotion such as `acc = 0.0`) and local-memory arrays (a register array indexed at
@@ -23,6 +24,7 @@ _dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capabil
 
 from numba_attn.kernels import (attention_cuda as A, linear_cuda as L, norm_cuda as N,  # noqa
                                 rope_cuda as R, softmax_cuda as S, tensor_cuda as TN)
+from numba_attn.kernels import linear_q8_cuda as Q8  # noqa: E402
 
 F32, F16, U16 = T.float32[::1], T.float16[::1], T.uint16[::1]
 STORAGE = {"f32": F32, "f16": F16, "bf16": U16}
@@ -82,13 +84,28 @@ def kernels():
     yield "workspace_zero", A._zero, (F32,)
     for st, W in STORAGE.items():
         yield f"embedding[{st}]", TN._embedding, (F32, W, T.int64[::1], I, I)
+    # Q8_0 weights: int8 codes, float16 scales
+    Q, H = T.int8[::1], T.float16[::1]
+    for wide in (True, False):
+        for xr in (1, 2, 4):
+            yield (f"gemv_q8[wide={wide},x rows={xr}]", Q8.gemv_kernel(wide, xr=xr),
+                   (F32, F32, Q, H, F32, I, I, I))
+    for rpw, unroll, threads in ((2, 2, 256), (1, 4, 256), (2, 4, 256), (4, 2, 128),
+                                 (1, 2, 512)):
+        yield (f"gemv_q8[rows/warp={rpw},unroll={unroll},threads={threads}]",
+               Q8.gemv_kernel(True, rpw, unroll, threads), (F32, F32, Q, H, F32, I, I, I))
+    yield "gemm_q8", Q8._gemm, (F32, F32, Q, H, F32, I, I, I)
+    yield "embedding_q8", Q8._embedding, (F32, Q, H, T.int64[::1], I, I)
     yield "add", TN._add, (F32, F32, F32, I)
     yield "split_qkv", TN._split_qkv, (F32, F32, F32, F32, I, I, I)
 
 
 def main():
     failed = []
+    words = sys.argv[1:]
     for name, k, sig in kernels():
+        if words and not any(w in name for w in words):
+            continue
         t = time.perf_counter()
         try:
             ptx, _ = cuda.compile_ptx(k.py_func, sig, cc=(9, 0),

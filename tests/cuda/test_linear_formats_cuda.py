@@ -1,0 +1,210 @@
+"""CUDA linear and embedding for the Q8_0 and bfloat16 weight formats (kernels/linear_q8_cuda.py,
+linear_bf16_cuda.py) against float64 references on the weights as stored, and their CPU twins.
+
+Q8_0 up to GEMV_MAX_M rows of x quantizes x per 32 values as the CPU twin does (llama.cpp's
+Q8_0 x Q8_0 dot product): the reference quantizes x by the same rule in NumPy and sums
+isum * d_w * d_x in float64. More rows: float x against the dequantized weights."""
+import ml_dtypes
+import numpy as np
+import pytest
+
+from numba_attn.formats import quantize_q8_0
+from numba_attn.kernels import linear_bf16_cuda, linear_q8_cuda
+from tests.cuda.conftest import MODE
+from tests.cuda.helpers import dev, poisoned, randn, rel_err
+from tests.reference import linear_ref
+
+GPU = MODE == "gpu"
+
+# out dims, in dims (multiples of 32, Q8_0's block), rows of x: awkward on purpose
+OUT, IN, ROWS = (1, 7, 33, 130), (32, 96, 160), (1, 3, 17)
+# the simulator runs every thread in Python: each value of each axis, not every combination
+SIM_CASES = [(1, 7, 96), (3, 33, 160), (17, 130, 32), (1, 130, 160), (3, 1, 32), (17, 7, 96),
+             (2, 33, 32), (5, 7, 64)]
+FULL_CASES = [(m, n, k) for m in ROWS for n in OUT for k in IN] + [
+    (1, 12288, 4096), (1, 4096, 11008), (4, 1000, 4096), (16, 4096, 4096), (512, 4096, 4096),
+    (37, 300, 4096)]
+CASES = FULL_CASES if GPU else SIM_CASES
+
+
+def q8_device(w):
+    return linear_q8_cuda.to_device(w)
+
+
+def quantize_x_ref(x):
+    """x (m, k) float32 -> (codes (m, k // 32, 32) int64, scales (m, k // 32) float32) by the
+    Q8_0 rule: d = max|x| / 127, codes roundf(x / d) with halves away from zero, in float32."""
+    m, k = x.shape
+    xb = x.reshape(m, k // 32, 32)
+    d = (np.abs(xb).max(-1) / np.float32(127)).astype(np.float32)
+    inv = np.zeros_like(d)
+    np.divide(np.float32(1), d, out=inv, where=d != 0)
+    v = (xb * inv[..., None]).astype(np.float32)
+    q = np.trunc(v)
+    q += np.sign(v) * (np.abs(v - q) >= 0.5)
+    return q.astype(np.int64), d
+
+
+def q8_ref(x, w, bias):
+    """The Q8_0 x Q8_0 product in float64: sum over blocks of isum * d_w * d_x, + bias."""
+    xq, xd = quantize_x_ref(x)
+    n, k = w.qs.shape
+    wq = w.qs.reshape(n, k // 32, 32).astype(np.int64)
+    isum = np.einsum("mbj,nbj->mnb", xq, wq)                         # exact block sums
+    y = (isum * w.d.astype(np.float64)[None] * xd.astype(np.float64)[:, None]).sum(-1)
+    return y + (bias.astype(np.float64) if bias is not None else 0)
+
+
+def case_data(m, n, k, bias_on):
+    rng = np.random.default_rng(m * 1000003 + n * 1009 + k)
+    x = randn(rng, m, k)
+    w = quantize_q8_0(randn(rng, n, k) / np.sqrt(k))
+    bias = randn(rng, n) if bias_on else np.zeros(0, np.float32)
+    return x, w, bias
+
+
+@pytest.mark.parametrize("bias_on", [True, False])
+@pytest.mark.parametrize("m,n,k", CASES)
+def test_linear_q8(m, n, k, bias_on):
+    x, w, bias = case_data(m, n, k, bias_on)
+    out = poisoned((m, n))
+    linear_q8_cuda.linear(out, dev(x), q8_device(w), dev(bias))
+    got = out.copy_to_host()
+    b = bias if bias_on else None
+    if m <= linear_q8_cuda.GEMV_MAX_M:     # x quantized as on the CPU
+        assert rel_err(got, q8_ref(x, w, b)) < 2e-6
+        # and near the float product (x's quantization error only)
+        assert rel_err(got, linear_ref(x, w.dequantize(), b)) < 2e-2
+    else:                                   # float x, dequantized w
+        assert rel_err(got, linear_ref(x, w.dequantize(), b)) < 2e-6
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 33, 96), (3, 7, 160), (17, 130, 32)] +
+                         ([(1, 4096, 4096), (16, 1000, 4096), (512, 1024, 4096)] if GPU else []))
+def test_linear_q8_matches_the_cpu_twin(m, n, k):
+    from numba_attn.kernels import linear_q8_cpu
+    x, w, bias = case_data(m, n, k, True)
+    out = poisoned((m, n))
+    linear_q8_cuda.linear(out, dev(x), q8_device(w), dev(bias))
+    cpu = np.empty((m, n), np.float32)
+    linear_q8_cpu.linear(cpu, x, w, bias)
+    np.testing.assert_allclose(out.copy_to_host(), cpu, rtol=1e-4, atol=1e-5)
+
+
+def test_q8_x_scale_zero_and_halves():
+    """A block of x all zeros (scale 0), values landing on .5 after scaling, and the extremes:
+    the codes of the CPU's rule."""
+    k = 96
+    x = np.zeros((1, k), np.float32)
+    x[0, 32:64] = np.arange(32) - 15.5               # max 15.5: v * 127 / 15.5 hits halves
+    x[0, 64:] = np.linspace(-3, 3, 32)
+    w = quantize_q8_0(randn(np.random.default_rng(3), 5, k))
+    out = poisoned((1, 5))
+    linear_q8_cuda.linear(out, dev(x), q8_device(w), dev(np.zeros(0, np.float32)))
+    assert rel_err(out.copy_to_host(), q8_ref(x, w, None)) < 2e-6
+
+
+# the GEMV's other shapes: rows of w per warp, blocks in flight, threads; x rows per block
+@pytest.mark.parametrize("shape", [(1, 4, 128), (4, 1, 64), (2, 4, 256)])
+@pytest.mark.parametrize("m,n,k", [(1, 33, 160), (3, 7, 96)] +
+                         ([(1, 12288, 4096), (4, 4096, 11008)] if GPU else []))
+def test_gemv_q8_shapes(monkeypatch, shape, m, n, k):
+    monkeypatch.setattr(linear_q8_cuda, "GEMV_SHAPE", shape)
+    test_linear_q8(m, n, k, False)
+
+
+def test_gemv_q8_several_slabs_unaligned_codes(monkeypatch):
+    """k past one slab of x (two quantizing rounds), and codes whose base is not 16-byte
+    aligned (the byte-load path)."""
+    monkeypatch.setattr(linear_q8_cuda, "X_SLAB", 64)
+    linear_q8_cuda.gemv_kernel.cache_clear()
+    try:
+        m, n, k = 2, 9, 160
+        x, w, bias = case_data(m, n, k, True)
+        buf = np.zeros(n * k + 3, np.int8)
+        buf[3:] = w.qs.reshape(-1)
+        qs = dev(buf)[3:]                            # a view 3 bytes in
+        assert not linear_q8_cuda.aligned(qs)
+        dw = linear_q8_cuda.DeviceQ8Matrix(qs.reshape(n, k) if hasattr(qs, "reshape") else qs,
+                                           dev(w.d))
+        out = poisoned((m, n))
+        linear_q8_cuda.linear(out, dev(x), dw, dev(bias))
+        assert rel_err(out.copy_to_host(), q8_ref(x, w, bias)) < 2e-6
+    finally:
+        linear_q8_cuda.gemv_kernel.cache_clear()
+
+
+EMBED = [(1, 32, 5), (3, 96, 11), (2, 320, 7)]
+EMBED_FULL = [(512, 4096, 32000), (1, 2048, 128256)]
+
+
+@pytest.mark.parametrize("seq,hidden,vocab", EMBED + (EMBED_FULL if GPU else []))
+def test_embedding_q8(seq, hidden, vocab):
+    rng = np.random.default_rng(seq * 31 + hidden)
+    table = quantize_q8_0(randn(rng, vocab, hidden))
+    tokens = rng.integers(0, vocab, seq)
+    tokens[0] = vocab - 1
+    if seq > 1:
+        tokens[1] = vocab + 5                        # clipped, as on the CPU
+    out = poisoned((seq, hidden))
+    linear_q8_cuda.embedding(out, q8_device(table), dev(tokens))
+    ref = table.dequantize()[np.clip(tokens, 0, vocab - 1)]
+    np.testing.assert_array_equal(out.copy_to_host(), ref)
+
+
+# --- bfloat16 ---------------------------------------------------------------------------
+
+BF16_SIM = [(1, 7, 96), (3, 33, 160), (17, 130, 32), (1, 1, 37), (5, 9, 40)]
+BF16_CASES = FULL_CASES if GPU else BF16_SIM
+
+
+def bf16_data(m, n, k):
+    rng = np.random.default_rng(m * 7919 + n * 31 + k)
+    x = randn(rng, m, k)
+    w = (randn(rng, n, k) / np.sqrt(k)).astype(ml_dtypes.bfloat16)   # NumPy bfloat16
+    bias = randn(rng, n)
+    return x, w, bias
+
+
+@pytest.mark.parametrize("m,n,k", BF16_CASES)
+def test_linear_bf16(m, n, k):
+    x, w, bias = bf16_data(m, n, k)
+    out = poisoned((m, n))
+    linear_bf16_cuda.linear(out, dev(x), linear_bf16_cuda.to_device(w), dev(bias))
+    assert rel_err(out.copy_to_host(), linear_ref(x, w.astype(np.float64), bias)) < 2e-6
+
+
+def test_linear_bf16_takes_bits_or_bfloat16():
+    """The weights as uint16 bits or as a device array of ml_dtypes.bfloat16: the same."""
+    x, w, bias = bf16_data(2, 9, 64)
+    ref = linear_ref(x, w.astype(np.float64), bias)
+    for wd in (dev(w.view(np.uint16)), linear_bf16_cuda.to_device(w)):
+        out = poisoned((2, 9))
+        linear_bf16_cuda.linear(out, dev(x), wd, dev(bias))
+        assert rel_err(out.copy_to_host(), ref) < 2e-6
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 33, 96), (17, 7, 160)] +
+                         ([(1, 4096, 4096), (512, 1024, 4096)] if GPU else []))
+def test_linear_bf16_matches_the_cpu_twin(m, n, k):
+    from numba_attn.kernels import linear_bf16_cpu
+    if not hasattr(linear_bf16_cpu, "linear"):
+        pytest.skip("linear_bf16_cpu has no linear yet")
+    x, w, bias = bf16_data(m, n, k)
+    out = poisoned((m, n))
+    linear_bf16_cuda.linear(out, dev(x), linear_bf16_cuda.to_device(w), dev(bias))
+    cpu = np.empty((m, n), np.float32)
+    linear_bf16_cpu.linear(cpu, x, w.view(np.uint16), bias)
+    np.testing.assert_allclose(out.copy_to_host(), cpu, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("seq,hidden,vocab", EMBED + (EMBED_FULL if GPU else []))
+def test_embedding_bf16(seq, hidden, vocab):
+    rng = np.random.default_rng(seq * 37 + hidden)
+    table = randn(rng, vocab, hidden).astype(ml_dtypes.bfloat16)
+    tokens = rng.integers(0, vocab, seq)
+    tokens[0] = vocab - 1
+    out = poisoned((seq, hidden))
+    linear_bf16_cuda.embedding(out, linear_bf16_cuda.to_device(table), dev(tokens))
+    np.testing.assert_array_equal(out.copy_to_host(),
+                                  table.astype(np.float32)[tokens])
