@@ -20,31 +20,41 @@ class WeightFormat:
     block_size: int        # consecutive weights along the input (last) axis sharing a block
     block_bytes: int       # bytes of one block (codes and scale)
     storage: np.dtype      # NumPy dtype of the stored elements (Q8_0: its codes)
-    devices: tuple         # backends whose kernels take it: "cpu", "cuda"
+    kernels: tuple         # (backend, kernel family) pairs: kernels/<family>_<backend>.py
 
     @property
     def bytes_per_weight(self):
         return self.block_bytes / self.block_size
 
+    @property
+    def devices(self):
+        """The backends whose kernels take this format: "cpu", "cuda"."""
+        return tuple(b for b, _ in self.kernels)
+
+    def family(self, backend):
+        """The linear kernel family running this format on backend (None where none does)."""
+        return dict(self.kernels).get(backend)
+
 
 FORMATS = {f.name: f for f in (
-    WeightFormat("float32", 1, 4, np.dtype(np.float32), ("cpu", "cuda")),
-    WeightFormat("bfloat16", 1, 2, np.dtype(ml_dtypes.bfloat16), ("cpu",)),
-    WeightFormat("float16", 1, 2, np.dtype(np.float16), ("cpu", "cuda")),
-    WeightFormat("q8_0", Q8_BLOCK, 2 + Q8_BLOCK, np.dtype(np.int8), ("cpu",)),
+    WeightFormat("float32", 1, 4, np.dtype(np.float32), (("cpu", "linear"), ("cuda", "linear"))),
+    WeightFormat("bfloat16", 1, 2, np.dtype(ml_dtypes.bfloat16), (("cpu", "linear_bf16"),)),
+    WeightFormat("float16", 1, 2, np.dtype(np.float16), (("cpu", "linear_bf16"),
+                                                          ("cuda", "linear"))),
+    WeightFormat("q8_0", Q8_BLOCK, 2 + Q8_BLOCK, np.dtype(np.int8), (("cpu", "linear_q8"),)),
 )}
 _BY_DTYPE = {f.storage: f for f in FORMATS.values() if f.block_size == 1}
 
 
 def weight_format(w):
-    """The WeightFormat of a weight (an array or a Q8Matrix) or of a format name."""
+    """The WeightFormat of a weight (an array or a Q8Matrix), a dtype or a format name."""
     if isinstance(w, str):
         if w not in FORMATS:
             raise ValueError(f"unknown weight format {w!r}; expected one of {', '.join(FORMATS)}")
         return FORMATS[w]
     if isinstance(w, Q8Matrix):
         return FORMATS["q8_0"]
-    dtype = getattr(w, "dtype", None)
+    dtype = w if isinstance(w, (np.dtype, type)) else getattr(w, "dtype", None)
     if dtype is None:
         raise TypeError(f"a weight must be an array or a Q8Matrix, got {type(w).__name__}")
     fmt = _BY_DTYPE.get(np.dtype(dtype))
@@ -159,7 +169,8 @@ def quantize_q8_0(w):
     d = np.empty((rows, cols // Q8_BLOCK), np.float32)
     if rows and _quantize_rows(qs, d, w32):
         raise ValueError("w holds NaN or infinite weights; Q8_0 needs finite values")
-    d16 = d.astype(np.float16)
+    with np.errstate(over="ignore"):
+        d16 = d.astype(np.float16)
     if not np.isfinite(d16).all():
         raise ValueError("w holds weights beyond float16's range times 127 (|w| > 8.3e6); "
                          "their Q8_0 scale would be infinite")

@@ -8,12 +8,14 @@ import numpy as np
 
 from . import checks
 from .backend import as_device, backend_of, device_id, empty, kernels, reshape, view
+from .formats import FORMATS, Q8Matrix, weight_format
 from .rope import RopeTable
 
 F32 = (np.float32,)
 _F32_DTYPE = np.dtype(np.float32)
 IDS = (np.int64,)
-# storage dtypes accepted for weights and K/V: float32 on the CPU; half precision on CUDA too
+# storage dtypes accepted for K/V: float32 on the CPU; half precision on CUDA too (weights: the
+# formats table, formats.FORMATS)
 STORAGE = {"cpu": (np.float32,), "cuda": (np.float32, np.float16)}
 
 
@@ -131,15 +133,44 @@ def apply_rope(x, table, start_pos=0, *, style="half", out=None):
     return out
 
 
+def _weight_format(name, w, backend):
+    """The WeightFormat of a weight argument, checked: a Q8Matrix, or a 2-D C-contiguous array
+    of a format the backend runs."""
+    if isinstance(w, Q8Matrix):
+        fmt = FORMATS["q8_0"]
+    else:
+        checks.array(name, w, ndim=2, dtypes=None, contiguous=False)
+        try:
+            fmt = weight_format(w)
+        except TypeError:
+            fmt = None
+    if fmt is None or backend not in fmt.devices:
+        got = fmt.name if fmt is not None else np.dtype(w.dtype).name
+        ok = [f.name for f in FORMATS.values() if backend in f.devices]
+        raise TypeError(f"{name} must have dtype float32, got {got}; weights on {backend} may be "
+                        f"{', '.join(ok[:-1])} or {ok[-1]} (a formats.Q8Matrix for q8_0)")
+    if not isinstance(w, Q8Matrix):
+        checks.array(name, w, dtypes=None)   # C-contiguous
+    return fmt
+
+
+def _weight_array(w):
+    """The array holding a weight's bytes (a Q8Matrix's codes), for the overlap checks."""
+    return w.qs if isinstance(w, Q8Matrix) else w
+
+
 def linear(x, w, bias=None, *, out=None):
     """x (..., in) @ w.T + bias -> (..., out), with w (out, in) as stored in checkpoints.
 
+    w is float32, or on the CPU bfloat16 (an ml_dtypes.bfloat16 array), float16 or a Q8Matrix
+    (formats.quantize_q8_0); float16 on CUDA. The products are summed in float32 (Q8_0: x is
+    quantized per 32 values too and the blocks' sums are exact in int32).
     One row (decode) is a matrix-vector product bound by reading w; many rows (prefill) a GEMM.
     A fused QKV projection is one w holding wq, wk and wv stacked along its first axis."""
-    backend = backend_of(x, w, bias, out)
+    backend = backend_of(x, _weight_array(w), bias, out)
     x, w, bias, out = _prepare(backend, x, w, bias, out)
     checks.array("x", x, ndim=(1, 2, 3, 4), dtypes=F32)
-    checks.array("w", w, ndim=2, dtypes=STORAGE[backend])
+    fmt = _weight_format("w", w, backend)
     n_out, n_in = w.shape
     if x.shape[-1] != n_in:
         raise ValueError(f"x has {x.shape[-1]} input features but w {tuple(w.shape)} expects "
@@ -148,14 +179,14 @@ def linear(x, w, bias=None, *, out=None):
         checks.array("bias", bias, ndim=1, dtypes=F32)
         checks.shape("bias", bias, (n_out,))
     out = _output("out", out, tuple(x.shape[:-1]) + (n_out,), backend,
-                  [("x", x), ("w", w), ("bias", bias)])
+                  [("x", x), ("w", _weight_array(w)), ("bias", bias)])
     if out is x or out is w or out is bias:  # _output lets `out is x` through; not in place here
         raise ValueError("out must not be x, w or bias: each output reads all of x; "
                          "pass a separate buffer")
     m = int(np.prod(x.shape[:-1], dtype=np.int64))
     no_bias = _empty((0,), backend) if bias is None else bias
-    kernels("linear", backend).linear(reshape(out, (m, n_out)), reshape(x, (m, n_in)), w,
-                                      no_bias)
+    kernels(fmt.family(backend), backend).linear(reshape(out, (m, n_out)),
+                                                 reshape(x, (m, n_in)), w, no_bias)
     return out
 
 
@@ -265,14 +296,18 @@ def attention(q, k, v, *, causal=True, scale=None, out=None):
 
 def embedding(table, tokens, *, out=None):
     """Rows of table (vocab, hidden) for the token ids tokens (seq,) int64 -> (seq, hidden)
-    float32. Ids outside [0, vocab) are clipped (check them first). On CUDA, tokens is a device
-    array too, and table may be float16 (a tied lm_head stored in half precision)."""
-    backend = backend_of(table, tokens, out)
+    float32. Ids outside [0, vocab) are clipped (check them first). table is in any weight
+    format its device runs (float32; bfloat16, float16 or a Q8Matrix on the CPU, whose picked
+    rows are dequantized; float16 on CUDA: a tied lm_head stored in half precision). On CUDA,
+    tokens is a device array too."""
+    backend = backend_of(_weight_array(table), tokens, out)
     table, tokens, out = _prepare(backend, table, tokens, out)
-    checks.array("table", table, ndim=2, dtypes=STORAGE[backend])
+    fmt = _weight_format("table", table, backend)
     checks.array("tokens", tokens, ndim=1, dtypes=IDS)
-    out = _output("out", out, (tokens.shape[0], table.shape[1]), backend, [("table", table)])
-    kernels("tensor", backend).embedding(out, table, tokens)
+    out = _output("out", out, (tokens.shape[0], table.shape[1]), backend,
+                  [("table", _weight_array(table))])
+    family = fmt.family(backend)   # float32 (CUDA: float16 too) in the tensor family
+    kernels("tensor" if family == "linear" else family, backend).embedding(out, table, tokens)
     return out
 
 

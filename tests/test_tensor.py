@@ -76,8 +76,8 @@ QKV = randn(3, 64)
 
 CASES = [
     ("table rank", ValueError, "table must have 2 dimensions", lambda: ops.embedding(TABLE[0], IDS)),
-    ("table dtype", TypeError, "table must have dtype float32, got float16",
-     lambda: ops.embedding(TABLE.astype(np.float16), IDS)),
+    ("table dtype", TypeError, "table must have dtype float32, got float64",
+     lambda: ops.embedding(TABLE.astype(np.float64), IDS)),
     ("ids dtype", TypeError, "tokens must have dtype int64, got int32",
      lambda: ops.embedding(TABLE, IDS.astype(np.int32))),
     ("ids rank", ValueError, "tokens must have 1 dimensions", lambda: ops.embedding(TABLE, IDS[None])),

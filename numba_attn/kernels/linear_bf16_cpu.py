@@ -1,0 +1,353 @@
+"""y = x @ w.T + bias on the CPU for 16-bit float weights (bfloat16, float16), w stored (out, in);
+the kernels take its bits (uint16) and a flag, half (float16) or not (bfloat16). Twin of
+linear_cpu.py, function for function; x, out and the sums are float32.
+
+Decode and a few rows (up to GEMV_MAX_ROWS) read w once, 2 bytes a weight, and are bound by
+memory: each weight is widened to float32 (bfloat16: its bits shifted up 16; float16: the
+F16C conversion) and multiplied in float32 FMAs, 4 rows of w a pass over x as linear_cpu's
+_dots4, with the same software prefetch. x is not rounded (vdpbf16ps would round it to
+bfloat16 and gain nothing where memory is the limit). The portable path is the same loop in
+plain numba (the widening as integer arithmetic), which LLVM vectorises.
+
+Prefill (more rows): with AVX-512 BF16, x rounded to bfloat16 once and a blocked vdpbf16ps
+GEMM (gemm_bf16) at twice float32's FMA rate; otherwise (and for float16) tiles of w widened
+to float32 in cache and NumPy's BLAS sgemm."""
+import numpy as np
+from llvmlite import ir
+from numba import float32, int32, njit, prange, types, uint64
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import cpu_pool
+from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, _add_bias
+from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, bits_as_float32, dpbf16ps, \
+    fast_path, float32_bits, fma, hsum, prefetch
+
+_VEC = 16     # weights per vector in _dots4_16 (32 bytes, widened to 512 bits)
+_UNROLL = 4   # vectors per row per loop step (4 accumulators a row, 128 bytes = 2 lines)
+# prefill without BF16: rows of w widened per BLAS call (their float32 tile about TILE_BYTES)
+TILE_BYTES = 1 << 21
+# prefill with BF16 (gemm_bf16): a micro-kernel computes MR rows of x against NR rows of w, in
+# MR * NR / 16 = 24 accumulators of 16 floats (of 32 registers); KC_PAIRS pairs of the input
+# axis per pass, so a packed panel of w (KC_PAIRS * NR * 4 = 16 KB) stays in L1 while every
+# block of rows of x (m * KC_PAIRS * 4 bytes, 256 KB at m = 512) passes, from L2
+MR = 12
+NR = 32
+KC_PAIRS = 128
+# from this many rows of x, the BF16 GEMM beats widening w to float32 for sgemm
+GEMM_BF16_MIN_ROWS = GEMV_MAX_ROWS + 1
+
+
+@njit(inline="always", cache=True)
+def bf16_to_float32(h):
+    # the float32 of bfloat16 bits h (uint16): the same bits in the upper half
+    return bits_as_float32(int32(h) << 16)
+
+
+@njit(inline="always", cache=True)
+def f16_to_float32(h):
+    # the float32 of float16 bits h (uint16), exact, without branches (so loops vectorise): the
+    # exponent and mantissa moved into float32's places and scaled by 2^(127 - 15), which
+    # rebiases normals and turns subnormals (exponent 0) into float32's own; inf and NaN keep
+    # the top exponent
+    b = int32(h)
+    mag = (b & 0x7FFF) << 13
+    f = bits_as_float32(mag) * float32(5.192296858534828e33)     # 2^112
+    f = bits_as_float32(mag | 0x7F800000) if (b & 0x7C00) == 0x7C00 else f
+    return -f if b & 0x8000 else f
+
+
+@njit(inline="always", cache=True)
+def to_float32(h, half):
+    # the float32 of 16-bit float bits: float16 when half, else bfloat16
+    return f16_to_float32(h) if half else bf16_to_float32(h)
+
+
+def _widen(builder, v, half):
+    """<n x i16> bits -> <n x float>: fpext of float16, or bfloat16's bits moved up 16."""
+    n = v.type.count
+    if half:
+        return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), n)),
+                             ir.VectorType(_F32, n))
+    wide = builder.shl(builder.zext(v, ir.VectorType(_I32, n)),
+                       ir.Constant(ir.VectorType(_I32, n), [16] * n))
+    return builder.bitcast(wide, ir.VectorType(_F32, n))
+
+
+def _make_dots4(half):
+    @intrinsic
+    def dots4(typingctx, x, w, ldw, nv):
+        """The dot products of 4 rows of w (16-bit floats) with x (float32) over their first
+        16 nv elements: (s0, s1, s2, s3). x, w are byte addresses (x contiguous; row i of w at
+        w + 2 i ldw). Each row's line PREFETCH_BYTES ahead is prefetched as the loop reaches a
+        line, past the row's end the same line 4 rows below (the next block of rows)."""
+        sig = types.UniTuple(types.float32, 4)(x, w, ldw, nv)
+
+        def codegen(context, builder, signature, args):
+            x, w, ldw, nv = [context.cast(builder, v, t, types.int64)
+                             for v, t in zip(args, signature.args)]
+            vf, vh = ir.VectorType(_F32, _VEC), ir.VectorType(ir.IntType(16), _VEC)
+            i16p = ir.PointerType(ir.IntType(16))
+            xp = builder.inttoptr(x, ir.PointerType(_F32))
+            rows = [builder.gep(builder.inttoptr(w, i16p), [builder.mul(ldw, ir.Constant(_I64, i))])
+                    for i in range(4)]
+            vfma = fma(builder, vf)
+            acc = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * _VEC))
+                    for _ in range(_UNROLL)] for _ in range(4)]
+
+            def step(c, u, pf):
+                # elements c..c+15 of x and of each row into accumulator u
+                xv = builder.load(builder.bitcast(builder.gep(xp, [c]), ir.PointerType(vf)),
+                                  align=4)
+                ahead = builder.add(c, ir.Constant(_I64, PREFETCH_BYTES // 2))
+                below = builder.add(ahead, builder.mul(ldw, ir.Constant(_I64, 3)))
+                ahead = builder.select(builder.icmp_signed(">=", ahead, ldw), below, ahead)
+                for i in range(4):
+                    if pf:
+                        prefetch(builder, builder.ptrtoint(builder.gep(rows[i], [ahead]), _I64), 0)
+                    wv = builder.load(builder.bitcast(builder.gep(rows[i], [c]),
+                                                      ir.PointerType(vh)), align=2)
+                    builder.store(builder.call(vfma, [_widen(builder, wv, half), xv,
+                                                      builder.load(acc[i][u])]), acc[i][u])
+
+            n_main = builder.udiv(nv, ir.Constant(_I64, _UNROLL))
+            with cgutils.for_range(builder, n_main) as loop:
+                base = builder.mul(loop.index, ir.Constant(_I64, _UNROLL * _VEC))
+                for u in range(_UNROLL):   # one prefetch per 64-byte line (32 elements)
+                    step(builder.add(base, ir.Constant(_I64, u * _VEC)), u, u % 2 == 0)
+            done = builder.mul(n_main, ir.Constant(_I64, _UNROLL))
+            with cgutils.for_range(builder, builder.sub(nv, done)) as loop:
+                step(builder.mul(builder.add(done, loop.index), ir.Constant(_I64, _VEC)), 0, True)
+            sums = []
+            for row in acc:
+                v = builder.load(row[0])
+                for a in row[1:]:
+                    v = builder.fadd(v, builder.load(a))
+                sums.append(hsum(builder, v))
+            return context.make_tuple(builder, signature.return_type, sums)
+        return sig, codegen
+    return dots4
+
+
+_dots4_bf16 = _make_dots4(False)
+_dots4_f16 = _make_dots4(True)
+
+
+@njit(inline="always", fastmath=True, cache=True)
+def _tail_rows(out, x, w, r0, half):
+    # rows r0..n-1 of w (fewer than GEMV_ROWS) against every row of x: out (m, n)
+    for r in range(r0, w.shape[0]):
+        for i in range(x.shape[0]):
+            acc = float32(0)
+            for j in range(w.shape[1]):
+                acc += to_float32(w[r, j], half) * x[i, j]
+            out[i, r] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _gemv_rows(out, x, w, half):
+    # x: (m, k) float32; w: (n, k) 16-bit float bits (uint16), float16 when half; out: (m, n).
+    # Each block of 4 rows of w (in cache after the first row of x) meets every row of x, the
+    # first k - k % 16 columns in the dots4 intrinsics, the rest here; one row is decode's GEMV
+    n, k = w.shape
+    m = x.shape[0]
+    nv = k // _VEC
+    k0 = nv * _VEC
+    xa, wa = x.ctypes.data, w.ctypes.data
+    for blk in prange((n + GEMV_ROWS - 1) // GEMV_ROWS):
+        r0 = blk * GEMV_ROWS
+        if r0 + GEMV_ROWS <= n:
+            for i in range(m):
+                if half:
+                    s0, s1, s2, s3 = _dots4_f16(xa + 4 * i * k, wa + 2 * r0 * k, k, nv)
+                else:
+                    s0, s1, s2, s3 = _dots4_bf16(xa + 4 * i * k, wa + 2 * r0 * k, k, nv)
+                for j in range(k0, k):
+                    xj = x[i, j]
+                    s0 += to_float32(w[r0, j], half) * xj
+                    s1 += to_float32(w[r0 + 1, j], half) * xj
+                    s2 += to_float32(w[r0 + 2, j], half) * xj
+                    s3 += to_float32(w[r0 + 3, j], half) * xj
+                out[i, r0], out[i, r0 + 1], out[i, r0 + 2], out[i, r0 + 3] = s0, s1, s2, s3
+        else:
+            _tail_rows(out, x, w, r0, half)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _gemv_rows_portable(out, x, w, half):
+    # as _gemv_rows in plain loops
+    n, k = w.shape
+    m = x.shape[0]
+    for blk in prange((n + GEMV_ROWS - 1) // GEMV_ROWS):
+        r0 = blk * GEMV_ROWS
+        if r0 + GEMV_ROWS <= n:
+            w0, w1, w2, w3 = w[r0], w[r0 + 1], w[r0 + 2], w[r0 + 3]
+            for i in range(m):
+                xi = x[i]
+                s0 = float32(0)
+                s1 = float32(0)
+                s2 = float32(0)
+                s3 = float32(0)
+                for j in range(k):
+                    u = uint64(j)    # unsigned: no negative-index wrap, so the loop vectorises
+                    xj = xi[u]
+                    s0 += to_float32(w0[u], half) * xj
+                    s1 += to_float32(w1[u], half) * xj
+                    s2 += to_float32(w2[u], half) * xj
+                    s3 += to_float32(w3[u], half) * xj
+                out[i, r0], out[i, r0 + 1], out[i, r0 + 2], out[i, r0 + 3] = s0, s1, s2, s3
+        else:
+            _tail_rows(out, x, w, r0, half)
+
+
+@njit(parallel=True, cache=True)
+def widen_rows(out, w, r0, half):
+    # out: (rows, k) float32 = rows r0.. of w (16-bit float bits, float16 when half) widened
+    rows, k = out.shape
+    for r in prange(rows):
+        for j in range(k):
+            out[r, j] = to_float32(w[r0 + r, uint64(j)], half)
+
+
+def _gemm_widened(out, x, w, half):
+    # x: (m, k) float32; w: (n, k) bits; out: (m, n). Tiles of w widened to float32, then sgemm
+    n, k = w.shape
+    step = max(GEMV_ROWS, min(n, TILE_BYTES // (4 * k)))
+    tile = np.empty((step, k), np.float32)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        t = tile[:r1 - r0]
+        cpu_pool.run(widen_rows, t.size, t, w, r0, half)
+        np.matmul(x, t.T, out=out[:, r0:r1])
+
+
+@njit(inline="always", cache=True)
+def round_bf16(f):
+    # float32 -> bfloat16 bits (uint32 < 2^16), rounded to nearest, ties to even
+    b = np.uint32(float32_bits(f))
+    return (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+
+
+@njit(parallel=True, cache=True)
+def pack_x_bf16(ap, x):
+    # x: (m, k) float32 -> ap: (ceil(m / MR), ceil(k / 2), MR) uint32: for each block of MR rows
+    # and each pair p of the input axis, the rows' bfloat16 pairs (x[i, 2p] low, x[i, 2p+1]
+    # high); rows and columns past x are zeros
+    m, k = x.shape
+    mb, kp, mr = ap.shape
+    for ib in prange(mb):
+        for p in range(kp):
+            for i in range(mr):
+                r = ib * mr + i
+                lo = np.uint32(0)
+                hi = np.uint32(0)
+                if r < m:
+                    lo = round_bf16(x[r, 2 * p])
+                    if 2 * p + 1 < k:
+                        hi = round_bf16(x[r, 2 * p + 1])
+                ap[ib, p, i] = lo | (hi << np.uint32(16))
+
+
+@intrinsic
+def _tile_bf16(typingctx, c, a, b, kc):
+    """C = A B^T for one MR x NR tile over kc pairs of the input axis, with vdpbf16ps. Byte
+    addresses: c the (MR, NR) float32 tile, written; a the (kc, MR) bfloat16 pairs of x's rows
+    (pack_x_bf16); b the (kc, NR) pairs of w's rows. Each step broadcasts a row's pair against
+    NR / 16 vectors of w's pairs."""
+    sig = types.void(c, a, b, kc)
+
+    def codegen(context, builder, signature, args):
+        c, a, b, kc = [context.cast(builder, v, t, types.int64)
+                       for v, t in zip(args, signature.args)]
+        vi, vf = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
+        nv = NR // 16
+        dot = dpbf16ps(builder)
+        acc = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * 16))
+                for _ in range(nv)] for _ in range(MR)]
+        ip = ir.PointerType(_I32)
+        with cgutils.for_range(builder, kc) as loop:
+            p = loop.index
+            bp = builder.add(b, builder.mul(p, ir.Constant(_I64, 4 * NR)))
+            bv = [builder.load(builder.inttoptr(builder.add(bp, ir.Constant(_I64, 64 * v)),
+                                                ir.PointerType(vi)), align=4)
+                  for v in range(nv)]
+            ap = builder.add(a, builder.mul(p, ir.Constant(_I64, 4 * MR)))
+            for i in range(MR):
+                ai = builder.load(builder.inttoptr(builder.add(ap, ir.Constant(_I64, 4 * i)), ip),
+                                  align=4)
+                splat = builder.shuffle_vector(
+                    builder.insert_element(ir.Constant(vi, None), ai, ir.Constant(_I32, 0)),
+                    ir.Constant(vi, None), ir.Constant(vi, [0] * 16))
+                for v in range(nv):
+                    builder.store(builder.call(dot, [builder.load(acc[i][v]), splat, bv[v]]),
+                                  acc[i][v])
+        for i in range(MR):
+            for v in range(nv):
+                addr = builder.add(c, ir.Constant(_I64, 4 * (i * NR + 16 * v)))
+                builder.store(builder.load(acc[i][v]),
+                              builder.inttoptr(addr, ir.PointerType(vf)), align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@njit(parallel=True, cache=True)
+def _gemm_bf16(out, ap, w2):
+    # out: (m, n) float32, zeros on entry; ap: x packed by pack_x_bf16; w2: (n, kp) uint32, w's
+    # bfloat16 bits two a word. For each KC_PAIRS slice of the input axis, a parallel loop over
+    # panels of NR rows of w: the panel packed (KC_PAIRS, NR) in L1, then every MR block of x's
+    # rows against it, each tile added into out
+    m, n = out.shape
+    mb, kp, _ = ap.shape
+    ap_a = ap.ctypes.data
+    for p0 in range(0, kp, KC_PAIRS):
+        kc = min(KC_PAIRS, kp - p0)
+        for jb in prange((n + NR - 1) // NR):
+            j0 = jb * NR
+            nr = min(NR, n - j0)
+            bp = np.zeros((kc, NR), np.uint32)      # (kc, NR): pair p of row j0 + c at [p, c]
+            for c in range(nr):
+                for p in range(kc):
+                    bp[p, c] = w2[j0 + c, p0 + p]
+            tile = np.empty((MR, NR), np.float32)
+            for ib in range(mb):
+                _tile_bf16(tile.ctypes.data, ap_a + 4 * (ib * kp + p0) * MR, bp.ctypes.data, kc)
+                i0 = ib * MR
+                for i in range(min(MR, m - i0)):
+                    for c in range(nr):
+                        out[i0 + i, j0 + c] += tile[i, c]
+
+
+def gemm_bf16(out, x, w):
+    # x: (m, k) float32; w: (n, k) bfloat16 bits (uint16); out: (m, n). x rounded to bfloat16
+    # once, then the blocked vdpbf16ps GEMM (products of bfloat16s exact in float32, sums float32)
+    m, k = x.shape
+    if k % 2:   # pairs along the input axis: an odd length gets a zero column
+        w = np.concatenate([w, np.zeros((w.shape[0], 1), np.uint16)], axis=1)
+    ap = np.empty(((m + MR - 1) // MR, (k + 1) // 2, MR), np.uint32)
+    pack_x_bf16(ap, x)
+    out[...] = 0
+    _gemm_bf16(out, ap, w.view(np.uint32))
+
+
+def linear(out, x, w, bias):
+    # x: (m, k) float32; w: (n, k) bfloat16 (ml_dtypes) or float16; bias: (n,) or (0,);
+    # out: (m, n)
+    m = x.shape[0]
+    half = w.dtype == np.float16
+    bits = w.view(np.uint16)
+    if m <= GEMV_MAX_ROWS:
+        gemv = _gemv_rows if fast_path() else _gemv_rows_portable
+        cpu_pool.run(gemv, m * w.size, out, x, bits, half)
+    elif not half and m >= GEMM_BF16_MIN_ROWS and fast_path("avx512bf16"):
+        gemm_bf16(out, x, bits)
+    else:
+        _gemm_widened(out, x, bits, half)
+    if bias.shape[0]:
+        cpu_pool.run(_add_bias, out.size, out, bias)
+
+
+def embedding(out, table, tokens):
+    # out: (seq, hidden) float32; table: (vocab, hidden) bfloat16 or float16; tokens: (seq,)
+    # int64, clipped to [0, vocab): the picked rows widened
+    ids = np.clip(tokens, 0, table.shape[0] - 1)
+    np.copyto(out, table[ids], casting="unsafe")

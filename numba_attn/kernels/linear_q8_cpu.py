@@ -1,0 +1,272 @@
+"""y = x @ w.T + bias on the CPU for Q8_0 weights (formats.Q8Matrix: int8 codes qs (n, k) and a
+float16 scale d per 32 weights, (n, k // 32)). Twin of linear_cpu.py, function for function, as
+llama2.c's runq.c mirrors run.c.
+
+Decode and a few rows (up to GEMV_MAX_ROWS) read w once, 34 bytes per 32 weights. x is
+quantized the same way first (per 32 values: int8 codes and a float32 scale), so each block's
+dot product is exact in int32 and a row's result is the sum over blocks of d_w d_x isum, as
+llama.cpp's Q8_0 x Q8_0 dot product. Two paths:
+  - AVX-512 VNNI (fast_path("avx512vnni")): vpdpbusd multiplies 64 unsigned bytes by 64 signed
+    bytes and adds each 4 products into an int32 lane, so one instruction covers two blocks of
+    a row. w's codes are made unsigned by flipping their top bit (w + 128), and the excess,
+    128 sum(x codes) per block, is taken off by starting the int32 lanes at -16 sum (8 lanes a
+    block); then each lane's int32 is scaled by its block's d_w d_x into a float accumulator.
+  - portable: plain loops, the 32 products of a block in int32 (LLVM vectorises them).
+Both give the same int32 block sums; only the float additions' order differs.
+
+Prefill (more rows) is compute-bound: tiles of w are dequantized into a float32 buffer that
+stays in cache and multiplied by NumPy's BLAS sgemm."""
+import numpy as np
+from llvmlite import ir
+from numba import float32, int32, njit, prange, types, uint64
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import cpu_pool
+from .linear_bf16_cpu import f16_to_float32
+from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, _add_bias
+from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, fast_path, fma, hsum, prefetch, \
+    vpdpbusd
+from ..formats import Q8_BLOCK, roundf
+
+# prefill: rows of w dequantized per BLAS call (their float32 tile about TILE_BYTES, in L2/L3)
+TILE_BYTES = 1 << 21
+_UNROLL = 2   # block pairs per loop step in _dots4_vnni (2 accumulators a row)
+
+
+@njit(cache=True)
+def _quantize_x(xq, xc, xd, x):
+    # x: (m, k) float32 -> per block of 32: codes xq (m, k) (int8, or float32 for the portable
+    # path) and scales xd (m, k // 32)
+    # float32 by the Q8_0 rule; xc (m, k // 32) int32 = -16 * (sum of the block's codes), the
+    # VNNI path's starting lanes (8 lanes a block take off 128 * sum)
+    m, k = x.shape
+    for i in range(m):
+        for b in range(k // 32):
+            j0 = b * 32
+            amax = float32(0)
+            for j in range(j0, j0 + 32):
+                amax = max(amax, abs(x[i, j]))
+            d = amax / float32(127)
+            inv = float32(1) / d if d != 0 else float32(0)
+            s = int32(0)
+            for j in range(j0, j0 + 32):
+                q = int32(roundf(x[i, j] * inv))
+                xq[i, j] = q
+                s += q
+            xd[i, b] = d
+            xc[i, b] = -16 * s
+
+
+@intrinsic
+def _dots4_vnni(typingctx, xq, xc, xd, wq, wd, k, nb2):
+    """The dot products of 4 rows of w with one row of x over their first 2 nb2 blocks:
+    (s0, s1, s2, s3). Byte addresses: xq the row's int8 codes, xc its int32 starting lanes and
+    xd its float32 scales (one per block); wq row r0's codes (row i at wq + i k), wd row r0's
+    float16 scales (row i at wd + i k / 16). Each row's line PREFETCH_BYTES ahead is
+    prefetched, past the row's end the same line 4 rows below (the next block of rows)."""
+    sig = types.UniTuple(types.float32, 4)(xq, xc, xd, wq, wd, k, nb2)
+
+    def codegen(context, builder, signature, args):
+        xq, xc, xd, wq, wd, k, nb2 = [context.cast(builder, v, t, types.int64)
+                                      for v, t in zip(args, signature.args)]
+        vi, vf = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
+        v2i, v2f, v2h = ir.VectorType(_I32, 2), ir.VectorType(_F32, 2), ir.VectorType(ir.HalfType(), 2)
+        spread = ir.Constant(ir.VectorType(_I32, 16), [0] * 8 + [1] * 8)  # block 0 | block 1
+        flip = ir.Constant(vi, [0x80808080 - (1 << 32)] * 16)              # each byte's top bit
+        dot, vfma = vpdpbusd(builder), fma(builder, vf)
+        acc = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * 16)) for _ in range(4)]
+               for _ in range(_UNROLL)]
+
+        def load(addr, t, align):
+            return builder.load(builder.inttoptr(addr, ir.PointerType(t)), align=align)
+
+        nb = builder.udiv(k, ir.Constant(_I64, 32))
+
+        def step(p, u, pf):
+            # block pair p (64 bytes of each row) into accumulators u
+            off = builder.mul(p, ir.Constant(_I64, 64))          # byte offset in the rows
+            xv = load(builder.add(xq, off), vi, 1)               # 2 blocks of x codes
+            c2 = load(builder.add(xc, builder.mul(p, ir.Constant(_I64, 8))), v2i, 4)
+            init = builder.shuffle_vector(c2, c2, spread)        # -16 sum per lane of a block
+            dx2 = load(builder.add(xd, builder.mul(p, ir.Constant(_I64, 8))), v2f, 4)
+            ahead = builder.add(off, ir.Constant(_I64, PREFETCH_BYTES))
+            ahead = builder.select(builder.icmp_signed(">=", ahead, k),
+                                   builder.add(ahead, builder.mul(k, ir.Constant(_I64, 3))),
+                                   ahead)
+            for i in range(4):
+                row = builder.add(wq, builder.mul(k, ir.Constant(_I64, i)))
+                if pf:
+                    prefetch(builder, builder.add(row, ahead), 0)
+                wv = builder.xor(load(builder.add(row, off), vi, 1), flip)   # codes + 128
+                isum = builder.call(dot, [init, wv, xv])                     # exact block sums
+                # this row's two float16 scales, times x's, one per lane of its block
+                dw = builder.add(wd, builder.add(builder.mul(nb, ir.Constant(_I64, 2 * i)),
+                                                 builder.mul(p, ir.Constant(_I64, 4))))
+                s2 = builder.fmul(builder.fpext(load(dw, v2h, 2), v2f), dx2)
+                scale = builder.shuffle_vector(s2, s2, spread)
+                builder.store(builder.call(vfma, [builder.sitofp(isum, vf), scale,
+                                                  builder.load(acc[u][i])]), acc[u][i])
+
+        n_main = builder.udiv(nb2, ir.Constant(_I64, _UNROLL))
+        with cgutils.for_range(builder, n_main) as loop:
+            base = builder.mul(loop.index, ir.Constant(_I64, _UNROLL))
+            for u in range(_UNROLL):
+                step(builder.add(base, ir.Constant(_I64, u)), u, True)
+        done = builder.mul(n_main, ir.Constant(_I64, _UNROLL))
+        with cgutils.for_range(builder, builder.sub(nb2, done)) as loop:
+            step(builder.add(done, loop.index), 0, True)
+        for u in range(1, _UNROLL):
+            for i in range(4):
+                builder.store(builder.fadd(builder.load(acc[0][i]), builder.load(acc[u][i])),
+                              acc[0][i])
+        sums = [hsum(builder, builder.load(a)) for a in acc[0]]
+        return context.make_tuple(builder, signature.return_type, sums)
+    return sig, codegen
+
+
+@njit(inline="always", fastmath=True, cache=True)
+def _block_dot(wq, wd, r, xq, xd, i, b):
+    # block b of row r of w against block b of row i of x: d_w d_x isum. The products of codes
+    # and their sums (|sum| <= 32 * 127^2 < 2^24) are exact in float32, in any order
+    j0 = uint64(b * 32)
+    s = float32(0)
+    for j in range(32):
+        u = j0 + uint64(j)     # unsigned: no negative-index wrap, so the 32 steps vectorise
+        s += float32(wq[r, u]) * float32(xq[i, u])
+    return s * (f16_to_float32(wd[r, b]) * xd[i, b])
+
+
+@njit(inline="always", fastmath=True, cache=True)
+def _dots4_portable(wq, wd, r0, xq, xd, i, nb):
+    # rows r0..r0+3 of w against row i of x (codes as float32) over their first nb blocks.
+    # Each block's 32 products summed in float32 are exact (integers below 2^24), the same
+    # block sums as VNNI's int32
+    w0, w1, w2, w3, x = wq[r0], wq[r0 + 1], wq[r0 + 2], wq[r0 + 3], xq[i]
+    s0 = float32(0)
+    s1 = float32(0)
+    s2 = float32(0)
+    s3 = float32(0)
+    for b in range(nb):
+        j0 = uint64(b * 32)
+        t0 = float32(0)
+        t1 = float32(0)
+        t2 = float32(0)
+        t3 = float32(0)
+        for j in range(32):
+            u = j0 + uint64(j)     # unsigned: no negative-index wrap, so the 32 steps vectorise
+            xj = x[u]
+            t0 += float32(w0[u]) * xj
+            t1 += float32(w1[u]) * xj
+            t2 += float32(w2[u]) * xj
+            t3 += float32(w3[u]) * xj
+        dx = xd[i, b]
+        s0 += t0 * (f16_to_float32(wd[r0, b]) * dx)
+        s1 += t1 * (f16_to_float32(wd[r0 + 1, b]) * dx)
+        s2 += t2 * (f16_to_float32(wd[r0 + 2, b]) * dx)
+        s3 += t3 * (f16_to_float32(wd[r0 + 3, b]) * dx)
+    return s0, s1, s2, s3
+
+
+@njit(inline="always", fastmath=True, cache=True)
+def _tail_rows(out, xq, xd, wq, wd, r0):
+    # rows r0..n-1 of w (fewer than GEMV_ROWS) against every row of x: out (m, n)
+    for r in range(r0, wq.shape[0]):
+        for i in range(xq.shape[0]):
+            s = float32(0)
+            for b in range(wd.shape[1]):
+                s += _block_dot(wq, wd, r, xq, xd, i, b)
+            out[i, r] = s
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _gemv_rows(out, xq, xc, xd, wq, wd):
+    # AVX-512 VNNI. xq: (m, k) int8, xc: (m, nb) int32, xd: (m, nb) float32 (nb = k // 32);
+    # wq: (n, k) int8; wd: (n, nb) float16 bits (uint16); out: (m, n). Each block of 4 rows of
+    # w (in cache after the first row of x) meets every row of x; one row is decode's GEMV
+    n, k = wq.shape
+    m, nb = xd.shape
+    nb2 = nb // 2
+    xqa, xca, xda = xq.ctypes.data, xc.ctypes.data, xd.ctypes.data
+    wqa, wda = wq.ctypes.data, wd.ctypes.data
+    for blk in prange((n + GEMV_ROWS - 1) // GEMV_ROWS):
+        r0 = blk * GEMV_ROWS
+        if r0 + GEMV_ROWS <= n:
+            for i in range(m):
+                s0, s1, s2, s3 = _dots4_vnni(xqa + i * k, xca + 4 * i * nb, xda + 4 * i * nb,
+                                             wqa + r0 * k, wda + 2 * r0 * nb, k, nb2)
+                if nb % 2:   # an odd block count: the last block here
+                    b = nb - 1
+                    s0 += _block_dot(wq, wd, r0, xq, xd, i, b)
+                    s1 += _block_dot(wq, wd, r0 + 1, xq, xd, i, b)
+                    s2 += _block_dot(wq, wd, r0 + 2, xq, xd, i, b)
+                    s3 += _block_dot(wq, wd, r0 + 3, xq, xd, i, b)
+                out[i, r0], out[i, r0 + 1], out[i, r0 + 2], out[i, r0 + 3] = s0, s1, s2, s3
+        else:
+            _tail_rows(out, xq, xd, wq, wd, r0)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _gemv_rows_portable(out, xq, xc, xd, wq, wd):
+    # as _gemv_rows in plain loops; xq: (m, k) float32 codes (xc unused: no unsigned bytes)
+    n = wq.shape[0]
+    m, nb = xd.shape
+    for blk in prange((n + GEMV_ROWS - 1) // GEMV_ROWS):
+        r0 = blk * GEMV_ROWS
+        if r0 + GEMV_ROWS <= n:
+            for i in range(m):
+                out[i, r0], out[i, r0 + 1], out[i, r0 + 2], out[i, r0 + 3] = _dots4_portable(
+                    wq, wd, r0, xq, xd, i, nb)
+        else:
+            _tail_rows(out, xq, xd, wq, wd, r0)
+
+
+@njit(parallel=True, cache=True)
+def dequantize_rows(out, wq, wd, r0):
+    # out: (rows, k) float32 = rows r0.. of w dequantized; wq: (n, k) int8; wd: (n, k // 32)
+    # float16 bits
+    rows, k = out.shape
+    for r in prange(rows):
+        for b in range(k // 32):
+            d = f16_to_float32(wd[r0 + r, b])
+            for j in range(b * 32, b * 32 + 32):
+                out[r, j] = float32(wq[r0 + r, j]) * d
+
+
+def _gemm(out, x, wq, wd):
+    # x: (m, k) float32, m > GEMV_MAX_ROWS; out: (m, n). Tiles of w dequantized, then sgemm
+    n, k = wq.shape
+    step = max(GEMV_ROWS, min(n, TILE_BYTES // (4 * k)))
+    tile = np.empty((step, k), np.float32)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        t = tile[:r1 - r0]
+        cpu_pool.run(dequantize_rows, t.size, t, wq, wd, r0)
+        np.matmul(x, t.T, out=out[:, r0:r1])
+
+
+def linear(out, x, w, bias):
+    # x: (m, k) float32; w: Q8Matrix (n, k); bias: (n,) or (0,); out: (m, n)
+    m, k = x.shape
+    wq, wd = w.qs, w.d.view(np.uint16)
+    if m <= GEMV_MAX_ROWS:
+        nb = k // Q8_BLOCK
+        fast = fast_path("avx512vnni")
+        xq = np.empty((m, k), np.int8 if fast else np.float32)  # x's codes
+        xc = np.empty((m, nb), np.int32)
+        xd = np.empty((m, nb), np.float32)
+        _quantize_x(xq, xc, xd, x)
+        gemv = _gemv_rows if fast else _gemv_rows_portable
+        cpu_pool.run(gemv, m * wq.size, out, xq, xc, xd, wq, wd)
+    else:
+        _gemm(out, x, wq, wd)
+    if bias.shape[0]:
+        cpu_pool.run(_add_bias, out.size, out, bias)
+
+
+def embedding(out, table, tokens):
+    # out: (seq, hidden) float32; table: Q8Matrix (vocab, hidden); tokens: (seq,) int64, clipped
+    # to [0, vocab): the picked rows dequantized
+    ids = np.clip(tokens, 0, table.shape[0] - 1)
+    wq, wd = table.qs[ids], table.d.view(np.uint16)[ids]
+    dequantize_rows(out, wq, wd, 0)
