@@ -375,3 +375,227 @@ def test_jit_table_format():
     assert "| all first calls |" in format_jit(res, "md")
     assert json.loads(format_jit(res, "json"))["warm"]["compiled"] == 0
     assert "apply_rope half,3.0,0.03" in format_jit(res, "csv")
+
+
+# -- the layer breakdown times every stage on the layer's values -------------------------------
+
+TINY_LAYER = dict(hidden=64, intermediate=176, n_heads=4, n_kv_heads=2, head_dim=16,
+                  n_layers=2, vocab=256)
+
+
+@pytest.mark.filterwarnings("error")     # inf/NaN reaching a NumPy matmul fails the run
+def test_model_breakdown_alone_agrees_with_in_layer(tiny_folder):
+    """silu_mul works in place in the layer; alone, looped thousands of times, it must not
+    compound (its values overflowed to inf/NaN and the stages after it ran on them)."""
+    res = json.loads(ok(["model", "--model", tiny_folder, "-p", "32", "-n", "0", "--repeat",
+                         "3", "--time-budget", "0.05", "--limits", "none",
+                         "--format", "json"]).stdout)
+    for label, bd in res["breakdown"].items():
+        for r in bd["rows"]:
+            if r.get("alone"):
+                ratio = r["alone"]["median"] / r["median"]
+                assert 1 / 4 < ratio < 4, (label, r["stage"], r["median"], r["alone"])
+
+
+@pytest.mark.parametrize("seq, pos", [(5, 0), (1, 7)])
+def test_layer_stages_alone_is_repeatable(seq, pos):
+    """Each stage run alone many times leaves what the layer leaves once: the down
+    projection after 500 silu_mul calls reads the layer's values."""
+    import numpy as np
+
+    from numba_attn.bench import model as M
+    stages, layer = M.layer_stages(M.LayerShape(**TINY_LAYER), seq, pos)
+    by_name = {s.name: s for s in stages}
+    layer()
+    want = np.array(by_name["mlp down projection"].fn())
+    q_want = np.array(by_name["attention"].fn())
+    for s in stages:
+        if s.setup is not None:
+            s.setup()
+        for _ in range(500 if s.name in ("silu_mul", "rope") else 2):
+            got = s.alone()
+        if s.name == "attention":
+            np.testing.assert_allclose(got, q_want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(by_name["mlp down projection"].alone(), want, rtol=1e-5,
+                               atol=1e-6)
+
+
+# -- never a negative time, never above 100% of a limit ----------------------------------------
+
+def _diff(a, b):
+    return timing.difference(timing.summarize(a), timing.summarize(b)).to_dict()
+
+
+def test_difference_within_noise_is_not_a_negative_time():
+    a = [1.00e-3, 1.20e-3, 0.90e-3, 1.10e-3, 1.05e-3]
+    b = [1.02e-3, 1.25e-3, 0.88e-3, 1.15e-3, 1.06e-3]
+    d = _diff(a, b)
+    assert d["median"] < 0 and d["ci_low"] < 0 < d["ci_high"]
+    time, ci = report.format_difference(d)
+    noise = timing.format_time((d["ci_high"] - d["ci_low"]) / 2)
+    assert time == f"~0 (within ±{noise} noise)" and ci == ""
+
+
+def test_difference_below_and_above_noise():
+    slow, fast = [2.0e-3, 2.01e-3, 1.99e-3, 2.0e-3], [1.0e-3, 1.01e-3, 0.99e-3, 1.0e-3]
+    time, ci = report.format_difference(_diff(fast, slow))     # the first saves 1 ms
+    assert time == "saves 1.00 ms" and ci.startswith("±") and "-" not in time + ci
+    time, ci = report.format_difference(_diff(slow, fast))
+    assert time == "1.00 ms" and ci.startswith("[") and "-" not in time + ci
+
+
+def test_unaccounted_never_negative():
+    assert report._unaccounted({"median": -3e-6, "noise": 5e-6}) == \
+        "~0 (within ±5.00 us noise)"
+    assert report._unaccounted({"median": -30e-6, "noise": 5e-6}) == \
+        "~0 (the stages' medians add up to 30.0 us more)"
+    assert report._unaccounted({"median": 30e-6, "noise": 5e-6}) == "30.0 us"
+
+
+class _Limits:
+    read_gbs, sgemm_gflops, cache_read_gbs = 30.0, 200.0, 120.0
+
+
+def test_roofline_never_above_the_limit():
+    from numba_attn.bench.limits import roofline
+    assert roofline(15.0, None, _Limits) == ("memory", 0.5)
+    assert roofline(60.0, None, _Limits) == ("cache", 0.5)         # faster than memory
+    assert roofline(300.0, None, _Limits) == ("cache", None)       # faster than that too
+    no_cache = type("L", (), {"read_gbs": 30.0, "sgemm_gflops": None})
+    assert roofline(60.0, None, no_cache) == ("cache", None)
+    assert roofline(1.0, 300.0, _Limits) == ("compute", None)
+    assert roofline(1.0, 100.0, _Limits) == ("compute", 0.5)
+    assert report._share({"bound": "cache", "share": 0.5}) == "50% cache BW"
+    assert report._share({"bound": "cache", "share": None}) == "in cache"
+    assert report._share({"bound": "compute", "share": None}) == "above sgemm"
+    assert report._share({"bound": "memory", "share": 0.61}) == "61% read BW"
+
+
+def test_kernels_table_negative_difference_and_cache_rows():
+    """A table with a difference below zero and a row faster than memory: no negative time,
+    no share above 100%."""
+    import re
+    res = json.loads(ok(["--ops", "causal_mask,rope_forward", "--sizes", "8", "--format",
+                         "json"] + TINY).stdout)
+    for r in res["rows"]:
+        if r["variant"] == "in softmax":                # within its noise, then below it
+            r["ours"] = _diff([1.0, 1.2, 0.9, 1.1], [1.02, 1.25, 0.88, 1.15]) | \
+                {"parts": {"with": timing.summarize([1.0]).to_dict(),
+                           "without": timing.summarize([1.02]).to_dict()}}
+        if r["op"] == "rope_forward":
+            r["gbs"], r["bound"], r["share"] = 300.0, "cache", None
+    res["limits"] = {"cpu": {"device": "cpu", "read_gbs": 30.0, "readers": {"x": 30.0},
+                             "copy_gbs": 20.0, "sgemm_gflops": 200.0, "sgemm_source": "s",
+                             "cache_read_gbs": 120.0}}
+    text = report.format_result(res, "text")
+    table = text.split("\n\n")[1]
+    assert not re.search(r"(?<![\w.])-\d", table), table          # no negative number
+    assert all(int(p) <= 100 for p in re.findall(r"(\d+)% ", table))
+    assert "within ±" in table and "in cache" in table
+    assert "ours is a difference of two timings" in text
+
+
+# -- plots: each command's shows what its help says ---------------------------------------------
+
+def test_model_plot_without_breakdown_is_refused(tiny_folder, tmp_path):
+    out = tmp_path / "m.png"
+    clean_error(run(["model", "--model", tiny_folder, "--no-breakdown", "--plot", str(out)]
+                    + MODEL_TINY), "--plot", "--no-breakdown")
+    assert not out.exists()
+
+
+def test_plot_help_per_command():
+    assert "time against size" in " ".join(ok(["kernels", "--help"]).stdout.split())
+    model_help = " ".join(ok(["model", "--help"]).stdout.split())
+    assert "Draw the layer breakdown" in model_help and "time against size" not in model_help
+
+
+def test_model_plot_data(model_json):
+    panels = report.model_plot_data(model_json)
+    assert [p["title"] for p in panels] == ["one decoder layer, prefill of 8 tokens",
+                                            "one decoder layer, decode of 1 token at position 8"]
+    for p in panels:
+        assert len(p["stages"]) == 13 and "layer total" not in p["stages"]
+        assert all(t > 0 for t in p["in_layer"] + p["alone"])
+    assert report.model_plot_data({"kind": "model", "breakdown": {}}) == []
+
+
+def test_kernels_plot_data():
+    res = json.loads(ok(["--ops", "causal_mask,full_attention", "--sizes", "1,8",
+                         "--format", "json"] + TINY).stdout)
+    panels = {p["title"]: p for p in report.kernels_plot_data(res)}
+    fa = panels["full_attention (cpu)"]
+    assert [x for x, _ in fa["series"]["numba-attn"]] == [1, 8]
+    assert set(fa["series"]) == {"numba-attn", "NumPy", "Candle (reference)"}
+    assert fa["series"]["Candle (reference)"] == [(1, 11.492e-6), (8, 119.84e-6)]
+    for r in res["rows"]:               # a difference within its noise has no point
+        if r["variant"] == "in softmax":
+            r["ours"]["ci_low"] = -1.0
+    panels = {p["title"]: p for p in report.kernels_plot_data(res)}
+    assert "numba-attn" not in panels["causal_mask [in softmax] (cpu)"]["series"]
+
+
+# -- PyTorch missing says so -------------------------------------------------------------------
+
+def test_peers_torch_missing_is_a_clean_error(monkeypatch):
+    monkeypatch.setattr(K, "torch_unavailable", lambda device="cpu": K.TORCH_MISSING)
+    clean_error(run(["--peers", "torch"] + ONE_OP[:4] + TINY), "PyTorch is not installed",
+                "pip install torch")
+    clean_error(run(["--peers", "numpy,torch"] + ONE_OP[:4] + TINY), "pip install torch")
+
+
+def test_default_peers_without_torch_say_so(monkeypatch):
+    monkeypatch.setattr(K, "torch_unavailable", lambda device="cpu": K.TORCH_MISSING)
+    r = ok(ONE_OP[:4] + TINY)               # --peers left at its default: numpy,torch
+    assert "PyTorch is not installed: pip install torch" in r.stdout
+    assert "PyTorch is not installed" in r.stderr
+    header = r.stdout.split("\n\n")[1].splitlines()[0]
+    assert "NumPy" in header and "PyTorch" not in header
+
+
+@pytest.mark.skipif(K.torch_unavailable() is None, reason="PyTorch is installed")
+def test_peers_torch_not_installed_here():
+    clean_error(run(["--peers", "torch"] + ONE_OP[:4] + TINY), "PyTorch is not installed",
+                "pip install torch")
+
+
+# -- the output explains itself ----------------------------------------------------------------
+
+def test_candle_reference_file_named_and_complete():
+    from numba_attn.bench import candle_reference as C
+    out = ok(ONE_OP).stdout
+    legend = [line for line in out.splitlines() if line.strip().startswith("Candle:")]
+    assert legend and C.SOURCE_FILE in legend[0] and "another machine" in legend[0]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, C.SOURCE_FILE)
+    assert os.path.isfile(path) and os.path.samefile(path, C.__file__)
+    doc = " ".join(C.__doc__.split())
+    for words in ("Source:", "Machine:", "criterion", "2025-10-08", "95% confidence"):
+        assert words in doc, words
+    assert C.CANDLE is K.CANDLE and C.CANDLE[("causal_mask", 512)][1] == 58.832e-3
+
+
+def test_baseline_legend_explains_tilde(bench_home):
+    ok(ONE_OP + ["--save-baseline", "b"])
+    out = ok(ONE_OP + ["--baseline", "b"]).stdout
+    assert "~: within the noise" in out and "REGRESSED" in out
+
+
+def test_model_layers_said_outside_the_header():
+    out = ok(["model", "--layers", "1", "-p", "2", "-n", "1", "--no-breakdown", "--repeat",
+              "1", "--time-budget", "0.01", "--limits", "none"]).stdout
+    lines = [line for line in out.splitlines()
+             if "--layers 1" in line and not line.startswith("#")]
+    assert lines and "random TinyLlama-1.1B-shaped model with 1 of TinyLlama's 22 layers" \
+        in lines[0]
+    assert "in place of the built-in demo model" in lines[0]
+
+
+def test_help_device_and_jit():
+    group = " ".join(ok(["--help"]).stdout.split())
+    assert "--device cpu" in group and "cuda" in group and "kernels --help" in group
+    for cmd in ("kernels", "model"):
+        assert "--device" in ok([cmd, "--help"]).stdout
+    jit = " ".join(ok(["jit", "--help"]).stdout.split())
+    for words in ("cold", "warm", "compiles", "loads", "empty Numba cache", "--device"):
+        assert words in jit, words

@@ -9,6 +9,7 @@
 The table goes to standard output; the progress bar and messages to standard error.
 """
 import datetime
+import functools
 import shlex
 import sys
 
@@ -17,6 +18,7 @@ import click
 from . import kernels as K
 from . import report
 from ..backend import cuda_unavailable
+from .limits import Limits
 from .machine import cuda_available, describe, jit_cache_counts
 from .timing import DEFAULT_BUDGET_S
 
@@ -74,12 +76,15 @@ class NameList(click.ParamType):
         return list(dict.fromkeys(names))
 
 
-def _common(f):
-    """Options both subcommands share."""
+def _common(plot_help, devices_help):
+    """Options both measuring subcommands share; --plot and --device say what they do in each."""
+    return functools.partial(_add_common, plot_help=plot_help, devices_help=devices_help)
+
+
+def _add_common(f, plot_help, devices_help):
     opts = [
         click.option("--device", type=click.Choice(["cpu", "cuda", "all"]), default="cpu",
-                     show_default=True,
-                     help="Where to run: cpu, cuda, or all (every device present here)."),
+                     show_default=True, help=devices_help),
         click.option("--repeat", type=click.IntRange(min=1), default=None,
                      help="Samples per measurement, >= 1. [default: as many as --time-budget "
                           "allows, at least 5]"),
@@ -102,8 +107,7 @@ def _common(f):
         click.option("--fail-on-regression", is_flag=True,
                      help="With --baseline: exit with status 1 when a row regressed."),
         click.option("--plot", "plot_path", metavar="FILE.png", default=None,
-                     help="Draw time against size for each op (needs matplotlib: "
-                          "pip install 'numba-attn[plot]')."),
+                     help=plot_help + " (needs matplotlib: pip install 'numba-attn[plot]')."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -114,7 +118,15 @@ def _common(f):
              context_settings={"help_option_names": ["-h", "--help"]})
 def bench():
     """Benchmarks: the kernels against NumPy, PyTorch and the reference profile (`kernels`,
-    the default), and a model's prefill/generation speed (`model`)."""
+    the default), a model's prefill/generation speed (`model`), and the JIT's compile and
+    cache-load time (`jit`).
+
+    \b
+    kernels and model run on --device cpu (the default), cuda or all (kernels only: every
+    device present); jit measures the CPU kernels. Each subcommand's --help lists its options:
+      numba-attn bench kernels --help
+      numba-attn bench model --help
+      numba-attn bench jit --help"""
 
 
 # -- validation shared by both subcommands ---------------------------------------------------
@@ -218,8 +230,12 @@ def _now():
               show_default=True, help="Head dimension, an even number >= 2.")
 @click.option("--peers", type=NameList(K.PEERS + ("none",), "peer"), default="numpy,torch",
               show_default=True,
-              help="Peers to time beside ours: numpy, torch (when importable), or none.")
-@_common
+              help="Peers to time beside ours: numpy, torch, or none. Asked for by name, torch "
+                   "must be installed (pip install torch); by default it is left out, with a "
+                   "note, when it is not.")
+@_common(plot_help="Draw time against size for each op and device (log-log): ours, the peers "
+                   "and Candle's figures",
+         devices_help="Where to run: cpu, cuda, or all (every device present here).")
 @click.pass_context
 def kernels_cmd(ctx, ops, sizes, heads, kv_heads, head_dim, peers, device, repeat, time_budget,
                 limits_mode, fmt, save_baseline, baseline, fail_on_regression, plot_path):
@@ -232,7 +248,7 @@ def kernels_cmd(ctx, ops, sizes, heads, kv_heads, head_dim, peers, device, repea
         raise click.UsageError(f"--head-dim must be even (RoPE pairs), got {head_dim}")
     devices = _devices(device)
     base = _validate("kernels", save_baseline, baseline, plot_path, fail_on_regression)
-    peers = () if "none" in peers else tuple(peers)
+    peers, peers_missing = _peers(ctx, peers, devices)
     ops = ops or list(K.OPS)
     shape = K.Shape(heads=heads, kv_heads=kv_heads, head_dim=head_dim)
     budget = DEFAULT_BUDGET_S if time_budget is None else time_budget
@@ -250,7 +266,7 @@ def kernels_cmd(ctx, ops, sizes, heads, kv_heads, head_dim, peers, device, repea
     load = machine["load_avg"]
     machine = describe(devices)         # the threading layer is known once a kernel ran
     machine["load_avg"] = load          # the load before this run added its own
-    lim_objs = {dev: _Lim(limits[dev]) if dev in limits else None for dev in devices}
+    lim_objs = {dev: Limits.from_dict(limits[dev]) if dev in limits else None for dev in devices}
 
     steps = [(dev, op, size) for dev in devices for op, size in K.plan(ops, sizes)]
     with click.progressbar(steps, label="bench kernels", file=sys.stderr,
@@ -278,21 +294,34 @@ def kernels_cmd(ctx, ops, sizes, heads, kv_heads, head_dim, peers, device, repea
         "shape": {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
                   "hidden": shape.hidden, "dtype": "float32"},
         "settings": {"repeat": repeat, "time_budget_s": budget, "peers": list(peers)},
+        "peers_missing": peers_missing,
         "notes": [f"shapes: hidden {shape.hidden} = {heads} heads x head_dim {head_dim}, "
-                  f"float32; decode_attention {heads}/{kv_heads} heads; Candle: the reference "
-                  f"profile (candle-cpu-profile.md, another machine), criterion's middle "
-                  f"estimate"],
+                  f"float32; decode_attention {heads}/{kv_heads} heads"],
         "rows": rows,
     }
     _finish(result, fmt, save_baseline, base, baseline, plot_path, fail_on_regression)
 
 
-class _Lim:
-    """Attribute access to a limits dict (what kernels.run_case reads)."""
-
-    def __init__(self, d):
-        self.read_gbs = d["read_gbs"]
-        self.sgemm_gflops = d.get("sgemm_gflops")
+def _peers(ctx, peers, devices):
+    """(peers to run, {peer: why it is missing}). torch named on the command line must be
+    importable; the default leaves it out where it is not, and the output says why."""
+    peers = () if "none" in peers else tuple(peers)
+    missing = {}
+    if "torch" in peers:
+        why = {dev: K.torch_unavailable(dev) for dev in devices}
+        asked = ctx.get_parameter_source("peers") != click.core.ParameterSource.DEFAULT
+        if all(why.values()):
+            if asked:
+                raise click.ClickException(f"--peers torch: {why[devices[0]]} (or leave it "
+                                           f"out: --peers numpy)")
+            peers = tuple(p for p in peers if p != "torch")
+        for dev, w in why.items():
+            if w:
+                missing[f"torch peer{'' if len(devices) == 1 else ' on ' + dev}"] = \
+                    w + ("" if "torch" in peers else "; no PyTorch column")
+        for name, w in missing.items():
+            _say(f"note: {name}: {w}")
+    return peers, missing
 
 
 # -- bench model -----------------------------------------------------------------------------
@@ -315,7 +344,9 @@ class _Lim:
 @click.option("--breakdown/--no-breakdown", default=True, show_default=True,
               help="Time one decoder layer stage by stage (prefill at pp tokens, and decode "
                    "of one token at position pp).")
-@_common
+@_common(plot_help="Draw the layer breakdown (--breakdown, the default): each stage's time "
+                   "in the layer and alone, a panel for prefill and one for decode",
+         devices_help="Where to run: cpu or cuda (one device at a time).")
 @click.pass_context
 def model_cmd(ctx, model_dir, layers, pp, tg, weight_dtype, breakdown, device, repeat,
               time_budget, limits_mode, fmt, save_baseline, baseline, fail_on_regression, plot_path):
@@ -336,6 +367,9 @@ def model_cmd(ctx, model_dir, layers, pp, tg, weight_dtype, breakdown, device, r
         raise click.UsageError("bench model runs on one device at a time: --device cpu or "
                                "--device cuda")
     dev = devices[0]
+    if plot_path is not None and not breakdown:
+        raise click.UsageError("--plot draws the layer breakdown, which --no-breakdown turns "
+                               "off: drop one of them")
     base = _validate("model", save_baseline, baseline, plot_path, fail_on_regression)
     budget = 5.0 if time_budget is None else time_budget
 
@@ -355,7 +389,7 @@ def model_cmd(ctx, model_dir, layers, pp, tg, weight_dtype, breakdown, device, r
     pp, tg = min(pp, model.max_seq), min(tg, model.max_seq)
     shape = M.LayerShape.of(model.config)
     limits = _limits(devices, limits_mode, repeat, _say)
-    lim = _Lim(limits[dev]) if dev in limits else None
+    lim = Limits.from_dict(limits[dev]) if dev in limits else None
 
     _say("JIT warm-up (a 2-token prefill and a decode step, outside the timings)...")
     import time
@@ -388,6 +422,13 @@ def model_cmd(ctx, model_dir, layers, pp, tg, weight_dtype, breakdown, device, r
     if fitted:
         notes.append("shortened to fit: " + "; ".join(fitted) + " (--layers N for the "
                      "TinyLlama-shaped model)")
+    model_line = None
+    if layers is not None:
+        demo = os.path.isfile(os.path.join(M.DEMO_MODEL, "config.json"))
+        model_line = (f"model under test: a random TinyLlama-1.1B-shaped model with {layers} "
+                      f"of TinyLlama's {M.TINYLLAMA['n_layers']} layers (--layers {layers})"
+                      f"{', in place of the built-in demo model' if demo else ''}; random "
+                      f"weights: the tokens/s are this model's, its tokens mean nothing")
     if breakdown and dev == "cuda":
         notes.append("layer breakdown on cuda: wall time with a synchronize after each stage, "
                      "so each stage pays its launch cost (~20 us a kernel)")
@@ -409,7 +450,8 @@ def model_cmd(ctx, model_dir, layers, pp, tg, weight_dtype, breakdown, device, r
         "command": _command(ctx), "machine": describe(devices), "limits": limits, "jit": jit,
         "model": model_desc, "n_layers": shape.n_layers, "device": dev,
         "settings": {"pp": pp, "tg": tg, "repeat": repeat, "time_budget_s": budget},
-        "notes": notes, "generation": gen, "breakdown": bds, "rows": rows,
+        "notes": notes, "model_line": model_line, "generation": gen, "breakdown": bds,
+        "rows": rows,
     }
     _finish(result, fmt, save_baseline, base, baseline, plot_path, fail_on_regression)
 
@@ -437,8 +479,14 @@ def _model_rows(gen, bds, dev):
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
               help="Output: text, md, csv or json.")
 def jit_cmd(fmt):
-    """First-call compile time of the whole API in a fresh process with an empty Numba cache,
-    then a second process starting from that cache (slow: compiles everything once)."""
+    """What starting cold costs: the first call of every public function (CPU kernels, small
+    inputs), timed in two fresh processes.
+
+    \b
+    cold: an empty Numba cache, so each first call compiles its kernels;
+    warm: a second process on the cache the first one wrote, so each first call loads them.
+    Also timed: `import numba_attn` in each. Slow: compiles everything once. --device does
+    not apply (the CPU kernels only)."""
     from .jit import cold_and_warm, format_jit
     _say("compiling the whole API in a fresh process with an empty cache (may take a minute)...")
     click.echo(format_jit(cold_and_warm(), fmt), nl=False)

@@ -15,7 +15,8 @@ decode), each a function of one size:
 A row measures "ours" (numba-attn's public API) and its peers with timing.measure, counts the
 bytes it must move and the FLOPs it must do, and reports the achieved rate of whichever of the
 two is closer to the measured limit (a roofline: the binding resource), plus the reference
-profile's Candle figure (criterion's [low mid high]) where the profile has one.
+profile's Candle figure (criterion's [low mid high]) where the profile has one: the figures,
+their source and what is known of their machine are in candle_reference.py.
 """
 import functools
 import math
@@ -25,33 +26,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .. import MaskCache, RopeTable, apply_rope, attention, causal_mask, linear, masked_softmax
+from .candle_reference import CANDLE, CANDLE_VARIANT
+from .limits import roofline
 from .timing import difference, measure
-
-# -- the reference profile (../shared/reference/candle-cpu-profile.md), criterion [low mid high]
-CANDLE = {
-    ("rope_forward", 1): (57.132e-6, 62.639e-6, 68.629e-6),
-    ("rope_forward", 8): (198.56e-6, 206.13e-6, 213.43e-6),
-    ("rope_forward", 32): (457.93e-6, 467.80e-6, 476.70e-6),
-    ("rope_forward", 128): (9.0709e-3, 9.2349e-3, 9.4017e-3),
-    ("qkv_projection", 1): (18.533e-3, 19.119e-3, 19.717e-3),
-    ("qkv_projection", 8): (20.750e-3, 20.976e-3, 21.210e-3),
-    ("qkv_projection", 32): (49.603e-3, 50.805e-3, 52.067e-3),
-    ("qkv_projection", 128): (64.654e-3, 65.503e-3, 66.349e-3),
-    ("attention_scores", 1): (3.7524e-6, 3.8388e-6, 3.9098e-6),
-    ("attention_scores", 8): (43.048e-6, 44.836e-6, 46.483e-6),
-    ("attention_scores", 32): (292.47e-6, 308.46e-6, 322.33e-6),
-    ("attention_scores", 128): (8.3608e-3, 8.4889e-3, 8.6188e-3),
-    ("causal_mask", 8): (9.8782e-6, 9.9312e-6, 9.9854e-6),
-    ("causal_mask", 32): (116.84e-6, 118.65e-6, 120.20e-6),
-    ("causal_mask", 128): (2.1077e-3, 2.1167e-3, 2.1259e-3),
-    ("causal_mask", 512): (58.353e-3, 58.832e-3, 59.200e-3),
-    ("full_attention", 1): (11.443e-6, 11.492e-6, 11.546e-6),
-    ("full_attention", 8): (119.30e-6, 119.84e-6, 120.43e-6),
-    ("full_attention", 32): (1.0664e-3, 1.0714e-3, 1.0763e-3),
-}
-# which of our variants the Candle figure sits beside (Candle's causal_mask built the mask and
-# added it to the scores every call: closest to our [build])
-CANDLE_VARIANT = {"causal_mask": "build"}
 
 OPS = {   # op -> (default sizes, what the size is)
     "rope_forward": ((1, 8, 32, 128), "seq"),
@@ -107,6 +84,23 @@ class Case:
     @property
     def name(self):
         return f"{self.op}/{self.size}" + (f" [{self.variant}]" if self.variant else "")
+
+
+TORCH_MISSING = "PyTorch is not installed: pip install torch"
+
+
+def torch_unavailable(device="cpu"):
+    """Why PyTorch cannot be a peer on device ('cpu' or 'cuda'), or None when it can."""
+    try:
+        import torch
+    except ImportError:
+        return TORCH_MISSING
+    except Exception as e:             # installed but broken: say how
+        return f"PyTorch cannot be imported ({_first_line(e)})"
+    if device == "cuda" and not torch.cuda.is_available():
+        return (f"PyTorch {torch.__version__} sees no CUDA GPU (a CPU-only build?): install "
+                f"a CUDA build, https://pytorch.org/get-started/locally/")
+    return None
 
 
 class Device:
@@ -465,19 +459,14 @@ def run_case(case, limits, *, device="cpu", repeat=None, budget_s=0.5):
         "ours": ours, "peers": peers,
     }
     t = ours.get("median")
+    if "parts" in ours and not ours["ci_low"] > 0:
+        t = None                        # a difference within (or below) its noise: no ratio
     row["speedup"] = {n: p["median"] / t for n, p in peers.items()
                       if t and t > 0 and "median" in p}
     # achieved rates, and the one nearer its limit (roofline: the binding resource)
     row["gbs"] = case.bytes / t / 1e9 if t and t > 0 and case.bytes else None
     row["gflops"] = case.flops / t / 1e9 if t and t > 0 and case.flops else None
-    shares = {}
-    if limits is not None:
-        if row["gbs"]:
-            shares["memory"] = row["gbs"] / limits.read_gbs
-        if row["gflops"] and limits.sgemm_gflops:
-            shares["compute"] = row["gflops"] / limits.sgemm_gflops
-    row["bound"] = max(shares, key=shares.get) if shares else None
-    row["share"] = shares.get(row["bound"])
+    row["bound"], row["share"] = roofline(row["gbs"], row["gflops"], limits)
     candle = CANDLE.get((case.op, case.size)) if device == "cpu" else None
     if candle and CANDLE_VARIANT.get(case.op, "") != case.variant:
         candle = None

@@ -6,7 +6,13 @@ reader that does not reach it is not the limit): NumPy's single-threaded sum, a 
 sum on every thread, and NumPy's BLAS matrix-vector product (the access pattern of decode).
 NumPy's copy rate (one thread; bytes read + written) is reported beside it. sgemm: NumPy's
 BLAS on square float32 matrices. On CUDA: a read-only reduction kernel, a device-to-device
-copy, and PyTorch's fp32 sgemm (TF32 off) when PyTorch sees the GPU."""
+copy, and PyTorch's fp32 sgemm (TF32 off) when PyTorch sees the GPU.
+
+A row whose data is small enough to stay in cache between calls reads faster than memory
+can deliver: its share of the read bandwidth would pass 100%. The cache read rate (the same
+readers over 1 MiB, read again and again: it stays in the caches) is the limit such
+a row is given instead; `roofline` picks the limit of each row."""
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -15,6 +21,7 @@ from numba import njit, prange
 from .timing import measure
 
 READ_BYTES = 256 * 2**20      # host arrays: far above any CPU's last-level cache
+CACHE_BYTES = 2**20           # host array read from the caches (L2 and below on current CPUs)
 SGEMM_N = 2048                # 2 * 2048^3 = 17.2 GFLOP per call
 GEMV_SHAPE = (12288, 4096)    # the fused QKV weight of the reference shapes (201 MB float32)
 
@@ -28,9 +35,16 @@ class Limits:
     sgemm_gflops: float | None           # best measured sgemm rate, GFLOP/s
     sgemm_source: str | None
     readers: dict = field(default_factory=dict)   # every reader's GB/s
+    cache_read_gbs: float | None = None  # best read rate of an array that stays in cache
 
     def to_dict(self):
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        """The Limits of a to_dict() (a saved run's: unknown keys ignored, new ones None)."""
+        return cls(**{k: d.get(k) for k in cls.__dataclass_fields__ if k != "readers"},
+                   readers=d.get("readers") or {})
 
 
 
@@ -62,6 +76,13 @@ def host_limits(*, nbytes=READ_BYTES, sgemm_n=SGEMM_N, gemv_shape=GEMV_SHAPE, re
     t = measure(lambda: np.dot(w, x, out=y), repeat=repeat, budget_s=budget_s, min_samples=3)
     readers["BLAS sgemv"] = w.nbytes / t.median / 1e9
     best = max(readers, key=readers.get)
+    # the same readers over CACHE_BYTES, which stay in cache from one call to the next
+    small, ws = a[:CACHE_BYTES // 4], w.reshape(-1)[:CACHE_BYTES // 4].reshape(256, -1)
+    xs, ys = x[:ws.shape[1]], y[:256]
+    cached = [measure(fn, repeat=repeat, budget_s=budget_s / 3, min_samples=3).median
+              for fn in (lambda: np.add.reduce(small), lambda: _parallel_sum(small),
+                         lambda: np.dot(ws, xs, out=ys))]
+    cache = CACHE_BYTES / min(cached) / 1e9
 
     m = np.random.default_rng(0).standard_normal((sgemm_n, sgemm_n), dtype=np.float32)
     c = np.empty_like(m)
@@ -69,7 +90,7 @@ def host_limits(*, nbytes=READ_BYTES, sgemm_n=SGEMM_N, gemv_shape=GEMV_SHAPE, re
     sgemm = 2 * sgemm_n**3 / t.median / 1e9
     return Limits(device="cpu", read_gbs=readers[best], read_source=best, copy_gbs=copy,
                   sgemm_gflops=sgemm, sgemm_source=f"NumPy BLAS {sgemm_n}^3",
-                  readers=readers)
+                  readers=readers, cache_read_gbs=cache)
 
 
 _cuda_read_kernel = None
@@ -147,3 +168,29 @@ def measure_limits(device, *, small=False, repeat=None, budget_s=1.0):
     if small:
         return cuda_limits(nbytes=64 * 2**20, sgemm_n=1024, repeat=repeat, budget_s=budget_s)
     return cuda_limits(repeat=repeat, budget_s=budget_s)
+
+
+def roofline(gbs, gflops, limits):
+    """(bound, share): the resource nearest its limit and the achieved share of that limit,
+    never above 1. bound is 'memory' (the read bandwidth), 'cache' (faster than memory can
+    deliver, so the data sat in cache: the share is of the cache read rate) or 'compute'
+    (sgemm). share is None where the rate passes every limit measured for it (a 'cache' row
+    faster than the cache reader, a 'compute' row faster than sgemm): no share is honest
+    then. limits: anything with read_gbs, sgemm_gflops and (optional) cache_read_gbs."""
+    if limits is None:
+        return None, None
+    shares = {}
+    if gbs:
+        share = gbs / limits.read_gbs
+        if share > 1:
+            cache = getattr(limits, "cache_read_gbs", None)
+            shares["cache"] = gbs / cache if cache else math.inf
+        else:
+            shares["memory"] = share
+    if gflops and getattr(limits, "sgemm_gflops", None):
+        shares["compute"] = gflops / limits.sgemm_gflops
+    if not shares:
+        return None, None
+    bound = max(shares, key=shares.get)
+    share = shares[bound]
+    return bound, share if share <= 1 else None

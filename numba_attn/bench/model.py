@@ -11,15 +11,23 @@ to first token, and a per-stage breakdown of one decoder layer.
   its own: the difference is what the neighbours cost it, e.g. a BLAS thread pool still
   spinning). The in-place stages add up to the layer total; the row "unaccounted" holds the
   little that medians do not add, so the shares sum to 100%. It needs no Model instance.
+  A stage that works in place, as the model's do (silu_mul over the gate, rope over q and k),
+  would compound in a loop of its own (silu_mul's values overflow to inf and NaN within a
+  few thousand calls, and the stages after it would be timed on them): alone, it reads a
+  snapshot of its input taken before the loop and writes where the layer writes, so every
+  call sees the layer's values and the next stage's input is the layer's too.
 """
+import math
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from .. import KVCache, RopeTable, apply_rope, attention, linear, rmsnorm, silu_mul
-from ..backend import empty
+from ..backend import copy_from_host, empty
 from ..ops import add, split_qkv
+from .limits import roofline
 from .timing import measure, measure_chain
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -179,10 +187,25 @@ def bench_generation(model, *, pp=512, tg=128, repeat=None, budget_s=5.0, seed=0
 
 # -- one decoder layer, stage by stage --------------------------------------------------------
 
+@dataclass
+class Stage:
+    """One stage of the layer: fn runs it in the layer; alone runs it in a loop of its own."""
+    name: str
+    fn: Callable
+    bytes: float                  # bytes it must move at least
+    flops: float                  # floating-point operations it does
+    alone: Callable = None        # fn, unless fn works in place (then: from a snapshot)
+    setup: Callable = None        # called once before the alone loop: takes the snapshot
+
+    def __post_init__(self):
+        if self.alone is None:
+            self.alone = self.fn
+
+
 def layer_stages(shape, seq, pos, device="cpu", weight_dtype="float32"):
-    """[(stage, fn, bytes, flops)] for one decoder layer over seq tokens at positions
-    pos..pos+seq-1 (KV cache filled up to pos), and the whole layer as one chain. The stages
-    are the model's own calls (ops.py), on host arrays or, with device="cuda", device arrays."""
+    """([Stage], layer) for one decoder layer over seq tokens at positions pos..pos+seq-1
+    (KV cache filled up to pos); layer() runs the stages as one chain. The stages are the
+    model's own calls (ops.py), on host arrays or, with device="cuda", device arrays."""
     L = shape
     f32 = np.float32
     rng = np.random.default_rng(seq)
@@ -210,6 +233,8 @@ def layer_stages(shape, seq, pos, device="cpu", weight_dtype="float32"):
     q, k, v = buf(seq, H, d), buf(seq, Hkv, d), buf(seq, Hkv, d)
     att = buf(seq, H, d)
     gate, up = buf(seq, i), buf(seq, i)
+    # the in-place stages' inputs, snapshotted before their alone loops
+    q_in, k_in, gate_in = buf(seq, H, d), buf(seq, Hkv, d), buf(seq, i)
     table = RopeTable(d, pos + seq)
     cache = KVCache(1, pos + seq, Hkv, d, device=device)
     if pos:                                             # the cached prefix
@@ -222,9 +247,17 @@ def layer_stages(shape, seq, pos, device="cpu", weight_dtype="float32"):
     def split():
         parts[:] = split_qkv(qkv, H, Hkv, out=(q, k, v))
 
-    def rope():
+    def rope():                                         # in place when seq > 1 (q is parts[0])
         apply_rope(parts[0], table, pos, out=q)
         apply_rope(parts[1], table, pos, out=k)
+
+    def rope_setup():
+        copy_from_host(q_in, parts[0])                  # device to device on cuda
+        copy_from_host(k_in, parts[1])
+
+    def rope_alone():
+        apply_rope(q_in, table, pos, out=q)
+        apply_rope(k_in, table, pos, out=k)
 
     def append():
         cache.lengths[0] = pos                          # write the same positions again
@@ -234,30 +267,36 @@ def layer_stages(shape, seq, pos, device="cpu", weight_dtype="float32"):
     kv_len = pos + seq
     causal_pairs = seq * pos + seq * (seq + 1) // 2     # (query, key) pairs a query sees
     stages = [
-        ("attention norm", lambda: rmsnorm(x, w_in, L.eps, out=xb), 2 * B * h + 4 * h, 3 * seq * h),
-        ("qkv projection", lambda: linear(xb, w_qkv, out=qkv),
-         w_qkv.nbytes + B * (h + L.qkv_dim), 2 * seq * h * L.qkv_dim),
-        ("split q/k/v", split, 0 if seq == 1 else 2 * B * L.qkv_dim, 0),
-        ("rope", rope, 2 * B * (nq + nk), 3 * seq * (nq + nk)),
-        ("kv cache append", append, 4 * B * nk, 0),
-        ("attention", lambda: attention(q, keys, values, causal=True, out=att),
-         2 * 4 * kv_len * nk + 2 * B * nq, 4 * d * H * causal_pairs),
-        ("output projection", lambda: linear(att.reshape(seq, nq), w_o, out=xb),
-         w_o.nbytes + B * (nq + h), 2 * seq * nq * h),
-        ("residual add (attention)", lambda: add(x, xb, out=xr), 3 * B * h, seq * h),
-        ("mlp norm", lambda: rmsnorm(xr, w_post, L.eps, out=xb), 2 * B * h + 4 * h, 3 * seq * h),
-        ("mlp gate + up projections",
-         lambda: (linear(xb, w_gate, out=gate), linear(xb, w_up, out=up)),
-         w_gate.nbytes + w_up.nbytes + B * (h + 2 * i), 4 * seq * h * i),
-        ("silu_mul", lambda: silu_mul(gate, up, out=gate), 3 * B * i, 5 * seq * i),
-        ("mlp down projection", lambda: linear(gate, w_down, out=xb),
-         w_down.nbytes + B * (i + h), 2 * seq * i * h),
-        ("residual add (mlp)", lambda: add(xr, xb, out=xo), 3 * B * h, seq * h),
+        Stage("attention norm", lambda: rmsnorm(x, w_in, L.eps, out=xb),
+              2 * B * h + 4 * h, 3 * seq * h),
+        Stage("qkv projection", lambda: linear(xb, w_qkv, out=qkv),
+              w_qkv.nbytes + B * (h + L.qkv_dim), 2 * seq * h * L.qkv_dim),
+        Stage("split q/k/v", split, 0 if seq == 1 else 2 * B * L.qkv_dim, 0),
+        Stage("rope", rope, 2 * B * (nq + nk), 3 * seq * (nq + nk),
+              alone=rope_alone, setup=rope_setup),
+        Stage("kv cache append", append, 4 * B * nk, 0),
+        Stage("attention", lambda: attention(q, keys, values, causal=True, out=att),
+              2 * 4 * kv_len * nk + 2 * B * nq, 4 * d * H * causal_pairs),
+        Stage("output projection", lambda: linear(att.reshape(seq, nq), w_o, out=xb),
+              w_o.nbytes + B * (nq + h), 2 * seq * nq * h),
+        Stage("residual add (attention)", lambda: add(x, xb, out=xr), 3 * B * h, seq * h),
+        Stage("mlp norm", lambda: rmsnorm(xr, w_post, L.eps, out=xb),
+              2 * B * h + 4 * h, 3 * seq * h),
+        Stage("mlp gate + up projections",
+              lambda: (linear(xb, w_gate, out=gate), linear(xb, w_up, out=up)),
+              w_gate.nbytes + w_up.nbytes + B * (h + 2 * i), 4 * seq * h * i),
+        # in place, as the model: alone, from the gate projection's values each call
+        Stage("silu_mul", lambda: silu_mul(gate, up, out=gate), 3 * B * i, 5 * seq * i,
+              alone=lambda: silu_mul(gate_in, up, out=gate),
+              setup=lambda: copy_from_host(gate_in, gate)),
+        Stage("mlp down projection", lambda: linear(gate, w_down, out=xb),
+              w_down.nbytes + B * (i + h), 2 * seq * i * h),
+        Stage("residual add (mlp)", lambda: add(xr, xb, out=xo), 3 * B * h, seq * h),
     ]
 
     def layer():
-        for _, fn, _, _ in stages:
-            fn()
+        for s in stages:
+            s.fn()
     return stages, layer
 
 
@@ -280,26 +319,31 @@ def breakdown(shape, *, seq, pos, limits=None, repeat=None, budget_s=0.5, device
 
     Each stage is timed in place, inside the running layer (the clock is read between
     stages, so a stage pays what the stages before it leave behind: caches, thread pools
-    still busy), and alone, in a loop of its own. Shares are of the layer total, in place;
-    'unaccounted' is the total's median minus the sum of the stages' medians (medians do not
-    add exactly; the clock reads cost ~0.1 us each), so the shares add up to 100%."""
+    still busy), and alone, in a loop of its own, the stages in layer order so each loop
+    reads the layer's values (an in-place stage from a snapshot of its input). Shares are of
+    the layer total, in place; 'unaccounted' is the total's median minus the sum of the
+    stages' medians (medians do not add exactly; the clock reads cost ~0.1 us each), so the
+    shares add up to 100%; its noise is the intervals' half-widths added in quadrature."""
     stages, _ = layer_stages(shape, seq, pos, device, weight_dtype)
     sync = device_sync(device)
-    parts, total = measure_chain([fn for _, fn, _, _ in stages], repeat=repeat,
+    parts, total = measure_chain([s.fn for s in stages], repeat=repeat,
                                  budget_s=budget_s, sync=sync)
     rows = []
-    for (name, fn, nbytes, flops), inlayer in zip(stages, parts):
-        alone = measure(fn, sync=sync, repeat=repeat, budget_s=min(budget_s, 0.2))
-        row = _stage_row(name, inlayer, nbytes, flops, limits)
+    for s, inlayer in zip(stages, parts):
+        if s.setup is not None:
+            s.setup()
+        alone = measure(s.alone, sync=sync, repeat=repeat, budget_s=min(budget_s, 0.2))
+        row = _stage_row(s.name, inlayer, s.bytes, s.flops, limits)
         row["alone"] = alone.to_dict()
         rows.append(row)
     rest = total.median - sum(r["median"] for r in rows)
+    noise = math.hypot(total.half_width, *(p.half_width for p in parts))
     rows.append({"stage": "unaccounted (total - sum of stages)", "stats": None, "alone": None,
-                 "median": rest, "bytes": 0, "flops": 0})
+                 "median": rest, "noise": noise, "bytes": 0, "flops": 0})
     for r in rows:
         r["share"] = r["median"] / total.median
-    total_row = _stage_row("layer total", total, sum(s[2] for s in stages),
-                           sum(s[3] for s in stages), limits)
+    total_row = _stage_row("layer total", total, sum(s.bytes for s in stages),
+                           sum(s.flops for s in stages), limits)
     total_row["alone"] = None
     total_row["share"] = 1.0
     rows.append(total_row)
@@ -311,11 +355,5 @@ def _stage_row(name, stats, nbytes, flops, limits):
     row = {"stage": name, "stats": stats.to_dict(), "median": t, "bytes": nbytes, "flops": flops,
            "gbs": nbytes / t / 1e9 if t > 0 else None,
            "gflops": flops / t / 1e9 if t > 0 and flops else None}
-    shares = {}
-    if limits is not None and row["gbs"]:
-        shares["memory"] = row["gbs"] / limits.read_gbs
-    if limits is not None and row["gflops"] and limits.sgemm_gflops:
-        shares["compute"] = row["gflops"] / limits.sgemm_gflops
-    row["bound"] = max(shares, key=shares.get) if shares else None
-    row["limit_share"] = shares.get(row["bound"])
+    row["bound"], row["limit_share"] = roofline(row["gbs"], row["gflops"], limits)
     return row

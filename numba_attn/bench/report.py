@@ -11,6 +11,8 @@ import math
 import os
 import re
 
+from .candle_reference import SOURCE_FILE
+from .limits import Limits, roofline
 from .machine import describe_lines
 from .timing import format_time
 
@@ -53,15 +55,35 @@ def _si(x, unit):
 
 
 def _share(row, key="share"):
-    s = row.get(key)
+    """'61% read BW', '40% cache BW', '33% sgemm'; never above 100%: a rate beyond every
+    limit measured for it says where it ran ('in cache', 'above sgemm') and gives no share."""
+    s, bound = row.get(key), row.get("bound")
     if s is None:
-        return "-"
-    what = {"memory": "read BW", "compute": "sgemm"}.get(row.get("bound"), "")
-    return f"{100 * s:.0f}% {what}".strip()
+        return {"cache": "in cache", "compute": "above sgemm"}.get(bound, "-")
+    what = {"memory": "read BW", "cache": "cache BW", "compute": "sgemm"}.get(bound, "")
+    return f"{100 * min(s, 1.0):.0f}% {what}".strip()
 
 
 def _ci(stats):
     return f"[{format_time(stats['ci_low'])}, {format_time(stats['ci_high'])}]"
+
+
+def format_difference(stats):
+    """(time, interval) cells of a difference of two timings (timing.difference as a dict),
+    never a negative time: above its noise, the difference and its 95% interval; within it
+    (the interval holds 0), '~0 (within ±X noise)'; below it, what the first saves over the
+    second ('saves X', ±noise)."""
+    med = stats["median"]
+    noise = (stats["ci_high"] - stats["ci_low"]) / 2
+    if stats["ci_low"] > 0:
+        return format_time(med), _ci(stats)
+    if stats["ci_high"] < 0:
+        return f"saves {format_time(-med)}", f"±{format_time(noise)}"
+    return f"~0 (within ±{format_time(noise)} noise)", ""
+
+
+def _is_difference(stats):
+    return _ok(stats) and "parts" in stats
 
 
 def _peer_time(row, peer):
@@ -118,8 +140,10 @@ def _limits_line(lim):
     sgemm = (f"; sgemm {lim['sgemm_gflops']:.1f} GFLOP/s ({lim['sgemm_source']})"
              if lim.get("sgemm_gflops") else "; sgemm: not measured")
     small = " [small arrays: cache-assisted, not the true limits]" if lim.get("small") else ""
+    cache = (f"; cache read {lim['cache_read_gbs']:.1f} GB/s (1 MiB read again and again: "
+             f"the limit of rows faster than memory)" if lim.get("cache_read_gbs") else "")
     return (f"limits on {lim['device']}: read {lim['read_gbs']:.1f} GB/s (best of: {readers})"
-            f"{copy}{sgemm}{small}")
+            f"{copy}{cache}{sgemm}{small}")
 
 
 def _jit_line(dev, jit):
@@ -137,29 +161,45 @@ def _jit_line(dev, jit):
 def _kernel_rows(result, fmt):
     has_base = any("baseline" in r for r in result["rows"])
     base = result.get("baseline_name", "baseline")
-    header = ["op/size", "device", "ours", "95% CI", "min..max", "NumPy", "NumPy/ours",
-              "PyTorch", "torch/ours", "achieved", "of limit", "Candle", "Candle/ours"]
+    peers = [p for p in PEER_COLUMNS if p in _peers_run(result)]
+    header = ["op/size", "device", "ours", "95% CI", "min..max"]
+    for p in peers:
+        header += PEER_COLUMNS[p]
+    header += ["achieved", "of limit", "Candle", "Candle/ours"]
     if has_base:
         header.append(f"vs {base}")
     rows = []
     for r in result["rows"]:
         o = r["ours"]
-        if _ok(o):
+        if _is_difference(o):           # min..max of a difference bounds nothing measured
+            (ours, ci), mm = format_difference(o), "-"
+        elif _ok(o):
             ours, ci = format_time(o["median"]), _ci(o)
             mm = f"{format_time(o['min'])}..{format_time(o['max'])}"
         else:
             ours, ci, mm = "n/a", "", ""
         candle = r.get("candle")
-        cells = [r["name"], r["device"], ours, ci, mm,
-                 _peer_time(r, "numpy"), _ratio(r["speedup"].get("numpy")),
-                 _peer_time(r, "torch"), _ratio(r["speedup"].get("torch")),
-                 _rate(r), _share(r),
+        cells = [r["name"], r["device"], ours, ci, mm]
+        for p in peers:
+            cells += [_peer_time(r, p), _ratio(r["speedup"].get(p))]
+        cells += [_rate(r), _share(r),
                  format_time(candle["median"]) if candle else "-",
                  _ratio(r.get("candle_speedup"))]
         if has_base:
             cells.append(_baseline_cell(r.get("baseline")))
         rows.append(cells)
     return header, rows
+
+
+PEER_COLUMNS = {"numpy": ["NumPy", "NumPy/ours"], "torch": ["PyTorch", "torch/ours"]}
+
+
+def _peers_run(result):
+    """The peers this run timed (a run saved before settings.peers: every peer it has)."""
+    peers = (result.get("settings") or {}).get("peers")
+    if peers is None:
+        peers = {p for r in result["rows"] for p in r.get("peers", {})}
+    return set(peers)
 
 
 def _footnotes(result):
@@ -169,6 +209,14 @@ def _footnotes(result):
             seen.add((r["op"], r.get("variant"), r["note"]))
             label = r["op"] + (f" [{r['variant']}]" if r.get("variant") else "")
             notes.append(f"{label}: {r['note']}")
+    for r in result["rows"]:
+        o = r["ours"]
+        if _is_difference(o):
+            w, wo = o["parts"]["with"], o["parts"]["without"]
+            notes.append(f"{r['name']} on {r['device']}: ours is a difference of two timings, "
+                         f"{format_time(w['median'])} {_ci(w)} - {format_time(wo['median'])} "
+                         f"{_ci(wo)}; its noise is their intervals' half-widths added in "
+                         f"quadrature")
     for r in result["rows"]:
         if "error" in r["ours"]:
             notes.append(f"{r['name']} on {r['device']}, ours not measured: {r['ours']['error']}")
@@ -187,11 +235,40 @@ def format_kernels(result, fmt="text"):
     legend = ("ours: median seconds per call of numba-attn's public function, with the 95% "
               "bootstrap confidence interval of the median; X/ours: X's time over ours (above "
               "1: ours is faster); achieved: bytes or FLOPs over the median, whichever is "
-              "nearer its measured limit (of limit)")
+              "nearer its measured limit (of limit: the read bandwidth, or the cache read rate "
+              "for a row faster than memory, its data in cache; 'in cache' where it passes "
+              "that too)")
+    notes = [legend, _candle_legend(result)] + _peer_notes(result)
+    if any("baseline" in r for r in result["rows"]):
+        notes.append(_baseline_legend(result))
     parts = [_preamble(result, fmt), "", _table(header, rows, fmt), ""]
-    notes = [legend] + _footnotes(result)
+    notes += _footnotes(result)
     parts.append("\n".join(("- " if fmt == "md" else "  ") + n for n in notes))
     return "\n".join(parts) + "\n"
+
+
+def _candle_legend(result):
+    shape = result.get("shape") or {}
+    other = ("; this run's shapes are not the profile's (hidden 4096 = 32 x 128), so the "
+             "column compares different sizes" if shape and
+             (shape.get("heads"), shape.get("head_dim")) != (32, 128) else "")
+    return (f"Candle: a reference profile's figure, not measured here: criterion's middle "
+            f"estimate, from another machine the profile does not describe, on the CPU only "
+            f"(figures, source and machine: {SOURCE_FILE}){other}")
+
+
+def _peer_notes(result):
+    """Why a peer asked for has no figures (PyTorch not installed, or without the GPU)."""
+    return [f"{name}: {why}" for name, why in (result.get("peers_missing") or {}).items()]
+
+
+def _baseline_legend(result):
+    name = result.get("baseline_name", "baseline")
+    return (f"vs {name}: change of the median from the saved baseline {name!r}"
+            f"{' (' + result['baseline_date'] + ')' if result.get('baseline_date') else ''}; "
+            f"REGRESSED / improved: the 95% intervals do not overlap and the change passes "
+            f"{100 * NOISE:.0f}%; ~: within the noise (intervals overlap, or a change under "
+            f"{100 * NOISE:.0f}%); new: a row the baseline does not have")
 
 
 def _kernels_csv(result):
@@ -230,6 +307,8 @@ def format_model(result, fmt="text"):
     base = result.get("baseline_name", "baseline")
     by_name = {r["name"]: r for r in result["rows"]}
     parts = [_preamble(result, fmt), ""]
+    if result.get("model_line"):
+        parts += [result["model_line"], ""]
     gen = result["generation"]
     header = ["test", "tokens/s", "time (median)", "95% CI", "min..max", "notes"]
     if has_base:
@@ -247,7 +326,8 @@ def format_model(result, fmt="text"):
             note = f"weights {g['weight_bytes'] / 1e9:.2f} GB/token -> {g['gbs']:.1f} GB/s"
             lim = next(iter(result.get("limits", {}).values()), None)
             if lim:
-                note += f" ({100 * g['gbs'] / lim['read_gbs']:.0f}% of read BW)"
+                bound, share = roofline(g["gbs"], None, Limits.from_dict(lim))
+                note += f" ({_share({'bound': bound, 'share': share})})"
         elif key == "pp":
             note = f"{g['tokens']} tokens in one pass"
         else:
@@ -267,7 +347,8 @@ def format_model(result, fmt="text"):
         rows = []
         for r in bd["rows"]:
             st, alone = r.get("stats"), r.get("alone")
-            cells = [r["stage"], format_time(r["median"]), _ci(st) if st else "",
+            cells = [r["stage"], _unaccounted(r) if "noise" in r else format_time(r["median"]),
+                     _ci(st) if st else "",
                      f"{100 * r['share']:.1f}%", format_time(alone["median"]) if alone else "-",
                      _rate(r) if st else "-", _share(r, "limit_share") if st else "-"]
             if has_base:
@@ -277,7 +358,20 @@ def format_model(result, fmt="text"):
         parts += [_table(header, rows, fmt), ""]
         if bd.get("per_token_line"):
             parts += [bd["per_token_line"], ""]
+    if has_base:
+        parts += [_baseline_legend(result), ""]
     return "\n".join(parts) + "\n"
+
+
+def _unaccounted(row):
+    """The layer total's median minus the stages' medians, never a negative time: within the
+    noise of the timings it comes from, '~0 (within ±X noise)'."""
+    rest, noise = row["median"], row["noise"]
+    if abs(rest) <= noise:
+        return f"~0 (within ±{format_time(noise)} noise)"
+    if rest < 0:
+        return f"~0 (the stages' medians add up to {format_time(-rest)} more)"
+    return format_time(rest)
 
 
 def _breakdown_title(label, bd, result):
@@ -429,53 +523,99 @@ PLOT_MISSING = ("--plot needs matplotlib, which is not installed; install the ex
                 "pip install 'numba-attn[plot]'")
 
 
+def _plottable(stats):
+    """A positive time (log axes): a measurement, a Candle figure, or a difference above
+    its noise."""
+    if _is_difference(stats):
+        return stats["ci_low"] > 0
+    m = stats.get("median") if isinstance(stats, dict) else None
+    return m is not None and m == m and m > 0
+
+
+def kernels_plot_data(result):
+    """The kernels plot's panels, one per (op, variant, device): {title, xlabel, series:
+    {label: [(size, seconds)]}}; only positive times (a difference within its noise has no
+    point: log axes)."""
+    groups = {}
+    for r in result["rows"]:
+        groups.setdefault((r["op"], r.get("variant", ""), r["device"]), []).append(r)
+    names = {"numpy": "NumPy", "torch": "PyTorch"}
+    panels = []
+    for (op, variant, device), rows in groups.items():
+        rows = sorted(rows, key=lambda r: r["size"])
+        stats = {"numba-attn": [r["ours"] for r in rows]}
+        for peer in sorted(_peers_run(result), key=list(names).index):
+            stats[names[peer]] = [r["peers"].get(peer, {}) for r in rows]
+        stats["Candle (reference)"] = [r.get("candle") or {} for r in rows]
+        series = {}
+        for label, column in stats.items():
+            pts = [(r["size"], st["median"]) for r, st in zip(rows, column) if _plottable(st)]
+            if pts:
+                series[label] = pts
+        panels.append({"title": f"{op}" + (f" [{variant}]" if variant else "") + f" ({device})",
+                       "xlabel": "kv_len" if op == "decode_attention" else "sequence length",
+                       "series": series})
+    return panels
+
+
+def model_plot_data(result):
+    """The model plot's panels, one per breakdown (prefill, decode): {title, stages,
+    in_layer, alone} (seconds, the stages in layer order; no total, no 'unaccounted')."""
+    panels = []
+    for label, bd in (result.get("breakdown") or {}).items():
+        rows = [r for r in bd["rows"] if r.get("stats") and r["stage"] != "layer total"]
+        what = (f"prefill of {bd['seq']} tokens" if label.startswith("prefill")
+                else f"decode of 1 token at position {bd['pos']}")
+        panels.append({"title": f"one decoder layer, {what}",
+                       "stages": [r["stage"] for r in rows],
+                       "in_layer": [r["median"] for r in rows],
+                       "alone": [(r.get("alone") or {}).get("median") for r in rows]})
+    return panels
+
+
 def plot(result, path):
     """Kernels: time against size for each op (log-log), ours against the peers and Candle.
-    Model: the stage shares of one decoder layer."""
+    Model: each stage of one decoder layer, its time in the layer and alone. A model run
+    without a breakdown has nothing to draw (the CLI refuses --plot with --no-breakdown)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     if result["kind"] == "model":
-        bds = result.get("breakdown", {})
-        fig, axes = plt.subplots(1, max(1, len(bds)), figsize=(7 * max(1, len(bds)), 5),
-                                 squeeze=False)
-        for ax, (label, bd) in zip(axes[0], bds.items()):
-            rows = [r for r in bd["rows"] if r["stage"] != "layer total"]
-            ax.barh([r["stage"] for r in rows], [1e3 * r["median"] for r in rows])
+        panels = model_plot_data(result)
+        if not panels:
+            raise ValueError("nothing to plot: the run has no layer breakdown")
+        fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
+        for ax, p in zip(axes[0], panels):
+            ys = range(len(p["stages"]))
+            ax.barh([y - 0.2 for y in ys], [1e6 * t for t in p["in_layer"]], height=0.4,
+                    label="in the layer")
+            ax.barh([y + 0.2 for y in ys], [1e6 * (t or 0) for t in p["alone"]], height=0.4,
+                    label="alone, in a loop")
+            ax.set_yticks(list(ys), p["stages"])
             ax.invert_yaxis()
-            ax.set_xlabel("ms")
-            ax.set_title(f"one layer, {label}")
+            ax.set_xlabel("us (median)")
+            ax.set_title(p["title"])
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
 
-    groups = {}
-    for r in result["rows"]:
-        groups.setdefault((r["op"], r.get("variant", ""), r["device"]), []).append(r)
-    n = len(groups)
+    panels = kernels_plot_data(result)
+    n = len(panels)
     cols = min(3, n) or 1
     rows_n = math.ceil(n / cols) or 1
     fig, axes = plt.subplots(rows_n, cols, figsize=(5.5 * cols, 4 * rows_n), squeeze=False)
-    for ax, ((op, variant, device), rows) in zip(axes.flat, groups.items()):
-        rows = sorted(rows, key=lambda r: r["size"])
-        xs = [r["size"] for r in rows]
-        series = {"numba-attn": [r["ours"] for r in rows]}
-        for peer in ("numpy", "torch"):
-            series[{"numpy": "NumPy", "torch": "PyTorch"}[peer]] = \
-                [r["peers"].get(peer, {}) for r in rows]
-        series["Candle (reference)"] = [r.get("candle") or {} for r in rows]
-        for label, stats in series.items():
-            pts = [(x, s["median"]) for x, s in zip(xs, stats) if _ok(s) and s["median"] > 0]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=label,
-                        linestyle="--" if label.startswith("Candle") else "-")
+    for ax, p in zip(axes.flat, panels):
+        for label, pts in p["series"].items():
+            ax.plot(*zip(*pts), marker="o", label=label,
+                    linestyle="--" if label.startswith("Candle") else "-")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("kv_len" if op == "decode_attention" else "sequence length")
+        ax.set_xlabel(p["xlabel"])
         ax.set_ylabel("seconds")
-        ax.set_title(f"{op}" + (f" [{variant}]" if variant else "") + f" ({device})")
+        ax.set_title(p["title"])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[n:]:
