@@ -7,10 +7,11 @@ import pytest
 from numba_attn.formats import FORMATS, Q8Matrix, quantize_q8_0, weight_format
 
 
-def q8_0_reference(w):
+def q8_0_reference(w, scale_dtype=np.float16):
     """llama.cpp's quantize_row_q8_0_ref written out plainly: per 32 weights, d = amax / 127 and
     id = 1 / d in float32, codes = roundf(w * id) with w * id a float32 product; the rounding
-    done exactly in float64 (floor(|v| + 0.5) is exact there for |v| <= 127)."""
+    done exactly in float64 (floor(|v| + 0.5) is exact there for |v| <= 127). The scales are
+    returned as scale_dtype (float16 as stored; float32 as for activations)."""
     rows, cols = w.shape
     blocks = w.astype(np.float32).reshape(rows, cols // 32, 32)
     amax = np.max(np.abs(blocks), axis=-1, keepdims=True)
@@ -19,7 +20,7 @@ def q8_0_reference(w):
     np.divide(np.float32(1), d, out=inv, where=d != 0)
     v = (blocks * inv).astype(np.float64)              # the float32 product, then widened
     codes = np.sign(v) * np.floor(np.abs(v) + 0.5)
-    return codes.astype(np.int8).reshape(rows, cols), d[..., 0].astype(np.float16)
+    return codes.astype(np.int8).reshape(rows, cols), d[..., 0].astype(scale_dtype)
 
 
 def randn(seed, *shape):

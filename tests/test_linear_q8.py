@@ -1,0 +1,181 @@
+"""linear and embedding with Q8_0 weights (a Q8Matrix) on the CPU, on both paths (AVX-512 VNNI
+and the portable loops), against float64 references on the dequantized weights.
+
+Decode and a few rows quantize x per 32 values as llama.cpp does, so there are two checks:
+  - exact arithmetic: against the float64 sum over blocks of d_w d_x (codes . codes) with x's
+    codes and scales from an independent statement of the rule (tests/test_formats.py). The
+    integer sums are exact on both paths; what remains is float32 rounding where the scaled
+    partial sums (VNNI: of 4 products a lane) are added, at most nb + 8 roundings deep (nb =
+    k / 32), each within u = 2^-24 of a partial sum no larger than sum_b d_w d_x |codes|.|codes|.
+  - the quantization of x: each x_j is off by at most half its block's step, d_x / 2 =
+    amax_b / 254, so |y - x . w| <= sum_b amax_b / 254 * sum_{j in b} |w_j| (+ the above);
+    with random data the errors are independent and uniform in the step, so the RMS error over
+    all outputs is sqrt(mean(sum_j w_j^2 d_x(j)^2 / 12)), which it must not exceed by 25%.
+Prefill multiplies the dequantized weights by x in float32 (sgemm): the float32 bound of
+tests/test_linear_bf16.py (float32 sums of k random-sign terms)."""
+import numpy as np
+import pytest
+
+from numba_attn import ops
+from numba_attn.formats import Q8Matrix, quantize_q8_0
+from numba_attn.kernels import linear_cpu, linear_q8_cpu, llvm_cpu
+from tests.test_formats import q8_0_reference
+
+U = 2.0 ** -24
+FAST = llvm_cpu.fast_path("avx512vnni")
+
+
+def randn(seed, *shape):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+@pytest.fixture(params=["fast", "portable"])
+def path(request, monkeypatch):
+    """Run the test on one path; the other path's kernel raises, so the path is the one named."""
+    if request.param == "fast":
+        if not FAST:
+            pytest.skip("this CPU has no AVX-512 VNNI")
+        monkeypatch.setattr(linear_q8_cpu, "_gemv_rows_portable", _not_this_path)
+    else:
+        monkeypatch.setattr(llvm_cpu, "CPU_PATH", "portable")
+        monkeypatch.setattr(linear_q8_cpu, "_gemv_rows", _not_this_path)
+    return request.param
+
+
+def _not_this_path(*args):
+    raise AssertionError("the other path's kernel ran")
+
+
+def assert_within(err, bound, what):
+    bad = np.abs(err) > bound
+    assert not bad.any(), (f"{what}: {bad.sum()} of {bad.size} outside the bound, worst "
+                           f"{np.max(np.abs(err) / np.maximum(bound, 1e-300)):.3g}x it")
+
+
+def assert_q8_close(y, x, q):
+    """y = linear(x, q) for x (m, k), against the two references above."""
+    m, k = x.shape
+    wq = q.qs.astype(np.float64)
+    wd = q.d.astype(np.float64)                                   # (n, nb)
+    w = q.dequantize().astype(np.float64)                         # (n, k)
+    if m <= linear_cpu.GEMV_MAX_ROWS:
+        xq, xd = q8_0_reference(x, np.float32)
+        xq, xd = xq.astype(np.float64), xd.astype(np.float64)     # (m, k), (m, nb)
+        nb = k // 32
+        isum = np.einsum("ibj,rbj->irb", xq.reshape(m, nb, 32), wq.reshape(-1, nb, 32))
+        scales = xd[:, None, :] * wd[None, :, :]                  # (m, n, nb)
+        exact = (isum * scales).sum(-1)
+        iabs = np.einsum("ibj,rbj->irb", np.abs(xq).reshape(m, nb, 32),
+                         np.abs(wq).reshape(-1, nb, 32))
+        arith = (nb + 8) * U * (iabs * scales).sum(-1)
+        assert_within(y - exact, arith, "float32 arithmetic")
+        # x's quantization: worst case per output, and the RMS against the rounding model
+        amax = np.abs(x.astype(np.float64)).reshape(m, nb, 32).max(-1)           # (m, nb)
+        wabs = np.abs(w).reshape(-1, nb, 32).sum(-1)                             # (n, nb)
+        worst = (amax / 254) @ wabs.T * (1 + 1e-6) + arith
+        err = y - x.astype(np.float64) @ w.T
+        assert_within(err, worst, "x's quantization")
+        step2 = np.repeat(xd, 32, axis=1) ** 2                                   # (m, k)
+        predicted = np.sqrt(np.mean(step2 @ (w ** 2).T / 12))
+        if y.size >= 100:
+            assert np.sqrt(np.mean(err ** 2)) <= 1.25 * predicted
+    else:
+        ref = x.astype(np.float64) @ w.T
+        scale = np.sqrt((x.astype(np.float64) ** 2) @ (w ** 2).T)     # |x o w|_2 per output
+        assert_within(y - ref, 8 * U * np.sqrt(k) * scale, "float32 GEMM")
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 100])
+@pytest.mark.parametrize("k,n", [(32, 7), (96, 1), (96, 1000), (4128, 33)])
+def test_linear_q8_matches_reference(path, m, k, n):
+    q = quantize_q8_0(randn(k + n, n, k) * np.float32(0.05))
+    x = randn(m * 31 + k, m, k)
+    y = ops.linear(x, q)
+    assert y.shape == (m, n) and y.dtype == np.float32
+    assert_q8_close(y.astype(np.float64), x, q)
+
+
+def test_paths_agree_on_block_sums():
+    """The two paths share every block's integer sum; only float32 additions differ."""
+    if not FAST:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    q = quantize_q8_0(randn(1, 67, 4096))
+    x = randn(2, 5, 4096)
+    fast = ops.linear(x, q)
+    llvm_cpu.CPU_PATH, saved = "portable", llvm_cpu.CPU_PATH
+    try:
+        portable = ops.linear(x, q)
+    finally:
+        llvm_cpu.CPU_PATH = saved
+    np.testing.assert_allclose(fast, portable, rtol=0, atol=2e-5 * np.abs(fast).max())
+
+
+def test_bias_leading_axes_and_out(path):
+    q, b = quantize_q8_0(randn(3, 33, 96)), randn(4, 33)
+    x = randn(5, 2, 3, 96)
+    out = np.full((2, 3, 33), np.nan, np.float32)
+    y = ops.linear(x, q, b, out=out)
+    assert y is out
+    plain = ops.linear(x.reshape(6, 96), q)
+    np.testing.assert_array_equal(y.reshape(6, 33), plain + b)
+
+
+def test_negative_max_rows_and_tiny_blocks(path):
+    """Rows whose largest weight is negative, blocks of zeros and of tiny weights, x with a
+    block of zeros: the scales and codes' signs all reach the sums."""
+    w = randn(6, 9, 64) * np.float32(0.1)
+    w[0] = -np.abs(w[0])
+    w[1, :32] = 0
+    w[2, 32:] *= np.float32(1e-6)
+    w[3, 5] = -3.0
+    q = quantize_q8_0(w)
+    for m in (1, 4, 30):
+        x = randn(7 + m, m, 64)
+        x[0, :32] = 0
+        assert_q8_close(ops.linear(x, q).astype(np.float64), x, q)
+
+
+@pytest.mark.parametrize("seq", [1, 5])
+def test_embedding_q8(seq):
+    q = quantize_q8_0(randn(8, 50, 96))
+    tokens = np.array([3, 0, 49, 3, 17][:seq], np.int64)
+    got = ops.embedding(q, tokens)
+    assert got.dtype == np.float32 and got.shape == (seq, 96)
+    np.testing.assert_array_equal(got, q.dequantize()[tokens])
+
+
+def test_gemm_tiles_cover_every_row(monkeypatch):
+    """Prefill in several tiles of w (a small tile size), the last one partial."""
+    monkeypatch.setattr(linear_q8_cpu, "TILE_BYTES", 4 * 96 * 8)   # 8 rows a tile
+    q, x = quantize_q8_0(randn(9, 45, 96)), randn(10, 20, 96)
+    assert_q8_close(ops.linear(x, q).astype(np.float64), x, q)
+
+
+def test_wrong_reference_is_detected():
+    """Sanity: the bounds reject the result with one block's scale wrong or one code off."""
+    q, x = quantize_q8_0(randn(11, 40, 128)), randn(12, 3, 128)
+    y = ops.linear(x, q).astype(np.float64)
+    bad = Q8Matrix(q.qs.copy(), q.d.copy())
+    bad.d[5, 2] *= np.float16(1.01)
+    with pytest.raises(AssertionError):
+        assert_q8_close(y, x, bad)
+    bad = Q8Matrix(q.qs.copy(), q.d.copy())
+    bad.qs[7, 70] += np.int8(1) if bad.qs[7, 70] < 127 else np.int8(-1)
+    with pytest.raises(AssertionError):
+        assert_q8_close(y, x, bad)
+
+
+def test_errors():
+    q = quantize_q8_0(randn(0, 8, 64))
+    with pytest.raises(ValueError, match=r"x has 32 input features but w \(8, 64\) expects 64"):
+        ops.linear(randn(1, 2, 32), q)
+    with pytest.raises(TypeError, match="x must have dtype float32, got float64"):
+        ops.linear(randn(1, 2, 64).astype(np.float64), q)
+    with pytest.raises(ValueError, match="x must be C-contiguous"):
+        ops.linear(randn(1, 2, 128)[:, ::2], q)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_q8_0(randn(0, 8, 48))
+    with pytest.raises(ValueError, match=r"bias must have shape \(8\)"):
+        ops.linear(randn(1, 2, 64), q, randn(2, 7))
+    with pytest.raises(TypeError, match="tokens must have dtype int64"):
+        ops.embedding(q, np.array([1], np.int32))
