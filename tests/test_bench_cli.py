@@ -388,7 +388,7 @@ def test_model_breakdown_alone_agrees_with_in_layer(tiny_folder):
     """silu_mul works in place in the layer; alone, looped thousands of times, it must not
     compound (its values overflowed to inf/NaN and the stages after it ran on them)."""
     res = json.loads(ok(["model", "--model", tiny_folder, "-p", "32", "-n", "0", "--repeat",
-                         "3", "--time-budget", "0.05", "--limits", "none",
+                         "7", "--time-budget", "0.05", "--limits", "none",
                          "--format", "json"]).stdout)
     for label, bd in res["breakdown"].items():
         for r in bd["rows"]:
@@ -493,6 +493,9 @@ def test_kernels_table_negative_difference_and_cache_rows():
     assert all(int(p) <= 100 for p in re.findall(r"(\d+)% ", table))
     assert "within ±" in table and "in cache" in table
     assert "ours is a difference of two timings" in text
+    rows = {r["name"]: r for r in csv.DictReader(io.StringIO(report.format_result(res, "csv")))}
+    diff = rows["causal_mask/8 [in softmax]"]
+    assert diff["ours_min_s"] == diff["ours_max_s"] == "" and float(diff["ours_median_s"]) < 0
 
 
 # -- plots: each command's shows what its help says ---------------------------------------------

@@ -122,8 +122,9 @@ def bench():
     cache-load time (`jit`).
 
     \b
-    kernels and model run on --device cpu (the default), cuda or all (kernels only: every
-    device present); jit measures the CPU kernels. Each subcommand's --help lists its options:
+    kernels and model run on --device cpu (the default), cuda or all
+    (kernels only: every device present); jit measures the CPU kernels.
+    Each subcommand's --help lists its options:
       numba-attn bench kernels --help
       numba-attn bench model --help
       numba-attn bench jit --help"""
@@ -479,14 +480,15 @@ def _model_rows(gen, bds, dev):
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
               help="Output: text, md, csv or json.")
 def jit_cmd(fmt):
-    """What starting cold costs: the first call of every public function (CPU kernels, small
-    inputs), timed in two fresh processes.
+    """Cold against warm start: the first call of every public function compiling its
+    kernels, then loading them from Numba's cache.
 
     \b
-    cold: an empty Numba cache, so each first call compiles its kernels;
-    warm: a second process on the cache the first one wrote, so each first call loads them.
-    Also timed: `import numba_attn` in each. Slow: compiles everything once. --device does
-    not apply (the CPU kernels only)."""
+    Two fresh processes time each first call (CPU kernels, small inputs):
+      cold: an empty Numba cache, so each first call compiles;
+      warm: a second process on the cache the first wrote, so each loads.
+    Also timed: `import numba_attn` in each. Slow: compiles everything once.
+    --device does not apply (the CPU kernels only)."""
     from .jit import cold_and_warm, format_jit
     _say("compiling the whole API in a fresh process with an empty cache (may take a minute)...")
     click.echo(format_jit(cold_and_warm(), fmt), nl=False)

@@ -285,9 +285,10 @@ def _kernels_csv(result):
         np_, to = r["peers"].get("numpy", {}), r["peers"].get("torch", {})
         errors = [o.get("error")] + [f"{k}: {p['error']}" for k, p in r["peers"].items()
                                      if "error" in p]
+        diff = _is_difference(o)          # min and max of a difference bound no sample
         w.writerow([r["name"], r["op"], r["size"], r.get("variant", ""), r["device"],
-                    o.get("median"), o.get("ci_low"), o.get("ci_high"), o.get("min"),
-                    o.get("max"), o.get("n"), o.get("first_call_s"), np_.get("median"),
+                    o.get("median"), o.get("ci_low"), o.get("ci_high"),
+                    None if diff else o.get("min"), None if diff else o.get("max"), o.get("n"), o.get("first_call_s"), np_.get("median"),
                     r["speedup"].get("numpy"), to.get("median"), r["speedup"].get("torch"),
                     r.get("gbs"), r.get("gflops"), r.get("bound"), r.get("share"),
                     (r.get("candle") or {}).get("median"), r.get("candle_speedup"),
