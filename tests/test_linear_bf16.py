@@ -1,0 +1,183 @@
+"""linear and embedding with bfloat16 and float16 weights on the CPU, on both paths (AVX-512:
+widening FMAs, the vdpbf16ps GEMM; portable: plain loops, widened tiles and sgemm), against
+float64 references on the weights as stored (widening a 16-bit float to float32 is exact).
+
+The bounds: a float32 sum of k random-sign terms t_j makes roundings of at most u = 2^-24
+relative to partial sums about |t|_2 = sqrt(sum t_j^2) in size, independent from step to step,
+so the total error is about u sqrt(k) |t|_2; 8x that is the bound. The BF16 GEMM rounds x to
+bfloat16 first: against x rounded the same way (ml_dtypes, nearest even) the float32 bound
+holds, and against x itself each product is off by at most 2^-9 of itself."""
+import ml_dtypes
+import numpy as np
+import pytest
+
+from numba_attn import ops
+from numba_attn.kernels import linear_bf16_cpu, linear_cpu, llvm_cpu
+
+U = 2.0 ** -24
+BF16 = ml_dtypes.bfloat16
+FAST = llvm_cpu.fast_path()
+
+
+def randn(seed, *shape):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _not_this_path(*args):
+    raise AssertionError("the other path's kernel ran")
+
+
+@pytest.fixture(params=["fast", "portable"])
+def path(request, monkeypatch):
+    """Run the test on one path; the other path's kernels raise, so the path is the one named."""
+    if request.param == "fast":
+        monkeypatch.setattr(linear_bf16_cpu, "_gemv_rows_portable", _not_this_path)
+    else:
+        monkeypatch.setattr(llvm_cpu, "CPU_PATH", "portable")
+        monkeypatch.setattr(linear_bf16_cpu, "_gemv_rows", _not_this_path)
+        monkeypatch.setattr(linear_bf16_cpu, "gemm_bf16", _not_this_path)
+    return request.param
+
+
+def assert_within(err, bound, what):
+    bad = np.abs(err) > bound
+    assert not bad.any(), (f"{what}: {bad.sum()} of {bad.size} outside the bound, worst "
+                           f"{np.max(np.abs(err) / np.maximum(bound, 1e-300)):.3g}x it")
+
+
+def assert_f32_close(y, x, w, what="float32 sums"):
+    """y (m, n) against x (m, k) @ w.T in float64, within the float32 bound above."""
+    x, w = x.astype(np.float64), w.astype(np.float64)
+    k = x.shape[1]
+    scale = np.sqrt((x ** 2) @ (w ** 2).T)                  # |x o w|_2 per output
+    assert_within(y - x @ w.T, 8 * U * np.sqrt(k) * scale, what)
+
+
+def rounds_x(path, m, w):
+    """Whether this call takes the BF16 GEMM, which rounds x to bfloat16."""
+    return (path == "fast" and w.dtype == BF16 and m >= linear_bf16_cpu.GEMM_BF16_MIN_ROWS
+            and llvm_cpu.fast_path("avx512bf16"))
+
+
+def assert_linear_close(y, x, w, path):
+    y = y.astype(np.float64)
+    if rounds_x(path, x.shape[0], w):
+        xb = x.astype(BF16).astype(np.float32)
+        assert_f32_close(y, xb, w, "float32 sums of bfloat16 x")
+        x64, w64 = x.astype(np.float64), w.astype(np.float64)
+        worst = 2.0 ** -9 * (np.abs(x64) @ np.abs(w64).T) * (1 + 1e-6)
+        assert_within(y - x64 @ w64.T, worst, "x rounded to bfloat16")
+    else:
+        assert_f32_close(y, x, w)
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("m", [1, 3, 17, 100])
+@pytest.mark.parametrize("k,n", [(32, 7), (96, 1), (96, 1000), (4128, 33), (37, 9)])
+def test_linear_16bit_matches_reference(path, dtype, m, k, n):
+    w = (randn(k + n, n, k) * np.float32(0.05)).astype(dtype)
+    x = randn(m * 31 + k, m, k)
+    y = ops.linear(x, w)
+    assert y.shape == (m, n) and y.dtype == np.float32
+    assert_linear_close(y, x, w, path)
+
+
+@pytest.mark.parametrize("m", [17, 100])
+def test_bf16_gemm_tiles_and_k_blocks(monkeypatch, m):
+    """The BF16 GEMM with several k slices (a small slice), row blocks and panels cut off."""
+    if not llvm_cpu.fast_path("avx512bf16"):
+        pytest.skip("this CPU has no AVX-512 BF16")
+    monkeypatch.setattr(linear_bf16_cpu, "KC_PAIRS", 5)
+    w, x = randn(1, 70, 301).astype(BF16), randn(2, m, 301)
+    assert_linear_close(ops.linear(x, w), x, w, "fast")
+
+
+def test_widened_tiles_cover_every_row(monkeypatch):
+    monkeypatch.setattr(linear_bf16_cpu, "TILE_BYTES", 4 * 96 * 8)   # 8 rows a tile
+    w, x = randn(3, 45, 96).astype(np.float16), randn(4, 20, 96)
+    assert_f32_close(ops.linear(x, w).astype(np.float64), x, w)
+
+
+def test_bias_leading_axes_and_out(path):
+    w, b = randn(3, 33, 96).astype(BF16), randn(4, 33)
+    for shape in [(2, 1, 96), (2, 3, 96), (4, 5, 96)]:
+        x = randn(5, *shape)
+        out = np.full(shape[:-1] + (33,), np.nan, np.float32)
+        y = ops.linear(x, w, b, out=out)
+        assert y is out
+        plain = ops.linear(x.reshape(-1, 96), w)
+        np.testing.assert_array_equal(y.reshape(-1, 33), plain + b)
+
+
+def test_special_values_widen_exactly(path):
+    """Subnormal, tiny, huge and negative-zero weights widen exactly (one nonzero x each)."""
+    for dtype, vals in [(np.float16, [6e-8, -3e-5, 65504.0, -0.0, 1.0, -2.5]),
+                        (BF16, [1e-40, -3e-38, 3e38, -0.0, 1.0, -2.5])]:
+        w = np.zeros((6, 64), np.float32).astype(dtype)
+        w[:, 10] = np.array(vals, np.float32).astype(dtype)
+        x = np.zeros((1, 64), np.float32)
+        x[0, 10] = 1.0
+        y = ops.linear(x, w)
+        np.testing.assert_array_equal(y[0], w[:, 10].astype(np.float32))
+
+
+def test_paths_agree():
+    w, x = randn(5, 67, 4096).astype(BF16), randn(6, 5, 4096)
+    fast = ops.linear(x, w)
+    llvm_cpu.CPU_PATH, saved = "portable", llvm_cpu.CPU_PATH
+    try:
+        portable = ops.linear(x, w)
+    finally:
+        llvm_cpu.CPU_PATH = saved
+    assert_f32_close(fast.astype(np.float64), x, w)
+    assert_f32_close(portable.astype(np.float64), x, w)
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.float16], ids=["bf16", "f16"])
+def test_embedding_16bit(dtype):
+    table = randn(7, 50, 96).astype(dtype)
+    tokens = np.array([3, 0, 49, 3, 17], np.int64)
+    got = ops.embedding(table, tokens)
+    assert got.dtype == np.float32 and got.shape == (5, 96)
+    np.testing.assert_array_equal(got, table.astype(np.float32)[tokens])
+
+
+def test_round_bf16_is_nearest_even():
+    x = np.array([[1.0, 1.00390625, 1.01171875, 1.0078125 + 2 ** -20, -3.3, 1e-40, 3.0e38,
+                   -0.0]], np.float32)
+    ap = np.empty((1, 4, linear_bf16_cpu.MR), np.uint32)
+    linear_bf16_cpu.pack_x_bf16(ap, x)
+    got = np.stack([ap[0, :, 0] & 0xFFFF, ap[0, :, 0] >> 16], axis=1).reshape(-1)
+    np.testing.assert_array_equal(got.astype(np.uint16), x[0].astype(BF16).view(np.uint16))
+    assert not ap[0, :, 1:].any()                 # rows past x are zeros
+
+
+def test_wrong_reference_is_detected():
+    """Sanity: the bound rejects one weight rounded the other way, or one product dropped."""
+    w, x = randn(8, 40, 512).astype(BF16), randn(9, 3, 512)
+    y = ops.linear(x, w).astype(np.float64)
+    bad = w.copy()
+    bad.view(np.uint16)[5, 100] += 1
+    with pytest.raises(AssertionError):
+        assert_f32_close(y, x, bad)
+    x2 = x.copy()
+    x2[1, 300] = 0
+    with pytest.raises(AssertionError):
+        assert_f32_close(y, x2, w)
+
+
+def test_errors():
+    w = randn(0, 8, 64).astype(BF16)
+    with pytest.raises(ValueError, match=r"x has 32 input features but w \(8, 64\) expects 64"):
+        ops.linear(randn(1, 2, 32), w)
+    with pytest.raises(TypeError, match="x must have dtype float32, got float64"):
+        ops.linear(randn(1, 2, 64).astype(np.float64), w)
+    with pytest.raises(ValueError, match="w must be C-contiguous"):
+        ops.linear(randn(1, 2, 8), randn(0, 64, 8).astype(BF16).T)
+    with pytest.raises(ValueError, match="x must be C-contiguous"):
+        ops.linear(randn(1, 2, 128)[:, ::2], w)
+    with pytest.raises(TypeError, match=r"w must have dtype float32, got float64; weights on cpu "
+                                        r"may be float32, bfloat16, float16 or q8_0"):
+        ops.linear(randn(1, 2, 64), w.astype(np.float64))
+    with pytest.raises(ValueError, match="w must have 2 dimensions"):
+        ops.linear(randn(1, 2, 64), w[None])
