@@ -10,6 +10,7 @@ working sets smaller than 4x the L2 cache rotate over several buffers so that re
 not measure the cache. Median of REPS launches after warm-up (compilation is outside).
 
 Targets (issue 3): linear decode fp32 >= 0.95x PyTorch, fp16 weights >= 1.8x our fp32;
+weight formats (--only formats): q8_0 decode >= 3.0x our fp32 (the bytes ratio is 3.76x);
 attention decode (kv 8192, 32 heads, 32/8 GQA) >= 5x PyTorch SDPA, fp16 KV >= 1.8x our fp32;
 causal prefill S=2048 fp32 within 2x of PyTorch's best SDPA; masked_softmax, apply_rope,
 rmsnorm >= 80% of the measured device-to-device copy bandwidth."""
@@ -30,6 +31,7 @@ from numba import cuda  # noqa: E402
 
 from numba_attn.kernels import (attention_cuda, linear_cuda, norm_cuda, rope_cuda,  # noqa: E402
                                 softmax_cuda)
+from numba_attn.kernels import linear_bf16_cuda, linear_q8_cuda  # noqa: E402
 
 REPS = 30
 L2_BYTES = 50 * 2**20
@@ -151,6 +153,98 @@ def bench_linear():
     return res, torch_mv
 
 
+# ----------------------------------------------------------------------------- weight formats
+
+def q8_weights(n, k):
+    """Random Q8_0 weights on the GPU: codes in [-127, 127], float16 scales near 1/127."""
+    qs = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+    d = (torch.rand(n, k // 32, device="cuda") * 0.01 + 0.002).half()
+    return qs, d
+
+
+def q8_reference(x, qs, d):
+    """The Q8_0 x Q8_0 product in float64: x quantized per 32 values by the Q8_0 rule (as the
+    kernels do), then sum over blocks of isum * d_w * d_x."""
+    m, k = x.shape
+    xb = x.view(m, k // 32, 32)
+    dx = xb.abs().amax(-1) / 127
+    inv = torch.where(dx != 0, 1 / dx, torch.zeros_like(dx))
+    v = xb * inv[..., None]
+    xq = v.trunc() + v.sign() * ((v - v.trunc()).abs() >= 0.5)
+    xs = (xq.double() * dx.double()[..., None]).view(m, k)
+    ws = (qs.double().view(qs.shape[0], k // 32, 32) * d.double()[..., None]).view(-1, k)
+    return xs @ ws.T
+
+
+def bench_formats(res):
+    """q8_0 and bf16 weights: decode GEMV at 12288 x 4096 and prefill 512 x 4096 @ 4096 x 4096,
+    against our fp32 and fp16 GEMV (res, from bench_linear) and PyTorch's 16-bit mm (PyTorch
+    has no Q8_0 kernel)."""
+    n, k = 12288, 4096
+    out = torch.empty(1, n, device="cuda")
+    x = randn(1, k)
+    X, O, Bz = nb(x), nb(out), nb(torch.empty(0, device="cuda"))
+    # q8_0 decode: codes and scales rotate over several sets (53.5 MB each, about the L2)
+    per = n * k + n * k // 32 * 2
+    sets = n_sets(per)
+    Ws = [q8_weights(n, k) for _ in range(sets)]
+    Wd = [linear_q8_cuda.DeviceQ8Matrix(nb(qs), nb(d)) for qs, d in Ws]
+    fn = lambda i: linear_q8_cuda.linear(O, X, Wd[i], Bz)  # noqa: E731
+    us = device_us(fn, sets)
+    fn(0)
+    ref = q8_reference(x, *Ws[0])
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    w16 = (Ws[0][0].half() * Ws[0][1].repeat_interleave(32, dim=1))
+    xt, o16 = x.half(), torch.empty(1, n, device="cuda", dtype=torch.float16)
+    tus = device_us(lambda i: torch.mm(xt, w16.T, out=o16))
+    res["q8_0"] = us
+    row("formats", f"decode 1x4096 @ {n}x4096 q8_0 weights", us, call_us(fn), tus, per, "GB/s",
+        note=f"err {err:.1e} (vs Q8_0 x Q8_0); our fp32 / q8_0 = {res['fp32'] / us:.2f}x, "
+        f"fp16 / q8_0 = {res['fp16'] / us:.2f}x; torch fp16 mm; {sets} weight sets")
+    # bf16 decode through its family (linear_cuda's 16-bit path)
+    sets = n_sets(2 * n * k)
+    wb = [randn(n, k, dtype=torch.bfloat16) for _ in range(sets)]
+    Wb = [nb(w) for w in wb]
+    fn = lambda i: linear_bf16_cuda.linear(O, X, Wb[i], Bz)  # noqa: E731
+    us = device_us(fn, sets)
+    fn(0)
+    ref = (x.double() @ wb[0].double().T)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    xb, ob = x.bfloat16(), torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+    tus = device_us(lambda i: torch.mm(xb, wb[i].T, out=ob), sets)
+    res["bf16 family"] = us
+    row("formats", f"decode 1x4096 @ {n}x4096 bf16 weights (linear_bf16_cuda)", us, call_us(fn),
+        tus, 2 * n * k, "GB/s", note=f"err {err:.1e}; our fp32 / bf16 = {res['fp32'] / us:.2f}x, "
+        f"fp16 / bf16 = {res['fp16'] / us:.2f}x; torch bf16 mm; {sets} weight sets")
+    # prefill: 512 rows of x against 4096 x 4096, every format (the GEMM on the CUDA cores)
+    m, n = 512, 4096
+    x = randn(m, k)
+    out = torch.empty(m, n, device="cuda")
+    X, O = nb(x), nb(out)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    w32 = randn(n, k)
+    t32 = device_us(lambda i: torch.mm(x, w32.T, out=out), reps=10)
+    qs, d = q8_weights(n, k)
+    wq = qs.float() * d.float().repeat_interleave(32, dim=1)      # the dequantized weights
+    for st, w, kern in (("fp32", nb(w32), linear_cuda.linear),
+                        ("fp16", nb(w32.half()), linear_cuda.linear),
+                        ("bf16", nb(w32.bfloat16()), linear_bf16_cuda.linear),
+                        ("q8_0", linear_q8_cuda.DeviceQ8Matrix(nb(qs), nb(d)),
+                         linear_q8_cuda.linear)):
+        fn = lambda i: kern(O, X, w, Bz)  # noqa: E731
+        us = device_us(fn, reps=10)
+        fn(0)
+        wf = {"fp32": w32, "fp16": w32.half().float(), "bf16": w32.bfloat16().float(),
+              "q8_0": wq}[st]
+        ref = x.double() @ wf.double().T
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        res[f"prefill {st}"] = us
+        row("formats", f"prefill {m}x4096 @ {n}x4096 {st} weights (CUDA cores)", us, None, t32,
+            2 * m * n * k, "TFLOP/s", note=f"err {err:.1e}; torch fp32 without tf32")
+    return res
+
+
+# ---------------------------------------------------------------------------------- attention
 # ---------------------------------------------------------------------------------- attention
 
 def bench_attention_decode():
@@ -319,6 +413,11 @@ GEMV_VARIANTS = {"fp32": ((1, 4, 256), (2, 4, 256), (2, 4, 128), (1, 4, 512), (1
                           (1, 4, 512), (1, 2, 512))}
 
 
+# Q8_0 GEMV variants: (rows per warp, blocks of 32 codes in flight per row and lane, threads)
+GEMV_Q8_VARIANTS = ((2, 2, 256), (1, 4, 256), (2, 4, 256), (4, 2, 128), (1, 2, 512),
+                    (4, 1, 256), (1, 8, 128), (2, 1, 512))
+
+
 def _err(a, b):
     return float((a.float() - b.float()).abs().max())
 
@@ -371,6 +470,22 @@ def bench_tune(parts=("decode", "gemv", "prefill")):
                   f"diff {_err(y, y_ref):.1e}", flush=True)
         L.GEMV_SHAPE.clear()
         L.GEMV_SHAPE.update(old)
+    if "q8" in parts:
+        per = n * k + n * k // 32 * 2
+        sets = n_sets(per)
+        W = [linear_q8_cuda.DeviceQ8Matrix(*map(nb, q8_weights(n, k))) for _ in range(sets)]
+        y_ref, y = torch.empty(1, n, device="cuda"), torch.empty(1, n, device="cuda")
+        X, Y, Y_ref, no_bias = nb(x), nb(y), nb(y_ref), nb(torch.empty(0, device="cuda"))
+        Q = linear_q8_cuda
+        Q.linear(Y_ref, X, W[0], no_bias)
+        old = Q.GEMV_SHAPE
+        for shape in GEMV_Q8_VARIANTS * 2:      # twice: the noise
+            Q.GEMV_SHAPE = shape
+            us = device_us(lambda i: Q.linear(Y, X, W[i], no_bias), sets)
+            Q.linear(Y, X, W[0], no_bias)
+            print(f"  gemv q8_0 rows/warp={shape[0]} blocks/step={shape[1]} threads={shape[2]}: "
+                  f"{us:.1f} us ({per / us / 1e3:.0f} GB/s) diff {_err(y, y_ref):.1e}", flush=True)
+        Q.GEMV_SHAPE = old
     if "prefill" not in parts:
         return
     # prefill: block shapes of the row-per-lanes kernel
@@ -395,6 +510,9 @@ def resources():
     print("\nkernel resources (registers/thread, shared bytes/block, local bytes/thread):")
     kernels = [(f"gemv {shape}", linear_cuda.gemv_kernel(True, *shape))
                for shape in set(GEMV_VARIANTS["fp32"] + GEMV_VARIANTS["fp16"])]
+    kernels += [(f"gemv q8_0 {shape}", linear_q8_cuda.gemv_kernel(True, *shape))
+                for shape in GEMV_Q8_VARIANTS]
+    kernels += [("gemm q8_0", linear_q8_cuda._gemm)]
     kernels += [("gemm", linear_cuda._gemm), ("rmsnorm", norm_cuda.rmsnorm_kernel(True)),
                 ("softmax rows", softmax_cuda.softmax_rows_kernel(True)),
                 ("softmax 2-pass", softmax_cuda.masked_softmax_kernel(True)),
@@ -418,7 +536,8 @@ def resources():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated groups: copy (always), linear, "
-                    "decode, prefill, bandwidth, tune (all variants) or tune-decode, tune-gemv, "
+                    "formats (q8_0 and bf16 weights; runs linear too), decode, prefill, "
+                    "bandwidth, tune (all variants) or tune-decode, tune-gemv, tune-q8, "
                     "tune-prefill")
     args = ap.parse_args()
     only = set(filter(None, args.only.split(",")))
@@ -429,13 +548,21 @@ def main():
     launch = bench_launch()
     copy_bw = bench_copy()
     verdicts = []
-    if want("linear"):
+    if want("linear") or want("formats"):
         res, torch_mv = bench_linear()
         verdicts.append(("linear decode fp32 >= 0.95x PyTorch", torch_mv / res["fp32"], 0.95))
         verdicts.append(("linear decode fp16 weights >= 1.8x our fp32", res["fp32"] / res["fp16"],
                          1.8))
         verdicts.append(("linear decode bf16 weights >= 1.8x our fp32", res["fp32"] / res["bf16"],
                          1.8))
+    if want("formats"):
+        bench_formats(res)
+        verdicts.append(("linear decode q8_0 weights >= 3.0x our fp32",
+                         res["fp32"] / res["q8_0"], 3.0))
+        verdicts.append(("linear decode bf16 family >= 1.8x our fp32",
+                         res["fp32"] / res["bf16 family"], 1.8))
+        verdicts.append(("linear prefill q8_0 >= 0.8x our fp32 GEMM (dequantizing costs little)",
+                         res["prefill fp32"] / res["prefill q8_0"], 0.8))
     if want("decode"):
         r = bench_attention_decode()
         for H, Hkv in ((32, 32), (32, 8)):
@@ -452,7 +579,7 @@ def main():
             if not name.startswith("silu"):
                 verdicts.append((f"{name} >= 80% of copy bandwidth", frac, 0.8))
     if want("tune"):
-        bench_tune()
+        bench_tune(("decode", "gemv", "q8", "prefill"))
     elif any(g.startswith("tune-") for g in only):
         bench_tune([g[5:] for g in only if g.startswith("tune-")])
     resources()

