@@ -249,16 +249,17 @@ def pack_x_bf16(ap, x):
 
 
 @intrinsic
-def _tile_bf16(typingctx, c, a, b, kc):
-    """C = A B^T for one MR x NR tile over kc pairs of the input axis, with vdpbf16ps. Byte
-    addresses: c the (MR, NR) float32 tile, written; a the (kc, MR) bfloat16 pairs of x's rows
-    (pack_x_bf16); b the (kc, NR) pairs of w's rows. Each step broadcasts a row's pair against
-    NR / 16 vectors of w's pairs."""
-    sig = types.void(c, a, b, kc)
+def _tile_bf16(typingctx, c, ldc, a, b, kc, accumulate):
+    """C (+)= A B^T for one MR x NR tile over kc pairs of the input axis, with vdpbf16ps. Byte
+    addresses: c the tile's first float32 (row i at c + 4 i ldc), added to when accumulate,
+    else written; a the (kc, MR) bfloat16 pairs of x's rows (pack_x_bf16); b the (kc, NR)
+    pairs of w's rows. Each step broadcasts a row's pair against NR / 16 vectors of w's."""
+    sig = types.void(c, ldc, a, b, kc, accumulate)
 
     def codegen(context, builder, signature, args):
-        c, a, b, kc = [context.cast(builder, v, t, types.int64)
-                       for v, t in zip(args, signature.args)]
+        c, ldc, a, b, kc = [context.cast(builder, v, t, types.int64)
+                            for v, t in zip(args[:5], signature.args[:5])]
+        accumulate = context.cast(builder, args[5], signature.args[5], types.boolean)
         vi, vf = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
         nv = NR // 16
         dot = dpbf16ps(builder)
@@ -282,50 +283,80 @@ def _tile_bf16(typingctx, c, a, b, kc):
                     builder.store(builder.call(dot, [builder.load(acc[i][v]), splat, bv[v]]),
                                   acc[i][v])
         for i in range(MR):
+            row = builder.add(c, builder.mul(ldc, ir.Constant(_I64, 4 * i)))
             for v in range(nv):
-                addr = builder.add(c, ir.Constant(_I64, 4 * (i * NR + 16 * v)))
-                builder.store(builder.load(acc[i][v]),
-                              builder.inttoptr(addr, ir.PointerType(vf)), align=4)
+                ptr = builder.inttoptr(builder.add(row, ir.Constant(_I64, 64 * v)),
+                                       ir.PointerType(vf))
+                val = builder.load(acc[i][v])
+                with builder.if_then(accumulate):
+                    builder.store(builder.fadd(builder.load(ptr, align=4), val), ptr, align=4)
+                with builder.if_then(builder.not_(accumulate)):
+                    builder.store(val, ptr, align=4)
         return context.get_dummy_value()
     return sig, codegen
 
 
+@njit(inline="always", cache=True)
+def _pack_panel(bp, w2, j0, p0):
+    # bp: (kc, NR) uint32 = pair p0 + p of row j0 + c of w2 at [p, c]; rows past w2 zeros.
+    # Eight rows at a time: eight read streams, each line read serving 16 pairs
+    kc = bp.shape[0]
+    nr = min(NR, w2.shape[0] - j0)
+    for c0 in range(0, NR, 8):
+        if c0 + 8 <= nr:
+            for p in range(kc):
+                for c in range(8):
+                    bp[p, c0 + c] = w2[j0 + c0 + c, p0 + p]
+        else:
+            for p in range(kc):
+                for c in range(8):
+                    bp[p, c0 + c] = w2[j0 + c0 + c, p0 + p] if c0 + c < nr else np.uint32(0)
+
+
 @njit(parallel=True, cache=True)
 def _gemm_bf16(out, ap, w2):
-    # out: (m, n) float32, zeros on entry; ap: x packed by pack_x_bf16; w2: (n, kp) uint32, w's
-    # bfloat16 bits two a word. For each KC_PAIRS slice of the input axis, a parallel loop over
-    # panels of NR rows of w: the panel packed (KC_PAIRS, NR) in L1, then every MR block of x's
-    # rows against it, each tile added into out
+    # out: (m, n) float32; ap: x packed by pack_x_bf16; w2: (n, kp) uint32, w's bfloat16 bits
+    # two a word. For each KC_PAIRS slice of the input axis, a parallel loop over panels of NR
+    # rows of w: the panel packed (KC_PAIRS, NR) in L1, then every MR block of x's rows
+    # against it, the tile written (first slice) or added into out; tiles cut off by out's
+    # edges go through a scratch tile
     m, n = out.shape
     mb, kp, _ = ap.shape
-    ap_a = ap.ctypes.data
+    ap_a, out_a, ldc = ap.ctypes.data, out.ctypes.data, out.strides[0] // 4
     for p0 in range(0, kp, KC_PAIRS):
         kc = min(KC_PAIRS, kp - p0)
+        first = p0 == 0
         for jb in prange((n + NR - 1) // NR):
             j0 = jb * NR
             nr = min(NR, n - j0)
-            bp = np.zeros((kc, NR), np.uint32)      # (kc, NR): pair p of row j0 + c at [p, c]
-            for c in range(nr):
-                for p in range(kc):
-                    bp[p, c] = w2[j0 + c, p0 + p]
+            bp = np.empty((kc, NR), np.uint32)
+            _pack_panel(bp, w2, j0, p0)
             tile = np.empty((MR, NR), np.float32)
             for ib in range(mb):
-                _tile_bf16(tile.ctypes.data, ap_a + 4 * (ib * kp + p0) * MR, bp.ctypes.data, kc)
                 i0 = ib * MR
-                for i in range(min(MR, m - i0)):
-                    for c in range(nr):
-                        out[i0 + i, j0 + c] += tile[i, c]
+                a_blk = ap_a + 4 * (ib * kp + p0) * MR
+                if i0 + MR <= m and nr == NR:
+                    _tile_bf16(out_a + 4 * (i0 * ldc + j0), ldc, a_blk, bp.ctypes.data, kc,
+                               not first)
+                else:
+                    _tile_bf16(tile.ctypes.data, NR, a_blk, bp.ctypes.data, kc, False)
+                    for i in range(min(MR, m - i0)):
+                        for c in range(nr):
+                            if first:
+                                out[i0 + i, j0 + c] = tile[i, c]
+                            else:
+                                out[i0 + i, j0 + c] += tile[i, c]
 
 
 def gemm_bf16(out, x, w):
-    # x: (m, k) float32; w: (n, k) bfloat16 bits (uint16); out: (m, n). x rounded to bfloat16
+    # x: (m, k) float32; w: (n, k) bfloat16 bits (uint16); out: (m, n), C-contiguous rows
+    # (any row stride). x rounded to bfloat16
     # once, then the blocked vdpbf16ps GEMM (products of bfloat16s exact in float32, sums float32)
     m, k = x.shape
     if k % 2:   # pairs along the input axis: an odd length gets a zero column
         w = np.concatenate([w, np.zeros((w.shape[0], 1), np.uint16)], axis=1)
     ap = np.empty(((m + MR - 1) // MR, (k + 1) // 2, MR), np.uint32)
     pack_x_bf16(ap, x)
-    out[...] = 0
     _gemm_bf16(out, ap, w.view(np.uint32))
 
 
