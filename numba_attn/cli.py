@@ -7,6 +7,12 @@ import time
 import click
 
 from . import DEMO_MODEL, __version__
+from .formats import FORMATS
+
+WEIGHT_DTYPE_CHOICES = ("auto",) + tuple(FORMATS)
+WEIGHT_DTYPE_HELP = ("Storage of the weights: auto (the checkpoint's own type), float32, "
+                     "bfloat16, float16 or q8_0 (8-bit blocks, quantized at load); fewer bytes "
+                     "are a faster decode, arithmetic is float32 throughout.")
 DEFAULT_MAX_TOKENS = 256   # generate's default: fewer when the context has less room
 
 
@@ -68,10 +74,8 @@ def main():
                    "[default: the model's context, at most 4096]")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where to run: cpu or cuda.")
-@click.option("--weight-dtype", type=click.Choice(["float32", "float16"]), default="float32",
-              show_default=True,
-              help="Storage of the linear weights: float32, or float16 (--device cuda only: "
-                   "half the bytes per token, float32 arithmetic).")
+@click.option("--weight-dtype", type=click.Choice(WEIGHT_DTYPE_CHOICES), default="auto",
+              show_default=True, help=WEIGHT_DTYPE_HELP)
 @click.option("--show-prompt/--no-show-prompt", default=None,
               help="Print the prompt before its continuation. [default: on when standard "
                    "output is a terminal, off when it is piped]")
@@ -109,7 +113,7 @@ def generate(prompt, model_dir, max_tokens, temperature, top_k, top_p, min_p, re
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(stream.flush())
-    click.echo(summary(stats, jit, seed=sampling.seed if not sampling.greedy else None),
+    click.echo(summary(stats, jit, model, seed=sampling.seed if not sampling.greedy else None),
                err=True)
 
 
@@ -123,8 +127,8 @@ def generate(prompt, model_dir, max_tokens, temperature, top_k, top_p, min_p, re
                    "context, at most 4096]")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where to run: cpu or cuda.")
-@click.option("--weight-dtype", type=click.Choice(["float32", "float16"]), default="float32",
-              show_default=True, help="Storage of the linear weights (as for generate).")
+@click.option("--weight-dtype", type=click.Choice(WEIGHT_DTYPE_CHOICES), default="auto",
+              show_default=True, help=WEIGHT_DTYPE_HELP)
 def perplexity(file, model_dir, context, device, weight_dtype):
     """Perplexity of the text in FILE under the model (lower is better): its token ids, BOS
     first, in non-overlapping windows of --context tokens, each scoring its tokens after the
@@ -209,7 +213,7 @@ class LoadTimer:
         return f"kernels loaded from cache ({self.load_s:.1f} s)"
 
 
-def load(model_dir, *, device="cpu", context=None, weight_dtype="float32"):
+def load(model_dir, *, device="cpu", context=None, weight_dtype="auto"):
     """The model (the demo when model_dir is None), its tokenizer, and its kernels compiled or
     loaded (saying so first when they compile): (model, tokenizer, LoadTimer). Every failure
     is a one-line click error."""
@@ -217,7 +221,7 @@ def load(model_dir, *, device="cpu", context=None, weight_dtype="float32"):
     from .model import WEIGHT_DTYPES, Model
     from .tokenizer import Tokenizer
 
-    if weight_dtype not in WEIGHT_DTYPES[device]:
+    if weight_dtype != "auto" and weight_dtype not in WEIGHT_DTYPES[device]:
         needs = [d for d, names in WEIGHT_DTYPES.items() if weight_dtype in names]
         raise click.UsageError(f"--weight-dtype {weight_dtype} needs --device "
                                f"{' or '.join(needs)}")
@@ -231,9 +235,11 @@ def load(model_dir, *, device="cpu", context=None, weight_dtype="float32"):
                                    f"model folder (config.json, *.safetensors, tokenizer.json)")
     elif not os.path.isdir(model_dir):
         raise click.ClickException(f"model folder not found: {model_dir}")
+    bar = _LoadBar()
     try:
-        model = Model.from_pretrained(model_dir, device=device, max_seq=context,
-                                      weight_dtype=weight_dtype)
+        with bar:
+            model = Model.from_pretrained(model_dir, device=device, max_seq=context,
+                                          weight_dtype=weight_dtype, progress=bar.update)
         tokenizer = Tokenizer(model_dir, model.config.bos_token_id)
     except (ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
@@ -248,6 +254,29 @@ def load(model_dir, *, device="cpu", context=None, weight_dtype="float32"):
         model.warmup()
         load_s = time.perf_counter() - t0
     return model, tokenizer, LoadTimer(jit.seconds, load_s)
+
+
+class _LoadBar:
+    """A progress bar on a terminal's standard error while a model is quantized at load."""
+
+    def __init__(self):
+        self.bar = None
+
+    def update(self, done, total, fmt):
+        if self.bar is None:
+            if fmt != "q8_0" or not _isatty(sys.stderr):
+                return
+            self.bar = click.progressbar(length=total, label=f"quantizing to {fmt}",
+                                         file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(done - self.bar.pos)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
 
 
 def _token_limit(model, n_prompt, max_tokens):
@@ -274,20 +303,26 @@ def _token_limit(model, n_prompt, max_tokens):
 STOP_WORDS = {"eos": "end-of-sequence", "max_tokens": "max tokens", "context": "context full"}
 
 
-def summary(stats, jit, *, seed=None):
-    """The line after a generation: counts, time to first token, rates, why it stopped, the seed
-    (when sampling), and how the kernels were loaded."""
+def summary(stats, jit, model, *, seed=None):
+    """The line after a generation: counts, time to first token, rates, why it stopped, the
+    weights' storage and the bytes a token reads, the seed (when sampling), and how the kernels
+    were loaded."""
     n = stats.generated_tokens
     parts = [f"prompt {stats.prompt_tokens} token{'' if stats.prompt_tokens == 1 else 's'}, "
              f"generated {n} token{'' if n == 1 else 's'}",
              f"first token {stats.first_token_s * 1e3:.0f} ms",
              f"prefill {_rate(stats.prefill_tok_s)} tok/s",
              f"decode {_rate(stats.decode_tok_s)} tok/s",
-             f"stopped: {STOP_WORDS.get(stats.stop_reason, 'interrupted')}"]
+             f"stopped: {STOP_WORDS.get(stats.stop_reason, 'interrupted')}",
+             f"{model.weight_dtype} weights, {_megabytes(model.weights.bytes_per_token)}/token"]
     if seed is not None:
         parts.append(f"seed {seed}")
     parts.append(str(jit))
     return " | ".join(parts)
+
+
+def _megabytes(n):
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _rate(x):

@@ -22,17 +22,20 @@ import numpy as np
 from .backend import (copy_from_host, copy_to_host, cuda_unavailable, empty, is_cuda_array,
                       reshape, rows)
 from .config import LlamaConfig
+from .formats import FORMATS, quantize_q8_0, weight_format
 from .kvcache import KVCache
 from .ops import (add, apply_rope, attention, embedding, linear, rmsnorm, silu_mul,
                   split_qkv)
 from .rope import RopeTable
-from .weights import Checkpoint, CheckpointError
+from .weights import FORMAT_OF_STORED, Checkpoint, CheckpointError
 
 DEFAULT_MAX_SEQ = 4096   # KV cache length when the caller gives none (and the model allows it)
 DEVICES = ("cpu", "cuda")
-# storage of the linear weights (projections, MLP, lm_head); norms, biases and a separate
-# embedding table stay float32. float16 halves the bytes a decode step reads, CUDA only
-WEIGHT_DTYPES = {"cpu": ("float32",), "cuda": ("float32", "float16")}
+# storage of the linear weights (projections, MLP, lm_head) and, on the CPU, the embedding
+# table: a row of the formats table; norms and biases stay float32. "auto" keeps the
+# checkpoint's own type where the device runs it
+WEIGHT_DTYPES = {device: tuple(name for name, f in FORMATS.items() if device in f.devices)
+                 for device in DEVICES}
 
 
 @dataclass
@@ -56,27 +59,41 @@ class ModelWeights:
     lm_head: np.ndarray                   # (vocab, hidden); embed_tokens itself when tied
 
     @classmethod
-    def load(cls, config, folder, *, device="cpu", weight_dtype="float32"):
-        """Read a checkpoint folder into float32 arrays, one tensor at a time: each tensor is
-        read (and converted) straight into its final place, so loading holds one copy of the
-        model plus at most one tensor in flight. device="cuda": each tensor is copied to the
-        GPU as soon as it is read (the host holds one tensor at a time), the linear weights
-        in weight_dtype."""
+    def load(cls, config, folder, *, device="cpu", weight_dtype="auto", progress=None):
+        """Read a checkpoint folder one tensor at a time, each straight into its final place
+        and format (a tensor stored in the format asked for is read as it is), so loading
+        holds one copy of the model plus at most one tensor in flight. weight_dtype: the
+        linear weights' format, or "auto" for the checkpoint's own. device="cuda": each tensor
+        is copied to the GPU as soon as it is read. progress(done, total, fmt) is called after
+        each layer (and the embedding and head)."""
         c = config
         f32 = np.float32
-        put = _placer(device, weight_dtype)
         with Checkpoint(folder) as ck:
-            def read(name, shape, matrix=False):
-                return put(name, ck.read(name, np.empty(shape, f32)), matrix)
+            fmt = resolve_weight_dtype(device, weight_dtype, ck)
+            put = _placer(device, fmt)
+            # matrices are read in their storage type (float32 when quantized or sent to CUDA)
+            storage = weight_format(fmt).storage if device == "cpu" and \
+                weight_format(fmt).block_size == 1 else np.dtype(f32)
 
-            # the embedding table is also the lm_head when tied: then it is stored like one
+            def read(name, shape, matrix=False):
+                return put(name, ck.read(name, np.empty(shape, storage if matrix else f32)),
+                           matrix)
+
+            # the embedding table is stored like a matrix on the CPU, and on CUDA when it is
+            # also the lm_head (tied)
             embed = read("model.embed_tokens.weight", (c.vocab_size, c.hidden_size),
-                         c.tie_word_embeddings)
+                         c.tie_word_embeddings or device == "cpu")
+            steps = c.n_layers + 2
+
+            def step(done):
+                if progress is not None:
+                    progress(done, steps, fmt)
+            step(1)
             layers = []
             for i in range(c.n_layers):
                 p = f"model.layers.{i}."
                 # fused QKV: q_proj, k_proj, v_proj stacked along the output dimension
-                qkv = np.empty((c.qkv_dim, c.hidden_size), f32)
+                qkv = np.empty((c.qkv_dim, c.hidden_size), storage)
                 q, k, v = _split_rows(qkv, c)
                 ck.read(p + "self_attn.q_proj.weight", q)
                 ck.read(p + "self_attn.k_proj.weight", k)
@@ -106,6 +123,7 @@ class ModelWeights:
                     down_proj=read(p + "mlp.down_proj.weight",
                                    (c.hidden_size, c.intermediate_size), True),
                 ))
+                step(i + 2)
             norm = read("model.norm.weight", (c.hidden_size,))
             if c.tie_word_embeddings:
                 lm_head = embed
@@ -114,6 +132,7 @@ class ModelWeights:
             else:
                 raise CheckpointError("lm_head.weight is missing and tie_word_embeddings is "
                                       "false in config.json")
+            step(steps)
         return cls(embed_tokens=embed, layers=layers, norm=norm, lm_head=lm_head)
 
     def arrays(self):
@@ -136,17 +155,23 @@ class ModelWeights:
 
     @property
     def weight_dtype(self):
-        """Storage of the linear weights: 'float32' or 'float16'."""
-        return np.dtype(self.layers[0].qkv_proj.dtype if self.layers else
-                        self.lm_head.dtype).name
+        """The linear weights' format: a name in formats.FORMATS ('float32', 'q8_0', ...)."""
+        return weight_format(self.layers[0].qkv_proj if self.layers else self.lm_head).name
+
+    @property
+    def bytes_per_token(self):
+        """Weight bytes a decode step reads: every matrix once, plus one embedding row."""
+        matrices = [self.lm_head] + [getattr(lw, k) for lw in self.layers for k in MATRICES]
+        return sum(int(m.nbytes) for m in matrices) + int(self.embed_tokens.nbytes) // \
+            int(self.embed_tokens.shape[0])
 
     def to_device(self, weight_dtype="float32"):
         """A copy on the GPU of host weights, the linear weights in weight_dtype (tied
         embeddings stay tied)."""
         if self.device != "cpu":
             raise ValueError("these weights are on the GPU already")
-        put = _placer("cuda", weight_dtype)
-        matrices = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        put = _placer("cuda", resolve_weight_dtype("cuda", weight_dtype))
+        matrices = MATRICES
         tied = self.lm_head is self.embed_tokens
         embed = put("model.embed_tokens.weight", self.embed_tokens, tied)
         layers = [LayerWeights(**{k: None if a is None else put(k, a, k in matrices)
@@ -155,26 +180,50 @@ class ModelWeights:
                           lm_head=embed if tied else put("lm_head", self.lm_head, True))
 
 
-def _check_weight_dtype(device, weight_dtype):
+MATRICES = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")   # of LayerWeights
+
+
+def resolve_weight_dtype(device, weight_dtype, checkpoint=None):
+    """The format name a model on `device` stores its linear weights in: weight_dtype checked
+    against the formats the device runs, or, for "auto", the checkpoint's own type (float32
+    without a checkpoint to look at)."""
+    if weight_dtype == "auto":
+        if checkpoint is None:
+            return "float32"
+        stored = checkpoint.info(next(n for n in checkpoint.files if n.endswith("_proj.weight")
+                                      or n.endswith("embed_tokens.weight")))[0]
+        name = FORMAT_OF_STORED.get(stored, "float32")
+        return name if name in WEIGHT_DTYPES[device] else "float32"
     try:
-        name = np.dtype(weight_dtype).name
-    except TypeError:
+        name = weight_format(weight_dtype).name if isinstance(weight_dtype, str) else \
+            weight_format(np.dtype(weight_dtype)).name
+    except (TypeError, ValueError):
         name = None
     if name not in WEIGHT_DTYPES[device]:
-        raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES[device])} on "
-                         f"{device}, got {weight_dtype!r}"
-                         + (" (float16 weights need device='cuda')" if name == "float16"
-                            else ""))
+        runs = [d for d in DEVICES if name in WEIGHT_DTYPES[d]]
+        raise ValueError(f"weight_dtype must be auto or one of {', '.join(WEIGHT_DTYPES[device])} "
+                         f"on {device}, got {weight_dtype!r}"
+                         + (f" ({name} weights need device={runs[0]!r})" if runs else ""))
     return name
 
 
-def _placer(device, weight_dtype):
-    """put(name, host float32 array, matrix) -> the array the model keeps: the host array itself
-    on the CPU; on CUDA a device copy, matrices (linear weights) stored in weight_dtype."""
-    half = _check_weight_dtype(device, weight_dtype) == "float16"
+def _placer(device, fmt):
+    """put(name, host array, matrix) -> the array the model keeps. On the CPU a matrix arrives
+    in its storage type (float32 for q8_0, quantized here); on CUDA a float32 host array is
+    copied to the device, matrices in fmt."""
     if device == "cpu":
+        if fmt == "q8_0":
+            def put(name, a, matrix):
+                if not matrix:
+                    return a
+                try:
+                    return quantize_q8_0(a)
+                except ValueError as e:
+                    raise CheckpointError(f"tensor {name!r}: {e}") from None
+            return put
         return lambda name, a, matrix: a
     from numba import cuda
+    half = fmt == "float16"
 
     def put(name, a, matrix):
         if matrix and half:
@@ -258,8 +307,8 @@ class Model:
             if device == "cpu":
                 raise ValueError("a CPU model needs host weights; these are on the GPU")
             weights = weights.to_device(weight_dtype or "float32")
-        elif weight_dtype is not None and _check_weight_dtype(device, weight_dtype) != \
-                weights.weight_dtype:
+        elif weight_dtype not in (None, "auto") and \
+                resolve_weight_dtype(device, weight_dtype) != weights.weight_dtype:
             raise ValueError(f"weight_dtype={weight_dtype!r} but the weights are stored as "
                              f"{weights.weight_dtype}")
         self.config = c
@@ -277,13 +326,18 @@ class Model:
         self.buffers = Buffers(c, 1, device)
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", max_seq=None, weight_dtype="float32"):
+    def from_pretrained(cls, path, device="cpu", max_seq=None, weight_dtype="auto",
+                        progress=None):
         """Load a Hugging Face folder (config.json, *.safetensors). max_seq: KV cache length;
         default the model's context, at most DEFAULT_MAX_SEQ unless asked for more.
-        device="cuda" puts the weights, KV cache and buffers on the GPU; weight_dtype="float16"
-        (CUDA only) stores the linear weights in half precision (float32 arithmetic)."""
+        device="cuda" puts the weights, KV cache and buffers on the GPU. weight_dtype: the
+        linear weights' storage, "auto" (the checkpoint's own type where the device runs it,
+        else float32), or one of WEIGHT_DTYPES[device]: "float32", "bfloat16", "float16",
+        "q8_0" (quantized at load); arithmetic is float32 throughout. progress: see
+        ModelWeights.load."""
         _check_device(device)
-        _check_weight_dtype(device, weight_dtype)
+        if weight_dtype != "auto":
+            resolve_weight_dtype(device, weight_dtype)
         path = os.fspath(path)
         config = LlamaConfig.from_pretrained(path)
         if max_seq is None:
@@ -291,7 +345,8 @@ class Model:
         elif not 1 <= max_seq <= config.max_context:
             raise ValueError(f"a context of {max_seq} tokens was asked for; the model's context "
                              f"is 1 to {config.max_context} tokens")
-        weights = ModelWeights.load(config, path, device=device, weight_dtype=weight_dtype)
+        weights = ModelWeights.load(config, path, device=device, weight_dtype=weight_dtype,
+                                    progress=progress)
         return cls(config, weights, device=device, max_seq=max_seq)
 
     @property

@@ -5,16 +5,19 @@ one at a time straight into a float32 array the caller allocated (a fused QKV we
 part by part), so loading never holds a second full copy of the model: each file is opened
 with safetensors' "pread" backend, which reads a tensor's bytes without mapping the file (with
 the "mmap" backend every page read during loading would also count as resident memory until
-the file is closed). float32, float16 and bfloat16 checkpoints load; everything becomes float32.
+the file is closed). float32, float16 and bfloat16 tensors load into float32, float16 or
+bfloat16 (ml_dtypes) arrays.
 
-NumPy has no bfloat16, so safetensors' NumPy framework refuses BF16 tensors. For those we take
-the tensor's byte range from the file header (the safetensors format: 8-byte little-endian
-header length, JSON header with `data_offsets` relative to the end of the header) and widen:
-a bfloat16 is the top 16 bits of a float32, so `f32_bits = uint32(bf16_bits) << 16` is exact.
+safetensors' NumPy framework refuses BF16 tensors. For those we take the tensor's byte range
+from the file header (the safetensors format: 8-byte little-endian header length, JSON header
+with `data_offsets` relative to the end of the header): into a bfloat16 array as they are, or
+widened: a bfloat16 is the top 16 bits of a float32, so `f32_bits = uint32(bf16_bits) << 16`
+is exact.
 """
 import json
 import os
 
+import ml_dtypes
 import numpy as np
 
 try:
@@ -27,6 +30,10 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # safetensors dtype code -> NumPy dtype of the stored bits
 STORED_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+# the storage format a checkpoint's own type maps to
+STORED_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+FORMAT_OF_STORED = {v: k for k, v in STORED_NAMES.items()}
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 
 class CheckpointError(ValueError):
@@ -115,8 +122,9 @@ class Checkpoint:
         return s.get_dtype(), tuple(s.get_shape())
 
     def read(self, name, out):
-        """Read tensor `name` into the float32 array `out` (same shape), converting from
-        float16 / bfloat16. Returns out."""
+        """Read tensor `name` into `out` (same shape; float32, float16 or bfloat16), converting
+        from the stored type (to bfloat16 and float16 by rounding to nearest even). A tensor
+        stored in out's own type is read straight into it. Returns out."""
         path, f = self._handle(name)
         dtype, shape = self.info(name)
         if shape != out.shape:
@@ -126,14 +134,22 @@ class Checkpoint:
             raise CheckpointError(f"tensor {name!r} is {dtype}; supported: "
                                   f"{', '.join(STORED_DTYPES)}")
         try:
-            if dtype == "BF16":
+            if dtype == "BF16" and out.dtype == BFLOAT16:
+                self._read_raw(path, name, out.view(np.uint16))   # the bytes as they are
+            elif dtype == "BF16":
                 bits = np.empty(shape, np.uint16)     # one tensor's raw bits, freed on return
                 self._read_raw(path, name, bits)
-                np.left_shift(bits, 16, out=out.view(np.uint32), dtype=np.uint32)
+                if out.dtype == np.float32:
+                    np.left_shift(bits, 16, out=out.view(np.uint32), dtype=np.uint32)
+                else:
+                    out[...] = bits.view(BFLOAT16)
             else:
-                out[...] = f.get_tensor(name)         # F32 copy or F16 -> F32 conversion
+                out[...] = f.get_tensor(name)         # F32 copy or a conversion
         except SafetensorError as e:
             raise CheckpointError(f"cannot read {name!r} from {path}: {e}") from None
+        if out.dtype != np.float32 and dtype != STORED_NAMES.get(out.dtype.name) \
+                and not np.isfinite(out).all():
+            raise CheckpointError(f"tensor {name!r} has values beyond {out.dtype.name}'s range")
         return out
 
     def _read_raw(self, path, name, buf):

@@ -215,9 +215,10 @@ def test_device_cuda_without_gpu(tiny_folder):
                           "CUDA requested but no GPU is available")
 
 
-def test_float16_weights_need_cuda(tiny_folder):
+def test_weight_dtype_the_device_lacks(tiny_folder):
     assert_one_line_error(invoke("generate", "hi", "--model", tiny_folder, "--weight-dtype",
-                                 "float16"), "--weight-dtype float16 needs --device cuda")
+                                 "bfloat16", "--device", "cuda"),
+                          "--weight-dtype bfloat16 needs --device cpu")
 
 
 def test_every_option_help_gives_default_and_range():
