@@ -23,8 +23,10 @@ from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, _add_bias
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, bits_as_float32, dpbf16ps, \
     fast_path, float32_bits, fma, hsum, prefetch
 
-_VEC = 16     # weights per vector in _dots4_16 (32 bytes, widened to 512 bits)
+_VEC = 16     # weights per vector in _dots4_f16 (32 bytes, widened to 512 bits)
 _UNROLL = 4   # vectors per row per loop step (4 accumulators a row, 128 bytes = 2 lines)
+_PREFETCH_BF16 = True   # the prefetch of _dots4_f16 (no difference measured on a busy machine)
+_UNROLL_BF16 = 2   # 64-byte chunks per row per loop step in _dots4_bf16 (2 lines)
 # prefill without BF16: rows of w widened per BLAS call (their float32 tile about TILE_BYTES)
 TILE_BYTES = 1 << 21
 # prefill with BF16 (gemm_bf16): a micro-kernel computes MR rows of x against NR rows of w, in
@@ -129,8 +131,68 @@ def _make_dots4(half):
     return dots4
 
 
-_dots4_bf16 = _make_dots4(False)
 _dots4_f16 = _make_dots4(True)
+
+
+@intrinsic
+def _dots4_bf16(typingctx, xr, w, ldw, nc):
+    """The dot products of 4 rows of w (bfloat16) with x over their first 32 nc elements:
+    (s0, s1, s2, s3). 64 bytes of a row are 16 words, each a pair (w[2i] low, w[2i+1] high):
+    the word shifted up 16 is w[2i] as a float32, the word with its low half cleared is
+    w[2i+1], two instructions for 32 weights; x comes rearranged to match, xr = for each 32
+    elements the 16 even ones then the 16 odd ones (float32). Byte addresses: xr, w (row i at
+    w + 2 i ldw). Prefetch as _dots4_f16."""
+    sig = types.UniTuple(types.float32, 4)(xr, w, ldw, nc)
+
+    def codegen(context, builder, signature, args):
+        xr, w, ldw, nc = [context.cast(builder, v, t, types.int64)
+                          for v, t in zip(args, signature.args)]
+        vi, vf = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
+        sixteen = ir.Constant(vi, [16] * 16)
+        high = ir.Constant(vi, [-65536] * 16)                   # 0xFFFF0000
+        vfma = fma(builder, vf)
+        acc = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * 16))
+                for _ in range(2 * _UNROLL_BF16)] for _ in range(4)]
+        rowb = builder.mul(ldw, ir.Constant(_I64, 2))           # bytes per row
+
+        def load(addr, t):
+            return builder.load(builder.inttoptr(addr, ir.PointerType(t)), align=4)
+
+        def step(c, u):
+            # chunk c (32 elements) of x and of each row into accumulators 2u, 2u + 1
+            xa = builder.add(xr, builder.mul(c, ir.Constant(_I64, 128)))
+            xe, xo = load(xa, vf), load(builder.add(xa, ir.Constant(_I64, 64)), vf)
+            off = builder.mul(c, ir.Constant(_I64, 64))
+            ahead = builder.add(off, ir.Constant(_I64, PREFETCH_BYTES))
+            ahead = builder.select(builder.icmp_signed(">=", ahead, rowb),
+                                   builder.add(ahead, builder.mul(rowb, ir.Constant(_I64, 3))),
+                                   ahead)
+            for i in range(4):
+                row = builder.add(w, builder.mul(rowb, ir.Constant(_I64, i)))
+                if _PREFETCH_BF16:
+                    prefetch(builder, builder.add(row, ahead), 0)
+                wv = load(builder.add(row, off), vi)
+                even = builder.bitcast(builder.shl(wv, sixteen), vf)
+                odd = builder.bitcast(builder.and_(wv, high), vf)
+                for a, (wf, xv) in zip(acc[i][2 * u:2 * u + 2], ((even, xe), (odd, xo))):
+                    builder.store(builder.call(vfma, [wf, xv, builder.load(a)]), a)
+
+        n_main = builder.udiv(nc, ir.Constant(_I64, _UNROLL_BF16))
+        with cgutils.for_range(builder, n_main) as loop:
+            base = builder.mul(loop.index, ir.Constant(_I64, _UNROLL_BF16))
+            for u in range(_UNROLL_BF16):
+                step(builder.add(base, ir.Constant(_I64, u)), u)
+        done = builder.mul(n_main, ir.Constant(_I64, _UNROLL_BF16))
+        with cgutils.for_range(builder, builder.sub(nc, done)) as loop:
+            step(builder.add(done, loop.index), 0)
+        sums = []
+        for row in acc:
+            v = builder.load(row[0])
+            for a in row[1:]:
+                v = builder.fadd(v, builder.load(a))
+            sums.append(hsum(builder, v))
+        return context.make_tuple(builder, signature.return_type, sums)
+    return sig, codegen
 
 
 @njit(inline="always", fastmath=True, cache=True)
@@ -145,15 +207,17 @@ def _tail_rows(out, x, w, r0, half):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_rows(out, x, w, half):
-    # x: (m, k) float32; w: (n, k) 16-bit float bits (uint16), float16 when half; out: (m, n).
-    # Each block of 4 rows of w (in cache after the first row of x) meets every row of x, the
-    # first k - k % 16 columns in the dots4 intrinsics, the rest here; one row is decode's GEMV
+def _gemv_rows(out, x, xr, w, half):
+    # x: (m, k) float32; w: (n, k) 16-bit float bits (uint16), float16 when half; out: (m, n);
+    # bfloat16: xr (m, k - k % 32) = x's rows rearranged for _dots4_bf16 (even_odd). Each
+    # block of 4 rows of w (in cache after the first row of x) meets every row of x, the
+    # first k0 columns in the dots4 intrinsics, the rest here; one row is decode's GEMV
     n, k = w.shape
     m = x.shape[0]
-    nv = k // _VEC
-    k0 = nv * _VEC
-    xa, wa = x.ctypes.data, w.ctypes.data
+    step = _VEC if half else 32
+    nv = k // step
+    k0 = nv * step
+    xa, xra, wa = x.ctypes.data, xr.ctypes.data, w.ctypes.data
     for blk in prange((n + GEMV_ROWS - 1) // GEMV_ROWS):
         r0 = blk * GEMV_ROWS
         if r0 + GEMV_ROWS <= n:
@@ -161,7 +225,7 @@ def _gemv_rows(out, x, w, half):
                 if half:
                     s0, s1, s2, s3 = _dots4_f16(xa + 4 * i * k, wa + 2 * r0 * k, k, nv)
                 else:
-                    s0, s1, s2, s3 = _dots4_bf16(xa + 4 * i * k, wa + 2 * r0 * k, k, nv)
+                    s0, s1, s2, s3 = _dots4_bf16(xra + 4 * i * k0, wa + 2 * r0 * k, k, nv)
                 for j in range(k0, k):
                     xj = x[i, j]
                     s0 += to_float32(w[r0, j], half) * xj
@@ -171,6 +235,15 @@ def _gemv_rows(out, x, w, half):
                 out[i, r0], out[i, r0 + 1], out[i, r0 + 2], out[i, r0 + 3] = s0, s1, s2, s3
         else:
             _tail_rows(out, x, w, r0, half)
+
+
+def even_odd(x):
+    """x (m, k) float32 -> (m, k - k % 32): per 32 elements, the 16 at even offsets, then the
+    16 at odd ones (the order _dots4_bf16 meets a row's bfloat16 pairs in)."""
+    m, k = x.shape
+    k0 = k - k % 32
+    return np.ascontiguousarray(
+        x[:, :k0].reshape(m, k0 // 32, 16, 2).transpose(0, 1, 3, 2)).reshape(m, k0)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -367,8 +440,10 @@ def linear(out, x, w, bias):
     half = w.dtype == np.float16
     bits = w.view(np.uint16)
     if m <= GEMV_MAX_ROWS:
-        gemv = _gemv_rows if fast_path() else _gemv_rows_portable
-        cpu_pool.run(gemv, m * w.size, out, x, bits, half)
+        if fast_path():
+            cpu_pool.run(_gemv_rows, m * w.size, out, x, x if half else even_odd(x), bits, half)
+        else:
+            cpu_pool.run(_gemv_rows_portable, m * w.size, out, x, bits, half)
     elif not half and m >= GEMM_BF16_MIN_ROWS and fast_path("avx512bf16"):
         gemm_bf16(out, x, bits)
     else:
