@@ -31,11 +31,13 @@ _UNROLL_BF16 = 2   # 64-byte chunks per row per loop step in _dots4_bf16 (2 line
 TILE_BYTES = 1 << 23
 # prefill with BF16 (gemm_bf16): a micro-kernel computes MR rows of x against NR rows of w, in
 # MR * NR / 16 = 24 accumulators of 16 floats (of 32 registers); KC_PAIRS pairs of the input
-# axis per pass, so a packed panel of w (KC_PAIRS * NR * 4 = 16 KB) stays in L1 while every
-# block of rows of x (m * KC_PAIRS * 4 bytes, 256 KB at m = 512) passes, from L2
-MR = 12
-NR = 32
-KC_PAIRS = 128
+# axis per pass: a packed panel of w (KC_PAIRS * NR * 4 = 48 KB, L1/L2) meets every block of
+# rows of x (m * KC_PAIRS * 4 bytes, 512 KB at m = 512, L2). 2 cores, 512 x 2048 x (2048,
+# 5632): 8 x 48 x 256 at 357-381 / 363-374 GFLOP/s; 12 x 32 x 128 332-340 / 311-335; 6 x 64 x
+# 256 375 / 366 (sgemm 180-204)
+MR = 8
+NR = 48
+KC_PAIRS = 256
 # from this many rows of x, the BF16 GEMM beats widening w to float32 for sgemm
 GEMM_BF16_MIN_ROWS = GEMV_MAX_ROWS + 1
 
