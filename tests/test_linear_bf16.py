@@ -7,6 +7,8 @@ relative to partial sums about |t|_2 = sqrt(sum t_j^2) in size, independent from
 so the total error is about u sqrt(k) |t|_2; 8x that is the bound. The BF16 GEMM rounds x to
 bfloat16 first: against x rounded the same way (ml_dtypes, nearest even) the float32 bound
 holds, and against x itself each product is off by at most 2^-9 of itself."""
+import os
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -164,6 +166,21 @@ def test_wrong_reference_is_detected():
     x2[1, 300] = 0
     with pytest.raises(AssertionError):
         assert_f32_close(y, x2, w)
+
+
+def test_path_from_the_environment():
+    """NUMBA_ATTN_CPU_PATH=portable, read at import, turns every fast path off; other values
+    are refused."""
+    import subprocess
+    import sys
+    code = ("from numba_attn.kernels import llvm_cpu; "
+            "print(llvm_cpu.CPU_PATH, llvm_cpu.fast_path(), llvm_cpu.fast_path('avx512vnni'))")
+    env = dict(os.environ, NUMBA_ATTN_CPU_PATH="portable")
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert got.stdout.split() == ["portable", "False", "False"], got.stderr
+    env["NUMBA_ATTN_CPU_PATH"] = "fastest"
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert got.returncode != 0 and "must be 'fast' or 'portable', got 'fastest'" in got.stderr
 
 
 def test_errors():

@@ -151,6 +151,16 @@ def test_gemm_tiles_cover_every_row(monkeypatch):
     assert_q8_close(ops.linear(x, q).astype(np.float64), x, q)
 
 
+def test_nan_in_x_reaches_y(path):
+    """A NaN in x gives NaN in its row of y, as float32 arithmetic would (not a quantized 0)."""
+    q = quantize_q8_0(randn(13, 9, 96))
+    for m in (1, 3):
+        x = randn(14, m, 96)
+        x[m - 1, 50] = np.nan
+        y = ops.linear(x, q)
+        assert np.isnan(y[m - 1]).all() and np.isfinite(y[:m - 1]).all()
+
+
 def test_wrong_reference_is_detected():
     """Sanity: the bounds reject the result with one block's scale wrong or one code off."""
     q, x = quantize_q8_0(randn(11, 40, 128)), randn(12, 3, 128)

@@ -46,7 +46,9 @@ def _quantize_x(xq, xc, xd, x):
             j0 = b * 32
             amax = float32(0)
             for j in range(j0, j0 + 32):
-                amax = max(amax, abs(x[i, j]))
+                a = abs(x[i, j])
+                if a > amax or a != a:   # a NaN stays: its block's scale is NaN, so is y
+                    amax = a
             d = amax / float32(127)
             inv = float32(1) / d if d != 0 else float32(0)
             s = int32(0)
