@@ -155,16 +155,31 @@ def timed(f):
     return time.perf_counter() - t
 
 
-def measure(path, decode_tokens, prefill_tokens, repeat):
+def stream_gemv(rows=12288, cols=4096):
+    """f() -> one NumPy BLAS GEMV over a large float32 matrix (201 MB): the best read rate
+    this machine reaches, the limit a bandwidth-bound decode of any weight format is held to."""
+    w = np.random.default_rng(2).standard_normal((rows, cols), dtype=np.float32)
+    x = np.ones(cols, np.float32)
+    y = np.empty(rows, np.float32)
+    return (lambda: np.dot(w, x, out=y)), w.nbytes
+
+
+def measure(path, decode_tokens, prefill_tokens, repeat, weight_dtype="float32",
+            long_context=0):
     """Ours and the BLAS limits, interleaved: decode steps alternate with GEMV passes in
     `rounds` rounds, prefill passes with GEMM passes, so both sides of each ratio see the same
-    machine (the memory bandwidth here drifts by 20% between minutes)."""
+    machine (the memory bandwidth here drifts by 20% between minutes). Weight formats other
+    than float32 are held to the large-GEMV streaming rate only (BLAS has no GEMV of theirs).
+    long_context > 0: also decode after a prompt of that many tokens."""
     from numba_attn.generation import CompileTimer
     from numba_attn.model import Model
 
-    r = {}
+    r = {"weight_dtype": weight_dtype}
     t = time.perf_counter()
-    model = Model.from_pretrained(path, max_seq=max(prefill_tokens, 16 + decode_tokens) + 1)
+    model = Model.from_pretrained(path, weight_dtype=weight_dtype,
+                                  max_seq=max(prefill_tokens, 16 + decode_tokens,
+                                              long_context + decode_tokens) + 1)
+    r["weight_dtype"] = model.weight_dtype
     r["load_s"] = time.perf_counter() - t
     c = model.config
     with CompileTimer() as jit:
@@ -174,6 +189,9 @@ def measure(path, decode_tokens, prefill_tokens, repeat):
     r["compile_s"] = jit.seconds
     mats = matrices(model)
     rounds = max(repeat, 3)
+    f32 = model.weight_dtype == "float32"
+    stream, stream_bytes = stream_gemv()
+    stream()
 
     rng = np.random.default_rng(0)
     # decode: single-token steps after a short prompt, each picking its token by argmax; after
@@ -181,9 +199,9 @@ def measure(path, decode_tokens, prefill_tokens, repeat):
     pos = 16
     token = int(np.argmax(model.forward(rng.integers(0, c.vocab_size, pos), 0)))
     step = np.empty(1, np.int64)
-    gemv = blas_gemv(mats)
+    gemv = blas_gemv(mats) if f32 else (lambda: None)
     gemv()                                                # first touch of its buffers
-    times, gemv_times = [], []
+    times, gemv_times, stream_times = [], [], []
     for i in range(decode_tokens):
         step[0] = token
         t = time.perf_counter()
@@ -192,15 +210,32 @@ def measure(path, decode_tokens, prefill_tokens, repeat):
         pos += 1
         if (i + 1) % max(1, decode_tokens // rounds) == 0:
             gemv_times.append(timed(gemv))
+            stream_times.append(min(timed(stream) for _ in range(3)))
     step_bytes = sum(w.nbytes for _, w in mats) + model.weights.norm.nbytes + sum(
         lw.input_layernorm.nbytes + lw.post_attention_layernorm.nbytes
         for lw in model.weights.layers)
     r["decode_step_s"] = statistics.median(times)
     r["decode_tok_s"] = 1 / r["decode_step_s"]
     r["decode_GBs"] = step_bytes / r["decode_step_s"] / 1e9
-    r["gemv_s"] = statistics.median(gemv_times)
-    r["gemv_GBs"] = sum(w.nbytes for _, w in mats) / r["gemv_s"] / 1e9
-    r["decode_vs_gemv"] = r["decode_GBs"] / r["gemv_GBs"]
+    r["stream_GBs"] = stream_bytes / min(stream_times) / 1e9
+    r["decode_vs_stream"] = r["decode_GBs"] / r["stream_GBs"]
+    if f32:
+        r["gemv_s"] = statistics.median(gemv_times)
+        r["gemv_GBs"] = sum(w.nbytes for _, w in mats) / r["gemv_s"] / 1e9
+        r["decode_vs_gemv"] = r["decode_GBs"] / r["gemv_GBs"]
+    if long_context:
+        # decode after a long prompt: the same steps with a KV cache of long_context tokens
+        token = int(np.argmax(model.forward(rng.integers(0, c.vocab_size, long_context), 0)))
+        pos, long_times = long_context, []
+        for i in range(decode_tokens):
+            step[0] = token
+            t = time.perf_counter()
+            token = int(np.argmax(model.forward(step, pos)))
+            long_times.append(time.perf_counter() - t)
+            pos += 1
+        r["long_context"] = long_context
+        r["long_decode_tok_s"] = 1 / statistics.median(long_times)
+        r["long_vs_short"] = r["long_decode_tok_s"] / r["decode_tok_s"]
 
     # prefill: one pass over prefill_tokens from an empty cache, alternating with the GEMM
     # passes (best of `rounds` each). Peak memory is read after the first prefill, before the
@@ -212,7 +247,7 @@ def measure(path, decode_tokens, prefill_tokens, repeat):
     r["kv_cache_bytes"] = model.cache.nbytes
     r["rss_ratio"] = r["peak_rss_bytes"] / (r["weight_bytes"] + r["kv_cache_bytes"])
     n = prefill_tokens
-    gemm = blas_gemm(mats, n)
+    gemm = blas_gemm(mats, n) if f32 else (lambda: None)
     gemm()
     prefill_times, gemm_times = [], []
     for _ in range(rounds):
@@ -223,25 +258,27 @@ def measure(path, decode_tokens, prefill_tokens, repeat):
     r["prefill_s"] = min(prefill_times)
     r["prefill_tok_s"] = n / r["prefill_s"]
     r["prefill_GFLOPs"] = (matmul_flops + attn_flops) / r["prefill_s"] / 1e9
-    r["gemm_s"] = min(gemm_times)
-    r["gemm_tok_s"] = n / r["gemm_s"]
-    r["gemm_GFLOPs"] = (matmul_flops - 2 * c.vocab_size * c.hidden_size) / r["gemm_s"] / 1e9
-    r["prefill_vs_gemm"] = r["prefill_tok_s"] / r["gemm_tok_s"]
+    if f32:
+        r["gemm_s"] = min(gemm_times)
+        r["gemm_tok_s"] = n / r["gemm_s"]
+        r["gemm_GFLOPs"] = (matmul_flops - 2 * c.vocab_size * c.hidden_size) / r["gemm_s"] / 1e9
+        r["prefill_vs_gemm"] = r["prefill_tok_s"] / r["gemm_tok_s"]
     r.update(decode_tokens=decode_tokens, prefill_tokens=n, step_bytes=step_bytes,
              layers=c.n_layers, hidden=c.hidden_size, vocab=c.vocab_size, rounds=rounds)
     return r
 
 
-def measure_transformers(path, decode_tokens, prefill_tokens, repeat):
-    """The peer: Hugging Face transformers on PyTorch (CPU, float32) on the same folder, the same
-    prefill and decode steps (KV cache, last-position logits, argmax)."""
+def measure_transformers(path, decode_tokens, prefill_tokens, repeat, weight_dtype="float32",
+                         long_context=0):
+    """The peer: Hugging Face transformers on PyTorch (CPU, float32 or bfloat16) on the same
+    folder, the same prefill and decode steps (KV cache, last-position logits, argmax)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_grad_enabled(False)
-    r = {"torch_threads": torch.get_num_threads()}
+    r = {"torch_threads": torch.get_num_threads(), "weight_dtype": weight_dtype}
     t = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, weight_dtype)).eval()
     r["load_s"] = time.perf_counter() - t
     vocab = model.config.vocab_size
     rng = np.random.default_rng(0)
@@ -267,6 +304,162 @@ def measure_transformers(path, decode_tokens, prefill_tokens, repeat):
     r["prefill_tok_s"] = prefill_tokens / best
     r["version"] = __import__("transformers").__version__ + " / torch " + torch.__version__
     return r
+
+
+# -- llama.cpp (llama-cpp-python, a dev-only peer) ---------------------------------------------
+
+GGUF_TYPES = {"float32": "F32", "bfloat16": "BF16", "q8_0": "Q8_0"}
+
+
+def write_gguf(path, weight_dtype):
+    """<path>/model-<type>.gguf from the folder's safetensors, for llama.cpp: the `llama`
+    architecture, norms in F32, every matrix in the type asked for (Q8_0 by the gguf package's
+    own quantizer), and a placeholder SentencePiece-style vocabulary of the model's size (the
+    timing runs on token ids, never text). The weights are random, so the Q/K row order that
+    llama.cpp's converter permutes for its rope does not matter here."""
+    import gguf
+    from safetensors import safe_open
+
+    out = os.path.join(path, f"model-{GGUF_TYPES[weight_dtype].lower()}.gguf")
+    if os.path.isfile(out):
+        return out
+    with open(os.path.join(path, "config.json")) as f:
+        c = json.load(f)
+    qtype = getattr(gguf.GGMLQuantizationType, GGUF_TYPES[weight_dtype])
+    w = gguf.GGUFWriter(out + ".partial", "llama")
+    hd = c["hidden_size"] // c["num_attention_heads"]
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(c["num_attention_heads"])
+    w.add_head_count_kv(c["num_key_value_heads"])
+    w.add_rope_dimension_count(hd)
+    w.add_rope_freq_base(c["rope_theta"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_file_type({"F32": 0, "BF16": 32, "Q8_0": 7}[GGUF_TYPES[weight_dtype]])
+    vocab = c["vocab_size"]
+    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
+    tokens += [f"t{i}".encode() for i in range(vocab - len(tokens))]
+    types = [2, 3, 3] + [6] * 256 + [1] * (vocab - 259)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
+             "output_norm.weight", "lm_head.weight": "output.weight"}
+    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+                 "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down"}
+    with safe_open(os.path.join(path, "model.safetensors"), "np") as f:
+        for name in f.keys():
+            if name.startswith("model.layers."):
+                i, rest = name[len("model.layers."):].split(".", 1)
+                gname = f"blk.{i}.{per_layer[rest.rsplit('.', 1)[0]]}.weight"
+            else:
+                gname = names[name]
+            t = f.get_tensor(name).astype(np.float32)
+            if t.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+                w.add_tensor(gname, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+            else:
+                w.add_tensor(gname, t)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    w.close()
+    os.replace(out + ".partial", out)
+    return out
+
+
+def measure_llama_cpp(path, decode_tokens, prefill_tokens, repeat, weight_dtype="q8_0",
+                      long_context=0):
+    """The peer: llama.cpp through llama-cpp-python's C API, its own GGUF of the same weights,
+    2 threads, the same prefill and decode steps (argmax of the last logits). Its CPU weight
+    repacking (extra buffer types) is off, as this CPU needs."""
+    import llama_cpp as L
+
+    gguf_path = write_gguf(path, weight_dtype)
+    n_ctx = max(prefill_tokens, 16 + decode_tokens, long_context + decode_tokens) + 8
+    L.llama_backend_init()
+    mp = L.llama_model_default_params()
+    if hasattr(mp, "use_extra_bufts"):
+        mp.use_extra_bufts = False
+    model = L.llama_model_load_from_file(gguf_path.encode(), mp)
+    cp = L.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, max(512, prefill_tokens), 512
+    cp.n_threads = cp.n_threads_batch = os.cpu_count()
+    ctx = L.llama_init_from_model(model, cp)
+    vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    mem = L.llama_get_memory(ctx)
+
+    def run(ids):
+        arr = (L.llama_token * len(ids))(*[int(t) for t in ids])
+        if L.llama_decode(ctx, L.llama_batch_get_one(arr, len(ids))) != 0:
+            raise RuntimeError("llama_decode failed")
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(vocab,))
+        return int(np.argmax(logits))
+
+    def decode_after(prompt):
+        L.llama_memory_clear(mem, True)
+        token, times = run(prompt), []
+        for _ in range(decode_tokens):
+            t = time.perf_counter()
+            token = run([token])
+            times.append(time.perf_counter() - t)
+        return 1 / statistics.median(times)
+
+    rng = np.random.default_rng(0)
+    r = {"weight_dtype": weight_dtype, "threads": cp.n_threads,
+         "version": getattr(L, "__version__", "?")}
+    r["decode_tok_s"] = decode_after(rng.integers(3, vocab, 16))
+    if long_context:
+        r["long_decode_tok_s"] = decode_after(rng.integers(3, vocab, long_context))
+    prompt = rng.integers(3, vocab, prefill_tokens)
+    best = float("inf")
+    for _ in range(repeat):
+        L.llama_memory_clear(mem, True)
+        best = min(best, timed(lambda: run(prompt)))
+    r["prefill_tok_s"] = prefill_tokens / best
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+    return r
+
+
+def report_formats(runs, peers, command):
+    """One row per weight format of ours and per peer: decode and prefill against our float32
+    in the same run, decode bandwidth against the large-GEMV streaming rate."""
+    base = next((r for r in runs if r["weight_dtype"] == "float32"), None)
+    lines = [f"`{command}`", "", f"{runs[0]['layers']} layers, hidden {runs[0]['hidden']}, "
+             f"vocab {runs[0]['vocab']}, {os.cpu_count()} cores; every process fresh, in this "
+             f"order: {', '.join(r['who'] for r in runs + peers)}", "",
+             "| engine, weights | decode tok/s | x our f32 | GB/token | decode GB/s "
+             "| % of large-GEMV stream | decode at ctx " + str(runs[0].get("long_context", "-"))
+             + " | prefill-" + str(runs[0]["prefill_tokens"]) + " tok/s | x our f32 "
+             "| resident GB (weights + KV) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ratio(r, key):
+        return f"{r[key] / base[key]:.2f}x" if base and key in r else "-"
+    for r in runs:
+        long = (f"{r['long_decode_tok_s']:.2f} ({r['long_vs_short'] - 1:+.1%})"
+                if "long_decode_tok_s" in r else "-")
+        lines.append(
+            f"| ours, {r['weight_dtype']} | {r['decode_tok_s']:.2f} | {ratio(r, 'decode_tok_s')} "
+            f"| {r['step_bytes'] / 1e9:.2f} | {r['decode_GBs']:.1f} | "
+            f"{r['decode_vs_stream']:.0%} of {r['stream_GBs']:.1f} | {long} "
+            f"| {r['prefill_tok_s']:.1f} | {ratio(r, 'prefill_tok_s')} "
+            f"| {r['peak_rss_bytes'] / 1e9:.2f} ({r['weight_bytes'] / 1e9:.2f} + "
+            f"{r['kv_cache_bytes'] / 1e9:.2f}) |")
+    for r in peers:
+        long = (f"{r['long_decode_tok_s']:.2f} ({r['long_decode_tok_s'] / r['decode_tok_s'] - 1:+.1%})"
+                if "long_decode_tok_s" in r else "-")
+        lines.append(f"| {r['who']} | {r['decode_tok_s']:.2f} | {ratio(r, 'decode_tok_s')} | - | - "
+                     f"| - | {long} | {r['prefill_tok_s']:.1f} | {ratio(r, 'prefill_tok_s')} | - |")
+    return "\n".join(lines)
 
 
 def report(r, command):
@@ -334,16 +527,30 @@ def main():
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     ap.add_argument("--no-peer", action="store_true",
                     help="skip Hugging Face transformers (measured when importable)")
-    ap.add_argument("--measure", choices=["ours", "transformers"],
+    ap.add_argument("--weight-dtype", metavar="LIST",
+                    help="weight formats of ours to compare, e.g. float32,bfloat16,q8_0: one "
+                         "fresh process each, a table against our float32 and the peers")
+    ap.add_argument("--peers", metavar="LIST", default="",
+                    help="with --weight-dtype: peers, e.g. transformers:bfloat16,llama.cpp:q8_0,"
+                         "llama.cpp:float32 (run by --peer-python)")
+    ap.add_argument("--peer-python", default=sys.executable,
+                    help="the Python that has the peers installed (torch, transformers, "
+                         "llama-cpp-python, gguf) [this one]")
+    ap.add_argument("--long-context", type=int, default=0,
+                    help="also decode after a prompt of this many tokens [0: no]")
+    ap.add_argument("--measure", choices=["ours", "transformers", "llama.cpp"],
                     help=argparse.SUPPRESS)  # the child
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)  # the child's format
     args = ap.parse_args()
     shape = dict(SMALL if args.small else TINYLLAMA)
     if args.layers:
         shape["num_hidden_layers"] = args.layers
 
     if args.measure:
-        fn = measure if args.measure == "ours" else measure_transformers
-        print(json.dumps(fn(args.path, args.decode_tokens, args.prefill_tokens, args.repeat)))
+        fn = {"ours": measure, "transformers": measure_transformers,
+              "llama.cpp": measure_llama_cpp}[args.measure]
+        print(json.dumps(fn(args.path, args.decode_tokens, args.prefill_tokens, args.repeat,
+                            args.dtype, args.long_context)))
         return
 
     if not folder_matches(args.path, shape):
@@ -351,13 +558,27 @@ def main():
         t = time.perf_counter()
         write_folder(args.path, shape)
         print(f"  written in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    def child(who):
-        cmd = [sys.executable, os.path.abspath(__file__), args.path, "--measure", who,
+    def child(who, dtype="float32"):
+        python = sys.executable if who == "ours" else args.peer_python
+        cmd = [python, os.path.abspath(__file__), args.path, "--measure", who,
                "--decode-tokens", str(args.decode_tokens), "--prefill-tokens",
-               str(args.prefill_tokens), "--repeat", str(args.repeat)]
-        print(f"measuring {who} in a fresh process ...", file=sys.stderr, flush=True)
+               str(args.prefill_tokens), "--repeat", str(args.repeat), "--dtype", dtype,
+               "--long-context", str(args.long_context)]
+        print(f"measuring {who} ({dtype}) in a fresh process ...", file=sys.stderr, flush=True)
         out = subprocess.run(cmd, stdout=subprocess.PIPE, check=True, text=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
+        r = json.loads(out.strip().splitlines()[-1])
+        r["who"] = f"{who}, {dtype}"
+        return r
+
+    if args.weight_dtype:
+        runs = [child("ours", d) for d in args.weight_dtype.split(",")]
+        peers = [child(*p.split(":")) for p in args.peers.split(",") if p]
+        command = "python bench/bench_model.py " + " ".join(sys.argv[1:])
+        print(report_formats(runs, peers, command))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"ours": runs, "peers": peers}, f, indent=2)
+        return
 
     peer = not args.no_peer and importlib.util.find_spec("transformers") is not None
     runs = []

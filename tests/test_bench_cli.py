@@ -379,8 +379,14 @@ def test_jit_table_format():
 
 # -- the layer breakdown times every stage on the layer's values -------------------------------
 
-TINY_LAYER = dict(hidden=64, intermediate=176, n_heads=4, n_kv_heads=2, head_dim=16,
-                  n_layers=2, vocab=256)
+def tiny_layer_model(weight_dtype="float32"):
+    """A one-layer random model (hidden 64, 4/2 heads of 16, intermediate 192) in a format."""
+    from numba_attn.bench import model as M
+    from numba_attn.config import LlamaConfig
+    from numba_attn.model import Model
+    c = LlamaConfig(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=64,
+                    intermediate_size=192, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16)
+    return Model(c, M._random_weights(c, 0, weight_dtype), max_seq=64)
 
 
 @pytest.mark.filterwarnings("error")     # inf/NaN reaching a NumPy matmul fails the run
@@ -397,14 +403,19 @@ def test_model_breakdown_alone_agrees_with_in_layer(tiny_folder):
                 assert 1 / 4 < ratio < 4, (label, r["stage"], r["median"], r["alone"])
 
 
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16", "q8_0"])
 @pytest.mark.parametrize("seq, pos", [(5, 0), (1, 7)])
-def test_layer_stages_alone_is_repeatable(seq, pos):
+def test_layer_stages_alone_is_repeatable(seq, pos, weight_dtype):
     """Each stage run alone many times leaves what the layer leaves once: the down
-    projection after 500 silu_mul calls reads the layer's values."""
+    projection after 500 silu_mul calls reads the layer's values. The stages run on the
+    model's own weights, whatever their format, and count their bytes."""
     import numpy as np
 
     from numba_attn.bench import model as M
-    stages, layer = M.layer_stages(M.LayerShape(**TINY_LAYER), seq, pos)
+    model = tiny_layer_model(weight_dtype)
+    stages, layer = M.layer_stages(model, seq, pos)
+    qkv = next(s for s in stages if s.name == "qkv projection")
+    assert qkv.bytes >= model.weights.layers[0].qkv_proj.nbytes
     by_name = {s.name: s for s in stages}
     layer()
     want = np.array(by_name["mlp down projection"].fn())

@@ -18,11 +18,13 @@ import click
 from . import kernels as K
 from . import report
 from ..backend import cuda_unavailable
+from ..formats import FORMATS as WEIGHT_FORMATS
 from .limits import Limits
 from .machine import cuda_available, describe, jit_cache_counts
 from .timing import DEFAULT_BUDGET_S
 
 FORMATS = ("text", "md", "csv", "json")
+WEIGHT_DTYPE_CHOICES = ("auto",) + tuple(WEIGHT_FORMATS)
 
 
 class _KernelsByDefault(click.Group):
@@ -338,10 +340,11 @@ def _peers(ctx, peers, devices):
               help="Prompt tokens of the prefill test (pp), >= 0; 0 = skip.")
 @click.option("-n", "--tg", type=click.IntRange(min=0), default=128, show_default=True,
               help="Tokens of the generation test (tg), >= 0; 0 = skip.")
-@click.option("--weight-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+@click.option("--weight-dtype", type=click.Choice(WEIGHT_DTYPE_CHOICES), default="auto",
               show_default=True,
-              help="Storage of the linear weights: float16 halves the bytes a decode step "
-                   "reads (--device cuda only).")
+              help="Storage of the weights: auto (a checkpoint's own type; float32 for the "
+                   "random model), float32, bfloat16, float16 or q8_0; fewer bytes, a faster "
+                   "decode.")
 @click.option("--breakdown/--no-breakdown", default=True, show_default=True,
               help="Time one decoder layer stage by stage (prefill at pp tokens, and decode "
                    "of one token at position pp).")
@@ -388,7 +391,6 @@ def model_cmd(ctx, model_dir, layers, pp, tg, weight_dtype, breakdown, device, r
                                        f"{model.max_seq} tokens")
             fitted.append(f"{name} {n} -> {model.max_seq}, the demo model's context")
     pp, tg = min(pp, model.max_seq), min(tg, model.max_seq)
-    shape = M.LayerShape.of(model.config)
     limits = _limits(devices, limits_mode, repeat, _say)
     lim = Limits.from_dict(limits[dev]) if dev in limits else None
 
@@ -410,16 +412,13 @@ def model_cmd(ctx, model_dir, layers, pp, tg, weight_dtype, breakdown, device, r
                 gen = M.bench_generation(model, pp=pp, tg=tg, repeat=repeat, budget_s=budget)
             elif step == "prefill":
                 seq = max(pp, 1)
-                bds[f"prefill{seq}"] = M.breakdown(shape, seq=seq, pos=0, limits=lim,
-                                                   repeat=repeat, budget_s=min(budget, 0.5),
-                                                   device=dev, weight_dtype=weight_dtype)
+                bds[f"prefill{seq}"] = M.breakdown(model, seq=seq, pos=0, limits=lim,
+                                                   repeat=repeat, budget_s=min(budget, 0.5))
             else:
-                bds[f"decode@{pp}"] = M.breakdown(shape, seq=1, pos=pp, limits=lim,
-                                                  repeat=repeat, budget_s=min(budget, 0.5),
-                                                  device=dev, weight_dtype=weight_dtype)
+                bds[f"decode@{pp}"] = M.breakdown(model, seq=1, pos=pp, limits=lim,
+                                                  repeat=repeat, budget_s=min(budget, 0.5))
 
-    notes = [f"model: {model_desc}; weights {M.model_weight_bytes(model) / 1e9:.2f} GB "
-             f"({model.weight_dtype} linear weights)"]
+    notes = [f"model: {model_desc}; weights {M.model_weight_bytes(model) / 1e9:.2f} GB"]
     if fitted:
         notes.append("shortened to fit: " + "; ".join(fitted) + " (--layers N for the "
                      "TinyLlama-shaped model)")
@@ -438,18 +437,19 @@ def model_cmd(ctx, model_dir, layers, pp, tg, weight_dtype, breakdown, device, r
         if label.startswith("decode") and "tg" in gen:
             layer = bd["rows"][-1]["median"]
             per_token = gen["tg"]["stats"]["median"] / gen["tg"]["tokens"]
-            est = layer * shape.n_layers
+            c = model.config
+            est = layer * c.n_layers
             bd["per_token_line"] = (
-                f"{shape.n_layers} layers x {layer * 1e3:.3f} ms = {est * 1e3:.2f} ms of a "
-                f"measured {per_token * 1e3:.2f} ms per generated token "
+                f"{c.n_layers} layer{'' if c.n_layers == 1 else 's'} x {layer * 1e3:.3f} ms = "
+                f"{est * 1e3:.2f} ms of a measured {per_token * 1e3:.2f} ms per generated token "
                 f"({100 * est / per_token:.0f}%; "
-                f"the rest: embedding, final norm, lm_head {shape.vocab}x{shape.hidden}, argmax "
+                f"the rest: embedding, final norm, lm_head {c.vocab_size}x{c.hidden_size}, argmax "
                 f"and Python; tg's attention sees 0..{gen['tg']['tokens'] - 1} positions, this "
                 f"layer {pp})")
     result = {
         "kind": "model", "version": 1, "title": "numba-attn bench model", "date": _now(),
         "command": _command(ctx), "machine": describe(devices), "limits": limits, "jit": jit,
-        "model": model_desc, "n_layers": shape.n_layers, "device": dev,
+        "model": model_desc, "n_layers": model.config.n_layers, "device": dev,
         "settings": {"pp": pp, "tg": tg, "repeat": repeat, "time_budget_s": budget},
         "notes": notes, "model_line": model_line, "generation": gen, "breakdown": bds,
         "rows": rows,

@@ -58,11 +58,6 @@ class LayerShape:
     def qkv_dim(self):
         return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
 
-    @property
-    def layer_weight_bytes(self):
-        h, i = self.hidden, self.intermediate
-        return 4 * (self.qkv_dim * h + h * self.n_heads * self.head_dim + 3 * i * h + 2 * h)
-
 
 # -- the model under test --------------------------------------------------------------------
 
@@ -76,14 +71,20 @@ def _fill(a, block):
     return a
 
 
-def _random_weights(c, seed=0):
-    """ModelWeights for config c: random float32 values, norms at one."""
+def _random_weights(c, seed=0, weight_dtype="float32"):
+    """ModelWeights for config c: random values (made in float32, then stored in weight_dtype:
+    rounded or quantized one matrix at a time), norms at one."""
+    from ..formats import quantize_q8_0, weight_format
     from ..model import LayerWeights, ModelWeights
     f32 = np.float32
     block = np.random.default_rng(seed).standard_normal(1_000_003, dtype=f32)
+    storage = weight_format(weight_dtype)
 
     def lin(n_out, n_in):          # scaled so activations stay O(1) through the layers
-        return _fill(np.empty((n_out, n_in), f32), block * f32(1 / np.sqrt(n_in)))
+        a = _fill(np.empty((n_out, n_in), f32), block * f32(1 / np.sqrt(n_in)))
+        if storage.name == "q8_0":
+            return quantize_q8_0(a)
+        return a if storage.name == "float32" else a.astype(storage.storage)
 
     def norm(n):
         return np.ones(n, f32)
@@ -106,13 +107,14 @@ def tinyllama_config(layers=TINYLLAMA["n_layers"]):
 
 def random_model(layers=TINYLLAMA["n_layers"], *, max_seq=2048, device="cpu", seed=0,
                  weight_dtype="float32"):
-    """A TinyLlama-1.1B-shaped Model with random float32 weights (layers may be fewer); on
-    CUDA the linear weights may be stored in float16."""
-    from ..model import Model
+    """A TinyLlama-1.1B-shaped Model with random weights (layers may be fewer), stored in
+    weight_dtype (on CUDA: made on the host in float32, stored on the device as asked)."""
+    from ..model import Model, resolve_weight_dtype
     c = tinyllama_config(layers)
-    return Model(c, _random_weights(c, seed), device=device, max_seq=max_seq,
-                 weight_dtype=None if device == "cpu" and weight_dtype == "float32"
-                 else weight_dtype)
+    fmt = resolve_weight_dtype(device, weight_dtype)
+    host = fmt if device == "cpu" else "float32"
+    return Model(c, _random_weights(c, seed, host), device=device, max_seq=max_seq,
+                 weight_dtype=None if device == "cpu" else fmt)
 
 
 def load_model(model_dir, *, layers=None, max_seq, device="cpu", weight_dtype="float32"):
@@ -133,17 +135,20 @@ def load_model(model_dir, *, layers=None, max_seq, device="cpu", weight_dtype="f
     if device != "cpu":       # a tiny model first: refuse quickly where the device is not wired
         tiny = LlamaConfig(architecture="LlamaForCausalLM", vocab_size=8, hidden_size=8,
                            intermediate_size=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4)
-        Model(tiny, _random_weights(tiny), device=device, max_seq=4, weight_dtype=weight_dtype)
+        Model(tiny, _random_weights(tiny), device=device, max_seq=4,
+              weight_dtype="float32" if weight_dtype == "auto" else weight_dtype)
     n = TINYLLAMA["n_layers"] if layers is None else layers
-    model = random_model(n, max_seq=max_seq, device=device, weight_dtype=weight_dtype)
+    model = random_model(n, max_seq=max_seq, device=device,
+                         weight_dtype="float32" if weight_dtype == "auto" else weight_dtype)
     fewer = "" if n == TINYLLAMA["n_layers"] else \
         f" -- {n} of TinyLlama's {TINYLLAMA['n_layers']} layers, for speed"
     return model, (f"random TinyLlama-1.1B-shaped model (hidden 2048, 32/4 heads, "
-                   f"intermediate 5632, vocab 32000, {weight_dtype} weights){fewer}")
+                   f"intermediate 5632, vocab 32000, {model.weight_dtype} weights){fewer}")
 
 
 def model_weight_bytes(model):
-    """Bytes a decode step reads: every layer's weights, the final norm and the lm_head."""
+    """Bytes a decode step reads: every layer's weights (in their format), the final norm and
+    the lm_head."""
     w = model.weights
     total = w.norm.nbytes + w.lm_head.nbytes
     for lw in w.layers:
@@ -202,11 +207,13 @@ class Stage:
             self.alone = self.fn
 
 
-def layer_stages(shape, seq, pos, device="cpu", weight_dtype="float32"):
-    """([Stage], layer) for one decoder layer over seq tokens at positions pos..pos+seq-1
-    (KV cache filled up to pos); layer() runs the stages as one chain. The stages are the
-    model's own calls (ops.py), on host arrays or, with device="cuda", device arrays."""
-    L = shape
+def layer_stages(model, seq, pos):
+    """([Stage], layer) for one decoder layer of `model` over seq tokens at positions
+    pos..pos+seq-1 (KV cache filled up to pos); layer() runs the stages as one chain. The
+    stages are the calls of Model.forward's layer (ops.py) on the model's own first-layer
+    weights, in their storage format, on its device."""
+    L = LayerShape.of(model.config)
+    device = model.device
     f32 = np.float32
     rng = np.random.default_rng(seq)
     h, i, H, Hkv, d = L.hidden, L.intermediate, L.n_heads, L.n_kv_heads, L.head_dim
@@ -218,14 +225,12 @@ def layer_stages(shape, seq, pos, device="cpu", weight_dtype="float32"):
     def buf(*shape):
         return empty(shape, f32, device)
 
-    def w(n_out, n_in):                                 # a linear weight, stored as the model's
-        a = rng.standard_normal((n_out, n_in), dtype=f32) * f32(1 / np.sqrt(n_in))
-        return put(a.astype(weight_dtype))
-
-    # weights, as the model holds them
-    w_in, w_post = put(np.ones(h, f32)), put(np.ones(h, f32))   # (hidden,)
-    w_qkv, w_o = w(L.qkv_dim, h), w(h, nq)              # (qkv_dim, hidden), (hidden, q_dim)
-    w_gate, w_up, w_down = w(i, h), w(i, h), w(h, i)    # (inter, hidden) x2, (hidden, inter)
+    # the model's weights: norms (hidden,); qkv (qkv_dim, hidden); o (hidden, q_dim);
+    # gate, up (inter, hidden); down (hidden, inter)
+    lw = model.weights.layers[0]
+    w_in, w_post = lw.input_layernorm, lw.post_attention_layernorm
+    w_qkv, w_o = lw.qkv_proj, lw.o_proj
+    w_gate, w_up, w_down = lw.gate_proj, lw.up_proj, lw.down_proj
     # activations, allocated once
     x = put(rng.standard_normal((seq, h), dtype=f32))   # residual stream in
     xr, xo, xb = buf(seq, h), buf(seq, h), buf(seq, h)  # after attention, out, scratch
@@ -269,7 +274,7 @@ def layer_stages(shape, seq, pos, device="cpu", weight_dtype="float32"):
     stages = [
         Stage("attention norm", lambda: rmsnorm(x, w_in, L.eps, out=xb),
               2 * B * h + 4 * h, 3 * seq * h),
-        Stage("qkv projection", lambda: linear(xb, w_qkv, out=qkv),
+        Stage("qkv projection", lambda: linear(xb, w_qkv, lw.qkv_bias, out=qkv),
               w_qkv.nbytes + B * (h + L.qkv_dim), 2 * seq * h * L.qkv_dim),
         Stage("split q/k/v", split, 0 if seq == 1 else 2 * B * L.qkv_dim, 0),
         Stage("rope", rope, 2 * B * (nq + nk), 3 * seq * (nq + nk),
@@ -277,7 +282,7 @@ def layer_stages(shape, seq, pos, device="cpu", weight_dtype="float32"):
         Stage("kv cache append", append, 4 * B * nk, 0),
         Stage("attention", lambda: attention(q, keys, values, causal=True, out=att),
               2 * 4 * kv_len * nk + 2 * B * nq, 4 * d * H * causal_pairs),
-        Stage("output projection", lambda: linear(att.reshape(seq, nq), w_o, out=xb),
+        Stage("output projection", lambda: linear(att.reshape(seq, nq), w_o, lw.o_bias, out=xb),
               w_o.nbytes + B * (nq + h), 2 * seq * nq * h),
         Stage("residual add (attention)", lambda: add(x, xb, out=xr), 3 * B * h, seq * h),
         Stage("mlp norm", lambda: rmsnorm(xr, w_post, L.eps, out=xb),
@@ -313,8 +318,7 @@ def device_sync(device):
     return None
 
 
-def breakdown(shape, *, seq, pos, limits=None, repeat=None, budget_s=0.5, device="cpu",
-              weight_dtype="float32"):
+def breakdown(model, *, seq, pos, limits=None, repeat=None, budget_s=0.5):
     """Rows for every stage, 'unaccounted' and the layer total.
 
     Each stage is timed in place, inside the running layer (the clock is read between
@@ -324,8 +328,8 @@ def breakdown(shape, *, seq, pos, limits=None, repeat=None, budget_s=0.5, device
     the layer total, in place; 'unaccounted' is the total's median minus the sum of the
     stages' medians (medians do not add exactly; the clock reads cost ~0.1 us each), so the
     shares add up to 100%; its noise is the intervals' half-widths added in quadrature."""
-    stages, _ = layer_stages(shape, seq, pos, device, weight_dtype)
-    sync = device_sync(device)
+    stages, _ = layer_stages(model, seq, pos)
+    sync = device_sync(model.device)
     parts, total = measure_chain([s.fn for s in stages], repeat=repeat,
                                  budget_s=budget_s, sync=sync)
     rows = []
