@@ -38,7 +38,8 @@ TILE_BYTES = 1 << 23
 MR = 8
 NR = 48
 KC_PAIRS = 256
-# from this many rows of x, the BF16 GEMM beats widening w to float32 for sgemm
+# from this many rows of x the BF16 GEMM, below it the few-rows kernel (5632x2048: 16 rows
+# 3.0 against 3.6 ms, 24 rows 4.7 against 4.1)
 GEMM_BF16_MIN_ROWS = GEMV_MAX_ROWS + 1
 
 

@@ -11,11 +11,15 @@ llama.cpp's Q8_0 x Q8_0 dot product. Two paths:
     a row. w's codes are made unsigned by flipping their top bit (w + 128), and the excess,
     128 sum(x codes) per block, is taken off by starting the int32 lanes at -16 sum (8 lanes a
     block); then each lane's int32 is scaled by its block's d_w d_x into a float accumulator.
-  - portable: plain loops, the 32 products of a block in int32 (LLVM vectorises them).
-Both give the same int32 block sums; only the float additions' order differs.
+  - portable: plain loops, x's codes as float32: a block's 32 products and their sum are
+    integers below 2^24, exact in float32 in any order, so LLVM vectorises them freely.
+Both give the same block sums; only the order of the scaled float32 additions differs.
+(2 cores, 12288x4096 with the caches flushed: VNNI 1.4-1.8 ms = 3.2-4.1x our float32 GEMV,
+30-40 GB/s; portable 2.5-3.3 ms.)
 
 Prefill (more rows) is compute-bound: tiles of w are dequantized into a float32 buffer that
-stays in cache and multiplied by NumPy's BLAS sgemm."""
+stays in cache and multiplied by NumPy's BLAS sgemm (512x5632x2048: 0.95-0.97x sgemm on the
+float32 weights)."""
 import numpy as np
 from llvmlite import ir
 from numba import float32, int32, njit, prange, types, uint64
