@@ -1,4 +1,4 @@
-"""CUDA kernels against PyTorch on the same GPU, in one run (issue 3's speed table).
+"""CUDA kernels against PyTorch on the same GPU, in one run.
 
     python bench/bench_cuda.py [--quick] [--only NAME,...]
 
@@ -9,7 +9,7 @@ with the launches queued behind a long `torch.cuda._sleep` so that the Python la
 working sets smaller than 4x the L2 cache rotate over several buffers so that repeated runs do
 not measure the cache. Median of REPS launches after warm-up (compilation is outside).
 
-Targets (issue 3): linear decode fp32 >= 0.95x PyTorch, fp16 weights >= 1.8x our fp32;
+Targets: linear decode fp32 >= 0.95x PyTorch, fp16 weights >= 1.8x our fp32;
 weight formats (--only formats): q8_0 decode >= 3.0x our fp32 (the bytes ratio is 3.76x);
 attention decode (kv 8192, 32 heads, 32/8 GQA) >= 5x PyTorch SDPA, fp16 KV >= 1.8x our fp32;
 causal prefill S=2048 fp32 within 2x of PyTorch's best SDPA; masked_softmax, apply_rope,

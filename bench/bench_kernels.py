@@ -1,4 +1,4 @@
-"""The speed table of issue 2 ("The package and its CPU kernel library"), as markdown.
+"""The CPU kernels' speed table (the package's kernel library against its targets), as markdown.
 
     python bench/bench_kernels.py                # full shapes, then the JIT cold/warm runs
     python bench/bench_kernels.py --no-jit       # skip the two compile-from-scratch processes
@@ -132,7 +132,7 @@ def main(argv=None):
     rows = checks(shape, _Lim(limits), timing)
 
     cmd = "python bench/bench_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"## Issue 2 speed table -- {datetime.date.today().isoformat()}\n")
+    print(f"## CPU kernel speed table -- {datetime.date.today().isoformat()}\n")
     print(f"Command: `{cmd.strip()}`\n")
     for line in describe_lines(describe()) + [_limits_line(limits.to_dict())]:
         print(f"- {line}")

@@ -1,4 +1,4 @@
-"""The speed figures of issue 4 on a TinyLlama-1.1B-shaped model (hidden 2048, 22 layers,
+"""Model speed on a TinyLlama-1.1B-shaped model (hidden 2048, 22 layers,
 32 heads / 4 KV heads, intermediate 5632, vocab 32000), random float32 weights.
 
     python bench/bench_model.py /tmp/tinyllama           # write the folder once (4.4 GB), measure
@@ -35,6 +35,9 @@ import numpy as np  # noqa: E402
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                  num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                  max_position_embeddings=2048)
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                 max_position_embeddings=4096)
 SMALL = dict(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=3,
              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024)
 REFERENCE = ("for scale, on this 2-core machine in float32: llama2.c 11.6 tok/s, llama.cpp 10.4 "
@@ -43,10 +46,13 @@ REFERENCE = ("for scale, on this 2-core machine in float32: llama2.c 11.6 tok/s,
 
 # -- writing the folder --------------------------------------------------------------------
 
-def write_folder(path, shape):
-    """config.json + model.safetensors with random float32 weights. The file is streamed
-    tensor by tensor in the safetensors layout (8-byte header length, JSON header, data), so
-    writing 4.4 GB never holds more than one tensor."""
+def write_folder(path, shape, dtype="float32"):
+    """config.json + model.safetensors with random weights in float32 or bfloat16. The file is
+    streamed tensor by tensor in the safetensors layout (8-byte header length, JSON header,
+    data), so writing 4.4 GB (or 13.5 GB) never holds more than one tensor."""
+    import ml_dtypes
+    size, code, np_dtype = {"float32": (4, "F32", np.float32),
+                            "bfloat16": (2, "BF16", ml_dtypes.bfloat16)}[dtype]
     os.makedirs(path, exist_ok=True)
     c = shape
     h, inter, hd = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
@@ -67,8 +73,8 @@ def write_folder(path, shape):
 
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shp in tensors:
-        n = 4 * int(np.prod(shp))
-        header[name] = {"dtype": "F32", "shape": list(shp), "data_offsets": [offset, offset + n]}
+        n = size * int(np.prod(shp))
+        header[name] = {"dtype": code, "shape": list(shp), "data_offsets": [offset, offset + n]}
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)                       # data starts 8-byte aligned
@@ -79,9 +85,9 @@ def write_folder(path, shape):
         f.write(len(blob).to_bytes(8, "little") + blob)
         for name, shp in tensors:
             if len(shp) == 1:                              # norm weights
-                f.write(np.ones(shp, np.float32).tobytes())
+                f.write(np.ones(shp, np_dtype).tobytes())
                 continue
-            scaled = block * np.float32(1 / np.sqrt(shp[1]))
+            scaled = (block * np.float32(1 / np.sqrt(shp[1]))).astype(np_dtype)
             n = int(np.prod(shp))
             for start in range(0, n, scaled.size):
                 f.write(scaled[:min(scaled.size, n - start)].tobytes())
@@ -89,18 +95,19 @@ def write_folder(path, shape):
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
               "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
               "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-              "torch_dtype": "float32", **shape}
+              "torch_dtype": dtype, **shape}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
 
-def folder_matches(path, shape):
+def folder_matches(path, shape, dtype="float32"):
     try:
         with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
     except (OSError, ValueError):
         return False
     return (all(config.get(k) == v for k, v in shape.items())
+            and config.get("torch_dtype") == dtype
             and os.path.isfile(os.path.join(path, "model.safetensors")))
 
 
@@ -515,6 +522,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("path", help="model folder to write (once) and measure, e.g. /tmp/tinyllama")
     ap.add_argument("--small", action="store_true", help="a small shape, to check the script")
+    ap.add_argument("--llama2-7b", action="store_true",
+                    help="Llama-2-7B's shape (32 layers, hidden 4096, 32/32 heads) instead of "
+                         "TinyLlama-1.1B's")
+    ap.add_argument("--file-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="the type of the written checkpoint [float32]")
     ap.add_argument("--layers", type=int, default=None,
                     help="decoder layers (default: 22, TinyLlama's; fewer for a quick look)")
     ap.add_argument("--decode-tokens", type=int, default=64, help="decode steps [64]")
@@ -543,7 +555,7 @@ def main():
                     help=argparse.SUPPRESS)  # the child
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)  # the child's format
     args = ap.parse_args()
-    shape = dict(SMALL if args.small else TINYLLAMA)
+    shape = dict(SMALL if args.small else LLAMA2_7B if args.llama2_7b else TINYLLAMA)
     if args.layers:
         shape["num_hidden_layers"] = args.layers
 
@@ -554,10 +566,11 @@ def main():
                             args.dtype, args.long_context)))
         return
 
-    if not folder_matches(args.path, shape):
-        print(f"writing a random float32 model to {args.path} ...", file=sys.stderr, flush=True)
+    if not folder_matches(args.path, shape, args.file_dtype):
+        print(f"writing a random {args.file_dtype} model to {args.path} ...", file=sys.stderr,
+              flush=True)
         t = time.perf_counter()
-        write_folder(args.path, shape)
+        write_folder(args.path, shape, args.file_dtype)
         print(f"  written in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     def child(who, dtype="float32"):
         python = sys.executable if who == "ours" else args.peer_python
