@@ -11,7 +11,9 @@ in a model: a matrix reused call after call would be served from the 32 MB L3 in
 the GB/s of weight bytes read,
 the speed-up over our float32 GEMV of the same shape (time ratio), and the share of the best
 read rate measured here (the fastest over the same 201 MB of NumPy BLAS's float32 GEMV of
-12288x4096, a read-only parallel sum, and our float32 GEMV, measured before each sweep and at the end). Prefill: 512 rows, GFLOP/s against float32 sgemm.
+12288x4096, a read-only parallel sum, and our float32 GEMV, measured before each sweep and at
+the end).
+Prefill: 512 rows, GFLOP/s against float32 sgemm.
 The machine may be shared: best-of-N times, run it twice."""
 import argparse
 import os
@@ -102,7 +104,8 @@ def best_read(repeat, when):
     flat = w.reshape(-1)
     _, read = best_time(lambda: _read_all(flat), repeat, cold=True)
     _, ours = best_time(lambda: ops.linear(x, w), repeat, cold=True)
-    print(f"best read of 12288x4096 float32 ({when}): NumPy BLAS GEMV {w.nbytes / blas / 1e9:.1f} GB/s, "
+    print(f"best read of 12288x4096 float32 ({when}): NumPy BLAS GEMV "
+          f"{w.nbytes / blas / 1e9:.1f} GB/s, "
           f"read-only sum {w.nbytes / read / 1e9:.1f} GB/s, our GEMV {w.nbytes / ours / 1e9:.1f} "
           f"GB/s")
     return w.nbytes / min(blas, read, ours)

@@ -36,6 +36,7 @@ def path(request, monkeypatch):
         monkeypatch.setattr(linear_bf16_cpu, "_gemv_rows_portable", _not_this_path)
     else:
         monkeypatch.setattr(llvm_cpu, "CPU_PATH", "portable")
+        monkeypatch.setattr(linear_bf16_cpu, "_gemv", _not_this_path)
         monkeypatch.setattr(linear_bf16_cpu, "_gemv_rows", _not_this_path)
         monkeypatch.setattr(linear_bf16_cpu, "gemm_bf16", _not_this_path)
     return request.param

@@ -4,11 +4,12 @@ linear_cpu.py, function for function; x, out and the sums are float32.
 
 Decode and a few rows (up to GEMV_MAX_ROWS) read w once, 2 bytes a weight, and are bound by
 memory: each weight is widened to float32 exactly (bfloat16: its bits moved up 16, two
-instructions for 32 weights; float16: the F16C conversion) and multiplied in float32 FMAs, 4
-rows of w a pass over x as linear_cpu's _dots4. x is not rounded: vdpbf16ps would round it to
-bfloat16 (2^-9 relative) for no gain where memory is the limit (12288x4096 on 2 cores: 2.5-2.7
-ms = 1.9-2.1x our float32 GEMV, 37-41 GB/s). The portable path is the same loop in plain
-numba (the widening as integer arithmetic), which LLVM vectorises.
+instructions for 32 weights; float16: the F16C conversion) and multiplied in float32 FMAs;
+decode reads w one row at a time (one read stream a thread), a few rows 4 rows of w a pass
+over x as linear_cpu's _dots4. x is not rounded: vdpbf16ps would round it to bfloat16 (2^-9
+relative) for no gain where memory is the limit (12288x4096 on 2 cores with the caches
+flushed: 1.8-1.9 ms = 2.6-2.8x our float32 GEMV, 53-56 GB/s). The portable path is the same
+loop in plain numba (the widening as integer arithmetic), which LLVM vectorises.
 
 Prefill (more rows): with AVX-512 BF16, x rounded to bfloat16 once and a blocked vdpbf16ps
 GEMM (gemm_bf16) at twice float32's FMA rate; otherwise (and for float16) tiles of w widened
@@ -27,6 +28,8 @@ from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, bits_as_float32, dp
 _VEC = 16     # weights per vector in _dots4_f16 (32 bytes, widened to 512 bits)
 _UNROLL = 4   # vectors per row per loop step (4 accumulators a row, 128 bytes = 2 lines)
 _UNROLL_BF16 = 2   # 64-byte chunks per row per loop step in _dots4_bf16 (2 lines)
+# decode (one row of x) reads w one row at a time, so each thread streams one address range:
+# 4 rows interleaved held 2 cores to ~40 GB/s where one stream reached 53-56 (12288x4096)
 # prefill without BF16: rows of w widened per BLAS call (their float32 tile about TILE_BYTES)
 TILE_BYTES = 1 << 23
 # prefill with BF16 (gemm_bf16): a micro-kernel computes MR rows of x against NR rows of w, in
@@ -137,60 +140,67 @@ def _make_dots4(half):
 _dots4_f16 = _make_dots4(True)
 
 
-@intrinsic
-def _dots4_bf16(typingctx, xr, w, ldw, nc):
-    """The dot products of 4 rows of w (bfloat16) with x over their first 32 nc elements:
-    (s0, s1, s2, s3). 64 bytes of a row are 16 words, each a pair (w[2i] low, w[2i+1] high):
-    the word shifted up 16 is w[2i] as a float32, the word with its low half cleared is
-    w[2i+1], two instructions for 32 weights; x comes rearranged to match, xr = for each 32
-    elements the 16 even ones then the 16 odd ones (float32). Byte addresses: xr, w (row i at
-    w + 2 i ldw). No software prefetch: the hardware's alone streamed faster here (12288x4096
-    on 2 cores: 2.70-2.76 ms without, 3.07-3.21 ms with _dots4_f16's, alternated runs)."""
-    sig = types.UniTuple(types.float32, 4)(xr, w, ldw, nc)
+def _make_dots_bf16(rows, unroll):
+    @intrinsic
+    def dots(typingctx, xr, w, ldw, nc):
+        """The dot products of `rows` rows of w (bfloat16) with x over their first 32 nc
+        elements, a tuple. 64 bytes of a row are 16 words, each a pair (w[2i] low, w[2i+1]
+        high): the word shifted up 16 is w[2i] as a float32, the word with its low half
+        cleared is w[2i+1], two instructions for 32 weights; x comes rearranged to match, xr =
+        for each 32 elements the 16 even ones then the 16 odd ones (float32). Byte addresses:
+        xr, w (row i at w + 2 i ldw). `unroll` chunks a row per loop step. No software
+        prefetch: the hardware's alone streamed faster (12288x4096 on 2 cores, 4 rows: 2.70-2.76
+        ms without, 3.07-3.21 ms with _dots4_f16's, alternated runs)."""
+        sig = types.UniTuple(types.float32, rows)(xr, w, ldw, nc)
 
-    def codegen(context, builder, signature, args):
-        xr, w, ldw, nc = [context.cast(builder, v, t, types.int64)
-                          for v, t in zip(args, signature.args)]
-        vi, vf = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
-        sixteen = ir.Constant(vi, [16] * 16)
-        high = ir.Constant(vi, [-65536] * 16)                   # 0xFFFF0000
-        vfma = fma(builder, vf)
-        acc = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * 16))
-                for _ in range(2 * _UNROLL_BF16)] for _ in range(4)]
-        rowb = builder.mul(ldw, ir.Constant(_I64, 2))           # bytes per row
+        def codegen(context, builder, signature, args):
+            xr, w, ldw, nc = [context.cast(builder, v, t, types.int64)
+                              for v, t in zip(args, signature.args)]
+            vi, vf = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
+            sixteen = ir.Constant(vi, [16] * 16)
+            high = ir.Constant(vi, [-65536] * 16)                   # 0xFFFF0000
+            vfma = fma(builder, vf)
+            acc = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * 16))
+                    for _ in range(2 * unroll)] for _ in range(rows)]
+            rowb = builder.mul(ldw, ir.Constant(_I64, 2))           # bytes per row
 
-        def load(addr, t):
-            return builder.load(builder.inttoptr(addr, ir.PointerType(t)), align=4)
+            def load(addr, t):
+                return builder.load(builder.inttoptr(addr, ir.PointerType(t)), align=4)
 
-        def step(c, u):
-            # chunk c (32 elements) of x and of each row into accumulators 2u, 2u + 1
-            xa = builder.add(xr, builder.mul(c, ir.Constant(_I64, 128)))
-            xe, xo = load(xa, vf), load(builder.add(xa, ir.Constant(_I64, 64)), vf)
-            off = builder.mul(c, ir.Constant(_I64, 64))
-            for i in range(4):
-                row = builder.add(w, builder.mul(rowb, ir.Constant(_I64, i)))
-                wv = load(builder.add(row, off), vi)
-                even = builder.bitcast(builder.shl(wv, sixteen), vf)
-                odd = builder.bitcast(builder.and_(wv, high), vf)
-                for a, (wf, xv) in zip(acc[i][2 * u:2 * u + 2], ((even, xe), (odd, xo))):
-                    builder.store(builder.call(vfma, [wf, xv, builder.load(a)]), a)
+            def step(c, u):
+                # chunk c (32 elements) of x and of each row into accumulators 2u, 2u + 1
+                xa = builder.add(xr, builder.mul(c, ir.Constant(_I64, 128)))
+                xe, xo = load(xa, vf), load(builder.add(xa, ir.Constant(_I64, 64)), vf)
+                off = builder.mul(c, ir.Constant(_I64, 64))
+                for i in range(rows):
+                    row = builder.add(w, builder.mul(rowb, ir.Constant(_I64, i)))
+                    wv = load(builder.add(row, off), vi)
+                    even = builder.bitcast(builder.shl(wv, sixteen), vf)
+                    odd = builder.bitcast(builder.and_(wv, high), vf)
+                    for a, (wf, xv) in zip(acc[i][2 * u:2 * u + 2], ((even, xe), (odd, xo))):
+                        builder.store(builder.call(vfma, [wf, xv, builder.load(a)]), a)
 
-        n_main = builder.udiv(nc, ir.Constant(_I64, _UNROLL_BF16))
-        with cgutils.for_range(builder, n_main) as loop:
-            base = builder.mul(loop.index, ir.Constant(_I64, _UNROLL_BF16))
-            for u in range(_UNROLL_BF16):
-                step(builder.add(base, ir.Constant(_I64, u)), u)
-        done = builder.mul(n_main, ir.Constant(_I64, _UNROLL_BF16))
-        with cgutils.for_range(builder, builder.sub(nc, done)) as loop:
-            step(builder.add(done, loop.index), 0)
-        sums = []
-        for row in acc:
-            v = builder.load(row[0])
-            for a in row[1:]:
-                v = builder.fadd(v, builder.load(a))
-            sums.append(hsum(builder, v))
-        return context.make_tuple(builder, signature.return_type, sums)
-    return sig, codegen
+            n_main = builder.udiv(nc, ir.Constant(_I64, unroll))
+            with cgutils.for_range(builder, n_main) as loop:
+                base = builder.mul(loop.index, ir.Constant(_I64, unroll))
+                for u in range(unroll):
+                    step(builder.add(base, ir.Constant(_I64, u)), u)
+            done = builder.mul(n_main, ir.Constant(_I64, unroll))
+            with cgutils.for_range(builder, builder.sub(nc, done)) as loop:
+                step(builder.add(done, loop.index), 0)
+            sums = []
+            for row in acc:
+                v = builder.load(row[0])
+                for a in row[1:]:
+                    v = builder.fadd(v, builder.load(a))
+                sums.append(hsum(builder, v))
+            return context.make_tuple(builder, signature.return_type, sums)
+        return sig, codegen
+    return dots
+
+
+_dots4_bf16 = _make_dots_bf16(4, _UNROLL_BF16)   # few rows: 4 rows of w a pass over x
+_dot1_bf16 = _make_dots_bf16(1, 4)               # decode: one row, 8 accumulators
 
 
 @njit(inline="always", fastmath=True, cache=True)
@@ -205,7 +215,30 @@ def _tail_rows(out, x, w, r0, half):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
+def _gemv(out, x, xr, w, half):
+    # decode: x (1, k) float32; w: (n, k) 16-bit float bits; out: (1, n); xr as in _gemv_rows.
+    # bfloat16: one row of w per step (one read stream a thread); float16: _gemv_rows's loop
+    if half:
+        _gemv_rows_body(out, x, xr, w, True)
+        return
+    n, k = w.shape
+    k0 = k - k % 32
+    xr0, o = xr[0], out[0]
+    xra, wa = xr.ctypes.data, w.ctypes.data
+    for r in prange(n):
+        s, = _dot1_bf16(xra, wa + 2 * r * k, k, k0 // 32)
+        for j in range(k0, k):
+            s += bf16_to_float32(w[r, j]) * x[0, j]
+        o[r] = s
+
+
+@njit(parallel=True, fastmath=True, cache=True)
 def _gemv_rows(out, x, xr, w, half):
+    _gemv_rows_body(out, x, xr, w, half)
+
+
+@njit(inline="always", fastmath=True, cache=True)
+def _gemv_rows_body(out, x, xr, w, half):
     # x: (m, k) float32; w: (n, k) 16-bit float bits (uint16), float16 when half; out: (m, n);
     # bfloat16: xr (m, k - k % 32) = x's rows rearranged for _dots4_bf16 (even_odd). Each
     # block of 4 rows of w (in cache after the first row of x) meets every row of x, the
@@ -441,7 +474,8 @@ def linear(out, x, w, bias):
     bits = w.view(np.uint16)
     if m <= GEMV_MAX_ROWS:
         if fast_path("f16c") if half else fast_path():
-            cpu_pool.run(_gemv_rows, m * w.size, out, x, x if half else even_odd(x), bits, half)
+            gemv = _gemv if m == 1 else _gemv_rows
+            cpu_pool.run(gemv, m * w.size, out, x, x if half else even_odd(x), bits, half)
         else:
             cpu_pool.run(_gemv_rows_portable, m * w.size, out, x, bits, half)
     elif not half and m >= GEMM_BF16_MIN_ROWS and fast_path("avx512bf16"):
