@@ -29,6 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from numba import cuda  # noqa: E402
 
+from numba_attn.formats import Q8Matrix  # noqa: E402
 from numba_attn.kernels import (attention_cuda, linear_cuda, norm_cuda, rope_cuda,  # noqa: E402
                                 softmax_cuda)
 from numba_attn.kernels import linear_bf16_cuda, linear_q8_cuda  # noqa: E402
@@ -188,7 +189,7 @@ def bench_formats(res):
     per = n * k + n * k // 32 * 2
     sets = n_sets(per)
     Ws = [q8_weights(n, k) for _ in range(sets)]
-    Wd = [linear_q8_cuda.DeviceQ8Matrix(nb(qs), nb(d)) for qs, d in Ws]
+    Wd = [Q8Matrix(nb(qs), nb(d)) for qs, d in Ws]
     fn = lambda i: linear_q8_cuda.linear(O, X, Wd[i], Bz)  # noqa: E731
     us = device_us(fn, sets)
     fn(0)
@@ -229,8 +230,7 @@ def bench_formats(res):
     for st, w, kern in (("fp32", nb(w32), linear_cuda.linear),
                         ("fp16", nb(w32.half()), linear_cuda.linear),
                         ("bf16", nb(w32.bfloat16()), linear_bf16_cuda.linear),
-                        ("q8_0", linear_q8_cuda.DeviceQ8Matrix(nb(qs), nb(d)),
-                         linear_q8_cuda.linear)):
+                        ("q8_0", Q8Matrix(nb(qs), nb(d)), linear_q8_cuda.linear)):
         fn = lambda i: kern(O, X, w, Bz)  # noqa: E731
         us = device_us(fn, reps=10)
         fn(0)
@@ -473,7 +473,7 @@ def bench_tune(parts=("decode", "gemv", "prefill")):
     if "q8" in parts:
         per = n * k + n * k // 32 * 2
         sets = n_sets(per)
-        W = [linear_q8_cuda.DeviceQ8Matrix(*map(nb, q8_weights(n, k))) for _ in range(sets)]
+        W = [Q8Matrix(*map(nb, q8_weights(n, k))) for _ in range(sets)]
         y_ref, y = torch.empty(1, n, device="cuda"), torch.empty(1, n, device="cuda")
         X, Y, Y_ref, no_bias = nb(x), nb(y), nb(y_ref), nb(torch.empty(0, device="cuda"))
         Q = linear_q8_cuda

@@ -1,15 +1,26 @@
-"""The weight storage formats: one table (name, bytes per weight, block, NumPy storage, devices)
-and the one quantized type, Q8Matrix (GGUF/llama.cpp Q8_0).
+"""The weight storage formats: one table (name, bytes per weight, block, host and device storage,
+kernel family per backend) and the one quantized type, Q8Matrix (GGUF/llama.cpp Q8_0).
 
 A linear or embedding weight is a 2-D (out_features, in_features) array of float32, float16 or
-bfloat16 (NumPy arrays of ``ml_dtypes.bfloat16``), or a Q8Matrix. ``weight_format(w)`` names
-its row of the table; the kernels of each format are a family of their own
-(kernels/linear_cpu.py, linear_bf16_cpu.py, linear_q8_cpu.py)."""
+bfloat16, or a Q8Matrix, on the host or on the GPU:
+
+- on the host, NumPy arrays; bfloat16 as ``ml_dtypes.bfloat16``;
+- on the GPU, CUDA arrays (numba device arrays, or any ``__cuda_array_interface__`` object);
+  numba has no bfloat16 type, so a bfloat16 matrix there is a uint16 array of its bits (the
+  table's ``device_storage``): ``weight_format`` reads a CUDA uint16 array as bfloat16, and
+  nothing else does. A Q8Matrix holds device arrays for its codes and scales.
+
+``to_device(w)`` copies a host weight to the GPU in its format; ``weight_format(w)`` names its
+row of the table; the kernels of each format are a family of their own
+(kernels/linear_<backend>.py, linear_bf16_<backend>.py, linear_q8_<backend>.py)."""
 from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
 from numba import njit, prange
+
+from .backend import as_device, is_cuda_array
+from .checks import is_c_contiguous
 
 Q8_BLOCK = 32  # weights per Q8_0 block: 32 int8 codes and one float16 scale (34 bytes)
 
@@ -19,7 +30,8 @@ class WeightFormat:
     name: str
     block_size: int        # consecutive weights along the input (last) axis sharing a block
     block_bytes: int       # bytes of one block (codes and scale)
-    storage: np.dtype      # NumPy dtype of the stored elements (Q8_0: its codes)
+    storage: np.dtype      # NumPy dtype of the stored elements on the host (Q8_0: its codes)
+    device_storage: np.dtype  # dtype of a CUDA array of the format (bfloat16: its uint16 bits)
     kernels: tuple         # (backend, kernel family) pairs: kernels/<family>_<backend>.py
 
     @property
@@ -36,18 +48,27 @@ class WeightFormat:
         return dict(self.kernels).get(backend)
 
 
+_F32, _BF16, _F16 = np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)
+_I8, _U16 = np.dtype(np.int8), np.dtype(np.uint16)
+# the 16-bit families run bfloat16 and float16 alike, on both backends (linear_bf16_cpu.py /
+# linear_bf16_cuda.py); float32 runs the float32 family
 FORMATS = {f.name: f for f in (
-    WeightFormat("float32", 1, 4, np.dtype(np.float32), (("cpu", "linear"), ("cuda", "linear"))),
-    WeightFormat("bfloat16", 1, 2, np.dtype(ml_dtypes.bfloat16), (("cpu", "linear_bf16"),)),
-    WeightFormat("float16", 1, 2, np.dtype(np.float16), (("cpu", "linear_bf16"),
-                                                          ("cuda", "linear"))),
-    WeightFormat("q8_0", Q8_BLOCK, 2 + Q8_BLOCK, np.dtype(np.int8), (("cpu", "linear_q8"),)),
+    WeightFormat("float32", 1, 4, _F32, _F32, (("cpu", "linear"), ("cuda", "linear"))),
+    WeightFormat("bfloat16", 1, 2, _BF16, _U16, (("cpu", "linear_bf16"), ("cuda", "linear_bf16"))),
+    WeightFormat("float16", 1, 2, _F16, _F16, (("cpu", "linear_bf16"), ("cuda", "linear_bf16"))),
+    WeightFormat("q8_0", Q8_BLOCK, 2 + Q8_BLOCK, _I8, _I8, (("cpu", "linear_q8"),
+                                                          ("cuda", "linear_q8"))),
 )}
+# the format of an unblocked weight array by its dtype: host (NumPy) arrays by `storage`, CUDA
+# arrays by `device_storage` (a uint16 device array is a bfloat16 matrix's bits; a uint16 NumPy
+# array is no weight)
 _BY_DTYPE = {f.storage: f for f in FORMATS.values() if f.block_size == 1}
+_BY_DEVICE_DTYPE = {f.device_storage: f for f in FORMATS.values() if f.block_size == 1}
 
 
 def weight_format(w):
-    """The WeightFormat of a weight (an array or a Q8Matrix), a dtype or a format name."""
+    """The WeightFormat of a weight (a host or CUDA array, or a Q8Matrix), a host dtype or a
+    format name."""
     if isinstance(w, str):
         if w not in FORMATS:
             raise ValueError(f"unknown weight format {w!r}; expected one of {', '.join(FORMATS)}")
@@ -57,40 +78,73 @@ def weight_format(w):
     dtype = w if isinstance(w, (np.dtype, type)) else getattr(w, "dtype", None)
     if dtype is None:
         raise TypeError(f"a weight must be an array or a Q8Matrix, got {type(w).__name__}")
-    fmt = _BY_DTYPE.get(np.dtype(dtype))
+    device = is_cuda_array(w)
+    fmt = (_BY_DEVICE_DTYPE if device else _BY_DTYPE).get(np.dtype(dtype))
     if fmt is None:
-        raise TypeError(f"weights of dtype {np.dtype(dtype).name} have no format; expected "
-                        f"float32, float16, bfloat16 (ml_dtypes) or a Q8Matrix")
+        expected = "float32, float16, bfloat16 (uint16 bits: formats.to_device)" if device else \
+            "float32, float16, bfloat16 (ml_dtypes)"
+        raise TypeError(f"{'CUDA ' if device else ''}weights of dtype {np.dtype(dtype).name} "
+                        f"have no format; expected {expected} or a Q8Matrix")
     return fmt
+
+
+def to_device(w, stream=0):
+    """A host weight copied to the GPU in its format: a Q8Matrix's codes and scales
+    (Q8Matrix.to_device), bfloat16 as a uint16 array of its bits, float32 and float16 as they
+    are. A weight already on the GPU is returned as it is."""
+    if isinstance(w, Q8Matrix):
+        return w.to_device(stream)
+    fmt = weight_format(w)
+    if is_cuda_array(w):
+        return w
+    from numba import cuda
+    w = np.ascontiguousarray(w)
+    return cuda.to_device(w.view(fmt.device_storage), stream=stream)
 
 
 class Q8Matrix:
     """A (rows, cols) matrix in Q8_0: each block of 32 consecutive weights of a row is
     d * qs, qs int8 codes in [-127, 127] and d a float16 scale, as GGUF/llama.cpp store it.
 
-    qs: (rows, cols) int8; d: (rows, cols // 32) float16."""
+    qs: (rows, cols) int8; d: (rows, cols // 32) float16; both C-contiguous, both NumPy arrays
+    (a host matrix) or both CUDA arrays (a device matrix: numba device arrays, or any
+    __cuda_array_interface__ object such as a CuPy array or a PyTorch CUDA tensor, kept as a
+    numba view of the same memory). to_device() and copy_to_host() copy it across."""
     format = FORMATS["q8_0"]
 
     def __init__(self, qs, d):
-        if not (isinstance(qs, np.ndarray) and qs.dtype == np.int8 and qs.ndim == 2):
+        device = is_cuda_array(qs)
+        if device != is_cuda_array(d):
+            raise TypeError(f"qs and d must both be host (NumPy) arrays or both CUDA arrays, "
+                            f"got {_describe(qs)} and {_describe(d)}")
+        if device:
+            qs, d = as_device(qs), as_device(d)    # numba device arrays (views, no copy)
+        elif not (isinstance(qs, np.ndarray) and isinstance(d, np.ndarray)):
+            raise TypeError(f"qs and d must be arrays, got {_describe(qs)} and {_describe(d)}")
+        if not (np.dtype(qs.dtype) == _I8 and len(qs.shape) == 2):
             raise TypeError(f"qs must be a 2-D int8 array, got {_describe(qs)}")
-        if not (isinstance(d, np.ndarray) and d.dtype == np.float16 and d.ndim == 2):
+        if not (np.dtype(d.dtype) == _F16 and len(d.shape) == 2):
             raise TypeError(f"d must be a 2-D float16 array, got {_describe(d)}")
         rows, cols = qs.shape
         if cols % Q8_BLOCK:
             raise ValueError(f"Q8_0 needs in_features (columns) a multiple of {Q8_BLOCK}, "
                              f"got {cols}")
-        if d.shape != (rows, cols // Q8_BLOCK):
+        if tuple(d.shape) != (rows, cols // Q8_BLOCK):
             raise ValueError(f"d must have shape ({rows}, {cols // Q8_BLOCK}) for qs of shape "
-                             f"{qs.shape}, got {d.shape}")
-        if not (qs.flags.c_contiguous and d.flags.c_contiguous):
+                             f"{tuple(qs.shape)}, got {tuple(d.shape)}")
+        if not (is_c_contiguous(qs) and is_c_contiguous(d)):
             raise ValueError("qs and d must be C-contiguous")
         self.qs = qs    # (rows, cols) int8
         self.d = d      # (rows, cols // 32) float16
 
     @property
+    def device(self):
+        """'cpu' or 'cuda': where the codes and scales live."""
+        return "cuda" if is_cuda_array(self.qs) else "cpu"
+
+    @property
     def shape(self):
-        return self.qs.shape
+        return tuple(self.qs.shape)
 
     @property
     def ndim(self):
@@ -98,22 +152,40 @@ class Q8Matrix:
 
     @property
     def nbytes(self):
-        return self.qs.nbytes + self.d.nbytes
+        return int(self.qs.nbytes) + int(self.d.nbytes)
+
+    def to_device(self, stream=0):
+        """This matrix on the GPU (itself when it is there already)."""
+        if self.device == "cuda":
+            return self
+        from numba import cuda
+        return Q8Matrix(cuda.to_device(self.qs, stream=stream),
+                        cuda.to_device(self.d, stream=stream))
+
+    def copy_to_host(self, stream=0):
+        """This matrix on the host (itself when it is there already)."""
+        if self.device == "cpu":
+            return self
+        return Q8Matrix(self.qs.copy_to_host(stream=stream), self.d.copy_to_host(stream=stream))
 
     def dequantize(self):
-        """The weights as float32 (rows, cols): d * qs, blockwise."""
+        """The weights as float32 (rows, cols): d * qs, blockwise. Host matrices only."""
+        if self.device != "cpu":
+            raise TypeError("dequantize() runs on the host and this Q8Matrix is on the GPU; "
+                            "call copy_to_host() first")
         rows, cols = self.qs.shape
         w = self.qs.reshape(rows, cols // Q8_BLOCK, Q8_BLOCK).astype(np.float32)
         w *= self.d.astype(np.float32)[:, :, None]
         return w.reshape(rows, cols)
 
     def __repr__(self):
-        return f"Q8Matrix(shape={self.shape}, nbytes={self.nbytes})"
+        return f"Q8Matrix(shape={self.shape}, nbytes={self.nbytes}, device={self.device!r})"
 
 
 def _describe(a):
-    if isinstance(a, np.ndarray):
-        return f"{a.dtype.name} array of shape {a.shape}"
+    if hasattr(a, "shape") and hasattr(a, "dtype"):
+        where = "CUDA " if is_cuda_array(a) else ""
+        return f"{where}{getattr(a.dtype, 'name', a.dtype)} array of shape {tuple(a.shape)}"
     return type(a).__name__
 
 

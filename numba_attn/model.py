@@ -10,9 +10,10 @@ slices those buffers. Weight and buffer names follow the Hugging Face checkpoint
 
 The same forward pass runs on both devices: every step is a public function of ops.py, which
 picks the CPU or CUDA kernel from its arguments. With device="cuda" the weights are copied to
-the GPU once as they are read (float32, or float16 linear weights with weight_dtype="float16"),
-the KV cache and the activation buffers live there, each forward call copies its token ids to
-the device, and only the final logits (vocab,) come back to the host for sampling.
+the GPU once as they are read, each matrix in its weight format (converted on the host first:
+rounded to 16 bits, or quantized to Q8_0, one tensor at a time), the KV cache and the
+activation buffers live there, each forward call copies its token ids to the device, and only
+the final logits (vocab,) come back to the host for sampling.
 """
 import os
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import numpy as np
 from .backend import (copy_from_host, copy_to_host, cuda_unavailable, empty, is_cuda_array,
                       reshape, rows)
 from .config import LlamaConfig
-from .formats import FORMATS, quantize_q8_0, weight_format
+from .formats import FORMATS, Q8Matrix, quantize_q8_0, to_device, weight_format
 from .kvcache import KVCache
 from .ops import (add, apply_rope, attention, embedding, linear, rmsnorm, silu_mul,
                   split_qkv)
@@ -31,15 +32,16 @@ from .weights import FORMAT_OF_STORED, Checkpoint, CheckpointError
 
 DEFAULT_MAX_SEQ = 4096   # KV cache length when the caller gives none (and the model allows it)
 DEVICES = ("cpu", "cuda")
-# storage of the linear weights (projections, MLP, lm_head) and, on the CPU, the embedding
-# table: a row of the formats table; norms and biases stay float32. "auto" keeps the
-# checkpoint's own type where the device runs it
+# storage of the linear weights (projections, MLP, lm_head) and the embedding table: a row of
+# the formats table; norms and biases stay float32. "auto" keeps the checkpoint's own type
+# where the device runs it
 WEIGHT_DTYPES = {device: tuple(name for name, f in FORMATS.items() if device in f.devices)
                  for device in DEVICES}
 
 
 @dataclass
-class LayerWeights:                       # host (NumPy) or device arrays, by the model's device
+class LayerWeights:       # host (NumPy) or device arrays, by the model's device; matrices in
+                          # the model's weight format (an array or a formats.Q8Matrix)
     input_layernorm: np.ndarray           # (hidden,)
     qkv_proj: np.ndarray                  # (q_dim + 2 * kv_dim, hidden): q_proj, k_proj, v_proj
     qkv_bias: np.ndarray | None           # (q_dim + 2 * kv_dim,) Qwen2; None for Llama
@@ -71,18 +73,17 @@ class ModelWeights:
         with Checkpoint(folder) as ck:
             fmt = resolve_weight_dtype(device, weight_dtype, ck)
             put = _placer(device, fmt)
-            # matrices are read in their storage type (float32 when quantized or sent to CUDA)
-            storage = weight_format(fmt).storage if device == "cpu" and \
-                weight_format(fmt).block_size == 1 else np.dtype(f32)
+            # matrices are read in their host storage type (float32 when quantized at load)
+            storage = weight_format(fmt).storage if weight_format(fmt).block_size == 1 else \
+                np.dtype(f32)
 
             def read(name, shape, matrix=False):
                 return put(name, ck.read(name, np.empty(shape, storage if matrix else f32)),
                            matrix)
 
-            # the embedding table is stored like a matrix on the CPU, and on CUDA when it is
-            # also the lm_head (tied)
-            embed = read("model.embed_tokens.weight", (c.vocab_size, c.hidden_size),
-                         c.tie_word_embeddings or device == "cpu")
+            # the embedding table is stored like a matrix (the embedding kernels take every
+            # format)
+            embed = read("model.embed_tokens.weight", (c.vocab_size, c.hidden_size), True)
             steps = c.n_layers + 2
 
             def step(done):
@@ -165,15 +166,16 @@ class ModelWeights:
         return sum(int(m.nbytes) for m in matrices) + int(self.embed_tokens.nbytes) // \
             int(self.embed_tokens.shape[0])
 
-    def to_device(self, weight_dtype="float32"):
-        """A copy on the GPU of host weights, the linear weights in weight_dtype (tied
-        embeddings stay tied)."""
+    def to_device(self, weight_dtype=None):
+        """A copy on the GPU of host weights, the matrices in weight_dtype (default: the host
+        weights' own format; converted on the host one at a time where it differs), tied
+        embeddings still tied."""
         if self.device != "cpu":
             raise ValueError("these weights are on the GPU already")
-        put = _placer("cuda", resolve_weight_dtype("cuda", weight_dtype))
+        put = _placer("cuda", resolve_weight_dtype("cuda", weight_dtype or self.weight_dtype))
         matrices = MATRICES
         tied = self.lm_head is self.embed_tokens
-        embed = put("model.embed_tokens.weight", self.embed_tokens, tied)
+        embed = put("model.embed_tokens.weight", self.embed_tokens, True)
         layers = [LayerWeights(**{k: None if a is None else put(k, a, k in matrices)
                                   for k, a in vars(lw).items()}) for lw in self.layers]
         return type(self)(embed_tokens=embed, layers=layers, norm=put("norm", self.norm, False),
@@ -208,31 +210,36 @@ def resolve_weight_dtype(device, weight_dtype, checkpoint=None):
 
 
 def _placer(device, fmt):
-    """put(name, host array, matrix) -> the array the model keeps. On the CPU a matrix arrives
-    in its storage type (float32 for q8_0, quantized here); on CUDA a float32 host array is
-    copied to the device, matrices in fmt."""
-    if device == "cpu":
-        if fmt == "q8_0":
-            def put(name, a, matrix):
-                if not matrix:
-                    return a
-                try:
-                    return quantize_q8_0(a)
-                except ValueError as e:
-                    raise CheckpointError(f"tensor {name!r}: {e}") from None
-            return put
-        return lambda name, a, matrix: a
-    from numba import cuda
-    half = fmt == "float16"
-
+    """put(name, host weight, matrix) -> the weight the model keeps: a matrix in format fmt
+    (as it is when it arrives in fmt, as the loader reads it; else converted on the host:
+    quantized for q8_0, rounded to 16 bits), the rest float32 as it is; on CUDA then copied to
+    the GPU (formats.to_device: bfloat16 as its bits, a Q8Matrix's codes and scales)."""
     def put(name, a, matrix):
-        if matrix and half:
-            a = a.astype(np.float16)
-            if not np.isfinite(a).all():
-                raise CheckpointError(f"tensor {name!r} has values beyond float16's range; "
-                                      f"use weight_dtype='float32'")
-        return cuda.to_device(a)
+        if matrix:
+            a = _in_format(name, a, fmt)
+        return a if device == "cpu" else to_device(a)
     return put
+
+
+def _in_format(name, a, fmt):
+    """The host matrix a (an array of any float format, or a Q8Matrix) in format fmt."""
+    if isinstance(a, Q8Matrix):
+        if fmt == "q8_0":
+            return a
+        a = a.dequantize()
+    if fmt == "q8_0":
+        try:
+            return quantize_q8_0(a)
+        except ValueError as e:
+            raise CheckpointError(f"tensor {name!r}: {e}") from None
+    storage = FORMATS[fmt].storage
+    if a.dtype == storage:
+        return a
+    out = a.astype(storage)
+    if not np.isfinite(out).all() and np.isfinite(a).all():
+        raise CheckpointError(f"tensor {name!r} has values beyond {fmt}'s range; "
+                              f"use weight_dtype='float32'")
+    return out
 
 
 def _split_rows(fused, c):
@@ -300,13 +307,14 @@ class Model:
 
     def __init__(self, config, weights, *, device="cpu", max_seq=None, weight_dtype=None):
         """weights: ModelWeights on `device`, or host weights for a CUDA model (copied to the
-        GPU here, the linear weights in weight_dtype, default float32)."""
+        GPU here, the matrices in weight_dtype, default the host weights' own format)."""
         _check_device(device)
         c = config
         if weights.device != device:
             if device == "cpu":
                 raise ValueError("a CPU model needs host weights; these are on the GPU")
-            weights = weights.to_device(weight_dtype or "float32")
+            weights = weights.to_device(None if weight_dtype in (None, "auto")
+                                        else weight_dtype)
         elif weight_dtype not in (None, "auto") and \
                 resolve_weight_dtype(device, weight_dtype) != weights.weight_dtype:
             raise ValueError(f"weight_dtype={weight_dtype!r} but the weights are stored as "

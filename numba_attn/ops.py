@@ -38,12 +38,13 @@ def _current_device(backend):
 
 def _prepare(backend, *arrays):
     """Device arrays as numba views (CuPy, PyTorch...), host arrays unchanged. An object passed
-    twice (out is x) gets one view, so the `out is x` checks still see it."""
+    twice (out is x) gets one view, so the `out is x` checks still see it. A Q8Matrix passes
+    as it is (its arrays were made numba views when it was built)."""
     if backend == "cuda":
         views = {}
         for a in arrays:
             if a is not None and id(a) not in views:
-                views[id(a)] = as_device(a)
+                views[id(a)] = a if isinstance(a, Q8Matrix) else as_device(a)
         return [None if a is None else views[id(a)] for a in arrays]
     return list(arrays)
 
@@ -135,7 +136,7 @@ def apply_rope(x, table, start_pos=0, *, style="half", out=None):
 
 def _weight_format(name, w, backend):
     """The WeightFormat of a weight argument, checked: a Q8Matrix, or a 2-D C-contiguous array
-    of a format the backend runs."""
+    of a format the backend runs (formats.weight_format: on CUDA a uint16 array is bfloat16)."""
     if isinstance(w, Q8Matrix):
         fmt = FORMATS["q8_0"]
     else:
@@ -147,8 +148,10 @@ def _weight_format(name, w, backend):
     if fmt is None or backend not in fmt.devices:
         got = fmt.name if fmt is not None else np.dtype(w.dtype).name
         ok = [f.name for f in FORMATS.values() if backend in f.devices]
+        bits = " and bfloat16 as a uint16 array of its bits (formats.to_device)" \
+            if backend == "cuda" else ""
         raise TypeError(f"{name} must have dtype float32, got {got}; weights on {backend} may be "
-                        f"{', '.join(ok[:-1])} or {ok[-1]} (a formats.Q8Matrix for q8_0)")
+                        f"{', '.join(ok[:-1])} or {ok[-1]} (a formats.Q8Matrix for q8_0{bits})")
     if not isinstance(w, Q8Matrix):
         checks.array(name, w, dtypes=None)   # C-contiguous
     return fmt
@@ -159,15 +162,31 @@ def _weight_array(w):
     return w.qs if isinstance(w, Q8Matrix) else w
 
 
+def _backend_with_weight(name, w, *arrays):
+    """backend_of the arguments of a call taking a weight, w's side read from its array (a
+    Q8Matrix's codes); a Q8Matrix on the other side than the arrays is named in the error."""
+    try:
+        return backend_of(_weight_array(w), *arrays)
+    except ValueError:
+        if not isinstance(w, Q8Matrix):
+            raise
+        other = "cpu" if w.device == "cuda" else "cuda"
+        move = "to_device()" if w.device == "cpu" else "copy_to_host()"
+        raise ValueError(f"{name} is a Q8Matrix on {w.device} but the other arguments are on "
+                         f"{other}; move it with {name}.{move}") from None
+
+
 def linear(x, w, bias=None, *, out=None):
     """x (..., in) @ w.T + bias -> (..., out), with w (out, in) as stored in checkpoints.
 
-    w is float32, or on the CPU bfloat16 (an ml_dtypes.bfloat16 array), float16 or a Q8Matrix
-    (formats.quantize_q8_0); float16 on CUDA. The products are summed in float32 (Q8_0: x is
-    quantized per 32 values too and the blocks' sums are exact in int32).
+    w is in any weight format (formats.FORMATS), on x's side: float32, float16, bfloat16 (on
+    the host an ml_dtypes.bfloat16 array, on CUDA a uint16 array of its bits:
+    formats.to_device(w)) or a Q8Matrix (formats.quantize_q8_0, .to_device()). The products
+    are summed in float32 (Q8_0 up to 16 rows of x: x is quantized per 32 values too and the
+    blocks' sums are exact in int32).
     One row (decode) is a matrix-vector product bound by reading w; many rows (prefill) a GEMM.
     A fused QKV projection is one w holding wq, wk and wv stacked along its first axis."""
-    backend = backend_of(x, _weight_array(w), bias, out)
+    backend = _backend_with_weight("w", w, x, bias, out)
     x, w, bias, out = _prepare(backend, x, w, bias, out)
     checks.array("x", x, ndim=(1, 2, 3, 4), dtypes=F32)
     fmt = _weight_format("w", w, backend)
@@ -297,16 +316,15 @@ def attention(q, k, v, *, causal=True, scale=None, out=None):
 def embedding(table, tokens, *, out=None):
     """Rows of table (vocab, hidden) for the token ids tokens (seq,) int64 -> (seq, hidden)
     float32. Ids outside [0, vocab) are clipped (check them first). table is in any weight
-    format its device runs (float32; bfloat16, float16 or a Q8Matrix on the CPU, whose picked
-    rows are dequantized; float16 on CUDA: a tied lm_head stored in half precision). On CUDA,
-    tokens is a device array too."""
-    backend = backend_of(_weight_array(table), tokens, out)
+    format, as linear's w (the picked rows widened or dequantized). On CUDA, tokens is a device
+    array too."""
+    backend = _backend_with_weight("table", table, tokens, out)
     table, tokens, out = _prepare(backend, table, tokens, out)
     fmt = _weight_format("table", table, backend)
     checks.array("tokens", tokens, ndim=1, dtypes=IDS)
     out = _output("out", out, (tokens.shape[0], table.shape[1]), backend,
                   [("table", _weight_array(table))])
-    family = fmt.family(backend)   # float32 (CUDA: float16 too) in the tensor family
+    family = fmt.family(backend)   # float32's embedding is the tensor family's
     kernels("tensor" if family == "linear" else family, backend).embedding(out, table, tokens)
     return out
 

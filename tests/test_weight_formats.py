@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from numba_attn import DEMO_MODEL, Model, Tokenizer
+from numba_attn.backend import cuda_unavailable
 from numba_attn.formats import Q8Matrix, quantize_q8_0
 from numba_attn.model import resolve_weight_dtype
 from numba_attn.perplexity import perplexity
@@ -126,8 +127,11 @@ def test_q8_0_weights_are_q8_matrices_of_a_quarter_the_bytes(make_folder):
 def test_bad_weight_dtypes(make_folder, tiny_folder):
     with pytest.raises(ValueError, match="weight_dtype must be auto or one of"):
         Model.from_pretrained(tiny_folder, weight_dtype="int4")
-    with pytest.raises(ValueError, match="q8_0 weights need device='cpu'"):
-        resolve_weight_dtype("cuda", "q8_0")
+    for device in ("cpu", "cuda"):                              # every format on both
+        for fmt in ("float32", "bfloat16", "float16", "q8_0"):
+            assert resolve_weight_dtype(device, fmt) == fmt
+    with pytest.raises(ValueError, match="one of float32, bfloat16, float16, q8_0 on cuda"):
+        resolve_weight_dtype("cuda", "int4")
     folder, _ = make_folder("odd", intermediate=100)            # down_proj's input is 100
     with pytest.raises(CheckpointError, match="down_proj.weight.*multiple of 32"):
         Model.from_pretrained(folder, weight_dtype="q8_0")
@@ -155,9 +159,10 @@ def test_cli_weight_dtype(tiny_folder):
         assert f"| {fmt} weights, " in result.stderr and "MB/token" in result.stderr
     assert_one_line_error(invoke("generate", "hi", "--model", tiny_folder, "--weight-dtype",
                                  "int4"), "'--weight-dtype'")
-    assert_one_line_error(invoke("generate", "hi", "--model", tiny_folder, "--weight-dtype",
-                                 "q8_0", "--device", "cuda"),
-                          "--weight-dtype q8_0 needs --device cpu")
+    if cuda_unavailable() is not None:      # q8_0 on CUDA: accepted, then no GPU to run it
+        assert_one_line_error(invoke("generate", "hi", "--model", tiny_folder, "--weight-dtype",
+                                     "q8_0", "--device", "cuda"),
+                              "CUDA requested but no GPU is available")
 
 
 # -- quality on the demo model over a held-out Austen passage --------------------------------

@@ -2,7 +2,8 @@
 float16. Twin of linear_bf16_cpu.py (which takes both formats too).
 
 On the host a bfloat16 weight is a NumPy array of ``ml_dtypes.bfloat16``; on the device it
-travels as its raw bits, a uint16 array (numba has no bfloat16 type), which `to_device` makes.
+travels as its raw bits, a uint16 array (numba has no bfloat16 type: the formats table's
+device_storage), which formats.to_device or `to_device` here makes.
 bfloat16 is a storage type of the float16 path already: linear_cuda's GEMV and GEMM and
 tensor_cuda's embedding take uint16 bits as bfloat16, widened in registers by util_cuda's
 load8 / load (bits << 16: a float32 with its low half zero), with float16's block shapes

@@ -2,8 +2,8 @@
 float16 scale d per 32 weights, (n, k // 32)). Twin of linear_q8_cpu.py, function for function,
 as linear_cuda.py is of linear_cpu.py.
 
-On the device a Q8_0 weight is any object with device arrays `qs` (n, k) int8 and `d`
-(n, k // 32) float16 (or its bits, uint16): DeviceQ8Matrix, made by `to_device(Q8Matrix)`.
+On the device a Q8_0 weight is a formats.Q8Matrix holding device arrays, `qs` (n, k) int8 and
+`d` (n, k // 32) float16: `Q8Matrix.to_device()` (or `to_device` here) copies a host one.
 
 Decode and a few rows (up to GEMV_MAX_M, the CPU's GEMV_MAX_ROWS) read w once, 34 bytes per 32
 weights, with the CPU twin's arithmetic: x is quantized the same way first (per 32 values: int8
@@ -17,9 +17,7 @@ the warp's RPW rows.
 Prefill (more rows) is compute-bound, as on the CPU with float x: linear_cuda's tiled GEMM on
 the CUDA cores, w's tile dequantized (d * q, float32) as it is stored in shared memory."""
 import functools
-from typing import NamedTuple
 
-import numpy as np
 from numba import cuda
 
 from .linear_cuda import GEMM_THREADS, MICRO, TILE, TILE_PAD, TK
@@ -281,42 +279,16 @@ def _embedding(out, qs, d, tokens, hidden, vocab):
             load(d, t * (hidden // Q8_BLOCK) + j // Q8_BLOCK)   # int64 offsets
 
 
-class DeviceQ8Matrix(NamedTuple):
-    """A Q8Matrix on the GPU: qs (rows, cols) int8 and d (rows, cols // 32) float16, device
-    arrays."""
-    qs: object
-    d: object
-
-    @property
-    def shape(self):
-        return tuple(self.qs.shape)
-
-    @property
-    def ndim(self):
-        return 2
-
-    @property
-    def nbytes(self):
-        return self.qs.nbytes + self.d.nbytes
-
-
 def to_device(w, stream=0):
-    """A formats.Q8Matrix copied to the GPU as a DeviceQ8Matrix."""
-    return DeviceQ8Matrix(cuda.to_device(w.qs, stream=stream),
-                          cuda.to_device(w.d, stream=stream))
-
-
-def _scales(d):
-    # d as float16 on the device (the CPU passes float16 bits as uint16; here load() would
-    # read uint16 as bfloat16)
-    return d if d.dtype == np.float16 else d.view(np.float16)
+    """A host formats.Q8Matrix copied to the GPU (Q8Matrix.to_device)."""
+    return w.to_device(stream)
 
 
 def linear(out, x, w, bias):
-    # x: (m, k) float32; w: Q8_0 (n, k) on the device (.qs int8 (n, k), .d float16
+    # x: (m, k) float32; w: a Q8Matrix (n, k) on the device (.qs int8 (n, k), .d float16
     # (n, k // 32)); bias: (n,) or (0,); out: (m, n) float32
     m, k = x.shape
-    qs, d = w.qs, _scales(w.d)
+    qs, d = w.qs, w.d
     n = qs.shape[0]
     if m == 0 or n == 0:
         return
@@ -333,11 +305,11 @@ def linear(out, x, w, bias):
 
 
 def embedding(out, table, tokens):
-    # out: (seq, hidden) float32; table: Q8_0 (vocab, hidden) on the device; tokens: (seq,)
-    # int64, clipped to [0, vocab): the picked rows dequantized
+    # out: (seq, hidden) float32; table: a Q8Matrix (vocab, hidden) on the device; tokens:
+    # (seq,) int64, clipped to [0, vocab): the picked rows dequantized
     seq, hidden = out.shape
     if seq == 0 or hidden == 0:
         return
-    qs, d = table.qs, _scales(table.d)
+    qs, d = table.qs, table.d
     _embedding[(seq, (hidden + THREADS - 1) // THREADS), THREADS](
         flat(out), flat(qs), flat(d), tokens, hidden, qs.shape[0])

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from numba_attn.formats import quantize_q8_0
+from numba_attn.formats import Q8Matrix, quantize_q8_0
 from numba_attn.kernels import linear_bf16_cuda, linear_q8_cuda
 from tests.cuda.conftest import MODE
 from tests.cuda.helpers import dev, poisoned, randn, rel_err
@@ -125,8 +125,7 @@ def test_gemv_q8_several_slabs_unaligned_codes(monkeypatch):
         buf[3:] = w.qs.reshape(-1)
         qs = dev(buf)[3:]                            # a view 3 bytes in
         assert not linear_q8_cuda.aligned(qs)
-        dw = linear_q8_cuda.DeviceQ8Matrix(qs.reshape(n, k) if hasattr(qs, "reshape") else qs,
-                                           dev(w.d))
+        dw = Q8Matrix(qs.reshape(n, k), dev(w.d))
         out = poisoned((m, n))
         linear_q8_cuda.linear(out, dev(x), dw, dev(bias))
         assert rel_err(out.copy_to_host(), q8_ref(x, w, bias)) < 1e-5
