@@ -81,7 +81,6 @@ def _make_dots_vnni(rows, unroll, prefetching):
             vi, vf = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
             v2i, v2f = ir.VectorType(_I32, 2), ir.VectorType(_F32, 2)
             v2h = ir.VectorType(ir.HalfType(), 2)
-            spread = ir.Constant(ir.VectorType(_I32, 16), [0] * 8 + [1] * 8)  # block 0 | block 1
             flip = ir.Constant(vi, [0x80808080 - (1 << 32)] * 16)              # each byte's top bit
             dot, vfma = vpdpbusd(builder), fma(builder, vf)
             acc = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * 16))
@@ -93,13 +92,24 @@ def _make_dots_vnni(rows, unroll, prefetching):
 
             nb = builder.udiv(k, ir.Constant(_I64, 32))
 
-            def step(p, u, pf):
-                # block pair p (64 bytes of each row) into accumulators u
+            def pair_lanes(v, j):
+                # lanes 2j, 2j + 1 of v, each repeated over 8 lanes: block 0 | block 1 of pair j
+                return builder.shuffle_vector(v, v, ir.Constant(
+                    ir.VectorType(_I32, 16), [2 * j] * 8 + [2 * j + 1] * 8))
+
+            def step(p, u, pf, group=None):
+                # block pair p (64 bytes of each row) into accumulators u. group: the x starting
+                # lanes and each row's scale products of the loop step's pairs, loaded once for
+                # them; else this pair's alone
                 off = builder.mul(p, ir.Constant(_I64, 64))          # byte offset in the rows
                 xv = load(builder.add(xq, off), vi, 1)               # 2 blocks of x codes
-                c2 = load(builder.add(xc, builder.mul(p, ir.Constant(_I64, 8))), v2i, 4)
-                init = builder.shuffle_vector(c2, c2, spread)        # -16 sum per lane of a block
-                dx2 = load(builder.add(xd, builder.mul(p, ir.Constant(_I64, 8))), v2f, 4)
+                if group is None:
+                    c = load(builder.add(xc, builder.mul(p, ir.Constant(_I64, 8))), v2i, 4)
+                    dx = load(builder.add(xd, builder.mul(p, ir.Constant(_I64, 8))), v2f, 4)
+                    j = 0
+                else:
+                    c, dx, j = group[0], group[1], u
+                init = pair_lanes(c, j)                              # -16 sum per lane of a block
                 ahead = builder.add(off, ir.Constant(_I64, PREFETCH_BYTES))
                 ahead = builder.select(builder.icmp_signed(">=", ahead, k),
                                        builder.add(ahead, builder.mul(k, ir.Constant(_I64, 3))),
@@ -110,19 +120,35 @@ def _make_dots_vnni(rows, unroll, prefetching):
                         prefetch(builder, builder.add(row, ahead), 0)
                     wv = builder.xor(load(builder.add(row, off), vi, 1), flip)   # codes + 128
                     isum = builder.call(dot, [init, wv, xv])                     # exact block sums
-                    # this row's two float16 scales, times x's, one per lane of its block
-                    dw = builder.add(wd, builder.add(builder.mul(nb, ir.Constant(_I64, 2 * i)),
-                                                     builder.mul(p, ir.Constant(_I64, 4))))
-                    s2 = builder.fmul(builder.fpext(load(dw, v2h, 2), v2f), dx2)
-                    scale = builder.shuffle_vector(s2, s2, spread)
+                    if group is None:
+                        # this row's two float16 scales, times x's
+                        dw = builder.add(wd, builder.add(
+                            builder.mul(nb, ir.Constant(_I64, 2 * i)),
+                            builder.mul(p, ir.Constant(_I64, 4))))
+                        s = builder.fmul(builder.fpext(load(dw, v2h, 2), v2f), dx)
+                    else:
+                        s = group[2][i]
+                    scale = pair_lanes(s, j)                     # one per lane of its block
                     builder.store(builder.call(vfma, [builder.sitofp(isum, vf), scale,
                                                       builder.load(acc[u][i])]), acc[u][i])
 
+            # the loop step's 2 unroll blocks: x's starting lanes and scales, and each row's
+            # float16 scales times x's, loaded and converted once for its `unroll` pairs
+            vgi, vgf = ir.VectorType(_I32, 2 * unroll), ir.VectorType(_F32, 2 * unroll)
+            vgh = ir.VectorType(ir.HalfType(), 2 * unroll)
             n_main = builder.udiv(nb2, ir.Constant(_I64, unroll))
             with cgutils.for_range(builder, n_main) as loop:
                 base = builder.mul(loop.index, ir.Constant(_I64, unroll))
+                b8 = builder.mul(base, ir.Constant(_I64, 8))        # bytes to block 2 base, 4 B
+                c = load(builder.add(xc, b8), vgi, 4)
+                dx = load(builder.add(xd, b8), vgf, 4)
+                prods = []
+                for i in range(rows):
+                    dw = builder.add(wd, builder.add(builder.mul(nb, ir.Constant(_I64, 2 * i)),
+                                                     builder.mul(base, ir.Constant(_I64, 4))))
+                    prods.append(builder.fmul(builder.fpext(load(dw, vgh, 2), vgf), dx))
                 for u in range(unroll):
-                    step(builder.add(base, ir.Constant(_I64, u)), u, True)
+                    step(builder.add(base, ir.Constant(_I64, u)), u, True, (c, dx, prods))
             done = builder.mul(n_main, ir.Constant(_I64, unroll))
             with cgutils.for_range(builder, builder.sub(nb2, done)) as loop:
                 step(builder.add(done, loop.index), 0, True)
