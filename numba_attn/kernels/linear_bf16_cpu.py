@@ -26,7 +26,7 @@ from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, bits_as_float32, dp
     fast_path, float32_bits, fma, hsum, prefetch
 
 _VEC = 16     # weights per vector in _dots4_f16 (32 bytes, widened to 512 bits)
-_UNROLL = 4   # vectors per row per loop step (4 accumulators a row, 128 bytes = 2 lines)
+_UNROLL = 4   # vectors per row per loop step in _dots4_f16 (4 accumulators a row, 2 lines)
 _UNROLL_BF16 = 2   # 64-byte chunks per row per loop step in _dots4_bf16 (2 lines)
 # decode (one row of x) reads w one row at a time, so each thread streams one address range:
 # 4 rows interleaved held 2 cores to ~40 GB/s where one stream reached 53-56 (12288x4096)
@@ -82,14 +82,15 @@ def _widen(builder, v, half):
     return builder.bitcast(wide, ir.VectorType(_F32, n))
 
 
-def _make_dots4(half):
+def _make_dots_f16(n_rows, prefetching):
     @intrinsic
-    def dots4(typingctx, x, w, ldw, nv):
-        """The dot products of 4 rows of w (16-bit floats) with x (float32) over their first
-        16 nv elements: (s0, s1, s2, s3). x, w are byte addresses (x contiguous; row i of w at
-        w + 2 i ldw). Each row's line PREFETCH_BYTES ahead is prefetched as the loop reaches a
-        line, past the row's end the same line 4 rows below (the next block of rows)."""
-        sig = types.UniTuple(types.float32, 4)(x, w, ldw, nv)
+    def dots(typingctx, x, w, ldw, nv):
+        """The dot products of n_rows rows of w (float16) with x (float32) over their first
+        16 nv elements, a tuple. x, w are byte addresses (x contiguous; row i of w at
+        w + 2 i ldw). With prefetching, each row's line PREFETCH_BYTES ahead is prefetched as
+        the loop reaches a line, past the row's end the same line 4 rows below (the next block
+        of rows)."""
+        sig = types.UniTuple(types.float32, n_rows)(x, w, ldw, nv)
 
         def codegen(context, builder, signature, args):
             x, w, ldw, nv = [context.cast(builder, v, t, types.int64)
@@ -98,10 +99,10 @@ def _make_dots4(half):
             i16p = ir.PointerType(ir.IntType(16))
             xp = builder.inttoptr(x, ir.PointerType(_F32))
             rows = [builder.gep(builder.inttoptr(w, i16p), [builder.mul(ldw, ir.Constant(_I64, i))])
-                    for i in range(4)]
+                    for i in range(n_rows)]
             vfma = fma(builder, vf)
             acc = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * _VEC))
-                    for _ in range(_UNROLL)] for _ in range(4)]
+                    for _ in range(_UNROLL)] for _ in range(n_rows)]
 
             def step(c, u, pf):
                 # elements c..c+15 of x and of each row into accumulator u
@@ -110,12 +111,12 @@ def _make_dots4(half):
                 ahead = builder.add(c, ir.Constant(_I64, PREFETCH_BYTES // 2))
                 below = builder.add(ahead, builder.mul(ldw, ir.Constant(_I64, 3)))
                 ahead = builder.select(builder.icmp_signed(">=", ahead, ldw), below, ahead)
-                for i in range(4):
-                    if pf:
+                for i in range(n_rows):
+                    if pf and prefetching:
                         prefetch(builder, builder.ptrtoint(builder.gep(rows[i], [ahead]), _I64), 0)
                     wv = builder.load(builder.bitcast(builder.gep(rows[i], [c]),
                                                       ir.PointerType(vh)), align=2)
-                    builder.store(builder.call(vfma, [_widen(builder, wv, half), xv,
+                    builder.store(builder.call(vfma, [_widen(builder, wv, True), xv,
                                                       builder.load(acc[i][u])]), acc[i][u])
 
             n_main = builder.udiv(nv, ir.Constant(_I64, _UNROLL))
@@ -134,10 +135,11 @@ def _make_dots4(half):
                 sums.append(hsum(builder, v))
             return context.make_tuple(builder, signature.return_type, sums)
         return sig, codegen
-    return dots4
+    return dots
 
 
-_dots4_f16 = _make_dots4(True)
+_dots4_f16 = _make_dots_f16(4, True)    # few rows: 4 rows of w a pass over x
+_dot1_f16 = _make_dots_f16(1, False)    # decode: one row, one read stream
 
 
 def _make_dots_bf16(rows, unroll):
@@ -216,29 +218,25 @@ def _tail_rows(out, x, w, r0, half):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _gemv(out, x, xr, w, half):
-    # decode: x (1, k) float32; w: (n, k) 16-bit float bits; out: (1, n); xr as in _gemv_rows.
-    # bfloat16: one row of w per step (one read stream a thread); float16: _gemv_rows's loop
-    if half:
-        _gemv_rows_body(out, x, xr, w, True)
-        return
+    # decode: x (1, k) float32; w: (n, k) 16-bit float bits, float16 when half; out: (1, n);
+    # xr as in _gemv_rows. One row of w per step: one read stream a thread
     n, k = w.shape
-    k0 = k - k % 32
-    xr0, o = xr[0], out[0]
-    xra, wa = xr.ctypes.data, w.ctypes.data
+    step = _VEC if half else 32
+    k0 = k - k % step
+    o = out[0]
+    xa, xra, wa = x.ctypes.data, xr.ctypes.data, w.ctypes.data
     for r in prange(n):
-        s, = _dot1_bf16(xra, wa + 2 * r * k, k, k0 // 32)
+        if half:
+            s, = _dot1_f16(xa, wa + 2 * r * k, k, k0 // step)
+        else:
+            s, = _dot1_bf16(xra, wa + 2 * r * k, k, k0 // step)
         for j in range(k0, k):
-            s += bf16_to_float32(w[r, j]) * x[0, j]
+            s += to_float32(w[r, j], half) * x[0, j]
         o[r] = s
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _gemv_rows(out, x, xr, w, half):
-    _gemv_rows_body(out, x, xr, w, half)
-
-
-@njit(inline="always", fastmath=True, cache=True)
-def _gemv_rows_body(out, x, xr, w, half):
     # x: (m, k) float32; w: (n, k) 16-bit float bits (uint16), float16 when half; out: (m, n);
     # bfloat16: xr (m, k - k % 32) = x's rows rearranged for _dots4_bf16 (even_odd). Each
     # block of 4 rows of w (in cache after the first row of x) meets every row of x, the
