@@ -35,7 +35,8 @@ from ..formats import Q8_BLOCK, roundf
 
 # prefill: rows of w dequantized per BLAS call (their float32 tile about TILE_BYTES, in L3)
 TILE_BYTES = 1 << 23
-_UNROLL = 2   # block pairs per loop step in _dots4_vnni (2 accumulators a row; 1 and 4 no faster)
+_UNROLL = 2   # block pairs per loop step in _dots4_vnni (2 accumulators a row; best of 1, 2, 4
+#               by best times on a busy machine)
 
 
 @njit(cache=True)
