@@ -113,7 +113,7 @@ def _make_dots_vnni(rows, unroll, prefetching):
                 init = pair_lanes(c, j)                              # -16 sum per lane of a block
                 ahead = builder.add(off, ir.Constant(_I64, PREFETCH_BYTES))
                 ahead = builder.select(builder.icmp_signed(">=", ahead, k),
-                                       builder.add(ahead, builder.mul(k, ir.Constant(_I64, 3))),
+                                       builder.add(ahead, builder.mul(k, ir.Constant(_I64, rows - 1))),
                                        ahead)
                 for i in range(rows):
                     row = builder.add(wq, builder.mul(k, ir.Constant(_I64, i)))
