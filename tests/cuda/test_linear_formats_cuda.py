@@ -220,3 +220,94 @@ def test_embedding_bf16(seq, hidden, vocab):
     linear_bf16_cuda.embedding(out, linear_bf16_cuda.to_device(table), dev(tokens))
     np.testing.assert_array_equal(out.copy_to_host(),
                                   table.astype(np.float32)[tokens])
+
+
+# --- through ops: every format on CUDA, against the CPU ----------------------------------
+
+OPS_CASES = [(1, 33, 96), (3, 7, 160)] + ([(1, 4096, 4096), (37, 1000, 4096)] if GPU else [])
+
+
+def host_weights(n, k):
+    """(format name, host weight) for every format: the same values, stored each way."""
+    w = randn(np.random.default_rng(n * 13 + k), n, k) / np.float32(np.sqrt(k))
+    return [("float32", w), ("bfloat16", w.astype(ml_dtypes.bfloat16)),
+            ("float16", w.astype(np.float16)), ("q8_0", quantize_q8_0(w))]
+
+
+@pytest.mark.parametrize("m,n,k", OPS_CASES)
+def test_ops_linear_every_format_matches_the_cpu(m, n, k):
+    """ops.linear with a weight put on the GPU by formats.to_device (bfloat16 as its uint16
+    bits, a Q8Matrix with device codes and scales): the format is read from the device weight,
+    the result is the CPU's on the host weight."""
+    from numba_attn import ops
+    from numba_attn.formats import to_device, weight_format
+    rng = np.random.default_rng(m + n + k)
+    x, bias = randn(rng, m, k), randn(rng, n)
+    for name, w in host_weights(n, k):
+        wd = to_device(w)
+        assert weight_format(wd).name == name
+        if name == "bfloat16":
+            assert wd.dtype == np.uint16
+        if name == "q8_0":
+            assert isinstance(wd, Q8Matrix) and wd.device == "cuda" and wd.nbytes == w.nbytes
+        got = ops.linear(dev(x), wd, dev(bias))
+        assert not isinstance(got, np.ndarray)                      # stays on the device
+        cpu = ops.linear(x, w, bias)
+        if name == "bfloat16" and m > 16:   # the CPU's prefill may round x to bfloat16
+            assert rel_err(got.copy_to_host(), cpu) < 1e-2, name
+        else:
+            np.testing.assert_allclose(got.copy_to_host(), cpu, rtol=1e-4, atol=1e-5,
+                                       err_msg=name)
+
+
+def test_ops_embedding_every_format_matches_the_cpu():
+    from numba_attn import ops
+    from numba_attn.formats import to_device
+    tokens = np.array([0, 6, 2, 6, 3])
+    for name, table in host_weights(7, 64):
+        out = ops.embedding(to_device(table), dev(tokens))
+        np.testing.assert_array_equal(out.copy_to_host(), ops.embedding(table, tokens),
+                                      err_msg=name)
+
+
+def test_q8matrix_on_either_side():
+    """A Q8Matrix of device arrays: built from numba device arrays, round trip, and the errors
+    for a matrix on the other side than x, and for dequantizing on the GPU."""
+    from numba_attn import ops
+    w = quantize_q8_0(randn(np.random.default_rng(5), 3, 64))
+    wd = Q8Matrix(dev(w.qs), dev(w.d))
+    assert wd.device == "cuda" and wd.shape == (3, 64) and wd.to_device() is wd
+    back = wd.copy_to_host()
+    assert back.device == "cpu" and back.copy_to_host() is back
+    np.testing.assert_array_equal(back.qs, w.qs)
+    np.testing.assert_array_equal(back.d, w.d)
+    x = randn(np.random.default_rng(6), 2, 64)
+    with pytest.raises(ValueError, match=r"w is a Q8Matrix on cpu .* w.to_device\(\)"):
+        ops.linear(dev(x), w)
+    with pytest.raises(ValueError, match=r"w is a Q8Matrix on cuda .* w.copy_to_host\(\)"):
+        ops.linear(x, wd)
+    with pytest.raises(ValueError, match=r"table is a Q8Matrix on cpu"):
+        ops.embedding(w, dev(np.array([1])))
+    with pytest.raises(TypeError, match="copy_to_host"):
+        wd.dequantize()
+    with pytest.raises(TypeError, match=r"must both be host \(NumPy\) arrays or both CUDA arrays"):
+        Q8Matrix(w.qs, dev(w.d))
+    with pytest.raises(TypeError, match="d must be a 2-D float16"):
+        Q8Matrix(dev(w.qs), dev(w.d.astype(np.float32)))
+    with pytest.raises(ValueError, match=r"d must have shape \(3, 2\)"):
+        Q8Matrix(dev(w.qs), dev(w.d[:2]))
+
+
+def test_bfloat16_only_as_device_bits():
+    """A uint16 array is a bfloat16 weight on the GPU only; on the host it has no format."""
+    from numba_attn import ops
+    from numba_attn.formats import weight_format
+    bits = np.zeros((3, 32), np.uint16)
+    assert weight_format(dev(bits)).name == "bfloat16"
+    with pytest.raises(TypeError, match="uint16 have no format"):
+        weight_format(bits)
+    with pytest.raises(TypeError, match="w must have dtype float32, got uint16; weights on cpu"):
+        ops.linear(randn(np.random.default_rng(1), 1, 32), bits)
+    with pytest.raises(TypeError, match="w must have dtype float32, got int8; weights on cuda "
+                                        r"may be .*bfloat16 as a uint16 array"):
+        ops.linear(dev(randn(np.random.default_rng(1), 1, 32)), dev(bits.astype(np.int8)))

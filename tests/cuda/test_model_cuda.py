@@ -1,12 +1,15 @@
 """The model on CUDA (weights, KV cache and buffers on the device) against the CPU model, on the
 tiny random checkpoint of tests/tiny_model.py (hidden 64, 2 layers, 4 heads / 2 KV heads):
-prefill and decode logits, greedy generation token for token, float16 weight storage, and
-`numba-attn generate --device cuda`. Under the simulator every CUDA thread is a Python thread,
+prefill and decode logits, greedy generation token for token, float16, bfloat16 and q8_0
+weight storage (against the CPU model in the same format), and `numba-attn generate --device
+cuda`. Under the simulator every CUDA thread is a Python thread,
 so the sequences are short there (5 prompt tokens, 3 decode steps) and the vocabulary small."""
+import ml_dtypes
 import numpy as np
 import pytest
 
 from numba_attn.backend import is_cuda_array
+from numba_attn.formats import Q8Matrix
 from numba_attn.generation import generate
 from numba_attn.model import Model, ModelWeights
 from numba_attn.sampling import SamplingParams
@@ -131,5 +134,83 @@ def test_weights_load_straight_to_the_device(folder):
     np.testing.assert_array_equal(half.layers[1].qkv_proj.copy_to_host(),
                                   host.layers[1].qkv_proj.astype(np.float16))
     np.testing.assert_array_equal(half.norm.copy_to_host(), host.norm)
-    with pytest.raises(ValueError, match="weight_dtype must be one of float32, float16 on cuda"):
-        Model.from_pretrained(folder, device="cuda", weight_dtype="bfloat16")
+    with pytest.raises(ValueError, match="one of float32, bfloat16, float16, q8_0 on cuda"):
+        Model.from_pretrained(folder, device="cuda", weight_dtype="int4")
+
+
+# -- bfloat16 and q8_0: the CUDA model against the CPU model in the same format -------------
+
+# bfloat16 on the Llama checkpoint; q8_0 on a tied Qwen2 one (the lm_head is the embedding
+# table, read by both kernel kinds; q/k/v biases)
+FORMAT_CASES = {"bfloat16": {}, "q8_0": {"arch": "Qwen2ForCausalLM", "tie": True}}
+
+
+@pytest.fixture(scope="module", params=list(FORMAT_CASES))
+def format_models(request, tmp_path_factory):
+    """(format, checkpoint folder, CPU model, CUDA model), both models in the format."""
+    fmt = request.param
+    path, _ = build_tiny_model(str(tmp_path_factory.mktemp(fmt) / "model"), vocab=VOCAB,
+                               tokenizer=False, eos=None, **FORMAT_CASES[fmt])
+    cpu = Model.from_pretrained(path, max_seq=64, weight_dtype=fmt)
+    gpu = Model.from_pretrained(path, device="cuda", max_seq=64, weight_dtype=fmt)
+    return fmt, path, cpu, gpu
+
+
+def host_copy(w):
+    """A device weight's bytes on the host: a Q8Matrix's (codes, scales), an array's values."""
+    if isinstance(w, Q8Matrix):
+        h = w.copy_to_host()
+        return h.qs, h.d
+    return (w.copy_to_host(),)
+
+
+def assert_same_weights(dw, hw):
+    """Device weights dw hold hw's bytes (bfloat16 as its bits), matrix for matrix."""
+    for name, d, h in [("embed_tokens", dw.embed_tokens, hw.embed_tokens),
+                       ("lm_head", dw.lm_head, hw.lm_head), ("norm", dw.norm, hw.norm)] + \
+            [(f"{i}.{k}", getattr(dl, k), getattr(hl, k))
+             for i, (dl, hl) in enumerate(zip(dw.layers, hw.layers)) for k in vars(hl)
+             if getattr(hl, k) is not None]:
+        want = (h.qs, h.d) if isinstance(h, Q8Matrix) else \
+            (h.view(np.uint16) if h.dtype == np.dtype(ml_dtypes.bfloat16) else h,)
+        for got, ref in zip(host_copy(d), want):
+            assert got.dtype == ref.dtype, name
+            np.testing.assert_array_equal(got, ref, err_msg=name)
+
+
+def test_formats_stored_on_the_device(format_models):
+    fmt, path, cpu, gpu = format_models
+    dw, hw = gpu.weights, cpu.weights
+    assert gpu.weight_dtype == dw.weight_dtype == cpu.weight_dtype == fmt
+    assert dw.nbytes == hw.nbytes and dw.bytes_per_token == hw.bytes_per_token
+    matrices = [dw.embed_tokens, dw.lm_head] + [getattr(lw, k) for lw in dw.layers
+                                                for k in ("qkv_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj")]
+    for m in matrices:
+        if fmt == "q8_0":
+            assert isinstance(m, Q8Matrix) and m.device == "cuda"
+        else:     # bfloat16 on the GPU: a uint16 device array of its bits
+            assert is_cuda_array(m) and m.dtype == np.uint16
+    assert is_cuda_array(dw.norm) and dw.norm.dtype == np.float32
+    assert (dw.lm_head is dw.embed_tokens) == (fmt == "q8_0")        # tied stays tied
+    assert_same_weights(dw, hw)
+    # host weights to the GPU: in their own format by default (Model(..., device="cuda")),
+    # or converted on the host from float32 weights; the same bytes as loading straight there
+    assert_same_weights(hw.to_device(), hw)
+    f32 = ModelWeights.load(cpu.config, path)
+    moved = Model(cpu.config, f32, device="cuda", max_seq=8, weight_dtype=fmt).weights
+    assert moved.weight_dtype == fmt and (moved.lm_head is moved.embed_tokens) == (fmt == "q8_0")
+    assert_same_weights(moved, hw)
+
+
+def test_formats_match_cpu(format_models):
+    """Prefill and decode logits, and the greedy tokens, of the CUDA model against the CPU
+    model on the same stored weights (q8_0: both quantize x per 32 values the same way)."""
+    fmt, _, cpu, gpu = format_models
+    prompt = np.random.default_rng(11).integers(0, cpu.config.vocab_size, PROMPT_LEN)
+    cpu_tokens, cpu_logits = run(cpu, prompt, NEW_TOKENS)
+    gpu_tokens, gpu_logits = run(gpu, prompt, NEW_TOKENS)
+    assert len(gpu_logits) == len(cpu_logits) == NEW_TOKENS     # prefill + decode steps
+    for got, ref in zip(gpu_logits, cpu_logits):
+        assert_close(got, ref.astype(np.float64))
+    assert gpu_tokens == cpu_tokens
