@@ -398,7 +398,7 @@ def measure_llama_cpp(path, decode_tokens, prefill_tokens, repeat, weight_dtype=
         mp.use_extra_bufts = False
     model = L.llama_model_load_from_file(gguf_path.encode(), mp)
     cp = L.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, max(512, prefill_tokens), 512
+    cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_ctx, 512      # a long prompt in one batch
     cp.n_threads = cp.n_threads_batch = os.cpu_count()
     ctx = L.llama_init_from_model(model, cp)
     vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
