@@ -75,6 +75,17 @@ def test_attention_matches_reference(q_len, kv_len, n_heads, n_kv_heads, d, batc
     check(y, attention_ref(q, k, v, causal=causal))
 
 
+@pytest.mark.parametrize("kv_len", [1, 7, 65, 2000])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_decode_eight_query_heads_per_kv_head(q_len, kv_len):
+    """Decode at TinyLlama's heads (32 query heads on 4 KV heads, d 64): the 8 query heads of a
+    KV head (24 rows with 3 queries) share each key row read; key blocks partly filled (7, 65),
+    one key, and a cache long enough for every thread."""
+    q, k, v = qkv(11 + kv_len, q_len, kv_len, 32, 4, 64)
+    check(attention(q, k, v, causal=True), attention_ref(q, k, v, causal=True), q, k)
+    check(attention(q, k, v, causal=False), attention_ref(q, k, v, causal=False), q, k)
+
+
 @pytest.mark.parametrize("q_len,kv_len", [(7, 3), (129, 1), (4, 2), (2, 1), (70, 65)])
 def test_queries_that_see_no_key_give_zeros(q_len, kv_len):
     """kv_len < q_len, causal, bottom-right: query i sits at kv_len - q_len + i, so the first

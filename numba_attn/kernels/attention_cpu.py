@@ -12,8 +12,11 @@ Two schedules, same arithmetic:
   LLVM IR; about 140-160 GFLOP/s on one core, against 90-110 for BLAS np.dot on these small
   blocks). Head sizes that are not a multiple of 32 take the older BLAS tile (np.dot).
 - decode (a few queries): a task is a range of keys for every head at once, so K and V are
-  streamed from memory once, row by row; the ranges' partial results are merged at the end
-  (flash-decoding)."""
+  streamed from memory once, in address order; the ranges' partial results are merged at the
+  end (flash-decoding). Within a block of keys each KV head's query heads form one tile (8
+  rows at 32/4 heads), scored and accumulated by the same micro-kernels (narrower vectors for
+  the scores of small tiles), and the next block is prefetched meanwhile. Head sizes that are
+  not a multiple of 32 take the older loop-based schedule."""
 import ctypes
 import glob
 import math
@@ -169,12 +172,15 @@ _V16 = ir.VectorType(_F32, 16)
 _VI32 = ir.VectorType(_I32, 16)
 
 
-def _microkernel(R, NV, accumulate):
-    """An intrinsic mk(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha): for i < R, the 16*NV floats at
+def _microkernel(R, NV, accumulate, W=16):
+    """An intrinsic mk(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha): for i < R, the W*NV floats at
     row i of C get sum_{t < K} A[i, t] * B[t, :], where c, a, b, alpha are byte addresses,
     C[i, :] is at c + 4 i ldc, A[i, t] at a + 4 (i sa_i + t sa_t), B[t, :] at b + 4 t ldb.
     accumulate: C[i, :] = C[i, :] * alpha[i] + sum (alpha: R floats), else C[i, :] = sum.
-    The R x NV accumulators stay in registers over the whole loop (R NV <= 24 of the 32)."""
+    The R x NV accumulators of W floats (W 16: zmm, W 8: ymm) stay in registers over the
+    whole loop (R NV <= 24 of the 32)."""
+    VT = ir.VectorType(_F32, W)
+
     @intrinsic
     def mk(typingctx, c, ldc, a, sa_i, sa_t, b, ldb, K, alpha):
         sig = types.void(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
@@ -182,22 +188,22 @@ def _microkernel(R, NV, accumulate):
         def codegen(context, builder, signature, args):
             c, ldc, a, sa_i, sa_t, b, ldb, K, alpha = [
                 context.cast(builder, v, t, types.int64) for v, t in zip(args, signature.args)]
-            fp, vp = ir.PointerType(_F32), ir.PointerType(_V16)
+            fp, vp = ir.PointerType(_F32), ir.PointerType(VT)
             cp, ap = builder.inttoptr(c, fp), builder.inttoptr(a, fp)
             bp, alp = builder.inttoptr(b, fp), builder.inttoptr(alpha, fp)
-            vfma = fma(builder, _V16)
-            undef = ir.Constant(_V16, ir.Undefined)
-            zeros16 = ir.Constant(ir.VectorType(_I32, 16), [0] * 16)
+            vfma = fma(builder, VT)
+            undef = ir.Constant(VT, ir.Undefined)
+            zeros = ir.Constant(ir.VectorType(_I32, W), [0] * W)
 
             def bcast(x):
                 return builder.shuffle_vector(
-                    builder.insert_element(undef, x, ir.Constant(_I32, 0)), undef, zeros16)
+                    builder.insert_element(undef, x, ir.Constant(_I32, 0)), undef, zeros)
 
             def vec_at(base, off):
                 return builder.bitcast(builder.gep(base, [off]), vp)
 
             def c_off(i, n):
-                return builder.add(builder.mul(ir.Constant(_I64, i), ldc), ir.Constant(_I64, 16 * n))
+                return builder.add(builder.mul(ir.Constant(_I64, i), ldc), ir.Constant(_I64, W * n))
 
             acc = []     # allocas in the entry block: promoted to registers by LLVM
             for i in range(R):
@@ -205,18 +211,18 @@ def _microkernel(R, NV, accumulate):
                 if accumulate:
                     al = bcast(builder.load(builder.gep(alp, [ir.Constant(_I64, i)])))
                 for n in range(NV):
-                    slot = cgutils.alloca_once(builder, _V16)
+                    slot = cgutils.alloca_once(builder, VT)
                     if accumulate:
                         builder.store(builder.fmul(builder.load(vec_at(cp, c_off(i, n)), align=4),
                                                    al), slot)
                     else:
-                        builder.store(ir.Constant(_V16, [0.0] * 16), slot)
+                        builder.store(ir.Constant(VT, [0.0] * W), slot)
                     row.append(slot)
                 acc.append(row)
             with cgutils.for_range(builder, K) as loop:
                 t = loop.index
                 boff = builder.mul(t, ldb)
-                bv = [builder.load(vec_at(bp, builder.add(boff, ir.Constant(_I64, 16 * n))), align=4)
+                bv = [builder.load(vec_at(bp, builder.add(boff, ir.Constant(_I64, W * n))), align=4)
                       for n in range(NV)]
                 aoff = builder.mul(t, sa_t)
                 for i in range(R):
@@ -233,93 +239,102 @@ def _microkernel(R, NV, accumulate):
     return mk
 
 
-def _vconst(x):
-    return ir.Constant(_V16, [float(np.float32(x))] * 16)
-
-
-@intrinsic
-def _softmax16(typingctx, st, ld, nk, m_run, l_run, alpha, n_vis, diag):
-    """The online softmax step of one key block for 16 query rows, in zmm registers: S^T[j, :16]
-    (16 floats at st + 4 j ld; st, m_run, l_run, alpha, n_vis are byte addresses) for j < nk;
-    diag: keys j >= n_vis[r] (16 int32) are set to -inf first. The rows' block max m, then
+def _softmax_step(W):
+    """An intrinsic softmax(st, ld, nk, m_run, l_run, alpha, n_vis, diag): the online softmax
+    step of one key block for W query rows (W 16: zmm registers, 8: ymm), S^T[j, :W]
+    (W floats at st + 4 j ld; st, m_run, l_run, alpha, n_vis are byte addresses) for j < nk;
+    diag: keys j >= n_vis[r] (W int32) are set to -inf first. The rows' block max m, then
     P = exp(S - m) in place, alpha = exp(m_run - m), l_run = l_run alpha + sum_j P, m_run = m
     (m taken as 0 in the exps while it is -inf: nothing seen yet). exp as scalar.exp_f32."""
-    sig = types.void(st, ld, nk, m_run, l_run, alpha, n_vis, diag)
+    VT, VIT = ir.VectorType(_F32, W), ir.VectorType(_I32, W)
 
-    def codegen(context, builder, signature, args):
-        st, ld, nk, m_run, l_run, alpha, n_vis = [context.cast(builder, v, t, types.int64)
-                                                  for v, t in zip(args[:7], signature.args[:7])]
-        diag = context.cast(builder, args[7], signature.args[7], types.boolean)
-        fp, vp, vip = ir.PointerType(_F32), ir.PointerType(_V16), ir.PointerType(_VI32)
-        mod = builder.module
-        floor = cgutils.get_or_insert_function(mod, ir.FunctionType(_V16, [_V16]),
-                                               "llvm.floor.v16f32")
-        vmax = cgutils.get_or_insert_function(mod, ir.FunctionType(_V16, [_V16, _V16]),
-                                              "llvm.maxnum.v16f32")
-        vfma = fma(builder, _V16)
-        sp = builder.inttoptr(st, fp)
-        mptr = builder.inttoptr(m_run, vp)
-        lptr = builder.inttoptr(l_run, vp)
-        aptr = builder.inttoptr(alpha, vp)
-        nvp = builder.inttoptr(n_vis, vip)
-        ninf = _vconst(-np.inf)
+    def vconst(x):
+        return ir.Constant(VT, [float(np.float32(x))] * W)
 
-        def srow(j):
-            return builder.bitcast(builder.gep(sp, [builder.mul(j, ld)]), vp)
+    @intrinsic
+    def softmax(typingctx, st, ld, nk, m_run, l_run, alpha, n_vis, diag):
+        sig = types.void(st, ld, nk, m_run, l_run, alpha, n_vis, diag)
 
-        def vexp(x):
-            xc = builder.call(vmax, [x, _vconst(-87.0)])
-            n = builder.call(floor, [builder.call(vfma, [xc, _vconst(1.4426950408889634),
-                                                        _vconst(0.5)])])
-            r = builder.call(vfma, [n, _vconst(-0.693359375), xc])
-            r = builder.call(vfma, [n, _vconst(2.12194440e-4), r])
-            p = _vconst(1 / math.factorial(6))
-            for kk in (5, 4, 3, 2, 1, 0):
-                p = builder.call(vfma, [p, r, _vconst(1 / math.factorial(kk))])
-            e = builder.bitcast(builder.shl(builder.add(builder.fptosi(n, _VI32),
-                                                        ir.Constant(_VI32, [127] * 16)),
-                                            ir.Constant(_VI32, [23] * 16)), _V16)
-            y = builder.fmul(p, e)
-            ok = builder.fcmp_ordered(">=", x, _vconst(-87.0))
-            return builder.select(ok, y, _vconst(0.0))
+        def codegen(context, builder, signature, args):
+            st, ld, nk, m_run, l_run, alpha, n_vis = [
+                context.cast(builder, v, t, types.int64)
+                for v, t in zip(args[:7], signature.args[:7])]
+            diag = context.cast(builder, args[7], signature.args[7], types.boolean)
+            fp, vp, vip = ir.PointerType(_F32), ir.PointerType(VT), ir.PointerType(VIT)
+            mod = builder.module
+            floor = cgutils.get_or_insert_function(mod, ir.FunctionType(VT, [VT]),
+                                                   f"llvm.floor.v{W}f32")
+            vmax = cgutils.get_or_insert_function(mod, ir.FunctionType(VT, [VT, VT]),
+                                                  f"llvm.maxnum.v{W}f32")
+            vfma = fma(builder, VT)
+            sp = builder.inttoptr(st, fp)
+            mptr = builder.inttoptr(m_run, vp)
+            lptr = builder.inttoptr(l_run, vp)
+            aptr = builder.inttoptr(alpha, vp)
+            nvp = builder.inttoptr(n_vis, vip)
+            ninf = vconst(-np.inf)
 
-        m0 = builder.load(mptr, align=4)
-        mslot = cgutils.alloca_once(builder, _V16)
-        builder.store(m0, mslot)
-        nv = builder.load(nvp, align=4)
-        with builder.if_else(diag) as (then, otherwise):
-            with then:
-                with cgutils.for_range(builder, nk) as loop:
-                    j = loop.index
-                    undef = ir.Constant(_VI32, ir.Undefined)
-                    jv = builder.shuffle_vector(
-                        builder.insert_element(undef, builder.trunc(j, _I32), ir.Constant(_I32, 0)),
-                        undef, ir.Constant(_VI32, [0] * 16))
-                    p = srow(j)
-                    s = builder.select(builder.icmp_signed("<", jv, nv), builder.load(p, align=4),
-                                       ninf)
-                    builder.store(s, p, align=4)
-                    builder.store(builder.call(vmax, [s, builder.load(mslot)]), mslot)
-            with otherwise:
-                with cgutils.for_range(builder, nk) as loop:
-                    s = builder.load(srow(loop.index), align=4)
-                    builder.store(builder.call(vmax, [s, builder.load(mslot)]), mslot)
-        m = builder.load(mslot)
-        msafe = builder.select(builder.fcmp_ordered("==", m, ninf), _vconst(0.0), m)
-        al = vexp(builder.fsub(m0, msafe))
-        builder.store(m, mptr, align=4)
-        builder.store(al, aptr, align=4)
-        lslot = cgutils.alloca_once(builder, _V16)
-        builder.store(_vconst(0.0), lslot)
-        with cgutils.for_range(builder, nk) as loop:
-            p = srow(loop.index)
-            e = vexp(builder.fsub(builder.load(p, align=4), msafe))
-            builder.store(e, p, align=4)
-            builder.store(builder.fadd(builder.load(lslot), e), lslot)
-        builder.store(builder.call(vfma, [builder.load(lptr, align=4), al, builder.load(lslot)]),
-                      lptr, align=4)
-        return context.get_dummy_value()
-    return sig, codegen
+            def srow(j):
+                return builder.bitcast(builder.gep(sp, [builder.mul(j, ld)]), vp)
+
+            def vexp(x):
+                xc = builder.call(vmax, [x, vconst(-87.0)])
+                n = builder.call(floor, [builder.call(vfma, [xc, vconst(1.4426950408889634),
+                                                            vconst(0.5)])])
+                r = builder.call(vfma, [n, vconst(-0.693359375), xc])
+                r = builder.call(vfma, [n, vconst(2.12194440e-4), r])
+                p = vconst(1 / math.factorial(6))
+                for kk in (5, 4, 3, 2, 1, 0):
+                    p = builder.call(vfma, [p, r, vconst(1 / math.factorial(kk))])
+                e = builder.bitcast(builder.shl(builder.add(builder.fptosi(n, VIT),
+                                                            ir.Constant(VIT, [127] * W)),
+                                                ir.Constant(VIT, [23] * W)), VT)
+                y = builder.fmul(p, e)
+                ok = builder.fcmp_ordered(">=", x, vconst(-87.0))
+                return builder.select(ok, y, vconst(0.0))
+
+            m0 = builder.load(mptr, align=4)
+            mslot = cgutils.alloca_once(builder, VT)
+            builder.store(m0, mslot)
+            nv = builder.load(nvp, align=4)
+            with builder.if_else(diag) as (then, otherwise):
+                with then:
+                    with cgutils.for_range(builder, nk) as loop:
+                        j = loop.index
+                        undef = ir.Constant(VIT, ir.Undefined)
+                        jv = builder.shuffle_vector(
+                            builder.insert_element(undef, builder.trunc(j, _I32),
+                                                   ir.Constant(_I32, 0)),
+                            undef, ir.Constant(VIT, [0] * W))
+                        p = srow(j)
+                        s = builder.select(builder.icmp_signed("<", jv, nv),
+                                           builder.load(p, align=4), ninf)
+                        builder.store(s, p, align=4)
+                        builder.store(builder.call(vmax, [s, builder.load(mslot)]), mslot)
+                with otherwise:
+                    with cgutils.for_range(builder, nk) as loop:
+                        s = builder.load(srow(loop.index), align=4)
+                        builder.store(builder.call(vmax, [s, builder.load(mslot)]), mslot)
+            m = builder.load(mslot)
+            msafe = builder.select(builder.fcmp_ordered("==", m, ninf), vconst(0.0), m)
+            al = vexp(builder.fsub(m0, msafe))
+            builder.store(m, mptr, align=4)
+            builder.store(al, aptr, align=4)
+            lslot = cgutils.alloca_once(builder, VT)
+            builder.store(vconst(0.0), lslot)
+            with cgutils.for_range(builder, nk) as loop:
+                p = srow(loop.index)
+                e = vexp(builder.fsub(builder.load(p, align=4), msafe))
+                builder.store(e, p, align=4)
+                builder.store(builder.fadd(builder.load(lslot), e), lslot)
+            builder.store(builder.call(vfma, [builder.load(lptr, align=4), al,
+                                              builder.load(lslot)]), lptr, align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return softmax
+
+
+_softmax16, _softmax8 = _softmax_step(16), _softmax_step(8)
 
 
 @intrinsic
@@ -332,6 +347,24 @@ def _prefetch_for_write(typingctx, addr, nbytes):
         n = context.cast(builder, args[1], signature.args[1], types.int64)
         with cgutils.for_range(builder, builder.ashr(n, ir.Constant(_I64, 6))) as lines:
             prefetch(builder, builder.add(a, builder.mul(lines.index, ir.Constant(_I64, 64))), 1)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _prefetch_rows(typingctx, addr, n_rows, stride, nbytes):
+    """Prefetch into L2, for reading, the first nbytes of n_rows rows stride bytes apart from
+    byte address addr (a 64-byte line at a time)."""
+    sig = types.void(addr, n_rows, stride, nbytes)
+
+    def codegen(context, builder, signature, args):
+        a, n, s, b = [context.cast(builder, v, t, types.int64)
+                      for v, t in zip(args, signature.args)]
+        with cgutils.for_range(builder, n) as rws:
+            row = builder.add(a, builder.mul(rws.index, s))
+            with cgutils.for_range(builder, builder.ashr(b, ir.Constant(_I64, 6))) as lines:
+                prefetch(builder, builder.add(row, builder.mul(lines.index,
+                                                               ir.Constant(_I64, 64))), 0, 2)
         return context.get_dummy_value()
     return sig, codegen
 
@@ -694,12 +727,193 @@ def _attention_decode(out, q, k, v, scale, causal, n_workers):
             out[z, t, h, c] *= inv
 
 
+# -- decode with the micro-kernels: a task is one KV head (and a range of its keys) --------
+# The G query heads sharing a KV head are the rows of one tile, so each key and value row is
+# read once for all of them, straight from the cache (no packing): scores S^T (keys, rows) by
+# broadcasting each key element against Q^T (d, rows), in ymm registers when the tile has at
+# most 8 rows (as fast as zmm per element, and no lane wasted at G = 8), the online softmax
+# across the rows' lanes (_softmax16), then O += P^T V as in prefill.
+
+_QK_R = 16                                    # keys per score micro-kernel call
+_qk8_16, _qk8_4, _qk8_1 = (_microkernel(r, 1, False, 8) for r in (_QK_R, 4, 1))
+_qk16_16, _qk16_4, _qk16_1 = (_microkernel(r, 1, False, 16) for r in (_QK_R, 4, 1))
+
+
+@njit(inline="always")
+def _qk_block(narrow, n, c, ldc, a, sa_i, b, ldb, K, pf_k, pf_v, n_pf):
+    # C[j, :W] = sum_t A[j, t] B[t, :W] for keys j < n (A's rows sa_i floats apart), W = 8 when
+    # narrow else 16; in calls of 16, 4 and 1 keys. Before each call of 16, the next n_pf key
+    # and value rows (K floats each, from byte addresses pf_k and pf_v on) are prefetched, 16
+    # at a time: spread over the work, so the memory streams while the cores compute
+    j = 0
+    while j < n:
+        cj, aj = c + 4 * j * ldc, a + 4 * j * sa_i
+        if j < n_pf:
+            npf = min(_QK_R, n_pf - j)
+            _prefetch_rows(pf_k + 4 * j * sa_i, npf, 4 * sa_i, 4 * K)
+            _prefetch_rows(pf_v + 4 * j * sa_i, npf, 4 * sa_i, 4 * K)
+        if n - j >= _QK_R:
+            if narrow:
+                _qk8_16(cj, ldc, aj, sa_i, 1, b, ldb, K, 0)
+            else:
+                _qk16_16(cj, ldc, aj, sa_i, 1, b, ldb, K, 0)
+            j += _QK_R
+        elif n - j >= 4:
+            if narrow:
+                _qk8_4(cj, ldc, aj, sa_i, 1, b, ldb, K, 0)
+            else:
+                _qk16_4(cj, ldc, aj, sa_i, 1, b, ldb, K, 0)
+            j += 4
+        else:
+            if narrow:
+                _qk8_1(cj, ldc, aj, sa_i, 1, b, ldb, K, 0)
+            else:
+                _qk16_1(cj, ldc, aj, sa_i, 1, b, ldb, K, 0)
+            j += 1
+
+
+@njit(fastmath=FASTMATH_INF, cache=True)
+def _decode_range_mk(q, k, v, scale, causal, z, k_lo, k_hi, Qf, Sf, O, m_run, l_run, alpha,
+                     n_vis):
+    # the queries of batch z against its keys k_lo..k_hi-1, block by block, each block for
+    # every KV head in turn (so K and V stream through in address order): O (Hkv, rows, d)
+    # unnormalised, m_run and l_run (Hkv, >= ld) the rows' running max and sum. Row r of KV head
+    # hk: query r // G, head hk * G + r % G; ld: the rows padded to 8 (at most 8 rows) or 16.
+    # Scratch: Qf (Hkv * d * ld,) for each head's Q^T, Sf (BLOCK_K * ld,) for a block's S^T
+    # then P^T, alpha (ld,), n_vis (ld,) int32
+    q_len, H, d = q.shape[1], q.shape[2], q.shape[3]
+    kv_len, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    rows = q_len * G
+    narrow = rows <= 8
+    ld = 8 if narrow else (rows + 15) // 16 * 16
+    Qt = Qf[:Hkv * d * ld].reshape((Hkv, d, ld))
+    St = Sf[:BLOCK_K * ld].reshape((BLOCK_K, ld))
+    for hk in range(Hkv):
+        for r in range(ld):
+            if r < rows:
+                qr = q[z, r // G, hk * G + r % G]
+                for c in range(d):
+                    Qt[hk, c, r] = qr[c] * scale
+            else:
+                for c in range(d):
+                    Qt[hk, c, r] = float32(0)
+            m_run[hk, r] = NEG_INF
+            l_run[hk, r] = float32(0)
+        for r in range(rows):
+            for c in range(d):
+                O[hk, r, c] = float32(0)
+
+    ldk = Hkv * d                                  # floats from one key row to the next
+    k_p = np.int64(k.ctypes.data) + 4 * z * kv_len * ldk
+    v_p = np.int64(v.ctypes.data) + 4 * z * kv_len * ldk
+    qt_p, st_p, o_p = np.int64(Qt.ctypes.data), np.int64(St.ctypes.data), np.int64(O.ctypes.data)
+    a_p, mr_p = np.int64(alpha.ctypes.data), np.int64(m_run.ctypes.data)
+    lr_p, nv_p = np.int64(l_run.ctypes.data), np.int64(n_vis.ctypes.data)
+    kpos = kv_len - q_len                          # position of the first query
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        nk = min(BLOCK_K, k_hi - k0)
+        diag = False
+        for r in range(ld):
+            n_vis[r] = min(nk, max(0, kpos + r // G + 1 - k0)) if causal and r < rows else nk
+            diag = diag or n_vis[r] < nk
+        # the next block's key and value rows are prefetched (into L2) during the scores,
+        # a head's share at a time
+        n_pf = min(BLOCK_K, k_hi - k0 - BLOCK_K)
+        for hk in range(Hkv):
+            kh_p = k_p + 4 * (k0 * ldk + hk * d)
+            pf_k, pf_v = kh_p + 4 * BLOCK_K * ldk, v_p + 4 * ((k0 + BLOCK_K) * ldk + hk * d)
+            qh_p = qt_p + 4 * hk * d * ld
+            if narrow:
+                _qk_block(True, nk, st_p, ld, kh_p, ldk, qh_p, ld, d, pf_k, pf_v, n_pf)
+            else:
+                for cg in range(0, ld, 16):
+                    _qk_block(False, nk, st_p + 4 * cg, ld, kh_p, ldk, qh_p + 4 * cg, ld, d,
+                              pf_k, pf_v, n_pf if cg == 0 else 0)
+            mh, lh = mr_p + 4 * hk * m_run.shape[1], lr_p + 4 * hk * l_run.shape[1]
+            if narrow:
+                _softmax8(st_p, ld, nk, mh, lh, a_p, nv_p, diag)
+            else:
+                for r in range(0, ld, 16):
+                    _softmax16(st_p + 4 * r, ld, nk, mh + 4 * r, lh + 4 * r, a_p + 4 * r,
+                               nv_p + 4 * r, diag)
+            # O[r] = O[r] * alpha[r] + sum_j P^T[j, r] V[k0 + j], in groups of 12, 8, 4 or 1
+            # rows by 32 columns; a group runs over the keys its last row sees (P is 0 past
+            # each row's own)
+            oh_p, vh_p = o_p + 4 * hk * rows * d, v_p + 4 * (k0 * ldk + hk * d)
+            i = 0
+            while i < rows:
+                g = 12 if rows - i >= 12 else (8 if rows - i >= 8 else (4 if rows - i >= 4 else 1))
+                klen = n_vis[i + g - 1]
+                for c0 in range(0, d, 32):
+                    _mk_acc(g, oh_p + 4 * (i * d + c0), d, st_p + 4 * i, 1, ld,
+                            vh_p + 4 * c0, ldk, klen, a_p + 4 * i)
+                i += g
+
+
+@njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
+def _attention_decode_mk(out, q, k, v, scale, causal, n_workers):
+    # q, out: (b, q_len, H, d) with small q_len; k, v: (b, kv_len, Hkv, d); d a multiple of 32.
+    # A task: a range of keys of one batch, for every head; a batch is split into ranges when
+    # there are fewer batches than workers (flash-decoding: the ranges' partial results merged
+    # at the end)
+    B, q_len, H, d = q.shape
+    kv_len, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    rows = q_len * G
+    ld = (rows + 15) // 16 * 16
+    n_split = max(1, min((n_workers + B - 1) // B, (kv_len + BLOCK_K - 1) // BLOCK_K))
+    split_len = ((kv_len + n_split - 1) // n_split + BLOCK_K - 1) // BLOCK_K * BLOCK_K
+    n_split = max(1, (kv_len + split_len - 1) // split_len)
+    n_tasks = B * n_split
+
+    Qf = np.empty((n_workers, Hkv * d * ld), np.float32)
+    Sf = np.empty((n_workers, BLOCK_K * ld), np.float32)
+    At = np.empty((n_workers, ld), np.float32)
+    Vis = np.empty((n_workers, ld), np.int32)
+    # each task's partial result: unnormalised output, running max and sum
+    O_part = np.empty((n_tasks, Hkv, rows, d), np.float32)
+    M_part = np.empty((n_tasks, Hkv, ld), np.float32)
+    L_part = np.empty((n_tasks, Hkv, ld), np.float32)
+    for w in prange(n_workers):
+        for task in range(w, n_tasks, n_workers):
+            z, split = task // n_split, task % n_split
+            _decode_range_mk(q, k, v, float32(scale), causal, z, split * split_len,
+                             min(kv_len, (split + 1) * split_len), Qf[w], Sf[w], O_part[task],
+                             M_part[task], L_part[task], At[w], Vis[w])
+
+    # merge the key ranges (on the calling thread: a few rows): rescale each partial to the
+    # common maximum
+    for z in range(B):
+        for hk in range(Hkv):
+            for r in range(rows):
+                orow = out[z, r // G, hk * G + r % G]
+                m = NEG_INF
+                for s in range(n_split):
+                    m = max(m, M_part[z * n_split + s, hk, r])
+                for c in range(d):
+                    orow[c] = float32(0)
+                if m == -np.inf:  # saw no key
+                    continue
+                total = float32(0)
+                for s in range(n_split):
+                    task = z * n_split + s
+                    wgt = exp_f32(M_part[task, hk, r] - m)
+                    total += L_part[task, hk, r] * wgt
+                    src = O_part[task, hk, r]
+                    for c in range(d):
+                        orow[c] += src[c] * wgt
+                inv = float32(1) / total
+                for c in range(d):
+                    orow[c] *= inv
+
+
 def attention(out, q, k, v, scale, causal):
     # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d)
     B, q_len, H, d = q.shape
     work = B * q_len * H * k.shape[1] * d      # multiply-adds of q k^T (at most)
     if q_len <= DECODE_MAX_Q:
-        schedule = _attention_decode
+        schedule = _attention_decode_mk if d % 32 == 0 else _attention_decode
     elif d % 32 == 0:
         schedule = _attention_prefill_mk
     else:

@@ -22,13 +22,14 @@ def fma(builder, vt):
                                           f"llvm.fma.v{vt.count}f32")
 
 
-def prefetch(builder, addr, write):
-    """Prefetch the cache line at byte address addr (an i64) into every cache level, for
-    reading (write=0) or writing (write=1); a prefetch never faults, wherever it points."""
+def prefetch(builder, addr, write, locality=3):
+    """Prefetch the cache line at byte address addr (an i64) for reading (write=0) or writing
+    (write=1): into every cache level (locality 3), or L2 and beyond (2: a line wanted later,
+    kept out of L1 meanwhile); a prefetch never faults, wherever it points."""
     fn = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.VoidType(), [I8P, I32, I32, I32]), "llvm.prefetch.p0")
-    builder.call(fn, [builder.inttoptr(addr, I8P), ir.Constant(I32, write), ir.Constant(I32, 3),
-                      ir.Constant(I32, 1)])
+    builder.call(fn, [builder.inttoptr(addr, I8P), ir.Constant(I32, write),
+                      ir.Constant(I32, locality), ir.Constant(I32, 1)])
 
 
 def store_nt(builder, v, ptr):
