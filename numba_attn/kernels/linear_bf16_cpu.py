@@ -127,15 +127,20 @@ def _make_dots_f16(n_rows, prefetching):
             done = builder.mul(n_main, ir.Constant(_I64, _UNROLL))
             with cgutils.for_range(builder, builder.sub(nv, done)) as loop:
                 step(builder.mul(builder.add(done, loop.index), ir.Constant(_I64, _VEC)), 0, True)
-            sums = []
-            for row in acc:
-                v = builder.load(row[0])
-                for a in row[1:]:
-                    v = builder.fadd(v, builder.load(a))
-                sums.append(hsum(builder, v))
-            return context.make_tuple(builder, signature.return_type, sums)
+            return context.make_tuple(builder, signature.return_type, _row_sums(builder, acc))
         return sig, codegen
     return dots
+
+
+def _row_sums(builder, acc):
+    """Each row's accumulators (lists of vector pointers) added and reduced to one float."""
+    sums = []
+    for row in acc:
+        v = builder.load(row[0])
+        for a in row[1:]:
+            v = builder.fadd(v, builder.load(a))
+        sums.append(hsum(builder, v))
+    return sums
 
 
 _dots4_f16 = _make_dots_f16(4, True)    # few rows: 4 rows of w a pass over x
@@ -190,13 +195,7 @@ def _make_dots_bf16(rows, unroll):
             done = builder.mul(n_main, ir.Constant(_I64, unroll))
             with cgutils.for_range(builder, builder.sub(nc, done)) as loop:
                 step(builder.add(done, loop.index), 0)
-            sums = []
-            for row in acc:
-                v = builder.load(row[0])
-                for a in row[1:]:
-                    v = builder.fadd(v, builder.load(a))
-                sums.append(hsum(builder, v))
-            return context.make_tuple(builder, signature.return_type, sums)
+            return context.make_tuple(builder, signature.return_type, _row_sums(builder, acc))
         return sig, codegen
     return dots
 
