@@ -21,6 +21,7 @@ from .mask import MaskCache, causal_mask
 from .ops import apply_rope, attention, linear, masked_softmax, rmsnorm, silu_mul
 from .rope import RopeTable
 from .model import Model
+from .formats import FORMATS, Q8Matrix, quantize_q8_0
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .generation import GenerationStats, generate
@@ -36,5 +37,6 @@ except PackageNotFoundError:  # running from a source tree
 __all__ = [
     "RopeTable", "apply_rope", "linear", "rmsnorm", "silu_mul", "causal_mask", "MaskCache",
     "masked_softmax", "attention", "KVCache", "Model", "Tokenizer", "SamplingParams",
-    "GenerationStats", "generate", "DEMO_MODEL", "__version__",
+    "GenerationStats", "generate", "DEMO_MODEL", "Q8Matrix", "quantize_q8_0", "FORMATS",
+    "__version__",
 ]

@@ -144,14 +144,17 @@ class Q8Matrix:
 
     @property
     def shape(self):
+        """(rows, cols): (out_features, in_features)."""
         return tuple(self.qs.shape)
 
     @property
     def ndim(self):
+        """2, as the arrays it stands in for."""
         return 2
 
     @property
     def nbytes(self):
+        """Bytes of the codes and scales: 34 per 32 weights."""
         return int(self.qs.nbytes) + int(self.d.nbytes)
 
     def to_device(self, stream=0):
