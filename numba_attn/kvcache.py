@@ -66,6 +66,14 @@ class KVCache:
         """Forget every stored token (the buffers stay allocated)."""
         self.lengths = [0] * self.n_layers
 
+    def set_length(self, n):
+        """Every layer holds n tokens: written by kernels that bypass append() (a captured
+        decode step), or fewer kept (n below the length drops the last ones)."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or \
+                not 0 <= n <= self.max_seq:
+            raise ValueError(f"length must be an integer in [0, {self.max_seq}], got {n!r}")
+        self.lengths = [int(n)] * self.n_layers
+
     @property
     def nbytes(self):
         """Bytes of the K and V buffers together."""

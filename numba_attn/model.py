@@ -17,6 +17,7 @@ the final logits (vocab,) come back to the host for sampling.
 """
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from .formats import FORMATS, Q8Matrix, quantize_q8_0, to_device, weight_format
 from .kvcache import KVCache
 from .ops import (add, apply_rope, attention, embedding, linear, rmsnorm, silu_mul,
                   split_qkv)
+from .cuda_decode import CudaDecoder
 from .rope import RopeTable
 from .weights import FORMAT_OF_STORED, Checkpoint, CheckpointError
 
@@ -37,6 +39,13 @@ DEVICES = ("cpu", "cuda")
 # where the device runs it
 WEIGHT_DTYPES = {device: tuple(name for name, f in FORMATS.items() if device in f.devices)
                  for device in DEVICES}
+
+
+# the steps of the forward pass: ops.py's public functions (checked, either device), and the
+# KV cache's append
+STEPS = SimpleNamespace(embedding=embedding, rmsnorm=rmsnorm, linear=linear, split_qkv=split_qkv,
+                        apply_rope=apply_rope, attention=attention, add=add, silu_mul=silu_mul,
+                        append_kv=lambda cache, layer, k, v: cache.append(layer, k, v))
 
 
 @dataclass
@@ -332,6 +341,8 @@ class Model:
         self.rope = RopeTable(c.head_dim, self.max_seq, theta=c.rope_theta, scaling=scaling)
         self.cache = KVCache(c.n_layers, self.max_seq, c.n_kv_heads, c.head_dim, device=device)
         self.buffers = Buffers(c, 1, device)
+        # CUDA: decode steps replayed as one graph each (cuda_decode.py), set up here
+        self.decoder = CudaDecoder(self, Buffers(c, 1, device)) if device == "cuda" else None
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", max_seq=None, weight_dtype="auto",
@@ -372,50 +383,60 @@ class Model:
         current cache length. The result is a host (NumPy) view of a buffer the next call
         overwrites, on either device. all_logits=True returns every position's logits,
         (seq, vocab), in a new host array (for scoring a text)."""
-        c, w = self.config, self.weights
         tokens = self._check_tokens(tokens, start_pos)
         seq = tokens.shape[0]
+        if seq == 1 and not all_logits and self.decoder is not None:    # CUDA: one graph
+            logits = self.decoder.step(int(tokens[0]), start_pos)
+            self.cache.set_length(start_pos + 1)
+            return logits
         if seq > self.buffers.rows:                      # once per longer prompt
             self.buffers = None
-            self.buffers = Buffers(c, seq, self.device)
+            self.buffers = Buffers(self.config, seq, self.device)
         b = self.buffers
-        x, xb, qkv, q, k, v, att, gate, up = b.take(seq)
-
-        # token embedding; on CUDA the ids go to the device first (one small copy)
+        # on CUDA the ids go to the device first (one small copy)
         ids = copy_from_host(rows(b.ids, 0, seq), tokens)
-        embedding(w.embed_tokens, ids, out=x)                             # (seq, hidden)
+        logits = self.run_layers(STEPS, b, ids, seq, start_pos, all_logits)
+        if all_logits:                                                    # (seq, vocab)
+            return copy_to_host(np.empty((seq, self.config.vocab_size), np.float32), logits)
+        return copy_to_host(b.logits_host, b.logits)[0]                   # to the host
+
+    def run_layers(self, o, b, ids, seq, start_pos, all_logits=False):
+        """The forward pass of seq tokens (device ids) at start_pos, on buffers b, through the
+        step functions o (STEPS: ops.py's; or a CUDA decode step's bound kernels): every
+        layer, then the logits of the last position into b.logits (1, vocab), or of every
+        position in a new array (all_logits)."""
+        c, w = self.config, self.weights
+        x, xb, qkv, q, k, v, att, gate, up = b.take(seq)
+        o.embedding(w.embed_tokens, ids, out=x)                           # (seq, hidden)
 
         for i, lw in enumerate(w.layers):
             # attention: x += o_proj(attention(rope(q), rope(k), v))
-            rmsnorm(x, lw.input_layernorm, c.rms_norm_eps, out=xb)
-            linear(xb, lw.qkv_proj, lw.qkv_bias, out=qkv)                # (seq, qkv_dim)
-            q_in, k_in, v_in = split_qkv(qkv, c.n_heads, c.n_kv_heads,   # (seq, heads, d)
-                                         out=(q, k, v))
-            apply_rope(q_in, self.rope, start_pos, style="half", out=q)
-            apply_rope(k_in, self.rope, start_pos, style="half", out=k)
-            keys, values = self.cache.append(i, k, v_in)                  # (kv_len, n_kv, d)
-            attention(q, keys, values, causal=True, out=att)              # (seq, heads, d)
-            linear(reshape(att, (seq, c.q_dim)), lw.o_proj, lw.o_bias, out=xb)
-            add(x, xb, out=x)
+            o.rmsnorm(x, lw.input_layernorm, c.rms_norm_eps, out=xb)
+            o.linear(xb, lw.qkv_proj, lw.qkv_bias, out=qkv)              # (seq, qkv_dim)
+            q_in, k_in, v_in = o.split_qkv(qkv, c.n_heads, c.n_kv_heads,  # (seq, heads, d)
+                                           out=(q, k, v))
+            o.apply_rope(q_in, self.rope, start_pos, style="half", out=q)
+            o.apply_rope(k_in, self.rope, start_pos, style="half", out=k)
+            keys, values = o.append_kv(self.cache, i, k, v_in)            # (kv_len, n_kv, d)
+            o.attention(q, keys, values, causal=True, out=att)            # (seq, heads, d)
+            o.linear(reshape(att, (seq, c.q_dim)), lw.o_proj, lw.o_bias, out=xb)
+            o.add(x, xb, out=x)
 
             # mlp: x += down_proj(silu(gate_proj(x)) * up_proj(x))
-            rmsnorm(x, lw.post_attention_layernorm, c.rms_norm_eps, out=xb)
-            linear(xb, lw.gate_proj, out=gate)                            # (seq, intermediate)
-            linear(xb, lw.up_proj, out=up)
-            silu_mul(gate, up, out=gate)
-            linear(gate, lw.down_proj, out=xb)                            # (seq, hidden)
-            add(x, xb, out=x)
+            o.rmsnorm(x, lw.post_attention_layernorm, c.rms_norm_eps, out=xb)
+            o.linear(xb, lw.gate_proj, out=gate)                          # (seq, intermediate)
+            o.linear(xb, lw.up_proj, out=up)
+            o.silu_mul(gate, up, out=gate)
+            o.linear(gate, lw.down_proj, out=xb)                          # (seq, hidden)
+            o.add(x, xb, out=x)
 
         if all_logits:                                                    # (seq, vocab)
-            rmsnorm(x, w.norm, c.rms_norm_eps, out=xb)
-            logits = linear(xb, w.lm_head)
-            return copy_to_host(np.empty((seq, c.vocab_size), np.float32), logits)
-
+            o.rmsnorm(x, w.norm, c.rms_norm_eps, out=xb)
+            return o.linear(xb, w.lm_head)
         # final norm and logits, last position only
         last = rows(xb, 0, 1)
-        rmsnorm(rows(x, seq - 1, seq), w.norm, c.rms_norm_eps, out=last)
-        linear(last, w.lm_head, out=b.logits)                             # (1, vocab)
-        return copy_to_host(b.logits_host, b.logits)[0]                   # to the host
+        o.rmsnorm(rows(x, seq - 1, seq), w.norm, c.rms_norm_eps, out=last)
+        return o.linear(last, w.lm_head, out=b.logits)                    # (1, vocab)
 
     def _check_tokens(self, tokens, start_pos):
         tokens = np.asarray(tokens)

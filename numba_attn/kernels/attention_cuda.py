@@ -37,7 +37,7 @@ from numba import cuda, int32, int64
 from .scalar import FASTMATH_INF
 from .util_cuda import (ALIGN, CHUNK, RAW, SIM, aligned, arrive, device, exp2, flat, float32,
                         group_max, group_sum, load4, load8, load8_raw, load8_tail, prefetch_l1,
-                        scratch_size, shfl_xor, store8, widen8)
+                        scratch_size, shfl_xor, store8, widen8, zero_offset)
 
 DPL = 16                     # head dims per lane (prefill; decode's default)
 MAX_D = 256                  # largest (padded) head dim
@@ -215,11 +215,13 @@ def decode_kernel(D, QR, wide, dpl=DPL, keys=2, pipe=False):
                     vu[u, CHUNK * t + c] = vt[c]
 
     @cuda.jit(fastmath=FASTMATH_INF)
-    def attn_decode(out, q, k, v, ws, scale, causal, q_len, H, Hkv, kv_len, d, n_split,
-                    split_len, pbase):
-        # q, out: (B * q_len * H * d,); k, v: (B * kv_len * Hkv * d,); ws: workspace,
-        # [counters, one per (batch, kv head, row tile) | from pbase: partials, QR * (d + 2)
-        # per (tile, split)]
+    def attn_decode(out, q, k, v, ws, scale, causal, q_len, H, Hkv, kv_len, at, kv_cap, d,
+                    n_split, split_len, pbase):
+        # q, out: (B * q_len * H * d,); k, v: (B * kv_cap * Hkv * d,), the first kv_len + at[0]
+        # keys of each batch in use (at: a device int64 array, 0 or a decode step's position);
+        # ws: workspace, [counters, one per (batch, kv head, row tile) | from pbase: partials,
+        # QR * (d + 2) per (tile, split)]; splits past the keys in use find none
+        kv_len = kv_len + at[0]
         tid = cuda.threadIdx.x
         scale2 = scale * LOG2E                       # scores in base 2: exp2, one op fewer
         lane = tid % 32
@@ -264,7 +266,7 @@ def decode_kernel(D, QR, wide, dpl=DPL, keys=2, pipe=False):
         # are on their way while the queries are read
         k_lo = split * split_len
         k_hi = min(kv_len, k_lo + split_len)
-        kvb = z * kv_len * Hkv * d + hk * d          # int64: key j's row starts at kvb + j*Hkv*d
+        kvb = z * kv_cap * Hkv * d + hk * d          # int64: key j's row starts at kvb + j*Hkv*d
         my = warp * KPW + ks                         # this slot's key in a block step
         if k_lo < k_hi:
             if PIPE:
@@ -633,29 +635,59 @@ def key_splits(kv_len, kpb, tiles, max_blocks, min_steps=None, no_split_steps=No
     return -(-kv_len // split_len), split_len
 
 
-def attention(out, q, k, v, scale, causal):
-    # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d); causal bottom-right
+def decode_plan(batch, q_len, H, Hkv, d, itemsize, kv_len):
+    """The decode launch for up to kv_len keys: (kernel, grid, (n_split, split_len), counters,
+    partial floats) with the workspace it needs (attention(..., splits=, workspace=))."""
+    D = padded_dim(d)
+    QR, dpl, ku, bps, pipe = decode_shape((H // Hkv) * q_len, itemsize)
+    n_tiles = ((H // Hkv) * q_len + QR - 1) // QR
+    dpl = min(dpl, D)
+    kpb = DEC_WARPS * (32 // (D // dpl)) * ku        # keys per block step
+    base = batch * Hkv * n_tiles
+    n_split, split_len = key_splits(kv_len, kpb, base, bps * _sm_count())
+    partials = base * n_split * QR * (d + 2) if n_split > 1 else 0
+    return (QR, dpl, ku, pipe), (base, n_split), (n_split, split_len), base, partials
+
+
+def new_workspace(n_counters, n_partial):
+    """A decode workspace of its own (a captured step bakes its address in): (array, offset of
+    the partials), the counters zeroed."""
+    ws = cuda.device_array(n_counters + max(n_partial, 1), dtype=np.float32)
+    _zero[(ws.shape[0] + 255) // 256, 256](ws)
+    return ws, n_counters
+
+
+def attention(out, q, k, v, scale, causal, *, at=None, splits=None, workspace=None, stream=0):
+    # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d); causal bottom-right.
+    # With at (an int64 device array, a captured decode step's position): k, v hold kv_cap
+    # keys, the first at[0] + q_len in use; splits (n_split, split_len) and workspace (array,
+    # partials offset) fixed by the caller for the longest use (decode_plan)
     B, q_len, H, d = q.shape
     kv_len, Hkv = k.shape[1], k.shape[2]
     if B == 0 or q_len == 0 or kv_len == 0:
         return
     D = padded_dim(d)
-    G = H // Hkv
     wide = _wide(d, D, k, v)
     qf, kf, vf, of = flat(q), flat(k), flat(v), flat(out)
-    if q_len <= DECODE_MAX_Q:
-        QR, dpl, ku, bps, pipe = decode_shape(G * q_len, k.dtype.itemsize)
-        n_tiles = (G * q_len + QR - 1) // QR
-        dpl = min(dpl, D)
-        kpb = DEC_WARPS * (32 // (D // dpl)) * ku    # keys per block step
-        base = B * Hkv * n_tiles
-        n_split, split_len = key_splits(kv_len, kpb, base, bps * _sm_count())
-        ws, pbase = _workspace(base, base * n_split * QR * (d + 2) if n_split > 1 else 0)
-        decode_kernel(D, QR, wide, dpl, ku, pipe)[(base, n_split), DEC_THREADS](
-            of, qf, kf, vf, ws, float32(scale), bool(causal), q_len, H, Hkv, kv_len, d,
-            n_split, split_len, pbase)
+    if at is not None:
+        if q_len > DECODE_MAX_Q or splits is None or workspace is None:
+            raise ValueError("attention at a device position takes decode shapes (q_len <= "
+                             f"{DECODE_MAX_Q}), splits and a workspace")
+        (QR, dpl, ku, pipe), (base, _), _, _, _ = decode_plan(B, q_len, H, Hkv, d,
+                                                               k.dtype.itemsize, 1)
+        (n_split, split_len), (ws, pbase) = splits, workspace
+        decode_kernel(D, QR, wide, dpl, ku, pipe)[(base, n_split), DEC_THREADS, stream](
+            of, qf, kf, vf, ws, float32(scale), bool(causal), q_len, H, Hkv, q_len, at,
+            kv_len, d, n_split, split_len, pbase)
+    elif q_len <= DECODE_MAX_Q:
+        (QR, dpl, ku, pipe), grid, (n_split, split_len), base, partials = decode_plan(
+            B, q_len, H, Hkv, d, k.dtype.itemsize, kv_len)
+        ws, pbase = _workspace(base, partials)
+        decode_kernel(D, QR, wide, dpl, ku, pipe)[grid, DEC_THREADS, stream](
+            of, qf, kf, vf, ws, float32(scale), bool(causal), q_len, H, Hkv, kv_len,
+            zero_offset(), kv_len, d, n_split, split_len, pbase)
     else:
         rows = PF_THREADS // (D // DPL) * PF_ROWS
         grid = ((q_len + rows - 1) // rows, H, B)
-        prefill_kernel(D, wide, PF_THREADS, PF_KEYS, PF_ROWS, PF_TILE)[grid, PF_THREADS](
+        prefill_kernel(D, wide, PF_THREADS, PF_KEYS, PF_ROWS, PF_TILE)[grid, PF_THREADS, stream](
             of, qf, kf, vf, float32(scale), bool(causal), q_len, H, Hkv, kv_len, d)

@@ -33,14 +33,14 @@ def to_device(w, stream=0):
                           stream=stream)
 
 
-def linear(out, x, w, bias):
+def linear(out, x, w, bias, *, stream=0):
     # x: (m, k) float32; w: (n, k) bfloat16 bits (uint16) or float16; bias: (n,) or (0,);
     # out: (m, n) float32. x stays float32 at every m (the CPU's BF16 prefill rounds x to
     # bfloat16 where the CPU has AVX-512 BF16)
-    linear_cuda.linear(out, x, bits(w), bias)
+    linear_cuda.linear(out, x, bits(w), bias, stream=stream)
 
 
-def embedding(out, table, tokens):
+def embedding(out, table, tokens, *, stream=0):
     # out: (seq, hidden) float32; table: (vocab, hidden) bfloat16 bits (uint16) or float16;
     # tokens: (seq,) int64, clipped to [0, vocab)
-    tensor_cuda.embedding(out, bits(table), tokens)
+    tensor_cuda.embedding(out, bits(table), tokens, stream=stream)

@@ -172,7 +172,7 @@ def _gemm(out, x, w, bias, m, n, k):
                 out[row * n + col] = v
 
 
-def linear(out, x, w, bias):
+def linear(out, x, w, bias, *, stream=0):
     # x: (m, k) float32; w: (n, k) float32 / float16 / bf16 bits (uint16); bias: (n,) or (0,);
     # out: (m, n) float32
     m, k = x.shape
@@ -183,8 +183,8 @@ def linear(out, x, w, bias):
         rpw, unroll, threads = GEMV_SHAPE[w.dtype.itemsize]
         rows = threads // 32 * rpw
         grid = ((n + rows - 1) // rows, m)
-        gemv_kernel(wide_ok(w, k), rpw, unroll, threads)[grid, threads](
+        gemv_kernel(wide_ok(w, k), rpw, unroll, threads)[grid, threads, stream](
             flat(out), flat(x), flat(w), bias, n, k)
     else:
         grid = ((n + TILE - 1) // TILE, (m + TILE - 1) // TILE)
-        _gemm[grid, GEMM_THREADS](flat(out), flat(x), flat(w), bias, m, n, k)
+        _gemm[grid, GEMM_THREADS, stream](flat(out), flat(x), flat(w), bias, m, n, k)

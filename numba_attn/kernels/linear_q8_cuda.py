@@ -284,7 +284,7 @@ def to_device(w, stream=0):
     return w.to_device(stream)
 
 
-def linear(out, x, w, bias):
+def linear(out, x, w, bias, *, stream=0):
     # x: (m, k) float32; w: a Q8Matrix (n, k) on the device (.qs int8 (n, k), .d float16
     # (n, k // 32)); bias: (n,) or (0,); out: (m, n) float32
     m, k = x.shape
@@ -297,19 +297,19 @@ def linear(out, x, w, bias):
         xr = x_rows(m)
         rows = threads // 32 * rpw
         grid = ((n + rows - 1) // rows, (m + xr - 1) // xr)
-        gemv_kernel(aligned(qs), rpw, unroll, threads, xr)[grid, threads](
+        gemv_kernel(aligned(qs), rpw, unroll, threads, xr)[grid, threads, stream](
             flat(out), flat(x), flat(qs), flat(d), bias, m, n, k)
     else:
         grid = ((n + TILE - 1) // TILE, (m + TILE - 1) // TILE)
-        _gemm[grid, GEMM_THREADS](flat(out), flat(x), flat(qs), flat(d), bias, m, n, k)
+        _gemm[grid, GEMM_THREADS, stream](flat(out), flat(x), flat(qs), flat(d), bias, m, n, k)
 
 
-def embedding(out, table, tokens):
+def embedding(out, table, tokens, *, stream=0):
     # out: (seq, hidden) float32; table: a Q8Matrix (vocab, hidden) on the device; tokens:
     # (seq,) int64, clipped to [0, vocab): the picked rows dequantized
     seq, hidden = out.shape
     if seq == 0 or hidden == 0:
         return
     qs, d = table.qs, table.d
-    _embedding[(seq, (hidden + THREADS - 1) // THREADS), THREADS](
+    _embedding[(seq, (hidden + THREADS - 1) // THREADS), THREADS, stream](
         flat(out), flat(qs), flat(d), tokens, hidden, qs.shape[0])

@@ -100,21 +100,21 @@ def _threads_for(n):
     return t
 
 
-def rmsnorm(out, x, weight, eps):
+def rmsnorm(out, x, weight, eps, *, stream=0):
     # x, out: (m, n); weight: (n,)
     m, n = x.shape
     if m == 0 or n == 0:
         return
     wide = wide_ok(x, n) and wide_ok(out, n) and wide_ok(weight, n)
-    rmsnorm_kernel(wide)[m, _threads_for(n)](flat(out), flat(x), weight,
+    rmsnorm_kernel(wide)[m, _threads_for(n), stream](flat(out), flat(x), weight,
                                              float32(eps), n)
 
 
-def silu_mul(out, gate, up):
+def silu_mul(out, gate, up, *, stream=0):
     # out, gate, up: (n,)
     n = gate.shape[0]
     if n == 0:
         return
     wide = aligned(out) and aligned(gate) and aligned(up)
     blocks = (n + SILU_THREADS * CHUNK - 1) // (SILU_THREADS * CHUNK)
-    silu_mul_kernel(wide)[blocks, SILU_THREADS](out, gate, up, n)
+    silu_mul_kernel(wide)[blocks, SILU_THREADS, stream](out, gate, up, n)

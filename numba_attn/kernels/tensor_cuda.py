@@ -7,7 +7,7 @@ reading and writing consecutive addresses. The embedding table may be stored in 
 float16 or bfloat16 bits (uint16; a tied lm_head in half precision) and is widened to float32."""
 from numba import cuda
 
-from .util_cuda import flat, load
+from .util_cuda import flat, load, zero_offset
 
 THREADS = 256      # threads per block (a multiple of 32)
 
@@ -50,49 +50,54 @@ def _split_qkv(q, k, v, qkv, nq, nk, total):
 
 
 @cuda.jit
-def _append_kv(k_cache, v_cache, k, v, offset, n):
-    # k, v: (n,) new rows, written at k_cache[offset:offset + n], v_cache[...] (same dtype);
-    # one launch for both, where numba's copy_to_device costs ~100 us of Python per copy
+def _append_kv(k_cache, v_cache, k, v, offset, at, row, n):
+    # k, v: (n,) new rows, written at k_cache[o:o + n], v_cache[...] (same dtype), o = offset +
+    # at[0] * row (at: a position read on the device); one launch for both, where numba's
+    # copy_to_device costs ~100 us of Python per copy
     i = cuda.blockIdx.x * THREADS + cuda.threadIdx.x
     if i < n:                                        # bounds guard
-        k_cache[offset + i] = k[i]
-        v_cache[offset + i] = v[i]
+        o = offset + at[0] * row
+        k_cache[o + i] = k[i]
+        v_cache[o + i] = v[i]
 
 
 def _blocks(n):
     return (n + THREADS - 1) // THREADS
 
 
-def embedding(out, table, tokens):
+def embedding(out, table, tokens, *, stream=0):
     # out: (seq, hidden) float32; table: (vocab, hidden); tokens: (seq,) int64
     seq, hidden = out.shape
     if seq == 0 or hidden == 0:
         return
-    _embedding[(seq, _blocks(hidden)), THREADS](flat(out), flat(table), tokens,
+    _embedding[(seq, _blocks(hidden)), THREADS, stream](flat(out), flat(table), tokens,
                                                 hidden, table.shape[0])
 
 
-def add(out, a, b):
+def add(out, a, b, *, stream=0):
     # out, a, b: (n,) float32
     n = out.shape[0]
     if n == 0:
         return
-    _add[_blocks(n), THREADS](out, a, b, n)
+    _add[_blocks(n), THREADS, stream](out, a, b, n)
 
 
-def split_qkv(q, k, v, qkv):
+def split_qkv(q, k, v, qkv, *, stream=0):
     # qkv: (seq, nq + 2 * nk); q: (seq, nq); k, v: (seq, nk)
     total = qkv.shape[0] * qkv.shape[1]
     if total == 0:
         return
-    _split_qkv[_blocks(total), THREADS](flat(q), flat(k), flat(v),
+    _split_qkv[_blocks(total), THREADS, stream](flat(q), flat(k), flat(v),
                                         flat(qkv), q.shape[1], k.shape[1], total)
 
 
-def append_kv(k_cache, v_cache, k, v, offset):
+def append_kv(k_cache, v_cache, k, v, offset, *, at=None, row=0, stream=0):
     # k_cache, v_cache: C-contiguous caches; k, v: C-contiguous new rows of one dtype with
-    # them; written from element offset of the caches' flat views
+    # them; written from element offset + at[0] * row of the caches' flat views (at: None, or
+    # an int64 device array holding a position: a captured decode step's)
     n = k.size
     if n == 0:
         return
-    _append_kv[_blocks(n), THREADS](flat(k_cache), flat(v_cache), flat(k), flat(v), offset, n)
+    _append_kv[_blocks(n), THREADS, stream](flat(k_cache), flat(v_cache), flat(k), flat(v),
+                                            offset, zero_offset() if at is None else at,
+                                            row, n)

@@ -532,6 +532,19 @@ def view(a, shape, offset=0):
     return v
 
 
+_ZERO_OFFSETS = {}   # device id -> int64 device array [0]
+
+
+def zero_offset():
+    """An int64 device array holding 0, one per device: the `at` of a launch whose positions
+    are all passed by value (kernels taking `at` add at[0], read on the device, to them)."""
+    dev = 0 if SIM else cuda.get_current_device().id
+    z = _ZERO_OFFSETS.get(dev)
+    if z is None:
+        z = _ZERO_OFFSETS[dev] = cuda.to_device(np.zeros(1, np.int64))
+    return z
+
+
 def flat(a):
     """The C-contiguous device array a as 1-D (a cached view)."""
     return view(a, (a.size,))

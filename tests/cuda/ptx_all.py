@@ -30,6 +30,8 @@ F32, F16, U16 = T.float32[::1], T.float16[::1], T.uint16[::1]
 STORAGE = {"f32": F32, "f16": F16, "bf16": U16}
 I, F, B = T.int64, T.float32, T.boolean
 M2 = T.float32[:, ::1]
+AT = T.int64[::1]       # a position read on the device
+DEC = (F, B, I, I, I, I, AT, I, I, I, I, I)   # attention decode's arguments after ws
 
 
 def kernels():
@@ -42,32 +44,32 @@ def kernels():
     yield "fill_causal_mask", S._fill_causal_mask, (F32, I, I)
     yield "broadcast_copy", S._broadcast_copy, (M2, T.float32[:, :])
     for name, k in (("rope_half", R._rope_half), ("rope_interleaved", R._rope_interleaved)):
-        yield name, k, (F32, F32, M2, M2, I, I, I, I)
+        yield name, k, (F32, F32, M2, M2, I, AT, I, I, I)
     for st, W in STORAGE.items():
         for wide in (True, False):
             yield f"gemv[{st},wide={wide}]", L.gemv_kernel(wide), (F32, F32, W, F32, I, I)
         yield f"gemm[{st}]", L._gemm, (F32, F32, W, F32, I, I, I)
         yield (f"attention_decode[{st},D=128,QR=4]", A.decode_kernel(128, 4, True),
-               (F32, F32, W, W, F32, F, B, I, I, I, I, I, I, I, I))
+               (F32, F32, W, W, F32) + DEC)
         for qr, dpl, ku in ((1, 16, 4), (2, 16, 2)):
             yield (f"attention_decode[{st},D=128,QR={qr},dpl={dpl},keys={ku},pipe]",
                    A.decode_kernel(128, qr, True, dpl, ku, True),
-                   (F32, F32, W, W, F32, F, B, I, I, I, I, I, I, I, I))
+                   (F32, F32, W, W, F32) + DEC)
         yield (f"attention_prefill[{st},D=128]", A.prefill_kernel(128, True),
                (F32, F32, W, W, F, B, I, I, I, I, I))
     for st in ("f32", "f16"):
         for qr, dpl, ku in ((1, 8, 1), (1, 32, 2), (4, 8, 4), (2, 16, 4), (1, 16, 4), (2, 8, 2)):
             yield (f"attention_decode[{st},D=128,QR={qr},dpl={dpl},keys={ku}]",
                    A.decode_kernel(128, qr, True, dpl, ku),
-                   (F32, F32, STORAGE[st], STORAGE[st], F32, F, B, I, I, I, I, I, I, I, I))
+                   (F32, F32, STORAGE[st], STORAGE[st], F32) + DEC)
         for rpw, unroll, threads in ((2, 4, 256), (2, 2, 512), (1, 8, 256), (2, 2, 128)):
             yield (f"gemv[{st},rows/warp={rpw},unroll={unroll},threads={threads}]",
                    L.gemv_kernel(True, rpw, unroll, threads),
                    (F32, F32, STORAGE[st], F32, I, I))
     yield ("attention_decode[f32,D=128,QR=1]", A.decode_kernel(128, 1, True),
-           (F32, F32, F32, F32, F32, F, B, I, I, I, I, I, I, I, I))
+           (F32, F32, F32, F32, F32) + DEC)
     yield ("attention_decode[f16,D=64,QR=2,scalar]", A.decode_kernel(64, 2, False),
-           (F32, F32, F16, F16, F32, F, B, I, I, I, I, I, I, I, I))
+           (F32, F32, F16, F16, F32) + DEC)
     yield ("attention_prefill[f32,D=64,scalar]", A.prefill_kernel(64, False),
            (F32, F32, F32, F32, F, B, I, I, I, I, I))
     yield ("attention_prefill[bf16,D=256]", A.prefill_kernel(256, True),
@@ -79,8 +81,8 @@ def kernels():
     for wide in (True, False):
         yield (f"softmax_rows[wide={wide}]", S.softmax_rows_kernel(wide),
                (F32, F32, F32, F, B, I, I))
-    yield ("rope_half4", R._rope_half4, (F32, F32, M2, M2, I, I, I, I))
-    yield ("rope_interleaved4", R._rope_interleaved4, (F32, F32, M2, M2, I, I, I, I))
+    yield ("rope_half4", R._rope_half4, (F32, F32, M2, M2, I, AT, I, I, I))
+    yield ("rope_interleaved4", R._rope_interleaved4, (F32, F32, M2, M2, I, AT, I, I, I))
     yield "workspace_zero", A._zero, (F32,)
     for st, W in STORAGE.items():
         yield f"embedding[{st}]", TN._embedding, (F32, W, T.int64[::1], I, I)
@@ -98,6 +100,8 @@ def kernels():
     yield "embedding_q8", Q8._embedding, (F32, Q, H, T.int64[::1], I, I)
     yield "add", TN._add, (F32, F32, F32, I)
     yield "split_qkv", TN._split_qkv, (F32, F32, F32, F32, I, I, I)
+    for st, W in STORAGE.items():
+        yield f"append_kv[{st}]", TN._append_kv, (W, W, W, W, I, AT, I, I)
 
 
 def main():
