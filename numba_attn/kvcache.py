@@ -66,6 +66,15 @@ class KVCache:
         """Forget every stored token (the buffers stay allocated)."""
         self.lengths = [0] * self.n_layers
 
+    def truncate(self, length):
+        """Keep the first `length` tokens of every layer and forget the rest, so that a sequence
+        can continue from an earlier position. length: 0 to the shortest layer's length."""
+        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) \
+                or not 0 <= length <= min(self.lengths):
+            raise ValueError(f"length must be an integer in [0, {min(self.lengths)}] (tokens "
+                             f"stored in every layer), got {length!r}")
+        self.lengths = [int(length)] * self.n_layers
+
     @property
     def nbytes(self):
         """Bytes of the K and V buffers together."""
