@@ -25,6 +25,7 @@ from .formats import FORMATS, Q8Matrix, quantize_q8_0
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .generation import GenerationStats, generate
+from .chat import ChatSession, ChatTemplate, ChatTemplateError, ContextFullError
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "demo")
 """The built-in demo model's folder: a 3.2M-parameter Llama trained on Jane Austen's novels."""
@@ -37,6 +38,7 @@ except PackageNotFoundError:  # running from a source tree
 __all__ = [
     "RopeTable", "apply_rope", "linear", "rmsnorm", "silu_mul", "causal_mask", "MaskCache",
     "masked_softmax", "attention", "KVCache", "Model", "Tokenizer", "SamplingParams",
-    "GenerationStats", "generate", "DEMO_MODEL", "Q8Matrix", "quantize_q8_0", "FORMATS",
+    "GenerationStats", "generate", "ChatSession", "ChatTemplate", "ChatTemplateError",
+    "ContextFullError", "DEMO_MODEL", "Q8Matrix", "quantize_q8_0", "FORMATS",
     "__version__",
 ]

@@ -1,5 +1,6 @@
-"""The `numba-attn` command line: a Click group. `generate` lives here; other commands (bench)
-register themselves at the bottom with main.add_command(...)."""
+"""The `numba-attn` command line: a Click group. `generate`, `chat` and `perplexity` live here;
+other commands (bench) register themselves at the bottom with main.add_command(...)."""
+import functools
 import os
 import sys
 import time
@@ -13,7 +14,8 @@ WEIGHT_DTYPE_CHOICES = ("auto",) + tuple(FORMATS)
 WEIGHT_DTYPE_HELP = ("Storage of the weights: auto (the checkpoint's own type), float32, "
                      "bfloat16, float16 or q8_0 (8-bit blocks, quantized at load); fewer bytes "
                      "are a faster decode, arithmetic is float32 throughout.")
-DEFAULT_MAX_TOKENS = 256   # generate's default: fewer when the context has less room
+DEFAULT_MAX_TOKENS = 256   # generate's default (fewer when the context has less room); chat's
+                           # per reply
 
 
 class OneLineErrors(click.Group):
@@ -42,79 +44,275 @@ def main():
     """numba-attn: attention kernels and a Llama-family inference engine in Python + Numba."""
 
 
+# -- options the generating commands share --
+
+MODEL_OPTIONS = [
+    click.option("--model", "model_dir", metavar="DIR", default=None,
+                 help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json). "
+                      "[default: the built-in demo model]"),
+    click.option("--context", type=click.IntRange(min=1), default=None,
+                 help="KV cache length in tokens, 1 to the model's max_position_embeddings. "
+                      "[default: the model's context, at most 4096]"),
+    click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
+                 show_default=True, help="Where to run: cpu or cuda."),
+    click.option("--weight-dtype", type=click.Choice(WEIGHT_DTYPE_CHOICES), default="auto",
+                 show_default=True, help=WEIGHT_DTYPE_HELP),
+]
+
+GENERATION_OPTIONS = [
+    click.option("--temperature", type=click.FloatRange(min=0.0), default=0.8,
+                 show_default=True,
+                 help="Sampling temperature, >= 0; 0 = greedy (always the most likely token)."),
+    click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True,
+                 help="Sample among the K most likely tokens, K >= 0; 0 = off."),
+    click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.95,
+                 show_default=True,
+                 help="Nucleus sampling: the smallest set of tokens whose probability reaches "
+                      "P, 0 < P <= 1; 1 = off."),
+    click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.05, show_default=True,
+                 help="Drop tokens less likely than P x the most likely one, 0 <= P <= 1; "
+                      "0 = off."),
+    click.option("--repeat-penalty", type=click.FloatRange(min=0.0, min_open=True),
+                 default=1.0, show_default=True,
+                 help="Penalty on tokens seen in the last --repeat-last-n tokens, > 0; 1 = off, "
+                      "> 1 discourages repeats."),
+    click.option("--repeat-last-n", type=click.IntRange(min=0), default=64, show_default=True,
+                 help="How many recent tokens the repeat penalty looks at, >= 0."),
+    click.option("--seed", type=click.IntRange(min=0), default=None,
+                 help="Random seed, 0 to 2^63-1, for reproducible sampling. [default: a random "
+                      "one, printed in the summary line]"),
+    click.option("--stop", multiple=True, metavar="TEXT",
+                 help="Stop at this text, which is not printed; repeatable. [default: none]"),
+]
+
+
+def model_options(command):
+    """--model, --context, --device and --weight-dtype, as they are."""
+    for option in reversed(MODEL_OPTIONS):
+        command = option(command)
+    return command
+
+
+def generation_options(command):
+    """The sampling options and --stop, given to the command as `sampling` (a SamplingParams,
+    checked, with a fresh seed when sampling without --seed) and `stop` (a tuple)."""
+    @functools.wraps(command)
+    def with_sampling(*args, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+                      seed, stop, **kwargs):
+        if seed is None and temperature > 0:
+            seed = random_seed()
+        sampling = _sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                             seed=seed)
+        if not all(stop):
+            raise click.UsageError("--stop takes a non-empty text")
+        return command(*args, sampling=sampling, stop=stop, **kwargs)
+
+    for option in reversed(GENERATION_OPTIONS):
+        with_sampling = option(with_sampling)
+    return with_sampling
+
+
+class Engine:
+    """What a generating command runs on: the model and its tokenizer (from load(), which says
+    when the kernels compile), the sampling, and the summary line after each generation."""
+
+    def __init__(self, model_dir, *, device, context, weight_dtype, sampling):
+        self.model, self.tokenizer, self.jit = load(model_dir, device=device, context=context,
+                                                    weight_dtype=weight_dtype)
+        self.sampling = sampling
+
+    def report(self, stats):
+        """The summary line of a generation, on standard error."""
+        seed = None if self.sampling.greedy else self.sampling.seed
+        click.echo(summary(stats, self.jit, self.model, seed=seed), err=True)
+
+    def chat_template(self, instead):
+        """The model's chat template; a click error saying what to do `instead` when it has
+        none."""
+        from .chat import ChatTemplate, ChatTemplateError
+        try:
+            return ChatTemplate.from_tokenizer(self.tokenizer, self.model.config.eos_token_ids)
+        except ChatTemplateError as e:
+            raise click.ClickException(f"{e}; {instead}") from None
+
+
 @main.command()
 @click.argument("prompt", required=False)
-@click.option("--model", "model_dir", metavar="DIR", default=None,
-              help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json). "
-                   "[default: the built-in demo model]")
+@model_options
 @click.option("--max-tokens", type=click.IntRange(min=-1), default=None,
               help="Tokens to generate, 0 or more; -1 = until end-of-sequence or the context "
                    "is full. [default: 256, or fewer when the context has less room]")
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.8, show_default=True,
-              help="Sampling temperature, >= 0; 0 = greedy (always the most likely token).")
-@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True,
-              help="Sample among the K most likely tokens, K >= 0; 0 = off.")
-@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.95,
-              show_default=True,
-              help="Nucleus sampling: the smallest set of tokens whose probability reaches P, "
-                   "0 < P <= 1; 1 = off.")
-@click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.05, show_default=True,
-              help="Drop tokens less likely than P x the most likely one, 0 <= P <= 1; 0 = off.")
-@click.option("--repeat-penalty", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
-              show_default=True,
-              help="Penalty on tokens seen in the last --repeat-last-n tokens, > 0; 1 = off, "
-                   "> 1 discourages repeats.")
-@click.option("--repeat-last-n", type=click.IntRange(min=0), default=64, show_default=True,
-              help="How many recent tokens the repeat penalty looks at, >= 0.")
-@click.option("--seed", type=click.IntRange(min=0), default=None,
-              help="Random seed, 0 to 2^63-1, for reproducible sampling. [default: a random "
-                   "one, printed in the summary line]")
-@click.option("--context", type=click.IntRange(min=1), default=None,
-              help="KV cache length in tokens, 1 to the model's max_position_embeddings. "
-                   "[default: the model's context, at most 4096]")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where to run: cpu or cuda.")
-@click.option("--weight-dtype", type=click.Choice(WEIGHT_DTYPE_CHOICES), default="auto",
-              show_default=True, help=WEIGHT_DTYPE_HELP)
+@generation_options
+@click.option("--chat", is_flag=True, default=False,
+              help="Apply the model's chat template: PROMPT is one user message, the output "
+                   "the assistant's reply. [default: off]")
+@click.option("--system", metavar="TEXT", default=None,
+              help="A system message before PROMPT (with --chat). [default: none]")
 @click.option("--show-prompt/--no-show-prompt", default=None,
-              help="Print the prompt before its continuation. [default: on when standard "
-                   "output is a terminal, off when it is piped]")
-def generate(prompt, model_dir, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
-             repeat_last_n, seed, context, device, weight_dtype, show_prompt):
+              help="Print the prompt before its continuation (with --chat: the conversation "
+                   "as the template renders it). [default: on when standard output is a "
+                   "terminal, off when it is piped]")
+def generate(prompt, model_dir, context, device, weight_dtype, max_tokens, sampling, stop,
+             chat, system, show_prompt):
     """Generate text from PROMPT (or standard input: no PROMPT, or -), streaming it as it
     comes; a summary line goes to standard error."""
+    from .chat import end_token_ids
+    from .generation import STOP_STRING, GenerationStats
     from .generation import generate as run
 
     # -- validate everything before loading anything heavy --
-    if seed is None and temperature > 0:
-        seed = random_seed()
-    sampling = _sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                         repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
+    if system is not None and not chat:
+        raise click.UsageError("--system needs --chat")
     prompt = _read_prompt(prompt)
     if show_prompt is None:
         show_prompt = _isatty(sys.stdout)
 
-    model, tokenizer, jit = load(model_dir, device=device, context=context,
-                                 weight_dtype=weight_dtype)
-    ids = tokenizer.encode(prompt)
+    engine = Engine(model_dir, device=device, context=context, weight_dtype=weight_dtype,
+                    sampling=sampling)
+    model, tokenizer = engine.model, engine.tokenizer
+    if chat:
+        messages = [{"role": "user", "content": prompt}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        text = _render(engine.chat_template("without --chat, generate continues the plain "
+                                              "prompt"), messages)
+        ids = tokenizer.encode(text, add_bos=False)
+        eos = end_token_ids(model, tokenizer)
+    else:
+        text, ids, eos = prompt, tokenizer.encode(prompt), None
     limit = _token_limit(model, len(ids), max_tokens)
 
-    from .generation import GenerationStats
     stats = GenerationStats()
-    stream = tokenizer.stream(ids)
+    stream = tokenizer.stream(ids, stop=stop)
     if show_prompt:
-        click.echo(prompt, nl=False)
+        click.echo(text, nl=False)
+    tokens = run(model, ids, max_tokens=limit, sampling=sampling, eos_token_ids=eos,
+                 stats=stats)
     try:
-        for token in run(model, ids, max_tokens=limit, sampling=sampling, stats=stats):
+        for token in tokens:
             click.echo(stream.step(token), nl=False)
+            if stream.stopped:
+                stats.stop_reason = STOP_STRING
+                break
     except KeyboardInterrupt:
         click.echo("\ninterrupted", err=True)
         sys.exit(130)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(stream.flush())
-    click.echo(summary(stats, jit, model, seed=sampling.seed if not sampling.greedy else None),
-               err=True)
+    engine.report(stats)
+
+
+@main.command()
+@model_options
+@click.option("--system", metavar="TEXT", default=None,
+              help="A system message that opens the conversation (and stays after /reset). "
+                   "[default: none]")
+@click.option("--max-tokens", type=click.IntRange(min=-1), default=DEFAULT_MAX_TOKENS,
+              show_default=True,
+              help="Tokens per reply, 1 or more; -1 = as many as the context holds. A reply "
+                   "is cut short when the context fills.")
+@generation_options
+@click.option("--stats", "show_stats", is_flag=True, default=False,
+              help="Print the summary line (as generate's) after each reply, on standard "
+                   "error. [default: off]")
+def chat(model_dir, context, device, weight_dtype, system, max_tokens, sampling, stop,
+         show_stats):
+    """Chat with the model through its chat template. One message per line, typed at the "> "
+    prompt or piped in; the reply streams as it is written. /reset starts a new conversation,
+    /exit or the end of input (Ctrl-D) ends the session, Ctrl-C stops a reply (the part
+    written stays in the conversation). Each turn prefills only its new tokens: the KV cache
+    keeps the conversation until the context is full."""
+    from .chat import ChatSession
+
+    if max_tokens == 0:
+        raise click.UsageError("--max-tokens is 1 or more (or -1) for a reply")
+    engine = Engine(model_dir, device=device, context=context, weight_dtype=weight_dtype,
+                    sampling=sampling)
+    template = engine.chat_template("`numba-attn generate` continues plain text instead")
+    session = ChatSession(engine.model, engine.tokenizer, template=template, system=system,
+                          sampling=sampling, stop=stop,
+                          max_tokens=None if max_tokens == -1 else max_tokens)
+    _converse(session, engine, show_stats)
+
+
+def _converse(session, engine, show_stats):
+    """The chat loop: read a line, run a command or send it, stream the reply."""
+    from .chat import ChatTemplateError, ContextFullError
+    from .generation import STOP_CONTEXT
+
+    full = (f"the context of {engine.model.max_seq} tokens is full: /reset starts a new "
+            f"conversation")
+    interactive = _isatty(sys.stdin)
+    if interactive:
+        _line_editing()
+        click.echo(f"context {engine.model.max_seq} tokens. /reset starts a new conversation, "
+                   f"/exit or Ctrl-D ends, Ctrl-C stops a reply.", err=True)
+    while True:
+        line = _read_line(interactive)
+        if line is None or line.strip() == "/exit":
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/reset":
+            session.reset()
+            click.echo("(new conversation)", err=True)
+            continue
+        if line.startswith("/") and " " not in line:
+            click.echo(f"unknown command {line}: /reset, /exit", err=True)
+            continue
+        try:
+            reply = session.send(line)
+        except ContextFullError:
+            click.echo(full, err=True)
+            continue
+        except ChatTemplateError as e:
+            raise click.ClickException(str(e)) from None
+        try:
+            for piece in reply:
+                click.echo(piece, nl=False)
+            click.echo()
+        except KeyboardInterrupt:        # stops the reply; what it wrote stays
+            reply.close()
+            click.echo()
+            click.echo("(reply stopped)", err=True)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+        if show_stats:
+            engine.report(session.stats)
+        if session.stats.stop_reason == STOP_CONTEXT:
+            click.echo(full, err=True)
+
+
+def _render(template, messages):
+    from .chat import ChatTemplateError
+    try:
+        return template.render(messages)
+    except ChatTemplateError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _read_line(interactive):
+    """The next line of input; None at its end, or on Ctrl-C / Ctrl-D at the prompt."""
+    try:
+        if interactive:
+            return input("> ")
+        line = sys.stdin.readline()
+        return line or None
+    except (EOFError, KeyboardInterrupt):
+        if interactive:
+            click.echo()
+        return None
+
+
+def _line_editing():
+    """Arrow keys and history at the prompt, where Python has readline."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:
+        pass
 
 
 @main.command()
@@ -300,7 +498,8 @@ def _token_limit(model, n_prompt, max_tokens):
     return max_tokens
 
 
-STOP_WORDS = {"eos": "end-of-sequence", "max_tokens": "max tokens", "context": "context full"}
+STOP_WORDS = {"eos": "end-of-sequence", "max_tokens": "max tokens", "context": "context full",
+              "stop": "stop string"}
 
 
 def summary(stats, jit, model, *, seed=None):
@@ -308,8 +507,9 @@ def summary(stats, jit, model, *, seed=None):
     weights' storage and the bytes a token reads, the seed (when sampling), and how the kernels
     were loaded."""
     n = stats.generated_tokens
-    parts = [f"prompt {stats.prompt_tokens} token{'' if stats.prompt_tokens == 1 else 's'}, "
-             f"generated {n} token{'' if n == 1 else 's'}",
+    cached = f" ({stats.cached_tokens} cached)" if stats.cached_tokens else ""
+    parts = [f"prompt {stats.prompt_tokens} token{'' if stats.prompt_tokens == 1 else 's'}"
+             f"{cached}, generated {n} token{'' if n == 1 else 's'}",
              f"first token {stats.first_token_s * 1e3:.0f} ms",
              f"prefill {_rate(stats.prefill_tok_s)} tok/s",
              f"decode {_rate(stats.decode_tok_s)} tok/s",

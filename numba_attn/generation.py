@@ -6,6 +6,9 @@ token ids as they are chosen, so callers can stream.
     for token in generate(model, prompt_ids, max_tokens=64, sampling=SamplingParams(), stats=stats):
         ...
     print(stats.decode_tok_s, stats.stop_reason)
+
+A conversation continues its KV cache: generate(model, ids, start_pos=k) takes the whole
+sequence and prefills only ids[k:], the first k being in the cache already.
 """
 import time
 from dataclasses import dataclass
@@ -15,17 +18,19 @@ import numpy as np
 from .sampling import Sampler, SamplingParams
 
 STOP_EOS, STOP_MAX_TOKENS, STOP_CONTEXT = "eos", "max_tokens", "context"
+STOP_STRING = "stop"       # set by the caller that stops at a stop string (text, not tokens)
 
 
 @dataclass
 class GenerationStats:
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0         # prefilled (the prompt's tokens not in the cache already)
+    cached_tokens: int = 0         # the prompt's tokens reused from the KV cache
     generated_tokens: int = 0      # yielded tokens (an EOS that stops generation is not one)
     prefill_s: float = 0.0         # forward pass over the prompt
     first_token_s: float = 0.0     # time to first token: prefill + first sample
     decode_steps: int = 0          # decode_one calls
     decode_s: float = 0.0          # decode_one + sample, prefill excluded
-    stop_reason: str = ""          # "eos" | "max_tokens" | "context"
+    stop_reason: str = ""          # "eos" | "max_tokens" | "context" | "stop"
     context: int = 0               # the model's context (KV cache length)
 
     @property
@@ -45,13 +50,16 @@ class GenerationStats:
             STOP_EOS: "stopped at end-of-sequence token",
             STOP_MAX_TOKENS: f"stopped after {self.generated_tokens} tokens (max tokens)",
             STOP_CONTEXT: f"stopped: the context of {self.context} tokens is full "
-                          f"({self.prompt_tokens} prompt + {self.generated_tokens} generated)",
+                          f"({self.cached_tokens + self.prompt_tokens} prompt + "
+                          f"{self.generated_tokens} generated)",
+            STOP_STRING: "stopped at a stop string",
         }.get(self.stop_reason, "not finished")
 
 
-def prefill(model, prompt):
-    """Run the whole prompt (1-D ids) in one pass from position 0; logits of its last token."""
-    return model.forward(prompt, 0)
+def prefill(model, prompt, start_pos=0):
+    """Run the prompt's ids from start_pos on (1-D ids; the earlier ones are in the KV cache) in
+    one pass; logits of its last token."""
+    return model.forward(prompt[start_pos:], start_pos)
 
 
 def decode_one(model, token, pos):
@@ -74,22 +82,28 @@ def check_room(model, n_prompt, max_tokens):
                          f"more in the model's context of {context}, not max_tokens={max_tokens}")
 
 
-def generate(model, prompt, *, max_tokens=256, sampling=SamplingParams(), eos_token_ids=None,
-             stats=None):
+def generate(model, prompt, *, start_pos=0, max_tokens=256, sampling=SamplingParams(),
+             eos_token_ids=None, stats=None):
     """Yield generated token ids. Stops at an EOS token (not yielded), after max_tokens, or
     (max_tokens=None) when the context is full; stats.stop_reason says which.
 
-    prompt: token ids; max_tokens: int >= 0 or None; eos_token_ids: ids that stop generation
-    (default: the model config's); stats: a GenerationStats to fill in (optional)."""
+    prompt: token ids, the whole sequence; start_pos: how many of them the model's KV cache
+    holds already (from an earlier call; the cache is cut back to start_pos when it holds
+    more), so only prompt[start_pos:] is prefilled; 0 starts a new sequence. The last prompt
+    token is always run, for its logits. max_tokens: int >= 0 or None; eos_token_ids: ids that
+    stop generation (default: the model config's); stats: a GenerationStats to fill in
+    (optional)."""
     prompt = np.asarray(prompt, dtype=np.int64)
     if prompt.ndim != 1:
         raise ValueError(f"prompt must be a 1-D sequence of token ids, got shape {prompt.shape}")
     if max_tokens is not None and (isinstance(max_tokens, bool) or max_tokens < 0):
         raise ValueError(f"max_tokens must be >= 0 or None, got {max_tokens!r}")
     check_room(model, prompt.shape[0], max_tokens)
+    start_pos = _reuse_cache(model, prompt.shape[0], start_pos)
     eos = frozenset(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     stats = GenerationStats() if stats is None else stats
-    stats.prompt_tokens, stats.context = prompt.shape[0], model.max_seq
+    stats.prompt_tokens, stats.cached_tokens = prompt.shape[0] - start_pos, start_pos
+    stats.context = model.max_seq
     sampler = Sampler(model.config.vocab_size, sampling)
     limit = model.max_seq - prompt.shape[0] if max_tokens is None else max_tokens
     if limit == 0:
@@ -102,7 +116,7 @@ def generate(model, prompt, *, max_tokens=256, sampling=SamplingParams(), eos_to
     step = np.empty(1, np.int64)                            # the token decode_one runs
 
     t0 = time.perf_counter()
-    logits = prefill(model, prompt)
+    logits = prefill(model, prompt, start_pos)
     stats.prefill_s = time.perf_counter() - t0
     token = sampler(logits, history[:n])
     stats.first_token_s = time.perf_counter() - t0
@@ -124,6 +138,22 @@ def generate(model, prompt, *, max_tokens=256, sampling=SamplingParams(), eos_to
         token = sampler(logits, history[:n])
         stats.decode_s += time.perf_counter() - t
         stats.decode_steps += 1
+
+
+def _reuse_cache(model, n_prompt, start_pos):
+    """The position prefill starts at: start_pos, less one when it covers the whole prompt
+    (whose last token must run for its logits); the cache is cut back to it."""
+    if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)) \
+            or not 0 <= start_pos <= n_prompt:
+        raise ValueError(f"start_pos must be an integer in [0, {n_prompt}] (prompt tokens in "
+                         f"the KV cache), got {start_pos!r}")
+    start_pos = min(int(start_pos), n_prompt - 1)
+    if start_pos > 0:
+        if start_pos > model.position:
+            raise ValueError(f"start_pos {start_pos} is past the {model.position} tokens in "
+                             f"the KV cache")
+        model.cache.truncate(start_pos)
+    return start_pos
 
 
 # -- JIT accounting: were the kernels compiled in this process or loaded from Numba's cache? --

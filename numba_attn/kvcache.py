@@ -67,12 +67,21 @@ class KVCache:
         self.lengths = [0] * self.n_layers
 
     def set_length(self, n):
-        """Every layer holds n tokens: written by kernels that bypass append() (a captured
-        decode step), or fewer kept (n below the length drops the last ones)."""
+        """Every layer holds n tokens, written by kernels that bypass append() (a captured
+        decode step writes every layer's keys and values at a position read on the device)."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or \
                 not 0 <= n <= self.max_seq:
             raise ValueError(f"length must be an integer in [0, {self.max_seq}], got {n!r}")
         self.lengths = [int(n)] * self.n_layers
+
+    def truncate(self, length):
+        """Keep the first `length` tokens of every layer and forget the rest, so that a sequence
+        can continue from an earlier position. length: 0 to the shortest layer's length."""
+        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) \
+                or not 0 <= length <= min(self.lengths):
+            raise ValueError(f"length must be an integer in [0, {min(self.lengths)}] (tokens "
+                             f"stored in every layer), got {length!r}")
+        self.lengths = [int(length)] * self.n_layers
 
     @property
     def nbytes(self):

@@ -115,3 +115,22 @@ def test_cache_views_feed_attention():
         y = attention(q, kk, vv)
         np.testing.assert_allclose(y, attention_ref(q, np.concatenate(ks), np.concatenate(vs)),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_truncate_keeps_a_prefix_and_appends_after_it():
+    cache = KVCache(2, 8, 1, 4)
+    k, v = randn(30, 5, 1, 4), randn(31, 5, 1, 4)
+    for layer in range(2):
+        cache.append(layer, k, v)
+    cache.append(0, randn(32, 1, 1, 4), randn(33, 1, 1, 4))   # layer 0 one step ahead
+    with pytest.raises(ValueError, match=r"\[0, 5\]"):
+        cache.truncate(6)                                       # past the shortest layer
+    cache.truncate(3)
+    assert cache.lengths == [3, 3]
+    k2, v2 = randn(34, 2, 1, 4), randn(35, 2, 1, 4)
+    kk, vv = cache.append(1, k2, v2)                            # written at position 3
+    np.testing.assert_array_equal(kk, np.concatenate([k[:3], k2]))
+    np.testing.assert_array_equal(vv, np.concatenate([v[:3], v2]))
+    for bad in (-1, 1.0, True):
+        with pytest.raises(ValueError):
+            cache.truncate(bad)
