@@ -16,6 +16,7 @@ stream, with the same results.
 """
 import math
 import os
+import time
 
 import numpy as np
 
@@ -151,6 +152,7 @@ class CudaDecoder:
         self.logits_host = cuda.pinned_array(tuple(buffers.logits.shape), np.float32)
         self.steps = DecodeSteps(model, at, self.stream)
         self.graphs = {}                                     # splits -> cuda.core Graph
+        self.host_s = 0.0
         self.why_plain = graphs_unavailable()
         self._core_stream = None
         if self.why_plain is None:
@@ -159,7 +161,9 @@ class CudaDecoder:
 
     def step(self, token, pos):
         """Run token at position pos (the cache holds pos tokens); the logits, a host view
-        the next step overwrites."""
+        the next step overwrites. host_s: the host's time to issue the step (copies and
+        graph launch), before waiting for the GPU."""
+        t0 = time.perf_counter()
         self.step_in[0], self.step_in[1] = token, pos
         self.step_dev.copy_to_device(self.step_in, stream=self.stream)
         splits = self.steps.plan(pos + 1)
@@ -171,6 +175,7 @@ class CudaDecoder:
         else:
             self._run(splits, self.stream)
         self.buffers.logits.copy_to_host(self.logits_host, stream=self.stream)
+        self.host_s = time.perf_counter() - t0
         self.stream.synchronize()
         return self.logits_host[0]
 
