@@ -78,9 +78,12 @@ def write_gguf(folder, path, file_type="F32", *, types=None, raw=None, arch=None
         if add_bos is None:       # the converter writes tokenizer_config.json's rule
             add_bos = Tokenizer(folder, c.bos_token_id).add_bos
     if vocab is not None:
-        _write_vocab(w, vocab, c, chat_template, add_bos)
+        vocab = {"bos": c.bos_token_id, "eos": c.eos_token_ids[0] if c.eos_token_ids else None,
+                 **vocab}
+        _write_vocab(w, vocab, chat_template, add_bos)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.n_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[ARCHS[c.architecture].upper()],
+                                     c.n_layers)
     stored = {}
     with Checkpoint(folder) as ck:
         if scaling.get("rope_type") == "llama3":
@@ -171,7 +174,18 @@ def vocab_from_tokenizer_json(path):
             "pre": "gpt-2" if pre.get("type") == "ByteLevel" else None}
 
 
-def _write_vocab(w, vocab, c, chat_template, add_bos):
+def write_vocab_gguf(path, vocab, *, chat_template=None, add_bos=None):
+    """A GGUF file holding only a vocabulary (tokenizer.ggml.* metadata, bos/eos from
+    vocab["bos"], vocab["eos"]), for tokenizer tests."""
+    w = gguf.GGUFWriter(os.fspath(path), "llama")
+    _write_vocab(w, vocab, chat_template, add_bos)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _write_vocab(w, vocab, chat_template, add_bos):
     w.add_tokenizer_model(vocab["model"])
     if vocab.get("pre"):
         w.add_tokenizer_pre(vocab["pre"])
@@ -181,8 +195,7 @@ def _write_vocab(w, vocab, c, chat_template, add_bos):
     w.add_token_types(vocab["types"])
     if "merges" in vocab:
         w.add_token_merges(vocab["merges"])
-    bos = vocab.get("bos", c.bos_token_id)
-    eos = vocab.get("eos", c.eos_token_ids[0] if c.eos_token_ids else None)
+    bos, eos = vocab.get("bos"), vocab.get("eos")
     if bos is not None:
         w.add_bos_token_id(bos)
     if eos is not None:

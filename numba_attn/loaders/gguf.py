@@ -57,7 +57,8 @@ def open_gguf(path):
 
 def open_reader(path):
     """The gguf package's GGUFReader over path (memory-mapped), every failure a CheckpointError:
-    not a GGUF file, a header that does not parse, tensor data past the end of the file."""
+    not a GGUF file, a header that does not parse, tensor data past the end of the file (the
+    reader's views of the tensors come out short)."""
     import gguf
 
     path = os.fspath(path)
@@ -71,11 +72,6 @@ def open_reader(path):
     except Exception as e:   # the reader raises ValueError, KeyError, IndexError... on damage
         raise CheckpointError(f"corrupt or truncated GGUF file {path}: "
                               f"{type(e).__name__}: {e}") from None
-    size = os.path.getsize(path)
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise CheckpointError(f"truncated GGUF file {path}: tensor {t.name!r} ends at "
-                                  f"byte {t.data_offset + t.n_bytes}, the file has {size}")
     return reader
 
 
@@ -277,11 +273,21 @@ def _positive_int(reader, key, default=None):
 
 
 def _positive_float(reader, key, default):
+    """A positive number; a float32 value as the shortest decimal that rounds to it (the
+    1e-05 that was written, not 9.999999747378752e-06)."""
     value = metadata(reader, key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
             or not np.isfinite(value):
         raise ConfigError(f"GGUF metadata {key!r} must be a positive number, got {value!r}")
+    field = reader.fields.get(key)
+    if field is not None and field.types[:1] == [_gguf().GGUFValueType.FLOAT32]:
+        return float(str(np.float32(value)))
     return float(value)
+
+
+def _gguf():
+    import gguf
+    return gguf
 
 
 def read_config(source):
@@ -365,9 +371,10 @@ def _rope_scaling(source, key, head_dim):
     if kind == "none" and factor in (None, 0, 1, 1.0):
         return None
     if kind in ("linear", "none"):
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-            raise ConfigError(f"{path}: linear rope scaling needs a positive "
-                              f"{key('rope.scaling.factor')}, got {factor!r}")
-        return MappingProxyType({"rope_type": "linear", "factor": float(factor)})
+        try:
+            factor = _positive_float(r, key("rope.scaling.factor"), factor)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: linear rope scaling: {e}") from None
+        return MappingProxyType({"rope_type": "linear", "factor": factor})
     raise ConfigError(f"{path}: rope scaling type {kind!r} is not supported; supported: "
                       f"linear, llama3 frequency factors (or none)")

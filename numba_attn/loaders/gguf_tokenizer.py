@@ -53,7 +53,7 @@ class GGUFVocab:
     bos_token_id: int | None
     eos_token_id: int | None
     add_bos: bool                  # prepend BOS (tokenizer.ggml.add_bos_token)
-    add_eos: bool                  # append EOS (its post-processor does)
+    add_eos: bool                  # append EOS (tokenizer.ggml.add_eos_token)
     chat_template: str | None      # tokenizer.chat_template
     special_tokens: dict = field(default_factory=dict)   # {"bos_token": "<s>", ...}
 
@@ -93,14 +93,16 @@ def read_gguf_tokenizer(path):
     add_bos = metadata(r, "tokenizer.ggml.add_bos_token",
                        kind == "llama" or metadata(r, "tokenizer.ggml.pre") in BOS_BY_DEFAULT)
     add_eos = metadata(r, "tokenizer.ggml.add_eos_token", False)
-    eos = ids["eos_token"]
-    if add_eos and eos is not None:
+    bos, eos = ids["bos_token"], ids["eos_token"]
+    add_bos, add_eos = bool(add_bos) and bos is not None, bool(add_eos) and eos is not None
+    if add_bos or add_eos:     # the template a tokenizer.json has: BOS $A, $A EOS
+        ends = [(tokens[bos], bos)] * add_bos + [(tokens[eos], eos)] * add_eos
         tok.post_processor = processors.TemplateProcessing(
-            single=f"$A {tokens[eos]}", special_tokens=[(tokens[eos], eos)])
+            single=" ".join([tokens[bos]] * add_bos + ["$A"] + [tokens[eos]] * add_eos),
+            special_tokens=list(dict.fromkeys(ends)))
     template = metadata(r, "tokenizer.chat_template")
     return GGUFVocab(
-        tokenizer=tok, bos_token_id=ids["bos_token"], eos_token_id=eos,
-        add_bos=bool(add_bos) and ids["bos_token"] is not None, add_eos=bool(add_eos),
+        tokenizer=tok, bos_token_id=bos, eos_token_id=eos, add_bos=add_bos, add_eos=add_eos,
         chat_template=template if isinstance(template, str) else None,
         special_tokens={k: tokens[i] for k, i in ids.items() if i is not None})
 
