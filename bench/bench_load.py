@@ -1,7 +1,7 @@
 """Loading a GGUF Q8_0 file against loading the same weights from safetensors as q8_0: load
 time, peak resident memory and decode rate, each in a fresh process.
 
-    python bench/bench_load.py [--folder /tmp/tinyllama] [--repeat 3] [--decode 16]
+    python bench/bench_load.py [--folder /tmp/tinyllama] [--repeat 3] [--decode 16] [--rounds 8]
 
 The folder holds a float32 checkpoint (config.json, model.safetensors; bench/bench_model.py
 writes TinyLlama-1.1B's shape with random weights). Its Q8_0 GGUF is written next to it once
@@ -9,12 +9,13 @@ writes TinyLlama-1.1B's shape with random weights). Its Q8_0 GGUF is written nex
 permuted, Q8_0 blocks from the gguf package, a placeholder vocabulary of the model's size).
 
 Each load runs in a fresh process, the two kinds alternating, --repeat times each (both files
-are read once first, so both come from the page cache). The table gives the best load time,
-the peak RSS of that run (VmHWM right after the load: interpreter and Numba included), the
-best decode rate over the runs (each run: 5 rounds of --decode single-token steps after an
-8-token prompt, kernels warmed up), and each figure as a ratio to the safetensors load. The
-two models' logits are compared: the gguf package's Q8_0 and our quantize_q8_0 are the same
-bytes, so they should be equal."""
+are read once first, so both come from the page cache). The table gives the best load time and
+the peak RSS of that run (VmHWM right after the load: interpreter and Numba included). Decode
+is measured in one more process holding both models, their rounds alternating (on a shared
+machine the other load then falls on both alike): the best of --rounds rounds of --decode
+single-token steps after an 8-token prompt, kernels warmed up. Every figure comes with its
+ratio to safetensors -> q8_0. The two models' logits are compared: the gguf package's Q8_0
+and our quantize_q8_0 are the same bytes, so they should be equal."""
 import argparse
 import json
 import os
@@ -28,7 +29,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 GGUF_NAME = "model-q8_0-converted.gguf"
-DECODE_ROUNDS = 5
 
 
 def vm(key):
@@ -39,8 +39,8 @@ def vm(key):
     return 0
 
 
-def measure(source, decode_steps):
-    """One load in this process: {"load_s", "peak_rss", "weights", "decode_tok_s", "logits"}."""
+def measure_load(source):
+    """One load in this process: {"load_s", "peak_rss", "weights", "logits"}."""
     import numpy as np
 
     from numba_attn.model import Model
@@ -49,18 +49,31 @@ def measure(source, decode_steps):
     model = Model.from_pretrained(source, weight_dtype="q8_0", max_seq=256)
     load_s = time.perf_counter() - t0
     peak = vm("VmHWM")
-    model.warmup()
-    prompt = np.arange(1, 9)
-    logits = model.forward(prompt, 0).copy()
-    best = float("inf")
-    for _ in range(DECODE_ROUNDS):
-        model.forward(prompt, 0)
-        t0 = time.perf_counter()
-        for i in range(decode_steps):
-            model.forward(np.array([100 + i]), len(prompt) + i)
-        best = min(best, time.perf_counter() - t0)
+    logits = model.forward(np.arange(1, 9), 0)
     return {"load_s": load_s, "peak_rss": peak, "weights": model.weights.nbytes,
-            "decode_tok_s": decode_steps / best, "logits": logits[:64].tolist()}
+            "logits": logits[:64].tolist()}
+
+
+def measure_decode(sources, steps, rounds):
+    """Both models loaded in this process, decode rounds alternating between them (a shared
+    machine's load then falls on both alike): {source: best tokens/s}."""
+    import numpy as np
+
+    from numba_attn.model import Model
+
+    models = {s: Model.from_pretrained(s, weight_dtype="q8_0", max_seq=256) for s in sources}
+    prompt = np.arange(1, 9)
+    best = dict.fromkeys(sources, 0.0)
+    for model in models.values():
+        model.warmup()
+    for _ in range(rounds):
+        for source, model in models.items():
+            model.forward(prompt, 0)
+            t0 = time.perf_counter()
+            for i in range(steps):
+                model.forward(np.array([100 + i]), len(prompt) + i)
+            best[source] = max(best[source], steps / (time.perf_counter() - t0))
+    return best
 
 
 def placeholder_vocab(folder):
@@ -94,12 +107,17 @@ def read_through(path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--folder", default="/tmp/tinyllama")
-    ap.add_argument("--repeat", type=int, default=2, help="loads of each kind (best kept)")
+    ap.add_argument("--repeat", type=int, default=3, help="loads of each kind (best kept)")
     ap.add_argument("--decode", type=int, default=16, help="decode steps a round")
+    ap.add_argument("--rounds", type=int, default=8, help="decode rounds of each model")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--decode-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.decode)))
+        print(json.dumps(measure_load(args.child)))
+        return
+    if args.decode_child:
+        print(json.dumps(measure_decode(args.decode_child, args.decode, args.rounds)))
         return
     gguf_path = write_gguf_once(args.folder)
     cases = {"safetensors -> q8_0": args.folder, "GGUF Q8_0": gguf_path}
@@ -108,26 +126,31 @@ def main():
     runs = {name: [] for name in cases}
     for _ in range(args.repeat):
         for name, source in cases.items():
-            out = subprocess.run([sys.executable, __file__, "--child", source,
-                                  "--decode", str(args.decode)],
-                                 capture_output=True, text=True, check=True)
-            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    best = {name: dict(min(r, key=lambda x: x["load_s"]),
-                       decode_tok_s=max(x["decode_tok_s"] for x in r)) for name, r in runs.items()}
+            runs[name].append(child("--child", source))
+    decode = child("--decode-child", *cases.values(), "--decode", str(args.decode),
+                   "--rounds", str(args.rounds))
+    best = {name: dict(min(r, key=lambda x: x["load_s"]), decode_tok_s=decode[cases[name]])
+            for name, r in runs.items()}
     base = best["safetensors -> q8_0"]
     same = best["GGUF Q8_0"]["logits"] == base["logits"]
     print(f"TinyLlama-1.1B shape, q8_0 weights ({base['weights'] / 1e9:.2f} GB); best of "
-          f"{args.repeat} loads each in fresh processes; decode: {args.decode} steps after an "
-          f"8-token prompt; logits of the two models equal: {'yes' if same else 'NO'}\n")
+          f"{args.repeat} loads each in fresh processes; decode: best of {args.rounds} rounds "
+          f"of {args.decode} steps after an 8-token prompt, the two models alternating in one "
+          f"process; logits of the two models equal: {'yes' if same else 'NO'}\n")
     print("| source | load s | peak RSS | decode tok/s |")
     print("|---|---|---|---|")
     for name, r in best.items():
         print(f"| {name} | {r['load_s']:.2f} ({r['load_s'] / base['load_s']:.2f}x) | "
               f"{r['peak_rss'] / 1e9:.2f} GB ({r['peak_rss'] / base['peak_rss']:.2f}x) | "
               f"{r['decode_tok_s']:.1f} ({r['decode_tok_s'] / base['decode_tok_s']:.2f}x) |")
-    for key, unit, fmt in (("load_s", "load s", "%.2f"), ("decode_tok_s", "decode tok/s", "%.1f")):
-        each = {name: ", ".join(fmt % x[key] for x in r) for name, r in runs.items()}
-        print(f"\nevery run, {unit}: " + "; ".join(f"{n}: {v}" for n, v in each.items()))
+    each = {name: ", ".join("%.2f" % x["load_s"] for x in r) for name, r in runs.items()}
+    print("\nevery load, s: " + "; ".join(f"{n}: {v}" for n, v in each.items()))
+
+
+def child(*args):
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

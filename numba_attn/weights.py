@@ -44,13 +44,28 @@ def store(name, out, w):
     return out
 
 
+CACHE_LINE = 64
+
+
+def aligned_empty(shape, dtype):
+    """An uninitialised C-contiguous array starting on a cache line. A large np.empty comes
+    from its own mapping, 16 bytes past a page boundary: every 64-byte row load of a weight
+    matrix would then straddle two lines (TinyLlama q8_0 decode ~10% slower)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + CACHE_LINE, np.uint8)
+    start = -raw.ctypes.data % CACHE_LINE
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def empty_weight(shape, fmt_storage, quantized):
-    """An uninitialised host destination of `shape`: a Q8Matrix when quantized, else an array
-    of fmt_storage."""
+    """An uninitialised host destination of `shape`, cache-line aligned: a Q8Matrix when
+    quantized, else an array of fmt_storage."""
     if quantized:
         rows, cols = shape
-        return Q8Matrix(np.empty((rows, cols), np.int8), np.empty((rows, cols // 32), np.float16))
-    return np.empty(shape, fmt_storage)
+        return Q8Matrix(aligned_empty((rows, cols), np.int8),
+                        aligned_empty((rows, cols // 32), np.float16))
+    return aligned_empty(shape, fmt_storage)
 
 
 def row_block(w, start, stop):

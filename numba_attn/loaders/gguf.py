@@ -34,6 +34,7 @@ PASS_THROUGH = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "Q8_0": 
 DEQUANTIZED_INTO = "q8_0"   # what weight_dtype="auto" keeps of any other type
 Q8_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "i1", (Q8_BLOCK,))])   # 34 bytes, as stored
 DEQUANTIZE_ROWS = 1 << 22   # weights dequantized at a time (bounds the float32 temporaries)
+MAX_CONFIG_ARRAY = 1024     # metadata arrays the config may read (not the vocabulary)
 
 
 def is_gguf_file(path):
@@ -75,15 +76,28 @@ def open_reader(path):
     return reader
 
 
-def metadata(reader, key, default=None):
-    """A metadata value (int, float, bool, str or list), default when the key is absent."""
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    try:
-        return field.contents()
-    except (UnicodeDecodeError, IndexError, ValueError) as e:
-        raise CheckpointError(f"GGUF metadata {key!r} is corrupt: {e}") from None
+def read_metadata(reader, max_array=None):
+    """{key: value} of a reader's metadata (int, float, bool, str or list), arrays longer than
+    max_array left out (the model needs no vocabulary). float32 values as the shortest decimal
+    that rounds to them: the 1e-05 that was written, not 9.999999747378752e-06. The reader's
+    fields are one NumPy view per array element (a Llama 3 vocabulary: ~600 MB of objects),
+    so a caller keeps these values and lets the reader go."""
+    import gguf
+    values = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or not field.types:
+            continue
+        if max_array is not None and field.types[0] == gguf.GGUFValueType.ARRAY \
+                and len(field.data) > max_array:
+            continue
+        try:
+            value = field.contents()
+        except (UnicodeDecodeError, IndexError, ValueError) as e:
+            raise CheckpointError(f"GGUF metadata {key!r} is corrupt: {e}") from None
+        if field.types == [gguf.GGUFValueType.FLOAT32]:
+            value = float(str(np.float32(value)))
+        values[key] = value
+    return values
 
 
 class GGUFFile:
@@ -94,17 +108,19 @@ class GGUFFile:
         import gguf
 
         self.path = os.fspath(path)
-        self.reader = open_reader(self.path)
-        self.arch = metadata(self.reader, "general.architecture")
+        reader = open_reader(self.path)
+        self.meta = read_metadata(reader, max_array=MAX_CONFIG_ARRAY)   # {key: value}
+        self.tensors = {t.name: t for t in reader.tensors}    # GGUF name -> ReaderTensor
+        self._mapping = reader.data                           # the file, memory-mapped
+        self.arch = self.meta.get("general.architecture")
         if self.arch not in ARCHITECTURES:
             raise ConfigError(f"{self.path}: unsupported GGUF architecture {self.arch!r}; "
                               f"supported: {', '.join(ARCHITECTURES)}")
-        self.tensors = {t.name: t for t in self.reader.tensors}   # GGUF name -> ReaderTensor
-        n_layers = _positive_int(self.reader, f"{self.arch}.block_count")
+        n_layers = _positive_int(self.meta, f"{self.arch}.block_count")
         self._names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[self.arch.upper()], n_layers)
         # query and KV head counts, for the rows of permuted Q and K tensors
-        n_heads = _positive_int(self.reader, f"{self.arch}.attention.head_count")
-        n_kv = _positive_int(self.reader, f"{self.arch}.attention.head_count_kv", n_heads)
+        n_heads = _positive_int(self.meta, f"{self.arch}.attention.head_count")
+        n_kv = _positive_int(self.meta, f"{self.arch}.attention.head_count_kv", n_heads)
         self._permuted = {"q_proj": n_heads, "k_proj": n_kv} if self.arch in PERMUTED_QK \
             else {}
         self._check_types()
@@ -117,7 +133,7 @@ class GGUFFile:
 
     def close(self):
         self.tensors = {}
-        self.reader = None       # the mapping closes with its last view
+        self._mapping = None     # the mapping closes with its last view
 
     def gguf_name(self, name):
         """The GGUF name of a Hugging Face tensor name (None when it has none)."""
@@ -139,7 +155,7 @@ class GGUFFile:
         for kind in sorted({t.tensor_type for t in self.tensors.values()}):
             if kind.name in PASS_THROUGH:
                 continue
-            block, size = gguf.GGML_QUANT_SIZES[kind]
+            _, size = gguf.GGML_QUANT_SIZES[kind]
             try:
                 gguf.quants.dequantize(np.zeros((1, size), np.uint8), kind)
             except NotImplementedError:
@@ -218,7 +234,7 @@ class GGUFFile:
     def _release(self, t):
         """Drop the pages of tensor t from this process's resident set (they stay in the page
         cache): the mapping holds no second copy of the weights."""
-        mapped = getattr(self.reader.data, "_mmap", None) if self.reader is not None else None
+        mapped = getattr(self._mapping, "_mmap", None)
         if mapped is None or not hasattr(mapped, "madvise"):
             return
         page = mmap.PAGESIZE
@@ -263,8 +279,8 @@ def _head_rows(a, heads):
     return a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:])
 
 
-def _positive_int(reader, key, default=None):
-    value = metadata(reader, key, default)
+def _positive_int(meta, key, default=None):
+    value = meta.get(key, default)
     if value is None:
         raise ConfigError(f"GGUF metadata {key!r} is missing")
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -272,46 +288,36 @@ def _positive_int(reader, key, default=None):
     return value
 
 
-def _positive_float(reader, key, default):
-    """A positive number; a float32 value as the shortest decimal that rounds to it (the
-    1e-05 that was written, not 9.999999747378752e-06)."""
-    value = metadata(reader, key, default)
+def _positive_float(meta, key, default):
+    value = meta.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
             or not np.isfinite(value):
         raise ConfigError(f"GGUF metadata {key!r} must be a positive number, got {value!r}")
-    field = reader.fields.get(key)
-    if field is not None and field.types[:1] == [_gguf().GGUFValueType.FLOAT32]:
-        return float(str(np.float32(value)))
     return float(value)
-
-
-def _gguf():
-    import gguf
-    return gguf
 
 
 def read_config(source):
     """LlamaConfig from a GGUFFile's metadata (and which tensors it holds: the output head,
     biases, rope frequency factors)."""
-    r, arch, path = source.reader, source.arch, source.path
+    meta, arch, path = source.meta, source.arch, source.path
 
     def key(name):
         return f"{arch}.{name}"
 
     try:
-        experts = metadata(r, key("expert_count"), 0)
+        experts = meta.get(key("expert_count"), 0)
         if experts:
             raise ConfigError(f"mixture-of-experts models ({key('expert_count')} = {experts}) "
                               f"are not supported")
-        hidden = _positive_int(r, key("embedding_length"))
-        n_heads = _positive_int(r, key("attention.head_count"))
-        n_kv = _positive_int(r, key("attention.head_count_kv"), n_heads)
-        head_dim = _positive_int(r, key("attention.key_length"), hidden // n_heads or None)
-        value_dim = _positive_int(r, key("attention.value_length"), head_dim)
+        hidden = _positive_int(meta, key("embedding_length"))
+        n_heads = _positive_int(meta, key("attention.head_count"))
+        n_kv = _positive_int(meta, key("attention.head_count_kv"), n_heads)
+        head_dim = _positive_int(meta, key("attention.key_length"), hidden // n_heads or None)
+        value_dim = _positive_int(meta, key("attention.value_length"), head_dim)
         if value_dim != head_dim:
             raise ConfigError(f"key_length {head_dim} != value_length {value_dim} is not "
                               f"supported")
-        rope_dims = _positive_int(r, key("rope.dimension_count"), head_dim)
+        rope_dims = _positive_int(meta, key("rope.dimension_count"), head_dim)
         if rope_dims != head_dim:
             raise ConfigError(f"rope on {rope_dims} of {head_dim} head dimensions is not "
                               f"supported")
@@ -319,25 +325,25 @@ def read_config(source):
         if embed is None:
             raise CheckpointError(f"tensor 'token_embd.weight' is missing from {path}")
         vocab = int(embed.shape[1])                   # GGML order: (hidden, vocab)
-        bos = metadata(r, "tokenizer.ggml.bos_token_id")
-        eos = [metadata(r, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+        bos = meta.get("tokenizer.ggml.bos_token_id")
+        eos = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
         d = {
             "architectures": [ARCHITECTURES[arch]],
             "vocab_size": vocab,
             "hidden_size": hidden,
-            "intermediate_size": _positive_int(r, key("feed_forward_length")),
-            "num_hidden_layers": _positive_int(r, key("block_count")),
+            "intermediate_size": _positive_int(meta, key("feed_forward_length")),
+            "num_hidden_layers": _positive_int(meta, key("block_count")),
             "num_attention_heads": n_heads,
             "num_key_value_heads": n_kv,
             "head_dim": head_dim,
-            "rms_norm_eps": _positive_float(r, key("attention.layer_norm_rms_epsilon"), 1e-6),
-            "rope_theta": _positive_float(r, key("rope.freq_base"), 10000.0),
-            "max_position_embeddings": _positive_int(r, key("context_length"), 2048),
+            "rms_norm_eps": _positive_float(meta, key("attention.layer_norm_rms_epsilon"), 1e-6),
+            "rope_theta": _positive_float(meta, key("rope.freq_base"), 10000.0),
+            "max_position_embeddings": _positive_int(meta, key("context_length"), 2048),
             "tie_word_embeddings": "output.weight" not in source.tensors,
             "bos_token_id": bos,
             "eos_token_id": list(dict.fromkeys(e for e in eos if e is not None)),
         }
-        window = metadata(r, key("attention.sliding_window"))
+        window = meta.get(key("attention.sliding_window"))
         if window:
             d["sliding_window"] = window
             d["use_sliding_window"] = True
@@ -355,9 +361,9 @@ def _rope_scaling(source, key, head_dim):
     """The rope scaling a file describes: linear (rope.scaling.type and factor), or per
     frequency factors (the rope_freqs tensor, how the converter stores Llama 3's scaling);
     None for none. Other types (YaRN) are refused."""
-    r, path = source.reader, source.path
-    kind = metadata(r, key("rope.scaling.type"), "none")
-    factor = metadata(r, key("rope.scaling.factor"), metadata(r, key("rope.scale_linear")))
+    meta, path = source.meta, source.path
+    kind = meta.get(key("rope.scaling.type"), "none")
+    factor = meta.get(key("rope.scaling.factor"), meta.get(key("rope.scale_linear")))
     freqs = source.tensors.get("rope_freqs.weight")
     if freqs is not None:
         if freqs.n_elements != head_dim // 2:
@@ -372,7 +378,7 @@ def _rope_scaling(source, key, head_dim):
         return None
     if kind in ("linear", "none"):
         try:
-            factor = _positive_float(r, key("rope.scaling.factor"), factor)
+            factor = _positive_float(meta, key("rope.scaling.factor"), factor)
         except ConfigError as e:
             raise ConfigError(f"{path}: linear rope scaling: {e}") from None
         return MappingProxyType({"rope_type": "linear", "factor": factor})

@@ -21,7 +21,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
     pre_tokenizers, processors
 
 from ..weights import CheckpointError, LoadNotice
-from .gguf import metadata, open_reader
+from .gguf import open_reader, read_metadata
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"     # SentencePiece's visible space
@@ -61,38 +61,38 @@ class GGUFVocab:
 def read_gguf_tokenizer(path):
     """The GGUFVocab of a GGUF file; CheckpointError when it has no usable vocabulary."""
     path = os.fspath(path)
-    r = open_reader(path)
-    kind = metadata(r, "tokenizer.ggml.model")
-    tokens = metadata(r, "tokenizer.ggml.tokens")
+    meta = read_metadata(open_reader(path))     # the reader itself is let go here
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
     if kind is None or not tokens:
         raise CheckpointError(f"{path} holds no tokenizer (tokenizer.ggml.model and "
                               f"tokenizer.ggml.tokens)")
-    types = metadata(r, "tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise CheckpointError(f"{path}: {len(types)} token types for {len(tokens)} tokens")
-    ids = {k: metadata(r, f"tokenizer.ggml.{v}_token_id") for k, v in SPECIAL_TOKEN_IDS.items()}
+    ids = {k: meta.get(f"tokenizer.ggml.{v}_token_id") for k, v in SPECIAL_TOKEN_IDS.items()}
     for k, i in ids.items():
         if i is not None and not 0 <= i < len(tokens):
             raise CheckpointError(f"{path}: tokenizer.ggml.{SPECIAL_TOKEN_IDS[k]}_token_id {i} "
                                   f"is outside the vocabulary of {len(tokens)}")
     if kind == "llama":
-        scores = metadata(r, "tokenizer.ggml.scores")
+        scores = meta.get("tokenizer.ggml.scores")
         if scores is None or len(scores) != len(tokens):
             raise CheckpointError(f"{path}: a 'llama' vocabulary needs one score per token")
         tok = _sentencepiece(tokens, scores, types, ids["unk_token"],
-                             metadata(r, "tokenizer.ggml.add_space_prefix", True))
+                             meta.get("tokenizer.ggml.add_space_prefix", True))
     elif kind == "gpt2":
-        merges = metadata(r, "tokenizer.ggml.merges")
+        merges = meta.get("tokenizer.ggml.merges")
         if merges is None:
             raise CheckpointError(f"{path}: a 'gpt2' vocabulary needs tokenizer.ggml.merges")
-        tok = _byte_level(tokens, merges, metadata(r, "tokenizer.ggml.pre"))
+        tok = _byte_level(tokens, merges, meta.get("tokenizer.ggml.pre"))
     else:
         raise CheckpointError(f"{path}: tokenizer.ggml.model {kind!r} is not supported; "
                               f"supported: llama (SentencePiece), gpt2 (byte-level BPE)")
     _add_special_tokens(tok, tokens, types, ids)
-    add_bos = metadata(r, "tokenizer.ggml.add_bos_token",
-                       kind == "llama" or metadata(r, "tokenizer.ggml.pre") in BOS_BY_DEFAULT)
-    add_eos = metadata(r, "tokenizer.ggml.add_eos_token", False)
+    add_bos = meta.get("tokenizer.ggml.add_bos_token",
+                       kind == "llama" or meta.get("tokenizer.ggml.pre") in BOS_BY_DEFAULT)
+    add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
     bos, eos = ids["bos_token"], ids["eos_token"]
     add_bos, add_eos = bool(add_bos) and bos is not None, bool(add_eos) and eos is not None
     if add_bos or add_eos:     # the template a tokenizer.json has: BOS $A, $A EOS
@@ -100,7 +100,7 @@ def read_gguf_tokenizer(path):
         tok.post_processor = processors.TemplateProcessing(
             single=" ".join([tokens[bos]] * add_bos + ["$A"] + [tokens[eos]] * add_eos),
             special_tokens=list(dict.fromkeys(ends)))
-    template = metadata(r, "tokenizer.chat_template")
+    template = meta.get("tokenizer.chat_template")
     return GGUFVocab(
         tokenizer=tok, bos_token_id=bos, eos_token_id=eos, add_bos=add_bos, add_eos=add_eos,
         chat_template=template if isinstance(template, str) else None,
