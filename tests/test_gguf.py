@@ -255,6 +255,10 @@ def test_damaged_files_are_refused(good_file, tmp_path, how, error, match):
     with pytest.raises(error, match=match) as e:
         Model.from_pretrained(path)
     assert "\n" not in str(e.value)
+    assert_cli_one_line_error(path)
+
+
+def assert_cli_one_line_error(path):
     result = invoke("generate", "hi", "--model", path)
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: ")
@@ -278,6 +282,7 @@ def test_foreign_and_unsupported_files_are_refused(good_file, tmp_path):
         with pytest.raises(error, match=match) as e:
             Model.from_pretrained(path)
         assert "\n" not in str(e.value)
+        assert_cli_one_line_error(path)
     # a tensor type no one dequantizes: integers
     path = tmp_path / "int.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
@@ -292,6 +297,7 @@ def test_foreign_and_unsupported_files_are_refused(good_file, tmp_path):
     with pytest.raises(CheckpointError, match="'token_embd.weight' .* is I32, which is not "
                                               "supported"):
         Model.from_pretrained(path)
+    assert_cli_one_line_error(path)
 
 
 def test_missing_gguf_path_and_cli_file_messages(tmp_path, tiny_folder):
