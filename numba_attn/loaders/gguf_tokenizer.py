@@ -98,7 +98,7 @@ def read_gguf_tokenizer(path):
     if add_bos or add_eos:     # the template a tokenizer.json has: BOS $A, $A EOS
         ends = [(tokens[bos], bos)] * add_bos + [(tokens[eos], eos)] * add_eos
         tok.post_processor = processors.TemplateProcessing(
-            single=" ".join([tokens[bos]] * add_bos + ["$A"] + [tokens[eos]] * add_eos),
+            single=[tokens[bos]] * add_bos + ["$A"] + [tokens[eos]] * add_eos,
             special_tokens=list(dict.fromkeys(ends)))
     template = meta.get("tokenizer.chat_template")
     return GGUFVocab(
