@@ -4,6 +4,7 @@ import functools
 import os
 import sys
 import time
+import warnings
 
 import click
 
@@ -11,9 +12,10 @@ from . import DEMO_MODEL, __version__
 from .formats import FORMATS
 
 WEIGHT_DTYPE_CHOICES = ("auto",) + tuple(FORMATS)
-WEIGHT_DTYPE_HELP = ("Storage of the weights: auto (the checkpoint's own type), float32, "
-                     "bfloat16, float16 or q8_0 (8-bit blocks, quantized at load); fewer bytes "
-                     "are a faster decode, arithmetic is float32 throughout.")
+WEIGHT_DTYPE_HELP = ("Storage of the weights: auto (the checkpoint's own type; q8_0 for a GGUF "
+                     "file of other quantized types), float32, bfloat16, float16 or q8_0 "
+                     "(8-bit blocks, quantized at load); fewer bytes are a faster decode, "
+                     "arithmetic is float32 throughout.")
 DEFAULT_MAX_TOKENS = 256   # generate's default (fewer when the context has less room); chat's
                            # per reply
 
@@ -47,9 +49,9 @@ def main():
 # -- options the generating commands share --
 
 MODEL_OPTIONS = [
-    click.option("--model", "model_dir", metavar="DIR", default=None,
-                 help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json). "
-                      "[default: the built-in demo model]"),
+    click.option("--model", "model_dir", metavar="DIR|FILE", default=None,
+                 help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json) "
+                      "or GGUF file. [default: the built-in demo model]"),
     click.option("--context", type=click.IntRange(min=1), default=None,
                  help="KV cache length in tokens, 1 to the model's max_position_embeddings. "
                       "[default: the model's context, at most 4096]"),
@@ -317,8 +319,9 @@ def _line_editing():
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--model", "model_dir", metavar="DIR", default=None,
-              help="Hugging Face model folder. [default: the built-in demo model]")
+@click.option("--model", "model_dir", metavar="DIR|FILE", default=None,
+              help="Hugging Face model folder or GGUF file. [default: the built-in demo "
+                   "model]")
 @click.option("--context", type=click.IntRange(min=2), default=None,
               help="Window length in tokens, 2 to the model's context; the text is scored in "
                    "non-overlapping windows of this many tokens. [default: the model's "
@@ -412,12 +415,15 @@ class LoadTimer:
 
 
 def load(model_dir, *, device="cpu", context=None, weight_dtype="auto"):
-    """The model (the demo when model_dir is None), its tokenizer, and its kernels compiled or
-    loaded (saying so first when they compile): (model, tokenizer, LoadTimer). Every failure
-    is a one-line click error."""
+    """The model (a Hugging Face folder or a GGUF file; the demo when model_dir is None), its
+    tokenizer, and its kernels compiled or loaded (saying so first when they compile): (model,
+    tokenizer, LoadTimer). Every failure is a one-line click error; a conversion at load worth
+    knowing of is a `note:` line."""
     from .generation import CompileTimer
+    from .loaders import is_gguf_file
     from .model import WEIGHT_DTYPES, Model
     from .tokenizer import Tokenizer
+    from .weights import LoadNotice
 
     if weight_dtype != "auto" and weight_dtype not in WEIGHT_DTYPES[device]:
         needs = [d for d, names in WEIGHT_DTYPES.items() if weight_dtype in names]
@@ -428,21 +434,26 @@ def load(model_dir, *, device="cpu", context=None, weight_dtype="auto"):
         if not os.path.isdir(model_dir):
             raise click.ClickException(f"the built-in demo model is not installed "
                                        f"({model_dir}); pass --model DIR")
-    elif os.path.isfile(model_dir):
+    elif os.path.isfile(model_dir) and not is_gguf_file(model_dir):
         raise click.ClickException(f"--model {model_dir} is a file; it takes a Hugging Face "
-                                   f"model folder (config.json, *.safetensors, tokenizer.json)")
-    elif not os.path.isdir(model_dir):
-        raise click.ClickException(f"model folder not found: {model_dir}")
+                                   f"model folder (config.json, *.safetensors, tokenizer.json) "
+                                   f"or a GGUF file, and this one is not GGUF")
+    elif not os.path.exists(model_dir):
+        what = "file" if model_dir.lower().endswith(".gguf") else "folder"
+        raise click.ClickException(f"model {what} not found: {model_dir}")
     bar = _LoadBar()
     try:
-        with bar:
+        with bar, warnings.catch_warnings(record=True) as notices:
+            warnings.simplefilter("always", LoadNotice)
             model = Model.from_pretrained(model_dir, device=device, max_seq=context,
                                           weight_dtype=weight_dtype, progress=bar.update)
-        tokenizer = Tokenizer(model_dir, model.config.bos_token_id)
+            tokenizer = Tokenizer(model_dir, model.config.bos_token_id)
     except (ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
     except MemoryError:
         raise click.ClickException(f"not enough memory to load {model_dir}") from None
+    for notice in notices:            # e.g. quantized GGUF tensors dequantized: one line each
+        click.echo(f"note: {notice.message}", err=True)
 
     def say_compiling():
         click.echo("compiling kernels (first run)...", err=True)
@@ -455,7 +466,8 @@ def load(model_dir, *, device="cpu", context=None, weight_dtype="auto"):
 
 
 class _LoadBar:
-    """A progress bar on a terminal's standard error while a model is quantized at load."""
+    """A progress bar on a terminal's standard error while q8_0 weights load (quantized, or
+    dequantized from other GGUF types, at load)."""
 
     def __init__(self):
         self.bar = None
@@ -464,7 +476,7 @@ class _LoadBar:
         if self.bar is None:
             if fmt != "q8_0" or not _isatty(sys.stderr):
                 return
-            self.bar = click.progressbar(length=total, label=f"quantizing to {fmt}",
+            self.bar = click.progressbar(length=total, label=f"loading {fmt} weights",
                                          file=sys.stderr)
             self.bar.__enter__()
         self.bar.update(done - self.bar.pos)

@@ -42,7 +42,8 @@ class LlamaConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    # None, or {"rope_type": "llama3" | "linear", ...parameters}; read-only mapping
+    # None, or {"rope_type": "llama3" | "linear", ...parameters}, or (from a GGUF file's
+    # rope_freqs) {"rope_type": "freq_factors", "factors": (head_dim // 2,)}; read-only mapping
     rope_scaling: MappingProxyType | None = field(default=None, hash=False)
     max_position_embeddings: int = 2048
     sliding_window: int | None = None  # Mistral/Qwen2: attention window (caps the context)

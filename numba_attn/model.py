@@ -1,12 +1,13 @@
 """Model: a Llama-family decoder (Llama, Mistral, Qwen2) built from the library's kernels.
 
-    weights = ModelWeights.load(config, folder)     # float32, fused QKV, read layer by layer
+    weights = ModelWeights.load(config, source)     # fused QKV, read layer by layer
     model = Model(config, weights)                  # + KV cache, RoPE table, activation buffers
     logits = model.forward(prompt_ids, 0)           # prefill: the whole prompt in one pass
     logits = model.forward([next_id], len(prompt))  # decode: one token against the KV cache
 
 Every kernel call writes into a buffer allocated once (`out=`); the forward pass itself only
-slices those buffers. Weight and buffer names follow the Hugging Face checkpoint.
+slices those buffers. Weight and buffer names follow the Hugging Face checkpoint; the weights
+come from any tensor source (loaders: a Hugging Face folder or a GGUF file), by those names.
 
 The same forward pass runs on both devices: every step is a public function of ops.py, which
 picks the CPU or CUDA kernel from its arguments. With device="cuda" the weights are copied to
@@ -16,6 +17,7 @@ activation buffers live there, each forward call copies its token ids to the dev
 the final logits (vocab,) come back to the host for sampling.
 """
 import os
+import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -24,13 +26,13 @@ import numpy as np
 from .backend import (copy_from_host, copy_to_host, cuda_unavailable, empty, is_cuda_array,
                       reshape, rows)
 from .config import LlamaConfig
-from .formats import FORMATS, Q8Matrix, quantize_q8_0, to_device, weight_format
+from .formats import FORMATS, Q8_BLOCK, Q8Matrix, quantize_q8_0, to_device, weight_format
 from .kvcache import KVCache
 from .ops import (add, apply_rope, attention, embedding, linear, rmsnorm, silu_mul,
                   split_qkv)
 from .cuda_decode import CudaDecoder
 from .rope import RopeTable
-from .weights import FORMAT_OF_STORED, Checkpoint, CheckpointError
+from .weights import CheckpointError, LoadNotice, empty_weight, row_block
 
 DEFAULT_MAX_SEQ = 4096   # KV cache length when the caller gives none (and the model allows it)
 DEVICES = ("cpu", "cuda")
@@ -70,79 +72,92 @@ class ModelWeights:
     lm_head: np.ndarray                   # (vocab, hidden); embed_tokens itself when tied
 
     @classmethod
-    def load(cls, config, folder, *, device="cpu", weight_dtype="auto", progress=None):
-        """Read a checkpoint folder one tensor at a time, each straight into its final place
-        and format (a tensor stored in the format asked for is read as it is), so loading
-        holds one copy of the model plus at most one tensor in flight. weight_dtype: the
-        linear weights' format, or "auto" for the checkpoint's own. device="cuda": each tensor
-        is copied to the GPU as soon as it is read. progress(done, total, fmt) is called after
-        each layer (and the embedding and head)."""
+    def load(cls, config, source, *, device="cpu", weight_dtype="auto", progress=None):
+        """Build the weights from a tensor source (loaders: a Hugging Face folder's Checkpoint
+        or a GGUFFile; a path opens one), one tensor at a time, each read straight into its
+        final place and format (bytes as they are when the source stores that format), so
+        loading holds one copy of the model plus at most one tensor in flight. weight_dtype:
+        the linear weights' format, or "auto" for the source's own (source.stored_format).
+        device="cuda": each tensor is copied to the GPU as soon as it is read. progress(done,
+        total, fmt) is called after each layer (and the embedding and head). A conversion the
+        user should know of (quantized GGUF tensors dequantized) is a LoadNotice warning."""
+        if isinstance(source, (str, os.PathLike)):
+            from .loaders import open_model_source
+            _, opened = open_model_source(source)
+            with opened:
+                return cls.load(config, opened, device=device, weight_dtype=weight_dtype,
+                                progress=progress)
         c = config
-        f32 = np.float32
-        with Checkpoint(folder) as ck:
-            fmt = resolve_weight_dtype(device, weight_dtype, ck)
-            put = _placer(device, fmt)
-            # matrices are read in their host storage type (float32 when quantized at load)
-            storage = weight_format(fmt).storage if weight_format(fmt).block_size == 1 else \
-                np.dtype(f32)
+        fmt = resolve_weight_dtype(device, weight_dtype, source)
+        notice = source.notice(fmt)
+        if notice:
+            warnings.warn(notice, LoadNotice, stacklevel=2)
+        quantized = weight_format(fmt).block_size > 1
+        storage = weight_format(fmt).storage
 
-            def read(name, shape, matrix=False):
-                return put(name, ck.read(name, np.empty(shape, storage if matrix else f32)),
-                           matrix)
+        def place(a):
+            return a if device == "cpu" else to_device(a)
 
-            # the embedding table is stored like a matrix (the embedding kernels take every
-            # format)
-            embed = read("model.embed_tokens.weight", (c.vocab_size, c.hidden_size), True)
-            steps = c.n_layers + 2
+        def matrix(name, shape):
+            if quantized and shape[1] % Q8_BLOCK:
+                raise CheckpointError(f"tensor {name!r}: {fmt} needs in_features a multiple "
+                                      f"of {Q8_BLOCK}, got shape {shape}")
+            return empty_weight(shape, storage, quantized)
 
-            def step(done):
-                if progress is not None:
-                    progress(done, steps, fmt)
-            step(1)
-            layers = []
-            for i in range(c.n_layers):
-                p = f"model.layers.{i}."
-                # fused QKV: q_proj, k_proj, v_proj stacked along the output dimension
-                qkv = np.empty((c.qkv_dim, c.hidden_size), storage)
-                q, k, v = _split_rows(qkv, c)
-                ck.read(p + "self_attn.q_proj.weight", q)
-                ck.read(p + "self_attn.k_proj.weight", k)
-                ck.read(p + "self_attn.v_proj.weight", v)
-                qkv = put(p + "self_attn.qkv_proj.weight", qkv, True)
-                qkv_bias = None
-                if c.qkv_bias:
-                    qkv_bias = np.empty(c.qkv_dim, f32)
-                    qb, kb, vb = _split_rows(qkv_bias, c)
-                    ck.read(p + "self_attn.q_proj.bias", qb)
-                    ck.read(p + "self_attn.k_proj.bias", kb)
-                    ck.read(p + "self_attn.v_proj.bias", vb)
-                    qkv_bias = put(p + "self_attn.qkv_proj.bias", qkv_bias, False)
-                layers.append(LayerWeights(
-                    input_layernorm=read(p + "input_layernorm.weight", (c.hidden_size,)),
-                    qkv_proj=qkv,
-                    qkv_bias=qkv_bias,
-                    o_proj=read(p + "self_attn.o_proj.weight", (c.hidden_size, c.q_dim), True),
-                    o_bias=read(p + "self_attn.o_proj.bias", (c.hidden_size,))
-                    if c.o_bias else None,
-                    post_attention_layernorm=read(p + "post_attention_layernorm.weight",
-                                                  (c.hidden_size,)),
-                    gate_proj=read(p + "mlp.gate_proj.weight",
-                                   (c.intermediate_size, c.hidden_size), True),
-                    up_proj=read(p + "mlp.up_proj.weight", (c.intermediate_size, c.hidden_size),
-                                 True),
-                    down_proj=read(p + "mlp.down_proj.weight",
-                                   (c.hidden_size, c.intermediate_size), True),
-                ))
-                step(i + 2)
-            norm = read("model.norm.weight", (c.hidden_size,))
-            if c.tie_word_embeddings:
-                lm_head = embed
-            elif "lm_head.weight" in ck:
-                lm_head = read("lm_head.weight", (c.vocab_size, c.hidden_size), True)
-            else:
-                raise CheckpointError("lm_head.weight is missing and tie_word_embeddings is "
-                                      "false in config.json")
-            step(steps)
+        def read_matrix(name, shape):
+            return place(source.read(name, matrix(name, shape)))
+
+        def read(name, shape):                   # norms and biases: float32
+            return place(source.read(name, np.empty(shape, np.float32)))
+
+        # the embedding table is stored like a matrix (the embedding kernels take every
+        # format)
+        embed = read_matrix("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
+        steps = c.n_layers + 2
+
+        def step(done):
+            if progress is not None:
+                progress(done, steps, fmt)
+        step(1)
+        layers = []
+        for i in range(c.n_layers):
+            p = f"model.layers.{i}."
+            # fused QKV: q_proj, k_proj, v_proj stacked along the output dimension
+            qkv = matrix(p + "self_attn.qkv_proj.weight", (c.qkv_dim, c.hidden_size))
+            for name, part in zip("qkv", _split_rows(qkv, c)):
+                source.read(p + f"self_attn.{name}_proj.weight", part)
+            qkv_bias = None
+            if c.qkv_bias:
+                qkv_bias = np.empty(c.qkv_dim, np.float32)
+                for name, part in zip("qkv", _split_rows(qkv_bias, c)):
+                    source.read(p + f"self_attn.{name}_proj.bias", part)
+                qkv_bias = place(qkv_bias)
+            layers.append(LayerWeights(
+                input_layernorm=read(p + "input_layernorm.weight", (c.hidden_size,)),
+                qkv_proj=place(qkv),
+                qkv_bias=qkv_bias,
+                o_proj=read_matrix(p + "self_attn.o_proj.weight", (c.hidden_size, c.q_dim)),
+                o_bias=read(p + "self_attn.o_proj.bias", (c.hidden_size,)) if c.o_bias
+                else None,
+                post_attention_layernorm=read(p + "post_attention_layernorm.weight",
+                                              (c.hidden_size,)),
+                gate_proj=read_matrix(p + "mlp.gate_proj.weight",
+                                      (c.intermediate_size, c.hidden_size)),
+                up_proj=read_matrix(p + "mlp.up_proj.weight",
+                                    (c.intermediate_size, c.hidden_size)),
+                down_proj=read_matrix(p + "mlp.down_proj.weight",
+                                      (c.hidden_size, c.intermediate_size)),
+            ))
+            step(i + 2)
+        norm = read("model.norm.weight", (c.hidden_size,))
+        if c.tie_word_embeddings:
+            lm_head = embed
+        elif "lm_head.weight" in source:
+            lm_head = read_matrix("lm_head.weight", (c.vocab_size, c.hidden_size))
+        else:
+            raise CheckpointError("lm_head.weight is missing and tie_word_embeddings is "
+                                  "false in config.json")
+        step(steps)
         return cls(embed_tokens=embed, layers=layers, norm=norm, lm_head=lm_head)
 
     def arrays(self):
@@ -194,16 +209,13 @@ class ModelWeights:
 MATRICES = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")   # of LayerWeights
 
 
-def resolve_weight_dtype(device, weight_dtype, checkpoint=None):
+def resolve_weight_dtype(device, weight_dtype, source=None):
     """The format name a model on `device` stores its linear weights in: weight_dtype checked
-    against the formats the device runs, or, for "auto", the checkpoint's own type (float32
-    without a checkpoint to look at)."""
+    against the formats the device runs, or, for "auto", the tensor source's own format
+    (source.stored_format; float32 without a source to look at, or where the device runs no
+    such format)."""
     if weight_dtype == "auto":
-        if checkpoint is None:
-            return "float32"
-        stored = checkpoint.info(next(n for n in checkpoint.files if n.endswith("_proj.weight")
-                                      or n.endswith("embed_tokens.weight")))[0]
-        name = FORMAT_OF_STORED.get(stored, "float32")
+        name = "float32" if source is None else source.stored_format
         return name if name in WEIGHT_DTYPES[device] else "float32"
     try:
         name = weight_format(weight_dtype).name if isinstance(weight_dtype, str) else \
@@ -220,9 +232,9 @@ def resolve_weight_dtype(device, weight_dtype, checkpoint=None):
 
 def _placer(device, fmt):
     """put(name, host weight, matrix) -> the weight the model keeps: a matrix in format fmt
-    (as it is when it arrives in fmt, as the loader reads it; else converted on the host:
-    quantized for q8_0, rounded to 16 bits), the rest float32 as it is; on CUDA then copied to
-    the GPU (formats.to_device: bfloat16 as its bits, a Q8Matrix's codes and scales)."""
+    (as it is when it is in fmt already; else converted on the host: quantized for q8_0,
+    rounded to 16 bits), the rest float32 as it is; on CUDA then copied to the GPU
+    (formats.to_device: bfloat16 as its bits, a Q8Matrix's codes and scales)."""
     def put(name, a, matrix):
         if matrix:
             a = _in_format(name, a, fmt)
@@ -252,8 +264,9 @@ def _in_format(name, a, fmt):
 
 
 def _split_rows(fused, c):
-    """Views of the q, k, v row blocks of a fused (qkv_dim, ...) array."""
-    return fused[:c.q_dim], fused[c.q_dim:c.q_dim + c.kv_dim], fused[c.q_dim + c.kv_dim:]
+    """Views of the q, k, v row blocks of a fused (qkv_dim, ...) array or Q8Matrix."""
+    return (row_block(fused, 0, c.q_dim), row_block(fused, c.q_dim, c.q_dim + c.kv_dim),
+            row_block(fused, c.q_dim + c.kv_dim, c.qkv_dim))
 
 
 def _staggered_empty(shape, k):
@@ -347,25 +360,27 @@ class Model:
     @classmethod
     def from_pretrained(cls, path, device="cpu", max_seq=None, weight_dtype="auto",
                         progress=None):
-        """Load a Hugging Face folder (config.json, *.safetensors). max_seq: KV cache length;
-        default the model's context, at most DEFAULT_MAX_SEQ unless asked for more.
-        device="cuda" puts the weights, KV cache and buffers on the GPU. weight_dtype: the
-        linear weights' storage, "auto" (the checkpoint's own type where the device runs it,
-        else float32), or one of WEIGHT_DTYPES[device]: "float32", "bfloat16", "float16",
-        "q8_0" (quantized at load); arithmetic is float32 throughout. progress: see
-        ModelWeights.load."""
+        """Load a Hugging Face folder (config.json, *.safetensors) or a GGUF file. max_seq: KV
+        cache length; default the model's context, at most DEFAULT_MAX_SEQ unless asked for
+        more. device="cuda" puts the weights, KV cache and buffers on the GPU. weight_dtype:
+        the linear weights' storage, "auto" (the source's own type where the device runs it,
+        else float32; for a GGUF of other quantization types q8_0), or one of
+        WEIGHT_DTYPES[device]: "float32", "bfloat16", "float16", "q8_0" (quantized at load);
+        arithmetic is float32 throughout. progress: see ModelWeights.load."""
+        from .loaders import open_model_source
+
         _check_device(device)
         if weight_dtype != "auto":
             resolve_weight_dtype(device, weight_dtype)
-        path = os.fspath(path)
-        config = LlamaConfig.from_pretrained(path)
-        if max_seq is None:
-            max_seq = min(config.max_context, DEFAULT_MAX_SEQ)
-        elif not 1 <= max_seq <= config.max_context:
-            raise ValueError(f"a context of {max_seq} tokens was asked for; the model's context "
-                             f"is 1 to {config.max_context} tokens")
-        weights = ModelWeights.load(config, path, device=device, weight_dtype=weight_dtype,
-                                    progress=progress)
+        config, source = open_model_source(path)
+        with source:
+            if max_seq is None:
+                max_seq = min(config.max_context, DEFAULT_MAX_SEQ)
+            elif not 1 <= max_seq <= config.max_context:
+                raise ValueError(f"a context of {max_seq} tokens was asked for; the model's "
+                                 f"context is 1 to {config.max_context} tokens")
+            weights = ModelWeights.load(config, source, device=device,
+                                        weight_dtype=weight_dtype, progress=progress)
         return cls(config, weights, device=device, max_seq=max_seq)
 
     @property

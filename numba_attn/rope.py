@@ -6,7 +6,7 @@ import numpy as np
 from . import checks
 from .backend import device_id
 
-ROPE_SCALING_TYPES = ("llama3", "linear")
+ROPE_SCALING_TYPES = ("llama3", "linear", "freq_factors")
 
 
 def _scaled_inv_freq(inv_freq, scaling):
@@ -17,6 +17,12 @@ def _scaled_inv_freq(inv_freq, scaling):
     if kind not in ROPE_SCALING_TYPES:
         raise ValueError(f"unsupported rope scaling type {kind!r}; supported: "
                          f"{', '.join(ROPE_SCALING_TYPES)}")
+    if kind == "freq_factors":   # GGUF's rope_freqs: each frequency divided by its own factor
+        factors = np.asarray(scaling.get("factors", ()), np.float64)
+        if factors.shape != inv_freq.shape or not (factors > 0).all():
+            raise ValueError(f"rope scaling 'freq_factors' needs {inv_freq.shape[0]} positive "
+                             f"factors, got {factors.shape[0]}")
+        return inv_freq / factors
     try:
         factor = float(scaling["factor"])
     except (KeyError, TypeError, ValueError):
@@ -47,7 +53,8 @@ class RopeTable:
 
     def __init__(self, head_dim, max_positions, theta=10000.0, scaling=None):
         """head_dim: even; max_positions: table rows; theta: the rope base; scaling: a Hugging
-        Face rope_scaling dict (llama3 or linear) or None."""
+        Face rope_scaling dict (llama3 or linear), {"rope_type": "freq_factors", "factors":
+        (head_dim // 2 divisors)} (a GGUF file's rope_freqs), or None."""
         self.head_dim = checks.positive_int("head_dim", head_dim)
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")

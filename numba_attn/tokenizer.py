@@ -1,22 +1,38 @@
-"""Tokenizer: a model folder's `tokenizer.json` through the `tokenizers` library, the BOS rule,
-the chat template and its special tokens, and StreamDecoder, which turns generated ids into
-text as they arrive (and stops at stop strings)."""
+"""Tokenizer: a model folder's `tokenizer.json` (or a GGUF file's vocabulary) through the
+`tokenizers` library, the BOS rule, the chat template and its special tokens, and
+StreamDecoder, which turns generated ids into text as they arrive (and stops at stop
+strings)."""
 import json
 import os
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .loaders.gguf import is_gguf_file
+from .loaders.gguf_tokenizer import read_gguf_tokenizer
+
 
 class Tokenizer:
-    """A model folder's tokenizer.json (through Hugging Face `tokenizers`) with the model's
-    BOS rule: encode(text) -> ids, decode(ids) -> text, stream(ids) -> a StreamDecoder.
+    """A model folder's tokenizer.json, or a GGUF file's vocabulary (through Hugging Face
+    `tokenizers`) with the model's BOS rule: encode(text) -> ids, decode(ids) -> text,
+    stream(ids) -> a StreamDecoder.
 
     chat_template: the model's chat template (Jinja source) or None; special_tokens: the
     strings a template may use, {"bos_token": "<s>", "eos_token": "</s>", ...}."""
 
+    chat_template = None
+
     def __init__(self, path, bos_token_id=None):
-        """path: a model folder (or its tokenizer.json); bos_token_id: from the model config."""
+        """path: a model folder (or its tokenizer.json), or a GGUF file; bos_token_id: from the
+        model config (a GGUF file names its own)."""
         path = os.fspath(path)
+        if os.path.isfile(path) and is_gguf_file(path):
+            vocab = read_gguf_tokenizer(path)
+            self.hf = vocab.tokenizer
+            self.bos_token_id = vocab.bos_token_id if bos_token_id is None else bos_token_id
+            self.add_bos = vocab.add_bos and self.bos_token_id is not None
+            self.chat_template = vocab.chat_template
+            self.special_tokens = vocab.special_tokens
+            return
         folder = path if os.path.isdir(path) else os.path.dirname(path)
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
