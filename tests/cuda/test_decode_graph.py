@@ -121,7 +121,7 @@ def test_decode_step_matches_public_path_and_cpu(folder):
     assert gpu.position == PROMPT + STEPS and gpu.cache.lengths == [gpu.position] * 2
     if GPU and graphs_unavailable() is None:
         assert gpu.decoder.why_plain is None, gpu.decoder.why_plain
-        assert len(gpu.decoder.graphs) >= 2          # several split plans were captured
+        assert gpu.decoder.graphs
     # the public ops path (no bound step) gives the same logits
     decoder, gpu.decoder = gpu.decoder, None
     try:
@@ -146,9 +146,28 @@ def test_graph_and_plain_launches_agree(folder):
     greedy = SamplingParams(temperature=0)
     graph_tokens = list(generate(model, prompt, max_tokens=64, sampling=greedy))
     assert model.decoder.graphs and model.decoder.why_plain is None
-    model.decoder.why_plain = "forced by the test"
+    graphs = model.decoder.graphs
+    model.decoder.why_plain, model.decoder.graphs = "forced by the test", {}
     plain_tokens = list(generate(model, prompt, max_tokens=64, sampling=greedy))
-    assert graph_tokens == plain_tokens
+    assert not model.decoder.graphs                  # nothing captured, nothing replayed
+    assert graph_tokens == plain_tokens and graphs
+
+
+@pytest.mark.skipif(not GPU, reason="graphs need the GPU")
+def test_one_graph_per_split_plan(tmp_path):
+    """Longer contexts take more key splits: a graph for each plan, each right."""
+    path, _ = build_tiny_model(str(tmp_path / "wide"), heads=8, kv_heads=8, head_dim=64,
+                               hidden=128, tokenizer=False, eos=None, max_pos=2048)
+    cpu = Model.from_pretrained(path, max_seq=2048)
+    gpu = Model.from_pretrained(path, device="cuda", max_seq=2048)
+    prompt = np.random.default_rng(5).integers(0, 300, 1500)
+    ref_tokens, ref_logits = decode_logits(cpu, prompt, 8)
+    tokens, logits = decode_logits(gpu, prompt, 8)
+    short_tokens, _ = decode_logits(gpu, prompt[:20], 8)
+    assert len(gpu.decoder.graphs) >= 2, gpu.decoder.graphs.keys()
+    assert tokens == ref_tokens
+    for got, ref in zip(logits, ref_logits):
+        assert_close(got, ref)
 
 
 def test_decoder_buffers_are_its_own(folder):
