@@ -30,13 +30,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 GGUF_NAME = "model-q8_0-converted.gguf"
 
-
-def vm(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
+sys.path.insert(0, HERE)
+from bench_model import vm  # noqa: E402  (a /proc/self/status field in bytes)
 
 
 def measure_load(source):
