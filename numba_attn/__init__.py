@@ -18,7 +18,8 @@ from importlib.metadata import PackageNotFoundError, version  # noqa: E402
 
 from .kvcache import KVCache  # noqa: E402
 from .mask import MaskCache, causal_mask
-from .ops import apply_rope, attention, linear, masked_softmax, rmsnorm, silu_mul
+from .ops import (add_rmsnorm, apply_rope, attention, linear, masked_softmax, rmsnorm,
+                  silu_mul)
 from .rope import RopeTable
 from .model import Model
 from .formats import FORMATS, Q8Matrix, quantize_q8_0
@@ -36,7 +37,7 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.1.0"
 
 __all__ = [
-    "RopeTable", "apply_rope", "linear", "rmsnorm", "silu_mul", "causal_mask", "MaskCache",
+    "RopeTable", "apply_rope", "linear", "rmsnorm", "add_rmsnorm", "silu_mul", "causal_mask", "MaskCache",
     "masked_softmax", "attention", "KVCache", "Model", "Tokenizer", "SamplingParams",
     "GenerationStats", "generate", "ChatSession", "ChatTemplate", "ChatTemplateError",
     "ContextFullError", "DEMO_MODEL", "Q8Matrix", "quantize_q8_0", "FORMATS",

@@ -28,7 +28,7 @@ from .backend import (copy_from_host, copy_to_host, cuda_unavailable, empty, is_
 from .config import LlamaConfig
 from .formats import FORMATS, Q8_BLOCK, Q8Matrix, quantize_q8_0, to_device, weight_format
 from .kvcache import KVCache
-from .ops import (add, apply_rope, attention, embedding, linear, rmsnorm, silu_mul,
+from .ops import (add_rmsnorm, apply_rope, attention, embedding, linear, rmsnorm, silu_mul,
                   split_qkv)
 from .cuda_decode import CudaDecoder
 from .rope import RopeTable
@@ -45,8 +45,9 @@ WEIGHT_DTYPES = {device: tuple(name for name, f in FORMATS.items() if device in 
 
 # the steps of the forward pass: ops.py's public functions (checked, either device), and the
 # KV cache's append
-STEPS = SimpleNamespace(embedding=embedding, rmsnorm=rmsnorm, linear=linear, split_qkv=split_qkv,
-                        apply_rope=apply_rope, attention=attention, add=add, silu_mul=silu_mul,
+STEPS = SimpleNamespace(embedding=embedding, rmsnorm=rmsnorm, add_rmsnorm=add_rmsnorm,
+                        linear=linear, split_qkv=split_qkv, apply_rope=apply_rope,
+                        attention=attention, silu_mul=silu_mul,
                         append_kv=lambda cache, layer, k, v: cache.append(layer, k, v))
 
 
@@ -423,10 +424,12 @@ class Model:
         c, w = self.config, self.weights
         x, xb, qkv, q, k, v, att, gate, up = b.take(seq)
         o.embedding(w.embed_tokens, ids, out=x)                           # (seq, hidden)
+        norms = [lw.input_layernorm for lw in w.layers[1:]] + [w.norm]    # after each layer
+        o.rmsnorm(x, w.layers[0].input_layernorm if w.layers else w.norm, c.rms_norm_eps,
+                  out=xb)
 
         for i, lw in enumerate(w.layers):
-            # attention: x += o_proj(attention(rope(q), rope(k), v))
-            o.rmsnorm(x, lw.input_layernorm, c.rms_norm_eps, out=xb)
+            # attention: x += o_proj(attention(rope(q), rope(k), v)); xb = the normed x
             o.linear(xb, lw.qkv_proj, lw.qkv_bias, out=qkv)              # (seq, qkv_dim)
             q_in, k_in, v_in = o.split_qkv(qkv, c.n_heads, c.n_kv_heads,  # (seq, heads, d)
                                            out=(q, k, v))
@@ -435,22 +438,20 @@ class Model:
             keys, values = o.append_kv(self.cache, i, k, v_in)            # (kv_len, n_kv, d)
             o.attention(q, keys, values, causal=True, out=att)            # (seq, heads, d)
             o.linear(reshape(att, (seq, c.q_dim)), lw.o_proj, lw.o_bias, out=xb)
-            o.add(x, xb, out=x)
+            o.add_rmsnorm(x, xb, lw.post_attention_layernorm, c.rms_norm_eps, out=xb)
 
-            # mlp: x += down_proj(silu(gate_proj(x)) * up_proj(x))
-            o.rmsnorm(x, lw.post_attention_layernorm, c.rms_norm_eps, out=xb)
+            # mlp: x += down_proj(silu(gate_proj(xb)) * up_proj(xb)); xb = x normed for the
+            # next layer (the final norm after the last)
             o.linear(xb, lw.gate_proj, out=gate)                          # (seq, intermediate)
             o.linear(xb, lw.up_proj, out=up)
             o.silu_mul(gate, up, out=gate)
             o.linear(gate, lw.down_proj, out=xb)                          # (seq, hidden)
-            o.add(x, xb, out=x)
+            o.add_rmsnorm(x, xb, norms[i], c.rms_norm_eps, out=xb)
 
         if all_logits:                                                    # (seq, vocab)
-            o.rmsnorm(x, w.norm, c.rms_norm_eps, out=xb)
             return o.linear(xb, w.lm_head)
-        # final norm and logits, last position only
-        last = rows(xb, 0, 1)
-        o.rmsnorm(rows(x, seq - 1, seq), w.norm, c.rms_norm_eps, out=last)
+        # logits of the last position only
+        last = rows(xb, seq - 1, seq)
         return o.linear(last, w.lm_head, out=b.logits)                    # (1, vocab)
 
     def _check_tokens(self, tokens, start_pos):

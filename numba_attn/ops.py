@@ -226,6 +226,29 @@ def rmsnorm(x, weight, eps=1e-6, *, out=None):
     return out
 
 
+def add_rmsnorm(x, y, weight, eps=1e-6, *, out=None):
+    """The residual add and the next RMSNorm in one pass: x += y (in place: x is the residual
+    stream), then out = x / sqrt(mean(x^2, last axis) + eps) * weight. out may be y (not x).
+    Returns out."""
+    backend = backend_of(x, y, weight, out)
+    x, y, weight, out = _prepare(backend, x, y, weight, out)
+    _same_shape_f32("x", x, "y", y)
+    checks.array("weight", weight, ndim=1, dtypes=F32)
+    n = x.shape[-1]
+    checks.shape("weight", weight, (n,))
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    if out is x:
+        raise ValueError("out must not be x: x receives the sum; pass y or another buffer")
+    if backend == "cpu" and np.may_share_memory(x, y):
+        raise ValueError("y overlaps x; pass a separate buffer")
+    out = _output("out", out, x.shape, backend, [("x", x)] + ([] if out is y else [("y", y)]))
+    m = x.size // n
+    kernels("norm", backend).add_rmsnorm(reshape(out, (m, n)), reshape(x, (m, n)),
+                                         reshape(y, (m, n)), weight, float(eps))
+    return out
+
+
 def silu_mul(gate, up, *, out=None):
     """SwiGLU's gate: silu(gate) * up, elementwise. In place when out is gate or up."""
     backend = backend_of(gate, up, out)

@@ -277,7 +277,7 @@ def test_model_json_breakdown_adds_up(model_json):
         assert sum(r["median"] for r in parts) == pytest.approx(total["median"])
         assert sum(r["share"] for r in parts) == pytest.approx(1.0)
         stages = [r for r in parts if r["stats"]]
-        assert len(stages) == 13 and all(r["alone"]["median"] > 0 for r in stages)
+        assert len(stages) == 11 and all(r["alone"]["median"] > 0 for r in stages)
 
 
 def test_model_csv_md_and_baseline(tiny_folder, bench_home):
@@ -529,7 +529,7 @@ def test_model_plot_data(model_json):
     assert [p["title"] for p in panels] == ["one decoder layer, prefill of 8 tokens",
                                             "one decoder layer, decode of 1 token at position 8"]
     for p in panels:
-        assert len(p["stages"]) == 13 and "layer total" not in p["stages"]
+        assert len(p["stages"]) == 11 and "layer total" not in p["stages"]
         assert all(t > 0 for t in p["in_layer"] + p["alone"])
     assert report.model_plot_data({"kind": "model", "breakdown": {}}) == []
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from numba_attn import rmsnorm, silu_mul
+from numba_attn import add_rmsnorm, rmsnorm, silu_mul
 from tests.reference import rmsnorm_ref, silu_mul_ref
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -13,6 +13,33 @@ def randn(seed, *shape):
 
 
 # ---------------------------------------------------------------------------- rmsnorm
+
+@pytest.mark.parametrize("shape", [(64,), (1, 2048), (7, 129), (2, 3, 5, 64), (600, 70)])
+def test_add_rmsnorm_matches_reference(shape):
+    """x += y in place, out = rmsnorm(x) * w; into y itself (the model's use) or a new array."""
+    x, y = randn(shape[-1], *shape), randn(shape[-1] + 1, *shape)
+    w = randn(2, shape[-1])
+    total = x.astype(np.float64) + y
+    want = rmsnorm_ref(total, w, 1e-5)
+    x1, y1 = x.copy(), y.copy()
+    out = add_rmsnorm(x1, y1, w, 1e-5)
+    np.testing.assert_allclose(x1, total, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, want, rtol=RTOL, atol=ATOL)
+    x2, y2 = x.copy(), y.copy()
+    assert add_rmsnorm(x2, y2, w, 1e-5, out=y2) is y2
+    np.testing.assert_allclose(y2, want, rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(x2, x1)
+    assert not np.allclose(out, rmsnorm_ref(x, w, 1e-5), rtol=1e-3)   # the add happened
+
+
+def test_add_rmsnorm_refuses_out_x_and_bad_shapes():
+    x, y, w = randn(0, 3, 8), randn(1, 3, 8), randn(2, 8)
+    with pytest.raises(ValueError, match="out must not be x"):
+        add_rmsnorm(x, y, w, out=x)
+    with pytest.raises(ValueError, match="same shape"):
+        add_rmsnorm(x, randn(1, 3, 9), w)
+    with pytest.raises(ValueError, match="weight"):
+        add_rmsnorm(x, y, randn(2, 9))
 
 @pytest.mark.parametrize("eps", [1e-5, 1e-6])
 @pytest.mark.parametrize("shape", [(64,), (1, 4096), (7, 129), (2, 7, 128), (2, 3, 5, 64)])

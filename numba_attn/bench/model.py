@@ -24,9 +24,9 @@ from typing import Callable
 
 import numpy as np
 
-from .. import KVCache, RopeTable, apply_rope, attention, linear, rmsnorm, silu_mul
+from .. import KVCache, RopeTable, add_rmsnorm, apply_rope, attention, linear, silu_mul
 from ..backend import copy_from_host, empty
-from ..ops import add, split_qkv
+from ..ops import split_qkv
 from .limits import roofline
 from .timing import measure, measure_chain
 
@@ -232,8 +232,12 @@ def layer_stages(model, seq, pos):
     w_qkv, w_o = lw.qkv_proj, lw.o_proj
     w_gate, w_up, w_down = lw.gate_proj, lw.up_proj, lw.down_proj
     # activations, allocated once
-    x = put(rng.standard_normal((seq, h), dtype=f32))   # residual stream in
-    xr, xo, xb = buf(seq, h), buf(seq, h), buf(seq, h)  # after attention, out, scratch
+    x = put(rng.standard_normal((seq, h), dtype=f32))   # residual stream (added to in place)
+    x0 = put(rng.standard_normal((seq, h), dtype=f32))  # ... as each layer() starts
+    xin = put(rng.standard_normal((seq, h), dtype=f32))  # the layer's normed input
+    xo, xb, xd, xn = buf(seq, h), buf(seq, h), buf(seq, h), buf(seq, h)  # o_proj out, normed
+    #                                                   x, down_proj out, next layer's input
+    xs, xs_out = buf(seq, h), buf(seq, h)               # the residual stages alone: x, out
     qkv = buf(seq, L.qkv_dim)
     q, k, v = buf(seq, H, d), buf(seq, Hkv, d), buf(seq, Hkv, d)
     att = buf(seq, H, d)
@@ -271,10 +275,10 @@ def layer_stages(model, seq, pos):
     B = 4 * seq                                         # bytes of one float32 per token
     kv_len = pos + seq
     causal_pairs = seq * pos + seq * (seq + 1) // 2     # (query, key) pairs a query sees
+    # the layer as Model.run_layers runs it: its input norm is the previous layer's last
+    # stage (the residual add and the norm in one pass), modelled here by the layer's own
     stages = [
-        Stage("attention norm", lambda: rmsnorm(x, w_in, L.eps, out=xb),
-              2 * B * h + 4 * h, 3 * seq * h),
-        Stage("qkv projection", lambda: linear(xb, w_qkv, lw.qkv_bias, out=qkv),
+        Stage("qkv projection", lambda: linear(xin, w_qkv, lw.qkv_bias, out=qkv),
               w_qkv.nbytes + B * (h + L.qkv_dim), 2 * seq * h * L.qkv_dim),
         Stage("split q/k/v", split, 0 if seq == 1 else 2 * B * L.qkv_dim, 0),
         Stage("rope", rope, 2 * B * (nq + nk), 3 * seq * (nq + nk),
@@ -282,11 +286,13 @@ def layer_stages(model, seq, pos):
         Stage("kv cache append", append, 4 * B * nk, 0),
         Stage("attention", lambda: attention(q, keys, values, causal=True, out=att),
               2 * 4 * kv_len * nk + 2 * B * nq, 4 * d * H * causal_pairs),
-        Stage("output projection", lambda: linear(att.reshape(seq, nq), w_o, lw.o_bias, out=xb),
+        Stage("output projection", lambda: linear(att.reshape(seq, nq), w_o, lw.o_bias, out=xo),
               w_o.nbytes + B * (nq + h), 2 * seq * nq * h),
-        Stage("residual add (attention)", lambda: add(x, xb, out=xr), 3 * B * h, seq * h),
-        Stage("mlp norm", lambda: rmsnorm(xr, w_post, L.eps, out=xb),
-              2 * B * h + 4 * h, 3 * seq * h),
+        # x is added to in place: alone, on a copy of it (xs), out into scratch
+        Stage("residual add + mlp norm", lambda: add_rmsnorm(x, xo, w_post, L.eps, out=xb),
+              4 * B * h + 4 * h, 4 * seq * h,
+              alone=lambda: add_rmsnorm(xs, xo, w_post, L.eps, out=xs_out),
+              setup=lambda: copy_from_host(xs, x)),
         Stage("mlp gate + up projections",
               lambda: (linear(xb, w_gate, out=gate), linear(xb, w_up, out=up)),
               w_gate.nbytes + w_up.nbytes + B * (h + 2 * i), 4 * seq * h * i),
@@ -294,12 +300,16 @@ def layer_stages(model, seq, pos):
         Stage("silu_mul", lambda: silu_mul(gate, up, out=gate), 3 * B * i, 5 * seq * i,
               alone=lambda: silu_mul(gate_in, up, out=gate),
               setup=lambda: copy_from_host(gate_in, gate)),
-        Stage("mlp down projection", lambda: linear(gate, w_down, out=xb),
+        Stage("mlp down projection", lambda: linear(gate, w_down, out=xd),
               w_down.nbytes + B * (i + h), 2 * seq * i * h),
-        Stage("residual add (mlp)", lambda: add(xr, xb, out=xo), 3 * B * h, seq * h),
+        Stage("residual add + attention norm (next layer)",
+              lambda: add_rmsnorm(x, xd, w_in, L.eps, out=xn), 4 * B * h + 4 * h, 4 * seq * h,
+              alone=lambda: add_rmsnorm(xs, xd, w_in, L.eps, out=xs_out),
+              setup=lambda: copy_from_host(xs, x)),
     ]
 
     def layer():
+        copy_from_host(x, x0)           # the residual stream as the layer found it
         for s in stages:
             s.fn()
     return stages, layer

@@ -1,4 +1,5 @@
-"""RMSNorm and the SwiGLU gate on the CPU. Twin: norm_cuda.py.
+"""RMSNorm (alone, or after the residual add: add_rmsnorm) and the SwiGLU gate on the CPU.
+Twin: norm_cuda.py.
 
 Each kernel is a serial function over a range of rows (or elements) and a thin parallel driver
 over ranges; small inputs (a decode step's single row) skip the thread pool, whose wake-up costs
@@ -38,6 +39,36 @@ def rmsnorm(out, x, weight, eps):
         _rmsnorm_rows(out, x, weight, eps, 0, x.shape[0])
     else:
         _rmsnorm_parallel(out, x, weight, eps)
+
+
+@njit(fastmath=True, cache=True)
+def _add_rmsnorm_rows(out, x, y, weight, eps, r0, r1):
+    # rows r0..r1-1: x += y (the residual stream, in place), out = rmsnorm(x) * weight; out may
+    # be y (each row of y is read before that row of out is written)
+    n = x.shape[1]
+    for r in range(r0, r1):
+        ss = float32(0)
+        for j in range(n):
+            v = x[r, j] + y[r, j]
+            x[r, j] = v
+            ss += v * v
+        inv = float32(1) / math.sqrt(ss / float32(n) + float32(eps))
+        for j in range(n):
+            out[r, j] = x[r, j] * inv * weight[j]
+
+
+@njit(parallel=True, cache=True)
+def _add_rmsnorm_parallel(out, x, y, weight, eps):
+    for r in prange(x.shape[0]):
+        _add_rmsnorm_rows(out, x, y, weight, eps, r, r + 1)
+
+
+def add_rmsnorm(out, x, y, weight, eps):
+    # x, y, out: (m, n); weight: (n,). x += y, then out = rmsnorm(x) * weight
+    if x.size < PARALLEL_MIN:
+        _add_rmsnorm_rows(out, x, y, weight, eps, 0, x.shape[0])
+    else:
+        _add_rmsnorm_parallel(out, x, y, weight, eps)
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)

@@ -1,4 +1,5 @@
-"""RMSNorm and SwiGLU's silu(gate) * up on the GPU. Twin: norm_cpu.py.
+"""RMSNorm (alone, or after the residual add: add_rmsnorm) and SwiGLU's silu(gate) * up on the
+GPU. Twin: norm_cpu.py.
 
 Both are memory-bound: each element is read once and written once, in chunks of 8 (16-byte
 loads and stores) when the rows allow it.
@@ -20,13 +21,15 @@ SCRATCH = scratch_size(MAX_THREADS)
 
 
 @functools.cache
-def rmsnorm_kernel(wide):
-    """The rmsnorm kernel; wide: rows allow 16-byte loads (n % 8 == 0, aligned bases)."""
+def rmsnorm_kernel(wide, residual=False):
+    """The rmsnorm kernel; wide: rows allow 16-byte loads (n % 8 == 0, aligned bases);
+    residual: first x += y (add_rmsnorm), each thread writing back the chunks it reads."""
     ld = load8 if wide else load8_tail
 
     @cuda.jit(fastmath=FASTMATH_INF)
-    def rmsnorm(out, x, weight, eps, n):
-        # x, out: (m * n,) rows of n; weight: (n,); one block per row, blockDim.x threads
+    def rmsnorm(out, x, y, weight, eps, n):
+        # x, y, out: (m * n,) rows of n (y unused without residual); weight: (n,); one block
+        # per row, blockDim.x threads
         tid = cuda.threadIdx.x
         nthreads = cuda.blockDim.x
         row0 = cuda.blockIdx.x * n                   # int64 offsets: m * n may pass 2**31
@@ -37,6 +40,16 @@ def rmsnorm_kernel(wide):
         ss = float32(0)
         for j in range(tid * CHUNK, n, nthreads * CHUNK):
             v = ld(x, row0 + j, row0 + n)
+            if residual:                             # x += y, written back by this thread
+                u = ld(y, row0 + j, row0 + n)
+                v = (v[0] + u[0], v[1] + u[1], v[2] + u[2], v[3] + u[3], v[4] + u[4],
+                     v[5] + u[5], v[6] + u[6], v[7] + u[7])
+                if wide:
+                    store8(x, row0 + j, v)
+                else:
+                    for c in range(CHUNK):
+                        if j + c < n:
+                            x[row0 + j + c] = v[c]
             ss += (v[0] * v[0] + v[1] * v[1]) + (v[2] * v[2] + v[3] * v[3]) + \
                 (v[4] * v[4] + v[5] * v[5]) + (v[6] * v[6] + v[7] * v[7])
 
@@ -50,7 +63,8 @@ def rmsnorm_kernel(wide):
             total += partial[w]
         inv = float32(1) / math.sqrt(total / float32(n) + eps)
 
-        # pass 2: normalise and scale (x is read again, from L1)
+        # pass 2: normalise and scale (x is read again, from L1; with residual, the values
+        # this same thread wrote)
         for j in range(tid * CHUNK, n, nthreads * CHUNK):
             v = ld(x, row0 + j, row0 + n)
             g = ld(weight, j, n)
@@ -106,8 +120,18 @@ def rmsnorm(out, x, weight, eps, *, stream=0):
     if m == 0 or n == 0:
         return
     wide = wide_ok(x, n) and wide_ok(out, n) and wide_ok(weight, n)
-    rmsnorm_kernel(wide)[m, _threads_for(n), stream](flat(out), flat(x), weight,
-                                             float32(eps), n)
+    xf = flat(x)
+    rmsnorm_kernel(wide)[m, _threads_for(n), stream](flat(out), xf, xf, weight, float32(eps), n)
+
+
+def add_rmsnorm(out, x, y, weight, eps, *, stream=0):
+    # x, y, out: (m, n); weight: (n,). x += y, then out = rmsnorm(x) * weight (out may be y)
+    m, n = x.shape
+    if m == 0 or n == 0:
+        return
+    wide = wide_ok(x, n) and wide_ok(y, n) and wide_ok(out, n) and wide_ok(weight, n)
+    rmsnorm_kernel(wide, True)[m, _threads_for(n), stream](flat(out), flat(x), flat(y), weight,
+                                                           float32(eps), n)
 
 
 def silu_mul(out, gate, up, *, stream=0):

@@ -37,7 +37,9 @@ DEC = (F, B, I, I, I, I, AT, I, I, I, I, I)   # attention decode's arguments aft
 def kernels():
     """(name, dispatcher, argument types) for every kernel and variant."""
     for wide in (True, False):
-        yield f"rmsnorm[wide={wide}]", N.rmsnorm_kernel(wide), (F32, F32, F32, F, I)
+        yield f"rmsnorm[wide={wide}]", N.rmsnorm_kernel(wide), (F32, F32, F32, F32, F, I)
+        yield (f"add_rmsnorm[wide={wide}]", N.rmsnorm_kernel(wide, True),
+               (F32, F32, F32, F32, F, I))
         yield f"silu_mul[wide={wide}]", N.silu_mul_kernel(wide), (F32, F32, F32, I)
         yield (f"masked_softmax[wide={wide}]", S.masked_softmax_kernel(wide),
                (F32, F32, F32, F, B, I, I))

@@ -66,6 +66,23 @@ def test_rmsnorm(shape):
     np.testing.assert_allclose(xd.copy_to_host(), got, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", NORM + (NORM_FULL if GPU else []))
+def test_add_rmsnorm(shape):
+    """x += y on the device, out = rmsnorm(x) * w, into y (the model's use) and the CPU's."""
+    m, n = shape
+    rng = np.random.default_rng(m * 31 + n)
+    x, y, w = randn(rng, m, n) * 3, randn(rng, m, n), randn(rng, n)
+    total = x.astype(np.float64) + y
+    xd, yd = dev(x), dev(y)
+    norm_cuda.add_rmsnorm(yd, xd, yd, dev(w), 1e-5)
+    np.testing.assert_allclose(xd.copy_to_host(), total, rtol=1e-6, atol=1e-6)
+    got = yd.copy_to_host()
+    assert rel_err(got, rmsnorm_ref(total, w, 1e-5)) < 1e-5
+    xc, yc = x.copy(), y.copy()
+    norm_cpu.add_rmsnorm(yc, xc, yc, w, 1e-5)
+    np.testing.assert_allclose(got, yc, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("n", [1, 13, 2048, 2053] + ([11008, 14336 * 8 + 3] if GPU else []))
 def test_silu_mul(n):
     rng = np.random.default_rng(n)
