@@ -62,7 +62,8 @@ class ChatTemplate:
         model's, when the tokenizer names none). Raises ChatTemplateError when it has none."""
         if tokenizer.chat_template is None:
             raise ChatTemplateError("the model has no chat template (chat_template in "
-                                    "tokenizer_config.json)")
+                                    "tokenizer_config.json, or tokenizer.chat_template in a "
+                                    "GGUF file)")
         tokens = dict(tokenizer.special_tokens)
         if "eos_token" not in tokens and eos_token_ids:
             eos = tokenizer.hf.id_to_token(eos_token_ids[0])
