@@ -1,10 +1,11 @@
-"""linear and embedding with bfloat16 and float16 weights on the CPU, on both paths (AVX-512:
-widening FMAs, the vdpbf16ps GEMM; portable: plain loops, widened tiles and sgemm), against
+"""linear and embedding with bfloat16 and float16 weights on the CPU, on every path (fast:
+widening FMAs, AMX-BF16 tiles where the CPU has them; no-amx: the vdpbf16ps GEMM in their
+place; portable: plain loops, widened tiles and sgemm), against
 float64 references on the weights as stored (widening a 16-bit float to float32 is exact).
 
 The bounds: a float32 sum of k random-sign terms t_j makes roundings of at most u = 2^-24
 relative to partial sums about |t|_2 = sqrt(sum t_j^2) in size, independent from step to step,
-so the total error is about u sqrt(k) |t|_2; 8x that is the bound. The BF16 GEMM rounds x to
+so the total error is about u sqrt(k) |t|_2; 8x that is the bound. The BF16 GEMMs round x to
 bfloat16 first: against x rounded the same way (ml_dtypes, nearest even) the float32 bound
 holds, and against x itself each product is off by at most 2^-9 of itself."""
 import os
@@ -29,16 +30,30 @@ def _not_this_path(*args):
     raise AssertionError("the other path's kernel ran")
 
 
-@pytest.fixture(params=["fast", "portable"])
+AMX = llvm_cpu.amx_path("amx-bf16")
+
+
+@pytest.fixture(params=["fast", "no-amx", "portable"])
 def path(request, monkeypatch):
-    """Run the test on one path; the other path's kernels raise, so the path is the one named."""
-    if request.param == "fast":
+    """Run the test on one path; the other paths' kernels raise, so the path is the one named."""
+    if request.param != "portable":
         monkeypatch.setattr(linear_bf16_cpu, "_gemv_rows_portable", _not_this_path)
-    else:
+    if request.param == "fast" and AMX:
+        vdpbf16ps = linear_bf16_cpu.gemm_bf16
+
+        def gemm_bf16(out, x, w):     # the AMX GEMM takes every input length of 32s
+            assert x.shape[1] % 32, "the vdpbf16ps GEMM ran where the AMX one should"
+            return vdpbf16ps(out, x, w)
+        monkeypatch.setattr(linear_bf16_cpu, "gemm_bf16", gemm_bf16)
+    elif request.param == "no-amx":
+        monkeypatch.setattr(llvm_cpu, "CPU_PATH", "no-amx")
+        monkeypatch.setattr(linear_bf16_cpu, "gemm_bf16_amx", _not_this_path)
+    elif request.param == "portable":
         monkeypatch.setattr(llvm_cpu, "CPU_PATH", "portable")
         monkeypatch.setattr(linear_bf16_cpu, "_gemv", _not_this_path)
         monkeypatch.setattr(linear_bf16_cpu, "_gemv_rows", _not_this_path)
         monkeypatch.setattr(linear_bf16_cpu, "gemm_bf16", _not_this_path)
+        monkeypatch.setattr(linear_bf16_cpu, "gemm_bf16_amx", _not_this_path)
     return request.param
 
 
@@ -57,8 +72,8 @@ def assert_f32_close(y, x, w, what="float32 sums"):
 
 
 def rounds_x(path, m, w):
-    """Whether this call takes the BF16 GEMM, which rounds x to bfloat16."""
-    return (path == "fast" and w.dtype == BF16 and m >= linear_bf16_cpu.GEMM_BF16_MIN_ROWS
+    """Whether this call takes a BF16 GEMM, which rounds x to bfloat16."""
+    return (path != "portable" and w.dtype == BF16 and m >= linear_bf16_cpu.GEMM_BF16_MIN_ROWS
             and llvm_cpu.fast_path("avx512bf16"))
 
 
@@ -93,6 +108,19 @@ def test_bf16_gemm_tiles_and_k_blocks(monkeypatch, m):
     monkeypatch.setattr(linear_bf16_cpu, "KC_PAIRS", 5)
     w, x = randn(1, 70, 301).astype(BF16), randn(2, m, 301)
     assert_linear_close(ops.linear(x, w), x, w, "fast")
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU (or its kernel) offers no AMX-BF16 tiles")
+@pytest.mark.parametrize("m,k,n", [(17, 32, 1), (40, 96, 33), (100, 160, 70), (33, 4096, 64)])
+def test_amx_gemm_slices_and_edges(monkeypatch, m, k, n):
+    """The AMX GEMM alone: rows of x past a 16- or 32-row block, rows of w past a 32-row
+    block, several slices of the input axis (a slice of 1 or 3 steps of 32), one step."""
+    for kc in (1, 3, 16):
+        monkeypatch.setattr(linear_bf16_cpu, "AMX_KC", kc)
+        w, x = (randn(k, n, k) * np.float32(0.05)).astype(BF16), randn(m, m, k)
+        out = np.full((m, n), np.nan, np.float32)
+        linear_bf16_cpu.gemm_bf16_amx(out, x, w.view(np.uint16))
+        assert_linear_close(out, x, w, "fast")
 
 
 def test_widened_tiles_cover_every_row(monkeypatch):
@@ -170,8 +198,8 @@ def test_wrong_reference_is_detected():
 
 
 def test_path_from_the_environment():
-    """NUMBA_ATTN_CPU_PATH=portable, read at import, turns every fast path off; other values
-    are refused."""
+    """NUMBA_ATTN_CPU_PATH=portable, read at import, turns every fast path off, no-amx only AMX;
+    other values are refused."""
     import subprocess
     import sys
     code = ("from numba_attn.kernels import llvm_cpu; "
@@ -179,9 +207,15 @@ def test_path_from_the_environment():
     env = dict(os.environ, NUMBA_ATTN_CPU_PATH="portable")
     got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert got.stdout.split() == ["portable", "False", "False"], got.stderr
+    env["NUMBA_ATTN_CPU_PATH"] = "no-amx"
+    got = subprocess.run([sys.executable, "-c", code + "; print(llvm_cpu.amx_path())"],
+                         env=env, capture_output=True, text=True)
+    assert got.stdout.split() == ["no-amx", "True", str(FAST and llvm_cpu.fast_path(
+        "avx512vnni")), "False"], got.stderr
     env["NUMBA_ATTN_CPU_PATH"] = "fastest"
     got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert got.returncode != 0 and "must be 'fast' or 'portable', got 'fastest'" in got.stderr
+    assert got.returncode != 0 and ("must be one of 'fast', 'no-amx', 'portable', got "
+                                    "'fastest'") in got.stderr
 
 
 def test_errors():

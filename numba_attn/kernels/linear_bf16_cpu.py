@@ -11,9 +11,11 @@ relative) for no gain where memory is the limit (12288x4096 on 2 cores with the 
 flushed: 1.8-1.9 ms = 2.6-2.8x our float32 GEMV, 53-56 GB/s). The portable path is the same
 loop in plain numba (the widening as integer arithmetic), which LLVM vectorises.
 
-Prefill (more rows): with AVX-512 BF16, x rounded to bfloat16 once and a blocked vdpbf16ps
-GEMM (gemm_bf16) at twice float32's FMA rate; otherwise (and for float16) tiles of w widened
-to float32 in cache and NumPy's BLAS sgemm."""
+Prefill (more rows): x rounded to bfloat16 once, then with AMX-BF16 tiles (gemm_bf16_amx,
+several times float32's FMA rate), else with AVX-512 BF16 a blocked vdpbf16ps GEMM (gemm_bf16,
+twice float32's rate); otherwise (and for float16) tiles of w widened to float32 in cache and
+NumPy's BLAS sgemm. Products of bfloat16s are exact in float32 and summed in float32 on every
+path."""
 import numpy as np
 from llvmlite import ir
 from numba import float32, int32, njit, prange, types, uint64
@@ -22,8 +24,9 @@ from numba.extending import intrinsic
 
 from . import cpu_pool
 from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, _add_bias
-from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, bits_as_float32, dpbf16ps, \
-    fast_path, float32_bits, fma, hsum, prefetch
+from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, amx_path, bits_as_float32, \
+    dpbf16ps, fast_path, float32_bits, fma, hsum, prefetch, tile_config, tile_config_bytes, \
+    tile_dpbf16ps, tile_load, tile_release, tile_store, tile_zero
 
 _VEC = 16     # weights per vector in _dots4_f16 (32 bytes, widened to 512 bits)
 _UNROLL = 4   # vectors per row per loop step in _dots4_f16 (4 accumulators a row, 2 lines)
@@ -41,7 +44,13 @@ TILE_BYTES = 1 << 23
 MR = 8
 NR = 48
 KC_PAIRS = 256
-# from this many rows of x the BF16 GEMM, below it the few-rows kernel (5632x2048: 16 rows
+# prefill with AMX-BF16 (gemm_bf16_amx): 32 rows of w, as they lie in memory, are two A tiles
+# (16 rows x 32 bfloat16 each), 32 rows of x packed in pairs (pack_x_bf16, 16 rows a block) two
+# B tiles, and four 16 x 16 float32 tiles accumulate their products; AMX_KC steps of 32 along
+# the input axis a pass keep w's 32 rows in L1 (32 KB) and x's slice in L2 (m x 1 KB)
+AMX_KC = 16
+_AMX_CFG = tile_config_bytes()
+# from this many rows of x the BF16 GEMMs, below it the few-rows kernel (5632x2048: 16 rows
 # 3.0 against 3.6 ms, 24 rows 4.7 against 4.1)
 GEMM_BF16_MIN_ROWS = GEMV_MAX_ROWS + 1
 
@@ -417,17 +426,17 @@ def _pack_panel(bp, w2, j0, p0):
 
 
 @njit(parallel=True, cache=True)
-def _gemm_bf16(out, ap, w2):
+def _gemm_bf16(out, ap, w2, kc_pairs):
     # out: (m, n) float32; ap: x packed by pack_x_bf16; w2: (n, kp) uint32, w's bfloat16 bits
-    # two a word. For each KC_PAIRS slice of the input axis, a parallel loop over panels of NR
-    # rows of w: the panel packed (KC_PAIRS, NR) in L1, then every MR block of x's rows
-    # against it, the tile written (first slice) or added into out; tiles cut off by out's
-    # edges go through a scratch tile
+    # two a word. For each slice of kc_pairs (KC_PAIRS) pairs of the input axis, a parallel
+    # loop over panels of NR rows of w: the panel packed (kc, NR) in L1, then every MR block of
+    # x's rows against it, the tile written (first slice) or added into out; tiles cut off by
+    # out's edges go through a scratch tile
     m, n = out.shape
     mb, kp, _ = ap.shape
     ap_a, out_a, ldc = ap.ctypes.data, out.ctypes.data, out.strides[0] // 4
-    for p0 in range(0, kp, KC_PAIRS):
-        kc = min(KC_PAIRS, kp - p0)
+    for p0 in range(0, kp, kc_pairs):
+        kc = min(kc_pairs, kp - p0)
         first = p0 == 0
         for jb in prange((n + NR - 1) // NR):
             j0 = jb * NR
@@ -460,7 +469,95 @@ def gemm_bf16(out, x, w):
         w = np.concatenate([w, np.zeros((w.shape[0], 1), np.uint16)], axis=1)
     ap = np.empty(((m + MR - 1) // MR, (k + 1) // 2, MR), np.uint32)
     pack_x_bf16(ap, x)
-    _gemm_bf16(out, ap, w.view(np.uint32))
+    _gemm_bf16(out, ap, w.view(np.uint32), KC_PAIRS)
+
+
+@intrinsic
+def _amx_tiles(typingctx, acc, a, lda, b, ldb, ksteps, accumulate):
+    """The four accumulator tiles at acc (C00 C01 C10 C11, 1 KB each: rows of w by rows of x)
+    (+)= A B over ksteps steps of 32 along the input axis: A0, A1 the 16-row halves of w's 32
+    rows at a (lda bytes a row), B0, B1 the packed pairs of x's two 16-row blocks at b and
+    b + ldb (a step: 16 pairs x 64 bytes). Added to the tiles' contents when accumulate, else
+    from zero. Tiles: 0-3 C, 4-5 A, 6-7 B."""
+    sig = types.void(acc, a, lda, b, ldb, ksteps, accumulate)
+
+    def codegen(context, builder, signature, args):
+        acc, a, lda, b, ldb, ks = [context.cast(builder, v, t, types.int64)
+                                   for v, t in zip(args[:6], signature.args[:6])]
+        accumulate = context.cast(builder, args[6], signature.args[6], types.boolean)
+
+        def c(v):
+            return ir.Constant(_I64, v)
+        with builder.if_else(accumulate) as (then, otherwise):
+            with then:
+                for t in range(4):
+                    tile_load(builder, t, builder.add(acc, c(1024 * t)), c(64))
+            with otherwise:
+                for t in range(4):
+                    tile_zero(builder, t)
+        lda16 = builder.mul(lda, c(16))
+        with cgutils.for_range(builder, ks) as loop:
+            ak = builder.add(a, builder.mul(loop.index, c(64)))
+            bk = builder.add(b, builder.mul(loop.index, c(1024)))
+            tile_load(builder, 4, ak, lda)
+            tile_load(builder, 6, bk, c(64))
+            tile_dpbf16ps(builder, 0, 4, 6)
+            tile_load(builder, 7, builder.add(bk, ldb), c(64))
+            tile_dpbf16ps(builder, 1, 4, 7)
+            tile_load(builder, 5, builder.add(ak, lda16), lda)
+            tile_dpbf16ps(builder, 2, 5, 6)
+            tile_dpbf16ps(builder, 3, 5, 7)
+        for t in range(4):
+            tile_store(builder, t, builder.add(acc, c(1024 * t)), c(64))
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@njit(parallel=True, cache=True)
+def _gemm_bf16_amx(out, ap, w, cfg, kc):
+    # out: (m, n) float32; ap: (mt, kp, 16) uint32, x packed by pack_x_bf16 (mt even, rows past
+    # m zeros); w: (n, k) bfloat16 bits, C-contiguous, k a multiple of 32; cfg: the tile
+    # configuration; kc: steps of 32 a slice (AMX_KC). A parallel loop over blocks of 32 rows
+    # of w (the last padded with zero rows): for each slice of the input axis, every 32-row
+    # block of x against them
+    m, n = out.shape
+    mt, kp, _ = ap.shape
+    k = w.shape[1]
+    nk, nxb = k // 32, mt // 2
+    for jb in prange((n + 31) // 32):
+        j0 = jb * 32
+        nr = min(32, n - j0)
+        rows = np.zeros((32, k), np.uint16) if nr < 32 else w[j0:j0 + 32]
+        if nr < 32:
+            rows[:nr] = w[j0:]
+        acc = np.empty((nxb, 4, 16, 16), np.float32)
+        tile_config(cfg.ctypes.data)
+        for s0 in range(0, nk, kc):
+            for xb in range(nxb):
+                _amx_tiles(acc[xb].ctypes.data, rows.ctypes.data + 64 * s0, 2 * k,
+                           ap.ctypes.data + 64 * (2 * xb * kp + 16 * s0), 64 * kp,
+                           min(kc, nk - s0), s0 > 0)
+        tile_release()
+        for xb in range(nxb):               # acc[xb, 2 ti + tj, i, c]: w row 16 ti + i,
+            for tj in range(2):             # x row 16 tj + c
+                for c in range(16):
+                    r = 32 * xb + 16 * tj + c
+                    if r < m:
+                        for ti in range(2):
+                            for i in range(min(16, nr - 16 * ti)):
+                                out[r, j0 + 16 * ti + i] = acc[xb, 2 * ti + tj, i, c]
+
+
+def gemm_bf16_amx(out, x, w):
+    # x: (m, k) float32, k a multiple of 32; w: (n, k) bfloat16 bits (uint16), C-contiguous;
+    # out: (m, n). x rounded to bfloat16 and packed once, then the AMX tiles
+    if not amx_path("amx-bf16"):      # also asks the kernel for the tile state, once
+        raise RuntimeError("AMX-BF16 tiles are not available to this process")
+    m, k = x.shape
+    mt = (m + 15) // 16
+    ap = np.empty((mt + mt % 2, k // 2, 16), np.uint32)
+    pack_x_bf16(ap, x)
+    _gemm_bf16_amx(out, ap, w, _AMX_CFG, AMX_KC)
 
 
 def linear(out, x, w, bias):
@@ -475,6 +572,9 @@ def linear(out, x, w, bias):
             cpu_pool.run(gemv, m * w.size, out, x, x if half else even_odd(x), bits, half)
         else:
             cpu_pool.run(_gemv_rows_portable, m * w.size, out, x, bits, half)
+    elif not half and m >= GEMM_BF16_MIN_ROWS and x.shape[1] % 32 == 0 \
+            and amx_path("amx-bf16"):
+        gemm_bf16_amx(out, x, bits)
     elif not half and m >= GEMM_BF16_MIN_ROWS and fast_path("avx512bf16"):
         gemm_bf16(out, x, bits)
     else:

@@ -1,8 +1,12 @@
 """LLVM IR pieces shared by the CPU kernels written as numba intrinsics (explicit vectors):
 the scalar types, the fma, prefetch and masked-store intrinsics declared once per module, and
-non-temporal stores; the AVX-512 dot-product instructions (VNNI int8, BF16) and the check
-that the host has them (fast_path), which the environment can turn off."""
+non-temporal stores; the AVX-512 dot-product instructions (VNNI int8, BF16), the AMX tile
+instructions, and the check that the host has them (fast_path), which the environment can
+turn off."""
+import ctypes
+import functools
 import os
+import sys
 
 import llvmlite.binding as _llvm
 from llvmlite import ir
@@ -11,6 +15,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 F32 = ir.FloatType()
+I8 = ir.IntType(8)
 I32 = ir.IntType(32)
 I64 = ir.IntType(64)
 I8P = ir.PointerType(ir.IntType(8))
@@ -52,17 +57,42 @@ def masked_store(builder, v, ptr, lanes):
 # -- instruction sets: the kernels with ISA-specific intrinsics run only where the host has them
 
 # "portable" sends every kernel family down its plain-loop path (no ISA-specific intrinsics),
-# as on a CPU without them; read once at import, and the attribute may be set at run time
+# as on a CPU without them; "no-amx" keeps the AVX-512 paths and leaves AMX tiles out; read
+# once at import, and the attribute may be set at run time
+CPU_PATHS = ("fast", "no-amx", "portable")
 CPU_PATH = os.environ.get("NUMBA_ATTN_CPU_PATH", "fast")
-if CPU_PATH not in ("fast", "portable"):
-    raise ValueError(f"NUMBA_ATTN_CPU_PATH must be 'fast' or 'portable', got {CPU_PATH!r}")
+if CPU_PATH not in CPU_PATHS:
+    raise ValueError(f"NUMBA_ATTN_CPU_PATH must be one of {', '.join(map(repr, CPU_PATHS))}, "
+                     f"got {CPU_PATH!r}")
 HOST_FEATURES = frozenset(k for k, v in _llvm.get_host_cpu_features().items() if v)
 
 
 def fast_path(*features):
     """True when the host CPU has every LLVM feature named (e.g. "avx512vnni") and the portable
     path is not forced (CPU_PATH)."""
-    return CPU_PATH != "portable" and all(f in HOST_FEATURES for f in features)
+    if CPU_PATH == "portable" or (CPU_PATH == "no-amx" and any(f.startswith("amx")
+                                                                for f in features)):
+        return False
+    return all(f in HOST_FEATURES for f in features)
+
+
+@functools.lru_cache(maxsize=None)
+def _amx_permitted():
+    # Linux hands out AMX's tile state (8 KB a thread) only to a process that asks once:
+    # arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); a tile instruction faults without it
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(158, 0x1023, 18) == 0    # SYS_arch_prctl on x86-64
+    except (OSError, AttributeError):
+        return False
+
+
+def amx_path(*features):
+    """True when the host has AMX tiles and the AMX features named (e.g. "amx-bf16"), the
+    kernel lets this process use them, and CPU_PATH allows them."""
+    return fast_path("amx-tile", *features) and _amx_permitted()
 
 
 def vpdpbusd(builder):
@@ -117,3 +147,67 @@ def float32_bits(typingctx, f):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], I32)
     return types.int32(f), codegen
+
+
+# -- AMX: eight tile registers (up to 16 rows of 64 bytes), numbered by immediates
+
+def _amx(builder, name, *arg_types):
+    return cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), list(arg_types)), f"llvm.x86.{name}")
+
+
+def tile_load(builder, tile, addr, stride):
+    """Tile register `tile` = its rows read from byte address addr, stride bytes apart."""
+    builder.call(_amx(builder, "tileloadd64", I8, I8P, I64),
+                 [ir.Constant(I8, tile), builder.inttoptr(addr, I8P), stride])
+
+
+def tile_store(builder, tile, addr, stride):
+    """Tile register `tile`'s rows written at byte address addr, stride bytes apart."""
+    builder.call(_amx(builder, "tilestored64", I8, I8P, I64),
+                 [ir.Constant(I8, tile), builder.inttoptr(addr, I8P), stride])
+
+
+def tile_zero(builder, tile):
+    builder.call(_amx(builder, "tilezero", I8), [ir.Constant(I8, tile)])
+
+
+def tile_dpbf16ps(builder, c, a, b):
+    """AMX-BF16: tile c (16 x 16 float32) += tile a (16 rows x 32 bfloat16) times tile b (16
+    pairs of rows x 16 columns, each column's bfloat16 pair side by side)."""
+    builder.call(_amx(builder, "tdpbf16ps", I8, I8, I8),
+                 [ir.Constant(I8, c), ir.Constant(I8, a), ir.Constant(I8, b)])
+
+
+
+@intrinsic
+def tile_config(typingctx, cfg):
+    """Load the calling thread's tile configuration from the 64 bytes at address cfg (see
+    tile_config_bytes); it stays until tile_release."""
+    sig = types.void(cfg)
+
+    def codegen(context, builder, signature, args):
+        a = context.cast(builder, args[0], signature.args[0], types.int64)
+        builder.call(_amx(builder, "ldtilecfg", I8P), [builder.inttoptr(a, I8P)])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def tile_release(typingctx):
+    """Drop the calling thread's tile state (so context switches stop saving it)."""
+    def codegen(context, builder, signature, args):
+        builder.call(_amx(builder, "tilerelease"), [])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+def tile_config_bytes(tiles=8, rows=16, colsb=64):
+    """The 64-byte tile configuration (palette 1): the first `tiles` registers rows x colsb
+    bytes each."""
+    import numpy as np
+    cfg = np.zeros(64, np.uint8)
+    cfg[0] = 1
+    cfg[16:48].view(np.uint16)[:tiles] = colsb
+    cfg[48:48 + tiles] = rows
+    return cfg
