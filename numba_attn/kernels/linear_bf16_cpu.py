@@ -44,10 +44,10 @@ TILE_BYTES = 1 << 23
 MR = 8
 NR = 48
 KC_PAIRS = 256
-# prefill with AMX-BF16 (gemm_bf16_amx): 32 rows of w, as they lie in memory, are two A tiles
-# (16 rows x 32 bfloat16 each), 32 rows of x packed in pairs (pack_x_bf16, 16 rows a block) two
-# B tiles, and four 16 x 16 float32 tiles accumulate their products; AMX_KC steps of 32 along
-# the input axis a pass keep w's 32 rows in L1 (32 KB) and x's slice in L2 (m x 1 KB)
+# prefill with AMX-BF16 (gemm_bf16_amx): 32 rows of w are two A tiles (16 rows x 32 bfloat16
+# each), 32 rows of x packed in pairs (pack_x_bf16, 16 rows a block) two B tiles, and four
+# 16 x 16 float32 tiles accumulate their products; AMX_KC steps of 32 along the input axis a
+# pass keep w's 32 rows in L1 (32 KB) and x's slice in L2 (m x 1 KB)
 AMX_KC = 16
 _AMX_CFG = tile_config_bytes()
 # from this many rows of x the BF16 GEMMs, below it the few-rows kernel (5632x2048: 16 rows
@@ -473,18 +473,18 @@ def gemm_bf16(out, x, w):
 
 
 @intrinsic
-def _amx_tiles(typingctx, acc, a, lda, b, ldb, ksteps, accumulate):
+def _amx_tiles(typingctx, acc, a, b, ldb, ksteps, accumulate):
     """The four accumulator tiles at acc (C00 C01 C10 C11, 1 KB each: rows of w by rows of x)
     (+)= A B over ksteps steps of 32 along the input axis: A0, A1 the 16-row halves of w's 32
-    rows at a (lda bytes a row), B0, B1 the packed pairs of x's two 16-row blocks at b and
-    b + ldb (a step: 16 pairs x 64 bytes). Added to the tiles' contents when accumulate, else
-    from zero. Tiles: 0-3 C, 4-5 A, 6-7 B."""
-    sig = types.void(acc, a, lda, b, ldb, ksteps, accumulate)
+    rows, packed (a step: 2 KB at a, A1 1 KB in), B0, B1 the packed pairs of x's two 16-row
+    blocks at b and b + ldb (a step: 16 pairs x 64 bytes). Added to the tiles' contents when
+    accumulate, else from zero. Tiles: 0-3 C, 4-5 A, 6-7 B."""
+    sig = types.void(acc, a, b, ldb, ksteps, accumulate)
 
     def codegen(context, builder, signature, args):
-        acc, a, lda, b, ldb, ks = [context.cast(builder, v, t, types.int64)
-                                   for v, t in zip(args[:6], signature.args[:6])]
-        accumulate = context.cast(builder, args[6], signature.args[6], types.boolean)
+        acc, a, b, ldb, ks = [context.cast(builder, v, t, types.int64)
+                              for v, t in zip(args[:5], signature.args[:5])]
+        accumulate = context.cast(builder, args[5], signature.args[5], types.boolean)
 
         def c(v):
             return ir.Constant(_I64, v)
@@ -495,16 +495,15 @@ def _amx_tiles(typingctx, acc, a, lda, b, ldb, ksteps, accumulate):
             with otherwise:
                 for t in range(4):
                     tile_zero(builder, t)
-        lda16 = builder.mul(lda, c(16))
         with cgutils.for_range(builder, ks) as loop:
-            ak = builder.add(a, builder.mul(loop.index, c(64)))
+            ak = builder.add(a, builder.mul(loop.index, c(2048)))
             bk = builder.add(b, builder.mul(loop.index, c(1024)))
-            tile_load(builder, 4, ak, lda)
+            tile_load(builder, 4, ak, c(64))
             tile_load(builder, 6, bk, c(64))
             tile_dpbf16ps(builder, 0, 4, 6)
             tile_load(builder, 7, builder.add(bk, ldb), c(64))
             tile_dpbf16ps(builder, 1, 4, 7)
-            tile_load(builder, 5, builder.add(ak, lda16), lda)
+            tile_load(builder, 5, builder.add(ak, c(1024)), c(64))
             tile_dpbf16ps(builder, 2, 5, 6)
             tile_dpbf16ps(builder, 3, 5, 7)
         for t in range(4):
@@ -513,28 +512,42 @@ def _amx_tiles(typingctx, acc, a, lda, b, ldb, ksteps, accumulate):
     return sig, codegen
 
 
+@njit(inline="always", cache=True)
+def _pack_rows_amx(ak, w, j0):
+    # ak: (k / 32, 32, 32) uint16 = rows j0 .. j0 + 31 of w (zeros past its end), step s of 32
+    # along the input axis at ak[s]: one 2 KB block, its 16-row halves the A tiles
+    nk = ak.shape[0]
+    nr = min(32, w.shape[0] - j0)
+    for s in range(nk):
+        for r in range(32):
+            if r < nr:
+                for e in range(32):
+                    ak[s, r, e] = w[j0 + r, 32 * s + e]
+            else:
+                for e in range(32):
+                    ak[s, r, e] = 0
+
+
 @njit(parallel=True, cache=True)
 def _gemm_bf16_amx(out, ap, w, cfg, kc):
     # out: (m, n) float32; ap: (mt, kp, 16) uint32, x packed by pack_x_bf16 (mt even, rows past
-    # m zeros); w: (n, k) bfloat16 bits, C-contiguous, k a multiple of 32; cfg: the tile
-    # configuration; kc: steps of 32 a slice (AMX_KC). A parallel loop over blocks of 32 rows
-    # of w (the last padded with zero rows): for each slice of the input axis, every 32-row
-    # block of x against them
+    # m zeros); w: (n, k) bfloat16 bits, k a multiple of 32; cfg: the tile configuration; kc:
+    # steps of 32 a slice (AMX_KC). A parallel loop over blocks of 32 rows of w, each packed
+    # (w's rows lie 2k bytes apart: 32 of them share a few L1 sets): for each slice of the
+    # input axis, every 32-row block of x against them
     m, n = out.shape
     mt, kp, _ = ap.shape
-    k = w.shape[1]
-    nk, nxb = k // 32, mt // 2
+    nk, nxb = w.shape[1] // 32, mt // 2
     for jb in prange((n + 31) // 32):
         j0 = jb * 32
         nr = min(32, n - j0)
-        rows = np.zeros((32, k), np.uint16) if nr < 32 else w[j0:j0 + 32]
-        if nr < 32:
-            rows[:nr] = w[j0:]
+        ak = np.empty((nk, 32, 32), np.uint16)
+        _pack_rows_amx(ak, w, j0)
         acc = np.empty((nxb, 4, 16, 16), np.float32)
         tile_config(cfg.ctypes.data)
         for s0 in range(0, nk, kc):
             for xb in range(nxb):
-                _amx_tiles(acc[xb].ctypes.data, rows.ctypes.data + 64 * s0, 2 * k,
+                _amx_tiles(acc[xb].ctypes.data, ak.ctypes.data + 2048 * s0,
                            ap.ctypes.data + 64 * (2 * xb * kp + 16 * s0), 64 * kp,
                            min(kc, nk - s0), s0 > 0)
         tile_release()
@@ -549,8 +562,7 @@ def _gemm_bf16_amx(out, ap, w, cfg, kc):
 
 
 def gemm_bf16_amx(out, x, w):
-    # x: (m, k) float32, k a multiple of 32; w: (n, k) bfloat16 bits (uint16), C-contiguous;
-    # out: (m, n). x rounded to bfloat16 and packed once, then the AMX tiles
+    # x: (m, k) float32, k a multiple of 32; w: (n, k) bfloat16 bits (uint16); out: (m, n). x rounded to bfloat16 and packed once, then the AMX tiles
     if not amx_path("amx-bf16"):      # also asks the kernel for the tile state, once
         raise RuntimeError("AMX-BF16 tiles are not available to this process")
     m, k = x.shape
