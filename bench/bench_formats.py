@@ -1,13 +1,15 @@
 """Weight formats on the CPU: decode GEMV and prefill GEMM for float32, bfloat16 and q8_0 weights
-through numba_attn.ops.linear, on the fast (AVX-512 VNNI / BF16) and portable paths.
+through numba_attn.ops.linear, on the fast (AVX-512 VNNI / BF16, AMX tiles), no-amx (bfloat16
+prefill on vdpbf16ps where AMX is there) and portable paths.
 
     python bench/bench_formats.py [--repeat 20] [--rounds 2] [--only decode|prefill]
 
 Decode: for TinyLlama's projections (out x in: q/o 2048x2048, k/v 256x2048, gate/up 5632x2048,
 down 2048x5632, lm_head 32000x2048) and a large 12288x4096, the time of one row (best of
 --repeat after a warm-up; JIT compile reported on its own), each timed call with the weights
-out of the caches (a 96 MB buffer is read before it, as the other layers' weights would be
-in a model: a matrix reused call after call would be served from the 32 MB L3 instead),
+out of the caches (a buffer of twice the last-level cache, 96 MB at least, is read before it,
+as the other layers' weights would be in a model: a matrix reused call after call would be
+served from the L3 instead),
 the GB/s of weight bytes read,
 the speed-up over our float32 GEMV of the same shape (time ratio), and the share of the best
 read rate measured here (the fastest over the same 201 MB of NumPy BLAS's float32 GEMV of
@@ -37,7 +39,21 @@ PREFILL_ROWS = 512
 FORMATS = ["float32", "bfloat16", "q8_0"]
 
 
-_EVICT = None   # (24M,) float32: read before a cold call, so its weights come from memory
+_EVICT = None   # float32, twice the last-level cache (96 MB at least): read before a cold call,
+#                 so its weights come from memory
+
+
+def _llc_bytes():
+    """The size of the last-level cache sysfs reports for CPU 0 (0 where it reports none)."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        sizes = [open(os.path.join(base, d, "size")).read().strip() for d in os.listdir(base)
+                 if d.startswith("index")]
+    except OSError:
+        return 0
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return max([int(v[:-1]) * units[v[-1]] if v[-1] in units else int(v) for v in sizes],
+               default=0)
 
 
 def best_time(f, repeat, cold=False):
@@ -45,7 +61,7 @@ def best_time(f, repeat, cold=False):
     call (by reading _EVICT, outside the timing)."""
     global _EVICT
     if cold and _EVICT is None:
-        _EVICT = np.ones(24 << 20, np.float32)
+        _EVICT = np.ones(max(24 << 20, _llc_bytes() // 2), np.float32)
     t0 = time.perf_counter()
     f()
     warm = time.perf_counter() - t0
@@ -83,8 +99,12 @@ def stored(w, fmt):
     return quantize_q8_0(w)
 
 
-def paths(fmt):
-    return ["fast"] if fmt == "float32" else ["fast", "portable"]
+def paths(fmt, prefill=False):
+    if fmt == "float32":
+        return ["fast"]
+    if prefill and fmt == "bfloat16" and llvm_cpu.amx_path("amx-bf16"):
+        return ["fast", "no-amx", "portable"]        # AMX tiles, vdpbf16ps, widened + sgemm
+    return ["fast", "portable"]
 
 
 def run_path(path, f):
@@ -155,7 +175,7 @@ def prefill(repeat):
               f"{flop / sgemm / 1e9:8.1f} {1:7.2f}x")
         for fmt in FORMATS:
             w = stored(w32, fmt)
-            for path in paths(fmt):
+            for path in paths(fmt, prefill=True):
                 _, t = run_path(path, lambda: best_time(lambda: ops.linear(x, w, out=out),
                                                         repeat))
                 print(f"{'':21}{n:>8}x{k:<8} {fmt:>9} {path:>8} {t * 1e3:8.2f} "
@@ -172,7 +192,8 @@ def main():
                     help="run one part (default: both)")
     args = ap.parse_args()
     print(f"CPU: {llvm_cpu._llvm.get_host_cpu_name()}, fast path features: "
-          f"vnni={llvm_cpu.fast_path('avx512vnni')} bf16={llvm_cpu.fast_path('avx512bf16')}; "
+          f"vnni={llvm_cpu.fast_path('avx512vnni')} bf16={llvm_cpu.fast_path('avx512bf16')} "
+          f"amx-bf16={llvm_cpu.amx_path('amx-bf16')}; "
           f"bytes per weight: " + ", ".join(f"{f} {weight_format(f).bytes_per_weight:g}"
                                             for f in FORMATS))
     if args.only in (None, "decode"):
