@@ -100,6 +100,21 @@ def test_linear_16bit_matches_reference(path, dtype, m, k, n):
     assert_linear_close(y, x, w, path)
 
 
+@pytest.mark.parametrize("one_stream", [True, False], ids=["one-row", "four-rows"])
+@pytest.mark.parametrize("dtype", [BF16, np.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("k,n", [(32, 7), (96, 1000), (4128, 33), (37, 9)])
+def test_decode_reads_one_or_four_rows(monkeypatch, one_stream, dtype, k, n):
+    """Decode's two ways through w (one row a step on AMD Zen, 4 rows elsewhere), each on any
+    CPU with the fast path; the other's kernel raises."""
+    if not (llvm_cpu.fast_path("f16c") if dtype == np.float16 else llvm_cpu.fast_path()):
+        pytest.skip("no fast path on this CPU")
+    monkeypatch.setattr(linear_bf16_cpu, "ONE_STREAM_DECODE", one_stream)
+    monkeypatch.setattr(linear_bf16_cpu, "_gemv_rows" if one_stream else "_gemv", _not_this_path)
+    w = (randn(k + n, n, k) * np.float32(0.05)).astype(dtype)
+    x = randn(k, 1, k)
+    assert_f32_close(ops.linear(x, w).astype(np.float64), x, w)
+
+
 @pytest.mark.parametrize("m", [17, 100])
 def test_bf16_gemm_tiles_and_k_blocks(monkeypatch, m):
     """The BF16 GEMM with several k slices (a small slice), row blocks and panels cut off."""

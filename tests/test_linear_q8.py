@@ -96,6 +96,20 @@ def test_linear_q8_matches_reference(path, m, k, n):
     assert_q8_close(y.astype(np.float64), x, q)
 
 
+@pytest.mark.parametrize("one_stream", [True, False], ids=["one-row", "four-rows"])
+@pytest.mark.parametrize("k,n", [(32, 7), (96, 1000), (4128, 33)])
+def test_decode_reads_one_or_four_rows(monkeypatch, one_stream, k, n):
+    """Decode's two ways through w (one row a step on AMD Zen, 4 rows elsewhere), each on any
+    CPU; the other's kernel raises."""
+    if not FAST:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    monkeypatch.setattr(linear_q8_cpu, "ONE_STREAM_DECODE", one_stream)
+    monkeypatch.setattr(linear_q8_cpu, "_gemv_rows" if one_stream else "_gemv", _not_this_path)
+    q = quantize_q8_0(randn(k + n, n, k) * np.float32(0.05))
+    x = randn(k, 1, k)
+    assert_q8_close(ops.linear(x, q).astype(np.float64), x, q)
+
+
 def test_paths_agree_on_block_sums():
     """The two paths share every block's integer sum; only float32 additions differ."""
     if not FAST:

@@ -5,8 +5,8 @@ linear_cpu.py, function for function; x, out and the sums are float32.
 Decode and a few rows (up to GEMV_MAX_ROWS) read w once, 2 bytes a weight, and are bound by
 memory: each weight is widened to float32 exactly (bfloat16: its bits moved up 16, two
 instructions for 32 weights; float16: the F16C conversion) and multiplied in float32 FMAs;
-decode reads w one row at a time (one read stream a thread), a few rows 4 rows of w a pass
-over x as linear_cpu's _dots4. x is not rounded: vdpbf16ps would round it to bfloat16 (2^-9
+decode reads w one row at a time (one read stream a thread) on AMD Zen, elsewhere as a few
+rows do, 4 rows of w a pass over x as linear_cpu's _dots4. x is not rounded: vdpbf16ps would round it to bfloat16 (2^-9
 relative) for no gain where memory is the limit (12288x4096 on 2 cores with the caches
 flushed: 1.8-1.9 ms = 2.6-2.8x our float32 GEMV, 53-56 GB/s). The portable path is the same
 loop in plain numba (the widening as integer arithmetic), which LLVM vectorises.
@@ -24,15 +24,16 @@ from numba.extending import intrinsic
 
 from . import cpu_pool
 from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, _add_bias
-from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, amx_path, bits_as_float32, \
-    dpbf16ps, fast_path, float32_bits, fma, hsum, prefetch, tile_config, tile_config_bytes, \
-    tile_dpbf16ps, tile_load, tile_release, tile_store, tile_zero
+from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, amx_path, \
+    bits_as_float32, dpbf16ps, fast_path, float32_bits, fma, hsum, prefetch, tile_config, \
+    tile_config_bytes, tile_dpbf16ps, tile_load, tile_release, tile_store, tile_zero
 
 _VEC = 16     # weights per vector in _dots4_f16 (32 bytes, widened to 512 bits)
 _UNROLL = 4   # vectors per row per loop step in _dots4_f16 (4 accumulators a row, 2 lines)
 _UNROLL_BF16 = 2   # 64-byte chunks per row per loop step in _dots4_bf16 (2 lines)
-# decode (one row of x) reads w one row at a time, so each thread streams one address range:
-# 4 rows interleaved held 2 cores to ~40 GB/s where one stream reached 53-56 (12288x4096)
+# decode (one row of x) on AMD Zen reads w one row at a time, so each thread streams one address
+# range: 4 rows interleaved held 2 cores to ~40 GB/s where one stream reached 53-56 (12288x4096);
+# on an Intel Xeon 4 rows interleaved streamed faster (llvm_cpu.ONE_STREAM_DECODE)
 # prefill without BF16: rows of w widened per BLAS call (their float32 tile about TILE_BYTES)
 TILE_BYTES = 1 << 23
 # prefill with BF16 (gemm_bf16): a micro-kernel computes MR rows of x against NR rows of w, in
@@ -580,7 +581,7 @@ def linear(out, x, w, bias):
     bits = w.view(np.uint16)
     if m <= GEMV_MAX_ROWS:
         if fast_path("f16c") if half else fast_path():
-            gemv = _gemv if m == 1 else _gemv_rows
+            gemv = _gemv if m == 1 and ONE_STREAM_DECODE else _gemv_rows
             cpu_pool.run(gemv, m * w.size, out, x, x if half else even_odd(x), bits, half)
         else:
             cpu_pool.run(_gemv_rows_portable, m * w.size, out, x, bits, half)

@@ -29,8 +29,8 @@ from numba.extending import intrinsic
 from . import cpu_pool
 from .linear_bf16_cpu import f16_to_float32
 from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, _add_bias
-from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, fast_path, fma, hsum, prefetch, \
-    vpdpbusd
+from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, fast_path, \
+    fma, hsum, prefetch, vpdpbusd
 from ..formats import Q8_BLOCK, roundf
 
 # prefill: rows of w dequantized per BLAS call (their float32 tile about TILE_BYTES, in L3)
@@ -223,9 +223,9 @@ def _tail_rows(out, xq, xd, wq, wd, r0):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _gemv(out, xq, xc, xd, wq, wd):
-    # AVX-512 VNNI, decode: as _gemv_rows for one row of x, w read one row at a time (one read
-    # stream a thread: 4 rows interleaved held 2 cores to ~40 GB/s where one stream reached
-    # 53-56, 12288x4096)
+    # AVX-512 VNNI, decode on AMD Zen (ONE_STREAM_DECODE): as _gemv_rows for one row of x, w
+    # read one row at a time (one read stream a thread: 4 rows interleaved held 2 Zen 4 cores to
+    # ~40 GB/s where one stream reached 53-56, 12288x4096; on a Xeon 4 rows streamed faster)
     n, k = wq.shape
     nb = xd.shape[1]
     nb2 = nb // 2
@@ -322,7 +322,8 @@ def linear(out, x, w, bias):
         xc = np.empty((m, nb), np.int32)
         xd = np.empty((m, nb), np.float32)
         _quantize_x(xq, xc, xd, x)
-        gemv = (_gemv if m == 1 else _gemv_rows) if fast else _gemv_rows_portable
+        gemv = (_gemv if m == 1 and ONE_STREAM_DECODE else _gemv_rows) if fast \
+            else _gemv_rows_portable
         cpu_pool.run(gemv, m * wq.size, out, xq, xc, xd, wq, wd)
     else:
         _gemm(out, x, wq, wd)
