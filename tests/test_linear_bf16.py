@@ -47,13 +47,13 @@ def path(request, monkeypatch):
         monkeypatch.setattr(linear_bf16_cpu, "gemm_bf16", gemm_bf16)
     elif request.param == "no-amx":
         monkeypatch.setattr(llvm_cpu, "CPU_PATH", "no-amx")
-        monkeypatch.setattr(linear_bf16_cpu, "gemm_bf16_amx", _not_this_path)
+        monkeypatch.setattr(linear_bf16_cpu, "gemm_amx", _not_this_path)
     elif request.param == "portable":
         monkeypatch.setattr(llvm_cpu, "CPU_PATH", "portable")
         monkeypatch.setattr(linear_bf16_cpu, "_gemv", _not_this_path)
         monkeypatch.setattr(linear_bf16_cpu, "_gemv_rows", _not_this_path)
         monkeypatch.setattr(linear_bf16_cpu, "gemm_bf16", _not_this_path)
-        monkeypatch.setattr(linear_bf16_cpu, "gemm_bf16_amx", _not_this_path)
+        monkeypatch.setattr(linear_bf16_cpu, "gemm_amx", _not_this_path)
     return request.param
 
 
@@ -134,7 +134,7 @@ def test_amx_gemm_slices_and_edges(monkeypatch, m, k, n):
         monkeypatch.setattr(linear_bf16_cpu, "AMX_KC", kc)
         w, x = (randn(k, n, k) * np.float32(0.05)).astype(BF16), randn(m, m, k)
         out = np.full((m, n), np.nan, np.float32)
-        linear_bf16_cpu.gemm_bf16_amx(out, x, w.view(np.uint16))
+        linear_bf16_cpu.gemm_amx(out, x, w.view(np.uint16))
         assert_linear_close(out, x, w, "fast")
 
 

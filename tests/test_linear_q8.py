@@ -1,5 +1,6 @@
-"""linear and embedding with Q8_0 weights (a Q8Matrix) on the CPU, on both paths (AVX-512 VNNI
-and the portable loops), against float64 references on the dequantized weights.
+"""linear and embedding with Q8_0 weights (a Q8Matrix) on the CPU, on every path (AVX-512 VNNI
+with AMX tiles for prefill where the CPU has them, the same with prefill by sgemm, and the
+portable loops), against float64 references on the dequantized weights.
 
 Decode and a few rows quantize x per 32 values as llama.cpp does, so there are two checks:
   - exact arithmetic: against the float64 sum over blocks of d_w d_x (codes . codes) with x's
@@ -12,7 +13,10 @@ Decode and a few rows quantize x per 32 values as llama.cpp does, so there are t
     with random data the errors are independent and uniform in the step, so the RMS error over
     all outputs is sqrt(mean(sum_j w_j^2 d_x(j)^2 / 12)), which it must not exceed by 25%.
 Prefill multiplies the dequantized weights by x in float32 (sgemm): the float32 bound of
-tests/test_linear_bf16.py (float32 sums of k random-sign terms)."""
+tests/test_linear_bf16.py (float32 sums of k random-sign terms); on AMX tiles both rounded to
+bfloat16 first: that bound against the rounded operands, and 2^-8 of each product against the
+exact ones."""
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -22,21 +26,29 @@ from numba_attn.kernels import linear_cpu, linear_q8_cpu, llvm_cpu
 from tests.test_formats import q8_0_reference
 
 U = 2.0 ** -24
+BF16 = ml_dtypes.bfloat16
 FAST = llvm_cpu.fast_path("avx512vnni")
+AMX = llvm_cpu.amx_path("amx-bf16")
 
 
 def randn(seed, *shape):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-@pytest.fixture(params=["fast", "portable"])
+@pytest.fixture(params=["fast", "no-amx", "portable"])
 def path(request, monkeypatch):
-    """Run the test on one path; the other path's kernel raises, so the path is the one named."""
-    if request.param == "fast":
+    """Run the test on one path; the other paths' kernels raise, so the path is the one named
+    (no-amx: prefill by sgemm where the CPU has AMX tiles)."""
+    if request.param != "portable":
         if not FAST:
             pytest.skip("this CPU has no AVX-512 VNNI")
         monkeypatch.setattr(linear_q8_cpu, "_gemv_rows_portable", _not_this_path)
-    else:
+    if request.param == "fast" and AMX:
+        monkeypatch.setattr(linear_q8_cpu, "_gemm", _not_this_path)
+    elif request.param == "no-amx":
+        monkeypatch.setattr(llvm_cpu, "CPU_PATH", "no-amx")
+        monkeypatch.setattr(linear_q8_cpu, "gemm_amx", _not_this_path)
+    elif request.param == "portable":
         monkeypatch.setattr(llvm_cpu, "CPU_PATH", "portable")
         monkeypatch.setattr(linear_q8_cpu, "_gemv", _not_this_path)
         monkeypatch.setattr(linear_q8_cpu, "_gemv_rows", _not_this_path)
@@ -80,6 +92,17 @@ def assert_q8_close(y, x, q):
         predicted = np.sqrt(np.mean(step2 @ (w ** 2).T / 12))
         if y.size >= 100:
             assert np.sqrt(np.mean(err ** 2)) <= 1.25 * predicted
+    elif llvm_cpu.amx_path("amx-bf16"):
+        # AMX tiles: x and the dequantized weights rounded to bfloat16 (ml_dtypes: nearest even),
+        # then float32 sums; each product within 2^-8 (+ a hair) of its exact value
+        xb = x.astype(BF16).astype(np.float64)
+        wb = w.astype(np.float32).astype(BF16).astype(np.float64)
+        scale = np.sqrt((xb ** 2) @ (wb ** 2).T)
+        assert_within(y - xb @ wb.T, 8 * U * np.sqrt(k) * scale, "float32 sums of bfloat16s")
+        x64 = x.astype(np.float64)
+        worst = (2.0 ** -8 + 2.0 ** -17) * (np.abs(x64) @ np.abs(w).T) \
+            + 8 * U * np.sqrt(k) * scale
+        assert_within(y - x64 @ w.T, worst, "x and w rounded to bfloat16")
     else:
         ref = x.astype(np.float64) @ w.T
         scale = np.sqrt((x.astype(np.float64) ** 2) @ (w ** 2).T)     # |x o w|_2 per output

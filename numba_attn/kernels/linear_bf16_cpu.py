@@ -11,7 +11,7 @@ relative) for no gain where memory is the limit (12288x4096 on 2 cores with the 
 flushed: 1.8-1.9 ms = 2.6-2.8x our float32 GEMV, 53-56 GB/s). The portable path is the same
 loop in plain numba (the widening as integer arithmetic), which LLVM vectorises.
 
-Prefill (more rows): x rounded to bfloat16 once, then with AMX-BF16 tiles (gemm_bf16_amx,
+Prefill (more rows): x rounded to bfloat16 once, then with AMX-BF16 tiles (gemm_amx,
 several times float32's FMA rate), else with AVX-512 BF16 a blocked vdpbf16ps GEMM (gemm_bf16,
 twice float32's rate); otherwise (and for float16) tiles of w widened to float32 in cache and
 NumPy's BLAS sgemm. Products of bfloat16s are exact in float32 and summed in float32 on every
@@ -45,7 +45,7 @@ TILE_BYTES = 1 << 23
 MR = 8
 NR = 48
 KC_PAIRS = 256
-# prefill with AMX-BF16 (gemm_bf16_amx): 32 rows of w are two A tiles (16 rows x 32 bfloat16
+# prefill with AMX-BF16 (gemm_amx): 32 rows of w are two A tiles (16 rows x 32 bfloat16
 # each), 32 rows of x packed in pairs (pack_x_bf16, 16 rows a block) two B tiles, and four
 # 16 x 16 float32 tiles accumulate their products; AMX_KC steps of 32 along the input axis a
 # pass keep w's 32 rows in L1 (32 KB) and x's slice in L2 (m x 1 KB)
@@ -514,36 +514,44 @@ def _amx_tiles(typingctx, acc, a, b, ldb, ksteps, accumulate):
 
 
 @njit(inline="always", cache=True)
-def _pack_rows_amx(ak, w, j0):
-    # ak: (k / 32, 32, 32) uint16 = rows j0 .. j0 + 31 of w (zeros past its end), step s of 32
-    # along the input axis at ak[s]: one 2 KB block, its 16-row halves the A tiles
+def _pack_rows_amx(ak, w, wq, wd, j0):
+    # ak: (k / 32, 32, 32) uint16 = rows j0 .. j0 + 31 of the weights as bfloat16 (zeros past
+    # their end), step s of 32 along the input axis at ak[s]: one 2 KB block, its 16-row halves
+    # the A tiles. The weights: w (n, k) bfloat16 bits, or when w is empty Q8_0 blocks, wq (n,
+    # k) int8 codes and wd (n, k / 32) float16 scale bits, dequantized and rounded to bfloat16
     nk = ak.shape[0]
-    nr = min(32, w.shape[0] - j0)
+    q8 = w.shape[0] == 0
+    n = wq.shape[0] if q8 else w.shape[0]
+    nr = min(32, n - j0)
     for s in range(nk):
         for r in range(32):
-            if r < nr:
-                for e in range(32):
-                    ak[s, r, e] = w[j0 + r, 32 * s + e]
-            else:
+            if r >= nr:
                 for e in range(32):
                     ak[s, r, e] = 0
+            elif q8:
+                d = f16_to_float32(wd[j0 + r, s])
+                for e in range(32):
+                    ak[s, r, e] = round_bf16(float32(wq[j0 + r, 32 * s + e]) * d)
+            else:
+                for e in range(32):
+                    ak[s, r, e] = w[j0 + r, 32 * s + e]
 
 
 @njit(parallel=True, cache=True)
-def _gemm_bf16_amx(out, ap, w, cfg, kc):
+def _gemm_amx(out, ap, w, wq, wd, cfg, kc):
     # out: (m, n) float32; ap: (mt, kp, 16) uint32, x packed by pack_x_bf16 (mt even, rows past
-    # m zeros); w: (n, k) bfloat16 bits, k a multiple of 32; cfg: the tile configuration; kc:
-    # steps of 32 a slice (AMX_KC). A parallel loop over blocks of 32 rows of w, each packed
-    # (w's rows lie 2k bytes apart: 32 of them share a few L1 sets): for each slice of the
-    # input axis, every 32-row block of x against them
+    # m zeros); the weights as _pack_rows_amx takes them, k a multiple of 32; cfg: the tile
+    # configuration; kc: steps of 32 a slice (AMX_KC). A parallel loop over blocks of 32 rows
+    # of w, each packed (w's rows lie apart: 32 of them share a few L1 sets): for each slice of
+    # the input axis, every 32-row block of x against them
     m, n = out.shape
     mt, kp, _ = ap.shape
-    nk, nxb = w.shape[1] // 32, mt // 2
+    nk, nxb = 2 * kp // 32, mt // 2
     for jb in prange((n + 31) // 32):
         j0 = jb * 32
         nr = min(32, n - j0)
         ak = np.empty((nk, 32, 32), np.uint16)
-        _pack_rows_amx(ak, w, j0)
+        _pack_rows_amx(ak, w, wq, wd, j0)
         acc = np.empty((nxb, 4, 16, 16), np.float32)
         tile_config(cfg.ctypes.data)
         for s0 in range(0, nk, kc):
@@ -562,15 +570,22 @@ def _gemm_bf16_amx(out, ap, w, cfg, kc):
                                 out[r, j0 + 16 * ti + i] = acc[xb, 2 * ti + tj, i, c]
 
 
-def gemm_bf16_amx(out, x, w):
-    # x: (m, k) float32, k a multiple of 32; w: (n, k) bfloat16 bits (uint16); out: (m, n). x rounded to bfloat16 and packed once, then the AMX tiles
+_NO_Q8 = (np.zeros((0, 0), np.int8), np.zeros((0, 0), np.uint16))
+_NO_BF16 = np.zeros((0, 0), np.uint16)
+
+
+def gemm_amx(out, x, w=None, q8=None):
+    # x: (m, k) float32, k a multiple of 32; out: (m, n); the weights w: (n, k) bfloat16 bits
+    # (uint16), or q8 = (codes (n, k) int8, scales (n, k / 32) float16 bits). x rounded to
+    # bfloat16 and packed once, then the AMX tiles
     if not amx_path("amx-bf16"):      # also asks the kernel for the tile state, once
         raise RuntimeError("AMX-BF16 tiles are not available to this process")
     m, k = x.shape
     mt = (m + 15) // 16
     ap = np.empty((mt + mt % 2, k // 2, 16), np.uint32)
     pack_x_bf16(ap, x)
-    _gemm_bf16_amx(out, ap, w, _AMX_CFG, AMX_KC)
+    wq, wd = _NO_Q8 if q8 is None else q8
+    _gemm_amx(out, ap, _NO_BF16 if w is None else w, wq, wd, _AMX_CFG, AMX_KC)
 
 
 def linear(out, x, w, bias):
@@ -587,7 +602,7 @@ def linear(out, x, w, bias):
             cpu_pool.run(_gemv_rows_portable, m * w.size, out, x, bits, half)
     elif not half and m >= GEMM_BF16_MIN_ROWS and x.shape[1] % 32 == 0 \
             and amx_path("amx-bf16"):
-        gemm_bf16_amx(out, x, bits)
+        gemm_amx(out, x, bits)
     elif not half and m >= GEMM_BF16_MIN_ROWS and fast_path("avx512bf16"):
         gemm_bf16(out, x, bits)
     else:

@@ -17,9 +17,12 @@ Both give the same block sums; only the order of the scaled float32 additions di
 (2 cores, 12288x4096 with the caches flushed: VNNI 1.1 ms = 4.5x our float32 GEMV, 48 GB/s,
 one row of w at a time; portable 2.5-3.3 ms.)
 
-Prefill (more rows) is compute-bound: tiles of w are dequantized into a float32 buffer that
-stays in cache and multiplied by NumPy's BLAS sgemm (512x5632x2048: 0.95-0.97x sgemm on the
-float32 weights)."""
+Prefill (more rows) is compute-bound. With AMX-BF16 tiles, each block of 32 rows of w is
+dequantized and rounded to bfloat16 (2^-9 relative, below the codes' own rounding of up to
+d / 2) and goes through linear_bf16_cpu's AMX GEMM with x rounded to bfloat16, at about 3x
+the float32 sgemm; elsewhere tiles of w are dequantized into a float32 buffer that stays in
+cache and multiplied by NumPy's BLAS sgemm (512x5632x2048: 0.95-0.97x sgemm on the float32
+weights)."""
 import numpy as np
 from llvmlite import ir
 from numba import float32, int32, njit, prange, types, uint64
@@ -27,10 +30,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import cpu_pool
-from .linear_bf16_cpu import f16_to_float32
+from .linear_bf16_cpu import f16_to_float32, gemm_amx
 from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, _add_bias
-from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, fast_path, \
-    fma, hsum, prefetch, vpdpbusd
+from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, amx_path, \
+    fast_path, fma, hsum, prefetch, vpdpbusd
 from ..formats import Q8_BLOCK, roundf
 
 # prefill: rows of w dequantized per BLAS call (their float32 tile about TILE_BYTES, in L3)
@@ -325,6 +328,8 @@ def linear(out, x, w, bias):
         gemv = (_gemv if m == 1 and ONE_STREAM_DECODE else _gemv_rows) if fast \
             else _gemv_rows_portable
         cpu_pool.run(gemv, m * wq.size, out, xq, xc, xd, wq, wd)
+    elif amx_path("amx-bf16"):
+        gemm_amx(out, x, q8=(wq, wd))
     else:
         _gemm(out, x, wq, wd)
     if bias.shape[0]:
