@@ -48,8 +48,10 @@ KC_PAIRS = 256
 # prefill with AMX-BF16 (gemm_amx): 32 rows of w are two A tiles (16 rows x 32 bfloat16
 # each), 32 rows of x packed in pairs (pack_x_bf16, 16 rows a block) two B tiles, and four
 # 16 x 16 float32 tiles accumulate their products; AMX_KC steps of 32 along the input axis a
-# pass keep w's 32 rows in L1 (32 KB) and x's slice in L2 (m x 1 KB)
-AMX_KC = 16
+# pass keep w's 32 rows in L1 (16 KB) and x's slice in L2 (m x 512 bytes), the next block of
+# x's tiles prefetched into L1 while one is multiplied (2 cores, 512 x 2048 x 5632: 1.1-1.4
+# TFLOP/s at 8, 0.9-1.1 at 16)
+AMX_KC = 8
 _AMX_CFG = tile_config_bytes()
 # from this many rows of x the BF16 GEMMs, below it the few-rows kernel (5632x2048: 16 rows
 # 3.0 against 3.6 ms, 24 rows 4.7 against 4.1)
@@ -486,18 +488,19 @@ def gemm_bf16(out, x, w):
 
 
 @intrinsic
-def _amx_tiles(typingctx, acc, a, b, ldb, ksteps, accumulate):
+def _amx_tiles(typingctx, acc, a, b, ldb, bn, ksteps, accumulate):
     """The four accumulator tiles at acc (C00 C01 C10 C11, 1 KB each: rows of w by rows of x)
     (+)= A B over ksteps steps of 32 along the input axis: A0, A1 the 16-row halves of w's 32
     rows, packed (a step: 2 KB at a, A1 1 KB in), B0, B1 the packed pairs of x's two 16-row
     blocks at b and b + ldb (a step: 16 pairs x 64 bytes). Added to the tiles' contents when
-    accumulate, else from zero. Tiles: 0-3 C, 4-5 A, 6-7 B."""
-    sig = types.void(acc, a, b, ldb, ksteps, accumulate)
+    accumulate, else from zero. Each step prefetches the same step's B tiles at bn (the next
+    call's) into L1. Tiles: 0-3 C, 4-5 A, 6-7 B."""
+    sig = types.void(acc, a, b, ldb, bn, ksteps, accumulate)
 
     def codegen(context, builder, signature, args):
-        acc, a, b, ldb, ks = [context.cast(builder, v, t, types.int64)
-                              for v, t in zip(args[:5], signature.args[:5])]
-        accumulate = context.cast(builder, args[5], signature.args[5], types.boolean)
+        acc, a, b, ldb, bn, ks = [context.cast(builder, v, t, types.int64)
+                                  for v, t in zip(args[:6], signature.args[:6])]
+        accumulate = context.cast(builder, args[6], signature.args[6], types.boolean)
 
         def c(v):
             return ir.Constant(_I64, v)
@@ -511,14 +514,21 @@ def _amx_tiles(typingctx, acc, a, b, ldb, ksteps, accumulate):
         with cgutils.for_range(builder, ks) as loop:
             ak = builder.add(a, builder.mul(loop.index, c(2048)))
             bk = builder.add(b, builder.mul(loop.index, c(1024)))
-            tile_load(builder, 4, ak, c(64))
+            # both B tiles first, then A0's two products, A1's load under them, A1's two
+            # (one core, data in L1: 2.0 TFLOP/s; loading A0, B0, B1, A1 each just before its
+            # first product: 0.96)
             tile_load(builder, 6, bk, c(64))
-            tile_dpbf16ps(builder, 0, 4, 6)
             tile_load(builder, 7, builder.add(bk, ldb), c(64))
+            tile_load(builder, 4, ak, c(64))
+            tile_dpbf16ps(builder, 0, 4, 6)
             tile_dpbf16ps(builder, 1, 4, 7)
             tile_load(builder, 5, builder.add(ak, c(1024)), c(64))
             tile_dpbf16ps(builder, 2, 5, 6)
             tile_dpbf16ps(builder, 3, 5, 7)
+            bnk = builder.add(bn, builder.mul(loop.index, c(1024)))
+            for line in range(16):
+                prefetch(builder, builder.add(bnk, c(64 * line)), 0)
+                prefetch(builder, builder.add(builder.add(bnk, ldb), c(64 * line)), 0)
         for t in range(4):
             tile_store(builder, t, builder.add(acc, c(1024 * t)), c(64))
         return context.get_dummy_value()
@@ -568,9 +578,10 @@ def _gemm_amx(out, ap, w, wq, wd, cfg, kc):
         tile_config(cfg.ctypes.data)
         for s0 in range(0, nk, kc):
             for xb in range(nxb):
+                nxt = 64 * (2 * (xb + 1) * kp + 16 * s0) if xb + 1 < nxb else 64 * 16 * (s0 + kc)
                 _amx_tiles(acc[xb].ctypes.data, ak.ctypes.data + 2048 * s0,
                            ap.ctypes.data + 64 * (2 * xb * kp + 16 * s0), 64 * kp,
-                           min(kc, nk - s0), s0 > 0)
+                           ap.ctypes.data + nxt, min(kc, nk - s0), s0 > 0)
         tile_release()
         for xb in range(nxb):               # acc[xb, 2 ti + tj, i, c]: w row 16 ti + i,
             for tj in range(2):             # x row 16 tj + c
