@@ -541,12 +541,15 @@ def _pack_rows_amx(ak, w, wq, wd, j0):
     # their end), step s of 32 along the input axis at ak[s]: one 2 KB block, its 16-row halves
     # the A tiles. The weights: w (n, k) bfloat16 bits, or when w is empty Q8_0 blocks, wq (n,
     # k) int8 codes and wd (n, k / 32) float16 scale bits, dequantized and rounded to bfloat16
+    # Row by row: each row of w read front to back (the hardware's prefetchers follow one
+    # stream; step-major order read 32 rows at once and waited on memory: in-layer gate + up
+    # at 512 rows 22.7 ms against 17.9 alone, weights from L3)
     nk = ak.shape[0]
     q8 = w.shape[0] == 0
     n = wq.shape[0] if q8 else w.shape[0]
     nr = min(32, n - j0)
-    for s in range(nk):
-        for r in range(32):
+    for r in range(32):
+        for s in range(nk):
             if r >= nr:
                 for e in range(32):
                     ak[s, r, e] = 0
