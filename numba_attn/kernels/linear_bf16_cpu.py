@@ -488,25 +488,22 @@ def gemm_bf16(out, x, w):
 
 
 @intrinsic
-def _amx_tiles(typingctx, acc, a, b, ldb, bn, pw, npw, ksteps, accumulate):
+def _amx_tiles(typingctx, acc, a, b, ldb, bn, ksteps, accumulate):
     """The four accumulator tiles at acc (C00 C01 C10 C11, 1 KB each: rows of w by rows of x)
     (+)= A B over ksteps steps of 32 along the input axis: A0, A1 the 16-row halves of w's 32
     rows, packed (a step: 2 KB at a, A1 1 KB in), B0, B1 the packed pairs of x's two 16-row
     blocks at b and b + ldb (a step: 16 pairs x 64 bytes). Added to the tiles' contents when
     accumulate, else from zero. Each step prefetches the same step's B tiles at bn (the next
-    call's) into L1; the call prefetches npw lines from pw into L2 (the next rows of w, read
-    from memory while the tiles work). Tiles: 0-3 C, 4-5 A, 6-7 B."""
-    sig = types.void(acc, a, b, ldb, bn, pw, npw, ksteps, accumulate)
+    call's) into L1. Tiles: 0-3 C, 4-5 A, 6-7 B."""
+    sig = types.void(acc, a, b, ldb, bn, ksteps, accumulate)
 
     def codegen(context, builder, signature, args):
-        acc, a, b, ldb, bn, pw, npw, ks = [context.cast(builder, v, t, types.int64)
-                                           for v, t in zip(args[:8], signature.args[:8])]
-        accumulate = context.cast(builder, args[8], signature.args[8], types.boolean)
+        acc, a, b, ldb, bn, ks = [context.cast(builder, v, t, types.int64)
+                                  for v, t in zip(args[:6], signature.args[:6])]
+        accumulate = context.cast(builder, args[6], signature.args[6], types.boolean)
 
         def c(v):
             return ir.Constant(_I64, v)
-        with cgutils.for_range(builder, npw) as loop:
-            prefetch(builder, builder.add(pw, builder.mul(loop.index, c(64))), 0, 2)
         with builder.if_else(accumulate) as (then, otherwise):
             with then:
                 for t in range(4):
@@ -575,30 +572,19 @@ def _gemm_amx(out, ap, w, wq, wd, cfg, kc):
     m, n = out.shape
     mt, kp, _ = ap.shape
     nk, nxb = 2 * kp // 32, mt // 2
-    q8 = w.shape[0] == 0
-    # the next block's rows (a thread's blocks are consecutive), prefetched a share per call
-    src, row_bytes = (wq.ctypes.data, wq.shape[1]) if q8 else (w.ctypes.data, 2 * w.shape[1])
-    calls = nxb * ((nk + kc - 1) // kc)
-    npw = (32 * row_bytes // 64 + calls - 1) // calls
     for jb in prange((n + 31) // 32):
         j0 = jb * 32
         nr = min(32, n - j0)
         ak = np.empty((nk, 32, 32), np.uint16)
         _pack_rows_amx(ak, w, wq, wd, j0)
         acc = np.empty((nxb, 4, 16, 16), np.float32)
-        pw = src + (j0 + 32) * row_bytes
-        if j0 + 64 > n:
-            pw = src                      # no next block: lines already read, no harm
         tile_config(cfg.ctypes.data)
-        call = 0
         for s0 in range(0, nk, kc):
             for xb in range(nxb):
                 nxt = 64 * (2 * (xb + 1) * kp + 16 * s0) if xb + 1 < nxb else 64 * 16 * (s0 + kc)
                 _amx_tiles(acc[xb].ctypes.data, ak.ctypes.data + 2048 * s0,
                            ap.ctypes.data + 64 * (2 * xb * kp + 16 * s0), 64 * kp,
-                           ap.ctypes.data + nxt, pw + 64 * npw * call, npw,
-                           min(kc, nk - s0), s0 > 0)
-                call += 1
+                           ap.ctypes.data + nxt, min(kc, nk - s0), s0 > 0)
         tile_release()
         for xb in range(nxb):               # acc[xb, 2 ti + tj, i, c]: w row 16 ti + i,
             for tj in range(2):             # x row 16 tj + c
