@@ -161,7 +161,13 @@ def test_softmax_property(case):
         mask[rng.random(mask_shape) < case["p_inf"]] = -np.inf
     y = masked_softmax(scores, causal=case["causal"], scale=case["scale"], mask=mask)
     want = softmax_ref(scores, scale=case["scale"], causal=case["causal"], mask=mask)
-    check(y, want)
+    assert y.dtype == np.float32 and not np.isnan(y).any()
+    # exp's argument, scale s + mask - max, is rounded in float32 on the way: off by up to a
+    # few units of 2^-24 of its largest terms, so each p by that much relative (scale 30 with
+    # scores ~ 4 N(0, 1) puts the arguments in the hundreds: ~1e-5 of p)
+    finite = np.abs(mask[np.isfinite(mask)]).max(initial=0.0) if mask is not None else 0.0
+    big = abs(case["scale"]) * np.abs(scores).max() + finite
+    np.testing.assert_allclose(y, want, rtol=RTOL + 4 * 2.0 ** -24 * big, atol=ATOL)
     sums = y.astype(np.float64).sum(-1)
     seen = want.sum(-1) > 0
     np.testing.assert_allclose(sums[seen], 1.0, rtol=1e-5)

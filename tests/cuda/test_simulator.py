@@ -14,5 +14,5 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 def test_cuda_kernels_under_the_simulator():
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", HERE],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=2700)
     assert r.returncode == 0, "simulator run failed:\n" + r.stdout[-20000:] + r.stderr[-4000:]
