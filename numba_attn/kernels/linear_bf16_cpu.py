@@ -6,10 +6,11 @@ Decode and a few rows (up to GEMV_MAX_ROWS) read w once, 2 bytes a weight, and a
 memory: each weight is widened to float32 exactly (bfloat16: its bits moved up 16, two
 instructions for 32 weights; float16: the F16C conversion) and multiplied in float32 FMAs;
 decode reads w one row at a time (one read stream a thread) on AMD Zen, elsewhere as a few
-rows do, 4 rows of w a pass over x as linear_cpu's _dots4. x is not rounded: vdpbf16ps would round it to bfloat16 (2^-9
-relative) for no gain where memory is the limit (12288x4096 on 2 cores with the caches
-flushed: 1.8-1.9 ms = 2.6-2.8x our float32 GEMV, 53-56 GB/s). The portable path is the same
-loop in plain numba (the widening as integer arithmetic), which LLVM vectorises.
+rows do, 4 rows of w a pass over x as linear_cpu's _dots4. x is not rounded: vdpbf16ps would
+round it to bfloat16 (2^-9 relative) for no gain where memory is the limit (12288x4096 on 2
+Zen 4 cores with the caches flushed: 1.8-1.9 ms = 2.6-2.8x our float32 GEMV, 53-56 GB/s). The
+portable path is the same loop in plain numba (the widening as integer arithmetic), which
+LLVM vectorises.
 
 Prefill (more rows): x rounded to bfloat16 once, then with AMX-BF16 tiles (gemm_amx,
 several times float32's FMA rate), else with AVX-512 BF16 a blocked vdpbf16ps GEMM (gemm_bf16,
@@ -191,9 +192,10 @@ def _make_dots_bf16(rows, unroll, prefetching=False):
                 xa = builder.add(xr, builder.mul(c, ir.Constant(_I64, 128)))
                 xe, xo = load(xa, vf), load(builder.add(xa, ir.Constant(_I64, 64)), vf)
                 off = builder.mul(c, ir.Constant(_I64, 64))
-                ahead = builder.add(off, ir.Constant(_I64, PREFETCH_BYTES))
-                ahead = builder.select(builder.icmp_signed(">=", ahead, rowb), builder.add(
-                    ahead, builder.mul(rowb, ir.Constant(_I64, rows - 1))), ahead)
+                if prefetching:     # PREFETCH_BYTES on, past a row's end the next block's
+                    ahead = builder.add(off, ir.Constant(_I64, PREFETCH_BYTES))
+                    ahead = builder.select(builder.icmp_signed(">=", ahead, rowb), builder.add(
+                        ahead, builder.mul(rowb, ir.Constant(_I64, rows - 1))), ahead)
                 for i in range(rows):
                     row = builder.add(w, builder.mul(rowb, ir.Constant(_I64, i)))
                     if prefetching:
@@ -581,6 +583,7 @@ def _gemm_amx(out, ap, w, wq, wd, cfg, kc):
         tile_config(cfg.ctypes.data)
         for s0 in range(0, nk, kc):
             for xb in range(nxb):
+                # the next call's B tiles (after the last, past ap's end: a prefetch never faults)
                 nxt = 64 * (2 * (xb + 1) * kp + 16 * s0) if xb + 1 < nxb else 64 * 16 * (s0 + kc)
                 _amx_tiles(acc[xb].ctypes.data, ak.ctypes.data + 2048 * s0,
                            ap.ctypes.data + 64 * (2 * xb * kp + 16 * s0), 64 * kp,

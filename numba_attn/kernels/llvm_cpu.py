@@ -9,6 +9,7 @@ import os
 import sys
 
 import llvmlite.binding as _llvm
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -18,7 +19,7 @@ F32 = ir.FloatType()
 I8 = ir.IntType(8)
 I32 = ir.IntType(32)
 I64 = ir.IntType(64)
-I8P = ir.PointerType(ir.IntType(8))
+I8P = ir.PointerType(I8)
 
 
 def fma(builder, vt):
@@ -184,7 +185,6 @@ def tile_dpbf16ps(builder, c, a, b):
                  [ir.Constant(I8, c), ir.Constant(I8, a), ir.Constant(I8, b)])
 
 
-
 @intrinsic
 def tile_config(typingctx, cfg):
     """Load the calling thread's tile configuration from the 64 bytes at address cfg (see
@@ -210,7 +210,6 @@ def tile_release(typingctx):
 def tile_config_bytes(tiles=8, rows=16, colsb=64):
     """The 64-byte tile configuration (palette 1): the first `tiles` registers rows x colsb
     bytes each."""
-    import numpy as np
     cfg = np.zeros(64, np.uint8)
     cfg[0] = 1
     cfg[16:48].view(np.uint16)[:tiles] = colsb
