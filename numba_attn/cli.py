@@ -9,13 +9,18 @@ import warnings
 import click
 
 from . import DEMO_MODEL, __version__
-from .formats import FORMATS
+from .formats import FORMATS, KV_DTYPES
 
 WEIGHT_DTYPE_CHOICES = ("auto",) + tuple(FORMATS)
 WEIGHT_DTYPE_HELP = ("Storage of the weights: auto (the checkpoint's own type; q8_0 for a GGUF "
                      "file of other quantized types), float32, bfloat16, float16 or q8_0 "
                      "(8-bit blocks, quantized at load); fewer bytes are a faster decode, "
                      "arithmetic is float32 throughout.")
+KV_DTYPE_CHOICES = ("auto",) + tuple(KV_DTYPES["cpu"])
+KV_DTYPE_HELP = ("Storage of the KV cache: auto (on the CPU: float32 with float32 weights, "
+                 "16 bits with 16-bit weights, float16 with q8_0; on CUDA: float32), float32, "
+                 "float16 or bfloat16 (CPU only); 16 bits halve the bytes decode reads at "
+                 "long context.")
 DEFAULT_MAX_TOKENS = 256   # generate's default (fewer when the context has less room); chat's
                            # per reply
 
@@ -59,6 +64,8 @@ MODEL_OPTIONS = [
                  show_default=True, help="Where to run: cpu or cuda."),
     click.option("--weight-dtype", type=click.Choice(WEIGHT_DTYPE_CHOICES), default="auto",
                  show_default=True, help=WEIGHT_DTYPE_HELP),
+    click.option("--kv-dtype", type=click.Choice(KV_DTYPE_CHOICES), default="auto",
+                 show_default=True, help=KV_DTYPE_HELP),
 ]
 
 GENERATION_OPTIONS = [
@@ -89,7 +96,7 @@ GENERATION_OPTIONS = [
 
 
 def model_options(command):
-    """--model, --context, --device and --weight-dtype, as they are."""
+    """--model, --context, --device, --weight-dtype and --kv-dtype, as they are."""
     for option in reversed(MODEL_OPTIONS):
         command = option(command)
     return command
@@ -119,9 +126,9 @@ class Engine:
     """What a generating command runs on: the model and its tokenizer (from load(), which says
     when the kernels compile), the sampling, and the summary line after each generation."""
 
-    def __init__(self, model_dir, *, device, context, weight_dtype, sampling):
+    def __init__(self, model_dir, *, device, context, weight_dtype, kv_dtype, sampling):
         self.model, self.tokenizer, self.jit = load(model_dir, device=device, context=context,
-                                                    weight_dtype=weight_dtype)
+                                                    weight_dtype=weight_dtype, kv_dtype=kv_dtype)
         self.sampling = sampling
 
     def report(self, stats):
@@ -155,8 +162,8 @@ class Engine:
               help="Print the prompt before its continuation (with --chat: the conversation "
                    "as the template renders it). [default: on when standard output is a "
                    "terminal, off when it is piped]")
-def generate(prompt, model_dir, context, device, weight_dtype, max_tokens, sampling, stop,
-             chat, system, show_prompt):
+def generate(prompt, model_dir, context, device, weight_dtype, kv_dtype, max_tokens, sampling,
+             stop, chat, system, show_prompt):
     """Generate text from PROMPT (or standard input: no PROMPT, or -), streaming it as it
     comes; a summary line goes to standard error."""
     from .chat import end_token_ids
@@ -171,7 +178,7 @@ def generate(prompt, model_dir, context, device, weight_dtype, max_tokens, sampl
         show_prompt = _isatty(sys.stdout)
 
     engine = Engine(model_dir, device=device, context=context, weight_dtype=weight_dtype,
-                    sampling=sampling)
+                    kv_dtype=kv_dtype, sampling=sampling)
     model, tokenizer = engine.model, engine.tokenizer
     if chat:
         messages = [{"role": "user", "content": prompt}]
@@ -219,8 +226,8 @@ def generate(prompt, model_dir, context, device, weight_dtype, max_tokens, sampl
 @click.option("--stats", "show_stats", is_flag=True, default=False,
               help="Print the summary line (as generate's) after each reply, on standard "
                    "error. [default: off]")
-def chat(model_dir, context, device, weight_dtype, system, max_tokens, sampling, stop,
-         show_stats):
+def chat(model_dir, context, device, weight_dtype, kv_dtype, system, max_tokens, sampling,
+         stop, show_stats):
     """Chat with the model through its chat template. One message per line, typed at the "> "
     prompt or piped in; the reply streams as it is written. /reset starts a new conversation,
     /exit or the end of input (Ctrl-D) ends the session, Ctrl-C stops a reply (the part
@@ -231,7 +238,7 @@ def chat(model_dir, context, device, weight_dtype, system, max_tokens, sampling,
     if max_tokens == 0:
         raise click.UsageError("--max-tokens is 1 or more (or -1) for a reply")
     engine = Engine(model_dir, device=device, context=context, weight_dtype=weight_dtype,
-                    sampling=sampling)
+                    kv_dtype=kv_dtype, sampling=sampling)
     template = engine.chat_template("`numba-attn generate` continues plain text instead")
     session = ChatSession(engine.model, engine.tokenizer, template=template, system=system,
                           sampling=sampling, stop=stop,
@@ -330,7 +337,9 @@ def _line_editing():
               help="Where to run: cpu or cuda.")
 @click.option("--weight-dtype", type=click.Choice(WEIGHT_DTYPE_CHOICES), default="auto",
               show_default=True, help=WEIGHT_DTYPE_HELP)
-def perplexity(file, model_dir, context, device, weight_dtype):
+@click.option("--kv-dtype", type=click.Choice(KV_DTYPE_CHOICES), default="auto",
+              show_default=True, help=KV_DTYPE_HELP)
+def perplexity(file, model_dir, context, device, weight_dtype, kv_dtype):
     """Perplexity of the text in FILE under the model (lower is better): its token ids, BOS
     first, in non-overlapping windows of --context tokens, each scoring its tokens after the
     first. The number to compare across weight types, as llama.cpp's llama-perplexity."""
@@ -348,7 +357,7 @@ def perplexity(file, model_dir, context, device, weight_dtype):
     except OSError as e:
         raise click.ClickException(f"cannot read {file}: {e.strerror}") from None
     model, tokenizer, jit = load(model_dir, device=device, context=context,
-                                 weight_dtype=weight_dtype)
+                                 weight_dtype=weight_dtype, kv_dtype=kv_dtype)
     ids = tokenizer.encode(text)
     if len(ids) < 2:
         raise click.ClickException(f"{file} has {len(ids)} token; at least 2 are needed to "
@@ -361,7 +370,8 @@ def perplexity(file, model_dir, context, device, weight_dtype):
     seconds = time.perf_counter() - t0
     click.echo(f"perplexity {result.perplexity:.4f} over {result.scored_tokens} tokens "
                f"({result.windows} window{'' if result.windows == 1 else 's'} of up to "
-               f"{model.max_seq} tokens, {model.weight_dtype} weights)")
+               f"{model.max_seq} tokens, {model.weight_dtype} weights, {model.kv_dtype} "
+               f"KV cache)")
     click.echo(f"{len(ids)} tokens in {seconds:.2f} s ({len(ids) / seconds:.1f} tok/s) | {jit}",
                err=True)
 
@@ -414,14 +424,14 @@ class LoadTimer:
         return f"kernels loaded from cache ({self.load_s:.1f} s)"
 
 
-def load(model_dir, *, device="cpu", context=None, weight_dtype="auto"):
+def load(model_dir, *, device="cpu", context=None, weight_dtype="auto", kv_dtype="auto"):
     """The model (a Hugging Face folder or a GGUF file; the demo when model_dir is None), its
     tokenizer, and its kernels compiled or loaded (saying so first when they compile): (model,
     tokenizer, LoadTimer). Every failure is a one-line click error; a conversion at load worth
     knowing of is a `note:` line."""
     from .generation import CompileTimer
     from .loaders import is_gguf_file
-    from .model import WEIGHT_DTYPES, Model
+    from .model import KV_DTYPES, WEIGHT_DTYPES, Model
     from .tokenizer import Tokenizer
     from .weights import LoadNotice
 
@@ -429,6 +439,9 @@ def load(model_dir, *, device="cpu", context=None, weight_dtype="auto"):
         needs = [d for d, names in WEIGHT_DTYPES.items() if weight_dtype in names]
         raise click.UsageError(f"--weight-dtype {weight_dtype} needs --device "
                                f"{' or '.join(needs)}")
+    if kv_dtype != "auto" and kv_dtype not in KV_DTYPES[device]:
+        raise click.UsageError(f"--kv-dtype {kv_dtype} runs on the CPU only; --device "
+                               f"{device} takes {', '.join(KV_DTYPES[device])}")
     if model_dir is None:
         model_dir = DEMO_MODEL
         if not os.path.isdir(model_dir):
@@ -446,7 +459,8 @@ def load(model_dir, *, device="cpu", context=None, weight_dtype="auto"):
         with bar, warnings.catch_warnings(record=True) as notices:
             warnings.simplefilter("always", LoadNotice)
             model = Model.from_pretrained(model_dir, device=device, max_seq=context,
-                                          weight_dtype=weight_dtype, progress=bar.update)
+                                          weight_dtype=weight_dtype, kv_dtype=kv_dtype,
+                                          progress=bar.update)
             tokenizer = Tokenizer(model_dir, model.config.bos_token_id)
     except (ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
@@ -516,8 +530,8 @@ STOP_WORDS = {"eos": "end-of-sequence", "max_tokens": "max tokens", "context": "
 
 def summary(stats, jit, model, *, seed=None):
     """The line after a generation: counts, time to first token, rates, why it stopped, the
-    weights' storage and the bytes a token reads, the seed (when sampling), and how the kernels
-    were loaded."""
+    weights' storage and the bytes a token reads, the KV cache's storage, the seed (when
+    sampling), and how the kernels were loaded."""
     n = stats.generated_tokens
     cached = f" ({stats.cached_tokens} cached)" if stats.cached_tokens else ""
     parts = [f"prompt {stats.prompt_tokens} token{'' if stats.prompt_tokens == 1 else 's'}"
@@ -526,7 +540,8 @@ def summary(stats, jit, model, *, seed=None):
              f"prefill {_rate(stats.prefill_tok_s)} tok/s",
              f"decode {_rate(stats.decode_tok_s)} tok/s",
              f"stopped: {STOP_WORDS.get(stats.stop_reason, 'interrupted')}",
-             f"{model.weight_dtype} weights, {_megabytes(model.weights.bytes_per_token)}/token"]
+             f"{model.weight_dtype} weights, {_megabytes(model.weights.bytes_per_token)}/token",
+             f"{model.kv_dtype} KV cache"]
     if seed is not None:
         parts.append(f"seed {seed}")
     parts.append(str(jit))

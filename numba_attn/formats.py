@@ -59,6 +59,11 @@ FORMATS = {f.name: f for f in (
     WeightFormat("q8_0", Q8_BLOCK, 2 + Q8_BLOCK, _I8, _I8, (("cpu", "linear_q8"),
                                                           ("cuda", "linear_q8"))),
 )}
+# storage of the key/value cache (and of attention's k and v), apart from the weights' formats:
+# float32, or 16-bit floats (half the bytes decode streams at long context); the CUDA kernels
+# take float16 of the two
+KV_DTYPES = {"cpu": {"float32": _F32, "float16": _F16, "bfloat16": _BF16},
+             "cuda": {"float32": _F32, "float16": _F16}}
 # the format of an unblocked weight array by its dtype: host (NumPy) arrays by `storage`, CUDA
 # arrays by `device_storage` (a uint16 device array is a bfloat16 matrix's bits; a uint16 NumPy
 # array is no weight)

@@ -3,13 +3,17 @@ import numpy as np
 
 from . import checks
 from .backend import as_device, backend_of, empty, kernels, view
+from .formats import KV_DTYPES
 
 
 class KVCache:
-    """k, v: (n_layers, max_seq, n_kv_heads, head_dim), allocated once.
+    """k, v: (n_layers, max_seq, n_kv_heads, head_dim), allocated once, in dtype: float32, or
+    a 16-bit float (half the bytes; formats.KV_DTYPES lists each device's): "float16",
+    "bfloat16" (an ml_dtypes.bfloat16 array on the host).
 
-    append(layer, k, v) writes (seq, n_kv_heads, head_dim) at that layer's current length and
-    returns the filled views (kv_len, n_kv_heads, head_dim)."""
+    append(layer, k, v) writes (seq, n_kv_heads, head_dim), float32 or the cache's dtype
+    (rounded to nearest even on the way in), at that layer's current length and returns the
+    filled views (kv_len, n_kv_heads, head_dim)."""
 
     def __init__(self, n_layers, max_seq, n_kv_heads, head_dim, *, dtype=np.float32, device="cpu"):
         self.n_layers = checks.positive_int("n_layers", n_layers)
@@ -19,9 +23,9 @@ class KVCache:
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         self.device = device
-        self.dtype = np.dtype(dtype)
-        if device == "cpu" and self.dtype != np.float32:
-            raise TypeError(f"a CPU KVCache stores float32, got {self.dtype.name}")
+        self.dtype = kv_dtype(device, dtype)
+        # append takes float32 (the model's) or the cache's own dtype
+        self._inputs = (np.dtype(np.float32),) + ((self.dtype,) if self.dtype != np.float32 else ())
         shape = (n_layers, max_seq, n_kv_heads, head_dim)
         self.k = empty(shape, self.dtype, device)   # (n_layers, max_seq, n_kv_heads, head_dim)
         self.v = empty(shape, self.dtype, device)   # (n_layers, max_seq, n_kv_heads, head_dim)
@@ -45,10 +49,11 @@ class KVCache:
         k, v = as_device(k), as_device(v)            # CuPy / PyTorch: numba views (no copy)
         want = (None, self.n_kv_heads, self.head_dim)
         for name, x in (("k", k), ("v", v)):
-            checks.array(name, x, ndim=3, dtypes=(self.dtype,))
+            checks.array(name, x, ndim=3, dtypes=self._inputs)
             checks.shape(name, x, want)
-        if k.shape != v.shape:
-            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        if k.shape != v.shape or k.dtype != v.dtype:
+            raise ValueError(f"k and v must have the same shape and dtype, got "
+                             f"{tuple(k.shape)} {k.dtype} and {tuple(v.shape)} {v.dtype}")
         start = self.lengths[layer]
         end = start + k.shape[0]
         if end > self.max_seq:
@@ -92,3 +97,16 @@ class KVCache:
         return (f"KVCache(n_layers={self.n_layers}, max_seq={self.max_seq}, "
                 f"n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
                 f"dtype={self.dtype.name}, device={self.device!r}, length={self.length})")
+
+
+def kv_dtype(device, dtype):
+    """The NumPy dtype of a KV cache on device for dtype (a name of formats.KV_DTYPES[device], or
+    a dtype); ValueError for another."""
+    table = KV_DTYPES[device]
+    try:
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    except TypeError:
+        name = dtype
+    if name not in table:
+        raise ValueError(f"a {device} KV cache stores {', '.join(table)}; got {name!r}")
+    return table[name]

@@ -26,8 +26,9 @@ import numpy as np
 from .backend import (copy_from_host, copy_to_host, cuda_unavailable, empty, is_cuda_array,
                       reshape, rows)
 from .config import LlamaConfig
-from .formats import FORMATS, Q8_BLOCK, Q8Matrix, quantize_q8_0, to_device, weight_format
-from .kvcache import KVCache
+from .formats import FORMATS, KV_DTYPES as FORMATS_KV, Q8_BLOCK, Q8Matrix, quantize_q8_0, \
+    to_device, weight_format
+from .kvcache import KVCache, kv_dtype as kv_dtype_of
 from .ops import (add_rmsnorm, apply_rope, attention, embedding, linear, rmsnorm, silu_mul,
                   split_qkv)
 from .cuda_decode import CudaDecoder
@@ -41,6 +42,12 @@ DEVICES = ("cpu", "cuda")
 # where the device runs it
 WEIGHT_DTYPES = {device: tuple(name for name, f in FORMATS.items() if device in f.devices)
                  for device in DEVICES}
+# the KV cache's storage (formats.KV_DTYPES); "auto" on the CPU follows the weights: 16-bit
+# weights keep 16-bit keys and values (q8_0: float16, as llama.cpp), float32 stays float32; on
+# CUDA float32
+KV_DTYPES = {device: tuple(names) for device, names in FORMATS_KV.items()}
+_AUTO_KV = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
+            "q8_0": "float16"}
 
 
 # the steps of the forward pass: ops.py's public functions (checked, either device), and the
@@ -231,6 +238,19 @@ def resolve_weight_dtype(device, weight_dtype, source=None):
     return name
 
 
+def resolve_kv_dtype(device, kv_dtype, weight_dtype):
+    """The name of the KV cache's storage on device: kv_dtype checked against KV_DTYPES[device],
+    or for "auto", on the CPU the 16-bit type matching the weights (_AUTO_KV), on CUDA
+    float32."""
+    if isinstance(kv_dtype, str) and kv_dtype == "auto":
+        return _AUTO_KV.get(weight_dtype, "float32") if device == "cpu" else "float32"
+    try:
+        return kv_dtype_of(device, kv_dtype).name
+    except (TypeError, ValueError):
+        raise ValueError(f"kv_dtype must be auto or one of {', '.join(KV_DTYPES[device])} on "
+                         f"{device}, got {kv_dtype!r}") from None
+
+
 def _placer(device, fmt):
     """put(name, host weight, matrix) -> the weight the model keeps: a matrix in format fmt
     (as it is when it is in fmt already; else converted on the host: quantized for q8_0,
@@ -328,9 +348,12 @@ class Model:
     config: the frozen ModelConfig; weights: ModelWeights; cache: the KVCache (max_seq long);
     position: tokens in the cache."""
 
-    def __init__(self, config, weights, *, device="cpu", max_seq=None, weight_dtype=None):
+    def __init__(self, config, weights, *, device="cpu", max_seq=None, weight_dtype=None,
+                 kv_dtype="auto"):
         """weights: ModelWeights on `device`, or host weights for a CUDA model (copied to the
-        GPU here, the matrices in weight_dtype, default the host weights' own format)."""
+        GPU here, the matrices in weight_dtype, default the host weights' own format).
+        kv_dtype: the KV cache's storage, "auto" (resolve_kv_dtype) or one of
+        KV_DTYPES[device]."""
         _check_device(device)
         c = config
         if weights.device != device:
@@ -353,26 +376,31 @@ class Model:
                              f"got {max_seq}")
         scaling = dict(c.rope_scaling) if c.rope_scaling else None
         self.rope = RopeTable(c.head_dim, self.max_seq, theta=c.rope_theta, scaling=scaling)
-        self.cache = KVCache(c.n_layers, self.max_seq, c.n_kv_heads, c.head_dim, device=device)
+        self.kv_dtype = resolve_kv_dtype(device, kv_dtype, self.weight_dtype)
+        self.cache = KVCache(c.n_layers, self.max_seq, c.n_kv_heads, c.head_dim,
+                             dtype=self.kv_dtype, device=device)
         self.buffers = Buffers(c, 1, device)
         # CUDA: decode steps replayed as one graph each (cuda_decode.py), set up here
         self.decoder = CudaDecoder(self, Buffers(c, 1, device)) if device == "cuda" else None
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", max_seq=None, weight_dtype="auto",
-                        progress=None):
+                        progress=None, kv_dtype="auto"):
         """Load a Hugging Face folder (config.json, *.safetensors) or a GGUF file. max_seq: KV
         cache length; default the model's context, at most DEFAULT_MAX_SEQ unless asked for
         more. device="cuda" puts the weights, KV cache and buffers on the GPU. weight_dtype:
         the linear weights' storage, "auto" (the source's own type where the device runs it,
         else float32; for a GGUF of other quantization types q8_0), or one of
         WEIGHT_DTYPES[device]: "float32", "bfloat16", "float16", "q8_0" (quantized at load);
-        arithmetic is float32 throughout. progress: see ModelWeights.load."""
+        arithmetic is float32 throughout. progress: see ModelWeights.load. kv_dtype: the KV
+        cache's storage, "auto" (resolve_kv_dtype) or one of KV_DTYPES[device]."""
         from .loaders import open_model_source
 
         _check_device(device)
         if weight_dtype != "auto":
             resolve_weight_dtype(device, weight_dtype)
+        if kv_dtype != "auto":
+            resolve_kv_dtype(device, kv_dtype, "float32")
         config, source = open_model_source(path)
         with source:
             if max_seq is None:
@@ -382,7 +410,7 @@ class Model:
                                  f"context is 1 to {config.max_context} tokens")
             weights = ModelWeights.load(config, source, device=device,
                                         weight_dtype=weight_dtype, progress=progress)
-        return cls(config, weights, device=device, max_seq=max_seq)
+        return cls(config, weights, device=device, max_seq=max_seq, kv_dtype=kv_dtype)
 
     @property
     def position(self):

@@ -8,15 +8,14 @@ import numpy as np
 
 from . import checks
 from .backend import as_device, backend_of, device_id, empty, kernels, reshape, view
-from .formats import FORMATS, Q8Matrix, weight_format
+from .formats import FORMATS, KV_DTYPES, Q8Matrix, weight_format
 from .rope import RopeTable
 
 F32 = (np.float32,)
 _F32_DTYPE = np.dtype(np.float32)
 IDS = (np.int64,)
-# storage dtypes accepted for K/V: float32 on the CPU; half precision on CUDA too (weights: the
-# formats table, formats.FORMATS)
-STORAGE = {"cpu": (np.float32,), "cuda": (np.float32, np.float16)}
+# dtypes accepted for attention's K/V, by backend (formats.KV_DTYPES)
+STORAGE = {backend: tuple(dtypes.values()) for backend, dtypes in KV_DTYPES.items()}
 
 
 _EMPTY = {}  # (shape, backend, device) -> an empty float32 array: "no bias", "no mask"

@@ -1,7 +1,9 @@
 """Fused attention against the float64 reference: GQA, causal bottom-right (prefill, prefill over
-a cached prefix, decode), a batch axis, rows that see nothing, and a hypothesis property test."""
+a cached prefix, decode), a batch axis, rows that see nothing, 16-bit keys and values, and a
+hypothesis property test."""
 import math
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -173,3 +175,49 @@ def test_attention_property(case):
     check(y, want, q, k, case["scale"])
     if case["causal"] and case["q_len"] > case["kv_len"]:
         assert np.all(y[..., : case["q_len"] - case["kv_len"], :, :] == 0)
+
+
+# ----------------------------------------------------------------- 16-bit keys and values
+
+KV16 = [np.float16, ml_dtypes.bfloat16]
+CASES16 = [
+    # q_len, kv_len, H, Hkv, d, batch: each schedule (decode and prefill; micro-kernel head
+    # sizes and the others), key blocks partly filled, several key ranges, a batch axis
+    (1, 2000, 32, 4, 64, None),      # decode at TinyLlama's heads, every worker's key range
+    (1, 1, 8, 1, 64, None),
+    (3, 129, 8, 8, 128, None),       # decode schedule, 3 queries, plain multi-head
+    (1, 70, 6, 2, 48, None),         # decode, head size off the micro-kernels
+    (4, 300, 4, 2, 24, 2),           # ... with a batch axis and causal rows inside
+    (129, 129, 32, 4, 64, None),     # prefill
+    (7, 200, 8, 2, 128, None),       # prefill over a cached prefix
+    (33, 33, 4, 1, 40, 2),           # prefill, BLAS tiles
+]
+
+
+@pytest.mark.parametrize("dtype", KV16, ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("q_len,kv_len,n_heads,n_kv_heads,d,batch", CASES16,
+                         ids=["-".join(map(str, c)) for c in CASES16])
+def test_16bit_kv_matches_reference(q_len, kv_len, n_heads, n_kv_heads, d, batch, causal,
+                                    dtype):
+    """16-bit K and V are widened exactly: the result is float32 attention over the rounded
+    values (the float64 reference of the same 16-bit numbers), and ten times closer to it than
+    to attention over the float32 values they were rounded from (so a kernel that read them
+    wrongly, or rounded twice, could not pass)."""
+    q, k, v = qkv(q_len * 7 + kv_len, q_len, kv_len, n_heads, n_kv_heads, d, batch)
+    k16, v16 = k.astype(dtype), v.astype(dtype)
+    y = attention(q, k16, v16, causal=causal)
+    kr, vr = k16.astype(np.float64), v16.astype(np.float64)
+    rounded = attention_ref(q, kr, vr, causal=causal)
+    check(y, rounded, q, kr)
+    unrounded = attention_ref(q, k, v, causal=causal)
+    assert np.abs(y - unrounded).max() > 10 * np.abs(y - rounded).max()
+
+
+@pytest.mark.parametrize("dtype", KV16, ids=["float16", "bfloat16"])
+def test_16bit_kv_must_match(dtype):
+    q, k, v = qkv(9, 1, 10, 4, 2, 64)
+    with pytest.raises(ValueError, match="k and v must match"):
+        attention(q, k.astype(dtype), v)
+    with pytest.raises(TypeError, match="k must have dtype"):
+        attention(q, k.astype(np.float64), v.astype(np.float64))

@@ -310,9 +310,21 @@ def test_numpy_reference_greedy(numpy_model, golden):
 # ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def engine():
+    """The demo model with its float16 weights widened exactly and a float32 KV cache: float32
+    arithmetic throughout, held to the float64 forward pass."""
     from numba_attn import Model
 
-    return Model.from_pretrained(str(DEMO))
+    return Model.from_pretrained(str(DEMO), kv_dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def engine_auto():
+    """The demo model as `generate` loads it: its KV cache in float16, as its weights."""
+    from numba_attn import Model
+
+    model = Model.from_pretrained(str(DEMO))
+    assert model.kv_dtype == "float16"
+    return model
 
 
 def test_engine_last_logits(engine, golden):
@@ -368,3 +380,20 @@ def test_engine_greedy(engine, golden, case_index):
         logits = np.asarray(engine.forward(np.array([tok], dtype=np.int64), start_pos=pos))
         pos += 1
     assert out == case["generated_ids"], case["prompt"]
+
+
+def test_default_engine_with_float16_kv_cache(engine_auto, numpy_model64, golden):
+    """The default load (keys and values rounded to float16, 2^-11 relative): every position of
+    every golden case within 1e-2 of the float64 forward pass (measured 1.2e-3), and the golden
+    last logits' top ten in order."""
+    ids = np.array(golden["last_logits"]["prompt_ids"], dtype=np.int64)
+    check_last_logits(np.asarray(engine_auto.forward(ids, start_pos=0)), golden)
+    for case in golden["cases"]:
+        ids = list(case["prompt_ids"]) + list(case["generated_ids"])
+        ref = numpy_model64.logits(ids)
+        n = len(case["prompt_ids"])
+        got = [np.array(engine_auto.forward(np.array(ids[:n], np.int64), 0))]
+        for pos in range(n, len(ids)):
+            got.append(np.array(engine_auto.forward(np.array(ids[pos:pos + 1], np.int64), pos)))
+        err = np.abs(np.array(got, np.float64) - ref[n - 1:]).max()
+        assert ENGINE_F64_ATOL < err <= 1e-2, err

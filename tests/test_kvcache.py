@@ -1,4 +1,6 @@
-"""KVCache: preallocated per-layer storage, append returns views, overflow, reset."""
+"""KVCache: preallocated per-layer storage, append returns views, overflow, reset, 16-bit
+storage."""
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -134,3 +136,40 @@ def test_truncate_keeps_a_prefix_and_appends_after_it():
     for bad in (-1, 1.0, True):
         with pytest.raises(ValueError):
             cache.truncate(bad)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16bit_cache_rounds_float32_on_the_way_in(dtype):
+    """A 16-bit cache takes the model's float32 keys and values, rounded to nearest even (as
+    NumPy's astype), or 16-bit ones as they are; half the bytes of float32."""
+    want = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
+    cache = KVCache(2, 16, 2, 64, dtype=dtype)
+    assert cache.k.dtype == cache.v.dtype == want
+    assert cache.nbytes == KVCache(2, 16, 2, 64).nbytes // 2
+    assert dtype in repr(cache)
+    k, v = randn(40, 5, 2, 64) * 3, randn(41, 5, 2, 64) * 3
+    kk, vv = cache.append(0, k, v)
+    assert kk.dtype == vv.dtype == want
+    np.testing.assert_array_equal(kk.view(np.uint16), k.astype(want).view(np.uint16))
+    np.testing.assert_array_equal(vv.view(np.uint16), v.astype(want).view(np.uint16))
+    assert not np.array_equal(kk.astype(np.float32), k)        # rounded, not bit-cast or kept
+    k16, v16 = randn(42, 1, 2, 64).astype(want), randn(43, 1, 2, 64).astype(want)
+    kk, vv = cache.append(0, k16, v16)
+    np.testing.assert_array_equal(kk[5].view(np.uint16), k16[0].view(np.uint16))
+    q = randn(44, 1, 8, 64)
+    np.testing.assert_allclose(attention(q, kk, vv), attention_ref(
+        q, kk.astype(np.float64), vv.astype(np.float64)), rtol=1e-4, atol=1e-5)
+
+
+def test_cache_dtypes_refused():
+    for dtype in ("int8", np.float64, "float8", ml_dtypes.float8_e4m3fn):
+        with pytest.raises(ValueError, match="cpu KV cache stores float32, float16, bfloat16"):
+            KVCache(1, 4, 1, 4, dtype=dtype)
+    with pytest.raises(ValueError, match="cuda KV cache stores float32, float16; got 'bfloat16'"):
+        KVCache(1, 4, 1, 4, dtype="bfloat16", device="cuda")
+    cache = KVCache(1, 4, 1, 4, dtype="float16")
+    with pytest.raises(TypeError, match="k must have dtype float32, float16, got float64"):
+        cache.append(0, np.zeros((1, 1, 4)), np.zeros((1, 1, 4)))
+    with pytest.raises(ValueError, match="same shape and dtype"):
+        cache.append(0, randn(1, 1, 1, 4), randn(1, 1, 1, 4).astype(np.float16))
+    assert cache.length == 0

@@ -40,8 +40,9 @@ def ref_inv_freq(head_dim, theta, scaling):
     return np.array(out)
 
 
-def ref_forward(cfg, w, tokens):
-    """float64 logits (seq, vocab) of a full recompute. cfg: the config.json dict."""
+def ref_forward(cfg, w, tokens, kv_dtype=None):
+    """float64 logits (seq, vocab) of a full recompute. cfg: the config.json dict. kv_dtype: the
+    keys and values rounded to it (through float32, as the model's are) before attention."""
     H, Hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     d = cfg.get("head_dim") or cfg["hidden_size"] // H
     eps = cfg["rms_norm_eps"]
@@ -74,6 +75,8 @@ def ref_forward(cfg, w, tokens):
         q = rotate(proj(h, p + "self_attn.q_proj").reshape(n, H, d), pos)
         k = rotate(proj(h, p + "self_attn.k_proj").reshape(n, Hkv, d), pos)
         v = proj(h, p + "self_attn.v_proj").reshape(n, Hkv, d)
+        if kv_dtype is not None:
+            k, v = (a.astype(np.float32).astype(kv_dtype).astype(np.float64) for a in (k, v))
         k, v = np.repeat(k, H // Hkv, axis=1), np.repeat(v, H // Hkv, axis=1)
         s = np.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
         s = np.where(causal, s, -np.inf)

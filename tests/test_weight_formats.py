@@ -11,7 +11,7 @@ import pytest
 from numba_attn import DEMO_MODEL, Model, Tokenizer
 from numba_attn.backend import cuda_unavailable
 from numba_attn.formats import Q8Matrix, quantize_q8_0
-from numba_attn.model import resolve_weight_dtype
+from numba_attn.model import resolve_kv_dtype, resolve_weight_dtype
 from numba_attn.perplexity import perplexity
 from numba_attn.weights import CheckpointError
 from test_cli import assert_one_line_error, invoke
@@ -70,7 +70,7 @@ def cpu_path(request, monkeypatch):
 def test_logits_match_reference_of_the_stored_weights(make_folder, fmt, stored, cpu_path):
     folder, w = make_folder(f"{stored}-{fmt}", dtype=stored, kv_heads=2)
     cfg = config_of(folder)
-    model = Model.from_pretrained(folder, weight_dtype=fmt)
+    model = Model.from_pretrained(folder, weight_dtype=fmt, kv_dtype="float32")
     assert model.weight_dtype == fmt
     ref = ref_forward(cfg, as_stored(w, fmt), LONG)
     # a few rows (the GEMV kernels), then a decode step on the cache
@@ -89,6 +89,49 @@ def test_logits_match_reference_of_the_stored_weights(make_folder, fmt, stored, 
 
 def rel_err(got, ref):
     return np.abs(got - ref).max() / np.abs(ref).max()
+
+
+# -- the KV cache's storage ------------------------------------------------------------------
+
+@pytest.mark.parametrize("weights, expect", [("float32", "float32"), ("bfloat16", "bfloat16"),
+                                             ("float16", "float16"), ("q8_0", "float16")])
+def test_auto_kv_dtype_follows_the_weights(tiny_folder, weights, expect):
+    model = Model.from_pretrained(tiny_folder, weight_dtype=weights)
+    assert model.kv_dtype == expect and model.cache.k.dtype.name == expect
+    forced = Model.from_pretrained(tiny_folder, weight_dtype=weights, kv_dtype="float32")
+    assert forced.kv_dtype == "float32" and forced.cache.k.dtype == np.float32
+
+
+# bfloat16 keys and values: a rounding step of 2^-8 relative, float16 2^-11; a reference
+# rounding its own float64 keys and values may round a few the other way (those within float32's
+# error of a midpoint), so the bound is well above float32's and well below the rounding's
+# whole effect (measured ~1e-2 bfloat16, ~1e-3 float16 relative to the logits)
+KV_TOLERANCE = {"bfloat16": 1e-3, "float16": 1.5e-4}
+
+
+@pytest.mark.parametrize("kv", ["bfloat16", "float16"])
+def test_16bit_kv_cache_matches_reference_of_rounded_keys_and_values(make_folder, kv, cpu_path):
+    folder, w = make_folder("kv16", dtype="float32", kv_heads=2)
+    cfg = config_of(folder)
+    model = Model.from_pretrained(folder, weight_dtype="float32", kv_dtype=kv)
+    want = np.float16 if kv == "float16" else ml_dtypes.bfloat16
+    ref = ref_forward(cfg, w, LONG, kv_dtype=want)
+    unrounded = ref_forward(cfg, w, LONG)
+    got = model.forward(LONG[:-1], 0, all_logits=True)                   # prefill
+    step = model.forward(LONG[-1:], len(LONG) - 1)                      # decode on the cache
+    for g, r, u in ((got, ref[:-1], unrounded[:-1]), (step, ref[-1], unrounded[-1])):
+        assert rel_err(g, r) <= KV_TOLERANCE[kv]
+        assert rel_err(g, u) > 3 * rel_err(g, r)        # the rounding is seen, and only once
+
+
+def test_bad_kv_dtypes(tiny_folder):
+    for bad in ("int8", "float64", np.int8, None):
+        with pytest.raises(ValueError, match="kv_dtype must be auto or one of float32, float16, "
+                                             "bfloat16 on cpu"):
+            Model.from_pretrained(tiny_folder, kv_dtype=bad)
+    with pytest.raises(ValueError, match="float32, float16 on cuda, got 'bfloat16'"):
+        resolve_kv_dtype("cuda", "bfloat16", "float32")
+    assert resolve_kv_dtype("cuda", "auto", "q8_0") == "float32"
 
 
 @pytest.mark.parametrize("stored, expect", [("float32", "float32"), ("bfloat16", "bfloat16"),
@@ -163,6 +206,16 @@ def test_cli_weight_dtype(tiny_folder):
         assert f"| {fmt} weights, " in result.stderr and "MB/token" in result.stderr
     assert_one_line_error(invoke("generate", "hi", "--model", tiny_folder, "--weight-dtype",
                                  "int4"), "'--weight-dtype'")
+    for kv in ("float16", "bfloat16", "float32"):
+        result = invoke("generate", "Once upon", "--model", tiny_folder, "--max-tokens", "4",
+                        "--weight-dtype", "q8_0", "--kv-dtype", kv)
+        assert result.exit_code == 0, result.output
+        assert f"| q8_0 weights, " in result.stderr and f"| {kv} KV cache |" in result.stderr
+    assert_one_line_error(invoke("generate", "hi", "--model", tiny_folder, "--kv-dtype",
+                                 "int8"), "'--kv-dtype'")
+    assert_one_line_error(invoke("generate", "hi", "--model", tiny_folder, "--kv-dtype",
+                                 "bfloat16", "--device", "cuda"),
+                          "--kv-dtype bfloat16 runs on the CPU only")
     if cuda_unavailable() is not None:      # q8_0 on CUDA: accepted, then no GPU to run it
         assert_one_line_error(invoke("generate", "hi", "--model", tiny_folder, "--weight-dtype",
                                      "q8_0", "--device", "cuda"),

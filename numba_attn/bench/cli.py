@@ -18,13 +18,14 @@ import click
 from . import kernels as K
 from . import report
 from ..backend import cuda_unavailable
-from ..formats import FORMATS as WEIGHT_FORMATS
+from ..formats import FORMATS as WEIGHT_FORMATS, KV_DTYPES
 from .limits import Limits
 from .machine import cuda_available, describe, jit_cache_counts
 from .timing import DEFAULT_BUDGET_S
 
 FORMATS = ("text", "md", "csv", "json")
 WEIGHT_DTYPE_CHOICES = ("auto",) + tuple(WEIGHT_FORMATS)
+KV_DTYPE_CHOICES = ("auto",) + tuple(KV_DTYPES["cpu"])
 
 
 class _KernelsByDefault(click.Group):
@@ -345,6 +346,10 @@ def _peers(ctx, peers, devices):
               help="Storage of the weights: auto (a checkpoint's own type; float32 for the "
                    "random model), float32, bfloat16, float16 or q8_0; fewer bytes, a faster "
                    "decode.")
+@click.option("--kv-dtype", type=click.Choice(KV_DTYPE_CHOICES), default="auto",
+              show_default=True,
+              help="Storage of the KV cache: auto (as `generate`: on the CPU 16 bits with "
+                   "16-bit or q8_0 weights), float32, float16 or bfloat16 (CPU only).")
 @click.option("--breakdown/--no-breakdown", default=True, show_default=True,
               help="Time one decoder layer stage by stage (prefill at pp tokens, and decode "
                    "of one token at position pp).")
@@ -352,7 +357,7 @@ def _peers(ctx, peers, devices):
                    "in the layer and alone, a panel for prefill and one for decode",
          devices_help="Where to run: cpu or cuda (one device at a time).")
 @click.pass_context
-def model_cmd(ctx, model_dir, layers, pp, tg, weight_dtype, breakdown, device, repeat,
+def model_cmd(ctx, model_dir, layers, pp, tg, weight_dtype, kv_dtype, breakdown, device, repeat,
               time_budget, limits_mode, fmt, save_baseline, baseline, fail_on_regression, plot_path):
     """llama-bench style: prefill (pp) and generation (tg) tokens/s, time to first token, and
     where one decoder layer's time goes."""
@@ -380,7 +385,8 @@ def model_cmd(ctx, model_dir, layers, pp, tg, weight_dtype, breakdown, device, r
     _say("loading the model..." if model_dir else "setting up the model...")
     try:
         model, model_desc = M.load_model(model_dir, layers=layers, max_seq=max(pp, tg, 1),
-                                         device=dev, weight_dtype=weight_dtype)
+                                         device=dev, weight_dtype=weight_dtype,
+                                         kv_dtype=kv_dtype)
     except (ValueError, OSError) as e:
         raise click.ClickException(f"cannot load the model: {e}") from None
     fitted = []

@@ -106,18 +106,20 @@ def tinyllama_config(layers=TINYLLAMA["n_layers"]):
 
 
 def random_model(layers=TINYLLAMA["n_layers"], *, max_seq=2048, device="cpu", seed=0,
-                 weight_dtype="float32"):
+                 weight_dtype="float32", kv_dtype="auto"):
     """A TinyLlama-1.1B-shaped Model with random weights (layers may be fewer), stored in
-    weight_dtype (on CUDA: made on the host in float32, stored on the device as asked)."""
+    weight_dtype (on CUDA: made on the host in float32, stored on the device as asked), its KV
+    cache in kv_dtype."""
     from ..model import Model, resolve_weight_dtype
     c = tinyllama_config(layers)
     fmt = resolve_weight_dtype(device, weight_dtype)
     host = fmt if device == "cpu" else "float32"
     return Model(c, _random_weights(c, seed, host), device=device, max_seq=max_seq,
-                 weight_dtype=None if device == "cpu" else fmt)
+                 weight_dtype=None if device == "cpu" else fmt, kv_dtype=kv_dtype)
 
 
-def load_model(model_dir, *, layers=None, max_seq, device="cpu", weight_dtype="float32"):
+def load_model(model_dir, *, layers=None, max_seq, device="cpu", weight_dtype="float32",
+               kv_dtype="auto"):
     """(model, description). model_dir None: the built-in demo model when installed (and no
     layer count is asked for), else a random TinyLlama-shaped model."""
     from ..config import LlamaConfig
@@ -129,21 +131,24 @@ def load_model(model_dir, *, layers=None, max_seq, device="cpu", weight_dtype="f
         if model_dir == DEMO_MODEL:          # the default: as long a context as it has
             max_seq = min(max_seq, LlamaConfig.from_pretrained(model_dir).max_context)
         model = Model.from_pretrained(model_dir, device=device, max_seq=max_seq,
-                                      weight_dtype=weight_dtype)
+                                      weight_dtype=weight_dtype, kv_dtype=kv_dtype)
         name = "built-in demo model" if model_dir == DEMO_MODEL else model_dir
         return model, f"{name} ({model.config.architecture}, {model.config.n_layers} layers)"
     if device != "cpu":       # a tiny model first: refuse quickly where the device is not wired
         tiny = LlamaConfig(architecture="LlamaForCausalLM", vocab_size=8, hidden_size=8,
                            intermediate_size=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4)
         Model(tiny, _random_weights(tiny), device=device, max_seq=4,
-              weight_dtype="float32" if weight_dtype == "auto" else weight_dtype)
+              weight_dtype="float32" if weight_dtype == "auto" else weight_dtype,
+              kv_dtype=kv_dtype)
     n = TINYLLAMA["n_layers"] if layers is None else layers
     model = random_model(n, max_seq=max_seq, device=device,
-                         weight_dtype="float32" if weight_dtype == "auto" else weight_dtype)
+                         weight_dtype="float32" if weight_dtype == "auto" else weight_dtype,
+                         kv_dtype=kv_dtype)
     fewer = "" if n == TINYLLAMA["n_layers"] else \
         f" -- {n} of TinyLlama's {TINYLLAMA['n_layers']} layers, for speed"
     return model, (f"random TinyLlama-1.1B-shaped model (hidden 2048, 32/4 heads, "
-                   f"intermediate 5632, vocab 32000, {model.weight_dtype} weights){fewer}")
+                   f"intermediate 5632, vocab 32000, {model.weight_dtype} weights, "
+                   f"{model.kv_dtype} KV cache){fewer}")
 
 
 def model_weight_bytes(model):
@@ -245,7 +250,7 @@ def layer_stages(model, seq, pos):
     # the in-place stages' inputs, snapshotted before their alone loops
     q_in, k_in, gate_in = buf(seq, H, d), buf(seq, Hkv, d), buf(seq, i)
     table = RopeTable(d, pos + seq)
-    cache = KVCache(1, pos + seq, Hkv, d, device=device)
+    cache = KVCache(1, pos + seq, Hkv, d, dtype=model.kv_dtype, device=device)
     if pos:                                             # the cached prefix
         cache.append(0, put(rng.standard_normal((pos, Hkv, d), dtype=f32)),
                      put(rng.standard_normal((pos, Hkv, d), dtype=f32)))

@@ -16,20 +16,26 @@ Two schedules, same arithmetic:
   end (flash-decoding). Within a block of keys each KV head's query heads form one tile (8
   rows at 32/4 heads), scored and accumulated by the same micro-kernels (narrower vectors for
   the scores of small tiles), and the next block is prefetched meanwhile. Head sizes that are
-  not a multiple of 32 take the older loop-based schedule."""
+  not a multiple of 32 take the older loop-based schedule.
+
+K and V may be float32, float16 or bfloat16 (a 16-bit KV cache: half the bytes to stream);
+16-bit keys and values are widened to float32 exactly as they are read (prefill: while packing;
+decode: a block of one head's rows at a time, into L1), and all arithmetic is float32."""
 import ctypes
 import glob
 import math
 import os
 
+import ml_dtypes
 import numpy as np
 from llvmlite import ir
 from numba import float32, get_num_threads, njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from . import cpu_pool
-from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, fma, prefetch
+from .linear_bf16_cpu import to_float32
+from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, fma, prefetch, widen16
 from .scalar import FASTMATH_INF, dots_4x1, dots_4x2, exp_f32, row_max
 
 BLOCK_ROWS = 64        # prefill, BLAS tile (odd head sizes): query rows per tile
@@ -38,6 +44,10 @@ TILE_ROWS = 128        # prefill, micro-kernel tile: query rows (positions x gro
 NEG_INF = float32(-np.inf)
 DECODE_MAX_Q = 4       # at most this many queries take the decode schedule
 MIN_SPLIT_KEYS = 256   # decode: a key range is never shorter than this
+# K and V storage, passed to the kernels as `kind` (16-bit kinds as their uint16 bits)
+KV_F32, KV_BF16, KV_F16 = 0, 1, 2
+KV_KINDS = {np.dtype(np.float32): KV_F32, np.dtype(ml_dtypes.bfloat16): KV_BF16,
+            np.dtype(np.float16): KV_F16}
 
 
 def _single_threaded_jit_blas():
@@ -55,6 +65,69 @@ def _single_threaded_jit_blas():
 
 
 _single_threaded_jit_blas()
+
+
+# -- reading K and V of any kind as float32 -------------------------------------------------
+
+def _f32(x, kind):
+    """An element of K or V as float32: a float as it is; 16-bit bits by kind."""
+
+
+@overload(_f32)
+def _f32_impl(x, kind):
+    if isinstance(x, types.Float):
+        return lambda x, kind: float32(x)
+    return lambda x, kind: to_float32(x, kind == KV_F16)
+
+
+def _kv_block(k, z, k0, nk, buf, kind):
+    """Rows k0..k0+nk-1 of batch z, (nk, Hkv, d) float32: a view of float32 k, or 16-bit k
+    widened into buf (>= nk rows)."""
+
+
+@overload(_kv_block)
+def _kv_block_impl(k, z, k0, nk, buf, kind):
+    if isinstance(k.dtype, types.Float):
+        return lambda k, z, k0, nk, buf, kind: k[z, k0:k0 + nk]
+
+    def widened(k, z, k0, nk, buf, kind):
+        for j in range(nk):
+            for h in range(k.shape[2]):
+                for c in range(k.shape[3]):
+                    buf[j, h, c] = to_float32(k[z, k0 + j, h, c], kind == KV_F16)
+        return buf[:nk]
+    return widened
+
+
+@intrinsic
+def _widen_rows(typingctx, dst, src, n_rows, stride, d, half):
+    """dst[j, :d] = the 16-bit floats (float16 when half, else bfloat16) at src[j * stride:][:d],
+    widened to float32, for j < n_rows: dst rows d floats apart, src rows stride elements
+    apart (byte addresses dst, src); d a multiple of 16."""
+    sig = types.void(dst, src, n_rows, stride, d, half)
+
+    def codegen(context, builder, signature, args):
+        dst, src, n, stride, d = [context.cast(builder, v, t, types.int64)
+                                  for v, t in zip(args[:5], signature.args[:5])]
+        vh, vf = ir.VectorType(ir.IntType(16), 16), ir.VectorType(_F32, 16)
+        sp = builder.inttoptr(src, ir.PointerType(ir.IntType(16)))
+        dp = builder.inttoptr(dst, ir.PointerType(_F32))
+        n_vec = builder.ashr(d, ir.Constant(_I64, 4))
+        for half in (False, True):      # the flag is known at run time only: both loops
+            flag = context.cast(builder, args[5], signature.args[5], types.boolean)
+            with builder.if_then(flag if half else builder.not_(flag)):
+                with cgutils.for_range(builder, n) as rws:
+                    s_row, d_row = builder.mul(rws.index, stride), builder.mul(rws.index, d)
+                    with cgutils.for_range(builder, n_vec) as vec:
+                        c = builder.shl(vec.index, ir.Constant(_I64, 4))
+                        h = builder.load(builder.bitcast(
+                            builder.gep(sp, [builder.add(s_row, c)]), ir.PointerType(vh)),
+                            align=2)
+                        builder.store(widen16(builder, h, half), builder.bitcast(
+                            builder.gep(dp, [builder.add(d_row, c)]), ir.PointerType(vf)),
+                            align=4)
+        return context.get_dummy_value()
+    return sig, codegen
 
 
 @njit(inline="always", fastmath=FASTMATH_INF, cache=True)
@@ -81,8 +154,8 @@ def _online_softmax_block(S, P, m_run, l_run, alpha, rows, nk, n_vis):
 
 
 @njit(fastmath=FASTMATH_INF, cache=True)
-def _prefill_tile(out, q, k, v, scale, causal, z, hk, q0, nq, Qs, O, Ks, Vs, St, Pt, PVt,
-                  m_run, l_run, alpha, n_vis):
+def _prefill_tile(out, q, k, v, scale, causal, kind, z, hk, q0, nq, Qs, O, Ks, Vs, St, Pt,
+                  PVt, m_run, l_run, alpha, n_vis):
     # one tile: queries q0..q0+nq-1 of the G heads sharing KV head hk, against every key they
     # see. Qs, O: (rows, d); Ks, Vs: (BLOCK_K, d); St, Pt: (rows * BLOCK_K,); PVt: (rows * d,)
     q_len, H, d = q.shape[1], q.shape[2], q.shape[3]
@@ -109,8 +182,8 @@ def _prefill_tile(out, q, k, v, scale, causal, z, hk, q0, nq, Qs, O, Ks, Vs, St,
         PV = PVt[:nr * d].reshape((nr, d))
         for j in range(nk):
             for c in range(d):
-                Ks[j, c] = k[z, k0 + j, hk, c]
-                Vs[j, c] = v[z, k0 + j, hk, c]
+                Ks[j, c] = _f32(k[z, k0 + j, hk, c], kind)
+                Vs[j, c] = _f32(v[z, k0 + j, hk, c], kind)
         for r in range(nr):
             n_vis[r] = min(nk, max(0, kv_len - q_len + q0 + (r0 + r) // G + 1 - k0)) \
                 if causal else nk
@@ -128,7 +201,7 @@ def _prefill_tile(out, q, k, v, scale, causal, z, hk, q0, nq, Qs, O, Ks, Vs, St,
 
 
 @njit(parallel=True, cache=True)
-def _attention_prefill(out, q, k, v, scale, causal, n_workers):
+def _attention_prefill(out, q, k, v, scale, causal, kind, n_workers):
     # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d)
     B, q_len, H, d = q.shape
     Hkv = k.shape[2]
@@ -159,7 +232,7 @@ def _attention_prefill(out, q, k, v, scale, causal, n_workers):
             hk = (task // n_qblk) % Hkv
             z = task // (n_qblk * Hkv)
             nq = min(bq, q_len - qb * bq)
-            _prefill_tile(out, q, k, v, float32(scale), causal, z, hk, qb * bq, nq,
+            _prefill_tile(out, q, k, v, float32(scale), causal, kind, z, hk, qb * bq, nq,
                           Qt[w, :nq * G], Ot[w, :nq * G], Kt[w], Vt[w], St[w], Pt[w], PVt[w],
                           Mt[w, :nq * G], Lt[w, :nq * G], At[w, :nq * G], Vis[w, :nq * G])
 
@@ -499,7 +572,7 @@ def _mk_tile(out, q, Kh, Vh, scale, causal, G, z, hk, q0, nq, Qf, O, Sf, m_run, 
 
 
 @njit(parallel=True, cache=True)
-def _attention_prefill_mk(out, q, k, v, scale, causal, n_workers):
+def _attention_prefill_mk(out, q, k, v, scale, causal, kind, n_workers):
     # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d); d a multiple of 32
     B, q_len, H, d = q.shape
     kv_len, Hkv = k.shape[1], k.shape[2]
@@ -559,8 +632,8 @@ def _attention_prefill_mk(out, q, k, v, scale, causal, n_workers):
             for j in range(k_need):
                 kr, vr, kd, vd = k[z, j, hk], v[z, j, hk], Kh[j], Vh[j]
                 for c in range(d):
-                    kd[c] = kr[c]
-                    vd[c] = vr[c]
+                    kd[c] = _f32(kr[c], kind)
+                    vd[c] = _f32(vr[c], kind)
             for qb in range(chunk, n_qblk, n_chunks):
                 nq = min(bq, q_len - qb * bq)
                 _mk_tile(out, q, Kp[w, :kv_len], Vp[w, :kv_len], float32(scale), causal, G, z, hk,
@@ -636,9 +709,11 @@ def _axpys2(O, r0, n, P, j, value0, value1):
 
 
 @njit(fastmath=FASTMATH_INF, cache=True)
-def _decode_range(q, k, v, scale, causal, z, k_lo, k_hi, Qs, S, P, alpha, n_vis, O, m_run, l_run):
+def _decode_range(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qs, S, P, alpha, n_vis, O, m_run,
+                  l_run, Kb, Vb):
     # every query row against keys k_lo..k_hi-1 of batch z: O (rows, d) unnormalised, with the
-    # running max m_run and sum l_run (rows,). Qs: (rows, d); S, P: (rows, BLOCK_K)
+    # running max m_run and sum l_run (rows,). Qs: (rows, d); S, P: (rows, BLOCK_K); Kb, Vb:
+    # (BLOCK_K, Hkv, d), a block of 16-bit K and V widened
     q_len, H, d = q.shape[1], q.shape[2], q.shape[3]
     kv_len, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -653,15 +728,16 @@ def _decode_range(q, k, v, scale, causal, z, k_lo, k_hi, Qs, S, P, alpha, n_vis,
         nk = min(BLOCK_K, k_hi - k0)
         for r in range(rows):
             n_vis[r] = min(nk, max(0, kv_len - q_len + r // H + 1 - k0)) if causal else nk
+        kb, vb = _kv_block(k, z, k0, nk, Kb, kind), _kv_block(v, z, k0, nk, Vb, kind)
         # scores: each key row (all KV heads, contiguous) is read once, two rows at a time
         for j in range(0, nk - 1, 2):
             for hk in range(Hkv):
                 for t in range(q_len):
-                    _dots2(S, j, Qs, t * H + hk * G, G, k[z, k0 + j, hk], k[z, k0 + j + 1, hk])
+                    _dots2(S, j, Qs, t * H + hk * G, G, kb[j, hk], kb[j + 1, hk])
         if nk % 2:
             for hk in range(Hkv):
                 for t in range(q_len):
-                    _dots(S, nk - 1, Qs, t * H + hk * G, G, k[z, k0 + nk - 1, hk])
+                    _dots(S, nk - 1, Qs, t * H + hk * G, G, kb[nk - 1, hk])
         _online_softmax_block(S, P, m_run, l_run, alpha, rows, nk, n_vis)
         for r in range(rows):
             for c in range(d):
@@ -669,18 +745,18 @@ def _decode_range(q, k, v, scale, causal, z, k_lo, k_hi, Qs, S, P, alpha, n_vis,
         for j in range(0, nk - 1, 2):
             for hk in range(Hkv):
                 for t in range(q_len):
-                    _axpys2(O, t * H + hk * G, G, P, j, v[z, k0 + j, hk], v[z, k0 + j + 1, hk])
+                    _axpys2(O, t * H + hk * G, G, P, j, vb[j, hk], vb[j + 1, hk])
         if nk % 2:
             for hk in range(Hkv):
                 for t in range(q_len):
-                    _axpys(O, t * H + hk * G, G, P, nk - 1, v[z, k0 + nk - 1, hk])
+                    _axpys(O, t * H + hk * G, G, P, nk - 1, vb[nk - 1, hk])
 
 
 @njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
-def _attention_decode(out, q, k, v, scale, causal, n_workers):
+def _attention_decode(out, q, k, v, scale, causal, kind, n_workers):
     # q, out: (b, q_len, H, d) with small q_len; k, v: (b, kv_len, Hkv, d)
     B, q_len, H, d = q.shape
-    kv_len = k.shape[1]
+    kv_len, Hkv = k.shape[1], k.shape[2]
     rows = q_len * H
     n_split = max(1, min((2 * n_workers + B - 1) // B, kv_len // MIN_SPLIT_KEYS))
     split_len = ((kv_len + n_split - 1) // n_split + BLOCK_K - 1) // BLOCK_K * BLOCK_K
@@ -692,6 +768,9 @@ def _attention_decode(out, q, k, v, scale, causal, n_workers):
     Pt = np.empty((n_workers, rows, BLOCK_K), np.float32)
     At = np.empty((n_workers, rows), np.float32)
     Vis = np.empty((n_workers, rows), np.int64)
+    kb = BLOCK_K if kind != KV_F32 else 0          # rows of the widened K and V blocks
+    Kb = np.empty((n_workers, kb, Hkv, d), np.float32)
+    Vb = np.empty((n_workers, kb, Hkv, d), np.float32)
     # each key range's partial result: unnormalised output, running max and sum
     O_part = np.empty((n_tasks, rows, d), np.float32)
     M_part = np.empty((n_tasks, rows), np.float32)
@@ -700,9 +779,9 @@ def _attention_decode(out, q, k, v, scale, causal, n_workers):
     for w in prange(n_workers):
         for task in range(w, n_tasks, n_workers):
             z, split = task // n_split, task % n_split
-            _decode_range(q, k, v, float32(scale), causal, z, split * split_len,
+            _decode_range(q, k, v, float32(scale), causal, kind, z, split * split_len,
                           min(kv_len, (split + 1) * split_len), Qt[w], St[w], Pt[w], At[w],
-                          Vis[w], O_part[task], M_part[task], L_part[task])
+                          Vis[w], O_part[task], M_part[task], L_part[task], Kb[w], Vb[w])
 
     # merge the key ranges: rescale each partial to the common maximum
     for zr in prange(B * rows):
@@ -740,18 +819,19 @@ _qk16_16, _qk16_4, _qk16_1 = (_microkernel(r, 1, False, 16) for r in (_QK_R, 4, 
 
 
 @njit(inline="always")
-def _qk_block(narrow, n, c, ldc, a, sa_i, b, ldb, K, pf_k, pf_v, n_pf):
+def _qk_block(narrow, n, c, ldc, a, sa_i, b, ldb, K, pf_k, pf_v, n_pf, pf_stride, pf_bytes):
     # C[j, :W] = sum_t A[j, t] B[t, :W] for keys j < n (A's rows sa_i floats apart), W = 8 when
     # narrow else 16; in calls of 16, 4 and 1 keys. Before each call of 16, the next n_pf key
-    # and value rows (K floats each, from byte addresses pf_k and pf_v on) are prefetched, 16
-    # at a time: spread over the work, so the memory streams while the cores compute
+    # and value rows (pf_bytes each, pf_stride bytes apart, from byte addresses pf_k and pf_v
+    # on) are prefetched, 16 at a time: spread over the work, so the memory streams while the
+    # cores compute
     j = 0
     while j < n:
         cj, aj = c + 4 * j * ldc, a + 4 * j * sa_i
         if j < n_pf:
             npf = min(_QK_R, n_pf - j)
-            _prefetch_rows(pf_k + 4 * j * sa_i, npf, 4 * sa_i, 4 * K)
-            _prefetch_rows(pf_v + 4 * j * sa_i, npf, 4 * sa_i, 4 * K)
+            _prefetch_rows(pf_k + j * pf_stride, npf, pf_stride, pf_bytes)
+            _prefetch_rows(pf_v + j * pf_stride, npf, pf_stride, pf_bytes)
         if n - j >= _QK_R:
             if narrow:
                 _qk8_16(cj, ldc, aj, sa_i, 1, b, ldb, K, 0)
@@ -773,14 +853,15 @@ def _qk_block(narrow, n, c, ldc, a, sa_i, b, ldb, K, pf_k, pf_v, n_pf):
 
 
 @njit(fastmath=FASTMATH_INF, cache=True)
-def _decode_range_mk(q, k, v, scale, causal, z, k_lo, k_hi, Qf, Sf, O, m_run, l_run, alpha,
-                     n_vis):
+def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_run, l_run,
+                     alpha, n_vis, Kw, Vw):
     # the queries of batch z against its keys k_lo..k_hi-1, block by block, each block for
     # every KV head in turn (so K and V stream through in address order): O (Hkv, rows, d)
     # unnormalised, m_run and l_run (Hkv, >= ld) the rows' running max and sum. Row r of KV head
     # hk: query r // G, head hk * G + r % G; ld: the rows padded to 8 (at most 8 rows) or 16.
     # Scratch: Qf (Hkv * d * ld,) for each head's Q^T, Sf (BLOCK_K * ld,) for a block's S^T
-    # then P^T, alpha (ld,), n_vis (ld,) int32
+    # then P^T, alpha (ld,), n_vis (ld,) int32; Kw, Vw (BLOCK_K * d,): with 16-bit K and V,
+    # a block of one head's rows widened (then read from L1 like float32 rows)
     q_len, H, d = q.shape[1], q.shape[2], q.shape[3]
     kv_len, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -804,9 +885,11 @@ def _decode_range_mk(q, k, v, scale, causal, z, k_lo, k_hi, Qf, Sf, O, m_run, l_
             for c in range(d):
                 O[hk, r, c] = float32(0)
 
-    ldk = Hkv * d                                  # floats from one key row to the next
-    k_p = np.int64(k.ctypes.data) + 4 * z * kv_len * ldk
-    v_p = np.int64(v.ctypes.data) + 4 * z * kv_len * ldk
+    ldk = Hkv * d                                  # elements from one key row to the next
+    es = 4 if kind == KV_F32 else 2                # bytes of an element of K and V
+    k_p = np.int64(k.ctypes.data) + es * z * kv_len * ldk
+    v_p = np.int64(v.ctypes.data) + es * z * kv_len * ldk
+    kw_p, vw_p = np.int64(Kw.ctypes.data), np.int64(Vw.ctypes.data)
     qt_p, st_p, o_p = np.int64(Qt.ctypes.data), np.int64(St.ctypes.data), np.int64(O.ctypes.data)
     a_p, mr_p = np.int64(alpha.ctypes.data), np.int64(m_run.ctypes.data)
     lr_p, nv_p = np.int64(l_run.ctypes.data), np.int64(n_vis.ctypes.data)
@@ -821,15 +904,21 @@ def _decode_range_mk(q, k, v, scale, causal, z, k_lo, k_hi, Qf, Sf, O, m_run, l_
         # a head's share at a time
         n_pf = min(BLOCK_K, k_hi - k0 - BLOCK_K)
         for hk in range(Hkv):
-            kh_p = k_p + 4 * (k0 * ldk + hk * d)
-            pf_k, pf_v = kh_p + 4 * BLOCK_K * ldk, v_p + 4 * ((k0 + BLOCK_K) * ldk + hk * d)
+            kh_p, vh_p = k_p + es * (k0 * ldk + hk * d), v_p + es * (k0 * ldk + hk * d)
+            pf_k, pf_v = kh_p + es * BLOCK_K * ldk, vh_p + es * BLOCK_K * ldk
+            ld_kv = ldk                            # floats from one row to the next as read
+            if kind != KV_F32:
+                _widen_rows(kw_p, kh_p, nk, ldk, d, kind == KV_F16)
+                _widen_rows(vw_p, vh_p, nk, ldk, d, kind == KV_F16)
+                kh_p, vh_p, ld_kv = kw_p, vw_p, d
             qh_p = qt_p + 4 * hk * d * ld
             if narrow:
-                _qk_block(True, nk, st_p, ld, kh_p, ldk, qh_p, ld, d, pf_k, pf_v, n_pf)
+                _qk_block(True, nk, st_p, ld, kh_p, ld_kv, qh_p, ld, d, pf_k, pf_v, n_pf,
+                          es * ldk, es * d)
             else:
                 for cg in range(0, ld, 16):
-                    _qk_block(False, nk, st_p + 4 * cg, ld, kh_p, ldk, qh_p + 4 * cg, ld, d,
-                              pf_k, pf_v, n_pf if cg == 0 else 0)
+                    _qk_block(False, nk, st_p + 4 * cg, ld, kh_p, ld_kv, qh_p + 4 * cg, ld, d,
+                              pf_k, pf_v, n_pf if cg == 0 else 0, es * ldk, es * d)
             mh, lh = mr_p + 4 * hk * m_run.shape[1], lr_p + 4 * hk * l_run.shape[1]
             if narrow:
                 _softmax8(st_p, ld, nk, mh, lh, a_p, nv_p, diag)
@@ -840,19 +929,19 @@ def _decode_range_mk(q, k, v, scale, causal, z, k_lo, k_hi, Qf, Sf, O, m_run, l_
             # O[r] = O[r] * alpha[r] + sum_j P^T[j, r] V[k0 + j], in groups of 12, 8, 4 or 1
             # rows by 32 columns; a group runs over the keys its last row sees (P is 0 past
             # each row's own)
-            oh_p, vh_p = o_p + 4 * hk * rows * d, v_p + 4 * (k0 * ldk + hk * d)
+            oh_p = o_p + 4 * hk * rows * d
             i = 0
             while i < rows:
                 g = 12 if rows - i >= 12 else (8 if rows - i >= 8 else (4 if rows - i >= 4 else 1))
                 klen = n_vis[i + g - 1]
                 for c0 in range(0, d, 32):
                     _mk_acc(g, oh_p + 4 * (i * d + c0), d, st_p + 4 * i, 1, ld,
-                            vh_p + 4 * c0, ldk, klen, a_p + 4 * i)
+                            vh_p + 4 * c0, ld_kv, klen, a_p + 4 * i)
                 i += g
 
 
 @njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
-def _attention_decode_mk(out, q, k, v, scale, causal, n_workers):
+def _attention_decode_mk(out, q, k, v, scale, causal, kind, n_workers):
     # q, out: (b, q_len, H, d) with small q_len; k, v: (b, kv_len, Hkv, d); d a multiple of 32.
     # A task: a range of keys of one batch, for every head; a batch is split into ranges when
     # there are fewer batches than workers (flash-decoding: the ranges' partial results merged
@@ -871,6 +960,9 @@ def _attention_decode_mk(out, q, k, v, scale, causal, n_workers):
     Sf = np.empty((n_workers, BLOCK_K * ld), np.float32)
     At = np.empty((n_workers, ld), np.float32)
     Vis = np.empty((n_workers, ld), np.int32)
+    kw = BLOCK_K * d if kind != KV_F32 else 0     # a widened block of 16-bit K or V
+    Kw = np.empty((n_workers, kw), np.float32)
+    Vw = np.empty((n_workers, kw), np.float32)
     # each task's partial result: unnormalised output, running max and sum
     O_part = np.empty((n_tasks, Hkv, rows, d), np.float32)
     M_part = np.empty((n_tasks, Hkv, ld), np.float32)
@@ -878,9 +970,9 @@ def _attention_decode_mk(out, q, k, v, scale, causal, n_workers):
     for w in prange(n_workers):
         for task in range(w, n_tasks, n_workers):
             z, split = task // n_split, task % n_split
-            _decode_range_mk(q, k, v, float32(scale), causal, z, split * split_len,
+            _decode_range_mk(q, k, v, float32(scale), causal, kind, z, split * split_len,
                              min(kv_len, (split + 1) * split_len), Qf[w], Sf[w], O_part[task],
-                             M_part[task], L_part[task], At[w], Vis[w])
+                             M_part[task], L_part[task], At[w], Vis[w], Kw[w], Vw[w])
 
     # merge the key ranges (on the calling thread: a few rows): rescale each partial to the
     # common maximum
@@ -909,7 +1001,10 @@ def _attention_decode_mk(out, q, k, v, scale, causal, n_workers):
 
 
 def attention(out, q, k, v, scale, causal):
-    # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d)
+    # q, out: (b, q_len, H, d) float32; k, v: (b, kv_len, Hkv, d) float32, float16 or bfloat16
+    kind = KV_KINDS[np.dtype(k.dtype)]
+    if kind != KV_F32:                          # the kernels take 16-bit floats as their bits
+        k, v = k.view(np.uint16), v.view(np.uint16)
     B, q_len, H, d = q.shape
     work = B * q_len * H * k.shape[1] * d      # multiply-adds of q k^T (at most)
     if q_len <= DECODE_MAX_Q:
@@ -919,4 +1014,4 @@ def attention(out, q, k, v, scale, causal):
     else:
         schedule = _attention_prefill           # BLAS tiles: any head size
     n_workers = get_num_threads() if work >= cpu_pool.PARALLEL_MIN_WORK else 1
-    cpu_pool.run(schedule, work, out, q, k, v, scale, causal, n_workers)
+    cpu_pool.run(schedule, work, out, q, k, v, scale, causal, kind, n_workers)

@@ -27,7 +27,7 @@ from . import cpu_pool
 from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, _add_bias
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, amx_path, \
     bits_as_float32, dpbf16ps, fast_path, float32_bits, fma, hsum, prefetch, tile_config, \
-    tile_config_bytes, tile_dpbf16ps, tile_load, tile_release, tile_store, tile_zero
+    tile_config_bytes, tile_dpbf16ps, tile_load, tile_release, tile_store, tile_zero, widen16
 
 _VEC = 16     # weights per vector in _dots4_f16 (32 bytes, widened to 512 bits)
 _UNROLL = 4   # vectors per row per loop step in _dots4_f16 (4 accumulators a row, 2 lines)
@@ -84,17 +84,6 @@ def to_float32(h, half):
     return f16_to_float32(h) if half else bf16_to_float32(h)
 
 
-def _widen(builder, v, half):
-    """<n x i16> bits -> <n x float>: fpext of float16, or bfloat16's bits moved up 16."""
-    n = v.type.count
-    if half:
-        return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), n)),
-                             ir.VectorType(_F32, n))
-    wide = builder.shl(builder.zext(v, ir.VectorType(_I32, n)),
-                       ir.Constant(ir.VectorType(_I32, n), [16] * n))
-    return builder.bitcast(wide, ir.VectorType(_F32, n))
-
-
 def _make_dots_f16(n_rows, prefetching):
     @intrinsic
     def dots(typingctx, x, w, ldw, nv):
@@ -129,7 +118,7 @@ def _make_dots_f16(n_rows, prefetching):
                         prefetch(builder, builder.ptrtoint(builder.gep(rows[i], [ahead]), _I64), 0)
                     wv = builder.load(builder.bitcast(builder.gep(rows[i], [c]),
                                                       ir.PointerType(vh)), align=2)
-                    builder.store(builder.call(vfma, [_widen(builder, wv, True), xv,
+                    builder.store(builder.call(vfma, [widen16(builder, wv, True), xv,
                                                       builder.load(acc[i][u])]), acc[i][u])
 
             n_main = builder.udiv(nv, ir.Constant(_I64, _UNROLL))

@@ -55,6 +55,18 @@ def masked_store(builder, v, ptr, lanes):
     builder.call(fn, [v, ptr, ir.Constant(I32, 4), ir.Constant(mt, lanes)])
 
 
+def widen16(builder, v, half):
+    """<n x i16> bits of 16-bit floats -> <n x float>, exactly: fpext of float16 (F16C's
+    vcvtph2ps where the CPU has it), or bfloat16's bits moved up 16."""
+    n = v.type.count
+    if half:
+        return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), n)),
+                             ir.VectorType(F32, n))
+    wide = builder.shl(builder.zext(v, ir.VectorType(I32, n)),
+                       ir.Constant(ir.VectorType(I32, n), [16] * n))
+    return builder.bitcast(wide, ir.VectorType(F32, n))
+
+
 # -- instruction sets: the kernels with ISA-specific intrinsics run only where the host has them
 
 # "portable" sends every kernel family down its plain-loop path (no ISA-specific intrinsics),

@@ -26,7 +26,8 @@ def split_qkv(q, k, v, qkv):
 
 
 def append_kv(k_cache, v_cache, k, v, offset):
-    # k_cache, v_cache: C-contiguous caches; k, v: new rows; written from element offset of the
+    # k_cache, v_cache: C-contiguous caches; k, v: new rows, float32 or the caches' dtype
+    # (rounded to nearest even into a 16-bit cache); written from element offset of the
     # caches' flat views
     n = k.size
     k_cache.reshape(-1)[offset:offset + n] = k.reshape(-1)

@@ -51,9 +51,9 @@ def _split_qkv(q, k, v, qkv, nq, nk, total):
 
 @cuda.jit
 def _append_kv(k_cache, v_cache, k, v, offset, at, row, n):
-    # k, v: (n,) new rows, written at k_cache[o:o + n], v_cache[...] (same dtype), o = offset +
-    # at[0] * row (at: a position read on the device); one launch for both, where numba's
-    # copy_to_device costs ~100 us of Python per copy
+    # k, v: (n,) new rows, written at k_cache[o:o + n], v_cache[...] (float32 rounded into a
+    # float16 cache), o = offset + at[0] * row (at: a position read on the device); one launch
+    # for both, where numba's copy_to_device costs ~100 us of Python per copy
     i = cuda.blockIdx.x * THREADS + cuda.threadIdx.x
     if i < n:                                        # bounds guard
         o = offset + at[0] * row
@@ -92,9 +92,10 @@ def split_qkv(q, k, v, qkv, *, stream=0):
 
 
 def append_kv(k_cache, v_cache, k, v, offset, *, at=None, row=0, stream=0):
-    # k_cache, v_cache: C-contiguous caches; k, v: C-contiguous new rows of one dtype with
-    # them; written from element offset + at[0] * row of the caches' flat views (at: None, or
-    # an int64 device array holding a position: a captured decode step's)
+    # k_cache, v_cache: C-contiguous caches; k, v: C-contiguous new rows, float32 or the caches'
+    # dtype (rounded to nearest into a float16 cache); written from element offset + at[0] *
+    # row of the caches' flat views (at: None, or an int64 device array holding a position: a
+    # captured decode step's)
     n = k.size
     if n == 0:
         return

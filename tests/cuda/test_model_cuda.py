@@ -126,6 +126,21 @@ def test_float16_weights(tmp_path):
     assert_close(gpu.forward([3], PROMPT_LEN), cpu.forward([3], PROMPT_LEN).astype(np.float64))
 
 
+def test_float16_kv_cache_matches_cpu(folder, prompt):
+    """A float16 KV cache on the device (float32 keys and values rounded by the append
+    kernel, read by the attention kernels as float16) against the CPU model's float16 cache."""
+    cpu = Model.from_pretrained(folder, max_seq=64, kv_dtype="float16")
+    gpu = Model.from_pretrained(folder, device="cuda", max_seq=64, kv_dtype="float16")
+    assert gpu.kv_dtype == "float16" and gpu.cache.k.dtype == np.float16
+    cpu_tokens, cpu_logits = run(cpu, prompt, NEW_TOKENS)
+    gpu_tokens, gpu_logits = run(gpu, prompt, NEW_TOKENS)
+    for got, ref in zip(gpu_logits, cpu_logits):
+        assert_close(got, ref.astype(np.float64))
+    assert gpu_tokens == cpu_tokens
+    np.testing.assert_array_equal(gpu.cache.k.copy_to_host()[:, :PROMPT_LEN],
+                                  cpu.cache.k[:, :PROMPT_LEN])
+
+
 def test_weights_load_straight_to_the_device(folder):
     cfg = Model.from_pretrained(folder, max_seq=8).config
     host = ModelWeights.load(cfg, folder)
@@ -151,8 +166,9 @@ def format_models(request, tmp_path_factory):
     fmt = request.param
     path, _ = build_tiny_model(str(tmp_path_factory.mktemp(fmt) / "model"), vocab=VOCAB,
                                tokenizer=False, eos=None, **FORMAT_CASES[fmt])
-    cpu = Model.from_pretrained(path, max_seq=64, weight_dtype=fmt)
+    cpu = Model.from_pretrained(path, max_seq=64, weight_dtype=fmt, kv_dtype="float32")
     gpu = Model.from_pretrained(path, device="cuda", max_seq=64, weight_dtype=fmt)
+    assert gpu.kv_dtype == "float32"                  # CUDA's "auto"
     return fmt, path, cpu, gpu
 
 
