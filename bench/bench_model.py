@@ -177,16 +177,18 @@ def measure(path, decode_tokens, prefill_tokens, repeat, weight_dtype="float32",
     `rounds` rounds, prefill passes with GEMM passes, so both sides of each ratio see the same
     machine (the memory bandwidth here drifts by 20% between minutes). Weight formats other
     than float32 are held to the large-GEMV streaming rate only (BLAS has no GEMV of theirs).
-    long_context > 0: also decode after a prompt of that many tokens."""
+    long_context > 0: also decode after a prompt of that many tokens. weight_dtype may name
+    the KV cache's storage too, "q8_0/float32" (default: the model's "auto")."""
     from numba_attn.generation import CompileTimer
     from numba_attn.model import Model
 
+    weight_dtype, _, kv_dtype = weight_dtype.partition("/")
     r = {"weight_dtype": weight_dtype}
     t = time.perf_counter()
-    model = Model.from_pretrained(path, weight_dtype=weight_dtype,
+    model = Model.from_pretrained(path, weight_dtype=weight_dtype, kv_dtype=kv_dtype or "auto",
                                   max_seq=max(prefill_tokens, 16 + decode_tokens,
                                               long_context + decode_tokens) + 1)
-    r["weight_dtype"] = model.weight_dtype
+    r["weight_dtype"], r["kv_dtype"] = model.weight_dtype, model.kv_dtype
     r["load_s"] = time.perf_counter() - t
     c = model.config
     with CompileTimer() as jit:
@@ -234,7 +236,7 @@ def measure(path, decode_tokens, prefill_tokens, repeat, weight_dtype="float32",
         # decode after a long prompt against decode after a 16-token one, step for step in
         # turn (two caches over the same weights), so both see the same machine: its memory
         # bandwidth comes and goes by tens of percent within a minute here
-        far = Model(c, model.weights, max_seq=model.max_seq)
+        far = Model(c, model.weights, max_seq=model.max_seq, kv_dtype=model.kv_dtype)
         near_tok = int(np.argmax(model.forward(rng.integers(0, c.vocab_size, 16), 0)))
         far_tok = int(np.argmax(far.forward(rng.integers(0, c.vocab_size, long_context), 0)))
         near_pos, far_pos, near_times, far_times = 16, long_context, [], []
@@ -449,11 +451,12 @@ def measure_llama_cpp(path, decode_tokens, prefill_tokens, repeat, weight_dtype=
 def report_formats(runs, peers, command):
     """One row per weight format of ours and per peer: decode and prefill against our float32
     in the same run, decode bandwidth against the large-GEMV streaming rate."""
-    base = next((r for r in runs if r["weight_dtype"] == "float32"), None)
+    base = next((r for r in runs if r["weight_dtype"] == "float32"
+                 and r.get("kv_dtype", "float32") == "float32"), None)
     lines = [f"`{command}`", "", f"{runs[0]['layers']} layers, hidden {runs[0]['hidden']}, "
              f"vocab {runs[0]['vocab']}, {os.cpu_count()} cores; every process fresh, in this "
              f"order: {', '.join(r['who'] for r in runs + peers)}", "",
-             "| engine, weights | decode tok/s | x our f32 | GB/token | decode GB/s "
+             "| engine, weights, KV cache | decode tok/s | x our f32 | GB/token | decode GB/s "
              "| % of large-GEMV stream | decode at ctx " + str(runs[0].get("long_context", "-"))
              + " | prefill-" + str(runs[0]["prefill_tokens"]) + " tok/s | x our f32 "
              "| resident GB (weights + KV) |",
@@ -465,7 +468,7 @@ def report_formats(runs, peers, command):
         long = (f"{r['long_decode_tok_s']:.2f} ({r['long_vs_short'] - 1:+.1%})"
                 if "long_decode_tok_s" in r else "-")
         lines.append(
-            f"| ours, {r['weight_dtype']} | {r['decode_tok_s']:.2f} | {ratio(r, 'decode_tok_s')} "
+            f"| ours, {r['weight_dtype']}, {r.get('kv_dtype', 'float32')} | {r['decode_tok_s']:.2f} | {ratio(r, 'decode_tok_s')} "
             f"| {r['step_bytes'] / 1e9:.2f} | {r['decode_GBs']:.1f} | "
             f"{r['decode_vs_stream']:.0%} of {r['stream_GBs']:.1f} | {long} "
             f"| {r['prefill_tok_s']:.1f} | {ratio(r, 'prefill_tok_s')} "
@@ -550,7 +553,8 @@ def main():
     ap.add_argument("--no-peer", action="store_true",
                     help="skip Hugging Face transformers (measured when importable)")
     ap.add_argument("--weight-dtype", metavar="LIST",
-                    help="weight formats of ours to compare, e.g. float32,bfloat16,q8_0: one "
+                    help="weight formats of ours to compare, e.g. float32,bfloat16,q8_0 "
+                         "(q8_0/float32: with that KV cache, else the model's auto): one "
                          "fresh process each, a table against our float32 and the peers")
     ap.add_argument("--peers", metavar="LIST", default="",
                     help="with --weight-dtype: peers, e.g. transformers:bfloat16,llama.cpp:q8_0,"

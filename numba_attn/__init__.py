@@ -22,7 +22,7 @@ from .ops import (add_rmsnorm, apply_rope, attention, linear, masked_softmax, rm
                   silu_mul)
 from .rope import RopeTable
 from .model import Model
-from .formats import FORMATS, Q8Matrix, quantize_q8_0
+from .formats import FORMATS, KV_DTYPES, Q8Matrix, quantize_q8_0
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .generation import GenerationStats, generate
@@ -40,6 +40,6 @@ __all__ = [
     "RopeTable", "apply_rope", "linear", "rmsnorm", "add_rmsnorm", "silu_mul", "causal_mask", "MaskCache",
     "masked_softmax", "attention", "KVCache", "Model", "Tokenizer", "SamplingParams",
     "GenerationStats", "generate", "ChatSession", "ChatTemplate", "ChatTemplateError",
-    "ContextFullError", "DEMO_MODEL", "Q8Matrix", "quantize_q8_0", "FORMATS",
+    "ContextFullError", "DEMO_MODEL", "Q8Matrix", "quantize_q8_0", "FORMATS", "KV_DTYPES",
     "__version__",
 ]

@@ -5,6 +5,7 @@ without a template; a terminal session through a pseudo-terminal; and `generate 
 import os
 import re
 import select
+import signal
 import sys
 import time
 
@@ -176,12 +177,45 @@ def run_in_pty(lines, end):
             transcript += read_until(fd, "> ")
             os.write(fd, line.encode() + b"\r")
         transcript += read_until(fd, "> ")
-        os.write(fd, end)
-        transcript += read_until(fd, timeout=60)
+        transcript += _end_session(fd, end)
     finally:
-        _, status = os.waitpid(pid, 0)
+        status = _reap(pid)
         os.close(fd)
     return transcript, os.waitstatus_to_exitcode(status)
+
+
+def _end_session(fd, end, timeout=60.0):
+    """Type `end` at the prompt until the child closes the terminal; what it wrote meanwhile.
+    Ctrl-C typed the instant the prompt appears can be lost: CPython's readline takes a
+    SIGINT that lands before it waits for input only with the next key (a person presses
+    again; so does this, every 2 s)."""
+    out, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        os.write(fd, end)
+        ready, _, _ = select.select([fd], [], [], 2.0)
+        while ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:                           # the child closed the terminal
+                return out.decode("utf-8", "replace")
+            if not chunk:
+                return out.decode("utf-8", "replace")
+            out += chunk
+            ready, _, _ = select.select([fd], [], [], 0.5)
+    raise AssertionError(f"the session did not end on {end!r} within {timeout} s; got {out!r}")
+
+
+def _reap(pid, grace=30.0):
+    """The child's exit status: waited for up to `grace` seconds, then killed (a test that
+    failed while the CLI still waits at its prompt must not hang the run)."""
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
 
 
 def test_terminal_session_through_a_pty(demo):

@@ -384,7 +384,7 @@ def test_engine_greedy(engine, golden, case_index):
 
 def test_default_engine_with_float16_kv_cache(engine_auto, numpy_model64, golden):
     """The default load (keys and values rounded to float16, 2^-11 relative): every position of
-    every golden case within 1e-2 of the float64 forward pass (measured 1.2e-3), and the golden
+    every golden case within 1e-2 of the float64 forward pass (measured 1.5-2.4e-3), and the golden
     last logits' top ten in order."""
     ids = np.array(golden["last_logits"]["prompt_ids"], dtype=np.int64)
     check_last_logits(np.asarray(engine_auto.forward(ids, start_pos=0)), golden)

@@ -1,0 +1,99 @@
+"""The CPU decode attention's parts at TinyLlama's shape (32 query / 4 KV heads, head dim 64,
+2000 keys), each in a loop of its own on one thread: the scores micro-kernel (with and without
+its prefetch of the next key block), the online softmax step and the P V accumulation; then
+the whole kernel warm (K/V in cache) on 1 and 2 threads, for float32, float16 and bfloat16 K/V.
+
+    python bench/profile_decode_attention_cpu.py"""
+import os
+import sys
+import time
+
+import ml_dtypes
+import numpy as np
+from numba import njit
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from numba_attn.kernels import attention_cpu as A  # noqa: E402
+
+KV, HKV, D, G = 2000, 4, 64, 8       # keys, KV heads, head dim, query heads per KV head
+BLOCK = A.BLOCK_K
+
+
+@njit
+def scores(k, qt, st, prefetching):
+    # S^T of every key block and KV head, as _decode_range_mk computes them (8 rows: ymm)
+    kp, qp, sp = k.ctypes.data, qt.ctypes.data, st.ctypes.data
+    ldk = HKV * D
+    for k0 in range(0, KV - BLOCK, BLOCK):
+        for hk in range(HKV):
+            kh = kp + 4 * (k0 * ldk + hk * D)
+            A._qk_block(True, BLOCK, sp, G, kh, ldk, qp + 4 * hk * D * G, G, D,
+                        kh + 4 * BLOCK * ldk, kh + 4 * BLOCK * ldk,
+                        BLOCK if prefetching else 0, 4 * ldk, 4 * D)
+
+
+@njit
+def softmax(st, m_run, l_run, alpha, n_vis):
+    sp = st.ctypes.data
+    for _ in range(0, KV - BLOCK, BLOCK):
+        for hk in range(HKV):
+            A._softmax8(sp, G, BLOCK, m_run.ctypes.data + 4 * hk * G,
+                        l_run.ctypes.data + 4 * hk * G, alpha.ctypes.data, n_vis.ctypes.data,
+                        False)
+
+
+@njit
+def pv(v, st, o, alpha):
+    # O = O * alpha + P^T V for every key block and KV head, in 32-column halves
+    vp, sp, op, ap = v.ctypes.data, st.ctypes.data, o.ctypes.data, alpha.ctypes.data
+    ldk = HKV * D
+    for k0 in range(0, KV - BLOCK, BLOCK):
+        for hk in range(HKV):
+            vh = vp + 4 * (k0 * ldk + hk * D)
+            for c0 in range(0, D, 32):
+                A._mk_acc(G, op + 4 * (hk * G * D + c0), D, sp, 1, G, vh + 4 * c0, ldk, BLOCK,
+                          ap)
+
+
+def median_us(f, *args, n=30):
+    f(*args)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        f(*args)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) * 1e6
+
+
+def main():
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((KV, HKV, D)).astype(np.float32)
+    v = rng.standard_normal((KV, HKV, D)).astype(np.float32)
+    qt = rng.standard_normal((HKV, D, G)).astype(np.float32)
+    st = rng.standard_normal((BLOCK, G)).astype(np.float32)
+    o = np.zeros((HKV, G, D), np.float32)
+    alpha = np.ones(G, np.float32)
+    m_run = np.full((HKV, G), -np.inf, np.float32)
+    l_run = np.zeros((HKV, G), np.float32)
+    n_vis = np.full(G, BLOCK, np.int32)
+    print(f"one thread, {KV} keys, {HKV * G}/{HKV} heads, head dim {D}, float32:")
+    print(f"  scores: {median_us(scores, k, qt, st, True):.0f} us (without the prefetch "
+          f"{median_us(scores, k, qt, st, False):.0f} us)")
+    print(f"  online softmax: {median_us(softmax, st, m_run, l_run, alpha, n_vis):.0f} us")
+    print(f"  P V: {median_us(pv, v, st, o, alpha):.0f} us")
+    q = rng.standard_normal((1, 1, HKV * G, D)).astype(np.float32)
+    out = np.empty_like(q)
+    for dt in (np.float32, np.float16, ml_dtypes.bfloat16):
+        kind = A.KV_KINDS[np.dtype(dt)]
+        kk, vv = (rng.standard_normal((1, KV, HKV, D)).astype(dt) for _ in range(2))
+        if kind != A.KV_F32:
+            kk, vv = kk.view(np.uint16), vv.view(np.uint16)
+        one, two = (median_us(A._attention_decode_mk, out, q, kk, vv, 0.125, True, kind, n)
+                    for n in (1, 2))
+        print(f"whole kernel, {np.dtype(dt).name} K/V, warm: 1 thread {one:.0f} us, "
+              f"2 threads {two:.0f} us")
+
+
+if __name__ == "__main__":
+    main()
