@@ -55,11 +55,18 @@ class KVCache:
             raise ValueError(f"k and v must have the same shape and dtype, got "
                              f"{tuple(k.shape)} {k.dtype} and {tuple(v.shape)} {v.dtype}")
         start = self.lengths[layer]
-        end = start + k.shape[0]
-        if end > self.max_seq:
+        if start + k.shape[0] > self.max_seq:
             raise ValueError(f"KV cache full: layer {layer} holds {start} of {self.max_seq} "
                              f"positions and cannot take {k.shape[0]} more; reset() it or make a "
                              f"larger cache")
+        return self.write(layer, k, v)
+
+    def write(self, layer, k, v):
+        """append() without its checks, for a decode step checked once when it was set up:
+        k, v (new_tokens, n_kv_heads, head_dim), C-contiguous, float32 or the cache's dtype, on
+        its device, with room for them."""
+        start = self.lengths[layer]
+        end = start + k.shape[0]
         row = self.n_kv_heads * self.head_dim
         base = layer * self.max_seq * row           # this layer's first element
         kernels("tensor", self.device).append_kv(self.k, self.v, k, v, base + start * row)

@@ -31,6 +31,7 @@ from .formats import FORMATS, KV_DTYPES as FORMATS_KV, Q8_BLOCK, Q8Matrix, quant
 from .kvcache import KVCache, kv_dtype as kv_dtype_of
 from .ops import (add_rmsnorm, apply_rope, attention, embedding, linear, rmsnorm, silu_mul,
                   split_qkv)
+from .cpu_decode import CpuDecodeSteps
 from .cuda_decode import CudaDecoder
 from .rope import RopeTable
 from .weights import CheckpointError, LoadNotice, empty_weight, row_block
@@ -380,8 +381,10 @@ class Model:
         self.cache = KVCache(c.n_layers, self.max_seq, c.n_kv_heads, c.head_dim,
                              dtype=self.kv_dtype, device=device)
         self.buffers = Buffers(c, 1, device)
-        # CUDA: decode steps replayed as one graph each (cuda_decode.py), set up here
+        # decode steps: on CUDA replayed as one graph each (cuda_decode.py), on the CPU the
+        # kernels called straight (cpu_decode.py); set up here
         self.decoder = CudaDecoder(self, Buffers(c, 1, device)) if device == "cuda" else None
+        self.cpu_steps = CpuDecodeSteps(self) if device == "cpu" else None
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", max_seq=None, weight_dtype="auto",
@@ -439,7 +442,8 @@ class Model:
         b = self.buffers
         # on CUDA the ids go to the device first (one small copy)
         ids = copy_from_host(rows(b.ids, 0, seq), tokens)
-        logits = self.run_layers(STEPS, b, ids, seq, start_pos, all_logits)
+        steps = self.cpu_steps if seq == 1 and self.cpu_steps is not None else STEPS
+        logits = self.run_layers(steps, b, ids, seq, start_pos, all_logits)
         if all_logits:                                                    # (seq, vocab)
             return copy_to_host(np.empty((seq, self.config.vocab_size), np.float32), logits)
         return copy_to_host(b.logits_host, b.logits)[0]                   # to the host

@@ -389,15 +389,15 @@ def test_reply_rendered_differently_is_rerun_from_the_first_difference(demo, dem
 def test_interrupt_keeps_the_part_written_and_a_consistent_cache(demo, demo_tok, monkeypatch):
     session = ChatSession(demo, demo_tok, sampling=GREEDY, max_tokens=40)
     steps = []
-    append = demo.cache.append
+    write = demo.cache.write                            # under append and decode steps
 
-    def interrupting_append(layer, k, v):
+    def interrupting_write(layer, k, v):
         if k.shape[0] == 1 and layer == 2:              # mid-forward, in a decode step
             steps.append(1)
             if len(steps) == 6:
                 raise KeyboardInterrupt
-        return append(layer, k, v)
-    monkeypatch.setattr(demo.cache, "append", interrupting_append)
+        return write(layer, k, v)
+    monkeypatch.setattr(demo.cache, "write", interrupting_write)
     pieces = []
     with pytest.raises(KeyboardInterrupt):
         for piece in session.send("Good morning, Mr. Darcy. How is your sister?"):

@@ -253,3 +253,23 @@ def test_demo_q8_0_next_token_kl_below_001(heldout):
         logp[fmt] = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     kl = (np.exp(logp["float32"]) * (logp["float32"] - logp["q8_0"])).sum(axis=1).mean()
     assert 0 < kl < 0.01, kl                                    # measured 2.5e-5 nats
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "q8_0"])
+def test_decode_steps_equal_the_checked_path(tiny_folder, fmt):
+    """A CPU decode step calls its kernels straight (cpu_decode.py): the same logits and cache,
+    bit for bit, as the same step through ops.py's checked functions."""
+    model = Model.from_pretrained(tiny_folder, weight_dtype=fmt)
+    prompt = np.arange(1, 12)
+    model.forward(prompt, 0)
+    fast = [model.forward([t], len(prompt) + i).copy() for i, t in enumerate((5, 9, 2))]
+    k_fast = model.cache.k.copy()
+    model.cache.truncate(len(prompt))
+    steps, model.cpu_steps = model.cpu_steps, None
+    try:
+        checked = [model.forward([t], len(prompt) + i).copy() for i, t in enumerate((5, 9, 2))]
+    finally:
+        model.cpu_steps = steps
+    for a, b in zip(fast, checked):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(model.cache.k.view(np.uint8), k_fast.view(np.uint8))

@@ -1,0 +1,70 @@
+"""A CPU decode step's kernels, bound once: ops.py's steps for one token of a CPU model, each a
+straight call of its kernel with no checks (the model's shapes were checked when it was built,
+the token and its position by Model.forward). A decode step is some 13 calls a layer, and
+ops.py's argument checks cost 5-15 us a call: a few milliseconds a token on a 1B model, more
+than the arithmetic of a small one. The host's twin of cuda_decode.DecodeSteps."""
+import math
+
+import numpy as np
+
+from .backend import kernels, view
+from .formats import weight_format
+
+
+class CpuDecodeSteps:
+    """The steps of Model.run_layers for one token on the host, as ops.py names them."""
+
+    def __init__(self, model):
+        c = model.config
+        self.scale = 1.0 / math.sqrt(c.head_dim)
+        self.no_bias = np.empty(0, np.float32)
+        self.tensor, self.norm, self.rope, self.attn = (
+            kernels(family, "cpu") for family in ("tensor", "norm", "rope", "attention"))
+        self.families = {}         # weight format name -> its kernel module
+
+    def _family(self, w):
+        fmt = weight_format(w)
+        module = self.families.get(fmt.name)
+        if module is None:
+            module = self.families[fmt.name] = kernels(fmt.family("cpu"), "cpu")
+        return module
+
+    def embedding(self, table, ids, out):
+        family = weight_format(table).family("cpu")
+        kernels("tensor" if family == "linear" else family, "cpu").embedding(out, table, ids)
+        return out
+
+    def rmsnorm(self, x, weight, eps, out):             # x, out: (1, hidden)
+        self.norm.rmsnorm(out, x, weight, eps)
+        return out
+
+    def add_rmsnorm(self, x, y, weight, eps, out):      # x += y; out = rmsnorm(x)
+        self.norm.add_rmsnorm(out, x, y, weight, eps)
+        return out
+
+    def linear(self, x, w, bias=None, out=None):         # x: (1, in); out: (1, out)
+        if out is None:                                  # the logits of every position
+            out = np.empty((x.shape[0], w.shape[0]), np.float32)
+        self._family(w).linear(out, x, w, self.no_bias if bias is None else bias)
+        return out
+
+    def split_qkv(self, qkv, n_heads, n_kv_heads, out=None):
+        d = qkv.shape[1] // (n_heads + 2 * n_kv_heads)   # one row: views, no copy
+        return (view(qkv, (1, n_heads, d)), view(qkv, (1, n_kv_heads, d), n_heads * d),
+                view(qkv, (1, n_kv_heads, d), (n_heads + n_kv_heads) * d))
+
+    def apply_rope(self, x, table, start_pos, style="half", out=None):
+        fn = self.rope.rope_half if style == "half" else self.rope.rope_interleaved
+        fn(out[None], x[None], table.cos, table.sin, start_pos)
+        return out
+
+    def append_kv(self, cache, layer, k, v):
+        return cache.write(layer, k, v)
+
+    def attention(self, q, k, v, causal=True, out=None):
+        self.attn.attention(out[None], q[None], k[None], v[None], self.scale, causal)
+        return out
+
+    def silu_mul(self, gate, up, out):                   # (1, intermediate)
+        self.norm.silu_mul(out.reshape(-1), gate.reshape(-1), up.reshape(-1))
+        return out
