@@ -21,6 +21,18 @@ class CpuDecodeSteps:
         self.tensor, self.norm, self.rope, self.attn = (
             kernels(family, "cpu") for family in ("tensor", "norm", "rope", "attention"))
         self.families = {}         # weight format name -> its kernel module
+        self.views = {}            # ids of buffers -> (the buffers, views of them)
+
+    def _views(self, buffers, make):
+        """make(*buffers), made once for these buffers (the model's, reused every step; a
+        longer prompt replaces them, and then the old ones' views are let go)."""
+        key = tuple(map(id, buffers))
+        hit = self.views.get(key)
+        if hit is None or any(a is not b for a, b in zip(hit[0], buffers)):
+            if len(self.views) >= 8:
+                self.views.clear()
+            hit = self.views[key] = (buffers, make(*buffers))
+        return hit[1]
 
     def _family(self, w):
         fmt = weight_format(w)
@@ -50,8 +62,9 @@ class CpuDecodeSteps:
 
     def split_qkv(self, qkv, n_heads, n_kv_heads, out=None):
         d = qkv.shape[1] // (n_heads + 2 * n_kv_heads)   # one row: views, no copy
-        return (view(qkv, (1, n_heads, d)), view(qkv, (1, n_kv_heads, d), n_heads * d),
-                view(qkv, (1, n_kv_heads, d), (n_heads + n_kv_heads) * d))
+        return self._views((qkv,), lambda a: (
+            view(a, (1, n_heads, d)), view(a, (1, n_kv_heads, d), n_heads * d),
+            view(a, (1, n_kv_heads, d), (n_heads + n_kv_heads) * d)))
 
     def apply_rope(self, x, table, start_pos, style="half", out=None):
         fn = self.rope.rope_half if style == "half" else self.rope.rope_interleaved
@@ -66,5 +79,6 @@ class CpuDecodeSteps:
         return out
 
     def silu_mul(self, gate, up, out):                   # (1, intermediate)
-        self.norm.silu_mul(out.reshape(-1), gate.reshape(-1), up.reshape(-1))
+        g, u, o = self._views((gate, up, out), lambda *a: tuple(b.reshape(-1) for b in a))
+        self.norm.silu_mul(o, g, u)
         return out
