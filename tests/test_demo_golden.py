@@ -338,15 +338,20 @@ def test_engine_last_logits(engine, golden):
 def test_engine_every_position_matches_float64(engine, numpy_model64, golden, case_index):
     """Prefill of the prompt, then one decode step per golden token: every vocab entry of every
     step against the float64 forward pass of the whole sequence."""
-    case = golden["cases"][case_index]
+    err = case_error(engine, numpy_model64, golden["cases"][case_index])
+    assert err <= ENGINE_F64_ATOL, f"max error {err:.3g} > {ENGINE_F64_ATOL:g}"
+
+
+def case_error(model, numpy_model64, case):
+    """Max |logit error| of a golden case against the float64 forward pass: the prompt's
+    prefill, then one decode step per generated token."""
     ids = list(case["prompt_ids"]) + list(case["generated_ids"])
     ref = numpy_model64.logits(ids)
     n = len(case["prompt_ids"])
-    got = [np.array(engine.forward(np.array(ids[:n], np.int64), 0))]
+    got = [np.array(model.forward(np.array(ids[:n], np.int64), 0))]
     for pos in range(n, len(ids)):
-        got.append(np.array(engine.forward(np.array(ids[pos:pos + 1], np.int64), pos)))
-    err = np.abs(np.array(got, np.float64) - ref[n - 1:]).max()
-    assert err <= ENGINE_F64_ATOL, f"max error {err:.3g} > {ENGINE_F64_ATOL:g}"
+        got.append(np.array(model.forward(np.array(ids[pos:pos + 1], np.int64), pos)))
+    return np.abs(np.array(got, np.float64) - ref[n - 1:]).max()
 
 
 def test_engine_full_context_matches_float64(engine, numpy_model64, golden, config):
@@ -384,16 +389,10 @@ def test_engine_greedy(engine, golden, case_index):
 
 def test_default_engine_with_float16_kv_cache(engine_auto, numpy_model64, golden):
     """The default load (keys and values rounded to float16, 2^-11 relative): every position of
-    every golden case within 1e-2 of the float64 forward pass (measured 1.5-2.4e-3), and the golden
-    last logits' top ten in order."""
+    every golden case within 1e-2 of the float64 forward pass (measured 1.5-2.4e-3), and the
+    golden last logits' top ten in order."""
     ids = np.array(golden["last_logits"]["prompt_ids"], dtype=np.int64)
     check_last_logits(np.asarray(engine_auto.forward(ids, start_pos=0)), golden)
     for case in golden["cases"]:
-        ids = list(case["prompt_ids"]) + list(case["generated_ids"])
-        ref = numpy_model64.logits(ids)
-        n = len(case["prompt_ids"])
-        got = [np.array(engine_auto.forward(np.array(ids[:n], np.int64), 0))]
-        for pos in range(n, len(ids)):
-            got.append(np.array(engine_auto.forward(np.array(ids[pos:pos + 1], np.int64), pos)))
-        err = np.abs(np.array(got, np.float64) - ref[n - 1:]).max()
+        err = case_error(engine_auto, numpy_model64, case)
         assert ENGINE_F64_ATOL < err <= 1e-2, err
