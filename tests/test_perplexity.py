@@ -82,6 +82,21 @@ def test_cli_perplexity(tiny_folder, tmp_path):
                                     f"{expect.scored_tokens} tokens")
 
 
+def test_cli_perplexity_kv_dtype(tiny_folder, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("Once upon a time there was a model. " * 12, encoding="utf-8")
+    result = invoke("perplexity", str(text), "--model", tiny_folder, "--context", "32",
+                    "--kv-dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    assert "float32 weights, bfloat16 KV cache)" in result.stdout
+    from numba_attn.tokenizer import Tokenizer
+    model = Model.from_pretrained(tiny_folder, max_seq=32, kv_dtype="bfloat16")
+    ids = Tokenizer(tiny_folder, model.config.bos_token_id).encode(text.read_text())
+    assert result.stdout.startswith(f"perplexity {perplexity(model, ids).perplexity:.4f} over ")
+    assert_one_line_error(invoke("perplexity", str(text), "--model", tiny_folder,
+                                 "--kv-dtype", "float8"), "'--kv-dtype'")
+
+
 def test_cli_perplexity_bad_input(tiny_folder, tmp_path):
     assert_one_line_error(invoke("perplexity", str(tmp_path / "none.txt"), "--model",
                                  tiny_folder), "text file not found")
