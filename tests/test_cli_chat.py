@@ -170,6 +170,9 @@ def run_in_pty(lines, end):
     pid, fd = pty.fork()
     if pid == 0:                                       # the child: the CLI on the terminal
         os.chdir(REPO)
+        # Ctrl-C must reach it: a shell without job control starts background jobs with
+        # SIGINT ignored, and an ignored signal stays ignored across exec
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execv(sys.executable, [sys.executable, "-m", "numba_attn", "chat", *ARGS])
     transcript = ""
     try:
@@ -185,10 +188,9 @@ def run_in_pty(lines, end):
 
 
 def _end_session(fd, end, timeout=60.0):
-    """Type `end` at the prompt until the child closes the terminal; what it wrote meanwhile.
-    Ctrl-C typed the instant the prompt appears can be lost: CPython's readline takes a
-    SIGINT that lands before it waits for input only with the next key (a person presses
-    again; so does this, every 2 s)."""
+    """Type `end` at the prompt until the child closes the terminal (again every 2 s, as a
+    person would, should a key typed the instant the prompt appears be lost); what it wrote
+    meanwhile."""
     out, deadline = b"", time.monotonic() + timeout
     while time.monotonic() < deadline:
         os.write(fd, end)
