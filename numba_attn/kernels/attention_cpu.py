@@ -113,8 +113,8 @@ def _widen_rows(typingctx, dst, src, n_rows, stride, d, half):
         sp = builder.inttoptr(src, ir.PointerType(ir.IntType(16)))
         dp = builder.inttoptr(dst, ir.PointerType(_F32))
         n_vec = builder.ashr(d, ir.Constant(_I64, 4))
+        flag = context.cast(builder, args[5], signature.args[5], types.boolean)
         for half in (False, True):      # the flag is known at run time only: both loops
-            flag = context.cast(builder, args[5], signature.args[5], types.boolean)
             with builder.if_then(flag if half else builder.not_(flag)):
                 with cgutils.for_range(builder, n) as rws:
                     s_row, d_row = builder.mul(rws.index, stride), builder.mul(rws.index, d)
@@ -629,11 +629,18 @@ def _attention_prefill_mk(out, q, k, v, scale, causal, kind, n_workers):
                 k_need = max(k_need, min(kv_len, max(0, kv_len - q_len + qb * bq + nq))
                              if causal else kv_len)
             Kh, Vh = Kp[w, :k_need], Vp[w, :k_need]
-            for j in range(k_need):
-                kr, vr, kd, vd = k[z, j, hk], v[z, j, hk], Kh[j], Vh[j]
-                for c in range(d):
-                    kd[c] = _f32(kr[c], kind)
-                    vd[c] = _f32(vr[c], kind)
+            if kind == KV_F32:
+                for j in range(k_need):
+                    kr, vr, kd, vd = k[z, j, hk], v[z, j, hk], Kh[j], Vh[j]
+                    for c in range(d):
+                        kd[c] = kr[c]
+                        vd[c] = vr[c]
+            else:                                   # 16-bit rows widened, 16 at a time
+                first = 2 * ((z * kv_len * Hkv + hk) * d)   # byte offset of (z, 0, hk, 0)
+                _widen_rows(Kh.ctypes.data, k.ctypes.data + first, k_need, Hkv * d, d,
+                            kind == KV_F16)
+                _widen_rows(Vh.ctypes.data, v.ctypes.data + first, k_need, Hkv * d, d,
+                            kind == KV_F16)
             for qb in range(chunk, n_qblk, n_chunks):
                 nq = min(bq, q_len - qb * bq)
                 _mk_tile(out, q, Kp[w, :kv_len], Vp[w, :kv_len], float32(scale), causal, G, z, hk,
