@@ -431,7 +431,7 @@ def load(model_dir, *, device="cpu", context=None, weight_dtype="auto", kv_dtype
     knowing of is a `note:` line."""
     from .generation import CompileTimer
     from .loaders import is_gguf_file
-    from .model import KV_DTYPES, WEIGHT_DTYPES, Model
+    from .model import WEIGHT_DTYPES, Model
     from .tokenizer import Tokenizer
     from .weights import LoadNotice
 

@@ -42,8 +42,9 @@ class CpuDecodeSteps:
         return module
 
     def embedding(self, table, ids, out):
-        family = weight_format(table).family("cpu")
-        kernels("tensor" if family == "linear" else family, "cpu").embedding(out, table, ids)
+        # float32's embedding is the tensor family's; the others', their linear family's
+        linear = weight_format(table).family("cpu") == "linear"
+        (self.tensor if linear else self._family(table)).embedding(out, table, ids)
         return out
 
     def rmsnorm(self, x, weight, eps, out):             # x, out: (1, hidden)

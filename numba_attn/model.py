@@ -26,8 +26,8 @@ import numpy as np
 from .backend import (copy_from_host, copy_to_host, cuda_unavailable, empty, is_cuda_array,
                       reshape, rows)
 from .config import LlamaConfig
-from .formats import FORMATS, KV_DTYPES as FORMATS_KV, Q8_BLOCK, Q8Matrix, quantize_q8_0, \
-    to_device, weight_format
+from .formats import FORMATS, KV_DTYPES, Q8_BLOCK, Q8Matrix, quantize_q8_0, to_device, \
+    weight_format
 from .kvcache import KVCache, kv_dtype as kv_dtype_of
 from .ops import (add_rmsnorm, apply_rope, attention, embedding, linear, rmsnorm, silu_mul,
                   split_qkv)
@@ -43,10 +43,9 @@ DEVICES = ("cpu", "cuda")
 # where the device runs it
 WEIGHT_DTYPES = {device: tuple(name for name, f in FORMATS.items() if device in f.devices)
                  for device in DEVICES}
-# the KV cache's storage (formats.KV_DTYPES); "auto" on the CPU follows the weights: 16-bit
-# weights keep 16-bit keys and values (q8_0: float16, as llama.cpp), float32 stays float32; on
-# CUDA float32
-KV_DTYPES = {device: tuple(names) for device, names in FORMATS_KV.items()}
+# the KV cache's "auto" storage on the CPU follows the weights (formats.KV_DTYPES has every
+# device's): 16-bit weights keep 16-bit keys and values (q8_0: float16, as llama.cpp), float32
+# stays float32; on CUDA float32
 _AUTO_KV = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
             "q8_0": "float16"}
 

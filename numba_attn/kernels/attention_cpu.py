@@ -44,10 +44,11 @@ TILE_ROWS = 128        # prefill, micro-kernel tile: query rows (positions x gro
 NEG_INF = float32(-np.inf)
 DECODE_MAX_Q = 4       # at most this many queries take the decode schedule
 MIN_SPLIT_KEYS = 256   # decode: a key range is never shorter than this
-# K and V storage, passed to the kernels as `kind` (16-bit kinds as their uint16 bits)
+# K and V storage, passed to the kernels as `kind` (16-bit kinds as their uint16 bits); a
+# uint16 array is bfloat16 bits, as attention_cuda takes them
 KV_F32, KV_BF16, KV_F16 = 0, 1, 2
 KV_KINDS = {np.dtype(np.float32): KV_F32, np.dtype(ml_dtypes.bfloat16): KV_BF16,
-            np.dtype(np.float16): KV_F16}
+            np.dtype(np.uint16): KV_BF16, np.dtype(np.float16): KV_F16}
 
 
 def _single_threaded_jit_blas():
@@ -1009,6 +1010,7 @@ def _attention_decode_mk(out, q, k, v, scale, causal, kind, n_workers):
 
 def attention(out, q, k, v, scale, causal):
     # q, out: (b, q_len, H, d) float32; k, v: (b, kv_len, Hkv, d) float32, float16 or bfloat16
+    # (ml_dtypes, or its bits as uint16)
     kind = KV_KINDS[np.dtype(k.dtype)]
     if kind != KV_F32:                          # the kernels take 16-bit floats as their bits
         k, v = k.view(np.uint16), v.view(np.uint16)
