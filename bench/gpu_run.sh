@@ -1,7 +1,8 @@
 #!/bin/bash
 # Everything the GPU checks need, in one device call (the device tool's machine: a bare image
 # with PyTorch and numba-cuda, NumPy 2.4 carried in .whl/). Writes logs under $OUT.
-#   bench/gpu_run.sh [tests|generate|bench|cli-bench|profile]...   (default: the first four)
+#   bench/gpu_run.sh [tests|graph-tests|generate|bench|formats|decode|graph-profile|cli-bench|
+#                     profile]...   (default: tests generate bench cli-bench)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -13,6 +14,17 @@ for step in $steps; do
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/machine.txt"
     python3 -c "import numba, numpy, numba_cuda, torch; print('numba', numba.__version__, 'numpy', numpy.__version__, 'numba-cuda', getattr(numba_cuda, '__version__', '?'), 'torch', torch.__version__)" | tee -a "$OUT/machine.txt"
     python3 -m pytest -q -p no:cacheprovider tests/cuda 2>&1 | tee "$OUT/tests_cuda.txt" ;;
+  graph-tests)
+    python3 -m pytest -q -p no:cacheprovider tests/cuda/test_decode_graph.py \
+      tests/cuda/test_model_cuda.py tests/cuda/test_linear_formats_cuda.py 2>&1 \
+      | tee "$OUT/tests_graph.txt" ;;
+  formats)
+    python3 bench/bench_cuda.py --only formats,tune-q8 2>&1 | tee "$OUT/bench_formats.txt" ;;
+  decode)
+    python3 bench/bench_cuda_decode.py --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.txt" ;;
+  graph-profile)
+    for w in float32 float16 q8_0; do python3 bench/profile_decode_graph.py --weight-dtype $w
+    done 2>&1 | tee "$OUT/graph_profile.txt" ;;
   generate)
     P="It is a truth universally acknowledged"
     { for i in 1 2; do na generate "$P" --device cuda --max-tokens 64 --seed 1; done
