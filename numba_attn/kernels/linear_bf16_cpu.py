@@ -26,8 +26,9 @@ from numba.extending import intrinsic
 from . import cpu_pool
 from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, _add_bias
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, amx_path, \
-    bits_as_float32, dpbf16ps, fast_path, float32_bits, fma, hsum, prefetch, tile_config, \
-    tile_config_bytes, tile_dpbf16ps, tile_load, tile_release, tile_store, tile_zero, widen16
+    bits_as_float32, copy_lines, dpbf16ps, fast_path, float32_bits, fma, \
+    hsum, prefetch, tile_config, tile_config_bytes, tile_dpbf16ps, tile_load, tile_release, \
+    tile_store, tile_zero, widen16
 
 _VEC = 16     # weights per vector in _dots4_f16 (32 bytes, widened to 512 bits)
 _UNROLL = 4   # vectors per row per loop step in _dots4_f16 (4 accumulators a row, 2 lines)
@@ -531,26 +532,28 @@ def _pack_rows_amx(ak, w, wq, wd, j0):
     # ak: (k / 32, 32, 32) uint16 = rows j0 .. j0 + 31 of the weights as bfloat16 (zeros past
     # their end), step s of 32 along the input axis at ak[s]: one 2 KB block, its 16-row halves
     # the A tiles. The weights: w (n, k) bfloat16 bits, or when w is empty Q8_0 blocks, wq (n,
-    # k) int8 codes and wd (n, k / 32) float16 scale bits, dequantized and rounded to bfloat16
-    # Row by row: each row of w read front to back (the hardware's prefetchers follow one
-    # stream; step-major order read 32 rows at once and waited on memory: in-layer gate + up
-    # at 512 rows 22.7 ms against 17.9 alone, weights from L3)
+    # k) int8 codes and wd (n, k / 32) float16 scale bits, dequantized and rounded to bfloat16.
+    # Row by row, each row of w read front to back (the hardware's prefetchers follow one
+    # stream; step-major order read 32 rows at once and waited on memory); bfloat16 rows 64
+    # bytes a vector load and store (element by element, the copy took a quarter of the GEMM's
+    # time)
     nk = ak.shape[0]
     q8 = w.shape[0] == 0
     n = wq.shape[0] if q8 else w.shape[0]
     nr = min(32, n - j0)
+    at = ak.ctypes.data
     for r in range(32):
-        for s in range(nk):
-            if r >= nr:
+        if r >= nr:
+            for s in range(nk):
                 for e in range(32):
                     ak[s, r, e] = 0
-            elif q8:
+        elif q8:
+            for s in range(nk):
                 d = f16_to_float32(wd[j0 + r, s])
                 for e in range(32):
                     ak[s, r, e] = round_bf16(float32(wq[j0 + r, 32 * s + e]) * d)
-            else:
-                for e in range(32):
-                    ak[s, r, e] = w[j0 + r, 32 * s + e]
+        else:
+            copy_lines(at + 64 * r, w[j0 + r].ctypes.data, nk, 2048, 64)
 
 
 @njit(parallel=True, cache=True)

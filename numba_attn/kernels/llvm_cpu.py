@@ -167,6 +167,24 @@ def float32_bits(typingctx, f):
     return types.int32(f), codegen
 
 
+@intrinsic
+def copy_lines(typingctx, dst, src, n, dst_stride, src_stride):
+    """n copies of 64 bytes, src + i src_stride -> dst + i dst_stride (byte addresses, any
+    alignment): one vector load and store each."""
+    sig = types.void(dst, src, n, dst_stride, src_stride)
+
+    def codegen(context, builder, signature, args):
+        dst, src, n, ds, ss = [context.cast(builder, v, t, types.int64)
+                               for v, t in zip(args, signature.args)]
+        vp = ir.PointerType(ir.VectorType(I64, 8))
+        with cgutils.for_range(builder, n) as loop:
+            i = loop.index
+            v = builder.load(builder.inttoptr(builder.add(src, builder.mul(i, ss)), vp), align=1)
+            builder.store(v, builder.inttoptr(builder.add(dst, builder.mul(i, ds)), vp), align=1)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 # -- AMX: eight tile registers (up to 16 rows of 64 bytes), numbered by immediates
 
 def _amx(builder, name, *arg_types):
