@@ -25,7 +25,7 @@ from numba_attn.backend import kernels  # noqa: E402
 from numba_attn.formats import weight_format  # noqa: E402
 from numba_attn.model import MATRICES, Model  # noqa: E402
 
-STEP_KINDS = ("embedding", "rmsnorm", "add_rmsnorm", "linear", "split_qkv", "apply_rope",
+STEP_KINDS = ("embedding", "rmsnorm", "add_rmsnorm", "linear", "split_qkv", "rope_qk",
               "append_kv", "attention", "silu_mul")
 
 

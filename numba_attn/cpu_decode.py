@@ -11,6 +11,15 @@ from .backend import kernels, view
 from .formats import weight_format
 
 
+def _qkv_views(qkv, n_heads, n_kv_heads):
+    """q (1, n_heads, d), k and v (1, n_kv_heads, d), views of one row of the fused projection,
+    and q|k together, (1, 1, n_heads + n_kv_heads, d): no copy."""
+    d = qkv.shape[1] // (n_heads + 2 * n_kv_heads)
+    return (view(qkv, (1, n_heads, d)), view(qkv, (1, n_kv_heads, d), n_heads * d),
+            view(qkv, (1, n_kv_heads, d), (n_heads + n_kv_heads) * d),
+            view(qkv, (1, 1, n_heads + n_kv_heads, d)))
+
+
 class CpuDecodeSteps:
     """The steps of Model.run_layers for one token on the host, as ops.py names them."""
 
@@ -22,6 +31,7 @@ class CpuDecodeSteps:
             kernels(family, "cpu") for family in ("tensor", "norm", "rope", "attention"))
         self.families = {}         # weight format name -> its kernel module
         self.views = {}            # ids of buffers -> (the buffers, views of them)
+        self.qk = None             # the q|k heads of the row split_qkv last split
 
     def _views(self, buffers, make):
         """make(*buffers), made once for these buffers (the model's, reused every step; a
@@ -62,15 +72,14 @@ class CpuDecodeSteps:
         return out
 
     def split_qkv(self, qkv, n_heads, n_kv_heads, out=None):
-        d = qkv.shape[1] // (n_heads + 2 * n_kv_heads)   # one row: views, no copy
-        return self._views((qkv,), lambda a: (
-            view(a, (1, n_heads, d)), view(a, (1, n_kv_heads, d), n_heads * d),
-            view(a, (1, n_kv_heads, d), (n_heads + n_kv_heads) * d)))
+        q, k, v, self.qk = self._views((qkv,), lambda a: _qkv_views(a, n_heads, n_kv_heads))
+        return q, k, v
 
-    def apply_rope(self, x, table, start_pos, style="half", out=None):
-        fn = self.rope.rope_half if style == "half" else self.rope.rope_interleaved
-        fn(out[None], x[None], table.cos, table.sin, start_pos)
-        return out
+    def rope_qk(self, q, k, table, start_pos, out=None):
+        # q and k, split_qkv's views of the row, rotated in place by one call over their heads
+        # together (self.qk); out is not used
+        self.rope.rope_half(self.qk, self.qk, table.cos, table.sin, start_pos)
+        return q, k
 
     def append_kv(self, cache, layer, k, v):
         return cache.write(layer, k, v)

@@ -59,6 +59,7 @@ class DecodeSteps:
         from .kernels import attention_cuda
         c = model.config
         self.stream, self.at = stream, at
+        self.qk = None                                          # q|k of the split row
         self.cache = model.cache
         self.cos, self.sin = model.rope.tables("cuda")          # on the device before capture
         self.no_bias = empty((0,), np.float32, "cuda")
@@ -100,16 +101,16 @@ class DecodeSteps:
 
     def split_qkv(self, qkv, n_heads, n_kv_heads, out=None):
         d = qkv.shape[1] // (n_heads + 2 * n_kv_heads)       # one row: views, no copy
+        self.qk = view(qkv, (1, 1, n_heads + n_kv_heads, d))  # q|k, for rope_qk
         return (view(qkv, (1, n_heads, d)), view(qkv, (1, n_kv_heads, d), n_heads * d),
                 view(qkv, (1, n_kv_heads, d), (n_heads + n_kv_heads) * d))
 
-    def apply_rope(self, x, table, start_pos, style="half", out=None):
-        rope = kernels("rope", "cuda")
-        fn = rope.rope_half if style == "half" else rope.rope_interleaved
-        shape = (1,) + tuple(x.shape)
-        fn(reshape(out, shape), reshape(x, shape), self.cos, self.sin, 0, at=self.at,
-           stream=self.stream)
-        return out
+    def rope_qk(self, q, k, table, start_pos, out=None):
+        # q and k, split_qkv's views of the row, rotated in place by one launch over their
+        # heads together (self.qk); out is not used
+        kernels("rope", "cuda").rope_half(self.qk, self.qk, self.cos, self.sin, 0, at=self.at,
+                                          stream=self.stream)
+        return q, k
 
     def append_kv(self, cache, layer, k, v):
         shape = (cache.max_seq, cache.n_kv_heads, cache.head_dim)

@@ -52,8 +52,14 @@ _AUTO_KV = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
 
 # the steps of the forward pass: ops.py's public functions (checked, either device), and the
 # KV cache's append
+def _rope_qk(q, k, table, start_pos, out):
+    # q (seq, n_heads, d) and k (seq, n_kv_heads, d) rotated (style half) into out = (q, k)
+    return (apply_rope(q, table, start_pos, style="half", out=out[0]),
+            apply_rope(k, table, start_pos, style="half", out=out[1]))
+
+
 STEPS = SimpleNamespace(embedding=embedding, rmsnorm=rmsnorm, add_rmsnorm=add_rmsnorm,
-                        linear=linear, split_qkv=split_qkv, apply_rope=apply_rope,
+                        linear=linear, split_qkv=split_qkv, rope_qk=_rope_qk,
                         attention=attention, silu_mul=silu_mul,
                         append_kv=lambda cache, layer, k, v: cache.append(layer, k, v))
 
@@ -464,10 +470,9 @@ class Model:
             o.linear(xb, lw.qkv_proj, lw.qkv_bias, out=qkv)              # (seq, qkv_dim)
             q_in, k_in, v_in = o.split_qkv(qkv, c.n_heads, c.n_kv_heads,  # (seq, heads, d)
                                            out=(q, k, v))
-            o.apply_rope(q_in, self.rope, start_pos, style="half", out=q)
-            o.apply_rope(k_in, self.rope, start_pos, style="half", out=k)
-            keys, values = o.append_kv(self.cache, i, k, v_in)            # (kv_len, n_kv, d)
-            o.attention(q, keys, values, causal=True, out=att)            # (seq, heads, d)
+            q_r, k_r = o.rope_qk(q_in, k_in, self.rope, start_pos, out=(q, k))
+            keys, values = o.append_kv(self.cache, i, k_r, v_in)          # (kv_len, n_kv, d)
+            o.attention(q_r, keys, values, causal=True, out=att)          # (seq, heads, d)
             o.linear(reshape(att, (seq, c.q_dim)), lw.o_proj, lw.o_bias, out=xb)
             o.add_rmsnorm(x, xb, lw.post_attention_layernorm, c.rms_norm_eps, out=xb)
 
