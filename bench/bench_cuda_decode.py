@@ -126,15 +126,24 @@ def transformers_decode(path, dtype, steps):
                                                          (1, PROMPT)), device="cuda")
     rates = []
     t0 = time.perf_counter()
+    compiled = "by generate"
     for i in range(4):
         s = Stamps()
         model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                        streamer=s, pad_token_id=0)
         if i == 0:
             compile_s = time.perf_counter() - t0
+            if getattr(model, "_compiled_call", None) is None:
+                # this transformers did not compile generate's forward itself: compile it
+                # the same way (CUDA graphs), and count the compile in the first run
+                model.forward = torch.compile(model.forward, mode="reduce-overhead",
+                                              fullgraph=True)
+                compiled = "torch.compile(model.forward, mode='reduce-overhead')"
+                model.generate(ids, max_new_tokens=steps, min_new_tokens=steps,
+                               do_sample=False, streamer=Stamps(), pad_token_id=0)
+                compile_s = time.perf_counter() - t0
         if i >= 2:
             rates.append((len(s.t) - 3) / (s.t[-1] - s.t[2]))   # t[0]: the prompt
-    compiled = getattr(model, "_compiled_call", None) is not None
     return {"decode": max(rates), "first_run_s": compile_s, "compiled": compiled,
             "version": __import__("transformers").__version__ + " / torch " + torch.__version__}
 
