@@ -179,10 +179,10 @@ class CudaDecoder:
         t0 = time.perf_counter()
         self.step_in[0], self.step_in[1] = token, pos
         splits = self.steps.plan(pos + 1)
+        self._copy_in()        # before a capture's plain run, which reads them too
         graph = None
         if self.why_plain is None:
             graph = self.graphs.get(splits) or self._capture(splits)
-        self._copy_in()
         if graph is not None:
             graph.launch(self._core_stream)
         else:
@@ -226,8 +226,11 @@ class CudaDecoder:
     def _capture(self, splits):
         """A graph of the step for this split plan, or None (with why_plain set) when capture
         fails. The step runs once as plain launches first, so that every kernel is compiled
-        and loaded before capture (which must not load modules); running it twice is harmless:
-        it writes the same keys and values at the same position."""
+        and loaded before capture (which must not load modules), on this step's token and
+        position (copied in first: the device's copy is uninitialised before the first step,
+        and a stale position would write keys and values where they do not belong); the graph
+        then runs the same step again, which writes the same keys and values at the same
+        position."""
         self._run(splits, self.stream)
         builder = self._core_stream.create_graph_builder()
         try:

@@ -178,3 +178,26 @@ def test_decoder_buffers_are_its_own(folder):
     model.forward(np.arange(9) % (VOCAB or 300), 0)
     assert model.buffers.rows == 9 and model.decoder.buffers is before
     assert model.decoder.buffers.rows == 1
+
+
+def test_capture_runs_on_this_steps_token_and_position(folder, monkeypatch):
+    """A capture first runs the step as plain launches (to load every kernel); that run reads
+    the token and position from the device, so they must be this step's, copied in before it
+    (before the first step the device's copy is uninitialised: a stale position wrote keys
+    and values out of place)."""
+    model = Model.from_pretrained(folder, device="cuda", max_seq=64)
+    decoder = model.decoder
+    seen = []
+
+    def capture(splits):      # records what the plain run would read; no graph: plain launches
+        decoder.stream.synchronize()
+        seen.append(tuple(int(v) for v in decoder.step_dev.copy_to_host()))
+        return None
+    monkeypatch.setattr(decoder, "_capture", capture)
+    monkeypatch.setattr(decoder, "why_plain", None)
+    prompt = np.arange(1, 6) % (VOCAB or 300)
+    model.forward(prompt, 0)
+    steps = [(7, 5), (11, 6), (13, 7)]
+    for token, pos in steps:
+        model.forward([token], pos)
+    assert seen == steps
