@@ -414,9 +414,8 @@ GEMV_VARIANTS = {"fp32": ((1, 4, 256), (2, 4, 256), (2, 4, 128), (1, 4, 512), (1
 
 
 # Q8_0 GEMV variants: (rows per warp, blocks of 32 codes in flight per row and lane, threads)
-GEMV_Q8_VARIANTS = tuple((*shape, pre) for pre in (False, True) for shape in (
-    (2, 2, 256), (1, 4, 256), (2, 4, 256), (4, 2, 128), (1, 2, 512), (4, 1, 256), (1, 8, 128),
-    (2, 1, 512)))
+GEMV_Q8_VARIANTS = ((2, 2, 256), (1, 4, 256), (2, 4, 256), (4, 2, 128), (1, 2, 512),
+                    (4, 1, 256), (1, 8, 128), (2, 1, 512))
 
 
 def _err(a, b):
@@ -484,8 +483,7 @@ def bench_tune(parts=("decode", "gemv", "prefill")):
             Q.GEMV_SHAPE = shape
             us = device_us(lambda i: Q.linear(Y, X, W[i], no_bias), sets)
             Q.linear(Y, X, W[0], no_bias)
-            print(f"  gemv q8_0 rows/warp={shape[0]} blocks/step={shape[1]} threads={shape[2]} "
-                  f"pre={int(shape[3])}: "
+            print(f"  gemv q8_0 rows/warp={shape[0]} blocks/step={shape[1]} threads={shape[2]}: "
                   f"{us:.1f} us ({per / us / 1e3:.0f} GB/s) diff {_err(y, y_ref):.1e}", flush=True)
         Q.GEMV_SHAPE = old
     if "prefill" not in parts:
@@ -512,8 +510,7 @@ def resources():
     print("\nkernel resources (registers/thread, shared bytes/block, local bytes/thread):")
     kernels = [(f"gemv {shape}", linear_cuda.gemv_kernel(True, *shape))
                for shape in set(GEMV_VARIANTS["fp32"] + GEMV_VARIANTS["fp16"])]
-    kernels += [(f"gemv q8_0 {shape}",
-                 linear_q8_cuda.gemv_kernel(True, *shape[:3], pre=shape[3]))
+    kernels += [(f"gemv q8_0 {shape}", linear_q8_cuda.gemv_kernel(True, *shape))
                 for shape in GEMV_Q8_VARIANTS]
     kernels += [("gemm q8_0", linear_q8_cuda._gemm)]
     kernels += [("gemm", linear_cuda._gemm), ("rmsnorm", norm_cuda.rmsnorm_kernel(True)),

@@ -37,9 +37,11 @@ X_SLAB = 4096 if not SIM else 1024       # x values quantized into shared memory
                                          # (a multiple of 32; 4096: 16 KB of codes for 4 rows)
 GEMV_MAX_M = 16                          # rows of x up to which the GEMV serves (both
                                          # backends quantize x up to here)
-# (rows of w per warp, blocks of 32 codes per row and lane in flight, threads per block,
-# first blocks of w loaded before x is quantized); bench_cuda.py --only tune-q8 compares them
-GEMV_SHAPE = (2, 2, 256, False)
+# (rows of w per warp, blocks of 32 codes per row and lane in flight, threads per block).
+# `bench_cuda.py --only tune-q8` compares the variants: on an H200 at 12288x4096, (2, 2, 256)
+# 21.2 us, (4, 1, 256) 20.8-21.0, the others 21.7-38 (loading w's first step before x is
+# quantized gained nothing: 21.3)
+GEMV_SHAPE = (2, 2, 256)
 
 
 def x_rows(m):
@@ -74,15 +76,13 @@ def load16_bytes(a, i):
 
 
 @functools.cache
-def gemv_kernel(wide, rpw=GEMV_SHAPE[0], unroll=GEMV_SHAPE[1], threads=GEMV_SHAPE[2], xr=1,
-                pre=GEMV_SHAPE[3]):
+def gemv_kernel(wide, rpw=GEMV_SHAPE[0], unroll=GEMV_SHAPE[1], threads=GEMV_SHAPE[2], xr=1):
     """The GEMV kernel; wide: qs's base is 16-byte aligned (16-byte loads; rows are, k being a
     multiple of 32); rpw: rows of w per warp; unroll: blocks of each row in flight per lane;
     threads per block (a multiple of 32); xr: rows of x per block (their codes in shared
-    memory; a row past m is clamped, computed and not written); pre: the first step's blocks
-    of w are loaded before x is quantized (their latency hidden behind it)."""
+    memory; a row past m is clamped, computed and not written)."""
     ldq = load16_words if wide else load16_bytes
-    RPW, U, THREADS, XR, PRE = rpw, unroll, threads, xr, pre
+    RPW, U, THREADS, XR = rpw, unroll, threads, xr
     ROWS = THREADS // 32 * RPW                      # rows of w per block: RPW per warp
     SCRATCH = scratch_size(THREADS)
     SLAB_W = X_SLAB // 4                            # words of one x row's codes in a slab
@@ -152,12 +152,6 @@ def gemv_kernel(wide, rpw=GEMV_SHAPE[0], unroll=GEMV_SHAPE[1], threads=GEMV_SHAP
         # lanes 4-7 of each 8 read their blocks' second half first: one 16-byte slot of x
         # codes per lane of a quarter warp, no bank conflict
         par = (lane >> 2) & 1
-        # the first slab's first step of w, in flight while x is quantized
-        pending = False
-        if PRE and lane + (U - 1) * 32 < min(X_SLAB, k) // Q8_BLOCK:
-            for u in range(U):
-                fetch(raw, sw, qs, d, rq, rd, lane + 32 * u, u, par)
-            pending = True
 
         for s0 in range(0, k, X_SLAB):
             slab = min(X_SLAB, k - s0)                # a multiple of 32
@@ -194,10 +188,8 @@ def gemv_kernel(wide, rpw=GEMV_SHAPE[0], unroll=GEMV_SHAPE[1], threads=GEMV_SHAP
             b0 = s0 // Q8_BLOCK                      # the slab's first block in a row
             bs = lane
             while bs + (U - 1) * 32 < nb:
-                if not pending:
-                    for u in range(U):
-                        fetch(raw, sw, qs, d, rq, rd, b0 + bs + 32 * u, u, par)
-                pending = False
+                for u in range(U):
+                    fetch(raw, sw, qs, d, rq, rd, b0 + bs + 32 * u, u, par)
                 for u in range(U):
                     dots(acc, raw, sw, xw, xd, bs + 32 * u, u, par)
                 bs += U * 32
@@ -303,11 +295,11 @@ def linear(out, x, w, bias, *, stream=0):
     if m == 0 or n == 0:
         return
     if m <= GEMV_MAX_M:
-        rpw, unroll, threads, pre = GEMV_SHAPE
+        rpw, unroll, threads = GEMV_SHAPE
         xr = x_rows(m)
         rows = threads // 32 * rpw
         grid = ((n + rows - 1) // rows, (m + xr - 1) // xr)
-        gemv_kernel(aligned(qs), rpw, unroll, threads, xr, pre)[grid, threads, stream](
+        gemv_kernel(aligned(qs), rpw, unroll, threads, xr)[grid, threads, stream](
             flat(out), flat(x), flat(qs), flat(d), bias, m, n, k)
     else:
         grid = ((n + TILE - 1) // TILE, (m + TILE - 1) // TILE)
