@@ -15,6 +15,7 @@ attention decode (kv 8192, 32 heads, 32/8 GQA) >= 5x PyTorch SDPA, fp16 KV >= 1.
 causal prefill S=2048 fp32 within 2x of PyTorch's best SDPA; masked_softmax, apply_rope,
 rmsnorm >= 80% of the measured device-to-device copy bandwidth."""
 import argparse
+import itertools
 import math
 import os
 import statistics
@@ -450,10 +451,14 @@ def bench_tune(parts=("decode", "gemv", "prefill")):
                       f"({per / us / 1e3:.0f} GB/s) "
                       f"diff {_err(o, o_ref):.1e}", flush=True)
             A.QR_MAX, A.DECODE_SHAPE, A.MIN_SPLIT_STEPS = old
-    # GEMV: rows per warp x chunks per step
-    n, k = 12288, 4096
-    x = randn(1, k)
-    for st, dt in (("fp32", torch.float32), ("fp16", torch.float16)) if "gemv" in parts else ():
+    # GEMV: rows per warp x chunks per step, at 12288x4096 ("gemv") and at the TinyLlama
+    # decode step's own shapes ("gemv-model": qkv, o, gate/up, down)
+    shapes = ([(12288, 4096)] if "gemv" in parts else []) + \
+        ([(2560, 2048), (2048, 2048), (5632, 2048), (2048, 5632)] if "gemv-model" in parts
+         else [])
+    for (n, k), (st, dt) in itertools.product(shapes, (("fp32", torch.float32),
+                                                        ("fp16", torch.float16))):
+        x = randn(1, k)
         sets = n_sets(n * k * (4 if st == "fp32" else 2))
         W = [nb(randn(n, k, dtype=dt)) for _ in range(sets)]
         y_ref, y = torch.empty(1, n, device="cuda"), torch.empty(1, n, device="cuda")
@@ -464,8 +469,8 @@ def bench_tune(parts=("decode", "gemv", "prefill")):
             L.GEMV_SHAPE[W[0].dtype.itemsize] = shape
             us = device_us(lambda i: L.linear(Y, X, W[i], no_bias), sets)
             L.linear(Y, X, W[0], no_bias)
-            print(f"  gemv {st} rows/warp={shape[0]} chunks/step={shape[1]} threads={shape[2]}: "
-                  f"{us:.1f} us "
+            print(f"  gemv {n}x{k} {st} rows/warp={shape[0]} chunks/step={shape[1]} "
+                  f"threads={shape[2]}: {us:.1f} us "
                   f"({n * k * (4 if st == 'fp32' else 2) / us / 1e3:.0f} GB/s) "
                   f"diff {_err(y, y_ref):.1e}", flush=True)
         L.GEMV_SHAPE.clear()
@@ -537,8 +542,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated groups: copy (always), linear, "
                     "formats (q8_0 and bf16 weights; runs linear too), decode, prefill, "
-                    "bandwidth, tune (all variants) or tune-decode, tune-gemv, tune-q8, "
-                    "tune-prefill")
+                    "bandwidth, tune (all variants) or tune-decode, tune-gemv, "
+                    "tune-gemv-model (the TinyLlama step's shapes), tune-q8, tune-prefill")
     args = ap.parse_args()
     only = set(filter(None, args.only.split(",")))
     want = (lambda g: not only or g in only)

@@ -1,8 +1,8 @@
 #!/bin/bash
 # Everything the GPU checks need, in one device call (the device tool's machine: a bare image
 # with PyTorch and numba-cuda, NumPy 2.4 carried in .whl/). Writes logs under $OUT.
-#   bench/gpu_run.sh [tests|graph-tests|generate|bench|formats|decode|graph-profile|cli-bench|
-#                     profile]...   (default: tests generate bench cli-bench)
+#   bench/gpu_run.sh [tests|graph-tests|generate|bench|formats|tune-model|decode|graph-profile|
+#                     cli-bench|profile]...   (default: tests generate bench cli-bench)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -20,6 +20,8 @@ for step in $steps; do
       | tee "$OUT/tests_graph.txt" ;;
   formats)
     python3 bench/bench_cuda.py --only formats,tune-q8 2>&1 | tee "$OUT/bench_formats.txt" ;;
+  tune-model)
+    python3 bench/bench_cuda.py --only tune-gemv-model 2>&1 | tee "$OUT/tune_gemv_model.txt" ;;
   decode)
     python3 bench/bench_cuda_decode.py --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.txt" ;;
   graph-profile)
