@@ -120,6 +120,16 @@ def view(a, shape, offset=0):
     return device_view(a, shape, offset)
 
 
+def qkv_row_views(qkv, n_heads, n_kv_heads):
+    """One row of a fused projection qkv (1, (n_heads + 2 n_kv_heads) d), as views, no copy:
+    q (1, n_heads, d), k and v (1, n_kv_heads, d), and q|k together (1, 1, n_heads +
+    n_kv_heads, d), the heads one rope call rotates."""
+    d = qkv.shape[1] // (n_heads + 2 * n_kv_heads)
+    return (view(qkv, (1, n_heads, d)), view(qkv, (1, n_kv_heads, d), n_heads * d),
+            view(qkv, (1, n_kv_heads, d), (n_heads + n_kv_heads) * d),
+            view(qkv, (1, 1, n_heads + n_kv_heads, d)))
+
+
 def rows(a, start, stop):
     """a[start:stop] along the first axis of a C-contiguous array (on CUDA, a cached view)."""
     if isinstance(a, np.ndarray):

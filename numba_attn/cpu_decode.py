@@ -7,17 +7,8 @@ import math
 
 import numpy as np
 
-from .backend import kernels, view
+from .backend import kernels, qkv_row_views
 from .formats import weight_format
-
-
-def _qkv_views(qkv, n_heads, n_kv_heads):
-    """q (1, n_heads, d), k and v (1, n_kv_heads, d), views of one row of the fused projection,
-    and q|k together, (1, 1, n_heads + n_kv_heads, d): no copy."""
-    d = qkv.shape[1] // (n_heads + 2 * n_kv_heads)
-    return (view(qkv, (1, n_heads, d)), view(qkv, (1, n_kv_heads, d), n_heads * d),
-            view(qkv, (1, n_kv_heads, d), (n_heads + n_kv_heads) * d),
-            view(qkv, (1, 1, n_heads + n_kv_heads, d)))
 
 
 class CpuDecodeSteps:
@@ -72,7 +63,7 @@ class CpuDecodeSteps:
         return out
 
     def split_qkv(self, qkv, n_heads, n_kv_heads, out=None):
-        q, k, v, self.qk = self._views((qkv,), lambda a: _qkv_views(a, n_heads, n_kv_heads))
+        q, k, v, self.qk = self._views((qkv,), lambda a: qkv_row_views(a, n_heads, n_kv_heads))
         return q, k, v
 
     def rope_qk(self, q, k, table, start_pos, out=None):

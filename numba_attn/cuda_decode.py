@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from .backend import empty, kernels, reshape, view
+from .backend import empty, kernels, qkv_row_views, reshape, view
 from .formats import weight_format
 
 GRAPHS_ENV = "NUMBA_ATTN_CUDA_GRAPHS"   # "0": plain launches, no graph
@@ -100,10 +100,8 @@ class DecodeSteps:
         return out
 
     def split_qkv(self, qkv, n_heads, n_kv_heads, out=None):
-        d = qkv.shape[1] // (n_heads + 2 * n_kv_heads)       # one row: views, no copy
-        self.qk = view(qkv, (1, 1, n_heads + n_kv_heads, d))  # q|k, for rope_qk
-        return (view(qkv, (1, n_heads, d)), view(qkv, (1, n_kv_heads, d), n_heads * d),
-                view(qkv, (1, n_kv_heads, d), (n_heads + n_kv_heads) * d))
+        q, k, v, self.qk = qkv_row_views(qkv, n_heads, n_kv_heads)   # views, cached on qkv
+        return q, k, v
 
     def rope_qk(self, q, k, table, start_pos, out=None):
         # q and k, split_qkv's views of the row, rotated in place by one launch over their

@@ -50,14 +50,14 @@ _AUTO_KV = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
             "q8_0": "float16"}
 
 
-# the steps of the forward pass: ops.py's public functions (checked, either device), and the
-# KV cache's append
 def _rope_qk(q, k, table, start_pos, out):
     # q (seq, n_heads, d) and k (seq, n_kv_heads, d) rotated (style half) into out = (q, k)
     return (apply_rope(q, table, start_pos, style="half", out=out[0]),
             apply_rope(k, table, start_pos, style="half", out=out[1]))
 
 
+# the steps of the forward pass: ops.py's public functions (checked, either device), and the
+# KV cache's append
 STEPS = SimpleNamespace(embedding=embedding, rmsnorm=rmsnorm, add_rmsnorm=add_rmsnorm,
                         linear=linear, split_qkv=split_qkv, rope_qk=_rope_qk,
                         attention=attention, silu_mul=silu_mul,
