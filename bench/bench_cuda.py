@@ -415,8 +415,10 @@ GEMV_VARIANTS = {"fp32": ((1, 4, 256), (2, 4, 256), (2, 4, 128), (1, 4, 512), (1
 
 
 # Q8_0 GEMV variants: (rows per warp, blocks of 32 codes in flight per row and lane, threads)
-GEMV_Q8_VARIANTS = ((2, 2, 256), (1, 4, 256), (2, 4, 256), (4, 2, 128), (1, 2, 512),
-                    (4, 1, 256), (1, 8, 128), (2, 1, 512))
+GEMV_Q8_VARIANTS = ((2, 2, 256, 1, 0), (4, 1, 256, 1, 0), (1, 4, 256, 2, 0), (4, 2, 256, 2, 0),
+                    (2, 2, 256, 1, 2), (2, 2, 256, 1, 4), (2, 2, 256, 1, 6), (4, 2, 256, 1, 4),
+                    (4, 1, 256, 1, 4), (1, 4, 256, 2, 4), (1, 4, 256, 2, 6), (2, 4, 256, 2, 4),
+                    (2, 2, 512, 2, 2), (4, 4, 128, 1, 8))
 
 
 def _err(a, b):
@@ -476,6 +478,8 @@ def bench_tune(parts=("decode", "gemv", "prefill")):
         L.GEMV_SHAPE.clear()
         L.GEMV_SHAPE.update(old)
     if "q8" in parts:
+        n, k = 12288, 4096
+        x = randn(1, k)
         per = n * k + n * k // 32 * 2
         sets = n_sets(per)
         W = [Q8Matrix(*map(nb, q8_weights(n, k))) for _ in range(sets)]
@@ -488,7 +492,8 @@ def bench_tune(parts=("decode", "gemv", "prefill")):
             Q.GEMV_SHAPE = shape
             us = device_us(lambda i: Q.linear(Y, X, W[i], no_bias), sets)
             Q.linear(Y, X, W[0], no_bias)
-            print(f"  gemv q8_0 rows/warp={shape[0]} blocks/step={shape[1]} threads={shape[2]}: "
+            print(f"  gemv q8_0 rows/warp={shape[0]} blocks/step={shape[1]} threads={shape[2]} "
+                  f"lanes/block={shape[3]} blocks/SM={shape[4] or '-'}: "
                   f"{us:.1f} us ({per / us / 1e3:.0f} GB/s) diff {_err(y, y_ref):.1e}", flush=True)
         Q.GEMV_SHAPE = old
     if "prefill" not in parts:
@@ -515,7 +520,7 @@ def resources():
     print("\nkernel resources (registers/thread, shared bytes/block, local bytes/thread):")
     kernels = [(f"gemv {shape}", linear_cuda.gemv_kernel(True, *shape))
                for shape in set(GEMV_VARIANTS["fp32"] + GEMV_VARIANTS["fp16"])]
-    kernels += [(f"gemv q8_0 {shape}", linear_q8_cuda.gemv_kernel(True, *shape))
+    kernels += [(f"gemv q8_0 {shape}", linear_q8_cuda.gemv_kernel(True, *shape[:4], 1))
                 for shape in GEMV_Q8_VARIANTS]
     kernels += [("gemm q8_0", linear_q8_cuda._gemm)]
     kernels += [("gemm", linear_cuda._gemm), ("rmsnorm", norm_cuda.rmsnorm_kernel(True)),

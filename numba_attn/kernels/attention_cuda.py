@@ -37,7 +37,7 @@ from numba import cuda, int32, int64
 from .scalar import FASTMATH_INF
 from .util_cuda import (ALIGN, CHUNK, RAW, SIM, aligned, arrive, device, exp2, flat, float32,
                         group_max, group_sum, load4, load8, load8_raw, load8_tail, prefetch_l1,
-                        scratch_size, shfl_xor, store8, widen8, zero_offset)
+                        scratch_size, shfl_xor, sm_count, store8, widen8, zero_offset)
 
 DPL = 16                     # head dims per lane (prefill; decode's default)
 MAX_D = 256                  # largest (padded) head dim
@@ -601,11 +601,6 @@ def _workspace(n_counters, n_partial):
     return ws, cap
 
 
-@functools.cache
-def _sm_count():
-    return 132 if SIM else cuda.get_current_device().MULTIPROCESSOR_COUNT
-
-
 def _wide(d, D, *arrays):
     return d == D and all(aligned(a) for a in arrays)
 
@@ -644,7 +639,7 @@ def decode_plan(batch, q_len, H, Hkv, d, itemsize, kv_len):
     dpl = min(dpl, D)
     kpb = DEC_WARPS * (32 // (D // dpl)) * ku        # keys per block step
     base = batch * Hkv * n_tiles
-    n_split, split_len = key_splits(kv_len, kpb, base, bps * _sm_count())
+    n_split, split_len = key_splits(kv_len, kpb, base, bps * sm_count())
     partials = base * n_split * QR * (d + 2) if n_split > 1 else 0
     return (QR, dpl, ku, pipe), (base, n_split), (n_split, split_len), base, partials
 

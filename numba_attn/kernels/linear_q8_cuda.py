@@ -22,7 +22,7 @@ from numba import cuda
 
 from .linear_cuda import GEMM_THREADS, MICRO, TILE, TILE_PAD, TK
 from .util_cuda import (ALIGN, SIM, aligned, device, div_rn, dp4a, flat, float32, group_max,
-                        group_sum, load, load16_words, scratch_size)
+                        group_sum, load, load16_words, scratch_size, sm_count)
 
 if SIM:   # NumPy's scalar types in the simulator (plain Python), numba's on the GPU
     from numpy import int32, int64, uint32
@@ -37,11 +37,15 @@ X_SLAB = 4096 if not SIM else 1024       # x values quantized into shared memory
                                          # (a multiple of 32; 4096: 16 KB of codes for 4 rows)
 GEMV_MAX_M = 16                          # rows of x up to which the GEMV serves (both
                                          # backends quantize x up to here)
-# (rows of w per warp, blocks of 32 codes per row and lane in flight, threads per block).
-# `bench_cuda.py --only tune-q8` compares the variants: on an H200 at 12288x4096, (2, 2, 256)
-# 21.2 us, (4, 1, 256) 20.8-21.0, the others 21.7-38 (loading w's first step before x is
-# quantized gained nothing: 21.3)
-GEMV_SHAPE = (2, 2, 256)
+# (rows of w per warp, blocks of 32 codes per row and lane in flight, threads per block, lanes
+# per block of 32 codes: 1 (two 16-byte loads a lane) or 2 (one each: a warp's load is 512
+# contiguous bytes), blocks per SM: 0 for one block per group of rows, else the grid is capped
+# at that many a multiprocessor, each block looping over groups and quantizing x once).
+# `bench_cuda.py --only tune-q8` compares the variants. At 12288x4096 on an H100, in one run:
+# (1, 4, 256, 2, 4) 25.2-25.3 us, (4, 2, 256, 1, 4) 25.8-25.9, (2, 2, 256, 1, 0) 27.4, the rest
+# 25.5-31; on an H200 with one lane a block, one block a group: (2, 2, 256) 21.2 us, (4, 1, 256)
+# 20.8-21.0 (loading w's first step before x is quantized gained nothing: 21.3)
+GEMV_SHAPE = (1, 4, 256, 2, 4)
 
 
 def x_rows(m):
@@ -76,13 +80,18 @@ def load16_bytes(a, i):
 
 
 @functools.cache
-def gemv_kernel(wide, rpw=GEMV_SHAPE[0], unroll=GEMV_SHAPE[1], threads=GEMV_SHAPE[2], xr=1):
+def gemv_kernel(wide, rpw=GEMV_SHAPE[0], unroll=GEMV_SHAPE[1], threads=GEMV_SHAPE[2],
+                lanes=GEMV_SHAPE[3], xr=1):
     """The GEMV kernel; wide: qs's base is 16-byte aligned (16-byte loads; rows are, k being a
     multiple of 32); rpw: rows of w per warp; unroll: blocks of each row in flight per lane;
-    threads per block (a multiple of 32); xr: rows of x per block (their codes in shared
-    memory; a row past m is clamped, computed and not written)."""
+    threads per block (a multiple of 32); lanes per block of 32 codes (1 or 2: each lane one
+    16-byte half); xr: rows of x per block (their codes in shared memory; a row past m is
+    clamped, computed and not written)."""
     ldq = load16_words if wide else load16_bytes
     RPW, U, THREADS, XR = rpw, unroll, threads, xr
+    HALVES = 2 // lanes                             # 16-byte halves of a block per lane
+    STEP = 32 // lanes                              # blocks of a row per warp and step
+    LW = 4 * HALVES                                 # words of codes per lane and block
     ROWS = THREADS // 32 * RPW                      # rows of w per block: RPW per warp
     SCRATCH = scratch_size(THREADS)
     SLAB_W = X_SLAB // 4                            # words of one x row's codes in a slab
@@ -92,11 +101,11 @@ def gemv_kernel(wide, rpw=GEMV_SHAPE[0], unroll=GEMV_SHAPE[1], threads=GEMV_SHAP
 
     @device
     def fetch(raw, sw, qs, d, rq, rd, b, u, par):
-        # block b of each of the warp's rows into raw[i, u, :] (its two halves in the lane's
-        # order: slot hh holds half hh ^ par) and its scale into sw[i, u]
+        # the lane's halves of block b of each of the warp's rows into raw[i, u, :] (slot hh
+        # holds half hh ^ par) and its scale into sw[i, u]
         for i in range(RPW):
             off = rq[i] + b * Q8_BLOCK
-            for hh in range(2):
+            for hh in range(HALVES):
                 wq = ldq(qs, off + 16 * (hh ^ par))
                 for c in range(4):
                     raw[i, u, 4 * hh + c] = wq[c]
@@ -108,23 +117,79 @@ def gemv_kernel(wide, rpw=GEMV_SHAPE[0], unroll=GEMV_SHAPE[1], threads=GEMV_SHAP
         for r in range(XR):
             wo = r * SLAB_W + bs * WORDS
             xa = load16_words(xw, wo + 4 * par)        # slot 0: half par
-            xb = load16_words(xw, wo + 4 * (1 - par))  # slot 1: the other half
             dx = xd[r * SLAB_B + bs]
-            for i in range(RPW):
-                s = dp4a(raw[i, u, 0], xa[0], int32(0))
-                s = dp4a(raw[i, u, 1], xa[1], s)
-                s = dp4a(raw[i, u, 2], xa[2], s)
-                s = dp4a(raw[i, u, 3], xa[3], s)
-                s = dp4a(raw[i, u, 4], xb[0], s)
-                s = dp4a(raw[i, u, 5], xb[1], s)
-                s = dp4a(raw[i, u, 6], xb[2], s)
-                s = dp4a(raw[i, u, 7], xb[3], s)
-                acc[i, r] += float32(s) * (sw[i, u] * dx)
+            if HALVES == 1:
+                for i in range(RPW):
+                    s = dp4a(raw[i, u, 0], xa[0], int32(0))
+                    s = dp4a(raw[i, u, 1], xa[1], s)
+                    s = dp4a(raw[i, u, 2], xa[2], s)
+                    s = dp4a(raw[i, u, 3], xa[3], s)
+                    acc[i, r] += float32(s) * (sw[i, u] * dx)
+            else:
+                xb = load16_words(xw, wo + 4 * (1 - par))  # slot 1: the other half
+                for i in range(RPW):
+                    s = dp4a(raw[i, u, 0], xa[0], int32(0))
+                    s = dp4a(raw[i, u, 1], xa[1], s)
+                    s = dp4a(raw[i, u, 2], xa[2], s)
+                    s = dp4a(raw[i, u, 3], xa[3], s)
+                    s = dp4a(raw[i, u, 4], xb[0], s)
+                    s = dp4a(raw[i, u, 5], xb[1], s)
+                    s = dp4a(raw[i, u, 6], xb[2], s)
+                    s = dp4a(raw[i, u, 7], xb[3], s)
+                    acc[i, r] += float32(s) * (sw[i, u] * dx)
+
+    @device
+    def quantize_slab(xw, xd, x, scratch, v, tid, xrow0, m, k, s0, slab):
+        # XR rows of x[:, s0:s0 + slab] as codes and scales into xw, xd: 8 values per
+        # thread, 4 threads per block of 32; every thread runs every round (group_max's
+        # shuffles)
+        for g0 in range(0, GROUPS, THREADS):
+            g = g0 + tid
+            r = g // (X_SLAB // 8)
+            e = (g - r * (X_SLAB // 8)) * 8      # first value, in the slab
+            xi = min(xrow0 + r, m - 1) * k + s0 + e
+            ok = g < GROUPS and e < slab
+            amax = float32(0)
+            for c in range(8):
+                v[c] = x[xi + c] if ok else float32(0)
+                amax = max(amax, abs(v[c]))
+            amax = group_max(amax, 4, scratch, tid)  # the block's max |x|
+            dq = div_rn(amax, float32(127))
+            inv = div_rn(float32(1), dq) if dq != 0 else float32(0)
+            if g < GROUPS:
+                xw[r * SLAB_W + e // 4] = pack4(
+                    round_away(v[0] * inv), round_away(v[1] * inv),
+                    round_away(v[2] * inv), round_away(v[3] * inv))
+                xw[r * SLAB_W + e // 4 + 1] = pack4(
+                    round_away(v[4] * inv), round_away(v[5] * inv),
+                    round_away(v[6] * inv), round_away(v[7] * inv))
+                if e % Q8_BLOCK == 0:
+                    xd[r * SLAB_B + e // Q8_BLOCK] = dq
+
+    @device
+    def slab_dots(acc, raw, sw, qs, d, rq, rd, xw, xd, lane, par, s0, slab):
+        # acc[i, r] += the lane's blocks of w's row i in the slab . x codes row r
+        nb = slab // Q8_BLOCK
+        b0 = s0 // Q8_BLOCK                      # the slab's first block in a row
+        bs = lane // lanes
+        # main part: U blocks of each row per step (bs, bs + STEP, ...), all loaded before
+        # any is used
+        while bs + (U - 1) * STEP < nb:
+            for u in range(U):
+                fetch(raw, sw, qs, d, rq, rd, b0 + bs + STEP * u, u, par)
+            for u in range(U):
+                dots(acc, raw, sw, xw, xd, bs + STEP * u, u, par)
+            bs += U * STEP
+        # rest: one block at a time
+        while bs < nb:
+            fetch(raw, sw, qs, d, rq, rd, b0 + bs, 0, par)
+            dots(acc, raw, sw, xw, xd, bs, 0, par)
+            bs += STEP
 
     @cuda.jit(fastmath=True)
     def gemv(out, x, qs, d, bias, m, n, k):
         # x: (m * k,) float32; qs: (n * k,) int8; d: (n * k // 32,) float16; bias: (n,) or
-        # (0,); out: (m * n,); block (rows of w, XR rows of x)
+        # (0,); out: (m * n,); block (groups of ROWS rows of w, XR rows of x)
         tid = cuda.threadIdx.x
         lane = tid % 32
         warp = tid // 32
@@ -133,81 +198,45 @@ def gemv_kernel(wide, rpw=GEMV_SHAPE[0], unroll=GEMV_SHAPE[1], threads=GEMV_SHAP
         xw = cuda.shared.array(XW, uint32, alignment=ALIGN)
         xd = cuda.shared.array(XD, float32)
         scratch = cuda.shared.array(SCRATCH, float32)
-        # this warp's rows row0 + i, i < RPW; a row past n is clamped (loaded, never written):
-        # no warp diverges
-        row0 = cuda.blockIdx.x * ROWS + warp * RPW
         nbk = k // Q8_BLOCK
         rq = cuda.local.array(RPW, int64)            # int64: code offsets pass 2**31
         rd = cuda.local.array(RPW, int64)
         acc = cuda.local.array((RPW, XR), float32)
-        raw = cuda.local.array((RPW, U, WORDS), uint32)  # codes in flight, as loaded
+        raw = cuda.local.array((RPW, U, LW), uint32)  # codes in flight, as loaded
         sw = cuda.local.array((RPW, U), float32)         # their blocks' scales
         v = cuda.local.array(8, float32)
-        for i in range(RPW):
-            row = min(row0 + i, n - 1)
-            rq[i] = row * k
-            rd[i] = row * nbk
-            for r in range(XR):
-                acc[i, r] = float32(0)
-        # lanes 4-7 of each 8 read their blocks' second half first: one 16-byte slot of x
-        # codes per lane of a quarter warp, no bank conflict
-        par = (lane >> 2) & 1
+        # one lane a block: lanes 4-7 of each 8 read their blocks' second half first (one
+        # 16-byte slot of x codes per lane of a quarter warp, no bank conflict); two: odd
+        # lanes read the second half
+        par = (lane >> 2) & 1 if HALVES == 2 else lane & 1
 
-        for s0 in range(0, k, X_SLAB):
-            slab = min(X_SLAB, k - s0)                # a multiple of 32
-            cuda.syncthreads()      # the previous slab's codes are no longer read
-            # quantize XR rows of the slab, 8 values per thread, 4 threads per block of 32;
-            # every thread runs every round (group_max's shuffles)
-            for g0 in range(0, GROUPS, THREADS):
-                g = g0 + tid
-                r = g // (X_SLAB // 8)
-                e = (g - r * (X_SLAB // 8)) * 8      # first value, in the slab
-                xi = min(xrow0 + r, m - 1) * k + s0 + e
-                ok = g < GROUPS and e < slab
-                amax = float32(0)
-                for c in range(8):
-                    v[c] = x[xi + c] if ok else float32(0)
-                    amax = max(amax, abs(v[c]))
-                amax = group_max(amax, 4, scratch, tid)  # the block's max |x|
-                dq = div_rn(amax, float32(127))
-                inv = div_rn(float32(1), dq) if dq != 0 else float32(0)
-                if g < GROUPS:
-                    xw[r * SLAB_W + e // 4] = pack4(
-                        round_away(v[0] * inv), round_away(v[1] * inv),
-                        round_away(v[2] * inv), round_away(v[3] * inv))
-                    xw[r * SLAB_W + e // 4 + 1] = pack4(
-                        round_away(v[4] * inv), round_away(v[5] * inv),
-                        round_away(v[6] * inv), round_away(v[7] * inv))
-                    if e % Q8_BLOCK == 0:
-                        xd[r * SLAB_B + e // Q8_BLOCK] = dq
-            cuda.syncthreads()      # the slab's codes and scales are in shared memory
-
-            # main part: U blocks of each row per step (lane, lane + 32, ...), all loaded
-            # before any is used
-            nb = slab // Q8_BLOCK
-            b0 = s0 // Q8_BLOCK                      # the slab's first block in a row
-            bs = lane
-            while bs + (U - 1) * 32 < nb:
-                for u in range(U):
-                    fetch(raw, sw, qs, d, rq, rd, b0 + bs + 32 * u, u, par)
-                for u in range(U):
-                    dots(acc, raw, sw, xw, xd, bs + 32 * u, u, par)
-                bs += U * 32
-            # rest: one block at a time
-            while bs < nb:
-                fetch(raw, sw, qs, d, rq, rd, b0 + bs, 0, par)
-                dots(acc, raw, sw, xw, xd, bs, 0, par)
-                bs += 32
-
-        for i in range(RPW):
-            for r in range(XR):
-                total = group_sum(acc[i, r], 32, scratch, tid)   # the row's sum over lanes
-                row = row0 + i
-                xrow = xrow0 + r
-                if lane == 0 and row < n and xrow < m:
-                    if bias.shape[0] > 0:
-                        total += bias[row]
-                    out[xrow * n + row] = total
+        # groups of ROWS rows of w, gridDim.x apart (one a block unless the grid is capped)
+        for grp in range(cuda.blockIdx.x, (n + ROWS - 1) // ROWS, cuda.gridDim.x):
+            # this warp's rows row0 + i, i < RPW; a row past n is clamped (loaded, never
+            # written): no warp diverges
+            row0 = grp * ROWS + warp * RPW
+            for i in range(RPW):
+                row = min(row0 + i, n - 1)
+                rq[i] = row * k
+                rd[i] = row * nbk
+                for r in range(XR):
+                    acc[i, r] = float32(0)
+            for s0 in range(0, k, X_SLAB):
+                slab = min(X_SLAB, k - s0)            # a multiple of 32
+                if k > X_SLAB or grp == cuda.blockIdx.x:   # the slab's codes not there yet
+                    cuda.syncthreads()  # the previous slab's codes are no longer read
+                    quantize_slab(xw, xd, x, scratch, v, tid, xrow0, m, k, s0, slab)
+                    cuda.syncthreads()  # the slab's codes and scales are in shared memory
+                slab_dots(acc, raw, sw, qs, d, rq, rd, xw, xd, lane, par, s0, slab)
+            for i in range(RPW):
+                for r in range(XR):
+                    total = group_sum(acc[i, r], 32, scratch, tid)   # the row's sum over lanes
+                    row = row0 + i
+                    xrow = xrow0 + r
+                    if lane == 0 and row < n and xrow < m:
+                        if bias.shape[0] > 0:
+                            total += bias[row]
+                        out[xrow * n + row] = total
 
     return gemv
 
@@ -295,11 +324,12 @@ def linear(out, x, w, bias, *, stream=0):
     if m == 0 or n == 0:
         return
     if m <= GEMV_MAX_M:
-        rpw, unroll, threads = GEMV_SHAPE
+        rpw, unroll, threads, lanes, per_sm = GEMV_SHAPE
         xr = x_rows(m)
         rows = threads // 32 * rpw
-        grid = ((n + rows - 1) // rows, (m + xr - 1) // xr)
-        gemv_kernel(aligned(qs), rpw, unroll, threads, xr)[grid, threads, stream](
+        groups = (n + rows - 1) // rows
+        grid = (min(groups, per_sm * sm_count()) if per_sm else groups, (m + xr - 1) // xr)
+        gemv_kernel(aligned(qs), rpw, unroll, threads, lanes, xr)[grid, threads, stream](
             flat(out), flat(x), flat(qs), flat(d), bias, m, n, k)
     else:
         grid = ((n + TILE - 1) // TILE, (m + TILE - 1) // TILE)

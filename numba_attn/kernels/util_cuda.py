@@ -24,6 +24,7 @@ exchanges through a shared scratch array (scratch_size(threads) floats) and a ba
 thread of the block must then call it together (never inside a branch that splits the block);
 the kernels keep that rule on the GPU too. On the GPU the scratch is unused (declare it with
 SCRATCH elements, 1 there)."""
+import functools
 import math
 import os
 
@@ -55,6 +56,12 @@ RAW = np.float32 if SIM else types.uint32
 
 def storage_ok(dtype):
     return np.dtype(dtype) in (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint16))
+
+
+@functools.cache
+def sm_count():
+    """Streaming multiprocessors of the current GPU (132 under the simulator)."""
+    return 132 if SIM else cuda.get_current_device().MULTIPROCESSOR_COUNT
 
 
 def aligned(arr):
