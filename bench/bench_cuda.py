@@ -418,6 +418,10 @@ GEMV_VARIANTS = {"fp32": ((1, 4, 256), (2, 4, 256), (2, 4, 128), (1, 4, 512), (1
 GEMV_Q8_VARIANTS = ((2, 2, 256, 1, 0), (4, 2, 256, 1, 4), (1, 4, 256, 2, 4), (1, 4, 256, 2, 2),
                     (1, 4, 256, 2, 8), (1, 8, 256, 2, 4), (1, 8, 256, 2, 2), (1, 2, 256, 2, 4),
                     (1, 4, 128, 2, 8), (1, 4, 512, 2, 2), (2, 4, 256, 2, 2), (2, 2, 256, 2, 4))
+GEMV_Q8_MODEL_VARIANTS = ((2, 2, 256, 1, 0), (1, 4, 256, 2, 0), (1, 4, 256, 2, 4),
+                          (1, 4, 256, 2, 8), (1, 2, 256, 2, 0), (1, 2, 128, 2, 0))
+MODEL_GEMVS = [(2560, 2048), (2048, 2048), (5632, 2048), (2048, 5632)]   # TinyLlama's decode
+# step: qkv, o, gate / up, down
 
 
 def _err(a, b):
@@ -455,8 +459,7 @@ def bench_tune(parts=("decode", "gemv", "prefill")):
     # GEMV: rows per warp x chunks per step, at 12288x4096 ("gemv") and at the TinyLlama
     # decode step's own shapes ("gemv-model": qkv, o, gate/up, down)
     shapes = ([(12288, 4096)] if "gemv" in parts else []) + \
-        ([(2560, 2048), (2048, 2048), (5632, 2048), (2048, 5632)] if "gemv-model" in parts
-         else [])
+        (MODEL_GEMVS if "gemv-model" in parts else [])
     for (n, k), (st, dt) in itertools.product(shapes, (("fp32", torch.float32),
                                                         ("fp16", torch.float16))):
         x = randn(1, k)
@@ -476,23 +479,28 @@ def bench_tune(parts=("decode", "gemv", "prefill")):
                   f"diff {_err(y, y_ref):.1e}", flush=True)
         L.GEMV_SHAPE.clear()
         L.GEMV_SHAPE.update(old)
-    if "q8" in parts:
-        n, k = 12288, 4096
+    # q8_0 GEMV: every shape variant at 12288x4096 ("q8"), a few at the TinyLlama step's own
+    # matrices ("q8-model")
+    q8_shapes = ([((12288, 4096), GEMV_Q8_VARIANTS * 2)] if "q8" in parts else []) + \
+        ([((n, k), GEMV_Q8_MODEL_VARIANTS * 2) for n, k in MODEL_GEMVS]
+         if "q8-model" in parts else [])
+    Q = linear_q8_cuda
+    old = Q.GEMV_SHAPE
+    for (n, k), variants in q8_shapes:
         x = randn(1, k)
         per = n * k + n * k // 32 * 2
         sets = n_sets(per)
         W = [Q8Matrix(*map(nb, q8_weights(n, k))) for _ in range(sets)]
         y_ref, y = torch.empty(1, n, device="cuda"), torch.empty(1, n, device="cuda")
         X, Y, Y_ref, no_bias = nb(x), nb(y), nb(y_ref), nb(torch.empty(0, device="cuda"))
-        Q = linear_q8_cuda
+        Q.GEMV_SHAPE = old
         Q.linear(Y_ref, X, W[0], no_bias)
-        old = Q.GEMV_SHAPE
-        for shape in GEMV_Q8_VARIANTS * 2:      # twice: the noise
+        for shape in variants:                  # twice: the noise
             Q.GEMV_SHAPE = shape
             us = device_us(lambda i: Q.linear(Y, X, W[i], no_bias), sets)
             Q.linear(Y, X, W[0], no_bias)
-            print(f"  gemv q8_0 rows/warp={shape[0]} blocks/step={shape[1]} threads={shape[2]} "
-                  f"lanes/block={shape[3]} blocks/SM={shape[4] or '-'}: "
+            print(f"  gemv {n}x{k} q8_0 rows/warp={shape[0]} blocks/step={shape[1]} "
+                  f"threads={shape[2]} lanes/block={shape[3]} blocks/SM={shape[4] or '-'}: "
                   f"{us:.1f} us ({per / us / 1e3:.0f} GB/s) diff {_err(y, y_ref):.1e}", flush=True)
         Q.GEMV_SHAPE = old
     if "prefill" not in parts:
@@ -547,7 +555,8 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated groups: copy (always), linear, "
                     "formats (q8_0 and bf16 weights; runs linear too), decode, prefill, "
                     "bandwidth, tune (all variants) or tune-decode, tune-gemv, "
-                    "tune-gemv-model (the TinyLlama step's shapes), tune-q8, tune-prefill")
+                    "tune-gemv-model (the TinyLlama step's shapes), tune-q8, tune-q8-model, "
+                    "tune-prefill")
     args = ap.parse_args()
     only = set(filter(None, args.only.split(",")))
     want = (lambda g: not only or g in only)

@@ -21,7 +21,7 @@ for step in $steps; do
   formats)
     python3 bench/bench_cuda.py --only formats,tune-q8 2>&1 | tee "$OUT/bench_formats.txt" ;;
   tune-model)
-    python3 bench/bench_cuda.py --only tune-gemv-model 2>&1 | tee "$OUT/tune_gemv_model.txt" ;;
+    python3 bench/bench_cuda.py --only tune-gemv-model,tune-q8-model 2>&1 | tee "$OUT/tune_gemv_model.txt" ;;
   decode)
     python3 bench/bench_cuda_decode.py --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.txt" ;;
   graph-profile)
