@@ -40,7 +40,8 @@ GEMV_MAX_M = 16                          # rows of x up to which the GEMV serves
 # (rows of w per warp, blocks of 32 codes per row and lane in flight, threads per block, lanes
 # per block of 32 codes: 1 (two 16-byte loads a lane) or 2 (one each: a warp's load is 512
 # contiguous bytes), blocks per SM: 0 for one block per group of rows, else the grid is capped
-# at that many a multiprocessor, each block looping over groups and quantizing x once).
+# at that many a multiprocessor where that gives each block two groups or more, each block
+# looping over groups and quantizing x once).
 # `bench_cuda.py --only tune-q8` compares the variants. At 12288x4096 on an H100, in one run:
 # (1, 4, 256, 2, 4) 25.2-25.3 us, (4, 2, 256, 1, 4) 25.8-25.9, (2, 2, 256, 1, 0) 27.4, the rest
 # 25.5-31; on an H200 with one lane a block, one block a group: (2, 2, 256) 21.2 us, (4, 1, 256)
@@ -328,7 +329,10 @@ def linear(out, x, w, bias, *, stream=0):
         xr = x_rows(m)
         rows = threads // 32 * rpw
         groups = (n + rows - 1) // rows
-        grid = (min(groups, per_sm * sm_count()) if per_sm else groups, (m + xr - 1) // xr)
+        cap = per_sm * sm_count()
+        # capped only where each block gets two groups or more (fewer: the last round of a
+        # capped grid would run part-empty)
+        grid = (cap if per_sm and groups > 2 * cap else groups, (m + xr - 1) // xr)
         gemv_kernel(aligned(qs), rpw, unroll, threads, lanes, xr)[grid, threads, stream](
             flat(out), flat(x), flat(qs), flat(d), bias, m, n, k)
     else:
