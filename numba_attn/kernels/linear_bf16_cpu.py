@@ -26,7 +26,7 @@ from numba.extending import intrinsic
 from . import cpu_pool
 from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, _add_bias
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, amx_path, \
-    bits_as_float32, copy_lines, dpbf16ps, fast_path, float32_bits, fma, \
+    bits_as_float32, copy_lines, dpbf16ps, fast_path, float32_bits, fma, store_transposed16, \
     hsum, prefetch, tile_config, tile_config_bytes, tile_dpbf16ps, tile_load, tile_release, \
     tile_store, tile_zero, widen16
 
@@ -566,6 +566,8 @@ def _gemm_amx(out, ap, w, wq, wd, cfg, kc):
     m, n = out.shape
     mt, kp, _ = ap.shape
     nk, nxb = 2 * kp // 32, mt // 2
+    o_p, ld = np.int64(out.ctypes.data), out.strides[0] // 4     # out's rows, ld floats apart
+    unit = out.strides[1] == 4 and out.strides[0] % 4 == 0
     for jb in prange((n + 31) // 32):
         j0 = jb * 32
         nr = min(32, n - j0)
@@ -582,7 +584,12 @@ def _gemm_amx(out, ap, w, wq, wd, cfg, kc):
                            ap.ctypes.data + nxt, min(kc, nk - s0), s0 > 0)
         tile_release()
         for xb in range(nxb):               # acc[xb, 2 ti + tj, i, c]: w row 16 ti + i,
-            for tj in range(2):             # x row 16 tj + c
+            if 32 * xb + 32 <= m and nr == 32 and unit:     # x row 16 tj + c
+                for t in range(4):          # whole tiles: transposed in registers
+                    store_transposed16(o_p + 4 * ((32 * xb + 16 * (t % 2)) * ld + j0 +
+                                                  16 * (t // 2)), ld, acc[xb, t].ctypes.data)
+                continue
+            for tj in range(2):
                 for c in range(16):
                     r = 32 * xb + 16 * tj + c
                     if r < m:

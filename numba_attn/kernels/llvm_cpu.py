@@ -185,6 +185,38 @@ def copy_lines(typingctx, dst, src, n, dst_stride, src_stride):
     return sig, codegen
 
 
+@intrinsic
+def store_transposed16(typingctx, dst, ld, src):
+    """The 16 x 16 float32 block at byte address src (rows 64 bytes apart) stored transposed:
+    row c of dst (byte address dst + 4 c ld) = column c of src. In registers: four rounds of
+    16 two-vector shuffles, each swapping one bit of the row index with the column's."""
+    sig = types.void(dst, ld, src)
+
+    def codegen(context, builder, signature, args):
+        dst, ld, src = [context.cast(builder, v, t, types.int64)
+                        for v, t in zip(args, signature.args)]
+        vt = ir.VectorType(F32, 16)
+        vp = ir.PointerType(vt)
+        rows = [builder.load(builder.inttoptr(builder.add(src, ir.Constant(I64, 64 * r)), vp),
+                             align=4) for r in range(16)]
+        for b in (1, 2, 4, 8):
+            lo = ir.Constant(ir.VectorType(I32, 16),
+                             [c if c & b == 0 else 16 + (c ^ b) for c in range(16)])
+            hi = ir.Constant(ir.VectorType(I32, 16),
+                             [c ^ b if c & b == 0 else 16 + c for c in range(16)])
+            for r in range(16):
+                if r & b == 0:
+                    a, bb = rows[r], rows[r | b]
+                    rows[r] = builder.shuffle_vector(a, bb, lo)
+                    rows[r | b] = builder.shuffle_vector(a, bb, hi)
+        row_bytes = builder.mul(ld, ir.Constant(I64, 4))
+        for c in range(16):
+            at = builder.add(dst, builder.mul(ir.Constant(I64, c), row_bytes))
+            builder.store(rows[c], builder.inttoptr(at, vp), align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 # -- AMX: eight tile registers (up to 16 rows of 64 bytes), numbered by immediates
 
 def _amx(builder, name, *arg_types):
