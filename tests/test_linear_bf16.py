@@ -13,6 +13,7 @@ import os
 import ml_dtypes
 import numpy as np
 import pytest
+from numba import njit
 
 from numba_attn import ops
 from numba_attn.kernels import linear_bf16_cpu, linear_cpu, llvm_cpu
@@ -136,6 +137,23 @@ def test_amx_gemm_slices_and_edges(monkeypatch, m, k, n):
         out = np.full((m, n), np.nan, np.float32)
         linear_bf16_cpu.gemm_amx(out, x, w.view(np.uint16))
         assert_linear_close(out, x, w, "fast")
+
+
+@njit
+def _transposed(dst, src):
+    llvm_cpu.store_transposed16(dst.ctypes.data, dst.strides[0] // 4, src.ctypes.data)
+
+
+def test_store_transposed16_any_row_stride():
+    """The AMX GEMM's output store: a 16 x 16 block transposed into rows ld floats apart; the
+    floats around the block untouched."""
+    src = np.random.default_rng(5).standard_normal((16, 16)).astype(np.float32)
+    for ld in (16, 37, 2048):
+        dst = np.zeros((18, ld + 2), np.float32)
+        _transposed(dst[1:17, 1:17], src)
+        np.testing.assert_array_equal(dst[1:17, 1:17], src.T)
+        dst[1:17, 1:17] = 0
+        assert not dst.any()
 
 
 def test_widened_tiles_cover_every_row(monkeypatch):
