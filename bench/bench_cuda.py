@@ -414,7 +414,8 @@ GEMV_VARIANTS = {"fp32": ((1, 4, 256), (2, 4, 256), (2, 4, 128), (1, 4, 512), (1
                           (1, 4, 512), (1, 2, 512))}
 
 
-# Q8_0 GEMV variants: (rows per warp, blocks of 32 codes in flight per row and lane, threads)
+# Q8_0 GEMV variants, linear_q8_cuda.GEMV_SHAPE's fields: (rows per warp, blocks of 32 codes in
+# flight per row and lane, threads, lanes per block, blocks per SM or 0)
 GEMV_Q8_VARIANTS = ((2, 2, 256, 1, 0), (4, 2, 256, 1, 4), (1, 4, 256, 2, 4), (1, 4, 256, 2, 2),
                     (1, 4, 256, 2, 8), (1, 8, 256, 2, 4), (1, 8, 256, 2, 2), (1, 2, 256, 2, 4),
                     (1, 4, 128, 2, 8), (1, 4, 512, 2, 2), (2, 4, 256, 2, 2), (2, 2, 256, 2, 4))

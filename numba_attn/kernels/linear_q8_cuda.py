@@ -118,26 +118,20 @@ def gemv_kernel(wide, rpw=GEMV_SHAPE[0], unroll=GEMV_SHAPE[1], threads=GEMV_SHAP
         for r in range(XR):
             wo = r * SLAB_W + bs * WORDS
             xa = load16_words(xw, wo + 4 * par)        # slot 0: half par
+            # slot 1 (the other half; one lane a block only)
+            xb = load16_words(xw, wo + 4 * (1 - par)) if HALVES == 2 else xa
             dx = xd[r * SLAB_B + bs]
-            if HALVES == 1:
-                for i in range(RPW):
-                    s = dp4a(raw[i, u, 0], xa[0], int32(0))
-                    s = dp4a(raw[i, u, 1], xa[1], s)
-                    s = dp4a(raw[i, u, 2], xa[2], s)
-                    s = dp4a(raw[i, u, 3], xa[3], s)
-                    acc[i, r] += float32(s) * (sw[i, u] * dx)
-            else:
-                xb = load16_words(xw, wo + 4 * (1 - par))  # slot 1: the other half
-                for i in range(RPW):
-                    s = dp4a(raw[i, u, 0], xa[0], int32(0))
-                    s = dp4a(raw[i, u, 1], xa[1], s)
-                    s = dp4a(raw[i, u, 2], xa[2], s)
-                    s = dp4a(raw[i, u, 3], xa[3], s)
+            for i in range(RPW):
+                s = dp4a(raw[i, u, 0], xa[0], int32(0))
+                s = dp4a(raw[i, u, 1], xa[1], s)
+                s = dp4a(raw[i, u, 2], xa[2], s)
+                s = dp4a(raw[i, u, 3], xa[3], s)
+                if HALVES == 2:
                     s = dp4a(raw[i, u, 4], xb[0], s)
                     s = dp4a(raw[i, u, 5], xb[1], s)
                     s = dp4a(raw[i, u, 6], xb[2], s)
                     s = dp4a(raw[i, u, 7], xb[3], s)
-                    acc[i, r] += float32(s) * (sw[i, u] * dx)
+                acc[i, r] += float32(s) * (sw[i, u] * dx)
 
     @device
     def quantize_slab(xw, xd, x, scratch, v, tid, xrow0, m, k, s0, slab):
