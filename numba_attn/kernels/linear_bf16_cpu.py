@@ -49,11 +49,11 @@ NR = 48
 KC_PAIRS = 256
 # prefill with AMX-BF16 (gemm_amx): 32 rows of w are two A tiles (16 rows x 32 bfloat16
 # each), 32 rows of x packed in pairs (pack_x_bf16, 16 rows a block) two B tiles, and four
-# 16 x 16 float32 tiles accumulate their products; AMX_KC steps of 32 along the input axis a
-# pass keep w's 32 rows in L1 (16 KB) and x's slice in L2 (m x 512 bytes), the next block of
-# x's tiles prefetched into L1 while one is multiplied (2 cores, 512 x 2048 x 5632: 1.1-1.4
-# TFLOP/s at 8, 0.9-1.1 at 16)
-AMX_KC = 8
+# 16 x 16 float32 tiles accumulate their products along the whole input axis (w's packed rows
+# in L2, x's tiles prefetched AMX_PREFETCH steps ahead). 2 cores, 512 rows, weights from
+# memory: 1.07-1.18x the same tiles in slices of 8 steps (their accumulators stored and
+# reloaded each slice); 1, 2 or 3 steps ahead alike, none 1.2x slower at k = 5632
+AMX_PREFETCH = 2
 _AMX_CFG = tile_config_bytes()
 # from this many rows of x the BF16 GEMMs, below it the few-rows kernel (5632x2048: 16 rows
 # 3.0 against 3.6 ms, 24 rows 4.7 against 4.1)
@@ -480,29 +480,23 @@ def gemm_bf16(out, x, w):
 
 
 @intrinsic
-def _amx_tiles(typingctx, acc, a, b, ldb, bn, ksteps, accumulate):
-    """The four accumulator tiles at acc (C00 C01 C10 C11, 1 KB each: rows of w by rows of x)
-    (+)= A B over ksteps steps of 32 along the input axis: A0, A1 the 16-row halves of w's 32
-    rows, packed (a step: 2 KB at a, A1 1 KB in), B0, B1 the packed pairs of x's two 16-row
-    blocks at b and b + ldb (a step: 16 pairs x 64 bytes). Added to the tiles' contents when
-    accumulate, else from zero. Each step prefetches the same step's B tiles at bn (the next
-    call's) into L1. Tiles: 0-3 C, 4-5 A, 6-7 B."""
-    sig = types.void(acc, a, b, ldb, bn, ksteps, accumulate)
+def _amx_tiles(typingctx, acc, a, b, ldb, ksteps):
+    """The four accumulator tiles (C00 C01 C10 C11: rows of w by rows of x) = A B over ksteps
+    steps of 32 along the input axis, stored at acc (1 KB each): A0, A1 the 16-row halves of
+    w's 32 rows, packed (a step: 2 KB at a, A1 1 KB in), B0, B1 the packed pairs of x's two
+    16-row blocks at b and b + ldb (a step: 16 pairs x 64 bytes). Each step prefetches B's
+    tiles AMX_PREFETCH steps ahead into L1 (x's block comes from L2 or L3; w's 32 rows, used by
+    every block of x, stay in L2). Tiles: 0-3 C, 4-5 A, 6-7 B."""
+    sig = types.void(acc, a, b, ldb, ksteps)
 
     def codegen(context, builder, signature, args):
-        acc, a, b, ldb, bn, ks = [context.cast(builder, v, t, types.int64)
-                                  for v, t in zip(args[:6], signature.args[:6])]
-        accumulate = context.cast(builder, args[6], signature.args[6], types.boolean)
+        acc, a, b, ldb, ks = [context.cast(builder, v, t, types.int64)
+                              for v, t in zip(args, signature.args)]
 
         def c(v):
             return ir.Constant(_I64, v)
-        with builder.if_else(accumulate) as (then, otherwise):
-            with then:
-                for t in range(4):
-                    tile_load(builder, t, builder.add(acc, c(1024 * t)), c(64))
-            with otherwise:
-                for t in range(4):
-                    tile_zero(builder, t)
+        for t in range(4):
+            tile_zero(builder, t)
         with cgutils.for_range(builder, ks) as loop:
             ak = builder.add(a, builder.mul(loop.index, c(2048)))
             bk = builder.add(b, builder.mul(loop.index, c(1024)))
@@ -517,10 +511,10 @@ def _amx_tiles(typingctx, acc, a, b, ldb, bn, ksteps, accumulate):
             tile_load(builder, 5, builder.add(ak, c(1024)), c(64))
             tile_dpbf16ps(builder, 2, 5, 6)
             tile_dpbf16ps(builder, 3, 5, 7)
-            bnk = builder.add(bn, builder.mul(loop.index, c(1024)))
+            ahead = builder.add(bk, c(1024 * AMX_PREFETCH))     # past the end: harmless
             for line in range(16):
-                prefetch(builder, builder.add(bnk, c(64 * line)), 0)
-                prefetch(builder, builder.add(builder.add(bnk, ldb), c(64 * line)), 0)
+                prefetch(builder, builder.add(ahead, c(64 * line)), 0)
+                prefetch(builder, builder.add(builder.add(ahead, ldb), c(64 * line)), 0)
         for t in range(4):
             tile_store(builder, t, builder.add(acc, c(1024 * t)), c(64))
         return context.get_dummy_value()
@@ -557,12 +551,12 @@ def _pack_rows_amx(ak, w, wq, wd, j0):
 
 
 @njit(parallel=True, cache=True)
-def _gemm_amx(out, ap, w, wq, wd, cfg, kc):
+def _gemm_amx(out, ap, w, wq, wd, cfg):
     # out: (m, n) float32; ap: (mt, kp, 16) uint32, x packed by pack_x_bf16 (mt even, rows past
     # m zeros); the weights as _pack_rows_amx takes them, k a multiple of 32; cfg: the tile
-    # configuration; kc: steps of 32 a slice (AMX_KC). A parallel loop over blocks of 32 rows
-    # of w, each packed (w's rows lie apart: 32 of them share a few L1 sets): for each slice of
-    # the input axis, every 32-row block of x against them
+    # configuration. A parallel loop over blocks of 32 rows of w, each packed (w's rows lie
+    # apart: 32 of them share a few L1 sets) and met by every 32-row block of x along the
+    # whole input axis, the four output tiles staying in tile registers
     m, n = out.shape
     mt, kp, _ = ap.shape
     nk, nxb = 2 * kp // 32, mt // 2
@@ -573,21 +567,15 @@ def _gemm_amx(out, ap, w, wq, wd, cfg, kc):
         nr = min(32, n - j0)
         ak = np.empty((nk, 32, 32), np.uint16)
         _pack_rows_amx(ak, w, wq, wd, j0)
-        acc = np.empty((nxb, 4, 16, 16), np.float32)
-        tile_config(cfg.ctypes.data)
-        for s0 in range(0, nk, kc):
-            for xb in range(nxb):
-                # the next call's B tiles (after the last, past ap's end: a prefetch never faults)
-                nxt = 64 * (2 * (xb + 1) * kp + 16 * s0) if xb + 1 < nxb else 64 * 16 * (s0 + kc)
-                _amx_tiles(acc[xb].ctypes.data, ak.ctypes.data + 2048 * s0,
-                           ap.ctypes.data + 64 * (2 * xb * kp + 16 * s0), 64 * kp,
-                           ap.ctypes.data + nxt, min(kc, nk - s0), s0 > 0)
-        tile_release()
-        for xb in range(nxb):               # acc[xb, 2 ti + tj, i, c]: w row 16 ti + i,
-            if 32 * xb + 32 <= m and nr == 32 and unit:     # x row 16 tj + c
+        acc = np.empty((4, 16, 16), np.float32)     # acc[2 ti + tj, i, c]: w row 16 ti + i,
+        tile_config(cfg.ctypes.data)                # x row 16 tj + c
+        for xb in range(nxb):
+            _amx_tiles(acc.ctypes.data, ak.ctypes.data, ap.ctypes.data + 64 * 2 * xb * kp,
+                       64 * kp, nk)
+            if 32 * xb + 32 <= m and nr == 32 and unit:
                 for t in range(4):          # whole tiles: transposed in registers
                     store_transposed16(o_p + 4 * ((32 * xb + 16 * (t % 2)) * ld + j0 +
-                                                  16 * (t // 2)), ld, acc[xb, t].ctypes.data)
+                                                  16 * (t // 2)), ld, acc[t].ctypes.data)
                 continue
             for tj in range(2):
                 for c in range(16):
@@ -595,7 +583,8 @@ def _gemm_amx(out, ap, w, wq, wd, cfg, kc):
                     if r < m:
                         for ti in range(2):
                             for i in range(min(16, nr - 16 * ti)):
-                                out[r, j0 + 16 * ti + i] = acc[xb, 2 * ti + tj, i, c]
+                                out[r, j0 + 16 * ti + i] = acc[2 * ti + tj, i, c]
+        tile_release()
 
 
 _NO_Q8 = (np.zeros((0, 0), np.int8), np.zeros((0, 0), np.uint16))
@@ -613,7 +602,7 @@ def gemm_amx(out, x, w=None, q8=None):
     ap = np.empty((mt + mt % 2, k // 2, 16), np.uint32)
     pack_x_bf16(ap, x)
     wq, wd = _NO_Q8 if q8 is None else q8
-    _gemm_amx(out, ap, _NO_BF16 if w is None else w, wq, wd, _AMX_CFG, AMX_KC)
+    _gemm_amx(out, ap, _NO_BF16 if w is None else w, wq, wd, _AMX_CFG)
 
 
 def linear(out, x, w, bias):
