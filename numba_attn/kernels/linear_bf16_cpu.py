@@ -19,7 +19,7 @@ NumPy's BLAS sgemm. Products of bfloat16s are exact in float32 and summed in flo
 path."""
 import numpy as np
 from llvmlite import ir
-from numba import float32, int32, njit, prange, types, uint64
+from numba import float32, get_num_threads, int32, njit, prange, types, uint64
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -54,6 +54,10 @@ KC_PAIRS = 256
 # memory: 1.07-1.18x the same tiles in slices of 8 steps (their accumulators stored and
 # reloaded each slice); 1, 2 or 3 steps ahead alike, none 1.2x slower at k = 5632
 AMX_PREFETCH = 2
+# the next block of w packed while the current one multiplies, where a block has up to this
+# many steps of 32 (2 cores, 512 rows, weights from memory: k = 2048 1.19-1.33x, 3072 1.07x,
+# 4096 1.00-1.10x, 5632 0.90x: two packed blocks and x's stream crowd L2)
+AMX_PIPELINE_STEPS = 128
 _AMX_CFG = tile_config_bytes()
 # from this many rows of x the BF16 GEMMs, below it the few-rows kernel (5632x2048: 16 rows
 # 3.0 against 3.6 ms, 24 rows 4.7 against 4.1)
@@ -480,18 +484,18 @@ def gemm_bf16(out, x, w):
 
 
 @intrinsic
-def _amx_tiles(typingctx, acc, a, b, ldb, ksteps):
+def _amx_tiles(typingctx, acc, a, b, ldb, ksteps, o, ldo):
     """The four accumulator tiles (C00 C01 C10 C11: rows of w by rows of x) = A B over ksteps
     steps of 32 along the input axis, stored at acc (1 KB each): A0, A1 the 16-row halves of
     w's 32 rows, packed (a step: 2 KB at a, A1 1 KB in), B0, B1 the packed pairs of x's two
     16-row blocks at b and b + ldb (a step: 16 pairs x 64 bytes). Each step prefetches B's
     tiles AMX_PREFETCH steps ahead into L1 (x's block comes from L2 or L3; w's 32 rows, used by
     every block of x, stay in L2). Tiles: 0-3 C, 4-5 A, 6-7 B."""
-    sig = types.void(acc, a, b, ldb, ksteps)
+    sig = types.void(acc, a, b, ldb, ksteps, o, ldo)
 
     def codegen(context, builder, signature, args):
-        acc, a, b, ldb, ks = [context.cast(builder, v, t, types.int64)
-                              for v, t in zip(args, signature.args)]
+        acc, a, b, ldb, ks, o, ldo = [context.cast(builder, v, t, types.int64)
+                                      for v, t in zip(args, signature.args)]
 
         def c(v):
             return ir.Constant(_I64, v)
@@ -515,6 +519,11 @@ def _amx_tiles(typingctx, acc, a, b, ldb, ksteps):
             for line in range(16):
                 prefetch(builder, builder.add(ahead, c(64 * line)), 0)
                 prefetch(builder, builder.add(builder.add(ahead, ldb), c(64 * line)), 0)
+            # the output block's row i, for writing (its two lines), at step i < 32
+            with builder.if_then(builder.icmp_signed("<", loop.index, c(32))):
+                orow = builder.add(o, builder.mul(loop.index, ldo))
+                prefetch(builder, orow, 1)
+                prefetch(builder, builder.add(orow, c(64)), 1)
         for t in range(4):
             tile_store(builder, t, builder.add(acc, c(1024 * t)), c(64))
         return context.get_dummy_value()
@@ -522,21 +531,21 @@ def _amx_tiles(typingctx, acc, a, b, ldb, ksteps):
 
 
 @njit(inline="always", cache=True)
-def _pack_rows_amx(ak, w, wq, wd, j0):
+def _pack_rows_amx(ak, w, wq, wd, j0, r0, r1):
     # ak: (k / 32, 32, 32) uint16 = rows j0 .. j0 + 31 of the weights as bfloat16 (zeros past
     # their end), step s of 32 along the input axis at ak[s]: one 2 KB block, its 16-row halves
-    # the A tiles. The weights: w (n, k) bfloat16 bits, or when w is empty Q8_0 blocks, wq (n,
-    # k) int8 codes and wd (n, k / 32) float16 scale bits, dequantized and rounded to bfloat16.
-    # Row by row, each row of w read front to back (the hardware's prefetchers follow one
-    # stream; step-major order read 32 rows at once and waited on memory); bfloat16 rows 64
-    # bytes a vector load and store (element by element, the copy took a quarter of the GEMM's
-    # time)
+    # the A tiles; here its rows r0 .. r1 - 1. The weights: w (n, k) bfloat16 bits, or when w
+    # is empty Q8_0 blocks, wq (n, k) int8 codes and wd (n, k / 32) float16 scale bits,
+    # dequantized and rounded to bfloat16. Row by row, each row of w read front to back (the
+    # hardware's prefetchers follow one stream; step-major order read 32 rows at once and
+    # waited on memory); bfloat16 rows 64 bytes a vector load and store (element by element,
+    # the copy took a quarter of the GEMM's time)
     nk = ak.shape[0]
     q8 = w.shape[0] == 0
     n = wq.shape[0] if q8 else w.shape[0]
     nr = min(32, n - j0)
     at = ak.ctypes.data
-    for r in range(32):
+    for r in range(r0, r1):
         if r >= nr:
             for s in range(nk):
                 for e in range(32):
@@ -551,39 +560,52 @@ def _pack_rows_amx(ak, w, wq, wd, j0):
 
 
 @njit(parallel=True, cache=True)
-def _gemm_amx(out, ap, w, wq, wd, cfg):
+def _gemm_amx(out, ap, w, wq, wd, cfg, threads):
     # out: (m, n) float32; ap: (mt, kp, 16) uint32, x packed by pack_x_bf16 (mt even, rows past
     # m zeros); the weights as _pack_rows_amx takes them, k a multiple of 32; cfg: the tile
-    # configuration. A parallel loop over blocks of 32 rows of w, each packed (w's rows lie
-    # apart: 32 of them share a few L1 sets) and met by every 32-row block of x along the
-    # whole input axis, the four output tiles staying in tile registers
+    # configuration. Each of `threads` tasks takes a run of blocks of 32 rows of w, each block
+    # packed (w's rows lie apart: 32 of them share a few L1 sets) and met by every 32-row
+    # block of x along the whole input axis, the four output tiles staying in tile registers.
+    # Up to AMX_PIPELINE_STEPS steps, the next block is packed a few rows after each block of
+    # x, its copy from memory overlapping the tiles' products
     m, n = out.shape
     mt, kp, _ = ap.shape
     nk, nxb = 2 * kp // 32, mt // 2
+    nblk = (n + 31) // 32
+    pipelined = nk <= AMX_PIPELINE_STEPS
     o_p, ld = np.int64(out.ctypes.data), out.strides[0] // 4     # out's rows, ld floats apart
     unit = out.strides[1] == 4 and out.strides[0] % 4 == 0
-    for jb in prange((n + 31) // 32):
-        j0 = jb * 32
-        nr = min(32, n - j0)
-        ak = np.empty((nk, 32, 32), np.uint16)
-        _pack_rows_amx(ak, w, wq, wd, j0)
+    for t in prange(threads):
+        b0, b1 = t * nblk // threads, (t + 1) * nblk // threads
+        if b0 == b1:
+            continue
+        ak = np.empty((2, nk, 32, 32), np.uint16)   # this block's rows packed, the next's
         acc = np.empty((4, 16, 16), np.float32)     # acc[2 ti + tj, i, c]: w row 16 ti + i,
         tile_config(cfg.ctypes.data)                # x row 16 tj + c
-        for xb in range(nxb):
-            _amx_tiles(acc.ctypes.data, ak.ctypes.data, ap.ctypes.data + 64 * 2 * xb * kp,
-                       64 * kp, nk)
-            if 32 * xb + 32 <= m and nr == 32 and unit:
-                for t in range(4):          # whole tiles: transposed in registers
-                    store_transposed16(o_p + 4 * ((32 * xb + 16 * (t % 2)) * ld + j0 +
-                                                  16 * (t // 2)), ld, acc[t].ctypes.data)
-                continue
-            for tj in range(2):
-                for c in range(16):
-                    r = 32 * xb + 16 * tj + c
-                    if r < m:
-                        for ti in range(2):
-                            for i in range(min(16, nr - 16 * ti)):
-                                out[r, j0 + 16 * ti + i] = acc[2 * ti + tj, i, c]
+        for jb in range(b0, b1):
+            j0 = 32 * jb
+            nr = min(32, n - j0)
+            cur, nxt = ak[(jb - b0) % 2], ak[(jb - b0 + 1) % 2]
+            if jb == b0 or not pipelined:
+                _pack_rows_amx(cur, w, wq, wd, j0, 0, 32)
+            for xb in range(nxb):
+                _amx_tiles(acc.ctypes.data, cur.ctypes.data, ap.ctypes.data + 64 * 2 * xb * kp,
+                           64 * kp, nk, o_p + 4 * (32 * xb * ld + j0), 4 * ld)
+                if pipelined and jb + 1 < b1:       # the next block's share of rows
+                    _pack_rows_amx(nxt, w, wq, wd, j0 + 32, 32 * xb // nxb,
+                                   32 * (xb + 1) // nxb)
+                if 32 * xb + 32 <= m and nr == 32 and unit:
+                    for q in range(4):      # whole tiles: transposed in registers
+                        store_transposed16(o_p + 4 * ((32 * xb + 16 * (q % 2)) * ld + j0 +
+                                                      16 * (q // 2)), ld, acc[q].ctypes.data)
+                    continue
+                for tj in range(2):
+                    for c in range(16):
+                        r = 32 * xb + 16 * tj + c
+                        if r < m:
+                            for ti in range(2):
+                                for i in range(min(16, nr - 16 * ti)):
+                                    out[r, j0 + 16 * ti + i] = acc[2 * ti + tj, i, c]
         tile_release()
 
 
@@ -602,7 +624,7 @@ def gemm_amx(out, x, w=None, q8=None):
     ap = np.empty((mt + mt % 2, k // 2, 16), np.uint32)
     pack_x_bf16(ap, x)
     wq, wd = _NO_Q8 if q8 is None else q8
-    _gemm_amx(out, ap, _NO_BF16 if w is None else w, wq, wd, _AMX_CFG)
+    _gemm_amx(out, ap, _NO_BF16 if w is None else w, wq, wd, _AMX_CFG, get_num_threads())
 
 
 def linear(out, x, w, bias):
