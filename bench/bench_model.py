@@ -568,6 +568,9 @@ def main():
                     help=argparse.SUPPRESS)  # the child
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)  # the child's format
     args = ap.parse_args()
+    if args.weight_dtype and args.rounds > 1:
+        ap.error("--rounds alternates ours and transformers in one format; with --weight-dtype "
+                 "run the command again for another round")
     shape = dict(SMALL if args.small else LLAMA2_7B if args.llama2_7b else TINYLLAMA)
     if args.layers:
         shape["num_hidden_layers"] = args.layers
