@@ -2,8 +2,12 @@
 residual), splitting the fused q|k|v projection, and writing new keys and values into the KV
 cache. Twin: tensor_cuda.py.
 
-Each is one NumPy call: a gather or a copy as fast as memory allows, no thread pool to wake."""
+Each is one NumPy call (a gather or a copy as fast as memory allows, no thread pool to wake),
+but splitting a prefill's q|k|v rows, which copies on both cores."""
 import numpy as np
+from numba import njit, prange
+
+from . import cpu_pool
 
 
 def embedding(out, table, tokens):
@@ -17,12 +21,19 @@ def add(out, a, b):
     np.add(a, b, out=out)
 
 
-def split_qkv(q, k, v, qkv):
-    # qkv: (seq, nq + 2 * nk); q: (seq, nq); k, v: (seq, nk). The column blocks of qkv in turn
+@njit(parallel=True, cache=True)
+def _split_rows(q, k, v, qkv):
+    # each row of qkv's three column blocks into q, k, v
     nq, nk = q.shape[1], k.shape[1]
-    np.copyto(q, qkv[:, :nq])
-    np.copyto(k, qkv[:, nq:nq + nk])
-    np.copyto(v, qkv[:, nq + nk:])
+    for i in prange(qkv.shape[0]):
+        q[i] = qkv[i, :nq]
+        k[i] = qkv[i, nq:nq + nk]
+        v[i] = qkv[i, nq + nk:]
+
+
+def split_qkv(q, k, v, qkv):
+    # qkv: (seq, nq + 2 * nk); q: (seq, nq); k, v: (seq, nk), all C-contiguous
+    cpu_pool.run(_split_rows, qkv.size, q, k, v, qkv)
 
 
 def append_kv(k_cache, v_cache, k, v, offset):
