@@ -51,12 +51,13 @@ KC_PAIRS = 256
 # each), 32 rows of x packed in pairs (pack_x_bf16, 16 rows a block) two B tiles, and four
 # 16 x 16 float32 tiles accumulate their products along the whole input axis (w's packed rows
 # in L2, x's tiles prefetched AMX_PREFETCH steps ahead). 2 cores, 512 rows, weights from
-# memory: 1.07-1.18x the same tiles in slices of 8 steps (their accumulators stored and
-# reloaded each slice); 1, 2 or 3 steps ahead alike, none 1.2x slower at k = 5632
+# memory: 1.07-1.17x the same tiles in slices of 8 steps (their accumulators stored and
+# reloaded each slice) at three of four TinyLlama shapes, the fourth within the noise; 1, 2
+# or 3 steps ahead alike, none 1.2x slower at k = 5632
 AMX_PREFETCH = 2
 # the next block of w packed while the current one multiplies, where a block has up to this
-# many steps of 32 (2 cores, 512 rows, weights from memory: k = 2048 1.19-1.33x, 3072 1.07x,
-# 4096 1.00-1.10x, 5632 0.90x: two packed blocks and x's stream crowd L2)
+# many steps of 32 (2 cores, 512 rows, weights from memory: k = 2048 1.03-1.33x, 3072 1.07x,
+# 4096 1.00-1.10x, 5632 0.90-0.94x: two packed blocks and x's stream crowd L2)
 AMX_PIPELINE_STEPS = 128
 _AMX_CFG = tile_config_bytes()
 # from this many rows of x the BF16 GEMMs, below it the few-rows kernel (5632x2048: 16 rows
