@@ -2,12 +2,8 @@
 residual), splitting the fused q|k|v projection, and writing new keys and values into the KV
 cache. Twin: tensor_cuda.py.
 
-Each is one NumPy call (a gather or a copy as fast as memory allows, no thread pool to wake),
-but splitting a prefill's q|k|v rows, which copies on both cores."""
+Each is one NumPy call: a gather or a copy as fast as memory allows, no thread pool to wake."""
 import numpy as np
-from numba import njit, prange
-
-from . import cpu_pool
 
 
 def embedding(out, table, tokens):
@@ -21,19 +17,12 @@ def add(out, a, b):
     np.add(a, b, out=out)
 
 
-@njit(parallel=True, cache=True)
-def _split_rows(q, k, v, qkv):
-    # each row of qkv's three column blocks into q, k, v
-    nq, nk = q.shape[1], k.shape[1]
-    for i in prange(qkv.shape[0]):
-        q[i] = qkv[i, :nq]
-        k[i] = qkv[i, nq:nq + nk]
-        v[i] = qkv[i, nq + nk:]
-
-
 def split_qkv(q, k, v, qkv):
-    # qkv: (seq, nq + 2 * nk); q: (seq, nq); k, v: (seq, nk), all C-contiguous
-    cpu_pool.run(_split_rows, qkv.size, q, k, v, qkv)
+    # qkv: (seq, nq + 2 * nk); q: (seq, nq); k, v: (seq, nk). The column blocks of qkv in turn
+    nq, nk = q.shape[1], k.shape[1]
+    np.copyto(q, qkv[:, :nq])
+    np.copyto(k, qkv[:, nq:nq + nk])
+    np.copyto(v, qkv[:, nq + nk:])
 
 
 def append_kv(k_cache, v_cache, k, v, offset):
