@@ -127,10 +127,13 @@ def test_bf16_gemm_tiles_and_k_blocks(monkeypatch, m):
 
 
 @pytest.mark.skipif(not AMX, reason="this CPU (or its kernel) offers no AMX-BF16 tiles")
-@pytest.mark.parametrize("m,k,n", [(17, 32, 1), (40, 96, 33), (100, 160, 70), (33, 4096, 64)])
+@pytest.mark.parametrize("m,k,n", [(17, 32, 1), (40, 96, 33), (100, 160, 70), (33, 4096, 64),
+                                   (40, 4128, 100)])
 def test_amx_gemm_edges(m, k, n):
     """The AMX GEMM alone: rows of x past a 16- or 32-row block, rows of w past a 32-row
-    block, one step of 32 along the input axis (fewer than the prefetch distance) or many."""
+    block, one step of 32 along the input axis (fewer than the prefetch distance) or many,
+    runs of blocks a thread with the next block packed meanwhile (k up to 4096) or each packed
+    before its products (k = 4128)."""
     w, x = (randn(k, n, k) * np.float32(0.05)).astype(BF16), randn(m, m, k)
     out = np.full((m, n), np.nan, np.float32)
     linear_bf16_cpu.gemm_amx(out, x, w.view(np.uint16))

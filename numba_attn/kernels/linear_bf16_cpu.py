@@ -491,7 +491,8 @@ def _amx_tiles(typingctx, acc, a, b, ldb, ksteps, o, ldo):
     w's 32 rows, packed (a step: 2 KB at a, A1 1 KB in), B0, B1 the packed pairs of x's two
     16-row blocks at b and b + ldb (a step: 16 pairs x 64 bytes). Each step prefetches B's
     tiles AMX_PREFETCH steps ahead into L1 (x's block comes from L2 or L3; w's 32 rows, used by
-    every block of x, stay in L2). Tiles: 0-3 C, 4-5 A, 6-7 B."""
+    every block of x, stay in L2), and step i < 32 the two lines of row i of the output block
+    at o (rows ldo bytes apart) for writing. Tiles: 0-3 C, 4-5 A, 6-7 B."""
     sig = types.void(acc, a, b, ldb, ksteps, o, ldo)
 
     def codegen(context, builder, signature, args):
