@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from numba_attn import attention
+from numba_attn.kernels import attention_cpu, llvm_cpu
 from tests.reference import attention_ref
 
 # The output is a convex combination of rows of v (|v| ~ 1): float32 scores over d terms and an
@@ -212,6 +213,46 @@ def test_16bit_kv_matches_reference(q_len, kv_len, n_heads, n_kv_heads, d, batch
     check(y, rounded, q, kr)
     unrounded = attention_ref(q, k, v, causal=causal)
     assert np.abs(y - unrounded).max() > 10 * np.abs(y - rounded).max()
+
+
+AMX = llvm_cpu.amx_path("amx-bf16")
+CASES_AMX = [
+    # q_len, kv_len, H, Hkv, d, batch, q scale: prefill over bfloat16 K and V
+    (512, 512, 32, 4, 64, None, 1),  # TinyLlama's prefill-512: four key blocks, 16-row groups
+    (37, 50, 8, 2, 64, None, 1),     # over a cached prefix, the last key block partly filled
+    (20, 20, 4, 4, 32, 2, 1),        # one step of head dims, two O^T tiles, a batch axis
+    (70, 133, 12, 4, 128, None, 1),  # four steps, O^T in two groups of four tiles
+    (5, 5, 8, 1, 64, None, 1),       # the smallest prefill, multi-query
+    (40, 300, 8, 2, 64, None, 8),    # scores up to ~60: their precision carries to the output
+]
+
+
+@pytest.mark.parametrize("path", ["fast", "no-amx"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("q_len,kv_len,n_heads,n_kv_heads,d,batch,q_scale", CASES_AMX,
+                         ids=["-".join(map(str, c)) for c in CASES_AMX])
+def test_bf16_prefill_paths(q_len, kv_len, n_heads, n_kv_heads, d, batch, q_scale, causal,
+                            path, monkeypatch):
+    """A prefill over bfloat16 K and V runs on AMX-BF16 tiles where the CPU has them (fast),
+    else (no-amx) on the float32 micro-kernel; both keep float32's bounds against the float64
+    attention over the same bfloat16 numbers, large scores included (the tiles carry q in
+    three bfloat16 terms and the probabilities in two)."""
+    monkeypatch.setattr(llvm_cpu, "CPU_PATH", path)
+    ran = []
+    tiles = attention_cpu._attention_prefill_amx
+    monkeypatch.setattr(attention_cpu, "_attention_prefill_amx",
+                        lambda *args: (ran.append(1), tiles(*args))[1])
+    q, k, v = qkv(q_len * 5 + kv_len, q_len, kv_len, n_heads, n_kv_heads, d, batch)
+    q *= q_scale
+    k16, v16 = k.astype(ml_dtypes.bfloat16), v.astype(ml_dtypes.bfloat16)
+    y = attention(q, k16, v16, causal=causal)
+    kr = k16.astype(np.float64)
+    want = attention_ref(q, kr, v16.astype(np.float64), causal=causal)
+    check(y, want, q, kr)
+    # and absolutely as close as float32 products get (both paths measure 1.5-3e-7 of the
+    # largest score; q in two bfloat16 terms, 1.5-2.2e-6)
+    assert np.abs(y - want).max() <= max(ATOL, 5e-7 * max_score(q, kr))
+    assert bool(ran) == (path == "fast" and AMX)
 
 
 @pytest.mark.parametrize("dtype", KV16, ids=["float16", "bfloat16"])

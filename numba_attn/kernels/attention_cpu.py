@@ -10,7 +10,11 @@ Two schedules, same arithmetic:
   rows), so the online softmax is vectorised across query rows with no horizontal reductions, and
   both products run in a register-blocked AVX-512 micro-kernel of our own (explicit <16 x float>
   LLVM IR; about 140-160 GFLOP/s on one core, against 90-110 for BLAS np.dot on these small
-  blocks). Head sizes that are not a multiple of 32 take the older BLAS tile (np.dot).
+  blocks). Head sizes that are not a multiple of 32 take the older BLAS tile (np.dot). Over a
+  bfloat16 KV cache, on a CPU with AMX-BF16, the same tiles run on AMX tiles instead
+  (attention_amx_cpu: the cache's rows are the A tiles, q and the probabilities are carried
+  as sums of bfloat16s, so the products stay float32-exact; 1.7-1.8x the micro-kernel at
+  TinyLlama's prefill-512, with the softmax now half the time).
 - decode (a few queries): a task is a range of keys for every head at once, so K and V are
   streamed from memory once, in address order; the ranges' partial results are merged at the
   end (flash-decoding). Within a block of keys each KV head's query heads form one tile (8
@@ -20,7 +24,8 @@ Two schedules, same arithmetic:
 
 K and V may be float32, float16 or bfloat16 (a 16-bit KV cache: half the bytes to stream);
 16-bit keys and values are widened to float32 exactly as they are read (prefill: while packing;
-decode: a block of one head's rows at a time, into L1), and all arithmetic is float32."""
+decode: a block of one head's rows at a time, into L1), and all arithmetic is float32 (or, on
+AMX tiles, float32-exact products of bfloat16 terms, summed in float32)."""
 import ctypes
 import glob
 import math
@@ -35,18 +40,22 @@ from numba.extending import intrinsic, overload
 
 from . import cpu_pool
 from .linear_bf16_cpu import to_float32
-from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, fma, prefetch, widen16
+from . import attention_amx_cpu as amx
+from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, amx_path, fma, prefetch, \
+    store_transposed16, tile_config, tile_config_bytes, tile_release, widen16
 from .scalar import FASTMATH_INF, dots_4x1, dots_4x2, exp_f32, row_max
 
 BLOCK_ROWS = 64        # prefill, BLAS tile (odd head sizes): query rows per tile
 BLOCK_K = 64           # keys per block of the online softmax
 TILE_ROWS = 128        # prefill, micro-kernel tile: query rows (positions x grouped heads)
+AMX_BLOCK_K = 128      # keys per block of the online softmax with AMX tiles
 NEG_INF = float32(-np.inf)
 DECODE_MAX_Q = 4       # at most this many queries take the decode schedule
 MIN_SPLIT_KEYS = 256   # decode: a key range is never shorter than this
 # K and V storage, passed to the kernels as `kind` (16-bit kinds as their uint16 bits); a
 # uint16 array is bfloat16 bits, as attention_cuda takes them
 KV_F32, KV_BF16, KV_F16 = 0, 1, 2
+_AMX_CFG = tile_config_bytes()
 KV_KINDS = {np.dtype(np.float32): KV_F32, np.dtype(ml_dtypes.bfloat16): KV_BF16,
             np.dtype(np.uint16): KV_BF16, np.dtype(np.float16): KV_F16}
 
@@ -498,22 +507,7 @@ def _mk_tile(out, q, Kh, Vh, scale, causal, G, z, hk, q0, nq, Qf, O, Sf, m_run, 
     ld = (rows + 31) // 32 * 32
     Qt = Qf[:d * ld].reshape((d, ld))
     St = Sf[:BLOCK_K * ld].reshape((BLOCK_K, ld))
-    # Qt = (scale * the tile's query rows)^T, through O: rows copied whole, then transposed in
-    # 16 x 16 blocks within L1 (4x faster than scattering each row down a column of Qt)
-    for r in range(ld):
-        orow = O[r]
-        if r < rows:
-            qr = q[z, q0 + r // G, hk * G + r % G]
-            for c in range(d):
-                orow[c] = qr[c] * scale
-        else:
-            for c in range(d):
-                orow[c] = float32(0)
-    for rb in range(0, ld, 16):
-        for c in range(d):
-            qt = Qt[c, rb:rb + 16]
-            for i in range(16):
-                qt[i] = O[rb + i, c]
+    _pack_qt(Qt, O, q, scale, z, hk, G, q0, rows)
     for r in range(ld):
         orow = O[r]
         for c in range(d):
@@ -558,9 +552,38 @@ def _mk_tile(out, q, Kh, Vh, scale, causal, G, z, hk, q0, nq, Qf, O, Sf, m_run, 
                         v_p + 4 * (k0 * d + c0), d, klen, a_p + 4 * i)
             i += g
 
-    # out's rows are 4 KB pages or more apart, where the hardware's prefetch stops: each is
-    # prefetched for writing 4 rows ahead (the call 2-3% faster)
-    H, out_p = q.shape[2], np.int64(out.ctypes.data)
+    _store_rows(out, O, l_run, z, hk, G, q0, rows)
+
+
+@njit(inline="always", fastmath=FASTMATH_INF, cache=True)
+def _pack_qt(Qt, O, q, scale, z, hk, G, q0, rows):
+    # Qt (d, ld) = (scale * the tile's query rows)^T, columns past rows zeros; O (ld, d) scratch.
+    # Rows copied whole, then transposed in 16 x 16 blocks within L1 (4x faster than scattering
+    # each row down a column of Qt)
+    d, ld = Qt.shape
+    for r in range(ld):
+        orow = O[r]
+        if r < rows:
+            qr = q[z, q0 + r // G, hk * G + r % G]
+            for c in range(d):
+                orow[c] = qr[c] * scale
+        else:
+            for c in range(d):
+                orow[c] = float32(0)
+    for rb in range(0, ld, 16):
+        for c in range(d):
+            qt = Qt[c, rb:rb + 16]
+            for i in range(16):
+                qt[i] = O[rb + i, c]
+
+
+@njit(inline="always", fastmath=FASTMATH_INF, cache=True)
+def _store_rows(out, O, l_run, z, hk, G, q0, rows):
+    # out's rows of the tile = O's rows / l_run. They are 4 KB pages or more apart, where the
+    # hardware's prefetch stops: each is prefetched for writing 4 rows ahead (the call 2-3%
+    # faster)
+    q_len, H, d = out.shape[1], out.shape[2], out.shape[3]
+    out_p = np.int64(out.ctypes.data)
     for r in range(rows):
         if r + 4 < rows:
             ra = r + 4
@@ -572,18 +595,17 @@ def _mk_tile(out, q, Kh, Vh, scale, causal, G, z, hk, q0, nq, Qf, O, Sf, m_run, 
             orow[c] = src[c] * inv
 
 
-@njit(parallel=True, cache=True)
-def _attention_prefill_mk(out, q, k, v, scale, causal, kind, n_workers):
-    # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d); d a multiple of 32
-    B, q_len, H, d = q.shape
-    kv_len, Hkv = k.shape[1], k.shape[2]
-    G = H // Hkv
-    bq = max(1, TILE_ROWS // G)                   # query positions per tile
+@njit(cache=True)
+def _prefill_plan(B, q_len, kv_len, Hkv, G, causal, n_workers):
+    # The prefill schedule: tiles of bq query positions (x the G heads of a KV head), n_qblk of
+    # them a head. A task: query blocks qb = chunk, chunk + n_chunks, ... of one (batch, KV
+    # head), whose K and V are packed once for all of them; a head is split only when there
+    # are too few heads to keep every worker busy (interleaved, so the causal costs of the
+    # chunks even out). owner[task]: its worker, a static schedule balanced by causal cost
+    # (longest first, each to the least loaded worker; plain loops: np.argsort alone added
+    # 1.7 s to the first compile)
+    bq = max(1, TILE_ROWS // G)
     n_qblk = (q_len + bq - 1) // bq
-    ld = (bq * G + 31) // 32 * 32
-    # a task: query blocks qb = chunk, chunk + n_chunks, ... of one (batch, KV head), whose K and
-    # V are packed once for all of them; a head is split only when there are too few heads to
-    # keep every worker busy (interleaved, so the causal costs of the chunks even out)
     n_kv = B * Hkv
     n_chunks = min(n_qblk, max(1, (2 * n_workers + n_kv - 1) // n_kv))
     n_tasks = n_kv * n_chunks
@@ -593,8 +615,6 @@ def _attention_prefill_mk(out, q, k, v, scale, causal, kind, n_workers):
             nq = min(bq, q_len - qb * bq)
             k_end = min(kv_len, max(0, kv_len - q_len + qb * bq + nq)) if causal else kv_len
             cost[task] += (k_end + 16) * nq
-    # static schedule balanced by causal cost: longest first, each to the least loaded worker
-    # (plain loops: np.argsort alone added 1.7 s to the first compile)
     owner = np.full(n_tasks, -1, np.int64)
     load = np.zeros(n_workers, np.int64)
     for _ in range(n_tasks):
@@ -608,6 +628,29 @@ def _attention_prefill_mk(out, q, k, v, scale, causal, kind, n_workers):
                 w = i
         owner[best] = w
         load[w] += cost[best]
+    return bq, n_qblk, n_chunks, n_tasks, owner
+
+
+@njit(inline="always", cache=True)
+def _chunk_keys(chunk, n_chunks, n_qblk, bq, q_len, kv_len, causal):
+    # the keys a chunk's queries see (a prefix of the cache)
+    k_need = 0
+    for qb in range(chunk, n_qblk, n_chunks):
+        nq = min(bq, q_len - qb * bq)
+        k_need = max(k_need, min(kv_len, max(0, kv_len - q_len + qb * bq + nq))
+                     if causal else kv_len)
+    return k_need
+
+
+@njit(parallel=True, cache=True)
+def _attention_prefill_mk(out, q, k, v, scale, causal, kind, n_workers):
+    # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d); d a multiple of 32
+    B, q_len, H, d = q.shape
+    kv_len, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    bq, n_qblk, n_chunks, n_tasks, owner = _prefill_plan(B, q_len, kv_len, Hkv, G, causal,
+                                                         n_workers)
+    ld = (bq * G + 31) // 32 * 32
 
     # per-worker scratch, allocated once per call
     Qf = np.empty((n_workers, d * ld), np.float32)
@@ -624,11 +667,7 @@ def _attention_prefill_mk(out, q, k, v, scale, causal, kind, n_workers):
             chunk = task % n_chunks
             hk = (task // n_chunks) % Hkv
             z = task // (n_chunks * Hkv)
-            k_need = 0                              # keys the chunk's queries see
-            for qb in range(chunk, n_qblk, n_chunks):
-                nq = min(bq, q_len - qb * bq)
-                k_need = max(k_need, min(kv_len, max(0, kv_len - q_len + qb * bq + nq))
-                             if causal else kv_len)
+            k_need = _chunk_keys(chunk, n_chunks, n_qblk, bq, q_len, kv_len, causal)
             Kh, Vh = Kp[w, :k_need], Vp[w, :k_need]
             if kind == KV_F32:
                 for j in range(k_need):
@@ -647,6 +686,119 @@ def _attention_prefill_mk(out, q, k, v, scale, causal, kind, n_workers):
                 _mk_tile(out, q, Kp[w, :kv_len], Vp[w, :kv_len], float32(scale), causal, G, z, hk,
                          qb * bq, nq, Qf[w], Of[w], Sf[w], Rows[w, 0], Rows[w, 1], Rows[w, 2],
                          Vis[w])
+
+
+@njit(fastmath=FASTMATH_INF, cache=True)
+def _amx_tile(out, q, Kh, Vt, kv_len, scale, causal, G, z, hk, q0, nq, Qf, Qb, O, Ob, Sf, Pb,
+              m_run, l_run, alpha, n_vis):
+    # _mk_tile with AMX-BF16 tiles (attention_amx_cpu), K and V bfloat16. Kh: (>= kv_len
+    # rounded up to 32, d) this head's keys, zeros past kv_len; Vt: (as many / 32, d / 16, 16,
+    # 32) its values transposed in tiles (keys 32 u.., head dims 16 t..). Scratch: Qf (d * ld,)
+    # for Q^T, Qb (uint32) its three-term B tiles, O (ld, d) rows, Ob (d / 16, >= ld / 16, 16,
+    # 16) the O^T tiles, Sf (AMX_BLOCK_K * ld,) for S^T, Pb (uint32) P^T's hi | lo B tiles;
+    # m_run, l_run, alpha (ld,), n_vis int32
+    q_len, d = q.shape[1], q.shape[3]
+    rows = nq * G
+    ld = (rows + 31) // 32 * 32
+    ncg, ks, nt = ld // 16, d // 32, d // 16
+    Qt = Qf[:d * ld].reshape((d, ld))
+    St = Sf[:AMX_BLOCK_K * ld].reshape((AMX_BLOCK_K, ld))
+    _pack_qt(Qt, O, q, scale * float32(amx.LOG2E), z, hk, G, q0, rows)   # scores in log2 units
+    qb_p, q_term = np.int64(Qb.ctypes.data), 1024 * ks * ncg
+    amx.pack_pairs(qb_p, q_term, Qt.ctypes.data, ld, d // 2, d, ncg, 1024 * ks)
+    for t in range(nt):
+        for g in range(ncg):
+            Ob[t, g] = float32(0)
+    for r in range(ld):
+        m_run[r] = NEG_INF
+        l_run[r] = float32(0)
+
+    kpos = kv_len - q_len + q0            # position of the tile's first query
+    k_end = min(kv_len, max(0, kpos + nq)) if causal else kv_len
+    st_p, ob_p, pb_p = np.int64(St.ctypes.data), np.int64(Ob.ctypes.data), np.int64(Pb.ctypes.data)
+    kh_p, vt_p, a_p = np.int64(Kh.ctypes.data), np.int64(Vt.ctypes.data), np.int64(alpha.ctypes.data)
+    mr_p, lr_p, nv_p = (np.int64(m_run.ctypes.data), np.int64(l_run.ctypes.data),
+                        np.int64(n_vis.ctypes.data))
+    p_step = 1024 * (AMX_BLOCK_K // 32)       # one group's P^T tiles
+    p_lo = p_step * ncg
+    ob_t = 1024 * Ob.shape[1]             # bytes from one O^T tile of head dims to the next
+    for k0 in range(0, k_end, AMX_BLOCK_K):
+        nk = min(AMX_BLOCK_K, k_end - k0)
+        r0 = min(rows, max(0, (k0 - kpos) * G)) if causal else 0
+        r0a = r0 // 32 * 32
+        diag = False
+        for r in range(r0a, ld):
+            n_vis[r] = min(nk, max(0, kpos + r // G + 1 - k0)) if causal and r < rows else nk
+            diag = diag or n_vis[r] < nk
+        for kk in range(0, nk, 32):
+            for cp in range(r0a, ld, 32):
+                amx.scores(st_p + 4 * (kk * ld + cp), ld, kh_p + 2 * (k0 + kk) * d, d,
+                           qb_p + 1024 * ks * (cp // 16), q_term, ks)
+        us = (nk + 31) // 32
+        g0 = r0a // 16
+        for g in range(g0, ncg):
+            r = 16 * g
+            amx.softmax_pack(st_p + 4 * r, ld, nk, mr_p + 4 * r, lr_p + 4 * r, a_p + 4 * r,
+                             nv_p + 4 * r, diag, pb_p + p_step * g, p_lo, 16 * us)
+        for g in range(g0, ncg):
+            amx.values(ob_p + 1024 * g, ob_t, nt, a_p + 64 * g, vt_p + 2 * k0 * d,
+                       pb_p + p_step * g, p_lo, us)
+
+    for t in range(nt):
+        for g in range(ncg):
+            store_transposed16(O.ctypes.data + 4 * (16 * g * d + 16 * t), d,
+                               ob_p + 1024 * (t * Ob.shape[1] + g))
+    _store_rows(out, O, l_run, z, hk, G, q0, rows)
+
+
+@njit(parallel=True, cache=True)
+def _attention_prefill_amx(out, q, k, v, scale, causal, cfg, n_workers):
+    # _attention_prefill_mk with AMX-BF16 tiles: k, v (b, kv_len, Hkv, d) bfloat16 bits; d a
+    # multiple of 32; cfg: the tile configuration
+    B, q_len, H, d = q.shape
+    kv_len, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    bq, n_qblk, n_chunks, n_tasks, owner = _prefill_plan(B, q_len, kv_len, Hkv, G, causal,
+                                                         n_workers)
+    ld = (bq * G + 31) // 32 * 32
+    ncg, kvp = ld // 16, (kv_len + 31) // 32 * 32
+
+    # per-worker scratch, allocated once per call
+    Qf = np.empty((n_workers, d * ld), np.float32)
+    Qb = np.empty((n_workers, 3 * ncg * (d // 32) * 256), np.uint32)
+    Of = np.empty((n_workers, ld, d), np.float32)
+    Ob = np.empty((n_workers, d // 16, ncg, 16, 16), np.float32)
+    Sf = np.empty((n_workers, AMX_BLOCK_K * ld), np.float32)
+    Pb = np.empty((n_workers, 2 * ncg * (AMX_BLOCK_K // 32) * 256), np.uint32)
+    Rows = np.empty((n_workers, 3, ld), np.float32)
+    Vis = np.empty((n_workers, ld), np.int32)
+    Kp = np.empty((n_workers, kvp, d), np.uint16)
+    Vtp = np.empty((n_workers, kvp // 32, d // 16, 16, 32), np.uint16)
+    for w in prange(n_workers):
+        tile_config(cfg.ctypes.data)
+        Kh, Vt = Kp[w], Vtp[w]
+        for task in range(n_tasks):
+            if owner[task] != w:
+                continue
+            chunk = task % n_chunks
+            hk = (task // n_chunks) % Hkv
+            z = task // (n_chunks * Hkv)
+            k_need = _chunk_keys(chunk, n_chunks, n_qblk, bq, q_len, kv_len, causal)
+            k_pad = (k_need + 31) // 32 * 32
+            for j in range(k_pad):
+                for c in range(d):
+                    Kh[j, c] = k[z, j, hk, c] if j < k_need else 0
+            for j in range(k_pad):
+                u, e = j // 32, j % 32
+                for c in range(d):
+                    Vt[u, c // 16, c % 16, e] = v[z, j, hk, c] if j < k_need else 0
+            for qb in range(chunk, n_qblk, n_chunks):
+                nq = min(bq, q_len - qb * bq)
+                _amx_tile(out, q, Kh, Vt, kv_len, float32(scale), causal, G, z, hk, qb * bq, nq,
+                          Qf[w], Qb[w], Of[w], Ob[w], Sf[w], Pb[w], Rows[w, 0], Rows[w, 1],
+                          Rows[w, 2], Vis[w])
+        tile_release()
+
 
 @njit(inline="always", fastmath=FASTMATH_INF, cache=True)
 def _dots(S, j, Qs, r0, n, key):
@@ -1023,4 +1175,8 @@ def attention(out, q, k, v, scale, causal):
     else:
         schedule = _attention_prefill           # BLAS tiles: any head size
     n_workers = get_num_threads() if work >= cpu_pool.PARALLEL_MIN_WORK else 1
+    if schedule is _attention_prefill_mk and kind == KV_BF16 and amx_path("amx-bf16"):
+        cpu_pool.run(_attention_prefill_amx, work, out, q, k, v, scale, causal, _AMX_CFG,
+                     n_workers)
+        return
     cpu_pool.run(schedule, work, out, q, k, v, scale, causal, kind, n_workers)
