@@ -524,14 +524,7 @@ def _mk_tile(out, q, Kh, Vh, scale, causal, G, z, hk, q0, nq, Qf, O, Sf, m_run, 
                         np.int64(n_vis.ctypes.data))
     for k0 in range(0, k_end, BLOCK_K):
         nk = min(BLOCK_K, k_end - k0)
-        # causal: rows before r0 see none of these keys; they are skipped from r0a (r0 rounded
-        # down to 32) on
-        r0 = min(rows, max(0, (k0 - kpos) * G)) if causal else 0
-        r0a = r0 // 32 * 32
-        diag = False
-        for r in range(r0a, ld):
-            n_vis[r] = min(nk, max(0, kpos + r // G + 1 - k0)) if causal and r < rows else nk
-            diag = diag or n_vis[r] < nk
+        r0, r0a, diag = _block_rows(n_vis, k0, nk, kpos, G, rows, ld, causal)
         # S^T[j, r] = K[k0 + j] . Qt[:, r], in column groups of 32 rows; causal: a group computes
         # only the keys its last row sees (the rest is masked below)
         for cg in range(r0a, ld, 32):
@@ -553,6 +546,20 @@ def _mk_tile(out, q, Kh, Vh, scale, causal, G, z, hk, q0, nq, Qf, O, Sf, m_run, 
             i += g
 
     _store_rows(out, O, l_run, z, hk, G, q0, rows)
+
+
+@njit(inline="always", cache=True)
+def _block_rows(n_vis, k0, nk, kpos, G, rows, ld, causal):
+    # a key block k0..k0+nk-1 against a tile (row r: position kpos + r // G). Causal: rows
+    # before r0 see none of these keys; they are skipped from r0a (r0 rounded down to 32) on.
+    # n_vis[r] (r >= r0a): the block's keys row r sees; diag: some row sees fewer than all
+    r0 = min(rows, max(0, (k0 - kpos) * G)) if causal else 0
+    r0a = r0 // 32 * 32
+    diag = False
+    for r in range(r0a, ld):
+        n_vis[r] = min(nk, max(0, kpos + r // G + 1 - k0)) if causal and r < rows else nk
+        diag = diag or n_vis[r] < nk
+    return r0, r0a, diag
 
 
 @njit(inline="always", fastmath=FASTMATH_INF, cache=True)
@@ -596,14 +603,17 @@ def _store_rows(out, O, l_run, z, hk, G, q0, rows):
 
 
 @njit(cache=True)
-def _prefill_plan(B, q_len, kv_len, Hkv, G, causal, n_workers):
-    # The prefill schedule: tiles of bq query positions (x the G heads of a KV head), n_qblk of
-    # them a head. A task: query blocks qb = chunk, chunk + n_chunks, ... of one (batch, KV
+def _prefill_plan(q, k, causal, n_workers):
+    # The prefill schedule of q (b, q_len, H, d) over k (b, kv_len, Hkv, d): tiles of bq query
+    # positions (x the G heads of a KV head; ld rows, padded to 32), n_qblk of them a head. A task: query blocks qb = chunk, chunk + n_chunks, ... of one (batch, KV
     # head), whose K and V are packed once for all of them; a head is split only when there
     # are too few heads to keep every worker busy (interleaved, so the causal costs of the
     # chunks even out). owner[task]: its worker, a static schedule balanced by causal cost
     # (longest first, each to the least loaded worker; plain loops: np.argsort alone added
     # 1.7 s to the first compile)
+    B, q_len, H = q.shape[0], q.shape[1], q.shape[2]
+    kv_len, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
     bq = max(1, TILE_ROWS // G)
     n_qblk = (q_len + bq - 1) // bq
     n_kv = B * Hkv
@@ -628,7 +638,15 @@ def _prefill_plan(B, q_len, kv_len, Hkv, G, causal, n_workers):
                 w = i
         owner[best] = w
         load[w] += cost[best]
-    return bq, n_qblk, n_chunks, n_tasks, owner
+    return G, bq, (bq * G + 31) // 32 * 32, n_qblk, n_chunks, n_tasks, owner
+
+
+@njit(inline="always", cache=True)
+def _task_keys(task, n_chunks, n_qblk, bq, q_len, kv_len, Hkv, causal):
+    # a task's (batch, KV head, chunk of query blocks) and the keys its queries see (a prefix)
+    chunk = task % n_chunks
+    return (task // (n_chunks * Hkv), (task // n_chunks) % Hkv, chunk,
+            _chunk_keys(chunk, n_chunks, n_qblk, bq, q_len, kv_len, causal))
 
 
 @njit(inline="always", cache=True)
@@ -645,12 +663,9 @@ def _chunk_keys(chunk, n_chunks, n_qblk, bq, q_len, kv_len, causal):
 @njit(parallel=True, cache=True)
 def _attention_prefill_mk(out, q, k, v, scale, causal, kind, n_workers):
     # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d); d a multiple of 32
-    B, q_len, H, d = q.shape
+    q_len, d = q.shape[1], q.shape[3]
     kv_len, Hkv = k.shape[1], k.shape[2]
-    G = H // Hkv
-    bq, n_qblk, n_chunks, n_tasks, owner = _prefill_plan(B, q_len, kv_len, Hkv, G, causal,
-                                                         n_workers)
-    ld = (bq * G + 31) // 32 * 32
+    G, bq, ld, n_qblk, n_chunks, n_tasks, owner = _prefill_plan(q, k, causal, n_workers)
 
     # per-worker scratch, allocated once per call
     Qf = np.empty((n_workers, d * ld), np.float32)
@@ -664,10 +679,8 @@ def _attention_prefill_mk(out, q, k, v, scale, causal, kind, n_workers):
         for task in range(n_tasks):
             if owner[task] != w:
                 continue
-            chunk = task % n_chunks
-            hk = (task // n_chunks) % Hkv
-            z = task // (n_chunks * Hkv)
-            k_need = _chunk_keys(chunk, n_chunks, n_qblk, bq, q_len, kv_len, causal)
+            z, hk, chunk, k_need = _task_keys(task, n_chunks, n_qblk, bq, q_len, kv_len, Hkv,
+                                              causal)
             Kh, Vh = Kp[w, :k_need], Vp[w, :k_need]
             if kind == KV_F32:
                 for j in range(k_need):
@@ -724,12 +737,7 @@ def _amx_tile(out, q, Kh, Vt, kv_len, scale, causal, G, z, hk, q0, nq, Qf, Qb, O
     ob_t = 1024 * Ob.shape[1]             # bytes from one O^T tile of head dims to the next
     for k0 in range(0, k_end, AMX_BLOCK_K):
         nk = min(AMX_BLOCK_K, k_end - k0)
-        r0 = min(rows, max(0, (k0 - kpos) * G)) if causal else 0
-        r0a = r0 // 32 * 32
-        diag = False
-        for r in range(r0a, ld):
-            n_vis[r] = min(nk, max(0, kpos + r // G + 1 - k0)) if causal and r < rows else nk
-            diag = diag or n_vis[r] < nk
+        r0, r0a, diag = _block_rows(n_vis, k0, nk, kpos, G, rows, ld, causal)
         for kk in range(0, nk, 32):
             for cp in range(r0a, ld, 32):
                 amx.scores(st_p + 4 * (kk * ld + cp), ld, kh_p + 2 * (k0 + kk) * d, d,
@@ -755,12 +763,9 @@ def _amx_tile(out, q, Kh, Vt, kv_len, scale, causal, G, z, hk, q0, nq, Qf, Qb, O
 def _attention_prefill_amx(out, q, k, v, scale, causal, cfg, n_workers):
     # _attention_prefill_mk with AMX-BF16 tiles: k, v (b, kv_len, Hkv, d) bfloat16 bits; d a
     # multiple of 32; cfg: the tile configuration
-    B, q_len, H, d = q.shape
+    q_len, d = q.shape[1], q.shape[3]
     kv_len, Hkv = k.shape[1], k.shape[2]
-    G = H // Hkv
-    bq, n_qblk, n_chunks, n_tasks, owner = _prefill_plan(B, q_len, kv_len, Hkv, G, causal,
-                                                         n_workers)
-    ld = (bq * G + 31) // 32 * 32
+    G, bq, ld, n_qblk, n_chunks, n_tasks, owner = _prefill_plan(q, k, causal, n_workers)
     ncg, kvp = ld // 16, (kv_len + 31) // 32 * 32
 
     # per-worker scratch, allocated once per call
@@ -780,10 +785,8 @@ def _attention_prefill_amx(out, q, k, v, scale, causal, cfg, n_workers):
         for task in range(n_tasks):
             if owner[task] != w:
                 continue
-            chunk = task % n_chunks
-            hk = (task // n_chunks) % Hkv
-            z = task // (n_chunks * Hkv)
-            k_need = _chunk_keys(chunk, n_chunks, n_qblk, bq, q_len, kv_len, causal)
+            z, hk, chunk, k_need = _task_keys(task, n_chunks, n_qblk, bq, q_len, kv_len, Hkv,
+                                              causal)
             k_pad = (k_need + 31) // 32 * 32
             for j in range(k_pad):
                 for c in range(d):
