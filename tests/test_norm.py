@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from numba_attn import add_rmsnorm, rmsnorm, silu_mul
+from numba_attn.kernels import llvm_cpu, norm_cpu
 from tests.reference import rmsnorm_ref, silu_mul_ref
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -104,6 +105,26 @@ def test_silu_mul_extreme_gates_stay_finite():
     y = silu_mul(gate, up)
     assert np.isfinite(y).all()
     np.testing.assert_allclose(y, silu_mul_ref(gate, up), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("path", ["fast", "portable"])
+@pytest.mark.parametrize("into", ["new", "gate", "up"])
+@pytest.mark.parametrize("shape", [(norm_cpu.PARALLEL_MIN + 7,), (3, 20011), (512, 5632)])
+def test_silu_mul_large_paths(shape, into, path, monkeypatch):
+    """Sizes that take the parallel kernels, each chunk's last elements off the 16-lane blocks:
+    AVX-512 (fast: vrcp14ps and a Newton step for the division) and the plain loop, into a new
+    array or in place, with extreme gates spread through them."""
+    monkeypatch.setattr(llvm_cpu, "CPU_PATH", path)
+    gate, up = randn(20, *shape) * np.float32(4), randn(21, *shape)
+    flat = gate.reshape(-1)
+    flat[::997] = np.float32(-1e4)
+    flat[5::1009] = np.float32(95.0)
+    flat[-1], flat[-2] = np.float32(-88.5), np.float32(1e4)
+    want = silu_mul_ref(gate, up)
+    out = {"new": None, "gate": gate, "up": up}[into]
+    y = silu_mul(gate, up) if out is None else silu_mul(gate, up, out=out)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, want, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("into", ["gate", "up"])

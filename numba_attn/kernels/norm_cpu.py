@@ -3,11 +3,16 @@ Twin: norm_cuda.py.
 
 Each kernel is a serial function over a range of rows (or elements) and a thin parallel driver
 over ranges; small inputs (a decode step's single row) skip the thread pool, whose wake-up costs
-more than the work."""
+more than the work. With AVX-512, silu_mul's parallel driver runs 16 elements at a time in
+LLVM IR of its own (1.7-2x the plain loop on a prefill's 512 x 5632 gate)."""
 import math
 
-from numba import float32, njit, prange
+from llvmlite import ir
+from numba import float32, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
+from .llvm_cpu import F32, I32, I64, fast_path, fma
 from .scalar import silu_vec
 
 PARALLEL_MIN = 1 << 15  # elements below which the serial function runs alone
@@ -98,11 +103,77 @@ def _silu_mul_parallel(out, gate, up, into):
         _silu_mul_range(out, gate, up, c * SILU_CHUNK, min(n, (c + 1) * SILU_CHUNK), into)
 
 
+@intrinsic
+def _silu_mul16(typingctx, out, gate, up, n16):
+    """out[i] = silu(gate[i]) up[i] for i < 16 n16, 16 at a time in AVX-512 registers (byte
+    addresses; out may be gate or up): e^-g as exp_f32 computes it (ln 2 in two parts, the same
+    polynomial), scaled by 2^n with vscalefps, and 1 / (1 + e^-g) by vrcp14ps and one Newton
+    step (relative error ~1e-7, as a division's) instead of the division, whose throughput
+    bounded the plain loop (256-bit vectors, about 1.4 cycles an element)."""
+    sig = types.void(out, gate, up, n16)
+
+    def codegen(context, builder, signature, args):
+        out, gate, up, n16 = [context.cast(builder, v, t, types.int64)
+                              for v, t in zip(args, signature.args)]
+        vf = ir.VectorType(F32, 16)
+        vp = ir.PointerType(vf)
+        mod = builder.module
+
+        def k(x):
+            return ir.Constant(vf, [float(float32(x))] * 16)
+
+        def fn(name, *arg_types):
+            return cgutils.get_or_insert_function(mod, ir.FunctionType(vf, list(arg_types)), name)
+        vmin, vmax = fn("llvm.minnum.v16f32", vf, vf), fn("llvm.maxnum.v16f32", vf, vf)
+        floor = fn("llvm.floor.v16f32", vf)
+        mask = ir.IntType(16)
+        scalef = fn("llvm.x86.avx512.mask.scalef.ps.512", vf, vf, vf, mask, I32)
+        rcp = fn("llvm.x86.avx512.rcp14.ps.512", vf, vf, mask)
+        vfma = fma(builder, vf)
+        all_lanes = ir.Constant(mask, -1)
+        with cgutils.for_range(builder, n16) as loop:
+            off = builder.mul(loop.index, ir.Constant(I64, 64))
+            g = builder.load(builder.inttoptr(builder.add(gate, off), vp), align=4)
+            u = builder.load(builder.inttoptr(builder.add(up, off), vp), align=4)
+            x = builder.call(vmin, [builder.fneg(g), k(80.0)])        # e^x, x = -g <= 80
+            xc = builder.call(vmax, [x, k(-87.0)])
+            nn = builder.call(floor, [builder.call(vfma, [xc, k(1.4426950408889634), k(0.5)])])
+            r = builder.call(vfma, [nn, k(-0.693359375), xc])
+            r = builder.call(vfma, [nn, k(2.12194440e-4), r])
+            p = k(1 / math.factorial(6))
+            for i in (5, 4, 3, 2, 1, 0):
+                p = builder.call(vfma, [p, r, k(1 / math.factorial(i))])
+            e = builder.call(scalef, [p, nn, k(0.0), all_lanes, ir.Constant(I32, 4)])
+            e = builder.select(builder.fcmp_ordered(">=", x, k(-87.0)), e, k(0.0))
+            d = builder.fadd(e, k(1.0))
+            y = builder.call(rcp, [d, k(0.0), all_lanes])
+            y = builder.fmul(y, builder.call(vfma, [builder.fneg(d), y, k(2.0)]))   # Newton
+            res = builder.fmul(builder.fmul(g, y), u)
+            builder.store(res, builder.inttoptr(builder.add(out, off), vp), align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@njit(parallel=True, cache=True)
+def _silu_mul_parallel16(out, gate, up):
+    # _silu_mul_parallel with AVX-512: whole chunks of 16 in registers, the rest (under 16) in
+    # the plain loop
+    n = gate.shape[0]
+    o_p, g_p, u_p = out.ctypes.data, gate.ctypes.data, up.ctypes.data
+    for c in prange((n + SILU_CHUNK - 1) // SILU_CHUNK):
+        i0, i1 = c * SILU_CHUNK, min(n, (c + 1) * SILU_CHUNK)
+        n16 = (i1 - i0) // 16
+        _silu_mul16(o_p + 4 * i0, g_p + 4 * i0, u_p + 4 * i0, n16)
+        _silu_mul_range(out, gate, up, i0 + 16 * n16, i1, 0)
+
+
 def silu_mul(out, gate, up):
     # gate, up, out: (n,); out may be gate or up (the same memory, not just overlapping)
     at = out.ctypes.data
     into = 1 if at == gate.ctypes.data else 2 if at == up.ctypes.data else 0
     if gate.size < PARALLEL_MIN:
         _silu_mul_range(out, gate, up, 0, gate.shape[0], into)
+    elif fast_path("avx512f"):
+        _silu_mul_parallel16(out, gate, up)
     else:
         _silu_mul_parallel(out, gate, up, into)
