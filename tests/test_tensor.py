@@ -62,10 +62,14 @@ def test_split_qkv(seq, heads, kv_heads, d):
         assert np.shares_memory(got, qkv) if seq == 1 else got is buf
 
 
-def test_split_qkv_kernel():
-    qkv = randn(4, 40)
-    q, k, v = (np.empty((4, 24), np.float32), np.empty((4, 8), np.float32),
-               np.empty((4, 8), np.float32))
+@pytest.mark.parametrize("rows,width", [(4, 40), (411, 2560)], ids=["numpy", "parallel"])
+def test_split_qkv_kernel(rows, width):
+    """Both ways: NumPy's three copies, and rows on every core from SPLIT_PARALLEL_MIN."""
+    assert (rows * width >= tensor_cpu.SPLIT_PARALLEL_MIN) == (rows > 4)
+    qkv = randn(rows, width)
+    nk = width // 5
+    q, k, v = (np.full((rows, width - 2 * nk), np.nan, np.float32),
+               np.full((rows, nk), np.nan, np.float32), np.full((rows, nk), np.nan, np.float32))
     tensor_cpu.split_qkv(q, k, v, qkv)
     np.testing.assert_array_equal(np.concatenate([q, k, v], axis=1), qkv)
 

@@ -2,8 +2,13 @@
 residual), splitting the fused q|k|v projection, and writing new keys and values into the KV
 cache. Twin: tensor_cuda.py.
 
-Each is one NumPy call: a gather or a copy as fast as memory allows, no thread pool to wake."""
+Each is one NumPy call (a gather or a copy as fast as memory allows, no thread pool to wake),
+but splitting a large prefill's q|k|v rows, which copies on both cores (compiled on first
+use, so only models that large pay its compile)."""
 import numpy as np
+from numba import njit, prange
+
+SPLIT_PARALLEL_MIN = 1 << 20  # elements of qkv from which split_qkv copies on every core
 
 
 def embedding(out, table, tokens):
@@ -17,8 +22,22 @@ def add(out, a, b):
     np.add(a, b, out=out)
 
 
+@njit(parallel=True, cache=True)
+def _split_rows(q, k, v, qkv):
+    # each row of qkv's three column blocks into q, k, v
+    nq, nk = q.shape[1], k.shape[1]
+    for i in prange(qkv.shape[0]):
+        q[i] = qkv[i, :nq]
+        k[i] = qkv[i, nq:nq + nk]
+        v[i] = qkv[i, nq + nk:]
+
+
 def split_qkv(q, k, v, qkv):
-    # qkv: (seq, nq + 2 * nk); q: (seq, nq); k, v: (seq, nk). The column blocks of qkv in turn
+    # qkv: (seq, nq + 2 * nk); q: (seq, nq); k, v: (seq, nk), all C-contiguous. 512x2560 on 2
+    # cores: 0.53-0.68 ms in rows on both, 0.98-1.00 for NumPy's three copies
+    if qkv.size >= SPLIT_PARALLEL_MIN:
+        _split_rows(q, k, v, qkv)
+        return
     nq, nk = q.shape[1], k.shape[1]
     np.copyto(q, qkv[:, :nq])
     np.copyto(k, qkv[:, nq:nq + nk])
