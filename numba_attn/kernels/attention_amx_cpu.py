@@ -5,10 +5,12 @@ The tile keeps the scores transposed, S^T (keys, query rows), as the float32 mic
 and so its output, O^T (head dims, query rows): both products take the cache's bfloat16 rows
 as their A tiles as they are (K's rows for S^T = K Q^T; V's, transposed once per head, for
 O^T = V^T P^T), and the B tiles are pairs of float32 rows packed side by side (Q^T's rows of
-head dims, P^T's rows of keys). A float32 is carried as two bfloat16s, its rounding and what
-the rounding left (hi + lo, within 2^-18 of it), and both are multiplied: K and V are bfloat16
-already, so every product is exact and S and O keep about float32's precision, at twice the
-tile products (cheap beside the softmax's vector work).
+head dims, P^T's rows of keys). A float32 is carried as a sum of bfloat16s, its rounding and
+then what each rounding left: q in three terms (within 2^-27 of it: a score's error stays
+float32's even for large scores), the probabilities in two (within 2^-18), and every term is
+multiplied. K and V are bfloat16 already, so every product is exact and S and O keep
+float32's precision, at three and two times the tile products (cheap beside the softmax's
+vector work).
 
 Tiles: 0-3 accumulators (16 x 16 float32), 4-5 A (16 rows x 32 bfloat16), 6-7 B (16 pairs of
 rows x 16 columns)."""
