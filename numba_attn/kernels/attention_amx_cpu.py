@@ -178,8 +178,7 @@ def values(typingctx, ot, tile_stride, n_tiles, alpha, vt, pb, lo_off, usteps):
     def codegen(context, builder, signature, args):
         ot, ts, nt, alpha, vt, pb, lo_off, us = [context.cast(builder, v, t, types.int64)
                                                  for v, t in zip(args, signature.args)]
-        vf = ir.VectorType(ir.FloatType(), 16)
-        vfp = ir.PointerType(vf)
+        vfp = ir.PointerType(_VF)
         al = builder.load(builder.inttoptr(alpha, vfp), align=4)
         n_groups = builder.udiv(builder.add(nt, _c(3)), _c(4))
         with cgutils.for_range(builder, n_groups) as grp:

@@ -28,7 +28,6 @@ decode: a block of one head's rows at a time, into L1), and all arithmetic is fl
 AMX tiles, float32-exact products of bfloat16 terms, summed in float32)."""
 import ctypes
 import glob
-import math
 import os
 
 import ml_dtypes
@@ -41,8 +40,9 @@ from numba.extending import intrinsic, overload
 from . import cpu_pool
 from .linear_bf16_cpu import to_float32
 from . import attention_amx_cpu as amx
+from .linear_bf16_cpu import _AMX_CFG
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, amx_path, fma, prefetch, \
-    store_transposed16, tile_config, tile_config_bytes, tile_release, widen16
+    store_transposed16, tile_config, tile_release, vexp, widen16
 from .scalar import FASTMATH_INF, dots_4x1, dots_4x2, exp_f32, row_max
 
 BLOCK_ROWS = 64        # prefill, BLAS tile (odd head sizes): query rows per tile
@@ -55,7 +55,6 @@ MIN_SPLIT_KEYS = 256   # decode: a key range is never shorter than this
 # K and V storage, passed to the kernels as `kind` (16-bit kinds as their uint16 bits); a
 # uint16 array is bfloat16 bits, as attention_cuda takes them
 KV_F32, KV_BF16, KV_F16 = 0, 1, 2
-_AMX_CFG = tile_config_bytes()
 KV_KINDS = {np.dtype(np.float32): KV_F32, np.dtype(ml_dtypes.bfloat16): KV_BF16,
             np.dtype(np.uint16): KV_BF16, np.dtype(np.float16): KV_F16}
 
@@ -328,7 +327,7 @@ def _softmax_step(W):
     (W floats at st + 4 j ld; st, m_run, l_run, alpha, n_vis are byte addresses) for j < nk;
     diag: keys j >= n_vis[r] (W int32) are set to -inf first. The rows' block max m, then
     P = exp(S - m) in place, alpha = exp(m_run - m), l_run = l_run alpha + sum_j P, m_run = m
-    (m taken as 0 in the exps while it is -inf: nothing seen yet). exp as scalar.exp_f32."""
+    (m taken as 0 in the exps while it is -inf: nothing seen yet). exp: llvm_cpu.vexp."""
     VT, VIT = ir.VectorType(_F32, W), ir.VectorType(_I32, W)
 
     def vconst(x):
@@ -345,8 +344,6 @@ def _softmax_step(W):
             diag = context.cast(builder, args[7], signature.args[7], types.boolean)
             fp, vp, vip = ir.PointerType(_F32), ir.PointerType(VT), ir.PointerType(VIT)
             mod = builder.module
-            floor = cgutils.get_or_insert_function(mod, ir.FunctionType(VT, [VT]),
-                                                   f"llvm.floor.v{W}f32")
             vmax = cgutils.get_or_insert_function(mod, ir.FunctionType(VT, [VT, VT]),
                                                   f"llvm.maxnum.v{W}f32")
             vfma = fma(builder, VT)
@@ -359,22 +356,6 @@ def _softmax_step(W):
 
             def srow(j):
                 return builder.bitcast(builder.gep(sp, [builder.mul(j, ld)]), vp)
-
-            def vexp(x):
-                xc = builder.call(vmax, [x, vconst(-87.0)])
-                n = builder.call(floor, [builder.call(vfma, [xc, vconst(1.4426950408889634),
-                                                            vconst(0.5)])])
-                r = builder.call(vfma, [n, vconst(-0.693359375), xc])
-                r = builder.call(vfma, [n, vconst(2.12194440e-4), r])
-                p = vconst(1 / math.factorial(6))
-                for kk in (5, 4, 3, 2, 1, 0):
-                    p = builder.call(vfma, [p, r, vconst(1 / math.factorial(kk))])
-                e = builder.bitcast(builder.shl(builder.add(builder.fptosi(n, VIT),
-                                                            ir.Constant(VIT, [127] * W)),
-                                                ir.Constant(VIT, [23] * W)), VT)
-                y = builder.fmul(p, e)
-                ok = builder.fcmp_ordered(">=", x, vconst(-87.0))
-                return builder.select(ok, y, vconst(0.0))
 
             m0 = builder.load(mptr, align=4)
             mslot = cgutils.alloca_once(builder, VT)
@@ -400,14 +381,14 @@ def _softmax_step(W):
                         builder.store(builder.call(vmax, [s, builder.load(mslot)]), mslot)
             m = builder.load(mslot)
             msafe = builder.select(builder.fcmp_ordered("==", m, ninf), vconst(0.0), m)
-            al = vexp(builder.fsub(m0, msafe))
+            al = vexp(builder, builder.fsub(m0, msafe))
             builder.store(m, mptr, align=4)
             builder.store(al, aptr, align=4)
             lslot = cgutils.alloca_once(builder, VT)
             builder.store(vconst(0.0), lslot)
             with cgutils.for_range(builder, nk) as loop:
                 p = srow(loop.index)
-                e = vexp(builder.fsub(builder.load(p, align=4), msafe))
+                e = vexp(builder, builder.fsub(builder.load(p, align=4), msafe))
                 builder.store(e, p, align=4)
                 builder.store(builder.fadd(builder.load(lslot), e), lslot)
             builder.store(builder.call(vfma, [builder.load(lptr, align=4), al,
@@ -605,12 +586,13 @@ def _store_rows(out, O, l_run, z, hk, G, q0, rows):
 @njit(cache=True)
 def _prefill_plan(q, k, causal, n_workers):
     # The prefill schedule of q (b, q_len, H, d) over k (b, kv_len, Hkv, d): tiles of bq query
-    # positions (x the G heads of a KV head; ld rows, padded to 32), n_qblk of them a head. A task: query blocks qb = chunk, chunk + n_chunks, ... of one (batch, KV
-    # head), whose K and V are packed once for all of them; a head is split only when there
-    # are too few heads to keep every worker busy (interleaved, so the causal costs of the
-    # chunks even out). owner[task]: its worker, a static schedule balanced by causal cost
-    # (longest first, each to the least loaded worker; plain loops: np.argsort alone added
-    # 1.7 s to the first compile)
+    # positions (x the G heads of a KV head; ld rows, padded to 32), n_qblk of them a head. A
+    # task: query blocks qb = chunk, chunk + n_chunks, ... of one (batch, KV head), whose K and
+    # V are packed once for all of them; a head is split only when there are too few heads to
+    # keep every worker busy (interleaved, so the causal costs of the chunks even out).
+    # owner[task]: its worker, a static schedule balanced by causal cost (longest first, each
+    # to the least loaded worker; plain loops: np.argsort alone added 1.7 s to the first
+    # compile)
     B, q_len, H = q.shape[0], q.shape[1], q.shape[2]
     kv_len, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -737,7 +719,7 @@ def _amx_tile(out, q, Kh, Vt, kv_len, scale, causal, G, z, hk, q0, nq, Qf, Qb, O
     ob_t = 1024 * Ob.shape[1]             # bytes from one O^T tile of head dims to the next
     for k0 in range(0, k_end, AMX_BLOCK_K):
         nk = min(AMX_BLOCK_K, k_end - k0)
-        r0, r0a, diag = _block_rows(n_vis, k0, nk, kpos, G, rows, ld, causal)
+        _, r0a, diag = _block_rows(n_vis, k0, nk, kpos, G, rows, ld, causal)
         for kk in range(0, nk, 32):
             for cp in range(r0a, ld, 32):
                 amx.scores(st_p + 4 * (kk * ld + cp), ld, kh_p + 2 * (k0 + kk) * d, d,
@@ -788,9 +770,8 @@ def _attention_prefill_amx(out, q, k, v, scale, causal, cfg, n_workers):
             z, hk, chunk, k_need = _task_keys(task, n_chunks, n_qblk, bq, q_len, kv_len, Hkv,
                                               causal)
             k_pad = (k_need + 31) // 32 * 32
-            for j in range(k_pad):
-                for c in range(d):
-                    Kh[j, c] = k[z, j, hk, c] if j < k_need else 0
+            Kh[:k_need] = k[z, :k_need, hk]
+            Kh[k_need:k_pad] = 0
             for j in range(k_pad):
                 u, e = j // 32, j % 32
                 for c in range(d):

@@ -5,6 +5,7 @@ instructions, and the check that the host has them (fast_path), which the enviro
 turn off."""
 import ctypes
 import functools
+import math
 import os
 import sys
 
@@ -26,6 +27,33 @@ def fma(builder, vt):
     """llvm.fma for the float vector type vt: call it as builder.call(f, [a, b, c]) = a b + c."""
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]),
                                           f"llvm.fma.v{vt.count}f32")
+
+
+def vexp(builder, x):
+    """e^x for a vector x of float32 (any lane count; x <= 88), as scalar.exp_f32 computes it:
+    x = n ln2 + r with ln 2 in two parts, e^r by its degree-6 polynomial, 2^n built in the
+    exponent field; 0 below -87, where e^x underflows."""
+    vt = x.type
+    vit = ir.VectorType(I32, vt.count)
+
+    def k(v):
+        return ir.Constant(vt, [float(np.float32(v))] * vt.count)
+    floor = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt]),
+                                           f"llvm.floor.v{vt.count}f32")
+    vmax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt]),
+                                          f"llvm.maxnum.v{vt.count}f32")
+    vfma = fma(builder, vt)
+    xc = builder.call(vmax, [x, k(-87.0)])
+    n = builder.call(floor, [builder.call(vfma, [xc, k(1.4426950408889634), k(0.5)])])
+    r = builder.call(vfma, [n, k(-0.693359375), xc])
+    r = builder.call(vfma, [n, k(2.12194440e-4), r])
+    p = k(1 / math.factorial(6))
+    for i in (5, 4, 3, 2, 1, 0):
+        p = builder.call(vfma, [p, r, k(1 / math.factorial(i))])
+    e = builder.bitcast(builder.shl(builder.add(builder.fptosi(n, vit),
+                                                ir.Constant(vit, [127] * vt.count)),
+                                    ir.Constant(vit, [23] * vt.count)), vt)
+    return builder.select(builder.fcmp_ordered(">=", x, k(-87.0)), builder.fmul(p, e), k(0.0))
 
 
 def prefetch(builder, addr, write, locality=3):

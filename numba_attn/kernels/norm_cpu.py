@@ -12,7 +12,7 @@ from numba import float32, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .llvm_cpu import F32, I32, I64, fast_path, fma
+from .llvm_cpu import F32, I64, fast_path, fma, vexp
 from .scalar import silu_vec
 
 PARALLEL_MIN = 1 << 15  # elements below which the serial function runs alone
@@ -106,10 +106,10 @@ def _silu_mul_parallel(out, gate, up, into):
 @intrinsic
 def _silu_mul16(typingctx, out, gate, up, n16):
     """out[i] = silu(gate[i]) up[i] for i < 16 n16, 16 at a time in AVX-512 registers (byte
-    addresses; out may be gate or up): e^-g as exp_f32 computes it (ln 2 in two parts, the same
-    polynomial), scaled by 2^n with vscalefps, and 1 / (1 + e^-g) by vrcp14ps and one Newton
-    step (relative error ~1e-7, as a division's) instead of the division, whose throughput
-    bounded the plain loop (256-bit vectors, about 1.4 cycles an element)."""
+    addresses; out may be gate or up): e^-g by llvm_cpu.vexp (exp_f32's arithmetic), and
+    1 / (1 + e^-g) by vrcp14ps and one Newton step (relative error ~1e-7, as a division's)
+    instead of the division, whose throughput bounded the plain loop (256-bit vectors, about
+    1.4 cycles an element)."""
     sig = types.void(out, gate, up, n16)
 
     def codegen(context, builder, signature, args):
@@ -117,36 +117,22 @@ def _silu_mul16(typingctx, out, gate, up, n16):
                               for v, t in zip(args, signature.args)]
         vf = ir.VectorType(F32, 16)
         vp = ir.PointerType(vf)
-        mod = builder.module
+        mask = ir.IntType(16)
 
         def k(x):
-            return ir.Constant(vf, [float(float32(x))] * 16)
-
-        def fn(name, *arg_types):
-            return cgutils.get_or_insert_function(mod, ir.FunctionType(vf, list(arg_types)), name)
-        vmin, vmax = fn("llvm.minnum.v16f32", vf, vf), fn("llvm.maxnum.v16f32", vf, vf)
-        floor = fn("llvm.floor.v16f32", vf)
-        mask = ir.IntType(16)
-        scalef = fn("llvm.x86.avx512.mask.scalef.ps.512", vf, vf, vf, mask, I32)
-        rcp = fn("llvm.x86.avx512.rcp14.ps.512", vf, vf, mask)
+            return ir.Constant(vf, [x] * 16)
+        vmin = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vf]),
+                                              "llvm.minnum.v16f32")
+        rcp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vf, mask]),
+                                             "llvm.x86.avx512.rcp14.ps.512")
         vfma = fma(builder, vf)
-        all_lanes = ir.Constant(mask, -1)
         with cgutils.for_range(builder, n16) as loop:
             off = builder.mul(loop.index, ir.Constant(I64, 64))
             g = builder.load(builder.inttoptr(builder.add(gate, off), vp), align=4)
             u = builder.load(builder.inttoptr(builder.add(up, off), vp), align=4)
-            x = builder.call(vmin, [builder.fneg(g), k(80.0)])        # e^x, x = -g <= 80
-            xc = builder.call(vmax, [x, k(-87.0)])
-            nn = builder.call(floor, [builder.call(vfma, [xc, k(1.4426950408889634), k(0.5)])])
-            r = builder.call(vfma, [nn, k(-0.693359375), xc])
-            r = builder.call(vfma, [nn, k(2.12194440e-4), r])
-            p = k(1 / math.factorial(6))
-            for i in (5, 4, 3, 2, 1, 0):
-                p = builder.call(vfma, [p, r, k(1 / math.factorial(i))])
-            e = builder.call(scalef, [p, nn, k(0.0), all_lanes, ir.Constant(I32, 4)])
-            e = builder.select(builder.fcmp_ordered(">=", x, k(-87.0)), e, k(0.0))
-            d = builder.fadd(e, k(1.0))
-            y = builder.call(rcp, [d, k(0.0), all_lanes])
+            d = builder.fadd(vexp(builder, builder.call(vmin, [builder.fneg(g), k(80.0)])),
+                             k(1.0))                                  # 1 + e^-g, -g capped
+            y = builder.call(rcp, [d, k(0.0), ir.Constant(mask, -1)])
             y = builder.fmul(y, builder.call(vfma, [builder.fneg(d), y, k(2.0)]))   # Newton
             res = builder.fmul(builder.fmul(g, y), u)
             builder.store(res, builder.inttoptr(builder.add(out, off), vp), align=4)
