@@ -50,8 +50,8 @@ def path(request, monkeypatch):
         monkeypatch.setattr(linear_q8_cpu, "gemm_amx", _not_this_path)
     elif request.param == "portable":
         monkeypatch.setattr(llvm_cpu, "CPU_PATH", "portable")
-        monkeypatch.setattr(linear_q8_cpu, "_gemv", _not_this_path)
-        monkeypatch.setattr(linear_q8_cpu, "_gemv_rows", _not_this_path)
+        for name in ("_gemv", "_gemv_pairs", "_gemv_rows"):
+            monkeypatch.setattr(linear_q8_cpu, name, _not_this_path)
     return request.param
 
 
@@ -119,17 +119,29 @@ def test_linear_q8_matches_reference(path, m, k, n):
     assert_q8_close(y.astype(np.float64), x, q)
 
 
-@pytest.mark.parametrize("one_stream", [True, False], ids=["one-row", "four-rows"])
+@pytest.mark.parametrize("one_stream", [True, False], ids=["one-row", "two-rows"])
 @pytest.mark.parametrize("k,n", [(32, 7), (96, 1000), (4128, 33)])
-def test_decode_reads_one_or_four_rows(monkeypatch, one_stream, k, n):
-    """Decode's two ways through w (one row a step on AMD Zen, 4 rows elsewhere), each on any
-    CPU; the other's kernel raises."""
+def test_decode_reads_one_or_two_rows(monkeypatch, one_stream, k, n):
+    """Decode's two ways through w (one row a step on AMD Zen, 2 rows elsewhere), each on any
+    CPU; the other kernels raise."""
     if not FAST:
         pytest.skip("this CPU has no AVX-512 VNNI")
     monkeypatch.setattr(linear_q8_cpu, "ONE_STREAM_DECODE", one_stream)
-    monkeypatch.setattr(linear_q8_cpu, "_gemv_rows" if one_stream else "_gemv", _not_this_path)
+    monkeypatch.setattr(linear_q8_cpu, "_gemv_pairs" if one_stream else "_gemv", _not_this_path)
+    monkeypatch.setattr(linear_q8_cpu, "_gemv_rows", _not_this_path)
     q = quantize_q8_0(randn(k + n, n, k) * np.float32(0.05))
     x = randn(k, 1, k)
+    assert_q8_close(ops.linear(x, q).astype(np.float64), x, q)
+
+
+def test_few_rows_read_four_rows(monkeypatch):
+    """A few rows of x (2 to GEMV_MAX_ROWS) go through w 4 rows a pass, on any CPU."""
+    if not FAST:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    for name in ("_gemv", "_gemv_pairs"):
+        monkeypatch.setattr(linear_q8_cpu, name, _not_this_path)
+    q = quantize_q8_0(randn(3, 1001, 4128) * np.float32(0.05))
+    x = randn(4, 5, 4128)
     assert_q8_close(ops.linear(x, q).astype(np.float64), x, q)
 
 
