@@ -89,6 +89,26 @@ def test_decode_eight_query_heads_per_kv_head(q_len, kv_len):
     check(attention(q, k, v, causal=False), attention_ref(q, k, v, causal=False), q, k)
 
 
+def _not_this_driver(*args):
+    raise AssertionError("the other decode driver ran")
+
+
+@pytest.mark.parametrize("kv_dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
+@pytest.mark.parametrize("kv_len,batch,serial", [(16, None, True), (60, 2, True),
+                                                 (2000, None, False), (300, 3, False)])
+def test_decode_serial_and_parallel_drivers(monkeypatch, kv_dtype, kv_len, batch, serial):
+    """Decode work below the thread pool's threshold runs on the calling thread (its own
+    driver), above it on every thread; the other driver raises."""
+    work = (batch or 1) * 32 * kv_len * 64
+    assert (work < attention_cpu.cpu_pool.PARALLEL_MIN_WORK) == serial
+    other = "_attention_decode_mk" if serial else "_attention_decode_mk_serial"
+    monkeypatch.setattr(attention_cpu, other, _not_this_driver)
+    q, k, v = qkv(17 + kv_len, 1, kv_len, 32, 4, 64, batch)
+    k, v = k.astype(kv_dtype), v.astype(kv_dtype)
+    want = attention_ref(q, k.astype(np.float32), v.astype(np.float32), causal=True)
+    check(attention(q, k, v, causal=True), want, q, k.astype(np.float32))
+
+
 @pytest.mark.parametrize("q_len,kv_len", [(7, 3), (129, 1), (4, 2), (2, 1), (70, 65)])
 def test_queries_that_see_no_key_give_zeros(q_len, kv_len):
     """kv_len < q_len, causal, bottom-right: query i sits at kv_len - q_len + i, so the first

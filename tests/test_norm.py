@@ -109,11 +109,13 @@ def test_silu_mul_extreme_gates_stay_finite():
 
 @pytest.mark.parametrize("path", ["fast", "portable"])
 @pytest.mark.parametrize("into", ["new", "gate", "up"])
-@pytest.mark.parametrize("shape", [(norm_cpu.PARALLEL_MIN + 7,), (3, 20011), (512, 5632)])
-def test_silu_mul_large_paths(shape, into, path, monkeypatch):
-    """Sizes that take the parallel kernels, each chunk's last elements off the 16-lane blocks:
-    AVX-512 (fast: vrcp14ps and a Newton step for the division) and the plain loop, into a new
-    array or in place, with extreme gates spread through them."""
+@pytest.mark.parametrize("shape", [(7,), (1, 45), (1, 5632), (norm_cpu.PARALLEL_MIN + 7,),
+                                   (3, 20011), (512, 5632)])
+def test_silu_mul_paths(shape, into, path, monkeypatch):
+    """A decode step's sizes (one thread) and sizes that take the parallel kernels, each
+    chunk's last elements off the 16-lane blocks: AVX-512 (fast: vrcp14ps and a Newton step for
+    the division) and the plain loop, into a new array or in place, with extreme gates spread
+    through them."""
     monkeypatch.setattr(llvm_cpu, "CPU_PATH", path)
     gate, up = randn(20, *shape) * np.float32(4), randn(21, *shape)
     flat = gate.reshape(-1)

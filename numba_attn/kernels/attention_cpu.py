@@ -1084,42 +1084,36 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
                 i += g
 
 
-@njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
-def _attention_decode_mk(out, q, k, v, scale, causal, kind, n_workers):
-    # q, out: (b, q_len, H, d) with small q_len; k, v: (b, kv_len, Hkv, d); d a multiple of 32.
-    # A task: a range of keys of one batch, for every head; a batch is split into ranges when
-    # there are fewer batches than workers (flash-decoding: the ranges' partial results merged
-    # at the end)
+@njit(inline="always", fastmath=FASTMATH_INF, cache=True)
+def _decode_mk_plan(q, k, kind, n_workers):
+    # the key ranges (flash-decoding: a batch is split into ranges when there are fewer
+    # batches than workers) and the scratch of _attention_decode_mk's tasks: per worker, Qf,
+    # Sf, At, Vis, Kw, Vw (_decode_range_mk's); per task, its partial result: unnormalised
+    # output, running max and sum
     B, q_len, H, d = q.shape
     kv_len, Hkv = k.shape[1], k.shape[2]
-    G = H // Hkv
-    rows = q_len * G
+    rows = q_len * (H // Hkv)
     ld = (rows + 15) // 16 * 16
     n_split = max(1, min((n_workers + B - 1) // B, (kv_len + BLOCK_K - 1) // BLOCK_K))
     split_len = ((kv_len + n_split - 1) // n_split + BLOCK_K - 1) // BLOCK_K * BLOCK_K
     n_split = max(1, (kv_len + split_len - 1) // split_len)
     n_tasks = B * n_split
-
-    Qf = np.empty((n_workers, Hkv * d * ld), np.float32)
-    Sf = np.empty((n_workers, BLOCK_K * ld), np.float32)
-    At = np.empty((n_workers, ld), np.float32)
-    Vis = np.empty((n_workers, ld), np.int32)
     kw = BLOCK_K * d if kind != KV_F32 else 0     # a widened block of 16-bit K or V
-    Kw = np.empty((n_workers, kw), np.float32)
-    Vw = np.empty((n_workers, kw), np.float32)
-    # each task's partial result: unnormalised output, running max and sum
-    O_part = np.empty((n_tasks, Hkv, rows, d), np.float32)
-    M_part = np.empty((n_tasks, Hkv, ld), np.float32)
-    L_part = np.empty((n_tasks, Hkv, ld), np.float32)
-    for w in prange(n_workers):
-        for task in range(w, n_tasks, n_workers):
-            z, split = task // n_split, task % n_split
-            _decode_range_mk(q, k, v, float32(scale), causal, kind, z, split * split_len,
-                             min(kv_len, (split + 1) * split_len), Qf[w], Sf[w], O_part[task],
-                             M_part[task], L_part[task], At[w], Vis[w], Kw[w], Vw[w])
+    return (n_split, split_len, n_tasks,
+            np.empty((n_workers, Hkv * d * ld), np.float32),
+            np.empty((n_workers, BLOCK_K * ld), np.float32),
+            np.empty((n_workers, ld), np.float32), np.empty((n_workers, ld), np.int32),
+            np.empty((n_workers, kw), np.float32), np.empty((n_workers, kw), np.float32),
+            np.empty((n_tasks, Hkv, rows, d), np.float32),
+            np.empty((n_tasks, Hkv, ld), np.float32), np.empty((n_tasks, Hkv, ld), np.float32))
 
-    # merge the key ranges (on the calling thread: a few rows): rescale each partial to the
-    # common maximum
+
+@njit(inline="always", fastmath=FASTMATH_INF, cache=True)
+def _decode_mk_merge(out, O_part, M_part, L_part, n_split):
+    # merge the key ranges: rescale each partial to the common maximum
+    B, q_len, H, d = out.shape
+    Hkv, rows = O_part.shape[1], O_part.shape[2]
+    G = H // Hkv
     for z in range(B):
         for hk in range(Hkv):
             for r in range(rows):
@@ -1144,6 +1138,40 @@ def _attention_decode_mk(out, q, k, v, scale, causal, kind, n_workers):
                     orow[c] *= inv
 
 
+@njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
+def _attention_decode_mk(out, q, k, v, scale, causal, kind, n_workers):
+    # q, out: (b, q_len, H, d) with small q_len; k, v: (b, kv_len, Hkv, d); d a multiple of 32.
+    # A task: a range of keys of one batch, for every head; the ranges merged at the end (on
+    # the calling thread: a few rows)
+    kv_len = k.shape[1]
+    n_split, split_len, n_tasks, Qf, Sf, At, Vis, Kw, Vw, O_part, M_part, L_part = \
+        _decode_mk_plan(q, k, kind, n_workers)
+    for w in prange(n_workers):
+        for task in range(w, n_tasks, n_workers):
+            z, split = task // n_split, task % n_split
+            _decode_range_mk(q, k, v, float32(scale), causal, kind, z, split * split_len,
+                             min(kv_len, (split + 1) * split_len), Qf[w], Sf[w], O_part[task],
+                             M_part[task], L_part[task], At[w], Vis[w], Kw[w], Vw[w])
+    _decode_mk_merge(out, O_part, M_part, L_part, n_split)
+
+
+@njit(fastmath=FASTMATH_INF, cache=True)
+def _attention_decode_mk_serial(out, q, k, v, scale, causal, kind):
+    # _attention_decode_mk on the calling thread, outside the thread pool: a short context's
+    # decode step sits between parallel GEMVs, and a parallel region of one thread there (its
+    # pool shrunk and grown again) cost more than the attention (TinyLlama q8_0 decode at
+    # context 16: 0.9 against 0.4 ms a token, in turn in one process)
+    kv_len = k.shape[1]
+    n_split, split_len, n_tasks, Qf, Sf, At, Vis, Kw, Vw, O_part, M_part, L_part = \
+        _decode_mk_plan(q, k, kind, 1)
+    for task in range(n_tasks):
+        z, split = task // n_split, task % n_split
+        _decode_range_mk(q, k, v, float32(scale), causal, kind, z, split * split_len,
+                         min(kv_len, (split + 1) * split_len), Qf[0], Sf[0], O_part[task],
+                         M_part[task], L_part[task], At[0], Vis[0], Kw[0], Vw[0])
+    _decode_mk_merge(out, O_part, M_part, L_part, n_split)
+
+
 def attention(out, q, k, v, scale, causal):
     # q, out: (b, q_len, H, d) float32; k, v: (b, kv_len, Hkv, d) float32, float16 or bfloat16
     # (ml_dtypes, or its bits as uint16)
@@ -1159,6 +1187,9 @@ def attention(out, q, k, v, scale, causal):
     else:
         schedule = _attention_prefill           # BLAS tiles: any head size
     n_workers = get_num_threads() if work >= cpu_pool.PARALLEL_MIN_WORK else 1
+    if schedule is _attention_decode_mk and n_workers == 1:
+        _attention_decode_mk_serial(out, q, k, v, scale, causal, kind)
+        return
     if schedule is _attention_prefill_mk and kind == KV_BF16 and amx_path("amx-bf16"):
         cpu_pool.run(_attention_prefill_amx, work, out, q, k, v, scale, causal, _AMX_CFG,
                      n_workers)

@@ -140,26 +140,40 @@ def _silu_mul16(typingctx, out, gate, up, n16):
     return sig, codegen
 
 
+@njit(inline="always", cache=True)
+def _silu_mul_range16(out, gate, up, i0, i1):
+    # _silu_mul_range with AVX-512: whole 16s in registers, the rest (under 16) in the plain
+    # loop
+    n16 = (i1 - i0) // 16
+    _silu_mul16(out.ctypes.data + 4 * i0, gate.ctypes.data + 4 * i0, up.ctypes.data + 4 * i0,
+                n16)
+    _silu_mul_range(out, gate, up, i0 + 16 * n16, i1, 0)
+
+
+@njit(cache=True)
+def _silu_mul16_serial(out, gate, up):
+    # a decode step's silu_mul (TinyLlama's 5632 elements: 2.0 us against 2.4 in the plain loop)
+    _silu_mul_range16(out, gate, up, 0, gate.shape[0])
+
+
 @njit(parallel=True, cache=True)
 def _silu_mul_parallel16(out, gate, up):
-    # _silu_mul_parallel with AVX-512: whole chunks of 16 in registers, the rest (under 16) in
-    # the plain loop
     n = gate.shape[0]
-    o_p, g_p, u_p = out.ctypes.data, gate.ctypes.data, up.ctypes.data
     for c in prange((n + SILU_CHUNK - 1) // SILU_CHUNK):
-        i0, i1 = c * SILU_CHUNK, min(n, (c + 1) * SILU_CHUNK)
-        n16 = (i1 - i0) // 16
-        _silu_mul16(o_p + 4 * i0, g_p + 4 * i0, u_p + 4 * i0, n16)
-        _silu_mul_range(out, gate, up, i0 + 16 * n16, i1, 0)
+        _silu_mul_range16(out, gate, up, c * SILU_CHUNK, min(n, (c + 1) * SILU_CHUNK))
 
 
 def silu_mul(out, gate, up):
     # gate, up, out: (n,); out may be gate or up (the same memory, not just overlapping)
+    if fast_path("avx512f"):
+        if gate.size < PARALLEL_MIN:
+            _silu_mul16_serial(out, gate, up)
+        else:
+            _silu_mul_parallel16(out, gate, up)
+        return
     at = out.ctypes.data
     into = 1 if at == gate.ctypes.data else 2 if at == up.ctypes.data else 0
     if gate.size < PARALLEL_MIN:
         _silu_mul_range(out, gate, up, 0, gate.shape[0], into)
-    elif fast_path("avx512f"):
-        _silu_mul_parallel16(out, gate, up)
     else:
         _silu_mul_parallel(out, gate, up, into)
