@@ -22,7 +22,8 @@ BLOCK = A.BLOCK_K
 
 @njit
 def scores(k, qt, st, prefetching):
-    # S^T of every key block and KV head, as _decode_range_mk computes them (8 rows: ymm)
+    # S^T of every key block and KV head, as _decode_range_mk computes them (8 rows: Q^T in
+    # pairs, _qk_pairs; the timing does not depend on qt's values)
     kp, qp, sp = k.ctypes.data, qt.ctypes.data, st.ctypes.data
     ldk = HKV * D
     for k0 in range(0, KV - BLOCK, BLOCK):

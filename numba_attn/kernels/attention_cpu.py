@@ -18,8 +18,9 @@ Two schedules, same arithmetic:
 - decode (a few queries): a task is a range of keys for every head at once, so K and V are
   streamed from memory once, in address order; the ranges' partial results are merged at the
   end (flash-decoding). Within a block of keys each KV head's query heads form one tile (8
-  rows at 32/4 heads), scored and accumulated by the same micro-kernels (narrower vectors for
-  the scores of small tiles), and the next block is prefetched meanwhile. Head sizes that are
+  rows at 32/4 heads), scored and accumulated by the same micro-kernels (the scores of a tile
+  of at most 8 rows two head dimensions at a time, filling a zmm's 16 lanes), and the next
+  block is prefetched meanwhile. Head sizes that are
   not a multiple of 32 take the older loop-based schedule.
 
 K and V may be float32, float16 or bfloat16 (a 16-bit KV cache: half the bytes to stream);
@@ -254,13 +255,14 @@ _V16 = ir.VectorType(_F32, 16)
 _VI32 = ir.VectorType(_I32, 16)
 
 
-def _microkernel(R, NV, accumulate, W=16):
-    """An intrinsic mk(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha): for i < R, the W*NV floats at
+def _microkernel(R, NV, accumulate):
+    """An intrinsic mk(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha): for i < R, the 16 NV floats at
     row i of C get sum_{t < K} A[i, t] * B[t, :], where c, a, b, alpha are byte addresses,
     C[i, :] is at c + 4 i ldc, A[i, t] at a + 4 (i sa_i + t sa_t), B[t, :] at b + 4 t ldb.
     accumulate: C[i, :] = C[i, :] * alpha[i] + sum (alpha: R floats), else C[i, :] = sum.
-    The R x NV accumulators of W floats (W 16: zmm, W 8: ymm) stay in registers over the
-    whole loop (R NV <= 24 of the 32)."""
+    The R x NV accumulators of 16 floats stay in zmm registers over the whole loop (R NV <= 24
+    of the 32)."""
+    W = 16
     VT = ir.VectorType(_F32, W)
 
     @intrinsic
@@ -953,22 +955,75 @@ def _attention_decode(out, q, k, v, scale, causal, kind, n_workers):
 # -- decode with the micro-kernels: a task is one KV head (and a range of its keys) --------
 # The G query heads sharing a KV head are the rows of one tile, so each key and value row is
 # read once for all of them, straight from the cache (no packing): scores S^T (keys, rows) by
-# broadcasting each key element against Q^T (d, rows), in ymm registers when the tile has at
-# most 8 rows (as fast as zmm per element, and no lane wasted at G = 8), the online softmax
-# across the rows' lanes (_softmax16), then O += P^T V as in prefill.
+# broadcasting key elements against Q^T, the online softmax across the rows' lanes
+# (_softmax16, _softmax8), then O += P^T V as in prefill. A tile of at most 8 rows takes its
+# scores two head dimensions at a time (_qk_pairs): a key's elements 2t, 2t + 1 broadcast as
+# one 64-bit pair fill a zmm's even and odd lanes, against Q^T packed as Qp[t, 2r + e] =
+# Q^T[2t + e, r], so all 16 lanes work (one element broadcast against 8 rows would fill half);
+# each row's two partial sums are added at the end.
 
 _QK_R = 16                                    # keys per score micro-kernel call
-_qk8_16, _qk8_4, _qk8_1 = (_microkernel(r, 1, False, 8) for r in (_QK_R, 4, 1))
-_qk16_16, _qk16_4, _qk16_1 = (_microkernel(r, 1, False, 16) for r in (_QK_R, 4, 1))
+_qk16_16, _qk16_4, _qk16_1 = (_microkernel(r, 1, False) for r in (_QK_R, 4, 1))
+
+
+def _qk_pairs(R):
+    """An intrinsic qk(c, ldc, a, sa_i, b, K): for keys i < R, the 8 floats at c + 4 i ldc get
+    sum_{t < K} A[i, t] Q^T[t, :8], A[i, t] at byte address a + 4 (i sa_i + t), Q^T packed in
+    pairs at b: Qp[t / 2, 2 r + t % 2] = Q^T[t, r], 16 floats a pair; K even. The R
+    accumulators stay in zmm registers over the whole loop."""
+    VT, V8 = ir.VectorType(_F32, 16), ir.VectorType(_F32, 8)
+    VQ = ir.VectorType(_I64, 8)
+
+    @intrinsic
+    def qk(typingctx, c, ldc, a, sa_i, b, K):
+        sig = types.void(c, ldc, a, sa_i, b, K)
+
+        def codegen(context, builder, signature, args):
+            c, ldc, a, sa_i, b, K = [context.cast(builder, v, t, types.int64)
+                                     for v, t in zip(args, signature.args)]
+            vfma = fma(builder, VT)
+            undef = ir.Constant(VQ, ir.Undefined)
+            zeros = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
+            acc = [cgutils.alloca_once_value(builder, ir.Constant(VT, [0.0] * 16))
+                   for _ in range(R)]
+            rows = [builder.add(a, builder.mul(ir.Constant(_I64, 4 * i), sa_i)) for i in range(R)]
+            with cgutils.for_range(builder, builder.ashr(K, ir.Constant(_I64, 1))) as loop:
+                t2 = loop.index
+                off = builder.mul(t2, ir.Constant(_I64, 8))        # bytes to elements 2 t2
+                qv = builder.load(builder.inttoptr(
+                    builder.add(b, builder.mul(t2, ir.Constant(_I64, 64))), ir.PointerType(VT)),
+                    align=4)
+                for i in range(R):
+                    pair = builder.load(builder.inttoptr(builder.add(rows[i], off),
+                                                         ir.PointerType(_I64)), align=4)
+                    kv = builder.bitcast(builder.shuffle_vector(
+                        builder.insert_element(undef, pair, ir.Constant(_I32, 0)), undef, zeros),
+                        VT)
+                    builder.store(builder.call(vfma, [kv, qv, builder.load(acc[i])]), acc[i])
+            even = ir.Constant(ir.VectorType(_I32, 8), list(range(0, 16, 2)))
+            odd = ir.Constant(ir.VectorType(_I32, 8), list(range(1, 16, 2)))
+            for i in range(R):
+                v = builder.load(acc[i])
+                total = builder.fadd(builder.shuffle_vector(v, v, even),
+                                     builder.shuffle_vector(v, v, odd))
+                out = builder.add(c, builder.mul(ir.Constant(_I64, 4 * i), ldc))
+                builder.store(total, builder.inttoptr(out, ir.PointerType(V8)), align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return qk
+
+
+_qkp_16, _qkp_4, _qkp_1 = (_qk_pairs(r) for r in (_QK_R, 4, 1))
 
 
 @njit(inline="always")
 def _qk_block(narrow, n, c, ldc, a, sa_i, b, ldb, K, pf_k, pf_v, n_pf, pf_stride, pf_bytes):
-    # C[j, :W] = sum_t A[j, t] B[t, :W] for keys j < n (A's rows sa_i floats apart), W = 8 when
-    # narrow else 16; in calls of 16, 4 and 1 keys. Before each call of 16, the next n_pf key
-    # and value rows (pf_bytes each, pf_stride bytes apart, from byte addresses pf_k and pf_v
-    # on) are prefetched, 16 at a time: spread over the work, so the memory streams while the
-    # cores compute
+    # C[j, :W] = sum_t A[j, t] B[t, :W] for keys j < n (A's rows sa_i floats apart): narrow, W
+    # = 8 with B packed in pairs (_qk_pairs; ldb unused), else W = 16 with B's rows ldb floats
+    # apart; in calls of 16, 4 and 1 keys. Before each call of 16, the next n_pf key and value
+    # rows (pf_bytes each, pf_stride bytes apart, from byte addresses pf_k and pf_v on) are
+    # prefetched, 16 at a time: spread over the work, so the memory streams while the cores
+    # compute
     j = 0
     while j < n:
         cj, aj = c + 4 * j * ldc, a + 4 * j * sa_i
@@ -978,19 +1033,19 @@ def _qk_block(narrow, n, c, ldc, a, sa_i, b, ldb, K, pf_k, pf_v, n_pf, pf_stride
             _prefetch_rows(pf_v + j * pf_stride, npf, pf_stride, pf_bytes)
         if n - j >= _QK_R:
             if narrow:
-                _qk8_16(cj, ldc, aj, sa_i, 1, b, ldb, K, 0)
+                _qkp_16(cj, ldc, aj, sa_i, b, K)
             else:
                 _qk16_16(cj, ldc, aj, sa_i, 1, b, ldb, K, 0)
             j += _QK_R
         elif n - j >= 4:
             if narrow:
-                _qk8_4(cj, ldc, aj, sa_i, 1, b, ldb, K, 0)
+                _qkp_4(cj, ldc, aj, sa_i, b, K)
             else:
                 _qk16_4(cj, ldc, aj, sa_i, 1, b, ldb, K, 0)
             j += 4
         else:
             if narrow:
-                _qk8_1(cj, ldc, aj, sa_i, 1, b, ldb, K, 0)
+                _qkp_1(cj, ldc, aj, sa_i, b, K)
             else:
                 _qk16_1(cj, ldc, aj, sa_i, 1, b, ldb, K, 0)
             j += 1
@@ -1012,17 +1067,14 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
     rows = q_len * G
     narrow = rows <= 8
     ld = 8 if narrow else (rows + 15) // 16 * 16
-    Qt = Qf[:Hkv * d * ld].reshape((Hkv, d, ld))
+    Qt = Qf[:Hkv * d * ld].reshape((Hkv, d * ld))  # Q^T (d, ld) a head, narrow: in pairs
     St = Sf[:BLOCK_K * ld].reshape((BLOCK_K, ld))
     for hk in range(Hkv):
         for r in range(ld):
-            if r < rows:
-                qr = q[z, r // G, hk * G + r % G]
-                for c in range(d):
-                    Qt[hk, c, r] = qr[c] * scale
-            else:
-                for c in range(d):
-                    Qt[hk, c, r] = float32(0)
+            qr = q[z, r // G, hk * G + r % G] if r < rows else q[z, 0, 0]
+            for c in range(d):
+                at = (c // 2) * 16 + 2 * r + c % 2 if narrow else c * ld + r
+                Qt[hk, at] = qr[c] * scale if r < rows else float32(0)
             m_run[hk, r] = NEG_INF
             l_run[hk, r] = float32(0)
         for r in range(rows):
