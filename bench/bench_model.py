@@ -482,6 +482,20 @@ def report_formats(runs, peers, command):
     return "\n".join(lines)
 
 
+def report_rounds(rounds):
+    """Every round's prefill and decode of each of our formats against each peer, as ratios
+    (rounds sorted by the first ratio; the table above is the median one)."""
+    lines = ["", f"{len(rounds)} rounds, each ours then the peers in fresh processes; ours / "
+             "peer per round, prefill (decode):", ""]
+    for k, r in enumerate(rounds[0][0]):
+        for j, p in enumerate(rounds[0][1]):
+            cells = [f"{rp[0][k]['prefill_tok_s'] / rp[1][j]['prefill_tok_s']:.2f}x "
+                     f"({rp[0][k]['decode_tok_s'] / rp[1][j]['decode_tok_s']:.2f}x)"
+                     for rp in rounds]
+            lines.append(f"- ours {r['weight_dtype']} / {p['who']}: " + ", ".join(cells))
+    return "\n".join(lines)
+
+
 def report(r, command):
     gb = 1e9
     ok = lambda b: "yes" if b else "NO"  # noqa: E731
@@ -547,8 +561,10 @@ def main():
                     help="rounds of prefill alternating with GEMM (best kept) and of decode "
                          "alternating with GEMV (medians), at least 3 [3]")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="measure ours and the peer this many times, alternating processes; "
-                         "the table is the median round by prefill ratio [1]")
+                    help="measure ours and the peers this many times, alternating processes; "
+                         "the table is the median round by prefill ratio (with --weight-dtype: "
+                         "our first format's against the first peer's), every round's ratios "
+                         "listed under it [1]")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     ap.add_argument("--no-peer", action="store_true",
                     help="skip Hugging Face transformers (measured when importable)")
@@ -568,9 +584,6 @@ def main():
                     help=argparse.SUPPRESS)  # the child
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)  # the child's format
     args = ap.parse_args()
-    if args.weight_dtype and args.rounds > 1:
-        ap.error("--rounds alternates ours and transformers in one format; with --weight-dtype "
-                 "run the command again for another round")
     shape = dict(SMALL if args.small else LLAMA2_7B if args.llama2_7b else TINYLLAMA)
     if args.layers:
         shape["num_hidden_layers"] = args.layers
@@ -601,13 +614,22 @@ def main():
         return r
 
     if args.weight_dtype:
-        runs = [child("ours", d) for d in args.weight_dtype.split(",")]
-        peers = [child(*p.split(":")) for p in args.peers.split(",") if p]
+        rounds = []
+        for _ in range(max(1, args.rounds)):
+            runs = [child("ours", d) for d in args.weight_dtype.split(",")]
+            peers = [child(*p.split(":")) for p in args.peers.split(",") if p]
+            rounds.append((runs, peers))
         command = "python bench/bench_model.py " + " ".join(sys.argv[1:])
+        if len(rounds) > 1 and rounds[0][1]:
+            rounds.sort(key=lambda rp: rp[0][0]["prefill_tok_s"] / rp[1][0]["prefill_tok_s"])
+        runs, peers = rounds[len(rounds) // 2]
         print(report_formats(runs, peers, command))
+        if len(rounds) > 1:
+            print(report_rounds(rounds))
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"ours": runs, "peers": peers}, f, indent=2)
+                json.dump({"ours": runs, "peers": peers,
+                           "rounds": [{"ours": r, "peers": p} for r, p in rounds]}, f, indent=2)
         return
 
     peer = not args.no_peer and importlib.util.find_spec("transformers") is not None
