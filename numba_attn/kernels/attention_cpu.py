@@ -25,8 +25,9 @@ Two schedules, same arithmetic:
 
 K and V may be float32, float16 or bfloat16 (a 16-bit KV cache: half the bytes to stream);
 16-bit keys and values are widened to float32 exactly as they are read (prefill: while packing;
-decode: a block of one head's rows at a time, into L1), and all arithmetic is float32 (or, on
-AMX tiles, float32-exact products of bfloat16 terms, summed in float32)."""
+decode: keys a block of one head's rows at a time, into L1, values in registers as P V loads
+them), and all arithmetic is float32 (or, on AMX tiles, float32-exact products of bfloat16
+terms, summed in float32)."""
 import ctypes
 import glob
 import os
@@ -255,15 +256,18 @@ _V16 = ir.VectorType(_F32, 16)
 _VI32 = ir.VectorType(_I32, 16)
 
 
-def _microkernel(R, NV, accumulate):
+def _microkernel(R, NV, accumulate, b16=None):
     """An intrinsic mk(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha): for i < R, the 16 NV floats at
     row i of C get sum_{t < K} A[i, t] * B[t, :], where c, a, b, alpha are byte addresses,
     C[i, :] is at c + 4 i ldc, A[i, t] at a + 4 (i sa_i + t sa_t), B[t, :] at b + 4 t ldb.
     accumulate: C[i, :] = C[i, :] * alpha[i] + sum (alpha: R floats), else C[i, :] = sum.
     The R x NV accumulators of 16 floats stay in zmm registers over the whole loop (R NV <= 24
-    of the 32)."""
+    of the 32). b16 "f16" or "bf16": B holds 16-bit floats (B[t, :] at b + 2 t ldb), widened
+    exactly in registers as they are loaded."""
     W = 16
     VT = ir.VectorType(_F32, W)
+    VH = ir.VectorType(ir.IntType(16), W)
+    eb = 4 if b16 is None else 2                  # bytes of an element of B
 
     @intrinsic
     def mk(typingctx, c, ldc, a, sa_i, sa_t, b, ldb, K, alpha):
@@ -274,7 +278,7 @@ def _microkernel(R, NV, accumulate):
                 context.cast(builder, v, t, types.int64) for v, t in zip(args, signature.args)]
             fp, vp = ir.PointerType(_F32), ir.PointerType(VT)
             cp, ap = builder.inttoptr(c, fp), builder.inttoptr(a, fp)
-            bp, alp = builder.inttoptr(b, fp), builder.inttoptr(alpha, fp)
+            alp = builder.inttoptr(alpha, fp)
             vfma = fma(builder, VT)
             undef = ir.Constant(VT, ir.Undefined)
             zeros = ir.Constant(ir.VectorType(_I32, W), [0] * W)
@@ -305,9 +309,12 @@ def _microkernel(R, NV, accumulate):
                 acc.append(row)
             with cgutils.for_range(builder, K) as loop:
                 t = loop.index
-                boff = builder.mul(t, ldb)
-                bv = [builder.load(vec_at(bp, builder.add(boff, ir.Constant(_I64, W * n))), align=4)
-                      for n in range(NV)]
+                bt = builder.add(b, builder.mul(t, builder.mul(ldb, ir.Constant(_I64, eb))))
+                bv = [builder.load(builder.inttoptr(builder.add(bt, ir.Constant(_I64, eb * W * n)),
+                                                    ir.PointerType(VT if b16 is None else VH)),
+                                   align=eb) for n in range(NV)]
+                if b16 is not None:
+                    bv = [widen16(builder, v, b16 == "f16") for v in bv]
                 aoff = builder.mul(t, sa_t)
                 for i in range(R):
                     av = bcast(builder.load(builder.gep(
@@ -461,6 +468,35 @@ def _mk_set(n, c, ldc, a, sa_i, sa_t, b, ldb, K):
         else:
             _set_1(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
             i += 1
+
+
+_acc16_f16_12, _acc16_f16_8, _acc16_f16_4, _acc16_f16_1 = (
+    _microkernel(n, 2, True, "f16") for n in (12, 8, 4, 1))
+_acc16_bf16_12, _acc16_bf16_8, _acc16_bf16_4, _acc16_bf16_1 = (
+    _microkernel(n, 2, True, "bf16") for n in (12, 8, 4, 1))
+
+
+@njit(inline="always")
+def _mk_acc16(n, half, c, ldc, a, sa_i, sa_t, b, ldb, K, alpha):
+    # _mk_acc with B's rows 16-bit floats (float16 when half, else bfloat16), ldb elements
+    # apart, widened as they are loaded
+    if half:
+        if n == 12:
+            _acc16_f16_12(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+        elif n == 8:
+            _acc16_f16_8(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+        elif n == 4:
+            _acc16_f16_4(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+        else:
+            _acc16_f16_1(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+    elif n == 12:
+        _acc16_bf16_12(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+    elif n == 8:
+        _acc16_bf16_8(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+    elif n == 4:
+        _acc16_bf16_4(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+    else:
+        _acc16_bf16_1(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
 
 
 @njit(inline="always")
@@ -1053,14 +1089,15 @@ def _qk_block(narrow, n, c, ldc, a, sa_i, b, ldb, K, pf_k, pf_v, n_pf, pf_stride
 
 @njit(fastmath=FASTMATH_INF, cache=True)
 def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_run, l_run,
-                     alpha, n_vis, Kw, Vw):
+                     alpha, n_vis, Kw):
     # the queries of batch z against its keys k_lo..k_hi-1, block by block, each block for
     # every KV head in turn (so K and V stream through in address order): O (Hkv, rows, d)
     # unnormalised, m_run and l_run (Hkv, >= ld) the rows' running max and sum. Row r of KV head
     # hk: query r // G, head hk * G + r % G; ld: the rows padded to 8 (at most 8 rows) or 16.
     # Scratch: Qf (Hkv * d * ld,) for each head's Q^T, Sf (BLOCK_K * ld,) for a block's S^T
-    # then P^T, alpha (ld,), n_vis (ld,) int32; Kw, Vw (BLOCK_K * d,): with 16-bit K and V,
-    # a block of one head's rows widened (then read from L1 like float32 rows)
+    # then P^T, alpha (ld,), n_vis (ld,) int32; Kw (BLOCK_K * d,): with 16-bit K, a block of
+    # one head's rows widened (then read from L1 like float32 rows); 16-bit V is widened in
+    # registers by P V's micro-kernel as it loads each row
     q_len, H, d = q.shape[1], q.shape[2], q.shape[3]
     kv_len, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -1085,7 +1122,7 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
     es = 4 if kind == KV_F32 else 2                # bytes of an element of K and V
     k_p = np.int64(k.ctypes.data) + es * z * kv_len * ldk
     v_p = np.int64(v.ctypes.data) + es * z * kv_len * ldk
-    kw_p, vw_p = np.int64(Kw.ctypes.data), np.int64(Vw.ctypes.data)
+    kw_p = np.int64(Kw.ctypes.data)
     qt_p, st_p, o_p = np.int64(Qt.ctypes.data), np.int64(St.ctypes.data), np.int64(O.ctypes.data)
     a_p, mr_p = np.int64(alpha.ctypes.data), np.int64(m_run.ctypes.data)
     lr_p, nv_p = np.int64(l_run.ctypes.data), np.int64(n_vis.ctypes.data)
@@ -1102,18 +1139,17 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
         for hk in range(Hkv):
             kh_p, vh_p = k_p + es * (k0 * ldk + hk * d), v_p + es * (k0 * ldk + hk * d)
             pf_k, pf_v = kh_p + es * BLOCK_K * ldk, vh_p + es * BLOCK_K * ldk
-            ld_kv = ldk                            # floats from one row to the next as read
-            if kind != KV_F32:
-                _widen_rows(kw_p, kh_p, nk, ldk, d, kind == KV_F16)
-                _widen_rows(vw_p, vh_p, nk, ldk, d, kind == KV_F16)
-                kh_p, vh_p, ld_kv = kw_p, vw_p, d
+            ld_k = ldk                             # elements from one key row to the next
+            if kind != KV_F32:                     # 16-bit K widened into L1 (V is widened as
+                _widen_rows(kw_p, kh_p, nk, ldk, d, kind == KV_F16)   # P V loads it)
+                kh_p, ld_k = kw_p, d
             qh_p = qt_p + 4 * hk * d * ld
             if narrow:
-                _qk_block(True, nk, st_p, ld, kh_p, ld_kv, qh_p, ld, d, pf_k, pf_v, n_pf,
+                _qk_block(True, nk, st_p, ld, kh_p, ld_k, qh_p, ld, d, pf_k, pf_v, n_pf,
                           es * ldk, es * d)
             else:
                 for cg in range(0, ld, 16):
-                    _qk_block(False, nk, st_p + 4 * cg, ld, kh_p, ld_kv, qh_p + 4 * cg, ld, d,
+                    _qk_block(False, nk, st_p + 4 * cg, ld, kh_p, ld_k, qh_p + 4 * cg, ld, d,
                               pf_k, pf_v, n_pf if cg == 0 else 0, es * ldk, es * d)
             mh, lh = mr_p + 4 * hk * m_run.shape[1], lr_p + 4 * hk * l_run.shape[1]
             if narrow:
@@ -1131,8 +1167,12 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
                 g = 12 if rows - i >= 12 else (8 if rows - i >= 8 else (4 if rows - i >= 4 else 1))
                 klen = n_vis[i + g - 1]
                 for c0 in range(0, d, 32):
-                    _mk_acc(g, oh_p + 4 * (i * d + c0), d, st_p + 4 * i, 1, ld,
-                            vh_p + 4 * c0, ld_kv, klen, a_p + 4 * i)
+                    if kind == KV_F32:
+                        _mk_acc(g, oh_p + 4 * (i * d + c0), d, st_p + 4 * i, 1, ld,
+                                vh_p + 4 * c0, ldk, klen, a_p + 4 * i)
+                    else:
+                        _mk_acc16(g, kind == KV_F16, oh_p + 4 * (i * d + c0), d, st_p + 4 * i,
+                                  1, ld, vh_p + 2 * c0, ldk, klen, a_p + 4 * i)
                 i += g
 
 
@@ -1140,7 +1180,7 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
 def _decode_mk_plan(q, k, kind, n_workers):
     # the key ranges (flash-decoding: a batch is split into ranges when there are fewer
     # batches than workers) and the scratch of _attention_decode_mk's tasks: per worker, Qf,
-    # Sf, At, Vis, Kw, Vw (_decode_range_mk's); per task, its partial result: unnormalised
+    # Sf, At, Vis, Kw (_decode_range_mk's); per task, its partial result: unnormalised
     # output, running max and sum
     B, q_len, H, d = q.shape
     kv_len, Hkv = k.shape[1], k.shape[2]
@@ -1150,13 +1190,12 @@ def _decode_mk_plan(q, k, kind, n_workers):
     split_len = ((kv_len + n_split - 1) // n_split + BLOCK_K - 1) // BLOCK_K * BLOCK_K
     n_split = max(1, (kv_len + split_len - 1) // split_len)
     n_tasks = B * n_split
-    kw = BLOCK_K * d if kind != KV_F32 else 0     # a widened block of 16-bit K or V
+    kw = BLOCK_K * d if kind != KV_F32 else 0     # a widened block of 16-bit K
     return (n_split, split_len, n_tasks,
             np.empty((n_workers, Hkv * d * ld), np.float32),
             np.empty((n_workers, BLOCK_K * ld), np.float32),
             np.empty((n_workers, ld), np.float32), np.empty((n_workers, ld), np.int32),
-            np.empty((n_workers, kw), np.float32), np.empty((n_workers, kw), np.float32),
-            np.empty((n_tasks, Hkv, rows, d), np.float32),
+            np.empty((n_workers, kw), np.float32), np.empty((n_tasks, Hkv, rows, d), np.float32),
             np.empty((n_tasks, Hkv, ld), np.float32), np.empty((n_tasks, Hkv, ld), np.float32))
 
 
@@ -1196,14 +1235,14 @@ def _attention_decode_mk(out, q, k, v, scale, causal, kind, n_workers):
     # A task: a range of keys of one batch, for every head; the ranges merged at the end (on
     # the calling thread: a few rows)
     kv_len = k.shape[1]
-    n_split, split_len, n_tasks, Qf, Sf, At, Vis, Kw, Vw, O_part, M_part, L_part = \
+    n_split, split_len, n_tasks, Qf, Sf, At, Vis, Kw, O_part, M_part, L_part = \
         _decode_mk_plan(q, k, kind, n_workers)
     for w in prange(n_workers):
         for task in range(w, n_tasks, n_workers):
             z, split = task // n_split, task % n_split
             _decode_range_mk(q, k, v, float32(scale), causal, kind, z, split * split_len,
                              min(kv_len, (split + 1) * split_len), Qf[w], Sf[w], O_part[task],
-                             M_part[task], L_part[task], At[w], Vis[w], Kw[w], Vw[w])
+                             M_part[task], L_part[task], At[w], Vis[w], Kw[w])
     _decode_mk_merge(out, O_part, M_part, L_part, n_split)
 
 
@@ -1214,13 +1253,13 @@ def _attention_decode_mk_serial(out, q, k, v, scale, causal, kind):
     # pool shrunk and grown again) cost more than the attention (TinyLlama q8_0 decode at
     # context 16: 0.9 against 0.4 ms a token, in turn in one process)
     kv_len = k.shape[1]
-    n_split, split_len, n_tasks, Qf, Sf, At, Vis, Kw, Vw, O_part, M_part, L_part = \
+    n_split, split_len, n_tasks, Qf, Sf, At, Vis, Kw, O_part, M_part, L_part = \
         _decode_mk_plan(q, k, kind, 1)
     for task in range(n_tasks):
         z, split = task // n_split, task % n_split
         _decode_range_mk(q, k, v, float32(scale), causal, kind, z, split * split_len,
                          min(kv_len, (split + 1) * split_len), Qf[0], Sf[0], O_part[task],
-                         M_part[task], L_part[task], At[0], Vis[0], Kw[0], Vw[0])
+                         M_part[task], L_part[task], At[0], Vis[0], Kw[0])
     _decode_mk_merge(out, O_part, M_part, L_part, n_split)
 
 
