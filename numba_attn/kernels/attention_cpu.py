@@ -444,8 +444,6 @@ def _prefetch_rows(typingctx, addr, n_rows, stride, nbytes):
 
 _set_12, _set_8 = _microkernel(12, 2, False), _microkernel(8, 2, False)
 _set_4, _set_1 = _microkernel(4, 2, False), _microkernel(1, 2, False)
-_acc_12, _acc_8 = _microkernel(12, 2, True), _microkernel(8, 2, True)
-_acc_4, _acc_1 = _microkernel(4, 2, True), _microkernel(1, 2, True)
 
 
 @njit(inline="always")
@@ -470,46 +468,26 @@ def _mk_set(n, c, ldc, a, sa_i, sa_t, b, ldb, K):
             i += 1
 
 
-_acc16_f16_12, _acc16_f16_8, _acc16_f16_4, _acc16_f16_1 = (
-    _microkernel(n, 2, True, "f16") for n in (12, 8, 4, 1))
-_acc16_bf16_12, _acc16_bf16_8, _acc16_bf16_4, _acc16_bf16_1 = (
-    _microkernel(n, 2, True, "bf16") for n in (12, 8, 4, 1))
+def _acc_rows(b16=None):
+    """mk_acc(n, c, ldc, a, sa_i, sa_t, b, ldb, K, alpha): n (12, 8, 4 or 1) rows of C (32
+    floats wide) = C * alpha[row] + A B, by _microkernel's accumulating kernel of n rows with B
+    in float32 or, b16, 16-bit floats widened as they are loaded."""
+    acc_12, acc_8, acc_4, acc_1 = (_microkernel(n, 2, True, b16) for n in (12, 8, 4, 1))
 
-
-@njit(inline="always")
-def _mk_acc16(n, half, c, ldc, a, sa_i, sa_t, b, ldb, K, alpha):
-    # _mk_acc with B's rows 16-bit floats (float16 when half, else bfloat16), ldb elements
-    # apart, widened as they are loaded
-    if half:
+    @njit(inline="always")
+    def mk_acc(n, c, ldc, a, sa_i, sa_t, b, ldb, K, alpha):
         if n == 12:
-            _acc16_f16_12(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+            acc_12(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
         elif n == 8:
-            _acc16_f16_8(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+            acc_8(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
         elif n == 4:
-            _acc16_f16_4(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+            acc_4(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
         else:
-            _acc16_f16_1(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-    elif n == 12:
-        _acc16_bf16_12(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-    elif n == 8:
-        _acc16_bf16_8(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-    elif n == 4:
-        _acc16_bf16_4(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-    else:
-        _acc16_bf16_1(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+            acc_1(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+    return mk_acc
 
 
-@njit(inline="always")
-def _mk_acc(n, c, ldc, a, sa_i, sa_t, b, ldb, K, alpha):
-    # n (12, 8, 4 or 1) rows of C (32 floats wide) = C * alpha[row] + A B
-    if n == 12:
-        _acc_12(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-    elif n == 8:
-        _acc_8(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-    elif n == 4:
-        _acc_4(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-    else:
-        _acc_1(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+_mk_acc, _mk_acc_f16, _mk_acc_bf16 = _acc_rows(), _acc_rows("f16"), _acc_rows("bf16")
 
 
 @njit(fastmath=FASTMATH_INF, cache=True)
@@ -1167,12 +1145,13 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
                 g = 12 if rows - i >= 12 else (8 if rows - i >= 8 else (4 if rows - i >= 4 else 1))
                 klen = n_vis[i + g - 1]
                 for c0 in range(0, d, 32):
+                    o_c, p_r, v_c = oh_p + 4 * (i * d + c0), st_p + 4 * i, vh_p + es * c0
                     if kind == KV_F32:
-                        _mk_acc(g, oh_p + 4 * (i * d + c0), d, st_p + 4 * i, 1, ld,
-                                vh_p + 4 * c0, ldk, klen, a_p + 4 * i)
+                        _mk_acc(g, o_c, d, p_r, 1, ld, v_c, ldk, klen, a_p + 4 * i)
+                    elif kind == KV_F16:
+                        _mk_acc_f16(g, o_c, d, p_r, 1, ld, v_c, ldk, klen, a_p + 4 * i)
                     else:
-                        _mk_acc16(g, kind == KV_F16, oh_p + 4 * (i * d + c0), d, st_p + 4 * i,
-                                  1, ld, vh_p + 2 * c0, ldk, klen, a_p + 4 * i)
+                        _mk_acc_bf16(g, o_c, d, p_r, 1, ld, v_c, ldk, klen, a_p + 4 * i)
                 i += g
 
 
