@@ -104,9 +104,11 @@ def test_auto_kv_dtype_follows_the_weights(tiny_folder, weights, expect):
 
 # bfloat16 keys and values: a rounding step of 2^-8 relative, float16 2^-11. A reference
 # rounding its own float64 keys and values may round a few the other way (those within float32's
-# error of a midpoint): measured 1.5-4.3e-5 (bfloat16) and 1.3e-6 (float16) relative to the
-# logits, against 1.2-1.4e-3 and 1.2e-4 from the unrounded reference (the rounding's effect)
-KV_TOLERANCE = {"bfloat16": 2e-4, "float16": 1e-5}
+# error of a midpoint, which float32 sums in another order move): measured 1.5-4.3e-5
+# (bfloat16) and 1.3e-6-1.1e-5 (float16; the portable path on an AMD Zen 5 the most) relative to
+# the logits, against 1.2-1.4e-3 and 1.2-2.7e-4 from the unrounded reference (the rounding's
+# effect)
+KV_TOLERANCE = {"bfloat16": 2e-4, "float16": 3e-5}
 
 
 @pytest.mark.parametrize("kv", ["bfloat16", "float16"])
