@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from numba_attn import linear
+from numba_attn.kernels import linear_cpu
 from numba_attn.kernels.linear_cpu import GEMV_MAX_ROWS
 from tests.reference import linear_ref
 
@@ -66,6 +67,22 @@ def test_fused_qkv_projection_is_three_projections():
         q, kk, v = np.split(qkv, [heads * d, (heads + kv_heads) * d], axis=-1)
         for part, wp in ((q, wq), (kk, wk), (v, wv)):
             assert_matmul_close(part, linear_ref(x, wp), hidden)
+
+
+def _not_this_path(*args):
+    raise AssertionError("the other decode kernel ran")
+
+
+@pytest.mark.parametrize("one_stream", [True, False], ids=["one_row", "four_rows"])
+@pytest.mark.parametrize("k,n", [(1, 5), (7, 9), (64, 48), (129, 7), (4103, 13)])
+def test_decode_reads_one_or_four_rows(monkeypatch, one_stream, k, n):
+    """Decode's two ways through w (one row a step on AMD Zen, 4 rows elsewhere), each on any
+    CPU; the other kernel raises."""
+    monkeypatch.setattr(linear_cpu, "ONE_STREAM_DECODE", one_stream)
+    monkeypatch.setattr(linear_cpu, "_gemv" if one_stream else "_gemv_one", _not_this_path)
+    monkeypatch.setattr(linear_cpu, "_gemv_rows", _not_this_path)
+    x, w = randn(k + n, 1, k), randn(n * k, n, k)
+    assert_matmul_close(linear(x, w), linear_ref(x, w), k)
 
 
 def test_decode_row_agrees_with_prefill_rows():

@@ -12,7 +12,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import cpu_pool
-from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, fma, prefetch
+from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, fma, \
+    prefetch
 from .scalar import dots_4x1, dots_4x2
 
 GEMV_ROWS = 4  # rows of w per inner step: x is loaded once for 4 dot products
@@ -27,70 +28,78 @@ _UNROLL = 4   # vectors per row per loop step (4 accumulators a row, 128 bytes =
 
 
 
-@intrinsic
-def _dots4(typingctx, x, w, ldw, nv):
-    """The dot products of 4 rows of w with x over their first 8 nv floats: (s0, s1, s2, s3).
-    x, w are byte addresses (x contiguous; row i of w at w + 4 i ldw, contiguous). Each row's
-    line PREFETCH_BYTES ahead is prefetched as the loop reaches a line."""
-    sig = types.UniTuple(types.float32, 4)(x, w, ldw, nv)
+def _make_dots(n_rows):
+    @intrinsic
+    def dots(typingctx, x, w, ldw, nv):
+        """The dot products of n_rows rows of w with x over their first 8 nv floats, a tuple.
+        x, w are byte addresses (x contiguous; row i of w at w + 4 i ldw, contiguous). Each
+        row's line PREFETCH_BYTES ahead is prefetched as the loop reaches a line."""
+        sig = types.UniTuple(types.float32, n_rows)(x, w, ldw, nv)
 
-    def codegen(context, builder, signature, args):
-        x, w, ldw, nv = [context.cast(builder, v, t, types.int64)
-                         for v, t in zip(args, signature.args)]
-        vt = ir.VectorType(_F32, _VEC)
-        fp, vp = ir.PointerType(_F32), ir.PointerType(vt)
-        xp = builder.inttoptr(x, fp)
-        rows = [builder.gep(builder.inttoptr(w, fp), [builder.mul(ldw, ir.Constant(_I64, i))])
-                for i in range(4)]
-        vfma = fma(builder, vt)
-        acc = [[cgutils.alloca_once(builder, vt) for _ in range(_UNROLL)] for _ in range(4)]
-        for row in acc:
-            for a in row:
-                builder.store(ir.Constant(vt, [0.0] * _VEC), a)
+        def codegen(context, builder, signature, args):
+            x, w, ldw, nv = [context.cast(builder, v, t, types.int64)
+                             for v, t in zip(args, signature.args)]
+            vt = ir.VectorType(_F32, _VEC)
+            fp, vp = ir.PointerType(_F32), ir.PointerType(vt)
+            xp = builder.inttoptr(x, fp)
+            rows = [builder.gep(builder.inttoptr(w, fp),
+                                [builder.mul(ldw, ir.Constant(_I64, i))]) for i in range(n_rows)]
+            vfma = fma(builder, vt)
+            acc = [[cgutils.alloca_once(builder, vt) for _ in range(_UNROLL)]
+                   for _ in range(n_rows)]
+            for row in acc:
+                for a in row:
+                    builder.store(ir.Constant(vt, [0.0] * _VEC), a)
 
-        def vec(base, c):
-            return builder.load(builder.bitcast(builder.gep(base, [c]), vp), align=4)
+            def vec(base, c):
+                return builder.load(builder.bitcast(builder.gep(base, [c]), vp), align=4)
 
-        def step(c, u, pf):
-            # vector at float offset c of x and of each row into accumulator u
-            xv = vec(xp, c)
-            # PREFETCH_BYTES ahead in the row; past its end (a row of ldw floats), the same
-            # offset in the row 4 below: the next block's rows (none past the last: a prefetch
-            # does not fault)
-            ahead = builder.add(c, ir.Constant(_I64, PREFETCH_BYTES // 4))
-            below = builder.add(ahead, builder.mul(ldw, ir.Constant(_I64, 3)))
-            ahead = builder.select(builder.icmp_signed(">=", ahead, ldw), below, ahead)
-            for i in range(4):
-                if pf:   # read, keep in all caches, data
-                    line = builder.gep(rows[i], [ahead])
-                    prefetch(builder, builder.ptrtoint(line, _I64), 0)
-                builder.store(builder.call(vfma, [vec(rows[i], c), xv, builder.load(acc[i][u])]),
-                              acc[i][u])
+            def step(c, u, pf):
+                # vector at float offset c of x and of each row into accumulator u
+                xv = vec(xp, c)
+                # PREFETCH_BYTES ahead in the row; past its end (a row of ldw floats), the same
+                # offset in the row n_rows below: the next block's rows (none past the last: a
+                # prefetch does not fault)
+                ahead = builder.add(c, ir.Constant(_I64, PREFETCH_BYTES // 4))
+                below = builder.add(ahead, builder.mul(ldw, ir.Constant(_I64, n_rows - 1)))
+                ahead = builder.select(builder.icmp_signed(">=", ahead, ldw), below, ahead)
+                for i in range(n_rows):
+                    if pf:   # read, keep in all caches, data
+                        line = builder.gep(rows[i], [ahead])
+                        prefetch(builder, builder.ptrtoint(line, _I64), 0)
+                    builder.store(builder.call(vfma, [vec(rows[i], c), xv,
+                                                      builder.load(acc[i][u])]), acc[i][u])
 
-        n_main = builder.udiv(nv, ir.Constant(_I64, _UNROLL))
-        with cgutils.for_range(builder, n_main) as loop:
-            base = builder.mul(loop.index, ir.Constant(_I64, _UNROLL * _VEC))
-            for u in range(_UNROLL):   # one prefetch per 64-byte line
-                step(builder.add(base, ir.Constant(_I64, u * _VEC)), u, (u * _VEC * 4) % 64 == 0)
-        done = builder.mul(n_main, ir.Constant(_I64, _UNROLL))
-        with cgutils.for_range(builder, builder.sub(nv, done)) as loop:
-            step(builder.mul(builder.add(done, loop.index), ir.Constant(_I64, _VEC)), 0, True)
-        sums = []
-        for row in acc:
-            v = builder.load(row[0])
-            for a in row[1:]:
-                v = builder.fadd(v, builder.load(a))
-            n = _VEC
-            while n > 1:   # horizontal sum: halves added
-                h = n // 2
-                lo, hi = (builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, h),
-                                                                     list(range(s, s + h))))
-                          for s in (0, h))
-                v = builder.fadd(lo, hi)
-                n = h
-            sums.append(builder.extract_element(v, ir.Constant(_I32, 0)))
-        return context.make_tuple(builder, signature.return_type, sums)
-    return sig, codegen
+            n_main = builder.udiv(nv, ir.Constant(_I64, _UNROLL))
+            with cgutils.for_range(builder, n_main) as loop:
+                base = builder.mul(loop.index, ir.Constant(_I64, _UNROLL * _VEC))
+                for u in range(_UNROLL):   # one prefetch per 64-byte line
+                    step(builder.add(base, ir.Constant(_I64, u * _VEC)), u,
+                         (u * _VEC * 4) % 64 == 0)
+            done = builder.mul(n_main, ir.Constant(_I64, _UNROLL))
+            with cgutils.for_range(builder, builder.sub(nv, done)) as loop:
+                step(builder.mul(builder.add(done, loop.index), ir.Constant(_I64, _VEC)), 0, True)
+            sums = []
+            for row in acc:
+                v = builder.load(row[0])
+                for a in row[1:]:
+                    v = builder.fadd(v, builder.load(a))
+                n = _VEC
+                while n > 1:   # horizontal sum: halves added
+                    h = n // 2
+                    lo, hi = (builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, h),
+                                                                         list(range(s, s + h))))
+                              for s in (0, h))
+                    v = builder.fadd(lo, hi)
+                    n = h
+                sums.append(builder.extract_element(v, ir.Constant(_I32, 0)))
+            return context.make_tuple(builder, signature.return_type, sums)
+        return sig, codegen
+    return dots
+
+
+_dots4 = _make_dots(GEMV_ROWS)
+_dot1 = _make_dots(1)
 
 
 @njit(inline="always", fastmath=True, cache=True)
@@ -132,6 +141,22 @@ def _gemv(out, x, w):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
+def _gemv_one(out, x, w):
+    # as _gemv, one row of w per step: one read stream a thread (llvm_cpu.ONE_STREAM_DECODE)
+    n, k = w.shape
+    xr, o = x[0], out[0]
+    nv = k // _VEC
+    k0 = nv * _VEC
+    ldw = w.strides[0] // 4
+    xa, wa = xr.ctypes.data, w.ctypes.data
+    for r in prange(n):
+        s, = _dot1(xa, wa + 4 * r * ldw, ldw, nv)
+        for j in range(k0, k):
+            s += w[r, j] * xr[j]
+        o[r] = s
+
+
+@njit(parallel=True, fastmath=True, cache=True)
 def _gemv_rows(out, x, w):
     # x: (m, k) a few rows; w: (n, k); out: (m, n). w streamed from memory once: each block of
     # 4 rows of w (in cache) meets every row of x, two at a time (8 dot products per pass)
@@ -166,7 +191,7 @@ def linear(out, x, w, bias):
     # x: (m, k); w: (n, k); bias: (n,) or (0,); out: (m, n)
     m = x.shape[0]
     if m == 1:
-        cpu_pool.run(_gemv, w.size, out, x, w)
+        cpu_pool.run(_gemv_one if ONE_STREAM_DECODE else _gemv, w.size, out, x, w)
     elif m <= GEMV_MAX_ROWS:
         cpu_pool.run(_gemv_rows, m * w.size, out, x, w)
     else:
