@@ -24,7 +24,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import cpu_pool
-from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, _add_bias
+from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, STREAM_PREFETCH_BYTES, \
+    _add_bias
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, amx_path, \
     bits_as_float32, copy_lines, dpbf16ps, fast_path, float32_bits, fma, store_transposed16, \
     hsum, prefetch, tile_config, tile_config_bytes, tile_dpbf16ps, tile_load, tile_release, \
@@ -90,14 +91,14 @@ def to_float32(h, half):
     return f16_to_float32(h) if half else bf16_to_float32(h)
 
 
-def _make_dots_f16(n_rows, prefetching):
+def _make_dots_f16(n_rows, prefetch_bytes):
     @intrinsic
     def dots(typingctx, x, w, ldw, nv):
         """The dot products of n_rows rows of w (float16) with x (float32) over their first
         16 nv elements, a tuple. x, w are byte addresses (x contiguous; row i of w at
-        w + 2 i ldw). With prefetching, each row's line PREFETCH_BYTES ahead is prefetched as
-        the loop reaches a line, past the row's end the same line 4 rows below (the next block
-        of rows)."""
+        w + 2 i ldw). With prefetch_bytes, each row's line that far ahead is prefetched as the
+        loop reaches a line, past the row's end the same line n_rows rows below (the next
+        block of rows)."""
         sig = types.UniTuple(types.float32, n_rows)(x, w, ldw, nv)
 
         def codegen(context, builder, signature, args):
@@ -116,11 +117,11 @@ def _make_dots_f16(n_rows, prefetching):
                 # elements c..c+15 of x and of each row into accumulator u
                 xv = builder.load(builder.bitcast(builder.gep(xp, [c]), ir.PointerType(vf)),
                                   align=4)
-                ahead = builder.add(c, ir.Constant(_I64, PREFETCH_BYTES // 2))
-                below = builder.add(ahead, builder.mul(ldw, ir.Constant(_I64, 3)))
+                ahead = builder.add(c, ir.Constant(_I64, prefetch_bytes // 2))
+                below = builder.add(ahead, builder.mul(ldw, ir.Constant(_I64, n_rows - 1)))
                 ahead = builder.select(builder.icmp_signed(">=", ahead, ldw), below, ahead)
                 for i in range(n_rows):
-                    if pf and prefetching:
+                    if pf and prefetch_bytes:
                         prefetch(builder, builder.ptrtoint(builder.gep(rows[i], [ahead]), _I64), 0)
                     wv = builder.load(builder.bitcast(builder.gep(rows[i], [c]),
                                                       ir.PointerType(vh)), align=2)
@@ -151,11 +152,11 @@ def _row_sums(builder, acc):
     return sums
 
 
-_dots4_f16 = _make_dots_f16(4, True)    # few rows: 4 rows of w a pass over x
-_dot1_f16 = _make_dots_f16(1, False)    # decode: one row, one read stream
+_dots4_f16 = _make_dots_f16(4, PREFETCH_BYTES)    # few rows: 4 rows of w a pass over x
+_dot1_f16 = _make_dots_f16(1, STREAM_PREFETCH_BYTES)    # decode: one row, one read stream
 
 
-def _make_dots_bf16(rows, unroll, prefetching=False):
+def _make_dots_bf16(rows, unroll, prefetch_bytes=0):
     @intrinsic
     def dots(typingctx, xr, w, ldw, nc):
         """The dot products of `rows` rows of w (bfloat16) with x over their first 32 nc
@@ -163,9 +164,8 @@ def _make_dots_bf16(rows, unroll, prefetching=False):
         high): the word shifted up 16 is w[2i] as a float32, the word with its low half
         cleared is w[2i+1], two instructions for 32 weights; x comes rearranged to match, xr =
         for each 32 elements the 16 even ones then the 16 odd ones (float32). Byte addresses:
-        xr, w (row i at w + 2 i ldw). `unroll` chunks a row per loop step. No software
-        prefetch: the hardware's alone streamed faster (12288x4096 on 2 cores, 4 rows: 2.70-2.76
-        ms without, 3.07-3.21 ms with _dots4_f16's, alternated runs)."""
+        xr, w (row i at w + 2 i ldw). `unroll` chunks a row per loop step. With prefetch_bytes,
+        each row's line that far ahead is prefetched, past a row's end the next block's."""
         sig = types.UniTuple(types.float32, rows)(xr, w, ldw, nc)
 
         def codegen(context, builder, signature, args):
@@ -187,13 +187,13 @@ def _make_dots_bf16(rows, unroll, prefetching=False):
                 xa = builder.add(xr, builder.mul(c, ir.Constant(_I64, 128)))
                 xe, xo = load(xa, vf), load(builder.add(xa, ir.Constant(_I64, 64)), vf)
                 off = builder.mul(c, ir.Constant(_I64, 64))
-                if prefetching:     # PREFETCH_BYTES on, past a row's end the next block's
-                    ahead = builder.add(off, ir.Constant(_I64, PREFETCH_BYTES))
+                if prefetch_bytes:
+                    ahead = builder.add(off, ir.Constant(_I64, prefetch_bytes))
                     ahead = builder.select(builder.icmp_signed(">=", ahead, rowb), builder.add(
                         ahead, builder.mul(rowb, ir.Constant(_I64, rows - 1))), ahead)
                 for i in range(rows):
                     row = builder.add(w, builder.mul(rowb, ir.Constant(_I64, i)))
-                    if prefetching:
+                    if prefetch_bytes:
                         prefetch(builder, builder.add(row, ahead), 0)
                     wv = load(builder.add(row, off), vi)
                     even = builder.bitcast(builder.shl(wv, sixteen), vf)
@@ -214,12 +214,15 @@ def _make_dots_bf16(rows, unroll, prefetching=False):
     return dots
 
 
-_dots4_bf16 = _make_dots_bf16(4, _UNROLL_BF16)   # few rows: 4 rows of w a pass over x
+# few rows: 4 rows of w a pass over x, the hardware's prefetch alone (12288x4096 on 2 Zen 4
+# cores: 2.70-2.76 ms, 3.07-3.21 with _dots4_f16's software prefetch, alternated runs)
+_dots4_bf16 = _make_dots_bf16(4, _UNROLL_BF16)
 # the same with each row's line PREFETCH_BYTES ahead prefetched: where one read stream is not
 # the fastest (ONE_STREAM_DECODE false) the hardware's streams stop at each 4 KB page, one
 # row of 2048 here (Xeon, 2 cores, caches flushed: 4 rows 26-30 GB/s without, 33-38 with)
-_dots4_bf16_pf = _make_dots_bf16(4, _UNROLL_BF16, True)
-_dot1_bf16 = _make_dots_bf16(1, 4)               # decode: one row, 8 accumulators
+_dots4_bf16_pf = _make_dots_bf16(4, _UNROLL_BF16, PREFETCH_BYTES)
+# decode: one row, one read stream, 8 accumulators
+_dot1_bf16 = _make_dots_bf16(1, 4, STREAM_PREFETCH_BYTES)
 
 
 @njit(inline="always", fastmath=True, cache=True)
