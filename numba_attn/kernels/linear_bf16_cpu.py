@@ -41,13 +41,14 @@ _UNROLL_BF16 = 2   # 64-byte chunks per row per loop step in _dots4_bf16 (2 line
 TILE_BYTES = 1 << 23
 # prefill with BF16 (gemm_bf16): a micro-kernel computes MR rows of x against NR rows of w, in
 # MR * NR / 16 = 24 accumulators of 16 floats (of 32 registers); KC_PAIRS pairs of the input
-# axis per pass: a packed panel of w (KC_PAIRS * NR * 4 = 48 KB, L1/L2) meets every block of
-# rows of x (m * KC_PAIRS * 4 bytes, 512 KB at m = 512, L2). 2 cores, 512 x 2048 x (2048,
-# 5632): 8 x 48 x 256 at 357-381 / 363-374 GFLOP/s; 12 x 32 x 128 332-340 / 311-335; 6 x 64 x
-# 256 375 / 366 (sgemm 180-204)
+# axis per pass: a packed panel of w (KC_PAIRS * NR * 4 = 192 KB, L2) meets every block of
+# rows of x. 2 Zen 4 cores, 512 x 2048 x (2048, 5632), KC_PAIRS 256: 8 x 48 at 357-381 /
+# 363-374 GFLOP/s; 12 x 32 332-340 / 311-335; 6 x 64 375 / 366 (sgemm 180-204). 2 Zen 5 cores,
+# TinyLlama's four prefill-512 GEMMs, 8 x 48: KC_PAIRS 1024 711-740 GFLOP/s, 512 685-691, 256
+# 645-662, 128 584-616 (the tile alone in L1: 510 a core; sgemm 220-229)
 MR = 8
 NR = 48
-KC_PAIRS = 256
+KC_PAIRS = 1024
 # prefill with AMX-BF16 (gemm_amx): 32 rows of w are two A tiles (16 rows x 32 bfloat16
 # each), 32 rows of x packed in pairs (pack_x_bf16, 16 rows a block) two B tiles, and four
 # 16 x 16 float32 tiles accumulate their products along the whole input axis (w's packed rows
