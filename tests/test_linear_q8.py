@@ -1,6 +1,7 @@
 """linear and embedding with Q8_0 weights (a Q8Matrix) on the CPU, on every path (AVX-512 VNNI
-with AMX tiles for prefill where the CPU has them, the same with prefill by sgemm, and the
-portable loops), against float64 references on the dequantized weights.
+with AMX tiles for prefill where the CPU has them, the same with prefill by the AVX-512 BF16
+GEMM where it has that, and the portable loops with prefill by sgemm), against float64
+references on the dequantized weights.
 
 Decode and a few rows quantize x per 32 values as llama.cpp does, so there are two checks:
   - exact arithmetic: against the float64 sum over blocks of d_w d_x (codes . codes) with x's
@@ -13,9 +14,9 @@ Decode and a few rows quantize x per 32 values as llama.cpp does, so there are t
     with random data the errors are independent and uniform in the step, so the RMS error over
     all outputs is sqrt(mean(sum_j w_j^2 d_x(j)^2 / 12)), which it must not exceed by 25%.
 Prefill multiplies the dequantized weights by x in float32 (sgemm): the float32 bound of
-tests/test_linear_bf16.py (float32 sums of k random-sign terms); on AMX tiles both rounded to
-bfloat16 first: that bound against the rounded operands, and 2^-8 of each product against the
-exact ones."""
+tests/test_linear_bf16.py (float32 sums of k random-sign terms); on AMX tiles or the BF16 GEMM
+both rounded to bfloat16 first: that bound against the rounded operands, and 2^-8 of each
+product against the exact ones."""
 import ml_dtypes
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ U = 2.0 ** -24
 BF16 = ml_dtypes.bfloat16
 FAST = llvm_cpu.fast_path("avx512vnni")
 AMX = llvm_cpu.amx_path("amx-bf16")
+BF16_GEMM = llvm_cpu.fast_path("avx512bf16")
 
 
 def randn(seed, *shape):
@@ -38,19 +40,22 @@ def randn(seed, *shape):
 @pytest.fixture(params=["fast", "no-amx", "portable"])
 def path(request, monkeypatch):
     """Run the test on one path; the other paths' kernels raise, so the path is the one named
-    (no-amx: prefill by sgemm where the CPU has AMX tiles)."""
+    (no-amx: prefill by the BF16 GEMM, or sgemm where the CPU lacks AVX-512 BF16)."""
     if request.param != "portable":
         if not FAST:
             pytest.skip("this CPU has no AVX-512 VNNI")
         monkeypatch.setattr(linear_q8_cpu, "_gemv_rows_portable", _not_this_path)
     if request.param == "fast" and AMX:
-        monkeypatch.setattr(linear_q8_cpu, "_gemm", _not_this_path)
-    elif request.param == "no-amx":
-        monkeypatch.setattr(llvm_cpu, "CPU_PATH", "no-amx")
+        for name in ("_gemm", "_gemm_bf16"):
+            monkeypatch.setattr(linear_q8_cpu, name, _not_this_path)
+    elif request.param == "fast" and BF16_GEMM or request.param == "no-amx":
+        monkeypatch.setattr(llvm_cpu, "CPU_PATH", request.param)
         monkeypatch.setattr(linear_q8_cpu, "gemm_amx", _not_this_path)
+        if BF16_GEMM:
+            monkeypatch.setattr(linear_q8_cpu, "_gemm", _not_this_path)
     elif request.param == "portable":
         monkeypatch.setattr(llvm_cpu, "CPU_PATH", "portable")
-        for name in ("_gemv", "_gemv_pairs", "_gemv_rows"):
+        for name in ("_gemv", "_gemv_pairs", "_gemv_rows", "gemm_amx", "_gemm_bf16"):
             monkeypatch.setattr(linear_q8_cpu, name, _not_this_path)
     return request.param
 
@@ -92,9 +97,10 @@ def assert_q8_close(y, x, q):
         predicted = np.sqrt(np.mean(step2 @ (w ** 2).T / 12))
         if y.size >= 100:
             assert np.sqrt(np.mean(err ** 2)) <= 1.25 * predicted
-    elif llvm_cpu.amx_path("amx-bf16"):
-        # AMX tiles: x and the dequantized weights rounded to bfloat16 (ml_dtypes: nearest even),
-        # then float32 sums; each product within 2^-8 (+ a hair) of its exact value
+    elif llvm_cpu.amx_path("amx-bf16") or llvm_cpu.fast_path("avx512bf16"):
+        # AMX tiles or the BF16 GEMM: x and the dequantized weights rounded to bfloat16
+        # (ml_dtypes: nearest even), then float32 sums; each product within 2^-8 (+ a hair) of
+        # its exact value
         xb = x.astype(BF16).astype(np.float64)
         wb = w.astype(np.float32).astype(BF16).astype(np.float64)
         scale = np.sqrt((xb ** 2) @ (wb ** 2).T)

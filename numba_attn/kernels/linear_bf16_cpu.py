@@ -476,16 +476,22 @@ def _gemm_bf16(out, ap, w2, kc_pairs):
                                 out[i0 + i, j0 + c] += tile[i, c]
 
 
-def gemm_bf16(out, x, w):
-    # x: (m, k) float32; w: (n, k) bfloat16 bits (uint16); out: (m, n), C-contiguous rows
-    # (any row stride). x rounded to bfloat16
-    # once, then the blocked vdpbf16ps GEMM (products of bfloat16s exact in float32, sums float32)
+def packed_x_bf16(x):
+    """x (m, k) float32 rounded to bfloat16 and packed for gemm_bf16's micro-kernel."""
     m, k = x.shape
-    if k % 2:   # pairs along the input axis: an odd length gets a zero column
-        w = np.concatenate([w, np.zeros((w.shape[0], 1), np.uint16)], axis=1)
     ap = np.empty(((m + MR - 1) // MR, (k + 1) // 2, MR), np.uint32)
     pack_x_bf16(ap, x)
-    _gemm_bf16(out, ap, w.view(np.uint32), KC_PAIRS)
+    return ap
+
+
+def gemm_bf16(out, x, w, ap=None):
+    # x: (m, k) float32; w: (n, k) bfloat16 bits (uint16); out: (m, n), C-contiguous rows
+    # (any row stride); ap: x already packed (packed_x_bf16), or None. x rounded to bfloat16
+    # once, then the blocked vdpbf16ps GEMM (products of bfloat16s exact in float32, sums float32)
+    k = x.shape[1]
+    if k % 2:   # pairs along the input axis: an odd length gets a zero column
+        w = np.concatenate([w, np.zeros((w.shape[0], 1), np.uint16)], axis=1)
+    _gemm_bf16(out, packed_x_bf16(x) if ap is None else ap, w.view(np.uint32), KC_PAIRS)
 
 
 @intrinsic

@@ -31,7 +31,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import cpu_pool
-from .linear_bf16_cpu import f16_to_float32, gemm_amx
+from .linear_bf16_cpu import NR, f16_to_float32, gemm_amx, gemm_bf16, packed_x_bf16, round_bf16
 from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, STREAM_PREFETCH_BYTES, \
     _add_bias
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, amx_path, \
@@ -339,6 +339,33 @@ def _gemm(out, x, wq, wd):
         np.matmul(x, t.T, out=out[:, r0:r1])
 
 
+@njit(parallel=True, cache=True)
+def dequantize_rows_bf16(out, wq, wd, r0):
+    # out: (rows, k) uint16 = rows r0.. of w dequantized and rounded to bfloat16 (bits)
+    rows, k = out.shape
+    for r in prange(rows):
+        wr, dr, o = wq[r0 + r], wd[r0 + r], out[r]
+        for b in range(k // 32):
+            d = f16_to_float32(dr[b])
+            for u in range(uint64(b * 32), uint64(b * 32 + 32)):
+                o[u] = round_bf16(float32(wr[u]) * d)
+
+
+def _gemm_bf16(out, x, wq, wd):
+    # x: (m, k) float32, m > GEMV_MAX_ROWS; out: (m, n). With AVX-512 BF16: x rounded to
+    # bfloat16 and packed once; tiles of w (rows a multiple of the micro-kernel's NR)
+    # dequantized and rounded to bfloat16, each multiplied by linear_bf16_cpu's vdpbf16ps GEMM
+    n, k = wq.shape
+    step = min(n, max(NR, TILE_BYTES // (2 * k) // NR * NR))
+    ap = packed_x_bf16(x)
+    tile = np.empty((step, k), np.uint16)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        t = tile[:r1 - r0]
+        dequantize_rows_bf16(t, wq, wd, r0)
+        gemm_bf16(out[:, r0:r1], x, t, ap)
+
+
 def linear(out, x, w, bias):
     # x: (m, k) float32; w: Q8Matrix (n, k); bias: (n,) or (0,); out: (m, n)
     m, k = x.shape
@@ -359,6 +386,8 @@ def linear(out, x, w, bias):
         cpu_pool.run(gemv, m * wq.size, out, xq, xc, xd, wq, wd)
     elif amx_path("amx-bf16"):
         gemm_amx(out, x, q8=(wq, wd))
+    elif fast_path("avx512bf16"):
+        _gemm_bf16(out, x, wq, wd)
     else:
         _gemm(out, x, wq, wd)
     if bias.shape[0]:
