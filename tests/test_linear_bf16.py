@@ -103,7 +103,7 @@ def test_linear_16bit_matches_reference(path, dtype, m, k, n):
 
 @pytest.mark.parametrize("one_stream", [True, False], ids=["one-row", "four-rows"])
 @pytest.mark.parametrize("dtype", [BF16, np.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("k,n", [(32, 7), (96, 1000), (4128, 33), (37, 9)])
+@pytest.mark.parametrize("k,n", [(5, 3), (32, 7), (96, 1000), (4128, 33), (37, 9)])
 def test_decode_reads_one_or_four_rows(monkeypatch, one_stream, dtype, k, n):
     """Decode's two ways through w (one row a step on AMD Zen, 4 rows elsewhere), each on any
     CPU with the fast path; the other's kernel raises."""

@@ -3,10 +3,11 @@ the kernels take its bits (uint16) and a flag, half (float16) or not (bfloat16).
 linear_cpu.py, function for function; x, out and the sums are float32.
 
 Decode and a few rows (up to GEMV_MAX_ROWS) read w once, 2 bytes a weight, and are bound by
-memory: each weight is widened to float32 exactly (bfloat16: its bits moved up 16, two
-instructions for 32 weights; float16: the F16C conversion) and multiplied in float32 FMAs;
-decode reads w one row at a time (one read stream a thread) on AMD Zen, elsewhere as a few
-rows do, 4 rows of w a pass over x as linear_cpu's _dots4. x is not rounded: vdpbf16ps would
+memory: each weight is widened to float32 exactly (bfloat16: its bits moved up 16; float16:
+the F16C conversion) and multiplied in float32 FMAs; decode reads w one row at a time (one read
+stream a thread, 16 weights a vector) on AMD Zen, elsewhere as a few rows do, 4 rows of w a
+pass over x as linear_cpu's _dots4 (bfloat16 32 weights a vector, two instructions widening
+them against x's even and odd elements). x is not rounded: vdpbf16ps would
 round it to bfloat16 (2^-9 relative) for no gain where memory is the limit (12288x4096 on 2
 Zen 4 cores with the caches flushed: 1.8-1.9 ms = 2.6-2.8x our float32 GEMV, 53-56 GB/s). The
 portable path is the same loop in plain numba (the widening as integer arithmetic), which
@@ -31,7 +32,7 @@ from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, 
     hsum, prefetch, tile_config, tile_config_bytes, tile_dpbf16ps, tile_load, tile_release, \
     tile_store, tile_zero, widen16
 
-_VEC = 16     # weights per vector in _dots4_f16 (32 bytes, widened to 512 bits)
+_VEC = 16     # weights per vector in _make_dots16 (32 bytes, widened to 512 bits)
 _UNROLL = 4   # vectors per row per loop step in _dots4_f16 (4 accumulators a row, 2 lines)
 _UNROLL_BF16 = 2   # 64-byte chunks per row per loop step in _dots4_bf16 (2 lines)
 # decode (one row of x) on AMD Zen reads w one row at a time, so each thread streams one address
@@ -92,11 +93,12 @@ def to_float32(h, half):
     return f16_to_float32(h) if half else bf16_to_float32(h)
 
 
-def _make_dots_f16(n_rows, prefetch_bytes):
+def _make_dots16(n_rows, prefetch_bytes, half):
     @intrinsic
     def dots(typingctx, x, w, ldw, nv):
-        """The dot products of n_rows rows of w (float16) with x (float32) over their first
-        16 nv elements, a tuple. x, w are byte addresses (x contiguous; row i of w at
+        """The dot products of n_rows rows of w (float16 when half, else bfloat16) with x
+        (float32) over their first 16 nv elements, a tuple; each 16 weights widened exactly
+        (widen16: F16C's conversion, or bfloat16's bits moved up 16). x, w are byte addresses (x contiguous; row i of w at
         w + 2 i ldw). With prefetch_bytes, each row's line that far ahead is prefetched as the
         loop reaches a line, past the row's end the same line n_rows rows below (the next
         block of rows)."""
@@ -126,7 +128,7 @@ def _make_dots_f16(n_rows, prefetch_bytes):
                         prefetch(builder, builder.ptrtoint(builder.gep(rows[i], [ahead]), _I64), 0)
                     wv = builder.load(builder.bitcast(builder.gep(rows[i], [c]),
                                                       ir.PointerType(vh)), align=2)
-                    builder.store(builder.call(vfma, [widen16(builder, wv, True), xv,
+                    builder.store(builder.call(vfma, [widen16(builder, wv, half), xv,
                                                       builder.load(acc[i][u])]), acc[i][u])
 
             n_main = builder.udiv(nv, ir.Constant(_I64, _UNROLL))
@@ -153,8 +155,11 @@ def _row_sums(builder, acc):
     return sums
 
 
-_dots4_f16 = _make_dots_f16(4, PREFETCH_BYTES)    # few rows: 4 rows of w a pass over x
-_dot1_f16 = _make_dots_f16(1, STREAM_PREFETCH_BYTES)    # decode: one row, one read stream
+_dots4_f16 = _make_dots16(4, PREFETCH_BYTES, True)    # few rows: 4 rows of w a pass over x
+# decode: one row, one read stream. bfloat16 this way too, not as _dot1 of _make_dots_bf16
+# (TinyLlama's GEMVs back to back on 2 Zen 5 cores, alternated: 57-61 against 45-46 GB/s)
+_dot1_f16 = _make_dots16(1, STREAM_PREFETCH_BYTES, True)
+_dot1_bf16 = _make_dots16(1, STREAM_PREFETCH_BYTES, False)
 
 
 def _make_dots_bf16(rows, unroll, prefetch_bytes=0):
@@ -222,8 +227,6 @@ _dots4_bf16 = _make_dots_bf16(4, _UNROLL_BF16)
 # the fastest (ONE_STREAM_DECODE false) the hardware's streams stop at each 4 KB page, one
 # row of 2048 here (Xeon, 2 cores, caches flushed: 4 rows 26-30 GB/s without, 33-38 with)
 _dots4_bf16_pf = _make_dots_bf16(4, _UNROLL_BF16, PREFETCH_BYTES)
-# decode: one row, one read stream, 8 accumulators
-_dot1_bf16 = _make_dots_bf16(1, 4, STREAM_PREFETCH_BYTES)
 
 
 @njit(inline="always", fastmath=True, cache=True)
@@ -238,19 +241,18 @@ def _tail_rows(out, x, w, r0, half):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv(out, x, xr, w, half):
-    # decode: x (1, k) float32; w: (n, k) 16-bit float bits, float16 when half; out: (1, n);
-    # xr as in _gemv_rows. One row of w per step: one read stream a thread
+def _gemv(out, x, w, half):
+    # decode: x (1, k) float32; w: (n, k) 16-bit float bits, float16 when half; out: (1, n).
+    # One row of w per step: one read stream a thread
     n, k = w.shape
-    step = _VEC if half else 32
-    k0 = k - k % step
+    k0 = k - k % _VEC
     o = out[0]
-    xa, xra, wa = x.ctypes.data, xr.ctypes.data, w.ctypes.data
+    xa, wa = x.ctypes.data, w.ctypes.data
     for r in prange(n):
         if half:
-            s, = _dot1_f16(xa, wa + 2 * r * k, k, k0 // step)
+            s, = _dot1_f16(xa, wa + 2 * r * k, k, k0 // _VEC)
         else:
-            s, = _dot1_bf16(xra, wa + 2 * r * k, k, k0 // step)
+            s, = _dot1_bf16(xa, wa + 2 * r * k, k, k0 // _VEC)
         for j in range(k0, k):
             s += to_float32(w[r, j], half) * x[0, j]
         o[r] = s
@@ -647,10 +649,10 @@ def linear(out, x, w, bias):
     bits = w.view(np.uint16)
     if m <= GEMV_MAX_ROWS:
         if fast_path("f16c") if half else fast_path():
-            xr = x if half else even_odd(x)
             if m == 1 and ONE_STREAM_DECODE:
-                cpu_pool.run(_gemv, w.size, out, x, xr, bits, half)
+                cpu_pool.run(_gemv, w.size, out, x, bits, half)
             else:
+                xr = x if half else even_odd(x)
                 cpu_pool.run(_gemv_rows, m * w.size, out, x, xr, bits, half,
                              not ONE_STREAM_DECODE)
         else:
