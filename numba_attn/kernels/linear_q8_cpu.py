@@ -21,9 +21,11 @@ one row of w at a time; portable 2.5-3.3 ms.)
 Prefill (more rows) is compute-bound. With AMX-BF16 tiles, each block of 32 rows of w is
 dequantized and rounded to bfloat16 (2^-9 relative, below the codes' own rounding of up to
 d / 2) and goes through linear_bf16_cpu's AMX GEMM with x rounded to bfloat16, at about 3x
-the float32 sgemm; elsewhere tiles of w are dequantized into a float32 buffer that stays in
-cache and multiplied by NumPy's BLAS sgemm (512x5632x2048: 0.95-0.97x sgemm on the float32
-weights)."""
+the float32 sgemm; with AVX-512 BF16 (AMD Zen 4 and 5) tiles of w are dequantized and rounded
+to bfloat16 the same way and multiplied by linear_bf16_cpu's vdpbf16ps GEMM (TinyLlama's
+prefill-512 on 2 Zen 5 cores 2.7-3.1x our float32's); elsewhere tiles of w are dequantized into
+a float32 buffer that stays in cache and multiplied by NumPy's BLAS sgemm (512x5632x2048:
+0.95-0.97x sgemm on the float32 weights)."""
 import numpy as np
 from llvmlite import ir
 from numba import float32, int32, njit, prange, types, uint64
