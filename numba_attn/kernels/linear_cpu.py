@@ -12,8 +12,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import cpu_pool
-from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, fma, \
-    prefetch
+from .llvm_cpu import F32 as _F32, I64 as _I64, ONE_STREAM_DECODE, fma, hsum, prefetch
 from .scalar import dots_4x1, dots_4x2
 
 GEMV_ROWS = 4  # rows of w per inner step: x is loaded once for 4 dot products
@@ -88,15 +87,7 @@ def _make_dots(n_rows):
                 v = builder.load(row[0])
                 for a in row[1:]:
                     v = builder.fadd(v, builder.load(a))
-                n = _VEC
-                while n > 1:   # horizontal sum: halves added
-                    h = n // 2
-                    lo, hi = (builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, h),
-                                                                         list(range(s, s + h))))
-                              for s in (0, h))
-                    v = builder.fadd(lo, hi)
-                    n = h
-                sums.append(builder.extract_element(v, ir.Constant(_I32, 0)))
+                sums.append(hsum(builder, v))
             return context.make_tuple(builder, signature.return_type, sums)
         return sig, codegen
     return dots
