@@ -29,7 +29,7 @@ from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, STREAM_PREFETC
     _add_bias
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, amx_path, \
     bits_as_float32, copy_lines, dpbf16ps, fast_path, float32_bits, fma, store_transposed16, \
-    hsum, prefetch, tile_config, tile_config_bytes, tile_dpbf16ps, tile_load, tile_release, \
+    prefetch, row_sums, tile_config, tile_config_bytes, tile_dpbf16ps, tile_load, tile_release, \
     tile_store, tile_zero, widen16
 
 _VEC = 16     # weights per vector in _make_dots16 (32 bytes, widened to 512 bits)
@@ -98,8 +98,8 @@ def _make_dots16(n_rows, prefetch_bytes, half):
     def dots(typingctx, x, w, ldw, nv):
         """The dot products of n_rows rows of w (float16 when half, else bfloat16) with x
         (float32) over their first 16 nv elements, a tuple; each 16 weights widened exactly
-        (widen16: F16C's conversion, or bfloat16's bits moved up 16). x, w are byte addresses (x contiguous; row i of w at
-        w + 2 i ldw). With prefetch_bytes, each row's line that far ahead is prefetched as the
+        (widen16: F16C's conversion, or bfloat16's bits moved up 16). x, w are byte addresses
+        (x contiguous; row i of w at w + 2 i ldw). With prefetch_bytes, each row's line that far ahead is prefetched as the
         loop reaches a line, past the row's end the same line n_rows rows below (the next
         block of rows)."""
         sig = types.UniTuple(types.float32, n_rows)(x, w, ldw, nv)
@@ -139,20 +139,9 @@ def _make_dots16(n_rows, prefetch_bytes, half):
             done = builder.mul(n_main, ir.Constant(_I64, _UNROLL))
             with cgutils.for_range(builder, builder.sub(nv, done)) as loop:
                 step(builder.mul(builder.add(done, loop.index), ir.Constant(_I64, _VEC)), 0, True)
-            return context.make_tuple(builder, signature.return_type, _row_sums(builder, acc))
+            return context.make_tuple(builder, signature.return_type, row_sums(builder, acc))
         return sig, codegen
     return dots
-
-
-def _row_sums(builder, acc):
-    """Each row's accumulators (lists of vector pointers) added and reduced to one float."""
-    sums = []
-    for row in acc:
-        v = builder.load(row[0])
-        for a in row[1:]:
-            v = builder.fadd(v, builder.load(a))
-        sums.append(hsum(builder, v))
-    return sums
 
 
 _dots4_f16 = _make_dots16(4, PREFETCH_BYTES, True)    # few rows: 4 rows of w a pass over x
@@ -215,7 +204,7 @@ def _make_dots_bf16(rows, unroll, prefetch_bytes=0):
             done = builder.mul(n_main, ir.Constant(_I64, unroll))
             with cgutils.for_range(builder, builder.sub(nc, done)) as loop:
                 step(builder.add(done, loop.index), 0)
-            return context.make_tuple(builder, signature.return_type, _row_sums(builder, acc))
+            return context.make_tuple(builder, signature.return_type, row_sums(builder, acc))
         return sig, codegen
     return dots
 

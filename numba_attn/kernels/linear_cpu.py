@@ -12,7 +12,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import cpu_pool
-from .llvm_cpu import F32 as _F32, I64 as _I64, ONE_STREAM_DECODE, fma, hsum, prefetch
+from .llvm_cpu import F32 as _F32, I64 as _I64, ONE_STREAM_DECODE, fma, prefetch, row_sums
 from .scalar import dots_4x1, dots_4x2
 
 GEMV_ROWS = 4  # rows of w per inner step: x is loaded once for 4 dot products
@@ -82,13 +82,7 @@ def _make_dots(n_rows):
             done = builder.mul(n_main, ir.Constant(_I64, _UNROLL))
             with cgutils.for_range(builder, builder.sub(nv, done)) as loop:
                 step(builder.mul(builder.add(done, loop.index), ir.Constant(_I64, _VEC)), 0, True)
-            sums = []
-            for row in acc:
-                v = builder.load(row[0])
-                for a in row[1:]:
-                    v = builder.fadd(v, builder.load(a))
-                sums.append(hsum(builder, v))
-            return context.make_tuple(builder, signature.return_type, sums)
+            return context.make_tuple(builder, signature.return_type, row_sums(builder, acc))
         return sig, codegen
     return dots
 

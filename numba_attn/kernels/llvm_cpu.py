@@ -170,6 +170,18 @@ def hsum(builder, v):
     return builder.extract_element(v, ir.Constant(I32, 0))
 
 
+def row_sums(builder, acc):
+    """Each row's accumulators (lists of pointers to float vectors) added and reduced to one
+    float: a list of the rows' sums."""
+    sums = []
+    for row in acc:
+        v = builder.load(row[0])
+        for a in row[1:]:
+            v = builder.fadd(v, builder.load(a))
+        sums.append(hsum(builder, v))
+    return sums
+
+
 @intrinsic
 def bits_as_float32(typingctx, bits):
     """The float32 whose bits are the low 32 bits of the integer bits (no conversion)."""
