@@ -1156,11 +1156,10 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
 
 
 @njit(inline="always", fastmath=FASTMATH_INF, cache=True)
-def _decode_mk_plan(q, k, kind, n_workers):
-    # the key ranges (flash-decoding: a batch is split into ranges when there are fewer
-    # batches than workers) and the scratch of _attention_decode_mk's tasks: per worker, Qf,
-    # Sf, At, Vis, Kw (_decode_range_mk's); per task, its partial result: unnormalised
-    # output, running max and sum
+def _decode_mk_plan(q, k, n_workers):
+    # the key ranges of _attention_decode_mk's tasks (flash-decoding: a batch is split into
+    # ranges when there are fewer batches than workers) and each task's partial result:
+    # unnormalised output, running max and sum
     B, q_len, H, d = q.shape
     kv_len, Hkv = k.shape[1], k.shape[2]
     rows = q_len * (H // Hkv)
@@ -1169,13 +1168,21 @@ def _decode_mk_plan(q, k, kind, n_workers):
     split_len = ((kv_len + n_split - 1) // n_split + BLOCK_K - 1) // BLOCK_K * BLOCK_K
     n_split = max(1, (kv_len + split_len - 1) // split_len)
     n_tasks = B * n_split
-    kw = BLOCK_K * d if kind != KV_F32 else 0     # a widened block of 16-bit K
-    return (n_split, split_len, n_tasks,
-            np.empty((n_workers, Hkv * d * ld), np.float32),
-            np.empty((n_workers, BLOCK_K * ld), np.float32),
-            np.empty((n_workers, ld), np.float32), np.empty((n_workers, ld), np.int32),
-            np.empty((n_workers, kw), np.float32), np.empty((n_tasks, Hkv, rows, d), np.float32),
+    return (n_split, split_len, n_tasks, np.empty((n_tasks, Hkv, rows, d), np.float32),
             np.empty((n_tasks, Hkv, ld), np.float32), np.empty((n_tasks, Hkv, ld), np.float32))
+
+
+@njit(inline="always", fastmath=FASTMATH_INF, cache=True)
+def _decode_scratch(q, k, kind):
+    # a worker's scratch for _decode_range_mk (Qf, Sf, alpha, n_vis, Kw), allocated by the
+    # worker itself: with 16-bit K/V, rows of one shared (workers, ...) array ran 2 threads at
+    # 134-141 us against 100 for their own (TinyLlama's 32/4 heads at 2000 keys, Zen 5)
+    q_len, H, d = q.shape[1], q.shape[2], q.shape[3]
+    Hkv = k.shape[2]
+    ld = (q_len * (H // Hkv) + 15) // 16 * 16
+    return (np.empty(Hkv * d * ld, np.float32), np.empty(BLOCK_K * ld, np.float32),
+            np.empty(ld, np.float32), np.empty(ld, np.int32),
+            np.empty(BLOCK_K * d if kind != KV_F32 else 0, np.float32))
 
 
 @njit(inline="always", fastmath=FASTMATH_INF, cache=True)
@@ -1214,14 +1221,14 @@ def _attention_decode_mk(out, q, k, v, scale, causal, kind, n_workers):
     # A task: a range of keys of one batch, for every head; the ranges merged at the end (on
     # the calling thread: a few rows)
     kv_len = k.shape[1]
-    n_split, split_len, n_tasks, Qf, Sf, At, Vis, Kw, O_part, M_part, L_part = \
-        _decode_mk_plan(q, k, kind, n_workers)
+    n_split, split_len, n_tasks, O_part, M_part, L_part = _decode_mk_plan(q, k, n_workers)
     for w in prange(n_workers):
+        Qf, Sf, At, Vis, Kw = _decode_scratch(q, k, kind)
         for task in range(w, n_tasks, n_workers):
             z, split = task // n_split, task % n_split
             _decode_range_mk(q, k, v, float32(scale), causal, kind, z, split * split_len,
-                             min(kv_len, (split + 1) * split_len), Qf[w], Sf[w], O_part[task],
-                             M_part[task], L_part[task], At[w], Vis[w], Kw[w])
+                             min(kv_len, (split + 1) * split_len), Qf, Sf, O_part[task],
+                             M_part[task], L_part[task], At, Vis, Kw)
     _decode_mk_merge(out, O_part, M_part, L_part, n_split)
 
 
@@ -1232,13 +1239,13 @@ def _attention_decode_mk_serial(out, q, k, v, scale, causal, kind):
     # pool shrunk and grown again) cost more than the attention (TinyLlama q8_0 decode at
     # context 16: 0.9 against 0.4 ms a token, in turn in one process)
     kv_len = k.shape[1]
-    n_split, split_len, n_tasks, Qf, Sf, At, Vis, Kw, O_part, M_part, L_part = \
-        _decode_mk_plan(q, k, kind, 1)
+    n_split, split_len, n_tasks, O_part, M_part, L_part = _decode_mk_plan(q, k, 1)
+    Qf, Sf, At, Vis, Kw = _decode_scratch(q, k, kind)
     for task in range(n_tasks):
         z, split = task // n_split, task % n_split
         _decode_range_mk(q, k, v, float32(scale), causal, kind, z, split * split_len,
-                         min(kv_len, (split + 1) * split_len), Qf[0], Sf[0], O_part[task],
-                         M_part[task], L_part[task], At[0], Vis[0], Kw[0])
+                         min(kv_len, (split + 1) * split_len), Qf, Sf, O_part[task],
+                         M_part[task], L_part[task], At, Vis, Kw)
     _decode_mk_merge(out, O_part, M_part, L_part, n_split)
 
 
