@@ -336,11 +336,17 @@ def _softmax_step(W):
     (W floats at st + 4 j ld; st, m_run, l_run, alpha, n_vis are byte addresses) for j < nk;
     diag: keys j >= n_vis[r] (W int32) are set to -inf first. The rows' block max m, then
     P = exp(S - m) in place, alpha = exp(m_run - m), l_run = l_run alpha + sum_j P, m_run = m
-    (m taken as 0 in the exps while it is -inf: nothing seen yet). exp: llvm_cpu.vexp."""
+    (m taken as 0 in the exps while it is -inf: nothing seen yet). exp: llvm_cpu.vexp.
+    W = 8 takes S^T dense (ld = 8): its max and exp passes run over zmm vectors of two keys,
+    with two of them in flight (the serial max and sum chains of one ymm a key ran the step
+    at half the speed)."""
     VT, VIT = ir.VectorType(_F32, W), ir.VectorType(_I32, W)
+    V2 = ir.VectorType(_F32, 2 * W)
+    lo_hi = [ir.Constant(ir.VectorType(_I32, W), list(range(h * W, (h + 1) * W)))
+             for h in (0, 1)]
 
-    def vconst(x):
-        return ir.Constant(VT, [float(np.float32(x))] * W)
+    def vconst(x, vt=VT):
+        return ir.Constant(vt, [float(np.float32(x))] * vt.count)
 
     @intrinsic
     def softmax(typingctx, st, ld, nk, m_run, l_run, alpha, n_vis, diag):
@@ -353,8 +359,11 @@ def _softmax_step(W):
             diag = context.cast(builder, args[7], signature.args[7], types.boolean)
             fp, vp, vip = ir.PointerType(_F32), ir.PointerType(VT), ir.PointerType(VIT)
             mod = builder.module
-            vmax = cgutils.get_or_insert_function(mod, ir.FunctionType(VT, [VT, VT]),
-                                                  f"llvm.maxnum.v{W}f32")
+
+            def maxnum(vt):
+                return cgutils.get_or_insert_function(mod, ir.FunctionType(vt, [vt, vt]),
+                                                      f"llvm.maxnum.v{vt.count}f32")
+            vmax, vmax2 = maxnum(VT), maxnum(V2)
             vfma = fma(builder, VT)
             sp = builder.inttoptr(st, fp)
             mptr = builder.inttoptr(m_run, vp)
@@ -366,37 +375,62 @@ def _softmax_step(W):
             def srow(j):
                 return builder.bitcast(builder.gep(sp, [builder.mul(j, ld)]), vp)
 
+            def spair(i, h):      # keys 4 i + 2 h and the next, dense (W = 8)
+                j = builder.add(builder.mul(i, ir.Constant(_I64, 4)), ir.Constant(_I64, 2 * h))
+                return builder.bitcast(builder.gep(sp, [builder.mul(j, ld)]),
+                                       ir.PointerType(V2))
+
+            def halves(v):
+                return [builder.shuffle_vector(v, v, ix) for ix in lo_hi]
+
             m0 = builder.load(mptr, align=4)
-            mslot = cgutils.alloca_once(builder, VT)
-            builder.store(m0, mslot)
             nv = builder.load(nvp, align=4)
-            with builder.if_else(diag) as (then, otherwise):
-                with then:
-                    with cgutils.for_range(builder, nk) as loop:
-                        j = loop.index
-                        undef = ir.Constant(VIT, ir.Undefined)
-                        jv = builder.shuffle_vector(
-                            builder.insert_element(undef, builder.trunc(j, _I32),
-                                                   ir.Constant(_I32, 0)),
-                            undef, ir.Constant(VIT, [0] * W))
-                        p = srow(j)
-                        s = builder.select(builder.icmp_signed("<", jv, nv),
-                                           builder.load(p, align=4), ninf)
-                        builder.store(s, p, align=4)
-                        builder.store(builder.call(vmax, [s, builder.load(mslot)]), mslot)
-                with otherwise:
-                    with cgutils.for_range(builder, nk) as loop:
-                        s = builder.load(srow(loop.index), align=4)
-                        builder.store(builder.call(vmax, [s, builder.load(mslot)]), mslot)
+            with builder.if_then(diag):
+                with cgutils.for_range(builder, nk) as loop:
+                    j = loop.index
+                    undef = ir.Constant(VIT, ir.Undefined)
+                    jv = builder.shuffle_vector(
+                        builder.insert_element(undef, builder.trunc(j, _I32),
+                                               ir.Constant(_I32, 0)),
+                        undef, ir.Constant(VIT, [0] * W))
+                    p = srow(j)
+                    builder.store(builder.select(builder.icmp_signed("<", jv, nv),
+                                                 builder.load(p, align=4), ninf), p, align=4)
+            mslot = cgutils.alloca_once_value(builder, m0)
+            n4 = builder.ashr(nk, ir.Constant(_I64, 2)) if W == 8 else ir.Constant(_I64, 0)
+            tail = builder.mul(n4, ir.Constant(_I64, 4))
+            if W == 8:
+                m2 = [cgutils.alloca_once_value(builder, vconst(-np.inf, V2)) for _ in (0, 1)]
+                with cgutils.for_range(builder, n4) as loop:
+                    for h in (0, 1):
+                        builder.store(builder.call(vmax2, [builder.load(m2[h]), builder.load(
+                            spair(loop.index, h), align=4)]), m2[h])
+                mm = builder.call(vmax2, [builder.load(m2[0]), builder.load(m2[1])])
+                a, b = halves(mm)
+                builder.store(builder.call(vmax, [builder.call(vmax, [a, b]), m0]), mslot)
+            with cgutils.for_range_slice(builder, tail, nk, ir.Constant(_I64, 1)) as (j, _):
+                builder.store(builder.call(vmax, [builder.load(srow(j), align=4),
+                                                  builder.load(mslot)]), mslot)
             m = builder.load(mslot)
             msafe = builder.select(builder.fcmp_ordered("==", m, ninf), vconst(0.0), m)
             al = vexp(builder, builder.fsub(m0, msafe))
             builder.store(m, mptr, align=4)
             builder.store(al, aptr, align=4)
-            lslot = cgutils.alloca_once(builder, VT)
-            builder.store(vconst(0.0), lslot)
-            with cgutils.for_range(builder, nk) as loop:
-                p = srow(loop.index)
+            lslot = cgutils.alloca_once_value(builder, vconst(0.0))
+            if W == 8:
+                msafe2 = builder.shuffle_vector(msafe, msafe, ir.Constant(
+                    ir.VectorType(_I32, 2 * W), list(range(W)) * 2))
+                l2 = [cgutils.alloca_once_value(builder, vconst(0.0, V2)) for _ in (0, 1)]
+                with cgutils.for_range(builder, n4) as loop:
+                    for h in (0, 1):
+                        p = spair(loop.index, h)
+                        e = vexp(builder, builder.fsub(builder.load(p, align=4), msafe2))
+                        builder.store(e, p, align=4)
+                        builder.store(builder.fadd(builder.load(l2[h]), e), l2[h])
+                a, b = halves(builder.fadd(builder.load(l2[0]), builder.load(l2[1])))
+                builder.store(builder.fadd(a, b), lslot)
+            with cgutils.for_range_slice(builder, tail, nk, ir.Constant(_I64, 1)) as (j, _):
+                p = srow(j)
                 e = vexp(builder, builder.fsub(builder.load(p, align=4), msafe))
                 builder.store(e, p, align=4)
                 builder.store(builder.fadd(builder.load(lslot), e), lslot)
@@ -1027,30 +1061,35 @@ def _qk_pairs(R):
     return qk
 
 
-_qkp_16, _qkp_4, _qkp_1 = (_qk_pairs(r) for r in (_QK_R, 4, 1))
+# 14 keys a call, not 16: with 16 accumulators LLVM spilled one to the stack each iteration
+# (the whole decode kernel at TinyLlama's 32/4 heads and 2000 keys, one Zen 5 thread: 131-146
+# against 154-164 us, 10 and 12 keys as 14)
+_QKP_R = 14
+_qkp_14, _qkp_4, _qkp_1 = (_qk_pairs(r) for r in (_QKP_R, 4, 1))
 
 
 @njit(inline="always")
 def _qk_block(narrow, n, c, ldc, a, sa_i, b, ldb, K, pf_k, pf_v, n_pf, pf_stride, pf_bytes):
     # C[j, :W] = sum_t A[j, t] B[t, :W] for keys j < n (A's rows sa_i floats apart): narrow, W
     # = 8 with B packed in pairs (_qk_pairs; ldb unused), else W = 16 with B's rows ldb floats
-    # apart; in calls of 16, 4 and 1 keys. Before each call of 16, the next n_pf key and value
-    # rows (pf_bytes each, pf_stride bytes apart, from byte addresses pf_k and pf_v on) are
-    # prefetched, 16 at a time: spread over the work, so the memory streams while the cores
-    # compute
+    # apart; in calls of R (14 narrow, 16 wide), 4 and 1 keys. Before each call of R, the next
+    # n_pf key and value rows (pf_bytes each, pf_stride bytes apart, from byte addresses pf_k
+    # and pf_v on) are prefetched, R at a time: spread over the work, so the memory streams
+    # while the cores compute
     j = 0
+    R = _QKP_R if narrow else _QK_R
     while j < n:
         cj, aj = c + 4 * j * ldc, a + 4 * j * sa_i
         if j < n_pf:
-            npf = min(_QK_R, n_pf - j)
+            npf = min(R, n_pf - j)
             _prefetch_rows(pf_k + j * pf_stride, npf, pf_stride, pf_bytes)
             _prefetch_rows(pf_v + j * pf_stride, npf, pf_stride, pf_bytes)
-        if n - j >= _QK_R:
+        if n - j >= R:
             if narrow:
-                _qkp_16(cj, ldc, aj, sa_i, b, K)
+                _qkp_14(cj, ldc, aj, sa_i, b, K)
             else:
                 _qk16_16(cj, ldc, aj, sa_i, 1, b, ldb, K, 0)
-            j += _QK_R
+            j += R
         elif n - j >= 4:
             if narrow:
                 _qkp_4(cj, ldc, aj, sa_i, b, K)
