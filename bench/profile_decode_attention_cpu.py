@@ -1,7 +1,9 @@
 """The CPU decode attention's parts at TinyLlama's shape (32 query / 4 KV heads, head dim 64,
 2000 keys), each in a loop of its own on one thread: the scores micro-kernel (with and without
 its prefetch of the next key block), the online softmax step and the P V accumulation; then
-the whole kernel warm (K/V in cache) on 1 and 2 threads, for float32, float16 and bfloat16 K/V.
+the whole kernel warm (K/V in cache) on 1 and 2 threads, and cold on 2 (96 MB read before each
+call, as a model's weights stream between its layers' attention), for float32, float16 and
+bfloat16 K/V.
 
     python bench/profile_decode_attention_cpu.py"""
 import os
@@ -10,7 +12,7 @@ import time
 
 import ml_dtypes
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,10 +59,20 @@ def pv(v, st, o, alpha):
                           ap)
 
 
-def median_us(f, *args, n=30):
+@njit(parallel=True)
+def read_through(buf):
+    s = 0.0
+    for i in prange(buf.size // 16):     # a float a cache line
+        s += buf[16 * i]
+    return s
+
+
+def median_us(f, *args, n=30, before=None):
     f(*args)
     times = []
     for _ in range(n):
+        if before is not None:
+            before()
         t = time.perf_counter()
         f(*args)
         times.append(time.perf_counter() - t)
@@ -85,6 +97,7 @@ def main():
     print(f"  P V: {median_us(pv, v, st, o, alpha):.0f} us")
     q = rng.standard_normal((1, 1, HKV * G, D)).astype(np.float32)
     out = np.empty_like(q)
+    buf = np.ones(96 << 18, np.float32)
     for dt in (np.float32, np.float16, ml_dtypes.bfloat16):
         kind = A.KV_KINDS[np.dtype(dt)]
         kk, vv = (rng.standard_normal((1, KV, HKV, D)).astype(dt) for _ in range(2))
@@ -92,8 +105,10 @@ def main():
             kk, vv = kk.view(np.uint16), vv.view(np.uint16)
         one, two = (median_us(A._attention_decode_mk, out, q, kk, vv, 0.125, True, kind, n)
                     for n in (1, 2))
+        cold = median_us(A._attention_decode_mk, out, q, kk, vv, 0.125, True, kind, 2,
+                         before=lambda: read_through(buf))
         print(f"whole kernel, {np.dtype(dt).name} K/V, warm: 1 thread {one:.0f} us, "
-              f"2 threads {two:.0f} us")
+              f"2 threads {two:.0f} us; cold, 2 threads {cold:.0f} us")
 
 
 if __name__ == "__main__":

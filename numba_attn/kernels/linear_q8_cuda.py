@@ -42,11 +42,12 @@ GEMV_MAX_M = 16                          # rows of x up to which the GEMV serves
 # contiguous bytes), blocks per SM: 0 for one block per group of rows, else the grid is capped
 # at that many a multiprocessor where that gives each block two groups or more, each block
 # looping over groups and quantizing x once).
-# `bench_cuda.py --only tune-q8` compares the variants. At 12288x4096 on an H100, in one run:
-# (1, 4, 256, 2, 4) 25.2-25.3 us, (4, 2, 256, 1, 4) 25.8-25.9, (2, 2, 256, 1, 0) 27.4, the rest
-# 25.5-31; on an H200 with one lane a block, one block a group: (2, 2, 256) 21.2 us, (4, 1, 256)
-# 20.8-21.0 (loading w's first step before x is quantized gained nothing: 21.3)
-GEMV_SHAPE = (1, 4, 256, 2, 4)
+# `bench_cuda.py --only tune-q8` compares the variants. At 12288x4096 on an H100, in four runs
+# over three days: (1, 4, 512, 2, 2) 24.4-25.0 us, (1, 4, 256, 2, 4) 25.1-25.6, (4, 2, 256, 1,
+# 4) 25.4-25.9, (2, 2, 256, 1, 0) 27.2-27.4, the rest 25.5-31; on an H200 with one lane a
+# block, one block a group: (2, 2, 256) 21.2 us, (4, 1, 256) 20.8-21.0. Loading w's first step
+# before x is quantized gained nothing on either (H200 21.3; H100 25.3-26.3 against 24.6-25.1)
+GEMV_SHAPE = (1, 4, 512, 2, 2)
 
 
 def x_rows(m):
