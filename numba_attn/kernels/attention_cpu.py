@@ -54,9 +54,11 @@ AMX_BLOCK_K = 128      # keys per block of the online softmax with AMX tiles
 NEG_INF = float32(-np.inf)
 DECODE_MAX_Q = 4       # at most this many queries take the decode schedule
 MIN_SPLIT_KEYS = 256   # decode: a key range is never shorter than this
-# decode: K/V rows are prefetched this many key blocks ahead, into L1 (prefetcht0). TinyLlama's
-# 32/4 heads at 2000 keys, K/V cold (as in a model, after its weights streamed): 2 Zen 5
-# threads 106-113 us against 115-170 one block ahead into L2 only (prefetcht1), in turn
+# decode: 16-bit K/V rows are prefetched this many key blocks ahead, into L1 (prefetcht0);
+# float32 rows are left to the hardware. TinyLlama's 32/4 heads at 2000 keys, K/V cold (as in a
+# model, after its weights streamed), 2 Zen 5 threads (bench/tune_decode_attention.py): float16
+# 111 us against 134-135 one block ahead into L2 (prefetcht1) or not at all; float32 102-105
+# with or without, 72 against 81 us warm without
 PREFETCH_BLOCKS = 2
 # K and V storage, passed to the kernels as `kind` (16-bit kinds as their uint16 bits); a
 # uint16 array is bfloat16 bits, as attention_cuda takes them
@@ -1148,7 +1150,8 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
     a_p, mr_p = np.int64(alpha.ctypes.data), np.int64(m_run.ctypes.data)
     lr_p, nv_p = np.int64(l_run.ctypes.data), np.int64(n_vis.ctypes.data)
     kpos = kv_len - q_len                          # position of the first query
-    n0 = min(k_hi - k_lo, (PREFETCH_BLOCKS - 1) * BLOCK_K)   # the blocks before the first
+    ahead = PREFETCH_BLOCKS if kind != KV_F32 else 0
+    n0 = max(0, min(k_hi - k_lo, (ahead - 1) * BLOCK_K))   # the blocks before the first
     _prefetch_rows(k_p + es * k_lo * ldk, n0, es * ldk, es * ldk)    # prefetched below
     _prefetch_rows(v_p + es * k_lo * ldk, n0, es * ldk, es * ldk)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -1157,13 +1160,13 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
         for r in range(ld):
             n_vis[r] = min(nk, max(0, kpos + r // G + 1 - k0)) if causal and r < rows else nk
             diag = diag or n_vis[r] < nk
-        # the key and value rows PREFETCH_BLOCKS blocks on are prefetched during the scores,
+        # the key and value rows `ahead` blocks on are prefetched during the scores,
         # a head's share at a time
-        n_pf = max(0, min(BLOCK_K, k_hi - k0 - PREFETCH_BLOCKS * BLOCK_K))
+        n_pf = max(0, min(BLOCK_K, k_hi - k0 - ahead * BLOCK_K)) if ahead else 0
         for hk in range(Hkv):
             kh_p, vh_p = k_p + es * (k0 * ldk + hk * d), v_p + es * (k0 * ldk + hk * d)
-            pf_k = kh_p + es * PREFETCH_BLOCKS * BLOCK_K * ldk
-            pf_v = vh_p + es * PREFETCH_BLOCKS * BLOCK_K * ldk
+            pf_k = kh_p + es * ahead * BLOCK_K * ldk
+            pf_v = vh_p + es * ahead * BLOCK_K * ldk
             ld_k = ldk                             # elements from one key row to the next
             if kind != KV_F32:                     # 16-bit K widened into L1 (V is widened as
                 _widen_rows(kw_p, kh_p, nk, ldk, d, kind == KV_F16)   # P V loads it)
