@@ -54,11 +54,11 @@ AMX_BLOCK_K = 128      # keys per block of the online softmax with AMX tiles
 NEG_INF = float32(-np.inf)
 DECODE_MAX_Q = 4       # at most this many queries take the decode schedule
 MIN_SPLIT_KEYS = 256   # decode: a key range is never shorter than this
-# decode: 16-bit K/V rows are prefetched this many key blocks ahead, into L1 (prefetcht0);
-# float32 rows are left to the hardware. TinyLlama's 32/4 heads at 2000 keys, K/V cold (as in a
-# model, after its weights streamed), 2 Zen 5 threads (bench/tune_decode_attention.py): float16
-# 111 us against 134-135 one block ahead into L2 (prefetcht1) or not at all; float32 102-105
-# with or without, 72 against 81 us warm without
+# decode: K/V rows are prefetched this many key blocks ahead, into L1 (prefetcht0). TinyLlama's
+# 32/4 heads at 2000 keys, 2 Zen 5 threads, K/V cold (bench/tune_decode_attention.py): 16-bit
+# 93-111 us against 121-135 one block ahead into L2 (prefetcht1) or not at all. float32 K/V
+# timed alone ran as fast without (102-111 against 105-110), yet in the model (its K/V behind
+# 4 GB of weights) its attention took 3.75 ms a token without against 3.15-3.19 with
 PREFETCH_BLOCKS = 2
 # K and V storage, passed to the kernels as `kind` (16-bit kinds as their uint16 bits); a
 # uint16 array is bfloat16 bits, as attention_cuda takes them
@@ -1150,7 +1150,7 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
     a_p, mr_p = np.int64(alpha.ctypes.data), np.int64(m_run.ctypes.data)
     lr_p, nv_p = np.int64(l_run.ctypes.data), np.int64(n_vis.ctypes.data)
     kpos = kv_len - q_len                          # position of the first query
-    ahead = PREFETCH_BLOCKS if kind != KV_F32 else 0
+    ahead = PREFETCH_BLOCKS
     n0 = max(0, min(k_hi - k_lo, (ahead - 1) * BLOCK_K))   # the blocks before the first
     _prefetch_rows(k_p + es * k_lo * ldk, n0, es * ldk, es * ldk)    # prefetched below
     _prefetch_rows(v_p + es * k_lo * ldk, n0, es * ldk, es * ldk)
@@ -1162,7 +1162,7 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
             diag = diag or n_vis[r] < nk
         # the key and value rows `ahead` blocks on are prefetched during the scores,
         # a head's share at a time
-        n_pf = max(0, min(BLOCK_K, k_hi - k0 - ahead * BLOCK_K)) if ahead else 0
+        n_pf = max(0, min(BLOCK_K, k_hi - k0 - ahead * BLOCK_K))
         for hk in range(Hkv):
             kh_p, vh_p = k_p + es * (k0 * ldk + hk * d), v_p + es * (k0 * ldk + hk * d)
             pf_k = kh_p + es * ahead * BLOCK_K * ldk
