@@ -18,7 +18,8 @@ import time
 
 import ml_dtypes
 import numpy as np
-from numba import njit, prange
+
+from profile_decode_attention_cpu import read_through   # bench/, this script's folder
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(HERE, "numba_attn", "kernels", "attention_cpu.py")
@@ -47,14 +48,6 @@ def load_variant(name, tmp):
     sys.modules[mod] = module
     spec.loader.exec_module(module)
     return module
-
-
-@njit(parallel=True)
-def read_through(buf):
-    s = 0.0
-    for i in prange(buf.size // 16):     # a float a cache line
-        s += buf[16 * i]
-    return s
 
 
 def main():
