@@ -24,11 +24,14 @@ from profile_decode_attention_cpu import read_through   # bench/, this script's 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(HERE, "numba_attn", "kernels", "attention_cpu.py")
 KV, HKV, D, G = 2000, 4, 64, 8
-AHEAD = "ahead = PREFETCH_BLOCKS\n"
+BLOCKS = "PREFETCH_BLOCKS = 2\n"
 T1 = ("ir.Constant(_I64, 64))), 0)", "ir.Constant(_I64, 64))), 0, 2)")
-VARIANTS = {"as-is": [], "l1-1": [(AHEAD, "ahead = 1\n")], "l1-3": [(AHEAD, "ahead = 3\n")],
-            "l2-1": [(AHEAD, "ahead = 1\n"), T1], "none": [(AHEAD, "ahead = 1\n"),
-                     ("n_pf = max(0, min(BLOCK_K, k_hi - k0 - ahead * BLOCK_K))", "n_pf = 0")]}
+VARIANTS = {"as-is": [], "l1-1": [(BLOCKS, "PREFETCH_BLOCKS = 1\n")],
+            "l1-3": [(BLOCKS, "PREFETCH_BLOCKS = 3\n")],
+            "l2-1": [(BLOCKS, "PREFETCH_BLOCKS = 1\n"), T1],
+            "none": [(BLOCKS, "PREFETCH_BLOCKS = 1\n"),
+                     ("n_pf = max(0, min(BLOCK_K, k_hi - k0 - PREFETCH_BLOCKS * BLOCK_K))",
+                      "n_pf = 0")]}
 
 
 def load_variant(name, tmp):

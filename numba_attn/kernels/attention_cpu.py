@@ -1150,8 +1150,8 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
     a_p, mr_p = np.int64(alpha.ctypes.data), np.int64(m_run.ctypes.data)
     lr_p, nv_p = np.int64(l_run.ctypes.data), np.int64(n_vis.ctypes.data)
     kpos = kv_len - q_len                          # position of the first query
-    ahead = PREFETCH_BLOCKS
-    n0 = max(0, min(k_hi - k_lo, (ahead - 1) * BLOCK_K))   # the blocks before the first
+    ahead = PREFETCH_BLOCKS * BLOCK_K * ldk        # elements from a block to its prefetch
+    n0 = min(k_hi - k_lo, (PREFETCH_BLOCKS - 1) * BLOCK_K)   # the blocks before the first
     _prefetch_rows(k_p + es * k_lo * ldk, n0, es * ldk, es * ldk)    # prefetched below
     _prefetch_rows(v_p + es * k_lo * ldk, n0, es * ldk, es * ldk)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -1160,13 +1160,12 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
         for r in range(ld):
             n_vis[r] = min(nk, max(0, kpos + r // G + 1 - k0)) if causal and r < rows else nk
             diag = diag or n_vis[r] < nk
-        # the key and value rows `ahead` blocks on are prefetched during the scores,
+        # the key and value rows PREFETCH_BLOCKS blocks on are prefetched during the scores,
         # a head's share at a time
-        n_pf = max(0, min(BLOCK_K, k_hi - k0 - ahead * BLOCK_K))
+        n_pf = max(0, min(BLOCK_K, k_hi - k0 - PREFETCH_BLOCKS * BLOCK_K))
         for hk in range(Hkv):
             kh_p, vh_p = k_p + es * (k0 * ldk + hk * d), v_p + es * (k0 * ldk + hk * d)
-            pf_k = kh_p + es * ahead * BLOCK_K * ldk
-            pf_v = vh_p + es * ahead * BLOCK_K * ldk
+            pf_k, pf_v = kh_p + es * ahead, vh_p + es * ahead
             ld_k = ldk                             # elements from one key row to the next
             if kind != KV_F32:                     # 16-bit K widened into L1 (V is widened as
                 _widen_rows(kw_p, kh_p, nk, ldk, d, kind == KV_F16)   # P V loads it)
@@ -1223,13 +1222,11 @@ def _decode_mk_plan(q, k, n_workers):
 
 
 @njit(inline="always", fastmath=FASTMATH_INF, cache=True)
-def _decode_scratch(q, k, kind):
-    # a worker's scratch for _decode_range_mk (Qf, Sf, alpha, n_vis, Kw), allocated by the
-    # worker itself: with 16-bit K/V, rows of one shared (workers, ...) array ran 2 threads at
-    # 134-141 us against 100 for their own (TinyLlama's 32/4 heads at 2000 keys, Zen 5)
-    q_len, H, d = q.shape[1], q.shape[2], q.shape[3]
-    Hkv = k.shape[2]
-    ld = (q_len * (H // Hkv) + 15) // 16 * 16
+def _decode_scratch(Hkv, d, ld, kind):
+    # a worker's scratch for _decode_range_mk (Qf, Sf, alpha, n_vis, Kw; ld: the rows padded,
+    # as the plan's running max and sum), allocated by the worker itself: with 16-bit K/V, rows
+    # of one shared (workers, ...) array ran 2 threads at 134-141 us against 100 for their own
+    # (TinyLlama's 32/4 heads at 2000 keys, Zen 5)
     return (np.empty(Hkv * d * ld, np.float32), np.empty(BLOCK_K * ld, np.float32),
             np.empty(ld, np.float32), np.empty(ld, np.int32),
             np.empty(BLOCK_K * d if kind != KV_F32 else 0, np.float32))
@@ -1273,7 +1270,7 @@ def _attention_decode_mk(out, q, k, v, scale, causal, kind, n_workers):
     kv_len = k.shape[1]
     n_split, split_len, n_tasks, O_part, M_part, L_part = _decode_mk_plan(q, k, n_workers)
     for w in prange(n_workers):
-        Qf, Sf, At, Vis, Kw = _decode_scratch(q, k, kind)
+        Qf, Sf, At, Vis, Kw = _decode_scratch(k.shape[2], q.shape[3], M_part.shape[2], kind)
         for task in range(w, n_tasks, n_workers):
             z, split = task // n_split, task % n_split
             _decode_range_mk(q, k, v, float32(scale), causal, kind, z, split * split_len,
@@ -1290,7 +1287,7 @@ def _attention_decode_mk_serial(out, q, k, v, scale, causal, kind):
     # context 16: 0.9 against 0.4 ms a token, in turn in one process)
     kv_len = k.shape[1]
     n_split, split_len, n_tasks, O_part, M_part, L_part = _decode_mk_plan(q, k, 1)
-    Qf, Sf, At, Vis, Kw = _decode_scratch(q, k, kind)
+    Qf, Sf, At, Vis, Kw = _decode_scratch(k.shape[2], q.shape[3], M_part.shape[2], kind)
     for task in range(n_tasks):
         z, split = task // n_split, task % n_split
         _decode_range_mk(q, k, v, float32(scale), causal, kind, z, split * split_len,

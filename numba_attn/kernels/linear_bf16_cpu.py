@@ -99,9 +99,9 @@ def _make_dots16(n_rows, prefetch_bytes, half):
         """The dot products of n_rows rows of w (float16 when half, else bfloat16) with x
         (float32) over their first 16 nv elements, a tuple; each 16 weights widened exactly
         (widen16: F16C's conversion, or bfloat16's bits moved up 16). x, w are byte addresses
-        (x contiguous; row i of w at w + 2 i ldw). With prefetch_bytes, each row's line that far ahead is prefetched as the
-        loop reaches a line, past the row's end the same line n_rows rows below (the next
-        block of rows)."""
+        (x contiguous; row i of w at w + 2 i ldw). With prefetch_bytes, each row's line that
+        far ahead is prefetched as the loop reaches a line, past the row's end the same line
+        n_rows rows below (the next block of rows)."""
         sig = types.UniTuple(types.float32, n_rows)(x, w, ldw, nv)
 
         def codegen(context, builder, signature, args):
