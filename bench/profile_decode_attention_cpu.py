@@ -31,9 +31,8 @@ def scores(k, qt, st, prefetching):
     for k0 in range(0, KV - BLOCK, BLOCK):
         for hk in range(HKV):
             kh = kp + 4 * (k0 * ldk + hk * D)
-            A._qk_block(True, BLOCK, sp, G, kh, ldk, qp + 4 * hk * D * G, G, D,
-                        kh + 4 * BLOCK * ldk, kh + 4 * BLOCK * ldk,
-                        BLOCK if prefetching else 0, 4 * ldk, 4 * D)
+            A._qk_narrow(BLOCK, sp, G, kh, ldk, qp + 4 * hk * D * G, D, kh + 4 * BLOCK * ldk,
+                         kh + 4 * BLOCK * ldk, BLOCK if prefetching else 0, 4 * ldk, 4 * D)
 
 
 @njit
@@ -98,16 +97,20 @@ def main():
     q = rng.standard_normal((1, 1, HKV * G, D)).astype(np.float32)
     out = np.empty_like(q)
     buf = np.ones(96 << 18, np.float32)
-    for dt in (np.float32, np.float16, ml_dtypes.bfloat16):
+    bf16_dots = A.fast_path("avx512bf16")
+    for dt, work in ((np.float32, np.float32), (np.float16, np.float32),
+                     (ml_dtypes.bfloat16, np.float32)) + (
+                         ((ml_dtypes.bfloat16, np.uint32),) if bf16_dots else ()):
         kind = A.KV_KINDS[np.dtype(dt)]
         kk, vv = (rng.standard_normal((1, KV, HKV, D)).astype(dt) for _ in range(2))
         if kind != A.KV_F32:
             kk, vv = kk.view(np.uint16), vv.view(np.uint16)
-        one, two = (median_us(A._attention_decode_mk, out, q, kk, vv, 0.125, True, kind, n)
-                    for n in (1, 2))
-        cold = median_us(A._attention_decode_mk, out, q, kk, vv, 0.125, True, kind, 2,
+        one, two = (median_us(A._attention_decode_mk, out, q, kk, vv, 0.125, True, kind, n,
+                              work) for n in (1, 2))
+        cold = median_us(A._attention_decode_mk, out, q, kk, vv, 0.125, True, kind, 2, work,
                          before=lambda: read_through(buf))
-        print(f"whole kernel, {np.dtype(dt).name} K/V, warm: 1 thread {one:.0f} us, "
+        how = " (vdpbf16ps)" if work is np.uint32 else ""
+        print(f"whole kernel, {np.dtype(dt).name} K/V{how}, warm: 1 thread {one:.0f} us, "
               f"2 threads {two:.0f} us; cold, 2 threads {cold:.0f} us")
 
 

@@ -48,6 +48,30 @@ def check(y, want, q=None, k=None, scale=None):
     np.testing.assert_allclose(y, want, rtol=RTOL, atol=atol)
 
 
+def dots_in_bf16(k, q_len, n_heads):
+    """Whether decode over this K takes its products in bfloat16 (attention_cpu.bf16_dots)."""
+    kind = attention_cpu.KV_KINDS[np.dtype(k.dtype)]
+    return (q_len <= attention_cpu.DECODE_MAX_Q and k.shape[-1] % 32 == 0
+            and attention_cpu.bf16_dots(kind, q_len * (n_heads // k.shape[-2])))
+
+
+def check_bf16_dots(y, want, v):
+    """y of decode's bfloat16 products against the float64 attention over the same K/V: q and
+    the probabilities rounded to bfloat16 (relative error up to 2^-8 each) move the output by
+    up to 2^-8 max |v| through the probabilities' rounding, and by less through the scores'
+    at these scores (1.2-3.3e-3 measured with |v| ~ 4, the bound 5x that)."""
+    assert y.dtype == np.float32 and np.isfinite(y).all()
+    np.testing.assert_allclose(y, want, rtol=0, atol=2.0 ** -8 * np.abs(v).max().astype(float))
+
+
+def check_kv(y, want, q, k, v):
+    """check or check_bf16_dots, as decode over this K runs."""
+    if dots_in_bf16(k, q.shape[-3], q.shape[-2]):
+        check_bf16_dots(y, want, v)
+    else:
+        check(y, want, q, k.astype(np.float64))
+
+
 CASES = [
     # q_len, kv_len, H, Hkv, d, batch
     (129, 129, 32, 8, 128, None),    # prefill, Llama-3-8B heads
@@ -106,7 +130,7 @@ def test_decode_serial_and_parallel_drivers(monkeypatch, kv_dtype, kv_len, batch
     q, k, v = qkv(17 + kv_len, 1, kv_len, 32, 4, 64, batch)
     k, v = k.astype(kv_dtype), v.astype(kv_dtype)
     want = attention_ref(q, k.astype(np.float32), v.astype(np.float32), causal=True)
-    check(attention(q, k, v, causal=True), want, q, k.astype(np.float32))
+    check_kv(attention(q, k, v, causal=True), want, q, k, v)
 
 
 @pytest.mark.parametrize("q_len,kv_len", [(7, 3), (129, 1), (4, 2), (2, 1), (70, 65)])
@@ -220,19 +244,77 @@ CASES16 = [
 @pytest.mark.parametrize("q_len,kv_len,n_heads,n_kv_heads,d,batch", CASES16,
                          ids=["-".join(map(str, c)) for c in CASES16])
 def test_16bit_kv_matches_reference(q_len, kv_len, n_heads, n_kv_heads, d, batch, causal,
-                                    dtype):
-    """16-bit K and V are widened exactly: the result is float32 attention over the rounded
-    values (the float64 reference of the same 16-bit numbers), and ten times closer to it than
-    to attention over the float32 values they were rounded from (so a kernel that read them
-    wrongly, or rounded twice, could not pass)."""
+                                    dtype, monkeypatch):
+    """16-bit K and V are widened exactly (every path but decode's bfloat16 products, turned off
+    here with the portable path): the result is float32 attention over the rounded values (the
+    float64 reference of the same 16-bit numbers), and ten times closer to it than to attention
+    over the float32 values they were rounded from (so a kernel that read them wrongly, or
+    rounded twice, could not pass)."""
+    monkeypatch.setattr(llvm_cpu, "CPU_PATH", "portable")
     q, k, v = qkv(q_len * 7 + kv_len, q_len, kv_len, n_heads, n_kv_heads, d, batch)
     k16, v16 = k.astype(dtype), v.astype(dtype)
+    assert not dots_in_bf16(k16, q_len, n_heads)
     y = attention(q, k16, v16, causal=causal)
     kr, vr = k16.astype(np.float64), v16.astype(np.float64)
     rounded = attention_ref(q, kr, vr, causal=causal)
     check(y, rounded, q, kr)
     unrounded = attention_ref(q, k, v, causal=causal)
     assert np.abs(y - unrounded).max() > 10 * np.abs(y - rounded).max()
+
+
+CASES_DOTS = [
+    # q_len, kv_len, H, Hkv, d, batch: decode over bfloat16 K/V, at most 8 rows a KV head
+    (1, 2000, 32, 4, 64, None),      # TinyLlama's heads, every worker's key range
+    (1, 1, 8, 1, 64, None),          # one key
+    (1, 77, 8, 2, 128, 2),           # odd key count, a batch axis
+    (2, 131, 8, 2, 32, None),        # 2 queries x 4 heads, causal inside the last block
+    (1, 65, 32, 32, 64, None),       # one row a KV head
+    (4, 300, 4, 2, 96, None),        # 4 queries x 2 heads
+    (3, 200, 6, 3, 64, 3),           # 6 rows: groups of 4, 1 and 1
+]
+
+
+def spy_decode(monkeypatch):
+    """The work dtypes decode's drivers are called with (the last argument), as a list."""
+    seen = []
+    for name in ("_attention_decode_mk", "_attention_decode_mk_serial"):
+        f = getattr(attention_cpu, name)
+        monkeypatch.setattr(attention_cpu, name,
+                            lambda *a, f=f: (seen.append(a[-1]), f(*a))[1])
+    return seen
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("q_len,kv_len,n_heads,n_kv_heads,d,batch", CASES_DOTS,
+                         ids=["-".join(map(str, c)) for c in CASES_DOTS])
+def test_bf16_decode_products(q_len, kv_len, n_heads, n_kv_heads, d, batch, causal,
+                              monkeypatch):
+    """Decode over bfloat16 K/V on a CPU with AVX-512 BF16 takes its products in bfloat16.
+    Exactly, where the rounding is exact: keys of 0s and 1s and a query row +-100 / scale at
+    one coordinate of its own make every score 0 or +-100, so each row's probabilities are
+    exactly 1 on the keys at its maximum and underflow to 0 elsewhere, and the output is the
+    mean of those keys' values to float32 precision (a key, value, row or head dimension read
+    from the wrong place shows); and on random data within check_bf16_dots's bound."""
+    seen = spy_decode(monkeypatch)
+    rng = np.random.default_rng(q_len * 31 + kv_len)
+    lead = () if batch is None else (batch,)
+    scale = 1 / math.sqrt(d)
+    k = rng.integers(0, 2, lead + (kv_len, n_kv_heads, d)).astype(ml_dtypes.bfloat16)
+    v = rng.standard_normal(lead + (kv_len, n_kv_heads, d)).astype(ml_dtypes.bfloat16)
+    q = np.zeros(lead + (q_len, n_heads, d), np.float32)
+    for i in range(q_len):
+        for h in range(n_heads):
+            q[..., i, h, rng.integers(d)] = rng.choice([-100, 100]) / scale
+    y = attention(q, k, v, causal=causal)
+    check(y, attention_ref(q, k.astype(np.float64), v.astype(np.float64), causal=causal))
+    q, kf, _ = qkv(q_len * 7 + kv_len, q_len, kv_len, n_heads, n_kv_heads, d, batch)
+    k = kf.astype(ml_dtypes.bfloat16)
+    y = attention(q, k, v, causal=causal)
+    check_bf16_dots(y, attention_ref(q, k.astype(np.float64), v.astype(np.float64),
+                                     causal=causal), v)
+    dots = llvm_cpu.fast_path("avx512bf16")
+    assert dots_in_bf16(k, q_len, n_heads) == dots
+    assert seen == [np.uint32 if dots else np.float32] * 2
 
 
 AMX = llvm_cpu.amx_path("amx-bf16")

@@ -20,14 +20,18 @@ Two schedules, same arithmetic:
   end (flash-decoding). Within a block of keys each KV head's query heads form one tile (8
   rows at 32/4 heads), scored and accumulated by the same micro-kernels (the scores of a tile
   of at most 8 rows two head dimensions at a time, filling a zmm's 16 lanes), and the next
-  block is prefetched meanwhile. Head sizes that are
-  not a multiple of 32 take the older loop-based schedule.
+  block is prefetched meanwhile. Over a bfloat16 KV cache, tiles of at most 8 rows, on a CPU
+  with AVX-512 BF16, the same schedule takes its products with vdpbf16ps straight from the
+  cache's bits (bf16_dots: q and the probabilities rounded to bfloat16 for the products, as
+  llama.cpp rounds q to its K type; twice float32's multiply rate: TinyLlama's heads at 2000
+  keys 60-63 against 85-87 us on 2 Zen 5 threads). Head sizes that are not a multiple of 32
+  take the older loop-based schedule.
 
 K and V may be float32, float16 or bfloat16 (a 16-bit KV cache: half the bytes to stream);
 16-bit keys and values are widened to float32 exactly as they are read (prefill: while packing;
 decode: keys a block of one head's rows at a time, into L1, values in registers as P V loads
 them), and all arithmetic is float32 (or, on AMX tiles, float32-exact products of bfloat16
-terms, summed in float32)."""
+terms, summed in float32), except decode's bfloat16 products above."""
 import ctypes
 import glob
 import os
@@ -40,10 +44,11 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import cpu_pool
-from .linear_bf16_cpu import to_float32
+from .linear_bf16_cpu import round_bf16, to_float32
 from . import attention_amx_cpu as amx
 from .linear_bf16_cpu import _AMX_CFG
-from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, amx_path, fma, prefetch, \
+from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, amx_path, dpbf16ps, fast_path, \
+    fma, prefetch, \
     store_transposed16, tile_config, tile_release, vexp, widen16
 from .scalar import FASTMATH_INF, dots_4x1, dots_4x2, exp_f32, row_max
 
@@ -1020,13 +1025,18 @@ _QK_R = 16                                    # keys per score micro-kernel call
 _qk16_16, _qk16_4, _qk16_1 = (_microkernel(r, 1, False) for r in (_QK_R, 4, 1))
 
 
-def _qk_pairs(R):
+def _qk_pairs(R, bf16=False):
     """An intrinsic qk(c, ldc, a, sa_i, b, K): for keys i < R, the 8 floats at c + 4 i ldc get
     sum_{t < K} A[i, t] Q^T[t, :8], A[i, t] at byte address a + 4 (i sa_i + t), Q^T packed in
     pairs at b: Qp[t / 2, 2 r + t % 2] = Q^T[t, r], 16 floats a pair; K even. The R
-    accumulators stay in zmm registers over the whole loop."""
+    accumulators stay in zmm registers over the whole loop.
+    bf16 (AVX-512 BF16): A holds bfloat16 keys (A[i, t] at a + 2 (i sa_i + t)) and Q^T is
+    bfloat16, packed four dimensions a zmm: the 32-bit lane 2 r + e of vector t / 4 holds the
+    pair Q^T[4 (t / 4) + 2 e + (0, 1), r]; one vdpbf16ps multiplies a key's four elements (a
+    64-bit broadcast) into all 8 rows; K a multiple of 4."""
     VT, V8 = ir.VectorType(_F32, 16), ir.VectorType(_F32, 8)
     VQ = ir.VectorType(_I64, 8)
+    es, step = (2, 4) if bf16 else (4, 2)        # bytes of a key element, elements a load
 
     @intrinsic
     def qk(typingctx, c, ldc, a, sa_i, b, K):
@@ -1035,25 +1045,30 @@ def _qk_pairs(R):
         def codegen(context, builder, signature, args):
             c, ldc, a, sa_i, b, K = [context.cast(builder, v, t, types.int64)
                                      for v, t in zip(args, signature.args)]
-            vfma = fma(builder, VT)
+            mac = dpbf16ps(builder) if bf16 else fma(builder, VT)
+            vb = _VI32 if bf16 else VT
             undef = ir.Constant(VQ, ir.Undefined)
             zeros = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
             acc = [cgutils.alloca_once_value(builder, ir.Constant(VT, [0.0] * 16))
                    for _ in range(R)]
-            rows = [builder.add(a, builder.mul(ir.Constant(_I64, 4 * i), sa_i)) for i in range(R)]
-            with cgutils.for_range(builder, builder.ashr(K, ir.Constant(_I64, 1))) as loop:
+            rows = [builder.add(a, builder.mul(ir.Constant(_I64, es * i), sa_i))
+                    for i in range(R)]
+            n_steps = builder.ashr(K, ir.Constant(_I64, step.bit_length() - 1))
+            with cgutils.for_range(builder, n_steps) as loop:
                 t2 = loop.index
-                off = builder.mul(t2, ir.Constant(_I64, 8))        # bytes to elements 2 t2
+                off = builder.mul(t2, ir.Constant(_I64, 8))        # bytes to elements step t2
                 qv = builder.load(builder.inttoptr(
-                    builder.add(b, builder.mul(t2, ir.Constant(_I64, 64))), ir.PointerType(VT)),
+                    builder.add(b, builder.mul(t2, ir.Constant(_I64, 64))), ir.PointerType(vb)),
                     align=4)
                 for i in range(R):
                     pair = builder.load(builder.inttoptr(builder.add(rows[i], off),
-                                                         ir.PointerType(_I64)), align=4)
+                                                         ir.PointerType(_I64)), align=2)
                     kv = builder.bitcast(builder.shuffle_vector(
                         builder.insert_element(undef, pair, ir.Constant(_I32, 0)), undef, zeros),
-                        VT)
-                    builder.store(builder.call(vfma, [kv, qv, builder.load(acc[i])]), acc[i])
+                        vb)
+                    args = [builder.load(acc[i]), kv, qv] if bf16 else \
+                        [kv, qv, builder.load(acc[i])]
+                    builder.store(builder.call(mac, args), acc[i])
             even = ir.Constant(ir.VectorType(_I32, 8), list(range(0, 16, 2)))
             odd = ir.Constant(ir.VectorType(_I32, 8), list(range(1, 16, 2)))
             for i in range(R):
@@ -1072,55 +1087,300 @@ def _qk_pairs(R):
 # against 154-164 us, 10 and 12 keys as 14)
 _QKP_R = 14
 _qkp_14, _qkp_4, _qkp_1 = (_qk_pairs(r) for r in (_QKP_R, 4, 1))
+_qkb_14, _qkb_4, _qkb_1 = (_qk_pairs(r, bf16=True) for r in (_QKP_R, 4, 1))
+
+
+def _wide(mk):
+    # a 16-row score micro-kernel (_microkernel, Q^T rows ldc floats apart) as qk(c, ldc, a,
+    # sa_i, b, K)
+    @njit(inline="always")
+    def qk(c, ldc, a, sa_i, b, K):
+        mk(c, ldc, a, sa_i, 1, b, ldc, K, 0)
+    return qk
+
+
+def _scores_block(R, qk_r, qk_4, qk_1, es):
+    """qk_block(n, c, ldc, a, sa_i, b, K, pf_k, pf_v, n_pf, pf_stride, pf_bytes): scores of keys
+    j < n (A's rows sa_i elements of es bytes apart) by the score micro-kernels qk_r, qk_4 and
+    qk_1 (R, 4 and 1 keys a call). Before each call of R, the next n_pf key and value rows
+    (pf_bytes each, pf_stride bytes apart, from byte addresses pf_k and pf_v on) are
+    prefetched, R at a time: spread over the work, so the memory streams while the cores
+    compute."""
+    @njit(inline="always")
+    def qk_block(n, c, ldc, a, sa_i, b, K, pf_k, pf_v, n_pf, pf_stride, pf_bytes):
+        j = 0
+        while j < n:
+            cj, aj = c + 4 * j * ldc, a + es * j * sa_i
+            if j < n_pf:
+                npf = min(R, n_pf - j)
+                _prefetch_rows(pf_k + j * pf_stride, npf, pf_stride, pf_bytes)
+                _prefetch_rows(pf_v + j * pf_stride, npf, pf_stride, pf_bytes)
+            if n - j >= R:
+                qk_r(cj, ldc, aj, sa_i, b, K)
+                j += R
+            elif n - j >= 4:
+                qk_4(cj, ldc, aj, sa_i, b, K)
+                j += 4
+            else:
+                qk_1(cj, ldc, aj, sa_i, b, K)
+                j += 1
+    return qk_block
+
+
+# C[j, :W] = sum_t K[j, t] Q^T[t, :W]: narrow, W = 8 with Q^T in pairs (_qk_pairs); wide, W = 16
+# with Q^T's rows ldc floats apart; bf16, narrow over bfloat16 keys (vdpbf16ps)
+_qk_narrow = _scores_block(_QKP_R, _qkp_14, _qkp_4, _qkp_1, 4)
+_qk_wide = _scores_block(_QK_R, *map(_wide, (_qk16_16, _qk16_4, _qk16_1)), 4)
+_qk_narrow_bf16 = _scores_block(_QKP_R, _qkb_14, _qkb_4, _qkb_1, 2)
+
+
+def _pv_pairs(R):
+    """An intrinsic mk(c, ldc, a, lda, b, ldb, K, alpha) (AVX-512 BF16): for rows i < R, the 32
+    floats at c + 4 i ldc become C[i] alpha[i] + sum_{t < K} P[t, i] V[t, :32], V bfloat16 rows
+    at b + 2 t ldb, P in bfloat16 pairs: the 32-bit word at a + 4 (p lda + i) holds P[2p, i]
+    (low) and P[2p + 1, i]. Two keys' rows are interleaved (vpunpcklwd, vpunpckhwd) so that a
+    32-bit lane holds one column's pair, and vdpbf16ps takes 2 keys a row a zmm; the
+    accumulators keep the columns in that order (lo: 0-3, 8-11, 16-19, 24-27; hi: the rest),
+    permuted from C's and back at the ends. An odd K's last key pairs with zeros."""
+    VT, VW = ir.VectorType(_F32, 16), ir.VectorType(ir.IntType(16), 32)
+    ix = [[x for blk in range(4) for m in range(4) for x in (8 * blk + 4 * h + m,
+                                                           32 + 8 * blk + 4 * h + m)]
+          for h in (0, 1)]                               # words of two rows -> lo, hi
+    cols = [[8 * blk + 4 * h + m for blk in range(4) for m in range(4)] for h in (0, 1)]
+    where = {col: i for i, col in enumerate(cols[0] + cols[1])}
+    back = [[where[x] for x in range(16 * h, 16 * h + 16)] for h in (0, 1)]
+
+    def const(xs):
+        return ir.Constant(ir.VectorType(_I32, len(xs)), xs)
+
+    @intrinsic
+    def mk(typingctx, c, ldc, a, lda, b, ldb, K, alpha):
+        sig = types.void(c, ldc, a, lda, b, ldb, K, alpha)
+
+        def codegen(context, builder, signature, args):
+            c, ldc, a, lda, b, ldb, K, alpha = [context.cast(builder, v, t, types.int64)
+                                                for v, t in zip(args, signature.args)]
+            dot = dpbf16ps(builder)
+            undef, undef_i = ir.Constant(VT, ir.Undefined), ir.Constant(_VI32, ir.Undefined)
+            zeros = const([0] * 16)
+
+            def at(addr, t, align=4):
+                return builder.load(builder.inttoptr(addr, ir.PointerType(t)), align=align)
+
+            def bcast(x, u):
+                return builder.shuffle_vector(builder.insert_element(u, x, ir.Constant(_I32, 0)),
+                                              u, zeros)
+
+            def c_row(i, h):
+                return builder.add(builder.add(c, builder.mul(ir.Constant(_I64, 4 * i), ldc)),
+                                   ir.Constant(_I64, 64 * h))
+            acc = []
+            for i in range(R):
+                al = bcast(at(builder.add(alpha, ir.Constant(_I64, 4 * i)), _F32), undef)
+                c0, c1 = (builder.fmul(at(c_row(i, h), VT), al) for h in (0, 1))
+                acc.append([cgutils.alloca_once_value(builder, builder.shuffle_vector(
+                    c0, c1, const(cols[h]))) for h in (0, 1)])
+
+            def step(p, v0, v1):
+                vv = [builder.bitcast(builder.shuffle_vector(v0, v1, const(ix[h])), _VI32)
+                      for h in (0, 1)]
+                row = builder.add(a, builder.mul(p, builder.mul(lda, ir.Constant(_I64, 4))))
+                for i in range(R):
+                    pv = bcast(at(builder.add(row, ir.Constant(_I64, 4 * i)), _I32), undef_i)
+                    for h in (0, 1):
+                        builder.store(builder.call(dot, [builder.load(acc[i][h]), vv[h], pv]),
+                                      acc[i][h])
+
+            def v_row(t):
+                return at(builder.add(b, builder.mul(t, builder.mul(ldb, ir.Constant(_I64, 2)))),
+                          VW, 2)
+            half = builder.ashr(K, ir.Constant(_I64, 1))
+            with cgutils.for_range(builder, half) as loop:
+                t = builder.shl(loop.index, ir.Constant(_I64, 1))
+                step(loop.index, v_row(t), v_row(builder.add(t, ir.Constant(_I64, 1))))
+            with builder.if_then(builder.trunc(K, ir.IntType(1))):
+                step(half, v_row(builder.sub(K, ir.Constant(_I64, 1))),
+                     ir.Constant(VW, [0] * 32))
+            for i in range(R):
+                lo, hi = (builder.load(acc[i][h]) for h in (0, 1))
+                for h in (0, 1):
+                    builder.store(builder.shuffle_vector(lo, hi, const(back[h])),
+                                  builder.inttoptr(c_row(i, h), ir.PointerType(VT)), align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return mk
+
+
+_pv_8, _pv_4, _pv_1 = (_pv_pairs(r) for r in (8, 4, 1))
+
+
+@intrinsic
+def _pack_p_bf16(typingctx, pb, st, nk):
+    """The probabilities S^T[j, :8] (8 floats at st + 32 j, j < nk) rounded to bfloat16 (to
+    nearest, ties to even) in pairs of keys: the 32-bit word at pb + 4 (8 p + r) holds
+    P[2p, r] (low) and P[2p + 1, r] (0 past nk), for p < (nk + 1) / 2."""
+    sig = types.void(pb, st, nk)
+
+    def codegen(context, builder, signature, args):
+        pb, st, nk = [context.cast(builder, v, t, types.int64)
+                      for v, t in zip(args, signature.args)]
+
+        def k(n, x):
+            return ir.Constant(ir.VectorType(_I32, n), [x] * n)
+
+        def pairs(p, n):         # the pair p, its first n of 16 floats loaded (8: the last key)
+            vt = ir.VectorType(_F32, n)
+            f = builder.load(builder.inttoptr(builder.add(st, builder.shl(
+                p, ir.Constant(_I64, 6))), ir.PointerType(vt)), align=4)
+            bits = builder.bitcast(f, ir.VectorType(_I32, n))
+            odd = builder.and_(builder.lshr(bits, k(n, 16)), k(n, 1))
+            h = builder.trunc(builder.lshr(builder.add(builder.add(bits, k(n, 0x7FFF)), odd),
+                                           k(n, 16)), ir.VectorType(ir.IntType(16), n))
+            if n == 8:
+                h = builder.shuffle_vector(h, ir.Constant(h.type, [0] * 8),
+                                           ir.Constant(ir.VectorType(_I32, 16), list(range(16))))
+            w = builder.shuffle_vector(h, h, ir.Constant(ir.VectorType(_I32, 16), [
+                x for r in range(8) for x in (r, r + 8)]))
+            builder.store(builder.bitcast(w, ir.VectorType(_I32, 8)), builder.inttoptr(
+                builder.add(pb, builder.shl(p, ir.Constant(_I64, 5))),
+                ir.PointerType(ir.VectorType(_I32, 8))), align=4)
+        half = builder.ashr(nk, ir.Constant(_I64, 1))
+        with cgutils.for_range(builder, half) as loop:
+            pairs(loop.index, 16)
+        with builder.if_then(builder.trunc(nk, ir.IntType(1))):
+            pairs(half, 8)
+        return context.get_dummy_value()
+    return sig, codegen
 
 
 @njit(inline="always")
-def _qk_block(narrow, n, c, ldc, a, sa_i, b, ldb, K, pf_k, pf_v, n_pf, pf_stride, pf_bytes):
-    # C[j, :W] = sum_t A[j, t] B[t, :W] for keys j < n (A's rows sa_i floats apart): narrow, W
-    # = 8 with B packed in pairs (_qk_pairs; ldb unused), else W = 16 with B's rows ldb floats
-    # apart; in calls of R (14 narrow, 16 wide), 4 and 1 keys. Before each call of R, the next
-    # n_pf key and value rows (pf_bytes each, pf_stride bytes apart, from byte addresses pf_k
-    # and pf_v on) are prefetched, R at a time: spread over the work, so the memory streams
-    # while the cores compute
-    j = 0
-    R = _QKP_R if narrow else _QK_R
-    while j < n:
-        cj, aj = c + 4 * j * ldc, a + 4 * j * sa_i
-        if j < n_pf:
-            npf = min(R, n_pf - j)
-            _prefetch_rows(pf_k + j * pf_stride, npf, pf_stride, pf_bytes)
-            _prefetch_rows(pf_v + j * pf_stride, npf, pf_stride, pf_bytes)
-        if n - j >= R:
-            if narrow:
-                _qkp_14(cj, ldc, aj, sa_i, b, K)
-            else:
-                _qk16_16(cj, ldc, aj, sa_i, 1, b, ldb, K, 0)
-            j += R
-        elif n - j >= 4:
-            if narrow:
-                _qkp_4(cj, ldc, aj, sa_i, b, K)
-            else:
-                _qk16_4(cj, ldc, aj, sa_i, 1, b, ldb, K, 0)
-            j += 4
+def _pv_bf16(n, c, ldc, a, lda, b, ldb, K, alpha):
+    # rows 0..n-1 (8, 4 or 1) of _pv_pairs
+    if n == 8:
+        _pv_8(c, ldc, a, lda, b, ldb, K, alpha)
+    elif n == 4:
+        _pv_4(c, ldc, a, lda, b, ldb, K, alpha)
+    else:
+        _pv_1(c, ldc, a, lda, b, ldb, K, alpha)
+
+
+# The decode's kernel family is picked by the dtype of its work scratch: float32 (the float32
+# micro-kernels; 16-bit K widened into it a block of one head's rows at a time, into L1), or
+# uint32 (bfloat16 K/V and at most 8 rows, on AVX-512 BF16: vdpbf16ps over the cache's own
+# bits, q and the probabilities rounded to bfloat16 for the products; the scratch holds a
+# block's probabilities in bfloat16 pairs)
+
+def _pack_q(work, Qt, q, scale, z, hk, rows, G, narrow):
+    """Q^T of KV head hk (its rows of batch z, times scale; padding rows zeros) into Qt[hk], in
+    the layout of the family's score micro-kernels."""
+
+
+@overload(_pack_q, inline="always")
+def _pack_q_impl(work, Qt, q, scale, z, hk, rows, G, narrow):
+    if work.dtype == types.uint32:
+        def bf16_quads(work, Qt, q, scale, z, hk, rows, G, narrow):
+            d = q.shape[3]
+            Qu = Qt[hk].view(np.uint32)
+            for r in range(8):
+                qr = q[z, r // G, hk * G + r % G] if r < rows else q[z, 0, 0]
+                for c in range(0, d, 2):
+                    w = np.uint32(0)
+                    if r < rows:
+                        w = round_bf16(qr[c] * scale) | (round_bf16(qr[c + 1] * scale) << 16)
+                    Qu[(c // 4) * 16 + 2 * r + (c // 2) % 2] = w
+        return bf16_quads
+
+    def float32_pairs(work, Qt, q, scale, z, hk, rows, G, narrow):
+        d = q.shape[3]
+        ld = Qt.shape[1] // d
+        for r in range(ld):
+            qr = q[z, r // G, hk * G + r % G] if r < rows else q[z, 0, 0]
+            for c in range(d):
+                at = (c // 2) * 16 + 2 * r + c % 2 if narrow else c * ld + r
+                Qt[hk, at] = qr[c] * scale if r < rows else float32(0)
+    return float32_pairs
+
+
+def _head_scores(work, narrow, nk, st_p, ld, kh_p, ldk, kind, qh_p, d, pf_k, pf_v, n_pf):
+    """S^T (nk, ld) at st_p of a key block of one KV head (its keys at byte address kh_p, rows
+    ldk elements apart) against its Q^T at qh_p, prefetching n_pf rows of K and V from pf_k and
+    pf_v on."""
+
+
+@overload(_head_scores, inline="always")
+def _head_scores_impl(work, narrow, nk, st_p, ld, kh_p, ldk, kind, qh_p, d, pf_k, pf_v, n_pf):
+    if work.dtype == types.uint32:
+        def bf16(work, narrow, nk, st_p, ld, kh_p, ldk, kind, qh_p, d, pf_k, pf_v, n_pf):
+            _qk_narrow_bf16(nk, st_p, ld, kh_p, ldk, qh_p, d, pf_k, pf_v, n_pf, 2 * ldk, 2 * d)
+        return bf16
+
+    def float32_products(work, narrow, nk, st_p, ld, kh_p, ldk, kind, qh_p, d, pf_k, pf_v,
+                         n_pf):
+        es = 4 if kind == KV_F32 else 2
+        ld_k = ldk
+        if kind != KV_F32:                   # 16-bit K widened into L1 (V is widened as P V
+            kw_p = np.int64(work.ctypes.data)                              # loads it)
+            _widen_rows(kw_p, kh_p, nk, ldk, d, kind == KV_F16)
+            kh_p, ld_k = kw_p, d
+        if narrow:
+            _qk_narrow(nk, st_p, ld, kh_p, ld_k, qh_p, d, pf_k, pf_v, n_pf, es * ldk, es * d)
         else:
-            if narrow:
-                _qkp_1(cj, ldc, aj, sa_i, b, K)
-            else:
-                _qk16_1(cj, ldc, aj, sa_i, 1, b, ldb, K, 0)
-            j += 1
+            for cg in range(0, ld, 16):
+                _qk_wide(nk, st_p + 4 * cg, ld, kh_p, ld_k, qh_p + 4 * cg, d, pf_k, pf_v,
+                         n_pf if cg == 0 else 0, es * ldk, es * d)
+    return float32_products
+
+
+def _head_pv(work, nk, rows, n_vis, oh_p, st_p, ld, vh_p, ldk, kind, a_p, d):
+    """O[r] = O[r] * alpha[r] + sum_j P^T[j, r] V[j] for one KV head's rows (O at oh_p, rows d
+    floats apart; P^T at st_p, ld floats a key; its values at vh_p, rows ldk elements apart),
+    in groups of rows; a group runs over the keys its last row sees (P is 0 past each row's
+    own)."""
+
+
+@overload(_head_pv, inline="always")
+def _head_pv_impl(work, nk, rows, n_vis, oh_p, st_p, ld, vh_p, ldk, kind, a_p, d):
+    if work.dtype == types.uint32:
+        def bf16(work, nk, rows, n_vis, oh_p, st_p, ld, vh_p, ldk, kind, a_p, d):
+            pb_p = np.int64(work.ctypes.data)
+            _pack_p_bf16(pb_p, st_p, nk)
+            i = 0
+            while i < rows:
+                g = 8 if rows - i >= 8 else (4 if rows - i >= 4 else 1)
+                klen = n_vis[i + g - 1]
+                for c0 in range(0, d, 32):
+                    _pv_bf16(g, oh_p + 4 * (i * d + c0), d, pb_p + 4 * i, 8, vh_p + 2 * c0,
+                             ldk, klen, a_p + 4 * i)
+                i += g
+        return bf16
+
+    def float32_products(work, nk, rows, n_vis, oh_p, st_p, ld, vh_p, ldk, kind, a_p, d):
+        es = 4 if kind == KV_F32 else 2
+        i = 0
+        while i < rows:
+            g = 12 if rows - i >= 12 else (8 if rows - i >= 8 else (4 if rows - i >= 4 else 1))
+            klen = n_vis[i + g - 1]
+            for c0 in range(0, d, 32):
+                o_c, p_r, v_c = oh_p + 4 * (i * d + c0), st_p + 4 * i, vh_p + es * c0
+                if kind == KV_F32:
+                    _mk_acc(g, o_c, d, p_r, 1, ld, v_c, ldk, klen, a_p + 4 * i)
+                elif kind == KV_F16:
+                    _mk_acc_f16(g, o_c, d, p_r, 1, ld, v_c, ldk, klen, a_p + 4 * i)
+                else:
+                    _mk_acc_bf16(g, o_c, d, p_r, 1, ld, v_c, ldk, klen, a_p + 4 * i)
+            i += g
+    return float32_products
 
 
 @njit(fastmath=FASTMATH_INF, cache=True)
 def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_run, l_run,
-                     alpha, n_vis, Kw):
+                     alpha, n_vis, work):
     # the queries of batch z against its keys k_lo..k_hi-1, block by block, each block for
     # every KV head in turn (so K and V stream through in address order): O (Hkv, rows, d)
     # unnormalised, m_run and l_run (Hkv, >= ld) the rows' running max and sum. Row r of KV head
     # hk: query r // G, head hk * G + r % G; ld: the rows padded to 8 (at most 8 rows) or 16.
     # Scratch: Qf (Hkv * d * ld,) for each head's Q^T, Sf (BLOCK_K * ld,) for a block's S^T
-    # then P^T, alpha (ld,), n_vis (ld,) int32; Kw (BLOCK_K * d,): with 16-bit K, a block of
-    # one head's rows widened (then read from L1 like float32 rows); 16-bit V is widened in
-    # registers by P V's micro-kernel as it loads each row
+    # then P^T, alpha (ld,), n_vis (ld,) int32; work: the kernel family's (see _pack_q)
     q_len, H, d = q.shape[1], q.shape[2], q.shape[3]
     kv_len, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -1130,11 +1390,8 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
     Qt = Qf[:Hkv * d * ld].reshape((Hkv, d * ld))  # Q^T (d, ld) a head, narrow: in pairs
     St = Sf[:BLOCK_K * ld].reshape((BLOCK_K, ld))
     for hk in range(Hkv):
+        _pack_q(work, Qt, q, scale, z, hk, rows, G, narrow)
         for r in range(ld):
-            qr = q[z, r // G, hk * G + r % G] if r < rows else q[z, 0, 0]
-            for c in range(d):
-                at = (c // 2) * 16 + 2 * r + c % 2 if narrow else c * ld + r
-                Qt[hk, at] = qr[c] * scale if r < rows else float32(0)
             m_run[hk, r] = NEG_INF
             l_run[hk, r] = float32(0)
         for r in range(rows):
@@ -1145,7 +1402,6 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
     es = 4 if kind == KV_F32 else 2                # bytes of an element of K and V
     k_p = np.int64(k.ctypes.data) + es * z * kv_len * ldk
     v_p = np.int64(v.ctypes.data) + es * z * kv_len * ldk
-    kw_p = np.int64(Kw.ctypes.data)
     qt_p, st_p, o_p = np.int64(Qt.ctypes.data), np.int64(St.ctypes.data), np.int64(O.ctypes.data)
     a_p, mr_p = np.int64(alpha.ctypes.data), np.int64(m_run.ctypes.data)
     lr_p, nv_p = np.int64(l_run.ctypes.data), np.int64(n_vis.ctypes.data)
@@ -1165,19 +1421,8 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
         n_pf = max(0, min(BLOCK_K, k_hi - k0 - PREFETCH_BLOCKS * BLOCK_K))
         for hk in range(Hkv):
             kh_p, vh_p = k_p + es * (k0 * ldk + hk * d), v_p + es * (k0 * ldk + hk * d)
-            pf_k, pf_v = kh_p + es * ahead, vh_p + es * ahead
-            ld_k = ldk                             # elements from one key row to the next
-            if kind != KV_F32:                     # 16-bit K widened into L1 (V is widened as
-                _widen_rows(kw_p, kh_p, nk, ldk, d, kind == KV_F16)   # P V loads it)
-                kh_p, ld_k = kw_p, d
-            qh_p = qt_p + 4 * hk * d * ld
-            if narrow:
-                _qk_block(True, nk, st_p, ld, kh_p, ld_k, qh_p, ld, d, pf_k, pf_v, n_pf,
-                          es * ldk, es * d)
-            else:
-                for cg in range(0, ld, 16):
-                    _qk_block(False, nk, st_p + 4 * cg, ld, kh_p, ld_k, qh_p + 4 * cg, ld, d,
-                              pf_k, pf_v, n_pf if cg == 0 else 0, es * ldk, es * d)
+            _head_scores(work, narrow, nk, st_p, ld, kh_p, ldk, kind, qt_p + 4 * hk * d * ld, d,
+                         kh_p + es * ahead, vh_p + es * ahead, n_pf)
             mh, lh = mr_p + 4 * hk * m_run.shape[1], lr_p + 4 * hk * l_run.shape[1]
             if narrow:
                 _softmax8(st_p, ld, nk, mh, lh, a_p, nv_p, diag)
@@ -1185,23 +1430,8 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
                 for r in range(0, ld, 16):
                     _softmax16(st_p + 4 * r, ld, nk, mh + 4 * r, lh + 4 * r, a_p + 4 * r,
                                nv_p + 4 * r, diag)
-            # O[r] = O[r] * alpha[r] + sum_j P^T[j, r] V[k0 + j], in groups of 12, 8, 4 or 1
-            # rows by 32 columns; a group runs over the keys its last row sees (P is 0 past
-            # each row's own)
-            oh_p = o_p + 4 * hk * rows * d
-            i = 0
-            while i < rows:
-                g = 12 if rows - i >= 12 else (8 if rows - i >= 8 else (4 if rows - i >= 4 else 1))
-                klen = n_vis[i + g - 1]
-                for c0 in range(0, d, 32):
-                    o_c, p_r, v_c = oh_p + 4 * (i * d + c0), st_p + 4 * i, vh_p + es * c0
-                    if kind == KV_F32:
-                        _mk_acc(g, o_c, d, p_r, 1, ld, v_c, ldk, klen, a_p + 4 * i)
-                    elif kind == KV_F16:
-                        _mk_acc_f16(g, o_c, d, p_r, 1, ld, v_c, ldk, klen, a_p + 4 * i)
-                    else:
-                        _mk_acc_bf16(g, o_c, d, p_r, 1, ld, v_c, ldk, klen, a_p + 4 * i)
-                i += g
+            _head_pv(work, nk, rows, n_vis, o_p + 4 * hk * rows * d, st_p, ld, vh_p, ldk, kind,
+                     a_p, d)
 
 
 @njit(inline="always", fastmath=FASTMATH_INF, cache=True)
@@ -1222,14 +1452,14 @@ def _decode_mk_plan(q, k, n_workers):
 
 
 @njit(inline="always", fastmath=FASTMATH_INF, cache=True)
-def _decode_scratch(Hkv, d, ld, kind):
-    # a worker's scratch for _decode_range_mk (Qf, Sf, alpha, n_vis, Kw; ld: the rows padded,
+def _decode_scratch(Hkv, d, ld, kind, work_dtype):
+    # a worker's scratch for _decode_range_mk (Qf, Sf, alpha, n_vis, work; ld: the rows padded,
     # as the plan's running max and sum), allocated by the worker itself: with 16-bit K/V, rows
     # of one shared (workers, ...) array ran 2 threads at 134-141 us against 100 for their own
     # (TinyLlama's 32/4 heads at 2000 keys, Zen 5)
     return (np.empty(Hkv * d * ld, np.float32), np.empty(BLOCK_K * ld, np.float32),
             np.empty(ld, np.float32), np.empty(ld, np.int32),
-            np.empty(BLOCK_K * d if kind != KV_F32 else 0, np.float32))
+            np.empty(BLOCK_K * d if kind != KV_F32 else 0, work_dtype))
 
 
 @njit(inline="always", fastmath=FASTMATH_INF, cache=True)
@@ -1263,37 +1493,47 @@ def _decode_mk_merge(out, O_part, M_part, L_part, n_split):
 
 
 @njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
-def _attention_decode_mk(out, q, k, v, scale, causal, kind, n_workers):
+def _attention_decode_mk(out, q, k, v, scale, causal, kind, n_workers, work_dtype):
     # q, out: (b, q_len, H, d) with small q_len; k, v: (b, kv_len, Hkv, d); d a multiple of 32.
     # A task: a range of keys of one batch, for every head; the ranges merged at the end (on
-    # the calling thread: a few rows)
+    # the calling thread: a few rows). work_dtype: the kernel family's (_pack_q)
     kv_len = k.shape[1]
     n_split, split_len, n_tasks, O_part, M_part, L_part = _decode_mk_plan(q, k, n_workers)
     for w in prange(n_workers):
-        Qf, Sf, At, Vis, Kw = _decode_scratch(k.shape[2], q.shape[3], M_part.shape[2], kind)
+        Qf, Sf, At, Vis, W = _decode_scratch(k.shape[2], q.shape[3], M_part.shape[2], kind,
+                                             work_dtype)
         for task in range(w, n_tasks, n_workers):
             z, split = task // n_split, task % n_split
             _decode_range_mk(q, k, v, float32(scale), causal, kind, z, split * split_len,
                              min(kv_len, (split + 1) * split_len), Qf, Sf, O_part[task],
-                             M_part[task], L_part[task], At, Vis, Kw)
+                             M_part[task], L_part[task], At, Vis, W)
     _decode_mk_merge(out, O_part, M_part, L_part, n_split)
 
 
 @njit(fastmath=FASTMATH_INF, cache=True)
-def _attention_decode_mk_serial(out, q, k, v, scale, causal, kind):
+def _attention_decode_mk_serial(out, q, k, v, scale, causal, kind, work_dtype):
     # _attention_decode_mk on the calling thread, outside the thread pool: a short context's
     # decode step sits between parallel GEMVs, and a parallel region of one thread there (its
     # pool shrunk and grown again) cost more than the attention (TinyLlama q8_0 decode at
     # context 16: 0.9 against 0.4 ms a token, in turn in one process)
     kv_len = k.shape[1]
     n_split, split_len, n_tasks, O_part, M_part, L_part = _decode_mk_plan(q, k, 1)
-    Qf, Sf, At, Vis, Kw = _decode_scratch(k.shape[2], q.shape[3], M_part.shape[2], kind)
+    Qf, Sf, At, Vis, W = _decode_scratch(k.shape[2], q.shape[3], M_part.shape[2], kind,
+                                         work_dtype)
     for task in range(n_tasks):
         z, split = task // n_split, task % n_split
         _decode_range_mk(q, k, v, float32(scale), causal, kind, z, split * split_len,
                          min(kv_len, (split + 1) * split_len), Qf, Sf, O_part[task],
-                         M_part[task], L_part[task], At, Vis, Kw)
+                         M_part[task], L_part[task], At, Vis, W)
     _decode_mk_merge(out, O_part, M_part, L_part, n_split)
+
+
+def bf16_dots(kind, rows):
+    """True where decode (head sizes a multiple of 32) takes its products in bfloat16
+    (vdpbf16ps): a bfloat16 KV cache, at most 8 query rows a KV head, AVX-512 BF16 on the host
+    and allowed (llvm_cpu.CPU_PATH). q and the probabilities are then rounded to bfloat16 for
+    the products (2^-9 relative, the cache's own precision), sums float32."""
+    return kind == KV_BF16 and rows <= 8 and fast_path("avx512bf16")
 
 
 def attention(out, q, k, v, scale, causal):
@@ -1311,8 +1551,13 @@ def attention(out, q, k, v, scale, causal):
     else:
         schedule = _attention_prefill           # BLAS tiles: any head size
     n_workers = get_num_threads() if work >= cpu_pool.PARALLEL_MIN_WORK else 1
-    if schedule is _attention_decode_mk and n_workers == 1:
-        _attention_decode_mk_serial(out, q, k, v, scale, causal, kind)
+    if schedule is _attention_decode_mk:
+        work_dtype = np.uint32 if bf16_dots(kind, q_len * (H // k.shape[2])) else np.float32
+        if n_workers == 1:
+            _attention_decode_mk_serial(out, q, k, v, scale, causal, kind, work_dtype)
+        else:
+            cpu_pool.run(schedule, work, out, q, k, v, scale, causal, kind, n_workers,
+                         work_dtype)
         return
     if schedule is _attention_prefill_mk and kind == KV_BF16 and amx_path("amx-bf16"):
         cpu_pool.run(_attention_prefill_amx, work, out, q, k, v, scale, causal, _AMX_CFG,
