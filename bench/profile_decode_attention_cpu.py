@@ -1,9 +1,10 @@
 """The CPU decode attention's parts at TinyLlama's shape (32 query / 4 KV heads, head dim 64,
 2000 keys), each in a loop of its own on one thread: the scores micro-kernel (with and without
-its prefetch of the next key block), the online softmax step and the P V accumulation; then
+its prefetch of the next key block), the online softmax step and the P V accumulation (and with
+bfloat16 K/V and products where the CPU has AVX-512 BF16); then
 the whole kernel warm (K/V in cache) on 1 and 2 threads, and cold on 2 (96 MB read before each
 call, as a model's weights stream between its layers' attention), for float32, float16 and
-bfloat16 K/V.
+bfloat16 K/V (the last also with bfloat16 products).
 
     python bench/profile_decode_attention_cpu.py"""
 import os
@@ -33,6 +34,32 @@ def scores(k, qt, st, prefetching):
             kh = kp + 4 * (k0 * ldk + hk * D)
             A._qk_narrow(BLOCK, sp, G, kh, ldk, qp + 4 * hk * D * G, D, kh + 4 * BLOCK * ldk,
                          kh + 4 * BLOCK * ldk, BLOCK if prefetching else 0, 4 * ldk, 4 * D)
+
+
+@njit
+def scores_bf16(k, qt, st):
+    # the same with bfloat16 keys and products (_qk_pairs(bf16=True), AVX-512 BF16)
+    kp, qp, sp = k.ctypes.data, qt.ctypes.data, st.ctypes.data
+    ldk = HKV * D
+    for k0 in range(0, KV - BLOCK, BLOCK):
+        for hk in range(HKV):
+            kh = kp + 2 * (k0 * ldk + hk * D)
+            A._qk_narrow_bf16(BLOCK, sp, G, kh, ldk, qp + 4 * hk * D * G, D,
+                              kh + 2 * BLOCK * ldk, kh + 2 * BLOCK * ldk, BLOCK, 2 * ldk, 2 * D)
+
+
+@njit
+def pv_bf16(v, st, pb, o, alpha):
+    # a block's probabilities rounded into bfloat16 pairs, then P V with bfloat16 products
+    vp, sp, pp, op = v.ctypes.data, st.ctypes.data, pb.ctypes.data, o.ctypes.data
+    ldk = HKV * D
+    for k0 in range(0, KV - BLOCK, BLOCK):
+        for hk in range(HKV):
+            A._pack_p_bf16(pp, sp, BLOCK)
+            vh = vp + 2 * (k0 * ldk + hk * D)
+            for c0 in range(0, D, 32):
+                A._pv_bf16(G, op + 4 * (hk * G * D + c0), D, pp, G, vh + 2 * c0, ldk, BLOCK,
+                           alpha.ctypes.data)
 
 
 @njit
@@ -94,6 +121,13 @@ def main():
           f"{median_us(scores, k, qt, st, False):.0f} us)")
     print(f"  online softmax: {median_us(softmax, st, m_run, l_run, alpha, n_vis):.0f} us")
     print(f"  P V: {median_us(pv, v, st, o, alpha):.0f} us")
+    if A.fast_path("avx512bf16"):
+        kb, vb = (a.astype(ml_dtypes.bfloat16).view(np.uint16) for a in (k, v))
+        qb = rng.integers(0, 1 << 31, (HKV, D, G)).astype(np.uint32)   # bfloat16 pairs' bits
+        pb = np.empty(BLOCK * G // 2, np.uint32)
+        sc, pv2 = median_us(scores_bf16, kb, qb, st), median_us(pv_bf16, vb, st, pb, o, alpha)
+        print(f"  bfloat16 K/V with bfloat16 products: scores {sc:.0f} us, P V (probabilities "
+              f"rounded into pairs first) {pv2:.0f} us")
     q = rng.standard_normal((1, 1, HKV * G, D)).astype(np.float32)
     out = np.empty_like(q)
     buf = np.ones(96 << 18, np.float32)
