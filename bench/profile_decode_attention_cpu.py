@@ -132,9 +132,9 @@ def main():
     out = np.empty_like(q)
     buf = np.ones(96 << 18, np.float32)
     bf16_dots = A.fast_path("avx512bf16")
-    for dt, work in ((np.float32, np.float32), (np.float16, np.float32),
-                     (ml_dtypes.bfloat16, np.float32)) + (
-                         ((ml_dtypes.bfloat16, np.uint32),) if bf16_dots else ()):
+    for dt, dots in ((np.float32, False), (np.float16, False), (ml_dtypes.bfloat16, False)) + (
+            ((ml_dtypes.bfloat16, True),) if bf16_dots else ()):
+        work = A.DECODE_FAMILIES[dots]
         kind = A.KV_KINDS[np.dtype(dt)]
         kk, vv = (rng.standard_normal((1, KV, HKV, D)).astype(dt) for _ in range(2))
         if kind != A.KV_F32:
@@ -143,7 +143,7 @@ def main():
                               work) for n in (1, 2))
         cold = median_us(A._attention_decode_mk, out, q, kk, vv, 0.125, True, kind, 2, work,
                          before=lambda: read_through(buf))
-        how = " (vdpbf16ps)" if work is np.uint32 else ""
+        how = " (vdpbf16ps)" if dots else ""
         print(f"whole kernel, {np.dtype(dt).name} K/V{how}, warm: 1 thread {one:.0f} us, "
               f"2 threads {two:.0f} us; cold, 2 threads {cold:.0f} us")
 

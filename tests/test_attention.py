@@ -275,12 +275,13 @@ CASES_DOTS = [
 
 
 def spy_decode(monkeypatch):
-    """The work dtypes decode's drivers are called with (the last argument), as a list."""
+    """The work dtypes of the kernel families decode's drivers are called with (their last
+    argument), as a list."""
     seen = []
     for name in ("_attention_decode_mk", "_attention_decode_mk_serial"):
         f = getattr(attention_cpu, name)
         monkeypatch.setattr(attention_cpu, name,
-                            lambda *a, f=f: (seen.append(a[-1]), f(*a))[1])
+                            lambda *a, f=f: (seen.append(a[-1].dtype), f(*a))[1])
     return seen
 
 

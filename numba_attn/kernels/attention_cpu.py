@@ -1452,14 +1452,14 @@ def _decode_mk_plan(q, k, n_workers):
 
 
 @njit(inline="always", fastmath=FASTMATH_INF, cache=True)
-def _decode_scratch(Hkv, d, ld, kind, work_dtype):
+def _decode_scratch(Hkv, d, ld, kind, family):
     # a worker's scratch for _decode_range_mk (Qf, Sf, alpha, n_vis, work; ld: the rows padded,
     # as the plan's running max and sum), allocated by the worker itself: with 16-bit K/V, rows
     # of one shared (workers, ...) array ran 2 threads at 134-141 us against 100 for their own
     # (TinyLlama's 32/4 heads at 2000 keys, Zen 5)
     return (np.empty(Hkv * d * ld, np.float32), np.empty(BLOCK_K * ld, np.float32),
             np.empty(ld, np.float32), np.empty(ld, np.int32),
-            np.empty(BLOCK_K * d if kind != KV_F32 else 0, work_dtype))
+            np.empty(BLOCK_K * d if kind != KV_F32 else 0, family.dtype))
 
 
 @njit(inline="always", fastmath=FASTMATH_INF, cache=True)
@@ -1493,15 +1493,16 @@ def _decode_mk_merge(out, O_part, M_part, L_part, n_split):
 
 
 @njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
-def _attention_decode_mk(out, q, k, v, scale, causal, kind, n_workers, work_dtype):
+def _attention_decode_mk(out, q, k, v, scale, causal, kind, n_workers, family):
     # q, out: (b, q_len, H, d) with small q_len; k, v: (b, kv_len, Hkv, d); d a multiple of 32.
     # A task: a range of keys of one batch, for every head; the ranges merged at the end (on
-    # the calling thread: a few rows). work_dtype: the kernel family's (_pack_q)
+    # the calling thread: a few rows). family: an empty array of the kernel family's work
+    # dtype (DECODE_FAMILIES)
     kv_len = k.shape[1]
     n_split, split_len, n_tasks, O_part, M_part, L_part = _decode_mk_plan(q, k, n_workers)
     for w in prange(n_workers):
         Qf, Sf, At, Vis, W = _decode_scratch(k.shape[2], q.shape[3], M_part.shape[2], kind,
-                                             work_dtype)
+                                             family)
         for task in range(w, n_tasks, n_workers):
             z, split = task // n_split, task % n_split
             _decode_range_mk(q, k, v, float32(scale), causal, kind, z, split * split_len,
@@ -1511,7 +1512,7 @@ def _attention_decode_mk(out, q, k, v, scale, causal, kind, n_workers, work_dtyp
 
 
 @njit(fastmath=FASTMATH_INF, cache=True)
-def _attention_decode_mk_serial(out, q, k, v, scale, causal, kind, work_dtype):
+def _attention_decode_mk_serial(out, q, k, v, scale, causal, kind, family):
     # _attention_decode_mk on the calling thread, outside the thread pool: a short context's
     # decode step sits between parallel GEMVs, and a parallel region of one thread there (its
     # pool shrunk and grown again) cost more than the attention (TinyLlama q8_0 decode at
@@ -1519,13 +1520,18 @@ def _attention_decode_mk_serial(out, q, k, v, scale, causal, kind, work_dtype):
     kv_len = k.shape[1]
     n_split, split_len, n_tasks, O_part, M_part, L_part = _decode_mk_plan(q, k, 1)
     Qf, Sf, At, Vis, W = _decode_scratch(k.shape[2], q.shape[3], M_part.shape[2], kind,
-                                         work_dtype)
+                                         family)
     for task in range(n_tasks):
         z, split = task // n_split, task % n_split
         _decode_range_mk(q, k, v, float32(scale), causal, kind, z, split * split_len,
                          min(kv_len, (split + 1) * split_len), Qf, Sf, O_part[task],
                          M_part[task], L_part[task], At, Vis, W)
     _decode_mk_merge(out, O_part, M_part, L_part, n_split)
+
+
+# decode's kernel families, as the drivers take them: an empty array of the work scratch's
+# dtype (a dtype itself as an argument costs numba's dispatch ~3 us a call), by bf16_dots
+DECODE_FAMILIES = {False: np.empty(0, np.float32), True: np.empty(0, np.uint32)}
 
 
 def bf16_dots(kind, rows):
@@ -1552,12 +1558,11 @@ def attention(out, q, k, v, scale, causal):
         schedule = _attention_prefill           # BLAS tiles: any head size
     n_workers = get_num_threads() if work >= cpu_pool.PARALLEL_MIN_WORK else 1
     if schedule is _attention_decode_mk:
-        work_dtype = np.uint32 if bf16_dots(kind, q_len * (H // k.shape[2])) else np.float32
+        family = DECODE_FAMILIES[bf16_dots(kind, q_len * (H // k.shape[2]))]
         if n_workers == 1:
-            _attention_decode_mk_serial(out, q, k, v, scale, causal, kind, work_dtype)
+            _attention_decode_mk_serial(out, q, k, v, scale, causal, kind, family)
         else:
-            cpu_pool.run(schedule, work, out, q, k, v, scale, causal, kind, n_workers,
-                         work_dtype)
+            cpu_pool.run(schedule, work, out, q, k, v, scale, causal, kind, n_workers, family)
         return
     if schedule is _attention_prefill_mk and kind == KV_BF16 and amx_path("amx-bf16"):
         cpu_pool.run(_attention_prefill_amx, work, out, q, k, v, scale, causal, _AMX_CFG,
