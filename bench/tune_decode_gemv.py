@@ -57,7 +57,9 @@ def one_row(dots, elems):
 
 def one_row_q8(dots):
     @njit(parallel=True, fastmath=True)
-    def gemv(out, xq, xc, xd, wq, wd):
+    def gemv(out, x, wq, wd):
+        xq = np.empty(x.shape, np.int8)
+        xc, xd = q8._codes(x, xq)              # x quantized first, as the library's GEMVs do
         n, k = wq.shape
         nb = xd.shape[1]
         for r in prange(n):
@@ -74,13 +76,8 @@ def variant(spec, ws, xs, outs):
     if fmt == "q8_0":
         kern = {"one": q8._gemv, "pairs": q8._gemv_pairs, "rows4": q8._gemv_rows}.get(var)
         kern = kern or one_row_q8(q8._make_dots_vnni(1, 4, pf))
-        pre = {}
-        for k in (H, I):
-            pre[k] = (np.empty((1, k), np.int8), np.empty((1, k // 32), np.int32),
-                      np.empty((1, k // 32), np.float32))
-            q8._quantize_x(*pre[k], xs[k])
-        return lambda: [kern(outs[w.qs.shape[0]], *pre[w.qs.shape[1]], w.qs,
-                             w.d.view(np.uint16)) for w in ws]
+        return lambda: [kern(outs[w.qs.shape[0]], xs[w.qs.shape[1]], w.qs, w.d.view(np.uint16))
+                        for w in ws]
     if fmt == "float32":
         if var == "blas":
             return lambda: [np.matmul(xs[w.shape[1]], w.T, out=outs[w.shape[0]]) for w in ws]

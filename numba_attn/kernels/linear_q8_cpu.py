@@ -39,6 +39,7 @@ from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, STREAM_PREFETC
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, amx_path, \
     fast_path, fma, hsum, prefetch, vpdpbusd
 from ..formats import Q8_BLOCK, roundf
+from .scalar import FASTMATH_INF
 
 # prefill: rows of w dequantized per BLAS call (their float32 tile about TILE_BYTES, in L3)
 TILE_BYTES = 1 << 23
@@ -70,6 +71,19 @@ def _quantize_x(xq, xc, xd, x):
                 s += q
             xd[i, b] = d
             xc[i, b] = -16 * s
+
+
+@njit(inline="always", cache=True)
+def _codes(x, xq):
+    # x quantized (_quantize_x) into xq, its block sums and scales allocated here: (xc, xd). The
+    # GEMVs quantize x themselves, on the calling thread before their parallel loop: one call
+    # from Python a GEMV, no scratch to pass (TinyLlama's decode makes 111 a token). Their
+    # fastmath leaves out NaN and inf (FASTMATH_INF): x's quantizing tests a != a
+    m, k = x.shape
+    xc = np.empty((m, k // Q8_BLOCK), np.int32)
+    xd = np.empty((m, k // Q8_BLOCK), np.float32)
+    _quantize_x(xq, xc, xd, x)
+    return xc, xd
 
 
 def _make_dots_vnni(rows, unroll, prefetch_bytes):
@@ -229,11 +243,13 @@ def _tail_rows(out, xq, xd, wq, wd, r0):
             out[i, r] = s
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _gemv(out, xq, xc, xd, wq, wd):
+@njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
+def _gemv(out, x, wq, wd):
     # AVX-512 VNNI, decode on AMD Zen (ONE_STREAM_DECODE): as _gemv_rows for one row of x, w
     # read one row at a time (one read stream a thread: 4 rows interleaved held 2 Zen 4 cores to
     # ~40 GB/s where one stream reached 53-56, 12288x4096; on a Xeon 4 rows streamed faster)
+    xq = np.empty(x.shape, np.int8)
+    xc, xd = _codes(x, xq)
     n, k = wq.shape
     nb = xd.shape[1]
     nb2 = nb // 2
@@ -246,11 +262,13 @@ def _gemv(out, xq, xc, xd, wq, wd):
         out[0, r] = s
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _gemv_pairs(out, xq, xc, xd, wq, wd):
+@njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
+def _gemv_pairs(out, x, wq, wd):
     # AVX-512 VNNI, decode elsewhere: as _gemv_rows for one row of x, w read 2 rows at a time
     # (TinyLlama's 111 GEMVs of a token back to back on 2 Xeon cores: 29.3-30.5 GB/s against
     # 26.5-29.7 with 4 rows, 25.7-27.8 with 8, 23-26 one row at a time)
+    xq = np.empty(x.shape, np.int8)
+    xc, xd = _codes(x, xq)
     n, k = wq.shape
     nb = xd.shape[1]
     nb2 = nb // 2
@@ -268,11 +286,14 @@ def _gemv_pairs(out, xq, xc, xd, wq, wd):
             _tail_rows(out, xq, xd, wq, wd, r0)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _gemv_rows(out, xq, xc, xd, wq, wd):
-    # AVX-512 VNNI. xq: (m, k) int8, xc: (m, nb) int32, xd: (m, nb) float32 (nb = k // 32);
-    # wq: (n, k) int8; wd: (n, nb) float16 bits (uint16); out: (m, n). Each block of 4 rows of
-    # w (in cache after the first row of x) meets every row of x; one row is decode's GEMV
+@njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
+def _gemv_rows(out, x, wq, wd):
+    # AVX-512 VNNI. x: (m, k) float32, quantized first (_codes: xq (m, k) int8, xc (m, nb)
+    # int32, xd (m, nb) float32, nb = k // 32); wq: (n, k) int8; wd: (n, nb) float16 bits
+    # (uint16); out: (m, n). Each block of 4 rows of w (in cache after the first row of x)
+    # meets every row of x; one row is decode's GEMV
+    xq = np.empty(x.shape, np.int8)
+    xc, xd = _codes(x, xq)
     n, k = wq.shape
     m, nb = xd.shape
     nb2 = nb // 2
@@ -295,9 +316,11 @@ def _gemv_rows(out, xq, xc, xd, wq, wd):
             _tail_rows(out, xq, xd, wq, wd, r0)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _gemv_rows_portable(out, xq, xc, xd, wq, wd):
-    # as _gemv_rows in plain loops; xq: (m, k) float32 codes (xc unused: no unsigned bytes)
+@njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
+def _gemv_rows_portable(out, x, wq, wd):
+    # as _gemv_rows in plain loops; x's codes xq as float32 (xc unused: no unsigned bytes)
+    xq = np.empty(x.shape, np.float32)
+    xc, xd = _codes(x, xq)
     n = wq.shape[0]
     m, nb = xd.shape
     for blk in prange((n + GEMV_ROWS - 1) // GEMV_ROWS):
@@ -370,22 +393,16 @@ def _gemm_bf16(out, x, wq, wd):
 
 def linear(out, x, w, bias):
     # x: (m, k) float32; w: Q8Matrix (n, k); bias: (n,) or (0,); out: (m, n)
-    m, k = x.shape
+    m = x.shape[0]
     wq, wd = w.qs, w.d.view(np.uint16)
     if m <= GEMV_MAX_ROWS:
-        nb = k // Q8_BLOCK
-        fast = fast_path("avx512vnni")
-        xq = np.empty((m, k), np.int8 if fast else np.float32)  # x's codes
-        xc = np.empty((m, nb), np.int32)
-        xd = np.empty((m, nb), np.float32)
-        _quantize_x(xq, xc, xd, x)
-        if not fast:
+        if not fast_path("avx512vnni"):
             gemv = _gemv_rows_portable
         elif m == 1:
             gemv = _gemv if ONE_STREAM_DECODE else _gemv_pairs
         else:
             gemv = _gemv_rows
-        cpu_pool.run(gemv, m * wq.size, out, xq, xc, xd, wq, wd)
+        cpu_pool.run(gemv, m * wq.size, out, x, wq, wd)
     elif amx_path("amx-bf16"):
         gemm_amx(out, x, q8=(wq, wd))
     elif fast_path("avx512bf16"):
