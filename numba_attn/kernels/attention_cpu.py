@@ -1279,6 +1279,8 @@ def _pack_q(work, Qt, q, scale, z, hk, rows, G, narrow):
 def _pack_q_impl(work, Qt, q, scale, z, hk, rows, G, narrow):
     if work.dtype == types.uint32:
         def bf16_quads(work, Qt, q, scale, z, hk, rows, G, narrow):
+            if not narrow:                    # bf16_dots picks this family for these only
+                raise ValueError("decode's bfloat16 products take at most 8 rows a KV head")
             d = q.shape[3]
             Qu = Qt[hk].view(np.uint32)
             for r in range(8):
