@@ -21,6 +21,7 @@ class CpuDecodeSteps:
         self.tensor, self.norm, self.rope, self.attn = (
             kernels(family, "cpu") for family in ("tensor", "norm", "rope", "attention"))
         self.families = {}         # weight format name -> its kernel module
+        self.gemvs = {}            # ids of weights -> (the weight, its family's bound GEMV)
         self.views = {}            # ids of buffers -> (the buffers, views of them)
         self.qk = None             # the q|k heads of the row split_qkv last split
 
@@ -57,9 +58,15 @@ class CpuDecodeSteps:
         return out
 
     def linear(self, x, w, bias=None, out=None):         # x: (1, in); out: (1, out)
-        if out is None:                                  # the logits of every position
-            out = np.empty((x.shape[0], w.shape[0]), np.float32)
-        self._family(w).linear(out, x, w, self.no_bias if bias is None else bias)
+        if out is None or bias is not None:              # the logits of every position; a bias
+            if out is None:
+                out = np.empty((x.shape[0], w.shape[0]), np.float32)
+            self._family(w).linear(out, x, w, self.no_bias if bias is None else bias)
+            return out
+        bound = self.gemvs.get(id(w))
+        if bound is None or bound[0] is not w:           # once a weight
+            bound = self.gemvs[id(w)] = (w, self._family(w).bind_gemv(w))
+        bound[1](out, x)
         return out
 
     def split_qkv(self, qkv, n_heads, n_kv_heads, out=None):

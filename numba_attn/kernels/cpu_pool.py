@@ -16,3 +16,10 @@ def run(kernel, work, *args):
         return kernel(*args)
     finally:
         set_num_threads(n)
+
+
+def bind(kernel, work, *tail):
+    """f(*head) = run(kernel, work, *head, *tail), the choice of threads made once."""
+    if work >= PARALLEL_MIN_WORK:
+        return lambda *head: kernel(*head, *tail)
+    return lambda *head: run(kernel, work, *head, *tail)

@@ -657,6 +657,19 @@ def linear(out, x, w, bias):
         cpu_pool.run(_add_bias, out.size, out, bias)
 
 
+def bind_gemv(w):
+    """gemv(out, x) = linear(out, x, w, no bias) for one row of x, its kernel and w's bits
+    picked once (linear_cpu.bind_gemv)."""
+    half = w.dtype == np.float16
+    bits = w.view(np.uint16)
+    if not (fast_path("f16c") if half else fast_path()):
+        return cpu_pool.bind(_gemv_rows_portable, w.size, bits, half)
+    if ONE_STREAM_DECODE:
+        return cpu_pool.bind(_gemv, w.size, bits, half)
+    rows = cpu_pool.bind(_gemv_rows, w.size, bits, half, True)
+    return lambda out, x: rows(out, x, x if half else even_odd(x))
+
+
 def embedding(out, table, tokens):
     # out: (seq, hidden) float32; table: (vocab, hidden) bfloat16 or float16; tokens: (seq,)
     # int64, clipped to [0, vocab): the picked rows widened

@@ -187,3 +187,10 @@ def linear(out, x, w, bias):
         np.matmul(x, w.T, out=out)  # BLAS sgemm; w.T is a view, no copy
     if bias.shape[0]:
         cpu_pool.run(_add_bias, out.size, out, bias)
+
+
+def bind_gemv(w):
+    """gemv(out, x) = linear(out, x, w, no bias) for one row of x, its kernel picked once: a
+    decode step calls it for every weight, every token, each time with the caches cold from
+    the weights streamed before (each Python step costs microseconds there)."""
+    return cpu_pool.bind(_gemv_one if ONE_STREAM_DECODE else _gemv, w.size, w)

@@ -391,18 +391,21 @@ def _gemm_bf16(out, x, wq, wd):
         gemm_bf16(out[:, r0:r1], x, t, ap)
 
 
+def _gemv_kernel(m):
+    # the GEMV for m rows of x
+    if not fast_path("avx512vnni"):
+        return _gemv_rows_portable
+    if m == 1:
+        return _gemv if ONE_STREAM_DECODE else _gemv_pairs
+    return _gemv_rows
+
+
 def linear(out, x, w, bias):
     # x: (m, k) float32; w: Q8Matrix (n, k); bias: (n,) or (0,); out: (m, n)
     m = x.shape[0]
     wq, wd = w.qs, w.d.view(np.uint16)
     if m <= GEMV_MAX_ROWS:
-        if not fast_path("avx512vnni"):
-            gemv = _gemv_rows_portable
-        elif m == 1:
-            gemv = _gemv if ONE_STREAM_DECODE else _gemv_pairs
-        else:
-            gemv = _gemv_rows
-        cpu_pool.run(gemv, m * wq.size, out, x, wq, wd)
+        cpu_pool.run(_gemv_kernel(m), m * wq.size, out, x, wq, wd)
     elif amx_path("amx-bf16"):
         gemm_amx(out, x, q8=(wq, wd))
     elif fast_path("avx512bf16"):
@@ -411,6 +414,13 @@ def linear(out, x, w, bias):
         _gemm(out, x, wq, wd)
     if bias.shape[0]:
         cpu_pool.run(_add_bias, out.size, out, bias)
+
+
+def bind_gemv(w):
+    """gemv(out, x) = linear(out, x, w, no bias) for one row of x, its kernel and w's views
+    picked once (linear_cpu.bind_gemv)."""
+    wq = w.qs
+    return cpu_pool.bind(_gemv_kernel(1), wq.size, wq, w.d.view(np.uint16))
 
 
 def embedding(out, table, tokens):
