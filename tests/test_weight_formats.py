@@ -275,3 +275,27 @@ def test_decode_steps_equal_the_checked_path(tiny_folder, fmt):
     for a, b in zip(fast, checked):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(model.cache.k.view(np.uint8), k_fast.view(np.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "float16", "q8_0"])
+@pytest.mark.parametrize("n,k", [(40, 96), (640, 512)], ids=["one-thread", "pool"])
+def test_bound_decode_gemv_is_linear(fmt, n, k, cpu_path):
+    """A decode step's GEMV bound once to its weight (the family's bind_gemv) gives linear()'s
+    result bit for bit, small work (the calling thread) and large (the pool)."""
+    from numba_attn.backend import kernels
+    from numba_attn.formats import weight_format
+    from numba_attn.kernels import cpu_pool
+    rng = np.random.default_rng(n + k)
+    w32 = rng.standard_normal((n, k)).astype(np.float32)
+    w = quantize_q8_0(w32) if fmt == "q8_0" else w32.astype(
+        {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[fmt])
+    assert (n * k >= cpu_pool.PARALLEL_MIN_WORK) == (n == 640)
+    family = kernels(weight_format(w).family("cpu"), "cpu")
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    want, got = np.full((1, n), np.nan, np.float32), np.full((1, n), np.nan, np.float32)
+    family.linear(want, x, w, np.empty(0, np.float32))
+    gemv = family.bind_gemv(w)
+    for _ in range(2):
+        gemv(got, x)
+        np.testing.assert_array_equal(got, want)
+        assert np.isfinite(got).all()
