@@ -2,7 +2,8 @@
 bench_model.py writes):
 
 - the step with its kernels called straight (Model.cpu_steps, cpu_decode.py) against the same
-  step through ops.py's checked functions, in turn in one process (medians);
+  step with each GEMV through its family's linear() (not bound once) and through ops.py's
+  checked functions, in turn in one process (medians);
 - the straight step's time by step kind (each call timed inside the running step), the rest
   being the forward pass's own Python;
 - every GEMV of a token back to back, nothing else: the read rate of the weights alone;
@@ -50,18 +51,26 @@ def timed_steps(steps, acc):
 
 def straight_vs_checked(model, pos, n):
     direct = model.cpu_steps
-    times = {"straight": [], "checked (ops.py)": []}
+    bound = direct.linear
+
+    def unbound(x, w, bias=None, out=None):     # each GEMV through its family's linear()
+        if out is None:
+            out = np.empty((x.shape[0], w.shape[0]), np.float32)
+        direct._family(w).linear(out, x, w, direct.no_bias if bias is None else bias)
+        return out
+    times = {"straight": [], "straight, GEMVs not bound": [], "checked (ops.py)": []}
     for _ in range(n):
         for name in times:
-            model.cpu_steps = direct if name == "straight" else None
+            model.cpu_steps = None if name.startswith("checked") else direct
+            direct.linear = unbound if name.endswith("not bound") else bound
             t = time.perf_counter()
             model.forward([5], pos)
             times[name].append(time.perf_counter() - t)
             pos += 1
-    model.cpu_steps = direct
+    model.cpu_steps, direct.linear = direct, bound
     for name, ts in times.items():
         step = statistics.median(ts)
-        print(f"  {name:18s} {ms(step)} a token, {1 / step:.2f} tok/s")
+        print(f"  {name:26s} {ms(step)} a token, {1 / step:.2f} tok/s")
     return pos
 
 
@@ -145,7 +154,8 @@ def main():
           f"{model.config.n_layers} layers")
     model.warmup()
     model.forward(np.arange(1, 17), 0)
-    print("decode step, kernels called straight against ops.py's checked steps:")
+    print("decode step, kernels called straight (GEMVs bound once, or not) against ops.py's "
+          "checked steps:")
     pos = straight_vs_checked(model, 16, args.steps)
     print("decode step by step kind (kernels called straight):")
     by_kind(model, pos, args.steps)
