@@ -22,7 +22,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, fma, tile_dpbf16ps, tile_load, \
-    tile_store, tile_zero
+    tile_store, tile_zero, vround_bf16
 
 LOG2E = 1 / math.log(2)   # scores come in log2 units (q scaled by it): softmax_pack takes 2^x
 _VI = ir.VectorType(_I32, 16)
@@ -74,21 +74,13 @@ def _pair_words(builder, a, b, terms=2):
     # within 2^-18 of the float; three terms within 2^-27)
     words, rest = [], [a, b]
     for t in range(terms):
-        parts = [_round_bf16(builder, x) for x in rest]
+        parts = [vround_bf16(builder, x) for x in rest]
         words.append(builder.or_(builder.lshr(parts[0], _splat(16)), parts[1]))
         if t + 1 < terms:
             rest = [builder.bitcast(builder.fsub(builder.bitcast(x, _VF),
                                                  builder.bitcast(p, _VF)), _VI)
                     for x, p in zip(rest, parts)]
     return words
-
-
-def _round_bf16(builder, bits):
-    # float32 bits (<16 x i32>) -> the bits of their bfloat16 rounding (to nearest, ties to
-    # even) as float32 bits: the low half cleared
-    odd = builder.and_(builder.lshr(bits, _splat(16)), _splat(1))
-    up = builder.add(builder.add(bits, _splat(0x7FFF)), odd)
-    return builder.and_(up, _splat(-65536))
 
 
 @intrinsic

@@ -48,8 +48,7 @@ from .linear_bf16_cpu import round_bf16, to_float32
 from . import attention_amx_cpu as amx
 from .linear_bf16_cpu import _AMX_CFG
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, amx_path, dpbf16ps, fast_path, \
-    fma, prefetch, \
-    store_transposed16, tile_config, tile_release, vexp, widen16
+    fma, prefetch, store_transposed16, tile_config, tile_release, vexp, vround_bf16, widen16
 from .scalar import FASTMATH_INF, dots_4x1, dots_4x2, exp_f32, row_max
 
 BLOCK_ROWS = 64        # prefill, BLAS tile (odd head sizes): query rows per tile
@@ -1225,17 +1224,13 @@ def _pack_p_bf16(typingctx, pb, st, nk):
         pb, st, nk = [context.cast(builder, v, t, types.int64)
                       for v, t in zip(args, signature.args)]
 
-        def k(n, x):
-            return ir.Constant(ir.VectorType(_I32, n), [x] * n)
-
         def pairs(p, n):         # the pair p, its first n of 16 floats loaded (8: the last key)
-            vt = ir.VectorType(_F32, n)
+            vi = ir.VectorType(_I32, n)
             f = builder.load(builder.inttoptr(builder.add(st, builder.shl(
-                p, ir.Constant(_I64, 6))), ir.PointerType(vt)), align=4)
-            bits = builder.bitcast(f, ir.VectorType(_I32, n))
-            odd = builder.and_(builder.lshr(bits, k(n, 16)), k(n, 1))
-            h = builder.trunc(builder.lshr(builder.add(builder.add(bits, k(n, 0x7FFF)), odd),
-                                           k(n, 16)), ir.VectorType(ir.IntType(16), n))
+                p, ir.Constant(_I64, 6))), ir.PointerType(ir.VectorType(_F32, n))), align=4)
+            h = builder.trunc(builder.lshr(vround_bf16(builder, builder.bitcast(f, vi)),
+                                           ir.Constant(vi, [16] * n)),
+                              ir.VectorType(ir.IntType(16), n))
             if n == 8:
                 h = builder.shuffle_vector(h, ir.Constant(h.type, [0] * 8),
                                            ir.Constant(ir.VectorType(_I32, 16), list(range(16))))
@@ -1351,7 +1346,7 @@ def _head_pv_impl(work, nk, rows, n_vis, oh_p, st_p, ld, vh_p, ldk, kind, a_p, d
                 g = 8 if rows - i >= 8 else (4 if rows - i >= 4 else 1)
                 klen = n_vis[i + g - 1]
                 for c0 in range(0, d, 32):
-                    _pv_bf16(g, oh_p + 4 * (i * d + c0), d, pb_p + 4 * i, 8, vh_p + 2 * c0,
+                    _pv_bf16(g, oh_p + 4 * (i * d + c0), d, pb_p + 4 * i, ld, vh_p + 2 * c0,
                              ldk, klen, a_p + 4 * i)
                 i += g
         return bf16

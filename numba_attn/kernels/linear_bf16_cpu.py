@@ -637,15 +637,7 @@ def linear(out, x, w, bias):
     half = w.dtype == np.float16
     bits = w.view(np.uint16)
     if m <= GEMV_MAX_ROWS:
-        if fast_path("f16c") if half else fast_path():
-            if m == 1 and ONE_STREAM_DECODE:
-                cpu_pool.run(_gemv, w.size, out, x, bits, half)
-            else:
-                xr = x if half else even_odd(x)
-                cpu_pool.run(_gemv_rows, m * w.size, out, x, xr, bits, half,
-                             not ONE_STREAM_DECODE)
-        else:
-            cpu_pool.run(_gemv_rows_portable, m * w.size, out, x, bits, half)
+        _bind_gemv(bits, half, m)(out, x)
     elif not half and m >= GEMM_BF16_MIN_ROWS and x.shape[1] % 32 == 0 \
             and amx_path("amx-bf16"):
         gemm_amx(out, x, bits)
@@ -657,17 +649,21 @@ def linear(out, x, w, bias):
         cpu_pool.run(_add_bias, out.size, out, bias)
 
 
+def _bind_gemv(bits, half, m):
+    # gemv(out, x) for m rows of x (m <= GEMV_MAX_ROWS) over w's bits
+    work = m * bits.size
+    if not (fast_path("f16c") if half else fast_path()):
+        return cpu_pool.bind(_gemv_rows_portable, work, bits, half)
+    if m == 1 and ONE_STREAM_DECODE:
+        return cpu_pool.bind(_gemv, work, bits, half)
+    rows = cpu_pool.bind(_gemv_rows, work, bits, half, not ONE_STREAM_DECODE)
+    return lambda out, x: rows(out, x, x if half else even_odd(x))
+
+
 def bind_gemv(w):
     """gemv(out, x) = linear(out, x, w, no bias) for one row of x, its kernel and w's bits
     picked once (linear_cpu.bind_gemv)."""
-    half = w.dtype == np.float16
-    bits = w.view(np.uint16)
-    if not (fast_path("f16c") if half else fast_path()):
-        return cpu_pool.bind(_gemv_rows_portable, w.size, bits, half)
-    if ONE_STREAM_DECODE:
-        return cpu_pool.bind(_gemv, w.size, bits, half)
-    rows = cpu_pool.bind(_gemv_rows, w.size, bits, half, True)
-    return lambda out, x: rows(out, x, x if half else even_odd(x))
+    return _bind_gemv(w.view(np.uint16), w.dtype == np.float16, 1)
 
 
 def embedding(out, table, tokens):

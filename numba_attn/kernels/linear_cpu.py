@@ -180,7 +180,7 @@ def linear(out, x, w, bias):
     # x: (m, k); w: (n, k); bias: (n,) or (0,); out: (m, n)
     m = x.shape[0]
     if m == 1:
-        cpu_pool.run(_gemv_one if ONE_STREAM_DECODE else _gemv, w.size, out, x, w)
+        bind_gemv(w)(out, x)
     elif m <= GEMV_MAX_ROWS:
         cpu_pool.run(_gemv_rows, m * w.size, out, x, w)
     else:

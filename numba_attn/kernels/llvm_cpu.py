@@ -95,6 +95,17 @@ def widen16(builder, v, half):
     return builder.bitcast(wide, ir.VectorType(F32, n))
 
 
+def vround_bf16(builder, bits):
+    """float32 bits (an <n x i32>) -> the bits of their bfloat16 rounding (to nearest, ties to
+    even) as float32 bits, the low half cleared."""
+    n = bits.type.count
+
+    def k(x):
+        return ir.Constant(bits.type, [x] * n)
+    odd = builder.and_(builder.lshr(bits, k(16)), k(1))
+    return builder.and_(builder.add(builder.add(bits, k(0x7FFF)), odd), k(-65536))
+
+
 # -- instruction sets: the kernels with ISA-specific intrinsics run only where the host has them
 
 # "portable" sends every kernel family down its plain-loop path (no ISA-specific intrinsics),
