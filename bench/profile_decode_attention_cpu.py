@@ -21,19 +21,21 @@ from numba_attn.kernels import attention_cpu as A  # noqa: E402
 
 KV, HKV, D, G = 2000, 4, 64, 8       # keys, KV heads, head dim, query heads per KV head
 BLOCK = A.BLOCK_K
+QUARTER = BLOCK // HKV  # a head's share of the next block's rows, prefetched during its scores
 
 
 @njit
 def scores(k, qt, st, prefetching):
     # S^T of every key block and KV head, as _decode_range_mk computes them (8 rows: Q^T in
-    # pairs, _qk_pairs; the timing does not depend on qt's values)
+    # pairs, _qk_pairs; the timing does not depend on qt's values), prefetching a head's share
+    # of the next block's rows
     kp, qp, sp = k.ctypes.data, qt.ctypes.data, st.ctypes.data
     ldk = HKV * D
     for k0 in range(0, KV - BLOCK, BLOCK):
         for hk in range(HKV):
-            kh = kp + 4 * (k0 * ldk + hk * D)
-            A._qk_narrow(BLOCK, sp, G, kh, ldk, qp + 4 * hk * D * G, D, kh + 4 * BLOCK * ldk,
-                         kh + 4 * BLOCK * ldk, BLOCK if prefetching else 0, 4 * ldk, 4 * D)
+            kh, pf = kp + 4 * (k0 * ldk + hk * D), kp + 4 * (k0 + BLOCK + hk * QUARTER) * ldk
+            A._qk_narrow(BLOCK, sp, G, kh, ldk, qp + 4 * hk * D * G, D, pf, pf,
+                         QUARTER * HKV if prefetching else 0, 4 * D)
 
 
 @njit
@@ -43,9 +45,9 @@ def scores_bf16(k, qt, st):
     ldk = HKV * D
     for k0 in range(0, KV - BLOCK, BLOCK):
         for hk in range(HKV):
-            kh = kp + 2 * (k0 * ldk + hk * D)
-            A._qk_narrow_bf16(BLOCK, sp, G, kh, ldk, qp + 4 * hk * D * G, D,
-                              kh + 2 * BLOCK * ldk, kh + 2 * BLOCK * ldk, BLOCK, 2 * ldk, 2 * D)
+            kh, pf = kp + 2 * (k0 * ldk + hk * D), kp + 2 * (k0 + BLOCK + hk * QUARTER) * ldk
+            A._qk_narrow_bf16(BLOCK, sp, G, kh, ldk, qp + 4 * hk * D * G, D, pf, pf,
+                              QUARTER * HKV, 2 * D)
 
 
 @njit

@@ -58,12 +58,12 @@ AMX_BLOCK_K = 128      # keys per block of the online softmax with AMX tiles
 NEG_INF = float32(-np.inf)
 DECODE_MAX_Q = 4       # at most this many queries take the decode schedule
 MIN_SPLIT_KEYS = 256   # decode: a key range is never shorter than this
-# decode: K/V rows are prefetched this many key blocks ahead, into L1 (prefetcht0). TinyLlama's
-# 32/4 heads at 2000 keys, 2 Zen 5 threads, K/V cold (bench/tune_decode_attention.py): 16-bit
-# 93-111 us against 121-135 one block ahead into L2 (prefetcht1) or not at all. float32 K/V
-# timed alone ran as fast without (102-111 against 105-110), yet in the model (its K/V behind
-# 4 GB of weights) its attention took 3.75 ms a token without against 3.15-3.19 with
-PREFETCH_BLOCKS = 2
+# decode: the K/V rows this many keys ahead are prefetched into L1 (prefetcht0) in address order,
+# whole rows (every KV head's elements), spread evenly over each head's scores. TinyLlama's 32/4
+# heads at 2000 keys, 2 Zen 5 threads, each layer's K/V behind 40 MB of other reads as in a model
+# (bench/tune_decode_attention.py): 79-81 us against 86-87 for the rows 128 keys ahead in each
+# head's own pieces (strided), 101-106 with none; a model's decode showed the same order
+PREFETCH_KEYS = 64
 # K and V storage, passed to the kernels as `kind` (16-bit kinds as their uint16 bits); a
 # uint16 array is bfloat16 bits, as attention_cuda takes them
 KV_F32, KV_BF16, KV_F16 = 0, 1, 2
@@ -1099,21 +1099,21 @@ def _wide(mk):
 
 
 def _scores_block(R, qk_r, qk_4, qk_1, es):
-    """qk_block(n, c, ldc, a, sa_i, b, K, pf_k, pf_v, n_pf, pf_stride, pf_bytes): scores of keys
-    j < n (A's rows sa_i elements of es bytes apart) by the score micro-kernels qk_r, qk_4 and
-    qk_1 (R, 4 and 1 keys a call). Before each call of R, the next n_pf key and value rows
-    (pf_bytes each, pf_stride bytes apart, from byte addresses pf_k and pf_v on) are
-    prefetched, R at a time: spread over the work, so the memory streams while the cores
+    """qk_block(n, c, ldc, a, sa_i, b, K, pf_k, pf_v, n_pf, pf_bytes): scores of keys j < n (A's
+    rows sa_i elements of es bytes apart) by the score micro-kernels qk_r, qk_4 and qk_1 (R, 4
+    and 1 keys a call). Before the call for keys j.., pieces j.. of K and of V are prefetched,
+    one a key (the last call: every piece left), n_pf pieces of pf_bytes back to back from byte
+    addresses pf_k and pf_v: spread over the work, so the memory streams while the cores
     compute."""
     @njit(inline="always")
-    def qk_block(n, c, ldc, a, sa_i, b, K, pf_k, pf_v, n_pf, pf_stride, pf_bytes):
+    def qk_block(n, c, ldc, a, sa_i, b, K, pf_k, pf_v, n_pf, pf_bytes):
         j = 0
         while j < n:
             cj, aj = c + 4 * j * ldc, a + es * j * sa_i
             if j < n_pf:
-                npf = min(R, n_pf - j)
-                _prefetch_rows(pf_k + j * pf_stride, npf, pf_stride, pf_bytes)
-                _prefetch_rows(pf_v + j * pf_stride, npf, pf_stride, pf_bytes)
+                npf = min(R, n_pf - j) if j + R < n else n_pf - j
+                _prefetch_rows(pf_k + j * pf_bytes, npf, pf_bytes, pf_bytes)
+                _prefetch_rows(pf_v + j * pf_bytes, npf, pf_bytes, pf_bytes)
             if n - j >= R:
                 qk_r(cj, ldc, aj, sa_i, b, K)
                 j += R
@@ -1300,15 +1300,15 @@ def _pack_q_impl(work, Qt, q, scale, z, hk, rows, G, narrow):
 
 def _head_scores(work, narrow, nk, st_p, ld, kh_p, ldk, kind, qh_p, d, pf_k, pf_v, n_pf):
     """S^T (nk, ld) at st_p of a key block of one KV head (its keys at byte address kh_p, rows
-    ldk elements apart) against its Q^T at qh_p, prefetching n_pf rows of K and V from pf_k and
-    pf_v on."""
+    ldk elements apart) against its Q^T at qh_p, prefetching n_pf pieces of d elements of K and
+    of V, back to back from pf_k and pf_v on."""
 
 
 @overload(_head_scores, inline="always")
 def _head_scores_impl(work, narrow, nk, st_p, ld, kh_p, ldk, kind, qh_p, d, pf_k, pf_v, n_pf):
     if work.dtype == types.uint32:
         def bf16(work, narrow, nk, st_p, ld, kh_p, ldk, kind, qh_p, d, pf_k, pf_v, n_pf):
-            _qk_narrow_bf16(nk, st_p, ld, kh_p, ldk, qh_p, d, pf_k, pf_v, n_pf, 2 * ldk, 2 * d)
+            _qk_narrow_bf16(nk, st_p, ld, kh_p, ldk, qh_p, d, pf_k, pf_v, n_pf, 2 * d)
         return bf16
 
     def float32_products(work, narrow, nk, st_p, ld, kh_p, ldk, kind, qh_p, d, pf_k, pf_v,
@@ -1320,11 +1320,11 @@ def _head_scores_impl(work, narrow, nk, st_p, ld, kh_p, ldk, kind, qh_p, d, pf_k
             _widen_rows(kw_p, kh_p, nk, ldk, d, kind == KV_F16)
             kh_p, ld_k = kw_p, d
         if narrow:
-            _qk_narrow(nk, st_p, ld, kh_p, ld_k, qh_p, d, pf_k, pf_v, n_pf, es * ldk, es * d)
+            _qk_narrow(nk, st_p, ld, kh_p, ld_k, qh_p, d, pf_k, pf_v, n_pf, es * d)
         else:
             for cg in range(0, ld, 16):
                 _qk_wide(nk, st_p + 4 * cg, ld, kh_p, ld_k, qh_p + 4 * cg, d, pf_k, pf_v,
-                         n_pf if cg == 0 else 0, es * ldk, es * d)
+                         n_pf if cg == 0 else 0, es * d)
     return float32_products
 
 
@@ -1403,23 +1403,23 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
     a_p, mr_p = np.int64(alpha.ctypes.data), np.int64(m_run.ctypes.data)
     lr_p, nv_p = np.int64(l_run.ctypes.data), np.int64(n_vis.ctypes.data)
     kpos = kv_len - q_len                          # position of the first query
-    ahead = PREFETCH_BLOCKS * BLOCK_K * ldk        # elements from a block to its prefetch
-    n0 = min(k_hi - k_lo, (PREFETCH_BLOCKS - 1) * BLOCK_K)   # the blocks before the first
-    _prefetch_rows(k_p + es * k_lo * ldk, n0, es * ldk, es * ldk)    # prefetched below
-    _prefetch_rows(v_p + es * k_lo * ldk, n0, es * ldk, es * ldk)
+    row = es * ldk                                 # bytes of a key (or value) row, every head
+    n0 = min(k_hi - k_lo, PREFETCH_KEYS)           # the rows before the first prefetched below
+    _prefetch_rows(k_p + k_lo * row, n0, row, row)
+    _prefetch_rows(v_p + k_lo * row, n0, row, row)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         nk = min(BLOCK_K, k_hi - k0)
         diag = False
         for r in range(ld):
             n_vis[r] = min(nk, max(0, kpos + r // G + 1 - k0)) if causal and r < rows else nk
             diag = diag or n_vis[r] < nk
-        # the key and value rows PREFETCH_BLOCKS blocks on are prefetched during the scores,
-        # a head's share at a time
-        n_pf = max(0, min(BLOCK_K, k_hi - k0 - PREFETCH_BLOCKS * BLOCK_K))
         for hk in range(Hkv):
             kh_p, vh_p = k_p + es * (k0 * ldk + hk * d), v_p + es * (k0 * ldk + hk * d)
+            # this head's share of the block PREFETCH_KEYS on: whole rows (Hkv pieces of d)
+            r0 = min(k_hi, k0 + PREFETCH_KEYS + hk * BLOCK_K // Hkv)
+            r1 = min(k_hi, k0 + PREFETCH_KEYS + (hk + 1) * BLOCK_K // Hkv)
             _head_scores(work, narrow, nk, st_p, ld, kh_p, ldk, kind, qt_p + 4 * hk * d * ld, d,
-                         kh_p + es * ahead, vh_p + es * ahead, n_pf)
+                         k_p + r0 * row, v_p + r0 * row, (r1 - r0) * Hkv)
             mh, lh = mr_p + 4 * hk * m_run.shape[1], lr_p + 4 * hk * l_run.shape[1]
             if narrow:
                 _softmax8(st_p, ld, nk, mh, lh, a_p, nv_p, diag)
