@@ -1101,19 +1101,20 @@ def _wide(mk):
 def _scores_block(R, qk_r, qk_4, qk_1, es):
     """qk_block(n, c, ldc, a, sa_i, b, K, pf_k, pf_v, n_pf, pf_bytes): scores of keys j < n (A's
     rows sa_i elements of es bytes apart) by the score micro-kernels qk_r, qk_4 and qk_1 (R, 4
-    and 1 keys a call). Before the call for keys j.., pieces j.. of K and of V are prefetched,
-    one a key (the last call: every piece left), n_pf pieces of pf_bytes back to back from byte
+    and 1 keys a call). Before each call of R keys the next R of n_pf pieces of K and of V are
+    prefetched (before the last, every piece left), pieces of pf_bytes back to back from byte
     addresses pf_k and pf_v: spread over the work, so the memory streams while the cores
     compute."""
     @njit(inline="always")
     def qk_block(n, c, ldc, a, sa_i, b, K, pf_k, pf_v, n_pf, pf_bytes):
-        j = 0
+        j = p = 0                                  # keys done, pieces prefetched
         while j < n:
             cj, aj = c + 4 * j * ldc, a + es * j * sa_i
-            if j < n_pf:
-                npf = min(R, n_pf - j) if j + R < n else n_pf - j
-                _prefetch_rows(pf_k + j * pf_bytes, npf, pf_bytes, pf_bytes)
-                _prefetch_rows(pf_v + j * pf_bytes, npf, pf_bytes, pf_bytes)
+            if p < n_pf:
+                npf = min(R, n_pf - p) if j + R < n else n_pf - p
+                _prefetch_rows(pf_k + p * pf_bytes, npf, pf_bytes, pf_bytes)
+                _prefetch_rows(pf_v + p * pf_bytes, npf, pf_bytes, pf_bytes)
+                p += npf
             if n - j >= R:
                 qk_r(cj, ldc, aj, sa_i, b, K)
                 j += R
