@@ -207,6 +207,34 @@ def test_gemm_tiles_cover_every_row(monkeypatch):
     assert_q8_close(ops.linear(x, q).astype(np.float64), x, q)
 
 
+@pytest.mark.parametrize("codes_dtype", [np.int8, np.float32])
+def test_x_codes_follow_the_q8_0_rule(codes_dtype):
+    """x's codes, scales and VNNI starting lanes, against the independent statement of the rule:
+    random rows of several magnitudes, and rows of exact halves (codes on .5, rounded away
+    from zero), and rows whose largest |x| is negative, at each lane of a block in turn; a block
+    holding a NaN gets a NaN scale, one holding an infinity an infinite one."""
+    rng = np.random.default_rng(21)
+    rows = [randn(22, 3, 160) * np.float32(s) for s in (1e-5, 1.0, 3e4)]
+    halves = (rng.integers(-254, 255, (2, 160)) / 2).astype(np.float32)
+    halves[:, ::32] = 127                             # d = 1: x itself is the code, halves too
+    peaks = randn(24, 32, 160)
+    peaks[np.arange(32), np.arange(32) * 5] = -100.0   # a negative largest |x| at every lane
+    for x in rows + [halves, peaks]:
+        xq = np.empty(x.shape, codes_dtype)
+        xc, xd = (np.empty((x.shape[0], 5), t) for t in (np.int32, np.float32))
+        linear_q8_cpu._quantize_x(xq, xc, xd, x)
+        want_q, want_d = q8_0_reference(x, np.float32)
+        np.testing.assert_array_equal(xq, want_q.astype(codes_dtype))
+        np.testing.assert_array_equal(xd, want_d)
+        np.testing.assert_array_equal(
+            xc, -16 * want_q.astype(np.int32).reshape(x.shape[0], 5, 32).sum(-1))
+    x = randn(23, 1, 128)
+    x[0, 5], x[0, 70] = np.nan, -np.inf
+    xq, xc, xd = np.empty(x.shape, np.int8), np.empty((1, 4), np.int32), np.empty((1, 4), np.float32)
+    linear_q8_cpu._quantize_x(xq, xc, xd, x)
+    assert np.isnan(xd[0, 0]) and xd[0, 2] == np.inf and np.isfinite(xd[0, [1, 3]]).all()
+
+
 def test_nan_in_x_reaches_y(path):
     """A NaN in x gives NaN in its row of y, as float32 arithmetic would (not a quantized 0)."""
     q = quantize_q8_0(randn(13, 9, 96))

@@ -47,27 +47,49 @@ _UNROLL = 2   # block pairs per loop step in _dots4_vnni (2 accumulators a row; 
 #               by best times on a busy machine)
 
 
+@intrinsic
+def _absmax32(typingctx, addr):
+    """max |x| over the 32 float32 at byte address addr: the largest of their bits with the
+    sign cleared (non-negative floats order as their bits do, and any NaN lies above infinity,
+    so a NaN stays), one vector reduction."""
+    sig = types.float32(addr)
+
+    def codegen(context, builder, signature, args):
+        a = context.cast(builder, args[0], signature.args[0], types.int64)
+        vt = ir.VectorType(_I32, 32)
+        v = builder.load(builder.inttoptr(a, ir.PointerType(vt)), align=4)
+        v = builder.and_(v, ir.Constant(vt, [0x7FFFFFFF] * 32))
+        smax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [vt]),
+                                              "llvm.vector.reduce.smax.v32i32")
+        return builder.bitcast(builder.call(smax, [v]), ir.FloatType())
+    return sig, codegen
+
+
 @njit(cache=True)
 def _quantize_x(xq, xc, xd, x):
-    # x: (m, k) float32 -> per block of 32, by the Q8_0 rule: codes xq (m, k) (int8, or float32
-    # for the portable path) and float32 scales xd (m, k // 32); xc (m, k // 32) int32 = -16 *
-    # (sum of the block's codes), the VNNI path's starting lanes (8 lanes a block take off
-    # 128 * sum)
+    # x: (m, k) float32, rows contiguous -> per block of 32, by the Q8_0 rule: codes xq (m, k)
+    # (int8, or float32 for the portable path) and float32 scales xd (m, k // 32); xc (m, k //
+    # 32) int32 = -16 * (sum of the block's codes), the VNNI path's starting lanes (8 lanes a
+    # block take off 128 * sum). A block's max |x| is one vector reduction (_absmax32; a NaN
+    # stays: its block's scale is NaN, so is y) and its codes' loop vectorises (no branch)
     m, k = x.shape
+    if k > 1 and x.strides[1] != 4:
+        raise ValueError("x's rows must be contiguous")
     for i in range(m):
+        xi, qi = x[i], xq[i]
+        row = x.ctypes.data + i * x.strides[0]
         for b in range(k // 32):
             j0 = b * 32
-            amax = float32(0)
-            for j in range(j0, j0 + 32):
-                a = abs(x[i, j])
-                if a > amax or a != a:   # a NaN stays: its block's scale is NaN, so is y
-                    amax = a
-            d = amax / float32(127)
+            d = _absmax32(row + 4 * j0) / float32(127)
             inv = float32(1) / d if d != 0 else float32(0)
             s = int32(0)
-            for j in range(j0, j0 + 32):
-                q = int32(roundf(x[i, j] * inv))
-                xq[i, j] = q
+            for j in range(32):
+                u = uint64(j0) + uint64(j)  # unsigned: no negative-index wrap
+                v = xi[u] * inv
+                t = np.trunc(v)             # roundf: halves away from zero (v - t is exact)
+                t += np.copysign(float32(1), v) * float32(abs(v - t) >= float32(0.5))
+                q = int32(t)
+                qi[u] = q
                 s += q
             xd[i, b] = d
             xc[i, b] = -16 * s
