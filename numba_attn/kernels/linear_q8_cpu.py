@@ -38,7 +38,7 @@ from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, STREAM_PREFETC
     _add_bias
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, amx_path, \
     fast_path, fma, hsum, prefetch, vpdpbusd
-from ..formats import Q8_BLOCK, roundf
+from ..formats import Q8_BLOCK
 from .scalar import FASTMATH_INF
 
 # prefill: rows of w dequantized per BLAS call (their float32 tile about TILE_BYTES, in L3)
