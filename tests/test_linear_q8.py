@@ -20,10 +20,12 @@ product against the exact ones."""
 import ml_dtypes
 import numpy as np
 import pytest
+from numba import njit
 
 from numba_attn import ops
 from numba_attn.formats import Q8Matrix, quantize_q8_0
 from numba_attn.kernels import linear_cpu, linear_q8_cpu, llvm_cpu
+from numba_attn.kernels.scalar import FASTMATH_INF
 from tests.test_formats import q8_0_reference
 
 U = 2.0 ** -24
@@ -207,31 +209,60 @@ def test_gemm_tiles_cover_every_row(monkeypatch):
     assert_q8_close(ops.linear(x, q).astype(np.float64), x, q)
 
 
+# _quantize_x as its callers may compile it: numba compiles a function called from a jitted one
+# with the caller's fastmath flags, and the GEMVs' allow reciprocals and fused products
+QUANTIZE_X = {"as called from Python": linear_q8_cpu._quantize_x,
+              "with the GEMVs' fastmath": njit(fastmath=FASTMATH_INF)(
+                  linear_q8_cpu._quantize_x.py_func)}
+
+
+def rounded_up_to_halves():
+    """Blocks of max |x| 100.3 whose other values times 1 / d round in float32 up to k + 0.5
+    exactly, the exact product below it: roundf of the float32 product gives k + 1, the product
+    fused with the rounding's subtraction would give k."""
+    a = np.float32(100.3)
+    inv = np.float32(1) / np.float32(a / np.float32(127))
+    found = []
+    for k in range(126):
+        x = np.float32((k + 0.5) / float(inv))
+        for _ in range(4):
+            if np.float32(x * inv) == k + 0.5 and float(x) * float(inv) < k + 0.5:
+                found.append(x)
+            x = np.nextafter(x, np.float32(np.inf))
+    assert len(found) >= 31
+    rows = np.array(found[:31 * (len(found) // 31)], np.float32).reshape(-1, 31)
+    return np.concatenate([np.full((len(rows), 1), a, np.float32), rows], axis=1)[:, :32] * \
+        np.where(np.arange(32) % 2, np.float32(-1), np.float32(1))
+
+
+@pytest.mark.parametrize("how", list(QUANTIZE_X))
 @pytest.mark.parametrize("codes_dtype", [np.int8, np.float32])
-def test_x_codes_follow_the_q8_0_rule(codes_dtype):
+def test_x_codes_follow_the_q8_0_rule(codes_dtype, how):
     """x's codes, scales and VNNI starting lanes, against the independent statement of the rule:
-    random rows of several magnitudes, and rows of exact halves (codes on .5, rounded away
-    from zero), and rows whose largest |x| is negative, at each lane of a block in turn; a block
+    random rows of several magnitudes, rows of exact halves (codes on .5, rounded away from
+    zero), and rows whose largest |x| is negative, at each lane of a block in turn; a block
     holding a NaN gets a NaN scale, one holding an infinity an infinite one."""
+    quantize = QUANTIZE_X[how]
     rng = np.random.default_rng(21)
-    rows = [randn(22, 3, 160) * np.float32(s) for s in (1e-5, 1.0, 3e4)]
-    halves = (rng.integers(-254, 255, (2, 160)) / 2).astype(np.float32)
+    rows = [randn(22, 64, 320) * np.float32(s) for s in (1e-5, 1.0, 3e4)]
+    halves = (rng.integers(-254, 255, (2, 320)) / 2).astype(np.float32)
     halves[:, ::32] = 127                             # d = 1: x itself is the code, halves too
-    peaks = randn(24, 32, 160)
+    peaks = randn(24, 32, 320)
     peaks[np.arange(32), np.arange(32) * 5] = -100.0   # a negative largest |x| at every lane
-    for x in rows + [halves, peaks]:
+    for x in rows + [halves, peaks, rounded_up_to_halves()]:
+        nb = x.shape[1] // 32
         xq = np.empty(x.shape, codes_dtype)
-        xc, xd = (np.empty((x.shape[0], 5), t) for t in (np.int32, np.float32))
-        linear_q8_cpu._quantize_x(xq, xc, xd, x)
+        xc, xd = (np.empty((x.shape[0], nb), t) for t in (np.int32, np.float32))
+        quantize(xq, xc, xd, x)
         want_q, want_d = q8_0_reference(x, np.float32)
         np.testing.assert_array_equal(xq, want_q.astype(codes_dtype))
         np.testing.assert_array_equal(xd, want_d)
         np.testing.assert_array_equal(
-            xc, -16 * want_q.astype(np.int32).reshape(x.shape[0], 5, 32).sum(-1))
+            xc, -16 * want_q.astype(np.int32).reshape(x.shape[0], nb, 32).sum(-1))
     x = randn(23, 1, 128)
     x[0, 5], x[0, 70] = np.nan, -np.inf
     xq, xc, xd = np.empty(x.shape, np.int8), np.empty((1, 4), np.int32), np.empty((1, 4), np.float32)
-    linear_q8_cpu._quantize_x(xq, xc, xd, x)
+    quantize(xq, xc, xd, x)
     assert np.isnan(xd[0, 0]) and xd[0, 2] == np.inf and np.isfinite(xd[0, [1, 3]]).all()
 
 

@@ -28,7 +28,7 @@ a float32 buffer that stays in cache and multiplied by NumPy's BLAS sgemm (512x5
 0.95-0.97x sgemm on the float32 weights)."""
 import numpy as np
 from llvmlite import ir
-from numba import float32, int32, njit, prange, types, uint64
+from numba import float32, float64, int32, njit, prange, types, uint64
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -71,7 +71,8 @@ def _quantize_x(xq, xc, xd, x):
     # (int8, or float32 for the portable path) and float32 scales xd (m, k // 32); xc (m, k //
     # 32) int32 = -16 * (sum of the block's codes), the VNNI path's starting lanes (8 lanes a
     # block take off 128 * sum). A block's max |x| is one vector reduction (_absmax32; a NaN
-    # stays: its block's scale is NaN, so is y) and its codes' loop vectorises (no branch)
+    # stays: its block's scale is NaN, so is y) and its codes' loop vectorises (no branch).
+    # Exact under the fastmath of the GEMVs that call it (numba compiles it with their flags)
     m, k = x.shape
     if k > 1 and x.strides[1] != 4:
         raise ValueError("x's rows must be contiguous")
@@ -80,14 +81,17 @@ def _quantize_x(xq, xc, xd, x):
         row = x.ctypes.data + i * x.strides[0]
         for b in range(k // 32):
             j0 = b * 32
-            d = _absmax32(row + 4 * j0) / float32(127)
+            # d = amax / 127 rounded once to float32: a float64 quotient (even as a product by
+            # 1 / 127, which the GEMVs' fastmath allows) is far closer than float32's half-ulp
+            d = float32(float64(_absmax32(row + 4 * j0)) / float64(127))
             inv = float32(1) / d if d != 0 else float32(0)
             s = int32(0)
             for j in range(32):
                 u = uint64(j0) + uint64(j)  # unsigned: no negative-index wrap
                 v = xi[u] * inv
-                t = np.trunc(v)             # roundf: halves away from zero (v - t is exact)
-                t += np.copysign(float32(1), v) * float32(abs(v - t) >= float32(0.5))
+                t = np.trunc(v)             # roundf: halves away from zero; |v| - |t| = |v - t|,
+                # exact, and not fused with the product into one rounding
+                t += np.copysign(float32(1), v) * float32(abs(v) - abs(t) >= float32(0.5))
                 q = int32(t)
                 qi[u] = q
                 s += q
