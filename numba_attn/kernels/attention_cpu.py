@@ -61,8 +61,9 @@ MIN_SPLIT_KEYS = 256   # decode: a key range is never shorter than this
 # decode: the K/V rows this many keys ahead are prefetched into L1 (prefetcht0) in address order,
 # whole rows (every KV head's elements), spread evenly over each head's scores. TinyLlama's 32/4
 # heads at 2000 keys, 2 Zen 5 threads, each layer's K/V behind 40 MB of other reads as in a model
-# (bench/tune_decode_attention.py): 79-81 us against 86-87 for the rows 128 keys ahead in each
-# head's own pieces (strided), 101-106 with none; a model's decode showed the same order
+# (bench/tune_decode_attention.py): bfloat16 71-73 us against 79 for each head's own pieces of
+# the rows 128 keys ahead (strided), 105 with none; float16 94 against 103-105 and 133-137;
+# float32 123-124 against 138 and 151-153; 32 or 128 keys ahead were slower
 PREFETCH_KEYS = 64
 # K and V storage, passed to the kernels as `kind` (16-bit kinds as their uint16 bits); a
 # uint16 array is bfloat16 bits, as attention_cuda takes them
