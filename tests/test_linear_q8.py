@@ -231,7 +231,7 @@ def rounded_up_to_halves():
             x = np.nextafter(x, np.float32(np.inf))
     assert len(found) >= 31
     rows = np.array(found[:31 * (len(found) // 31)], np.float32).reshape(-1, 31)
-    return np.concatenate([np.full((len(rows), 1), a, np.float32), rows], axis=1)[:, :32] * \
+    return np.concatenate([np.full((len(rows), 1), a, np.float32), rows], axis=1) * \
         np.where(np.arange(32) % 2, np.float32(-1), np.float32(1))
 
 
@@ -240,8 +240,9 @@ def rounded_up_to_halves():
 def test_x_codes_follow_the_q8_0_rule(codes_dtype, how):
     """x's codes, scales and VNNI starting lanes, against the independent statement of the rule:
     random rows of several magnitudes, rows of exact halves (codes on .5, rounded away from
-    zero), and rows whose largest |x| is negative, at each lane of a block in turn; a block
-    holding a NaN gets a NaN scale, one holding an infinity an infinite one."""
+    zero), rows whose largest |x| is negative, at each lane of a block in turn, and blocks whose
+    float32 products x / d round up onto k + 0.5; a block holding a NaN gets a NaN scale, one
+    holding an infinity an infinite one."""
     quantize = QUANTIZE_X[how]
     rng = np.random.default_rng(21)
     rows = [randn(22, 64, 320) * np.float32(s) for s in (1e-5, 1.0, 3e4)]
