@@ -5,9 +5,7 @@ compiled with the GEMVs' fastmath flags as the GEMVs compile it; and how many bl
 differ from the rule (tests/test_formats.py's statement of it: scales, codes).
 
     python bench/profile_quantize_x.py [REV]   (default REV: HEAD~1)"""
-import importlib.util
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,31 +17,15 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELATIVE = "numba_attn/kernels/linear_q8_cpu.py"
 
 
-def load(src, name, tmp):
-    src = src.replace("from .. import", "from numba_attn import")
-    src = src.replace("from ..", "from numba_attn.")
-    src = src.replace("from . import", "from numba_attn.kernels import")
-    src = src.replace("from .", "from numba_attn.kernels.")
-    path = os.path.join(tmp, name + ".py")
-    with open(path, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def main():
     sys.path.insert(0, HERE)
+    from kernel_variants import kernel_source, load_kernel   # bench/, this script's folder
     from numba_attn.kernels.scalar import FASTMATH_INF
     from tests.test_formats import q8_0_reference
     rev = sys.argv[1] if len(sys.argv) > 1 else "HEAD~1"
-    old_src = subprocess.run(["git", "-C", HERE, "show", f"{rev}:{RELATIVE}"], check=True,
-                             capture_output=True, text=True).stdout
     tmp = tempfile.mkdtemp()
-    kernels = {"working tree": load(open(os.path.join(HERE, RELATIVE)).read(), "q8_now", tmp),
-               rev: load(old_src, "q8_then", tmp)}
+    kernels = {"working tree": load_kernel(kernel_source(RELATIVE), "q8_now", tmp),
+               rev: load_kernel(kernel_source(RELATIVE, rev), "q8_then", tmp)}
     quantize = {name: njit(fastmath=FASTMATH_INF)(m._quantize_x.py_func)
                 for name, m in kernels.items()}
     rng = np.random.default_rng(0)

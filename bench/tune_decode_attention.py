@@ -10,9 +10,7 @@ loaded as a module of its own.
 VARIANT: as-is (the rows 64 keys on, whole rows in address order, into L1), ahead-32 and
 ahead-128 (32 or 128 keys on), none, or at:REV, the file as git revision REV has it (at:HEAD:
 the committed kernel)."""
-import importlib.util
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +20,6 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELATIVE = "numba_attn/kernels/attention_cpu.py"
-SOURCE = os.path.join(HERE, RELATIVE)
 KV, HKV, D, G, LAYERS = 2000, 4, 64, 8, 22
 BETWEEN = 40 << 20                      # bytes read between two layers' attention
 KEYS = "PREFETCH_KEYS = 64\n"
@@ -33,26 +30,14 @@ VARIANTS = {"as-is": [], "ahead-32": [(KEYS, "PREFETCH_KEYS = 32\n")],
 
 
 def load_variant(name, tmp):
-    if name.startswith("at:"):
-        src = subprocess.run(["git", "-C", HERE, "show", f"{name[3:]}:{RELATIVE}"],
-                             check=True, capture_output=True, text=True).stdout
-    else:
-        src = open(SOURCE).read()
+    from kernel_variants import kernel_source, load_kernel   # bench/, this script's folder
+    src = kernel_source(RELATIVE, name[3:] if name.startswith("at:") else None)
     for old, new in VARIANTS.get(name, []):
         if old not in src:
             sys.exit(f"variant {name}: {old!r} is no longer in attention_cpu.py")
         src = src.replace(old, new)
-    src = src.replace("from . import", "from numba_attn.kernels import")
-    src = src.replace("from .", "from numba_attn.kernels.")
-    mod = "tuned_attention_" + "".join(c if c.isalnum() else "_" for c in name)
-    path = os.path.join(tmp, mod + ".py")
-    with open(path, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location(mod, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[mod] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_kernel(src, "tuned_attention_" + "".join(c if c.isalnum() else "_" for c in name),
+                       tmp)
 
 
 def main():
