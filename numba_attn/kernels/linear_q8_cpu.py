@@ -78,12 +78,11 @@ def _quantize_x(xq, xc, xd, x):
         raise ValueError("x's rows must be contiguous")
     for i in range(m):
         xi, qi = x[i], xq[i]
-        row = x.ctypes.data + i * x.strides[0]
         for b in range(k // 32):
             j0 = b * 32
             # d = amax / 127 rounded once to float32: a float64 quotient (even as a product by
             # 1 / 127, which the GEMVs' fastmath allows) is far closer than float32's half-ulp
-            d = float32(float64(_absmax32(row + 4 * j0)) / float64(127))
+            d = float32(float64(_absmax32(xi.ctypes.data + 4 * j0)) / float64(127))
             inv = float32(1) / d if d != 0 else float32(0)
             s = int32(0)
             for j in range(32):
@@ -104,7 +103,7 @@ def _codes(x, xq):
     # x quantized (_quantize_x) into xq, its block sums and scales allocated here: (xc, xd). The
     # GEMVs quantize x themselves, on the calling thread before their parallel loop: one call
     # from Python a GEMV, no scratch to pass (TinyLlama's decode makes 111 a token). Their
-    # fastmath leaves out NaN and inf (FASTMATH_INF): x's quantizing tests a != a
+    # fastmath keeps NaN and inf (FASTMATH_INF): a NaN in x must reach y
     m, k = x.shape
     xc = np.empty((m, k // Q8_BLOCK), np.int32)
     xd = np.empty((m, k // Q8_BLOCK), np.float32)
