@@ -287,6 +287,41 @@ def measure(path, decode_tokens, prefill_tokens, repeat, weight_dtype="float32",
     return r
 
 
+def measure_in_turn(path, decode_tokens, weight_dtypes):
+    """Our weight formats in one process, decoding in turn token by token (each a model of its
+    own over the same folder, each a 16-token prompt first): the ratios of their decode rates
+    without the machine's drift between processes. Returns one row per format: its median
+    step, and the median over steps of float32's step just before over its own (first
+    format's, when float32 is not among them). Holds every format's weights at once."""
+    from numba_attn.model import Model
+
+    names = weight_dtypes.split(",")
+    rng = np.random.default_rng(0)
+    models, tokens, steps = [], [], []
+    for name in names:
+        weight_dtype, _, kv_dtype = name.partition("/")
+        m = Model.from_pretrained(path, weight_dtype=weight_dtype, kv_dtype=kv_dtype or "auto",
+                                  max_seq=16 + decode_tokens + 1)
+        m.warmup()
+        models.append(m)
+        tokens.append(int(np.argmax(m.forward(rng.integers(0, m.config.vocab_size, 16), 0))))
+        steps.append([])
+    step = np.empty(1, np.int64)
+    for i in range(decode_tokens):
+        for k, m in enumerate(models):
+            step[0] = tokens[k]
+            t = time.perf_counter()
+            tokens[k] = int(np.argmax(m.forward(step, 16 + i)))
+            steps[k].append(time.perf_counter() - t)
+    base = next((k for k, m in enumerate(models) if m.weight_dtype == "float32"
+                 and m.kv_dtype == "float32"), 0)
+    return [{"weight_dtype": m.weight_dtype, "kv_dtype": m.kv_dtype,
+             "decode_tok_s": 1 / statistics.median(steps[k]),
+             "vs_base": statistics.median(b / t for b, t in zip(steps[base], steps[k])),
+             "base": f"{models[base].weight_dtype}, {models[base].kv_dtype}"}
+            for k, m in enumerate(models)]
+
+
 def measure_transformers(path, decode_tokens, prefill_tokens, repeat, weight_dtype="float32",
                          long_context=0):
     """The peer: Hugging Face transformers on PyTorch (CPU, float32 or bfloat16) on the same
@@ -482,6 +517,18 @@ def report_formats(runs, peers, command):
     return "\n".join(lines)
 
 
+def report_in_turn(rows, command):
+    """measure_in_turn's rows as a table."""
+    lines = ["", f"Decode in one process, the formats in turn token by token (`{command} "
+             f"--in-turn`): x {rows[0]['base']} is the median over steps of its step just "
+             "before over the format's own", "",
+             "| ours, weights, KV cache | decode tok/s | x " + rows[0]["base"] + " |",
+             "|---|---:|---:|"]
+    lines += [f"| {r['weight_dtype']}, {r['kv_dtype']} | {r['decode_tok_s']:.2f} "
+              f"| {r['vs_base']:.2f}x |" for r in rows]
+    return "\n".join(lines)
+
+
 def report_rounds(rounds):
     """Every round's prefill and decode of each of our formats against each peer, as ratios
     (rounds sorted by the first ratio; the table above is the median one)."""
@@ -580,7 +627,11 @@ def main():
                          "llama-cpp-python, gguf) [this one]")
     ap.add_argument("--long-context", type=int, default=0,
                     help="also decode after a prompt of this many tokens [0: no]")
-    ap.add_argument("--measure", choices=["ours", "transformers", "llama.cpp"],
+    ap.add_argument("--in-turn", action="store_true",
+                    help="with --weight-dtype: also decode our formats in one process, in turn "
+                         "token by token, for their ratios free of the drift between processes "
+                         "(holds every format's weights at once)")
+    ap.add_argument("--measure", choices=["ours", "transformers", "llama.cpp", "in-turn"],
                     help=argparse.SUPPRESS)  # the child
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)  # the child's format
     args = ap.parse_args()
@@ -588,6 +639,9 @@ def main():
     if args.layers:
         shape["num_hidden_layers"] = args.layers
 
+    if args.measure == "in-turn":
+        print(json.dumps(measure_in_turn(args.path, args.decode_tokens, args.dtype)))
+        return
     if args.measure:
         fn = {"ours": measure, "transformers": measure_transformers,
               "llama.cpp": measure_llama_cpp}[args.measure]
@@ -602,7 +656,7 @@ def main():
         write_folder(args.path, shape, args.file_dtype)
         print(f"  written in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     def child(who, dtype="float32"):
-        python = sys.executable if who == "ours" else args.peer_python
+        python = sys.executable if who in ("ours", "in-turn") else args.peer_python
         cmd = [python, os.path.abspath(__file__), args.path, "--measure", who,
                "--decode-tokens", str(args.decode_tokens), "--prefill-tokens",
                str(args.prefill_tokens), "--repeat", str(args.repeat), "--dtype", dtype,
@@ -610,7 +664,8 @@ def main():
         print(f"measuring {who} ({dtype}) in a fresh process ...", file=sys.stderr, flush=True)
         out = subprocess.run(cmd, stdout=subprocess.PIPE, check=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        r["who"] = f"{who}, {dtype}"
+        if isinstance(r, dict):                           # (measure_in_turn's: a list)
+            r["who"] = f"{who}, {dtype}"
         return r
 
     if args.weight_dtype:
@@ -623,12 +678,17 @@ def main():
         if len(rounds) > 1 and rounds[0][1]:
             rounds.sort(key=lambda rp: rp[0][0]["prefill_tok_s"] / rp[1][0]["prefill_tok_s"])
         runs, peers = rounds[len(rounds) // 2]
+        in_turn = None
+        if args.in_turn:
+            in_turn = child("in-turn", args.weight_dtype)
         print(report_formats(runs, peers, command))
         if len(rounds) > 1:
             print(report_rounds(rounds))
+        if in_turn:
+            print(report_in_turn(in_turn, command.replace(" --in-turn", "")))
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"ours": runs, "peers": peers,
+                json.dump({"ours": runs, "peers": peers, "in_turn": in_turn,
                            "rounds": [{"ours": r, "peers": p} for r, p in rounds]}, f, indent=2)
         return
 

@@ -13,6 +13,7 @@ from numba_attn.backend import cuda_unavailable
 from numba_attn.formats import Q8Matrix, quantize_q8_0
 from numba_attn.model import resolve_kv_dtype, resolve_weight_dtype
 from numba_attn.perplexity import perplexity
+from numba_attn import weights
 from numba_attn.weights import CheckpointError
 from test_cli import assert_one_line_error, invoke
 from test_model import PROMPT, ref_forward
@@ -158,6 +159,26 @@ def test_bfloat16_checkpoint_holds_no_float32_copy(make_folder):
     got = lw.gate_proj.view(np.uint16)                          # the file's bits, as they are
     want = w["model.layers.1.mlp.gate_proj.weight"].view(np.uint32) >> 16
     np.testing.assert_array_equal(got, want.astype(np.uint16))
+
+
+@pytest.mark.parametrize("huge", [False, True])
+@pytest.mark.parametrize("shape, dtype", [((3, 5), np.float32), ((1025, 1024), np.uint16),
+                                          ((1024, 1024), np.float32), ((2049, 1537), np.int8)])
+def test_weight_buffers_start_on_a_line_or_a_huge_page(monkeypatch, huge, shape, dtype):
+    """Weight destinations: C-contiguous, writable, on a cache line; from HUGE_PAGE bytes on
+    (where the OS takes the hint) on a huge page, every byte theirs to write and keep."""
+    if huge and not weights.HUGE_PAGES:
+        pytest.skip("no MADV_HUGEPAGE on this platform")
+    monkeypatch.setattr(weights, "HUGE_PAGES", huge)
+    a = weights.aligned_empty(shape, dtype)
+    assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
+    big = huge and a.nbytes >= weights.HUGE_PAGE
+    assert a.ctypes.data % (weights.HUGE_PAGE if big else weights.CACHE_LINE) == 0
+    fill = np.random.default_rng(0).integers(0, 100, shape).astype(dtype)
+    a[...] = fill
+    b = weights.aligned_empty(shape, dtype)                  # a second one overlaps nothing
+    b[...] = 0
+    np.testing.assert_array_equal(a, fill)
 
 
 def test_q8_0_weights_are_q8_matrices_of_a_quarter_the_bytes(make_folder):
