@@ -43,7 +43,8 @@ def main():
             weights.HUGE_PAGES = huge
             before = anon_huge_gb()
             m = Model.from_pretrained(args.path, weight_dtype=fmt, max_seq=args.steps + 17)
-            print(f"{fmt}, {'aligned' if huge else "NumPy's"} allocation: {m.weights.nbytes / 1e9:.2f} GB "
+            how = "aligned" if huge else "NumPy's"
+            print(f"{fmt}, {how} allocation: {m.weights.nbytes / 1e9:.2f} GB "
                   f"of weights, {anon_huge_gb() - before:.2f} GB of them in huge pages",
                   flush=True)
             m.warmup()
