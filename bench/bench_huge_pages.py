@@ -1,9 +1,9 @@
-"""Weights starting on a huge page (weights.aligned_empty) against NumPy's own allocation (which
+"""Weights end to end in huge pages (weights.HostArena) against NumPy's own allocation (which
 hints transparent huge pages for arrays of 4 MiB or more, from wherever their block starts):
 each weight format loaded both ways into one process (weights.HUGE_PAGES off, then on), the
 two decoding in turn token by token, so both see the same machine. Prints how much of each
 model's weights sit in huge pages, each one's decode rate, and the median over steps of the
-NumPy-allocated model's step over the aligned model's just after it.
+NumPy-allocated model's step over the arena's just after it.
 
     python bench/bench_huge_pages.py /tmp/tinyllama [--weight-dtype float32,bfloat16,q8_0]
         [--steps 40]"""
@@ -43,7 +43,7 @@ def main():
             weights.HUGE_PAGES = huge
             before = anon_huge_gb()
             m = Model.from_pretrained(args.path, weight_dtype=fmt, max_seq=args.steps + 17)
-            how = "aligned" if huge else "NumPy's"
+            how = "arena" if huge else "NumPy's"
             print(f"{fmt}, {how} allocation: {m.weights.nbytes / 1e9:.2f} GB "
                   f"of weights, {anon_huge_gb() - before:.2f} GB of them in huge pages",
                   flush=True)
@@ -60,7 +60,7 @@ def main():
     for fmt in args.weight_dtype.split(","):
         small, huge = models[fmt, False][1], models[fmt, True][1]
         gain = statistics.median(a / b for a, b in zip(small, huge))
-        print(f"  {fmt:9s} NumPy's {1 / statistics.median(small):6.2f}, aligned "
+        print(f"  {fmt:9s} NumPy's {1 / statistics.median(small):6.2f}, arena "
               f"{1 / statistics.median(huge):6.2f}: x{gain:.3f}")
 
 

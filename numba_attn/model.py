@@ -34,7 +34,8 @@ from .ops import (add_rmsnorm, apply_rope, attention, embedding, linear, rmsnorm
 from .cpu_decode import CpuDecodeSteps
 from .cuda_decode import CudaDecoder
 from .rope import RopeTable
-from .weights import CheckpointError, LoadNotice, empty_weight, row_block
+from .weights import CheckpointError, HostArena, LoadNotice, aligned_empty, empty_weight, \
+    row_block
 
 DEFAULT_MAX_SEQ = 4096   # KV cache length when the caller gives none (and the model allows it)
 DEVICES = ("cpu", "cuda")
@@ -111,12 +112,14 @@ class ModelWeights:
 
         def place(a):
             return a if device == "cpu" else to_device(a)
+        # the host's matrices end to end in huge pages; for the GPU one in flight at a time
+        empty = HostArena().empty if device == "cpu" else aligned_empty
 
         def matrix(name, shape):
             if quantized and shape[1] % Q8_BLOCK:
                 raise CheckpointError(f"tensor {name!r}: {fmt} needs in_features a multiple "
                                       f"of {Q8_BLOCK}, got shape {shape}")
-            return empty_weight(shape, storage, quantized)
+            return empty_weight(shape, storage, quantized, empty)
 
         def read_matrix(name, shape):
             return place(source.read(name, matrix(name, shape)))

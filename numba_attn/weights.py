@@ -56,37 +56,69 @@ def aligned_empty(shape, dtype):
     """An uninitialised C-contiguous array starting on a cache line. A large np.empty comes
     from its own mapping, 16 bytes past a page boundary: every 64-byte row load of a weight
     matrix would then straddle two lines (TinyLlama q8_0 decode ~10% slower). One of
-    HUGE_PAGE bytes or more starts on a huge page, and its whole huge pages are hinted for
-    transparent huge pages (the tail keeps small pages: nothing more is resident). NumPy hints
-    arrays of 4 MiB or more itself, but from wherever their block starts, so a 4 MiB matrix
-    got one huge page of its two, and a smaller one none: a decode step streams every weight,
-    and each small page is a TLB miss every 64 lines (TinyLlama q8_0 decode 4-5% faster,
-    bfloat16 2-3%, bench/bench_huge_pages.py)."""
+    HUGE_PAGE bytes or more is a mapping of its own in huge pages (_huge_region)."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
     if HUGE_PAGES and nbytes >= HUGE_PAGE:
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS     # unmapped with the last view of it
-        region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=flags)
-        raw = np.frombuffer(region, np.uint8)
-        start = -raw.ctypes.data % HUGE_PAGE
-        try:
-            region.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
-        except OSError:                                 # a kernel without transparent huge pages
-            pass
-    else:
-        raw = np.empty(nbytes + CACHE_LINE, np.uint8)
-        start = -raw.ctypes.data % CACHE_LINE
+        return _huge_region(nbytes).view(dtype).reshape(shape)
+    raw = np.empty(nbytes + CACHE_LINE, np.uint8)
+    start = -raw.ctypes.data % CACHE_LINE
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def empty_weight(shape, fmt_storage, quantized):
-    """An uninitialised host destination of `shape`, cache-line aligned: a Q8Matrix when
-    quantized, else an array of fmt_storage."""
+def _huge_region(nbytes):
+    """nbytes of uninitialised uint8 starting on a huge page, a private anonymous mapping
+    (unmapped with its last view) whose whole huge pages are hinted for transparent huge
+    pages; the tail keeps small pages, and pages never touched are never resident. NumPy
+    hints arrays of 4 MiB or more itself, but from wherever their block starts, so a 4 MiB
+    matrix got one huge page of its two, and a smaller one none: a decode step streams every
+    weight, and each small page is a TLB miss every 64 lines (TinyLlama q8_0 decode 4-5%
+    faster, bfloat16 2-3%: bench/bench_huge_pages.py)."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=flags)
+    raw = np.frombuffer(region, np.uint8)
+    start = -raw.ctypes.data % HUGE_PAGE
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
+    except OSError:                                     # a kernel without transparent huge pages
+        pass
+    return raw[start:start + nbytes]
+
+
+class HostArena:
+    """Host weight buffers carved one after another, each on a cache line, from mappings of
+    CHUNK bytes (or one tensor's, when larger) in huge pages: a model's weights then lie in
+    huge pages end to end, the float16 scales of q8_0 matrices and every matrix's tail too,
+    which no mapping of their own could put there (TinyLlama q8_0 decode 1-2% faster than
+    a mapping a matrix). A chunk's unused end is never touched, so never resident (at most
+    the huge page the last buffer ends in). Without huge pages: aligned_empty."""
+    CHUNK = 256 << 20
+
+    def __init__(self):
+        self._chunk = np.empty(0, np.uint8)
+        self._used = 0
+
+    def empty(self, shape, dtype):
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if not HUGE_PAGES:
+            return aligned_empty(shape, dtype)
+        if self._used + nbytes > self._chunk.size:
+            size = max(self.CHUNK, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)
+            self._chunk, self._used = _huge_region(size), 0
+        out = self._chunk[self._used:self._used + nbytes]
+        self._used = -(-(self._used + nbytes) // CACHE_LINE) * CACHE_LINE
+        return out.view(dtype).reshape(shape)
+
+
+def empty_weight(shape, fmt_storage, quantized, empty=aligned_empty):
+    """An uninitialised host destination of `shape`, cache-line aligned, from empty(shape,
+    dtype): a Q8Matrix when quantized (its scales right after its codes), else an array of
+    fmt_storage."""
     if quantized:
         rows, cols = shape
-        return Q8Matrix(aligned_empty((rows, cols), np.int8),
-                        aligned_empty((rows, cols // 32), np.float16))
-    return aligned_empty(shape, fmt_storage)
+        return Q8Matrix(empty((rows, cols), np.int8), empty((rows, cols // 32), np.float16))
+    return empty(shape, fmt_storage)
 
 
 def row_block(w, start, stop):

@@ -181,6 +181,33 @@ def test_weight_buffers_start_on_a_line_or_a_huge_page(monkeypatch, huge, shape,
     np.testing.assert_array_equal(a, fill)
 
 
+@pytest.mark.parametrize("huge", [False, True])
+def test_arena_carves_disjoint_line_aligned_buffers(monkeypatch, huge):
+    """HostArena: buffers one after another on cache lines, a new chunk (on a huge page)
+    when one does not fit, one larger than a chunk in a chunk of its own; each keeps what is
+    written to it while the others are written."""
+    if huge and not weights.HUGE_PAGES:
+        pytest.skip("no MADV_HUGEPAGE on this platform")
+    monkeypatch.setattr(weights, "HUGE_PAGES", huge)
+    monkeypatch.setattr(weights.HostArena, "CHUNK", 4 << 20)
+    arena = weights.HostArena()
+    rng = np.random.default_rng(1)
+    shapes = [(1000, 1001), (3, 7), (1500, 1000), (2, 3000), (700, 9000), (1, 1), (999, 999)]
+    bufs = [arena.empty(s, dt) for s, dt in zip(shapes, [np.int8, np.float16] * 4)]
+    fills = [rng.integers(-100, 100, b.shape).astype(b.dtype) for b in bufs]
+    for b, f in zip(bufs, fills):
+        assert b.flags.c_contiguous and b.flags.writeable and b.ctypes.data % 64 == 0
+        b[...] = f
+    for b, f in zip(bufs, fills):
+        np.testing.assert_array_equal(b, f)
+    spans = sorted((b.ctypes.data, b.ctypes.data + b.nbytes) for b in bufs)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
+    if huge:
+        assert bufs[0].ctypes.data % weights.HUGE_PAGE == 0                  # a chunk's start
+        assert bufs[1].ctypes.data == bufs[0].ctypes.data + 1001024          # 1001000 rounded up
+        assert bufs[4].ctypes.data % weights.HUGE_PAGE == 0                  # 6.3 MB: its own
+
+
 def test_q8_0_weights_are_q8_matrices_of_a_quarter_the_bytes(make_folder):
     folder, w = make_folder("q8-bytes", dtype="float32")
     model = Model.from_pretrained(folder, weight_dtype="q8_0")
