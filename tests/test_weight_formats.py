@@ -95,7 +95,7 @@ def rel_err(got, ref):
 # -- the KV cache's storage ------------------------------------------------------------------
 
 @pytest.mark.parametrize("weights, expect", [("float32", "float32"), ("bfloat16", "bfloat16"),
-                                             ("float16", "float16"), ("q8_0", "float16")])
+                                             ("float16", "float16"), ("q8_0", "bfloat16")])
 def test_auto_kv_dtype_follows_the_weights(tiny_folder, weights, expect):
     model = Model.from_pretrained(tiny_folder, weight_dtype=weights)
     assert model.kv_dtype == expect and model.cache.k.dtype.name == expect
