@@ -286,8 +286,9 @@ def test_demo_perplexity_by_weight_format(heldout):
     ppl = {fmt: perplexity(Model.from_pretrained(DEMO_MODEL, weight_dtype=fmt), heldout,
                            context=256).perplexity
            for fmt in ("float32", "float16", "bfloat16", "q8_0")}
-    # measured: float16 (the checkpoint's own type) equal to float32, bfloat16 +0.010%,
-    # q8_0 +0.007% (73.79 on this passage); the bounds are the engine's quality targets
+    # measured (bench/quality_formats.py): float16 (the checkpoint's own type) equal to
+    # float32, bfloat16 +0.006%, q8_0 -0.005% (73.79 on this passage; each with its default
+    # KV cache); the bounds are the engine's quality targets
     assert ppl["float16"] == pytest.approx(ppl["float32"], rel=1e-5)
     assert abs(ppl["bfloat16"] / ppl["float32"] - 1) < 0.005
     assert abs(ppl["q8_0"] / ppl["float32"] - 1) < 0.01
@@ -302,7 +303,7 @@ def test_demo_q8_0_next_token_kl_below_001(heldout):
         z = z.astype(np.float64) - z.max(axis=1, keepdims=True)
         logp[fmt] = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     kl = (np.exp(logp["float32"]) * (logp["float32"] - logp["q8_0"])).sum(axis=1).mean()
-    assert 0 < kl < 0.01, kl                                    # measured 2.5e-5 nats
+    assert 0 < kl < 0.01, kl                         # measured 3.3e-5 nats (bfloat16 cache)
 
 
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "q8_0"])

@@ -1,0 +1,61 @@
+"""Quality of the weight and KV-cache storages on a model: perplexity over a text (as
+`numba-attn perplexity` scores it) and the mean KL divergence of each storage's next-token
+distributions from float32's over the text's first window, one row per storage.
+
+    python bench/quality_formats.py [--model DIR] [--text FILE] [--context 256]
+        [--storages float32/float32,q8_0/bfloat16,...]"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from numba_attn import DEMO_MODEL, Model, Tokenizer  # noqa: E402
+from numba_attn.perplexity import perplexity  # noqa: E402
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STORAGES = ("float32/float32,float32/float16,float32/bfloat16,bfloat16/bfloat16,q8_0/float32,"
+            "q8_0/float16,q8_0/bfloat16")
+
+
+def log_probs(model, ids):
+    z = model.forward(ids, 0, all_logits=True).astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=DEMO_MODEL)
+    ap.add_argument("--text", default=os.path.join(HERE, "tests", "data", "austen_heldout.txt"))
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--storages", default=STORAGES, help="WEIGHTS/KV,... [%(default)s]")
+    args = ap.parse_args()
+    with open(args.text, encoding="utf-8") as f:
+        text = f.read()
+    models = {}
+    for s in ["float32/float32"] + args.storages.split(","):
+        w, _, kv = s.partition("/")
+        models[s] = Model.from_pretrained(args.model, weight_dtype=w, kv_dtype=kv or "auto")
+    ref = models["float32/float32"]
+    ids = Tokenizer(args.model, ref.config.bos_token_id).encode(text)
+    window = np.asarray(ids[:args.context])
+    ref_lp = log_probs(ref, window)
+    ref_ppl = perplexity(ref, ids, context=args.context).perplexity
+    print(f"{args.model}, {len(ids)} tokens of {os.path.basename(args.text)}, windows of "
+          f"{args.context}; float32 perplexity {ref_ppl:.4f}")
+    print("| weights / KV cache | perplexity | vs float32 | mean KL from float32 (nats) |")
+    print("|---|---:|---:|---:|")
+    for s in args.storages.split(","):
+        m = models[s]
+        ppl = perplexity(m, ids, context=args.context).perplexity
+        lp = log_probs(m, window)
+        kl = (np.exp(ref_lp) * (ref_lp - lp)).sum(axis=1).mean()
+        print(f"| {m.weight_dtype} / {m.kv_dtype} | {ppl:.4f} | {ppl / ref_ppl - 1:+.4%} "
+              f"| {kl:.2e} |")
+
+
+if __name__ == "__main__":
+    main()
