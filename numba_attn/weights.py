@@ -6,6 +6,7 @@ a tensor by its Hugging Face name into a destination the caller allocated: a flo
 or bfloat16 (ml_dtypes) array, or a host Q8Matrix, of the tensor's shape. A tensor stored in the
 destination's own format is copied as it is; anything else goes through `store`.
 """
+import errno
 import mmap
 
 import ml_dtypes
@@ -75,7 +76,12 @@ def _huge_region(nbytes):
     weight, and each small page is a TLB miss every 64 lines (TinyLlama q8_0 decode 2-4.5%
     faster, bfloat16 2-3%, float32 0-1%: bench/bench_huge_pages.py)."""
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=flags)
+    try:
+        region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=flags)
+    except OSError as e:                                # as np.empty reports it
+        if e.errno == errno.ENOMEM:
+            raise MemoryError(f"cannot allocate {nbytes / 2**30:.2f} GiB for weights") from None
+        raise
     raw = np.frombuffer(region, np.uint8)
     start = -raw.ctypes.data % HUGE_PAGE
     try:
@@ -116,8 +122,8 @@ class HostArena:
 
 def empty_weight(shape, fmt_storage, quantized, empty=aligned_empty):
     """An uninitialised host destination of `shape`, cache-line aligned, from empty(shape,
-    dtype): a Q8Matrix when quantized (its scales right after its codes), else an array of
-    fmt_storage."""
+    dtype) (aligned_empty, or a HostArena's: a Q8Matrix's scales then right after its codes):
+    a Q8Matrix when quantized, else an array of fmt_storage."""
     if quantized:
         rows, cols = shape
         return Q8Matrix(empty((rows, cols), np.int8), empty((rows, cols // 32), np.float16))

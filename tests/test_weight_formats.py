@@ -1,6 +1,7 @@
 """Models whose weights are stored in bfloat16, float16 or q8_0: loading (auto keeps the
 checkpoint's type, no float32 copy), logits against a float64 reference of the weights as
 stored, quality on the demo model (perplexity, KL), the CLI, and bad input."""
+import errno
 import json
 import os
 
@@ -206,6 +207,21 @@ def test_arena_carves_disjoint_line_aligned_buffers(monkeypatch, huge):
         assert bufs[0].ctypes.data % weights.HUGE_PAGE == 0                  # a chunk's start
         assert bufs[1].ctypes.data == bufs[0].ctypes.data + 1001024          # 1001000 rounded up
         assert bufs[4].ctypes.data % weights.HUGE_PAGE == 0                  # 6.3 MB: its own
+
+
+def test_weight_mapping_refused_is_a_memory_error(monkeypatch):
+    """A huge-page mapping the OS refuses (ENOMEM) is a MemoryError, as np.empty's would be
+    (the CLI's load turns it into one line)."""
+    if not weights.HUGE_PAGES:
+        pytest.skip("no MADV_HUGEPAGE on this platform")
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+    monkeypatch.setattr(weights.mmap, "mmap", refuse)
+    with pytest.raises(MemoryError, match="cannot allocate 4.00 GiB for weights"):
+        weights.aligned_empty((1 << 30,), np.float32)
+    with pytest.raises(MemoryError):
+        weights.HostArena().empty((4, 4), np.float32)
 
 
 def test_q8_0_weights_are_q8_matrices_of_a_quarter_the_bytes(make_folder):
