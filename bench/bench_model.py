@@ -290,9 +290,10 @@ def measure(path, decode_tokens, prefill_tokens, repeat, weight_dtype="float32",
 def measure_in_turn(path, decode_tokens, weight_dtypes):
     """Our weight formats in one process, decoding in turn token by token (each a model of its
     own over the same folder, each a 16-token prompt first): the ratios of their decode rates
-    without the machine's drift between processes. Returns one row per format: its median
-    step, and the median over steps of float32's step just before over its own (first
-    format's, when float32 is not among them). Holds every format's weights at once."""
+    without the machine's drift between processes. Returns one row per format: its decode
+    rate (of its median step), and the median over steps of float32's step just before over
+    its own (the first format's, when float32 is not among them). Holds every format's
+    weights at once."""
     from numba_attn.model import Model
 
     names = weight_dtypes.split(",")
@@ -519,9 +520,9 @@ def report_formats(runs, peers, command):
 
 def report_in_turn(rows, command):
     """measure_in_turn's rows as a table."""
-    lines = ["", f"Decode in one process, the formats in turn token by token (`{command} "
-             f"--in-turn`): x {rows[0]['base']} is the median over steps of its step just "
-             "before over the format's own", "",
+    lines = ["", f"Decode in one process, the formats in turn token by token (`{command}`): "
+             f"x {rows[0]['base']} is the median over steps of its step just before over the "
+             "format's own", "",
              "| ours, weights, KV cache | decode tok/s | x " + rows[0]["base"] + " |",
              "|---|---:|---:|"]
     lines += [f"| {r['weight_dtype']}, {r['kv_dtype']} | {r['decode_tok_s']:.2f} "
@@ -685,7 +686,7 @@ def main():
         if len(rounds) > 1:
             print(report_rounds(rounds))
         if in_turn:
-            print(report_in_turn(in_turn, command.replace(" --in-turn", "")))
+            print(report_in_turn(in_turn, command))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"ours": runs, "peers": peers, "in_turn": in_turn,
