@@ -4,7 +4,9 @@ its prefetch of the next key block), the online softmax step and the P V accumul
 bfloat16 K/V and products where the CPU has AVX-512 BF16); then
 the whole kernel warm (K/V in cache) on 1 and 2 threads, and cold on 2 (96 MB read before each
 call, as a model's weights stream between its layers' attention), for float32, float16 and
-bfloat16 K/V (the last also with bfloat16 products).
+bfloat16 K/V (the last also with bfloat16 products). Last, the core's peak multiply-add rates
+(float32 FMA, vdpbf16ps, vpdpbusd: twelve independent accumulators, no memory) and the
+kernel's multiply-adds per second against them.
 
     python bench/profile_decode_attention_cpu.py"""
 import os
@@ -13,11 +15,15 @@ import time
 
 import ml_dtypes
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from numba_attn.kernels import attention_cpu as A  # noqa: E402
+from numba_attn.kernels.llvm_cpu import F32, I32, dpbf16ps, fast_path, fma, vpdpbusd  # noqa: E402
 
 KV, HKV, D, G = 2000, 4, 64, 8       # keys, KV heads, head dim, query heads per KV head
 BLOCK = A.BLOCK_K
@@ -95,6 +101,55 @@ def read_through(buf):
     return s
 
 
+PEAK_ACC = 12                        # independent accumulators: latency x issue width, covered
+# multiply-adds an instruction: 16 float lanes; 16 lanes of bfloat16 pairs; 16 lanes of 4 bytes
+PEAK_OPS = {"float32 FMA": 16, "vdpbf16ps": 32, "vpdpbusd": 64}
+
+
+def peak_loop(name):
+    """A jitted f(n): n rounds of PEAK_ACC independent `name` instructions on zmm registers."""
+    vf, vi = ir.VectorType(F32, 16), ir.VectorType(I32, 16)
+
+    @intrinsic
+    def loop(typingctx, n):
+        def codegen(context, builder, signature, args):
+            if name == "float32 FMA":
+                op, zero, a = fma(builder, vf), ir.Constant(vf, [0.0] * 16), \
+                    ir.Constant(vf, [1.0] * 16)
+            elif name == "vdpbf16ps":
+                op, zero, a = dpbf16ps(builder), ir.Constant(vf, [0.0] * 16), \
+                    ir.Constant(vi, [0x3F803F80] * 16)
+            else:
+                op, zero, a = vpdpbusd(builder), ir.Constant(vi, [0] * 16), \
+                    ir.Constant(vi, [0x01010101] * 16)
+            acc = [cgutils.alloca_once_value(builder, zero) for _ in range(PEAK_ACC)]
+            with cgutils.for_range(builder, args[0]):
+                for slot in acc:
+                    x = builder.load(slot)
+                    builder.store(builder.call(op, [a, a, x] if name == "float32 FMA"
+                                               else [x, a, a]), slot)
+            total = builder.load(acc[0])
+            for slot in acc[1:]:
+                total = (builder.add if name == "vpdpbusd" else builder.fadd)(
+                    total, builder.load(slot))
+            first = builder.extract_element(total, ir.Constant(I32, 0))
+            return builder.sitofp(first, F32) if name == "vpdpbusd" else first
+        return types.float32(n), codegen
+
+    @njit
+    def run(n):
+        return loop(n)
+    return run
+
+
+def peak_gmacs(name, n=20_000_000):
+    """The best of five runs of peak_loop(name), in 1e9 multiply-adds a second, one core."""
+    f = peak_loop(name)
+    f(10)
+    best = min(median_us(f, n, n=1) for _ in range(5)) * 1e-6
+    return n * PEAK_ACC * PEAK_OPS[name] / best / 1e9
+
+
 def median_us(f, *args, n=30, before=None):
     f(*args)
     times = []
@@ -134,6 +189,7 @@ def main():
     out = np.empty_like(q)
     buf = np.ones(96 << 18, np.float32)
     bf16_dots = A.fast_path("avx512bf16")
+    rates = {}                          # the whole kernel's 1-thread warm us, by family
     for dt, dots in ((np.float32, False), (np.float16, False), (ml_dtypes.bfloat16, False)) + (
             ((ml_dtypes.bfloat16, True),) if bf16_dots else ()):
         work = A.DECODE_FAMILIES[dots]
@@ -148,6 +204,23 @@ def main():
         how = " (vdpbf16ps)" if dots else ""
         print(f"whole kernel, {np.dtype(dt).name} K/V{how}, warm: 1 thread {one:.0f} us, "
               f"2 threads {two:.0f} us; cold, 2 threads {cold:.0f} us")
+        if dt is np.float32 or dots:
+            rates["vdpbf16ps" if dots else "float32 FMA"] = one
+    macs = 2 * KV * HKV * G * D                       # q k^T and P V
+    print(f"one core's peak multiply-adds (this call's: {macs / 1e6:.1f} M):")
+    for name in PEAK_OPS:
+        if name != "float32 FMA" and not fast_path({"vdpbf16ps": "avx512bf16",
+                                                     "vpdpbusd": "avx512vnni"}[name]):
+            continue
+        peak = peak_gmacs(name)
+        print(f"  {name:11s} {peak:4.0f} GMAC/s: the products alone {macs / peak / 1e3:.1f} us",
+              end="")
+        kernel = rates.get(name)
+        if kernel:
+            print(f"; the kernel ({'float32' if name == 'float32 FMA' else 'bfloat16'} K/V, one "
+                  f"thread, warm) {macs / kernel / 1e3:.0f} GMAC/s, "
+                  f"{macs / kernel / 1e3 / peak:.0%} of it", end="")
+        print()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ loaded as a module of its own.
     python bench/tune_decode_attention.py [float32|float16|bfloat16] [VARIANT,...]
 
 VARIANT: as-is (the rows 64 keys on, whole rows in address order, into L1), ahead-32 and
-ahead-128 (32 or 128 keys on), none, or at:REV, the file as git revision REV has it (at:HEAD:
+ahead-128 (32 or 128 keys on), l2, l2-128, l2-256 (into L2 instead, 64, 128 or 256
+keys on), none, or at:REV, the file as git revision REV has it (at:HEAD:
 the committed kernel)."""
 import os
 import sys
@@ -24,9 +25,13 @@ KV, HKV, D, G, LAYERS = 2000, 4, 64, 8, 22
 BETWEEN = 40 << 20                      # bytes read between two layers' attention
 KEYS = "PREFETCH_KEYS = 64\n"
 CALL = "k_p + r0 * row, v_p + r0 * row, (r1 - r0) * Hkv)"
+L1 = "ir.Constant(_I64, 64))), 0)"                   # _prefetch_rows: prefetcht0
+L2 = "ir.Constant(_I64, 64))), 0, 2)"                # prefetcht1, into L2
 VARIANTS = {"as-is": [], "ahead-32": [(KEYS, "PREFETCH_KEYS = 32\n")],
             "ahead-128": [(KEYS, "PREFETCH_KEYS = 128\n")],
-            "none": [(CALL, "0, 0, 0)")]}
+            "none": [(CALL, "0, 0, 0)")],
+            "l2": [(L1, L2)], "l2-128": [(L1, L2), (KEYS, "PREFETCH_KEYS = 128\n")],
+            "l2-256": [(L1, L2), (KEYS, "PREFETCH_KEYS = 256\n")]}
 
 
 def load_variant(name, tmp):
