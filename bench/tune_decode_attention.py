@@ -9,7 +9,10 @@ loaded as a module of its own.
 
 VARIANT: as-is (the rows 64 keys on, whole rows in address order, into L1), ahead-32 and
 ahead-128 (32 or 128 keys on), l2, l2-128, l2-256 (into L2 instead, 64, 128 or 256
-keys on), none, or at:REV, the file as git revision REV has it (at:HEAD:
+keys on), none, no-scores (the scores left out, their prefetch kept), no-softmax,
+no-pv (the online softmax or P V left out: what each costs in place), farF-nearN (the
+rows F keys on into L2 as well, N into L1: far256-near64, far256-near32, far512-near32,
+far128-near32), or at:REV, the file as git revision REV has it (at:HEAD:
 the committed kernel)."""
 import os
 import sys
@@ -25,13 +28,46 @@ KV, HKV, D, G, LAYERS = 2000, 4, 64, 8, 22
 BETWEEN = 40 << 20                      # bytes read between two layers' attention
 KEYS = "PREFETCH_KEYS = 64\n"
 CALL = "k_p + r0 * row, v_p + r0 * row, (r1 - r0) * Hkv)"
+SCORES = ("_head_scores(work, narrow, nk, st_p, ld, kh_p, ldk, kind, qt_p + 4 * hk * d * ld, d,\n"
+          "                         k_p + r0 * row, v_p + r0 * row, (r1 - r0) * Hkv)")
+PV = ("_head_pv(work, nk, rows, n_vis, o_p + 4 * hk * rows * d, st_p, ld, vh_p, ldk, kind,\n"
+      "                     a_p, d)")
+PREFETCH_L2 = """@intrinsic
+def _prefetch_l2(typingctx, addr, nbytes):
+    sig = types.void(addr, nbytes)
+
+    def codegen(context, builder, signature, args):
+        a, b = [context.cast(builder, v, t, types.int64) for v, t in zip(args, signature.args)]
+        with cgutils.for_range(builder, builder.ashr(b, ir.Constant(_I64, 6))) as lines:
+            prefetch(builder, builder.add(a, builder.mul(lines.index, ir.Constant(_I64, 64))),
+                     0, 2)
+        return context.get_dummy_value()
+    return sig, codegen
+"""
+FAR_CALL = """
+            f0 = min(k_hi, k0 + FAR_KEYS + hk * BLOCK_K // Hkv)
+            f1 = min(k_hi, k0 + FAR_KEYS + (hk + 1) * BLOCK_K // Hkv)
+            _prefetch_l2(k_p + f0 * row, (f1 - f0) * row)
+            _prefetch_l2(v_p + f0 * row, (f1 - f0) * row)"""
 L1 = "ir.Constant(_I64, 64))), 0)"                   # _prefetch_rows: prefetcht0
 L2 = "ir.Constant(_I64, 64))), 0, 2)"                # prefetcht1, into L2
 VARIANTS = {"as-is": [], "ahead-32": [(KEYS, "PREFETCH_KEYS = 32\n")],
             "ahead-128": [(KEYS, "PREFETCH_KEYS = 128\n")],
             "none": [(CALL, "0, 0, 0)")],
             "l2": [(L1, L2)], "l2-128": [(L1, L2), (KEYS, "PREFETCH_KEYS = 128\n")],
-            "l2-256": [(L1, L2), (KEYS, "PREFETCH_KEYS = 256\n")]}
+            "l2-256": [(L1, L2), (KEYS, "PREFETCH_KEYS = 256\n")],
+            # one part of a key block's work left out, to see what it costs in place
+            "no-scores": [(SCORES, "_prefetch_rows(k_p + r0 * row, 1, 0, (r1 - r0) * row)\n"
+                                   "            _prefetch_rows(v_p + r0 * row, 1, 0, (r1 - r0) * row)")],
+            "no-softmax": [("_softmax8(st_p, ld, nk, mh, lh, a_p, nv_p, diag)", "pass")],
+            "no-pv": [(PV, "pass")]}
+# two streams: the rows FAR keys on into L2 (prefetcht1, whole rows, a head's share a block),
+# and the rows NEAR keys on into L1 as now
+for far, near in ((256, 64), (256, 32), (512, 32), (128, 32)):
+    VARIANTS[f"far{far}-near{near}"] = [
+        (KEYS, f"PREFETCH_KEYS = {near}\nFAR_KEYS = {far}\n"),
+        ("_set_12, _set_8 = ", PREFETCH_L2 + "\n\n_set_12, _set_8 = "),
+        (SCORES, SCORES + FAR_CALL)]
 
 
 def load_variant(name, tmp):
