@@ -1,0 +1,116 @@
+"""What 8-bit attention products would cost in quality, before any kernel takes them: the demo
+model's attention replaced by a float64 NumPy emulation of each scheme, then perplexity over a
+text (as `numba-attn perplexity` scores it) and the mean KL divergence of the next-token
+distributions from float32's over its first window, one row a scheme.
+
+Schemes (each adds one rounding to the one before; scales are float64, products exact):
+- exact: the attention in float64 (checks the emulation against the model's own kernels);
+- q8.k8: q and K in 8 bits, one scale per (position, head) row, |x| / 127 (as vpdpbusd
+  would take q k^T);
+- +v8: V in 8 bits the same way, P V otherwise exact;
+- +p8: the probabilities times V's row scales in 8 bits too (unsigned, one scale per query
+  row and block of 64 keys: the block's largest over 255), as vpdpbusd would take P V; the
+  softmax's sums stay exact.
+
+    python bench/quality_kv8_emulated.py [--model DIR] [--text FILE] [--context 256]"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from numba_attn import DEMO_MODEL, Model, Tokenizer  # noqa: E402
+from numba_attn import model as model_module  # noqa: E402
+from numba_attn.perplexity import perplexity  # noqa: E402
+from quality_formats import log_probs  # noqa: E402  (bench/)
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEMES = ("exact", "q8.k8", "q8.k8+v8", "q8.k8+v8+p8")
+BLOCK = 64                     # keys per block of the decode kernel's online softmax
+
+
+def rows_8bit(x):
+    """x (..., d) as 8-bit codes and one scale per row: x ~ codes * scale."""
+    scale = np.abs(x).max(axis=-1, keepdims=True) / 127.0
+    safe = np.where(scale > 0, scale, 1.0)
+    return np.round(x / safe), scale
+
+
+def emulated_attention(scheme):
+    """An attention(q, k, v, causal, out) step for the model's forward pass, in float64."""
+    def attention(q, k, v, *, causal=True, scale=None, out=None):
+        q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))   # (S, H, d), (T, Hkv, d)
+        S, H, d = q.shape
+        T, Hkv = k.shape[:2]
+        G = H // Hkv
+        scale = 1.0 / np.sqrt(d) if scale is None else scale
+        if scheme != "exact":
+            q, k = (codes * row_scale for codes, row_scale in map(rows_8bit, (q, k)))
+        vq, dv = (v, np.ones((T, Hkv, 1))) if scheme in ("exact", "q8.k8") else rows_8bit(v)
+        seen = np.arange(T)[None, :] <= (T - S + np.arange(S))[:, None]        # (S, T)
+        n_blk = -(-T // BLOCK)
+        res = np.empty((S, H, d))
+        for h in range(H):
+            hk = h // G
+            s = scale * q[:, h] @ k[:, hk].T                                     # (S, T)
+            s = np.where(seen, s, -np.inf) if causal else s
+            m = s.max(axis=1, keepdims=True)
+            if scheme.endswith("p8"):
+                pad = np.full((S, n_blk * BLOCK), -np.inf)
+                pad[:, :T] = s
+                blk = pad.reshape(S, n_blk, BLOCK)
+                mb = blk.max(axis=2, keepdims=True)                              # block max
+                mb_safe = np.where(np.isfinite(mb), mb, 0.0)
+                p = np.exp(blk - mb_safe)                                        # <= 1
+                w = p * np.pad(dv[:, hk, 0], (0, n_blk * BLOCK - T)).reshape(1, n_blk, BLOCK)
+                wmax = w.max(axis=2, keepdims=True)
+                wstep = np.where(wmax > 0, wmax / 255.0, 1.0)
+                w8 = np.round(w / wstep) * wstep                  # the 8-bit weights' values
+                rescale = np.exp(mb_safe - m[:, :, None])
+                weights = (w8 * rescale).reshape(S, -1)[:, :T]
+                total = (p * rescale).reshape(S, -1)[:, :T].sum(axis=1, keepdims=True)
+                res[:, h] = weights @ vq[:, hk] / total
+            else:
+                p = np.exp(s - m)
+                res[:, h] = (p * dv[:, hk, 0]) @ vq[:, hk] / p.sum(axis=1, keepdims=True)
+        if out is None:
+            return res.astype(np.float32)
+        out[...] = res
+        return out
+    return attention
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=DEMO_MODEL)
+    ap.add_argument("--text", default=os.path.join(HERE, "tests", "data", "austen_heldout.txt"))
+    ap.add_argument("--context", type=int, default=256)
+    args = ap.parse_args()
+    with open(args.text, encoding="utf-8") as f:
+        text = f.read()
+    model = Model.from_pretrained(args.model, weight_dtype="float32", kv_dtype="float32")
+    ids = Tokenizer(args.model, model.config.bos_token_id).encode(text)
+    window = np.asarray(ids[:args.context])
+    ref_lp = log_probs(model, window)
+    ref_ppl = perplexity(model, ids, context=args.context).perplexity
+    print(f"{args.model}, {len(ids)} tokens of {os.path.basename(args.text)}, windows of "
+          f"{args.context}; float32 perplexity {ref_ppl:.4f}")
+    print("| attention products | perplexity | vs float32 | mean KL from float32 (nats) |")
+    print("|---|---:|---:|---:|")
+    kernel = model_module.STEPS.attention
+    try:
+        for scheme in SCHEMES:
+            model_module.STEPS.attention = emulated_attention(scheme)
+            ppl = perplexity(model, ids, context=args.context).perplexity
+            lp = log_probs(model, window)
+            model.reset()
+            kl = (np.exp(ref_lp) * (ref_lp - lp)).sum(axis=1).mean()
+            print(f"| {scheme} | {ppl:.4f} | {ppl / ref_ppl - 1:+.4%} | {kl:.2e} |", flush=True)
+    finally:
+        model_module.STEPS.attention = kernel
+
+
+if __name__ == "__main__":
+    main()
