@@ -26,33 +26,50 @@ def log_probs(model, ids):
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser(doc):
+    """The arguments every quality script takes: --model, --text, --context."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--model", default=DEMO_MODEL)
     ap.add_argument("--text", default=os.path.join(HERE, "tests", "data", "austen_heldout.txt"))
     ap.add_argument("--context", type=int, default=256)
+    return ap
+
+
+def reference(model, args):
+    """The text's token ids, model's log-probabilities over its first window and its
+    perplexity (the float32 reference), after a line saying what was scored."""
+    with open(args.text, encoding="utf-8") as f:
+        ids = Tokenizer(args.model, model.config.bos_token_id).encode(f.read())
+    ref_lp = log_probs(model, np.asarray(ids[:args.context]))
+    ref_ppl = perplexity(model, ids, context=args.context).perplexity
+    print(f"{args.model}, {len(ids)} tokens of {os.path.basename(args.text)}, windows of "
+          f"{args.context}; float32 perplexity {ref_ppl:.4f}")
+    return ids, ref_lp, ref_ppl
+
+
+def quality(model, ids, context, ref_lp):
+    """model's perplexity over ids in windows of context, and the mean KL divergence of its
+    next-token distributions over the first window from ref_lp's (log_probs of the reference)."""
+    ppl = perplexity(model, ids, context=context).perplexity
+    lp = log_probs(model, np.asarray(ids[:context]))
+    model.reset()
+    return ppl, (np.exp(ref_lp) * (ref_lp - lp)).sum(axis=1).mean()
+
+
+def main():
+    ap = parser(__doc__)
     ap.add_argument("--storages", default=STORAGES, help="WEIGHTS/KV,... [%(default)s]")
     args = ap.parse_args()
-    with open(args.text, encoding="utf-8") as f:
-        text = f.read()
     models = {}
     for s in ["float32/float32"] + args.storages.split(","):
         w, _, kv = s.partition("/")
         models[s] = Model.from_pretrained(args.model, weight_dtype=w, kv_dtype=kv or "auto")
-    ref = models["float32/float32"]
-    ids = Tokenizer(args.model, ref.config.bos_token_id).encode(text)
-    window = np.asarray(ids[:args.context])
-    ref_lp = log_probs(ref, window)
-    ref_ppl = perplexity(ref, ids, context=args.context).perplexity
-    print(f"{args.model}, {len(ids)} tokens of {os.path.basename(args.text)}, windows of "
-          f"{args.context}; float32 perplexity {ref_ppl:.4f}")
+    ids, ref_lp, ref_ppl = reference(models["float32/float32"], args)
     print("| weights / KV cache | perplexity | vs float32 | mean KL from float32 (nats) |")
     print("|---|---:|---:|---:|")
     for s in args.storages.split(","):
         m = models[s]
-        ppl = perplexity(m, ids, context=args.context).perplexity
-        lp = log_probs(m, window)
-        kl = (np.exp(ref_lp) * (ref_lp - lp)).sum(axis=1).mean()
+        ppl, kl = quality(m, ids, args.context, ref_lp)
         print(f"| {m.weight_dtype} / {m.kv_dtype} | {ppl:.4f} | {ppl / ref_ppl - 1:+.4%} "
               f"| {kl:.2e} |")
 

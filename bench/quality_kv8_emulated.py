@@ -13,7 +13,6 @@ Schemes (each adds one rounding to the one before; scales are float64, products 
   softmax's sums stay exact.
 
     python bench/quality_kv8_emulated.py [--model DIR] [--text FILE] [--context 256]"""
-import argparse
 import os
 import sys
 
@@ -21,12 +20,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from numba_attn import DEMO_MODEL, Model, Tokenizer  # noqa: E402
+from numba_attn import Model  # noqa: E402
 from numba_attn import model as model_module  # noqa: E402
-from numba_attn.perplexity import perplexity  # noqa: E402
-from quality_formats import log_probs  # noqa: E402  (bench/)
+from quality_formats import parser, quality, reference  # noqa: E402  (bench/)
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMES = ("exact", "q8.k8", "q8.k8+v8", "q8.k8+v8+p8")
 BLOCK = 64                     # keys per block of the decode kernel's online softmax
 
@@ -83,30 +80,16 @@ def emulated_attention(scheme):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=DEMO_MODEL)
-    ap.add_argument("--text", default=os.path.join(HERE, "tests", "data", "austen_heldout.txt"))
-    ap.add_argument("--context", type=int, default=256)
-    args = ap.parse_args()
-    with open(args.text, encoding="utf-8") as f:
-        text = f.read()
+    args = parser(__doc__).parse_args()
     model = Model.from_pretrained(args.model, weight_dtype="float32", kv_dtype="float32")
-    ids = Tokenizer(args.model, model.config.bos_token_id).encode(text)
-    window = np.asarray(ids[:args.context])
-    ref_lp = log_probs(model, window)
-    ref_ppl = perplexity(model, ids, context=args.context).perplexity
-    print(f"{args.model}, {len(ids)} tokens of {os.path.basename(args.text)}, windows of "
-          f"{args.context}; float32 perplexity {ref_ppl:.4f}")
+    ids, ref_lp, ref_ppl = reference(model, args)
     print("| attention products | perplexity | vs float32 | mean KL from float32 (nats) |")
     print("|---|---:|---:|---:|")
     kernel = model_module.STEPS.attention
     try:
         for scheme in SCHEMES:
             model_module.STEPS.attention = emulated_attention(scheme)
-            ppl = perplexity(model, ids, context=args.context).perplexity
-            lp = log_probs(model, window)
-            model.reset()
-            kl = (np.exp(ref_lp) * (ref_lp - lp)).sum(axis=1).mean()
+            ppl, kl = quality(model, ids, args.context, ref_lp)
             print(f"| {scheme} | {ppl:.4f} | {ppl / ref_ppl - 1:+.4%} | {kl:.2e} |", flush=True)
     finally:
         model_module.STEPS.attention = kernel
