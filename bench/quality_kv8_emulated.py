@@ -10,7 +10,9 @@ Schemes (each adds one rounding to the one before; scales are float64, products 
 - +v8: V in 8 bits the same way, P V otherwise exact;
 - +p8: the probabilities times V's row scales in 8 bits too (unsigned, one scale per query
   row and block of 64 keys: the block's largest over 255), as vpdpbusd would take P V; the
-  softmax's sums stay exact.
+  softmax's sums stay exact;
+- +p7: the same weights in 7 bits (over 127: signed bytes, for V's codes as the unsigned
+  operand).
 
     python bench/quality_kv8_emulated.py [--model DIR] [--text FILE] [--context 256]"""
 import os
@@ -24,7 +26,7 @@ from numba_attn import Model  # noqa: E402
 from numba_attn import model as model_module  # noqa: E402
 from quality_formats import parser, quality, reference  # noqa: E402  (bench/)
 
-SCHEMES = ("exact", "q8.k8", "q8.k8+v8", "q8.k8+v8+p8")
+SCHEMES = ("exact", "q8.k8", "q8.k8+v8", "q8.k8+v8+p8", "q8.k8+v8+p7")
 BLOCK = 64                     # keys per block of the decode kernel's online softmax
 
 
@@ -54,7 +56,7 @@ def emulated_attention(scheme):
             s = scale * q[:, h] @ k[:, hk].T                                     # (S, T)
             s = np.where(seen, s, -np.inf) if causal else s
             m = s.max(axis=1, keepdims=True)
-            if scheme.endswith("p8"):
+            if scheme[-2:] in ("p8", "p7"):
                 pad = np.full((S, n_blk * BLOCK), -np.inf)
                 pad[:, :T] = s
                 blk = pad.reshape(S, n_blk, BLOCK)
@@ -63,7 +65,8 @@ def emulated_attention(scheme):
                 p = np.exp(blk - mb_safe)                                        # <= 1
                 w = p * np.pad(dv[:, hk, 0], (0, n_blk * BLOCK - T)).reshape(1, n_blk, BLOCK)
                 wmax = w.max(axis=2, keepdims=True)
-                wstep = np.where(wmax > 0, wmax / 255.0, 1.0)
+                levels = 255.0 if scheme.endswith("p8") else 127.0
+                wstep = np.where(wmax > 0, wmax / levels, 1.0)
                 w8 = np.round(w / wstep) * wstep                  # the 8-bit weights' values
                 rescale = np.exp(mb_safe - m[:, :, None])
                 weights = (w8 * rescale).reshape(S, -1)[:, :T]
