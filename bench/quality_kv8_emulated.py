@@ -14,7 +14,8 @@ Schemes (each adds one rounding to the one before; scales are float64, products 
 - +p7: the same weights in 7 bits (over 127: signed bytes, for V's codes as the unsigned
   operand).
 
-    python bench/quality_kv8_emulated.py [--model DIR] [--text FILE] [--context 256]"""
+    python bench/quality_kv8_emulated.py [--model DIR] [--text FILE] [--context 256]
+        [--block 64]"""
 import os
 import sys
 
@@ -27,7 +28,7 @@ from numba_attn import model as model_module  # noqa: E402
 from quality_formats import parser, quality, reference  # noqa: E402  (bench/)
 
 SCHEMES = ("exact", "q8.k8", "q8.k8+v8", "q8.k8+v8+p8", "q8.k8+v8+p7")
-BLOCK = 64                     # keys per block of the decode kernel's online softmax
+BLOCK = 64                     # keys per block of the decode kernel's online softmax (--block)
 
 
 def rows_8bit(x):
@@ -37,7 +38,7 @@ def rows_8bit(x):
     return np.round(x / safe), scale
 
 
-def emulated_attention(scheme):
+def emulated_attention(scheme, block=BLOCK):
     """An attention(q, k, v, causal, out) step for the model's forward pass, in float64."""
     def attention(q, k, v, *, causal=True, scale=None, out=None):
         q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))   # (S, H, d), (T, Hkv, d)
@@ -49,7 +50,7 @@ def emulated_attention(scheme):
             q, k = (codes * row_scale for codes, row_scale in map(rows_8bit, (q, k)))
         vq, dv = (v, np.ones((T, Hkv, 1))) if scheme in ("exact", "q8.k8") else rows_8bit(v)
         seen = np.arange(T)[None, :] <= (T - S + np.arange(S))[:, None]        # (S, T)
-        n_blk = -(-T // BLOCK)
+        n_blk = -(-T // block)
         res = np.empty((S, H, d))
         for h in range(H):
             hk = h // G
@@ -57,13 +58,13 @@ def emulated_attention(scheme):
             s = np.where(seen, s, -np.inf) if causal else s
             m = s.max(axis=1, keepdims=True)
             if scheme[-2:] in ("p8", "p7"):
-                pad = np.full((S, n_blk * BLOCK), -np.inf)
+                pad = np.full((S, n_blk * block), -np.inf)
                 pad[:, :T] = s
-                blk = pad.reshape(S, n_blk, BLOCK)
+                blk = pad.reshape(S, n_blk, block)
                 mb = blk.max(axis=2, keepdims=True)                              # block max
                 mb_safe = np.where(np.isfinite(mb), mb, 0.0)
                 p = np.exp(blk - mb_safe)                                        # <= 1
-                w = p * np.pad(dv[:, hk, 0], (0, n_blk * BLOCK - T)).reshape(1, n_blk, BLOCK)
+                w = p * np.pad(dv[:, hk, 0], (0, n_blk * block - T)).reshape(1, n_blk, block)
                 wmax = w.max(axis=2, keepdims=True)
                 levels = 255.0 if scheme.endswith("p8") else 127.0
                 wstep = np.where(wmax > 0, wmax / levels, 1.0)
@@ -83,7 +84,9 @@ def emulated_attention(scheme):
 
 
 def main():
-    args = parser(__doc__).parse_args()
+    ap = parser(__doc__)
+    ap.add_argument("--block", type=int, default=BLOCK, help="keys a block of P V's weights")
+    args = ap.parse_args()
     model = Model.from_pretrained(args.model, weight_dtype="float32", kv_dtype="float32")
     ids, ref_lp, ref_ppl = reference(model, args)
     print("| attention products | perplexity | vs float32 | mean KL from float32 (nats) |")
@@ -91,7 +94,7 @@ def main():
     kernel = model_module.STEPS.attention
     try:
         for scheme in SCHEMES:
-            model_module.STEPS.attention = emulated_attention(scheme)
+            model_module.STEPS.attention = emulated_attention(scheme, args.block)
             ppl, kl = quality(model, ids, args.context, ref_lp)
             print(f"| {scheme} | {ppl:.4f} | {ppl / ref_ppl - 1:+.4%} | {kl:.2e} |", flush=True)
     finally:

@@ -5,7 +5,7 @@ weights stream between its attention and the next one's), the variants in a rota
 Warm: the same call again at once. Each variant is attention_cpu.py's source with one change,
 loaded as a module of its own.
 
-    python bench/tune_decode_attention.py [float32|float16|bfloat16] [VARIANT,...]
+    python bench/tune_decode_attention.py [float32|float16|bfloat16|int8] [VARIANT,...]
 
 VARIANT: as-is (the rows 64 keys on, whole rows in address order, into L1), ahead-32 and
 ahead-128 (32 or 128 keys on), l2, l2-128, l2-256 (into L2 instead, 64, 128 or 256
@@ -24,6 +24,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELATIVE = "numba_attn/kernels/attention_cpu.py"
+RELATIVE_INT8 = "numba_attn/kernels/attention_int8_cpu.py"    # the int8 K/V's kernels
 KV, HKV, D, G, LAYERS = 2000, 4, 64, 8, 22
 BETWEEN = 40 << 20                      # bytes read between two layers' attention
 KEYS = "PREFETCH_KEYS = 64\n"
@@ -70,12 +71,24 @@ for far, near in ((256, 64), (256, 32), (512, 32), (128, 32)):
         (SCORES, SCORES + FAR_CALL)]
 
 
-def load_variant(name, tmp):
+# over int8 K/V (attention_int8_cpu.py): the prefetch distance in keys
+VARIANTS_INT8 = {"as-is": [], "none": [("_prefetch_rows(pf_k", "0 and _prefetch_rows(pf_k")]}
+VARIANTS_INT8.update({f"ahead-{n}": [(KEYS, f"PREFETCH_KEYS = {n}\n")] for n in (32, 96, 128)})
+VARIANTS_INT8["block-128"] = [("BLOCK = BLOCK_K ", "BLOCK = 128 ")]
+VARIANTS_INT8.update({            # one part of a key block's work left out, as above
+    "no-scores": [("            _head_scores(nk, st_p, 8,", "            0 and _head_scores(nk, st_p, 8,")],
+    "no-softmax": [("            _softmax8(st_p, 8, nk,", "            0 and _softmax8(st_p, 8, nk,")],
+    "no-pv": [("            _pack_weights(pw_p,", "            0 and _pack_weights(pw_p,"),
+              ("            _head_pv(rows, nk,", "            0 and _head_pv(rows, nk,")]})
+
+
+def load_variant(name, tmp, int8=False):
     from kernel_variants import kernel_source, load_kernel   # bench/, this script's folder
-    src = kernel_source(RELATIVE, name[3:] if name.startswith("at:") else None)
-    for old, new in VARIANTS.get(name, []):
+    relative = RELATIVE_INT8 if int8 else RELATIVE
+    src = kernel_source(relative, name[3:] if name.startswith("at:") else None)
+    for old, new in (VARIANTS_INT8 if int8 else VARIANTS).get(name, []):
         if old not in src:
-            sys.exit(f"variant {name}: {old!r} is no longer in attention_cpu.py")
+            sys.exit(f"variant {name}: {old!r} is no longer in {relative}")
         src = src.replace(old, new)
     return load_kernel(src, "tuned_attention_" + "".join(c if c.isalnum() else "_" for c in name),
                        tmp)
@@ -85,16 +98,22 @@ def main():
     sys.path.insert(0, HERE)
     from numba_attn.bench.limits import _parallel_sum
     dtype = sys.argv[1] if len(sys.argv) > 1 else "bfloat16"
-    names = sys.argv[2].split(",") if len(sys.argv) > 2 else list(VARIANTS) + ["at:HEAD"]
-    dt = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    int8 = dtype == "int8"
+    names = sys.argv[2].split(",") if len(sys.argv) > 2 else \
+        list(VARIANTS_INT8 if int8 else VARIANTS) + ["at:HEAD"]
+    dt = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16,
+          "int8": np.float32}[dtype]
     tmp = tempfile.mkdtemp()
-    mods = {name: load_variant(name, tmp) for name in names}
+    mods = {name: load_variant(name, tmp, int8) for name in names}
     rng = np.random.default_rng(0)
     weights = np.ones(300 << 18, np.float32)          # 300 MB, read 40 MB at a time
     n = BETWEEN // 4
     q = rng.standard_normal((1, 1, HKV * G, D)).astype(np.float32)
     out = np.empty_like(q)
     k, v = (rng.standard_normal((LAYERS, 1, KV, HKV, D)).astype(dt) for _ in range(2))
+    if int8:
+        from numba_attn.formats import quantize_kv_int8
+        k, v = quantize_kv_int8(k), quantize_kv_int8(v)
     times = {name: {"cold": [], "warm": []} for name in names}
     order, at = list(mods), 0
     for it in range(12):

@@ -1,5 +1,6 @@
 """The weight storage formats: one table (name, bytes per weight, block, host and device storage,
-kernel family per backend) and the one quantized type, Q8Matrix (GGUF/llama.cpp Q8_0).
+kernel family per backend) and the one quantized weight type, Q8Matrix (GGUF/llama.cpp Q8_0);
+the KV cache's storages (KV_DTYPES) and its 8-bit type, Int8KV.
 
 A linear or embedding weight is a 2-D (out_features, in_features) array of float32, float16 or
 bfloat16, or a Q8Matrix, on the host or on the GPU:
@@ -60,10 +61,12 @@ FORMATS = {f.name: f for f in (
                                                           ("cuda", "linear_q8"))),
 )}
 # storage of the key/value cache (and of attention's k and v), apart from the weights' formats:
-# float32, or 16-bit floats (half the bytes decode streams at long context); the CUDA kernels
-# take float16 of the two
-KV_DTYPES = {"cpu": {"float32": _F32, "float16": _F16, "bfloat16": _BF16},
+# float32, 16-bit floats (half the bytes decode streams at long context), or on the CPU "int8"
+# (a quarter, with a scale a row: Int8KV, whose codes' dtype is given); the CUDA kernels take
+# float16 of the 16-bit two
+KV_DTYPES = {"cpu": {"float32": _F32, "float16": _F16, "bfloat16": _BF16, "int8": _I8},
              "cuda": {"float32": _F32, "float16": _F16}}
+KV_INT8 = "int8"
 # the format of an unblocked weight array by its dtype: host (NumPy) arrays by `storage`, CUDA
 # arrays by `device_storage` (a uint16 device array is a bfloat16 matrix's bits; a uint16 NumPy
 # array is no weight)
@@ -255,3 +258,96 @@ def quantize_q8_0(w):
         raise ValueError("w holds weights beyond float16's range times 127 (|w| > 8.3e6); "
                          "their Q8_0 scale would be infinite")
     return Q8Matrix(qs, d16)
+
+
+KV_OFFSET = 128  # Int8KV's stored byte: its code in [-127, 127] plus 128
+
+
+class Int8KV:
+    """Keys or values in 8 bits (the KV cache's "int8" storage, on the host): each row of
+    head_dim values, one position of one KV head, is (codes - 128) * scale, with codes uint8
+    (a code in [-127, 127] offset by 128: the unsigned bytes AVX-512 VNNI multiplies) and one
+    float32 scale, max|x| / 127, codes round(x / scale) (halves away from zero).
+
+    codes: (..., n, n_kv_heads, head_dim) uint8; scales: (..., n, n_kv_heads) float32; NumPy
+    arrays, C-contiguous. Indexing the leading axes (x[layer, :n], x[None]) indexes both."""
+
+    def __init__(self, codes, scales):
+        if not (isinstance(codes, np.ndarray) and isinstance(scales, np.ndarray)):
+            raise TypeError(f"codes and scales must be NumPy arrays, got {_describe(codes)} and "
+                            f"{_describe(scales)}")
+        if codes.dtype != np.uint8 or codes.ndim < 2:
+            raise TypeError(f"codes must be a uint8 array of at least 2 axes, got "
+                            f"{_describe(codes)}")
+        if scales.dtype != np.float32 or scales.shape != codes.shape[:-1]:
+            raise TypeError(f"scales must be a float32 array of shape {codes.shape[:-1]} for "
+                            f"codes of shape {codes.shape}, got {_describe(scales)}")
+        if not (codes.flags.c_contiguous and scales.flags.c_contiguous):
+            raise ValueError("codes and scales must be C-contiguous")
+        self.codes = codes      # (..., n, n_kv_heads, head_dim) uint8
+        self.scales = scales    # (..., n, n_kv_heads) float32
+
+    dtype = _I8                 # what the rows are stored as, by KV_DTYPES' name
+    device = "cpu"
+
+    @property
+    def shape(self):
+        return tuple(self.codes.shape)
+
+    @property
+    def ndim(self):
+        return self.codes.ndim
+
+    @property
+    def nbytes(self):
+        """Bytes of the codes and scales: head_dim + 4 a row."""
+        return int(self.codes.nbytes) + int(self.scales.nbytes)
+
+    def __getitem__(self, index):
+        """The same rows of codes and scales (index: leading axes only, as a tuple or one)."""
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) > self.codes.ndim - 1 - sum(i is None for i in index):
+            raise IndexError("an Int8KV is indexed on its leading axes, not head_dim")
+        return Int8KV(self.codes[index], self.scales[index])
+
+    def dequantize(self):
+        """The values as float32, (..., n, n_kv_heads, head_dim)."""
+        return ((self.codes.astype(np.float32) - np.float32(KV_OFFSET))
+                * self.scales[..., None])
+
+    def __repr__(self):
+        return f"Int8KV(shape={self.shape}, nbytes={self.nbytes})"
+
+
+@njit(inline="always", cache=True)
+def quantize_kv_row(codes, x):
+    # codes (d,) uint8 <- x (d,) float32 in Int8KV's rule; returns the row's scale
+    amax = np.float32(0)
+    for c in range(x.shape[0]):
+        amax = max(amax, abs(np.float32(x[c])))
+    scale = amax / np.float32(127)
+    inv = np.float32(1) / scale if scale != 0 else np.float32(0)
+    for c in range(x.shape[0]):
+        codes[c] = np.uint8(np.int32(roundf(np.float32(x[c]) * inv)) + KV_OFFSET)
+    return scale
+
+
+@njit(cache=True)
+def _quantize_kv(codes, scales, x):
+    # x (n, h, d) float32 -> codes (n, h, d) uint8, scales (n, h) float32
+    for i in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            scales[i, h] = quantize_kv_row(codes[i, h], x[i, h])
+
+
+def quantize_kv_int8(x):
+    """x (..., n, n_kv_heads, head_dim), float, as an Int8KV (the KV cache's int8 rule)."""
+    x = np.asarray(x)
+    if x.ndim < 2 or not np.issubdtype(x.dtype, np.floating) and x.dtype != _BF16:
+        raise TypeError(f"x must be a float array of at least 2 axes, got {_describe(x)}")
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    codes = np.empty(x.shape, np.uint8)
+    scales = np.empty(x.shape[:-1], np.float32)
+    _quantize_kv(codes.reshape(-1, 1, x.shape[-1]), scales.reshape(-1, 1),
+                 x32.reshape(-1, 1, x.shape[-1]))
+    return Int8KV(codes, scales)

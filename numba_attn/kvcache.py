@@ -3,17 +3,18 @@ import numpy as np
 
 from . import checks
 from .backend import as_device, backend_of, empty, kernels, view
-from .formats import KV_DTYPES
+from .formats import KV_DTYPES, KV_INT8, Int8KV
 
 
 class KVCache:
-    """k, v: (n_layers, max_seq, n_kv_heads, head_dim), allocated once, in dtype: float32, or
-    a 16-bit float (half the bytes; formats.KV_DTYPES lists each device's): "float16",
-    "bfloat16" (an ml_dtypes.bfloat16 array on the host).
+    """k, v: (n_layers, max_seq, n_kv_heads, head_dim), allocated once, in dtype: float32, a
+    16-bit float (half the bytes; formats.KV_DTYPES lists each device's): "float16",
+    "bfloat16" (an ml_dtypes.bfloat16 array on the host), or on the host "int8" (a quarter:
+    formats.Int8KV, 8-bit codes with a float32 scale a row of head_dim).
 
     append(layer, k, v) writes (seq, n_kv_heads, head_dim), float32 or the cache's dtype
-    (rounded to nearest even on the way in), at that layer's current length and returns the
-    filled views (kv_len, n_kv_heads, head_dim)."""
+    (rounded to nearest even, or quantized, on the way in), at that layer's current length and
+    returns the filled views (kv_len, n_kv_heads, head_dim)."""
 
     def __init__(self, n_layers, max_seq, n_kv_heads, head_dim, *, dtype=np.float32, device="cpu"):
         self.n_layers = checks.positive_int("n_layers", n_layers)
@@ -24,12 +25,24 @@ class KVCache:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         self.device = device
         self.dtype = kv_dtype(device, dtype)
-        # append takes float32 (the model's) or the cache's own dtype
-        self._inputs = (np.dtype(np.float32),) + ((self.dtype,) if self.dtype != np.float32 else ())
+        # append takes float32 (the model's) or the cache's own float dtype
+        self._inputs = (np.dtype(np.float32),) + (
+            (self.dtype,) if self.dtype != np.float32 and not self.int8 else ())
         shape = (n_layers, max_seq, n_kv_heads, head_dim)
-        self.k = empty(shape, self.dtype, device)   # (n_layers, max_seq, n_kv_heads, head_dim)
-        self.v = empty(shape, self.dtype, device)   # (n_layers, max_seq, n_kv_heads, head_dim)
+        self.k = self._buffer(shape)      # (n_layers, max_seq, n_kv_heads, head_dim)
+        self.v = self._buffer(shape)      # (n_layers, max_seq, n_kv_heads, head_dim)
         self.lengths = [0] * n_layers                 # tokens stored, per layer
+
+    @property
+    def int8(self):
+        """True for the 8-bit storage (k and v are formats.Int8KV)."""
+        return self.dtype.name == KV_INT8
+
+    def _buffer(self, shape):
+        if self.int8:
+            return Int8KV(empty(shape, np.uint8, self.device),
+                          empty(shape[:-1], np.float32, self.device))
+        return empty(shape, self.dtype, self.device)
 
     @property
     def length(self):
@@ -99,8 +112,8 @@ class KVCache:
 
     @property
     def nbytes(self):
-        """Bytes of the K and V buffers together."""
-        return 2 * self.n_layers * self.max_seq * self.n_kv_heads * self.head_dim * self.dtype.itemsize
+        """Bytes of the K and V buffers together (int8: their scales too)."""
+        return int(self.k.nbytes) + int(self.v.nbytes)
 
     def __repr__(self):
         return (f"KVCache(n_layers={self.n_layers}, max_seq={self.max_seq}, "

@@ -8,14 +8,16 @@ import numpy as np
 
 from . import checks
 from .backend import as_device, backend_of, device_id, empty, kernels, reshape, view
-from .formats import FORMATS, KV_DTYPES, Q8Matrix, weight_format
+from .formats import FORMATS, KV_DTYPES, KV_INT8, Int8KV, Q8Matrix, weight_format
 from .rope import RopeTable
 
 F32 = (np.float32,)
 _F32_DTYPE = np.dtype(np.float32)
 IDS = (np.int64,)
-# dtypes accepted for attention's K/V, by backend (formats.KV_DTYPES)
-STORAGE = {backend: tuple(dtypes.values()) for backend, dtypes in KV_DTYPES.items()}
+# dtypes of the arrays accepted for attention's K/V, by backend (formats.KV_DTYPES; int8 K/V
+# come as formats.Int8KV)
+STORAGE = {backend: tuple(dt for name, dt in dtypes.items() if name != KV_INT8)
+           for backend, dtypes in KV_DTYPES.items()}
 
 
 _EMPTY = {}  # (shape, backend, device) -> an empty float32 array: "no bias", "no mask"
@@ -298,12 +300,22 @@ def attention(q, k, v, *, causal=True, scale=None, out=None):
     q (q_len, H, d), k and v (kv_len, Hkv, d), or with a leading batch axis; H a multiple of
     Hkv. Query i sits at position kv_len - q_len + i (bottom-right), which serves prefill
     (q_len = kv_len), prefill over a cached prefix (q_len < kv_len) and decode (q_len = 1).
+    k and v are arrays (KV_DTYPES) or, on the host, both formats.Int8KV (the 8-bit cache's).
     scale defaults to 1/sqrt(d)."""
-    backend = backend_of(q, k, v, out)
+    int8 = [isinstance(a, Int8KV) for a in (k, v)]
+    backend = backend_of(q, out, *(a for a, i in zip((k, v), int8) if not i))
     q, k, v, out = _prepare(backend, q, k, v, out)
     checks.array("q", q, ndim=(3, 4), dtypes=F32)
-    checks.array("k", k, ndim=len(q.shape), dtypes=STORAGE[backend])
-    checks.array("v", v, ndim=len(q.shape), dtypes=STORAGE[backend])
+    if any(int8):
+        if not all(int8) or backend != "cpu":
+            raise TypeError(f"int8 keys and values (Int8KV) go together, with host (NumPy) q "
+                            f"and out; got k {type(k).__name__}, v {type(v).__name__} and "
+                            f"{backend} arrays")
+        if k.ndim != len(q.shape):
+            raise ValueError(f"k must have {len(q.shape)} axes as q, got shape {k.shape}")
+    else:
+        checks.array("k", k, ndim=len(q.shape), dtypes=STORAGE[backend])
+        checks.array("v", v, ndim=len(q.shape), dtypes=STORAGE[backend])
     if tuple(k.shape) != tuple(v.shape) or k.dtype != v.dtype:
         raise ValueError(f"k and v must match, got {tuple(k.shape)} {k.dtype} and "
                          f"{tuple(v.shape)} {v.dtype}")
@@ -322,12 +334,14 @@ def attention(q, k, v, *, causal=True, scale=None, out=None):
         scale = 1.0 / math.sqrt(d)
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
-    out = _output("out", out, q.shape, backend, [("q", q), ("k", k), ("v", v)])
+    out = _output("out", out, q.shape, backend, [("q", q)] + [
+        (name, a.codes if isinstance(a, Int8KV) else a) for name, a in (("k", k), ("v", v))])
     if out is q:
         raise ValueError("out must not be q: attention reads every query of a tile before writing")
     if out is k or out is v:  # _output lets `out is k` through; other tiles still read k and v
         raise ValueError("out must not be k or v: other tiles still read them while out is written")
-    add = (lambda a: reshape(a, (1,) + tuple(a.shape))) if not batch else (lambda a: a)
+    add = (lambda a: a[None] if isinstance(a, Int8KV) else reshape(a, (1,) + tuple(a.shape))) \
+        if not batch else (lambda a: a)
     kernels("attention", backend).attention(add(out), add(q), add(k), add(v), float(scale),
                                             bool(causal))
     return out

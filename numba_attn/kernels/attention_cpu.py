@@ -43,6 +43,7 @@ from numba import float32, get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from ..formats import Int8KV
 from . import cpu_pool
 from .linear_bf16_cpu import round_bf16, to_float32
 from . import attention_amx_cpu as amx
@@ -1543,7 +1544,11 @@ def bf16_dots(kind, rows):
 
 def attention(out, q, k, v, scale, causal):
     # q, out: (b, q_len, H, d) float32; k, v: (b, kv_len, Hkv, d) float32, float16 or bfloat16
-    # (ml_dtypes, or its bits as uint16)
+    # (ml_dtypes, or its bits as uint16), or both formats.Int8KV (attention_int8_cpu)
+    if isinstance(k, Int8KV):
+        from . import attention_int8_cpu        # compiled only for a model that uses it
+        attention_int8_cpu.attention(out, q, k, v, scale, causal)
+        return
     kind = KV_KINDS[np.dtype(k.dtype)]
     if kind != KV_F32:                          # the kernels take 16-bit floats as their bits
         k, v = k.view(np.uint16), v.view(np.uint16)

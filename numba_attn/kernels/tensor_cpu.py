@@ -8,6 +8,8 @@ use, so only models that large pay its compile)."""
 import numpy as np
 from numba import njit, prange
 
+from ..formats import Int8KV, quantize_kv_row
+
 SPLIT_PARALLEL_MIN = 1 << 20  # elements of qkv from which split_qkv copies on every core
 
 
@@ -44,10 +46,24 @@ def split_qkv(q, k, v, qkv):
     np.copyto(v, qkv[:, nq + nk:])
 
 
+@njit(cache=True)
+def _append_int8(k_codes, k_scales, v_codes, v_scales, k, v, row0):
+    # rows k, v (n, d) float32 quantized into rows row0.. of codes (rows, d), scales (rows,)
+    for i in range(k.shape[0]):
+        k_scales[row0 + i] = quantize_kv_row(k_codes[row0 + i], k[i])
+        v_scales[row0 + i] = quantize_kv_row(v_codes[row0 + i], v[i])
+
+
 def append_kv(k_cache, v_cache, k, v, offset):
-    # k_cache, v_cache: C-contiguous caches; k, v: new rows, float32 or the caches' dtype
-    # (rounded to nearest even into a 16-bit cache); written from element offset of the
-    # caches' flat views
+    # k_cache, v_cache: C-contiguous caches (arrays, or formats.Int8KV); k, v: new rows,
+    # float32 or the caches' float dtype (rounded to nearest even into a 16-bit cache,
+    # quantized into an 8-bit one); written from element offset of the caches' flat views
+    if isinstance(k_cache, Int8KV):
+        d = k.shape[-1]
+        _append_int8(k_cache.codes.reshape(-1, d), k_cache.scales.reshape(-1),
+                     v_cache.codes.reshape(-1, d), v_cache.scales.reshape(-1),
+                     k.reshape(-1, d), v.reshape(-1, d), offset // d)
+        return
     n = k.size
     k_cache.reshape(-1)[offset:offset + n] = k.reshape(-1)
     v_cache.reshape(-1)[offset:offset + n] = v.reshape(-1)

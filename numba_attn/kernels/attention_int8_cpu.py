@@ -1,0 +1,470 @@
+"""Attention over an 8-bit KV cache (formats.Int8KV) on the CPU.
+
+Decode (at most 8 query rows a KV head, head sizes a multiple of 32, on AVX-512 VNNI) takes
+both products in 8 bits with vpdpbusd, 64 multiply-adds an instruction, on the schedule of
+attention_cpu's decode (key ranges over the threads, blocks of BLOCK_K keys for every KV head
+in turn, the next rows prefetched meanwhile, the ranges merged at the end):
+- scores: q rounded to 8 bits once a call (one scale a row, |q| / 127), against the cache's
+  key codes as they lie (codes offset by 128: the unsigned operand), int32 sums; then
+  scaled by q's and each key's scale, the offset taken off as 128 times the row's code sum;
+- the online softmax in float32 (attention_cpu's);
+- P V: the probabilities times each value row's scale, rounded to 7 bits (one step a query row
+  and block, the block's largest / 127; signed bytes, as the value codes are the unsigned
+  operand), against four keys' value codes at a time, int32 sums a block, then scaled into the
+  float32 output.
+bench/quality_kv8_emulated.py measures what the roundings cost (on the demo model: 8-bit q,
+K, V and 7-bit weights 3.0e-5 nats of KL from float32, perplexity -0.02%).
+
+Everything else (prefill, more rows, other head sizes, CPUs without VNNI) reads the codes
+widened to float32 (dequantize) and runs attention_cpu's float32 kernels."""
+import numpy as np
+from llvmlite import ir
+from numba import float32, get_num_threads, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import attention_cpu as f32
+from . import cpu_pool
+from .attention_cpu import BLOCK_K, NEG_INF, _decode_mk_merge, _decode_mk_plan, _prefetch_rows, \
+    _softmax8
+from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, fast_path, vpdpbusd
+from .scalar import FASTMATH_INF
+
+I8 = ir.IntType(8)
+VI16, VI8, VF8 = ir.VectorType(_I32, 16), ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
+OFFSET = 128                    # the codes' offset: stored byte = code + 128
+# decode: the K/V rows this many keys ahead are prefetched into L1, whole rows in address order,
+# spread over each head's scores (as attention_cpu's)
+PREFETCH_KEYS = 64
+BLOCK = BLOCK_K                 # keys a block of the online softmax
+
+
+def _const(xs, t=_I32):
+    return ir.Constant(ir.VectorType(t, len(xs)), xs)
+
+
+def _at(builder, addr, t, align=1):
+    return builder.load(builder.inttoptr(addr, ir.PointerType(t)), align=align)
+
+
+def _bcast(builder, x, n):
+    u = ir.Constant(ir.VectorType(x.type, n), ir.Undefined)
+    return builder.shuffle_vector(builder.insert_element(u, x, ir.Constant(_I32, 0)), u,
+                                  _const([0] * n))
+
+
+def _addr(builder, base, *terms):
+    for t in terms:
+        base = builder.add(base, t)
+    return base
+
+
+def _qk_i8(R):
+    """An intrinsic qk(c, ldc, a, sa_i, b, K, ks, ks_i, qi): for keys i < R, the 8 floats at
+    c + 4 i ldc become qs[r] ks[i] (sum_{t < K} A[i, t] Q[t, r] - corr[r]) for rows r < 8.
+    A[i, t]: the unsigned byte at a + i sa_i + t; Q: signed bytes, 64 a step of 8 dimensions
+    from b on, the 32-bit lane 2 r + e of step s holding Q[8 s + 4 e + (0..3), r]; ks[i]: the
+    float at ks + 4 i ks_i; qi: corr (8 int32), then qs (8 floats). K a multiple of 8. Each
+    key's 8 bytes a step are broadcast to the 8 64-bit lanes, one vpdpbusd a key and step; the
+    R accumulators stay in registers."""
+    VQ = ir.VectorType(_I64, 8)
+    even, odd = _const(list(range(0, 16, 2))), _const(list(range(1, 16, 2)))
+
+    @intrinsic
+    def qk(typingctx, c, ldc, a, sa_i, b, K, ks, ks_i, qi):
+        sig = types.void(c, ldc, a, sa_i, b, K, ks, ks_i, qi)
+
+        def codegen(context, builder, signature, args):
+            c, ldc, a, sa_i, b, K, ks, ks_i, qi = [context.cast(builder, v, t, types.int64)
+                                                   for v, t in zip(args, signature.args)]
+            dot = vpdpbusd(builder)
+            acc = [cgutils.alloca_once_value(builder, ir.Constant(VI16, [0] * 16))
+                   for _ in range(R)]
+            rows = [builder.add(a, builder.mul(ir.Constant(_I64, i), sa_i)) for i in range(R)]
+            with cgutils.for_range(builder, builder.ashr(K, ir.Constant(_I64, 3))) as loop:
+                s = loop.index
+                off = builder.shl(s, ir.Constant(_I64, 3))
+                qv = _at(builder, builder.add(b, builder.shl(s, ir.Constant(_I64, 6))), VI16, 4)
+                for i in range(R):
+                    word = _at(builder, builder.add(rows[i], off), _I64)
+                    kv = builder.bitcast(_bcast(builder, word, 8), VI16)
+                    builder.store(builder.call(dot, [builder.load(acc[i]), kv, qv]), acc[i])
+            corr, qs = _at(builder, qi, VI8, 4), _at(builder, builder.add(qi, ir.Constant(
+                _I64, 32)), VF8, 4)
+            for i in range(R):
+                v = builder.load(acc[i])
+                total = builder.sub(builder.add(builder.shuffle_vector(v, v, even),
+                                                builder.shuffle_vector(v, v, odd)), corr)
+                kscale = _at(builder, builder.add(ks, builder.mul(ir.Constant(_I64, 4 * i),
+                                                                  ks_i)), _F32, 4)
+                res = builder.fmul(builder.fmul(builder.sitofp(total, VF8), qs),
+                                   _bcast(builder, kscale, 8))
+                out = builder.add(c, builder.mul(ir.Constant(_I64, 4 * i), ldc))
+                builder.store(res, builder.inttoptr(out, ir.PointerType(VF8)), align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return qk
+
+
+_QK_R = 14                      # keys a call: 14 accumulators, the qv and a broadcast in zmm
+_qk_14, _qk_4, _qk_1 = (_qk_i8(r) for r in (_QK_R, 4, 1))
+
+
+@njit(inline="always")
+def _head_scores(nk, st_p, ld, kh_p, ldk, qh_p, d, ks_p, ks_i, qi_p, pf_k, pf_v, n_pf):
+    # S^T (nk, ld) at st_p of one KV head's block: keys at kh_p, rows ldk bytes apart, their
+    # scales at ks_p, ks_i floats apart. Before each call of R keys the next R of n_pf pieces
+    # of d bytes of K and of V are prefetched (before the last, every piece left), back to back
+    # from pf_k and pf_v: spread over the work, so the memory streams while the core computes
+    j = p = 0                                  # keys done, pieces prefetched
+    while j < nk:
+        cj, aj, kj = st_p + 4 * j * ld, kh_p + j * ldk, ks_p + 4 * j * ks_i
+        if p < n_pf:
+            npf = min(_QK_R, n_pf - p) if j + _QK_R < nk else n_pf - p
+            _prefetch_rows(pf_k + p * d, npf, d, d)
+            _prefetch_rows(pf_v + p * d, npf, d, d)
+            p += npf
+        if nk - j >= _QK_R:
+            _qk_14(cj, ld, aj, ldk, qh_p, d, kj, ks_i, qi_p)
+            j += _QK_R
+        elif nk - j >= 4:
+            _qk_4(cj, ld, aj, ldk, qh_p, d, kj, ks_i, qi_p)
+            j += 4
+        else:
+            _qk_1(cj, ld, aj, ldk, qh_p, d, kj, ks_i, qi_p)
+            j += 1
+
+
+@intrinsic
+def _pack_weights(typingctx, pw, st, nk, vs, vs_i, wq):
+    """The block's P V weights in 7 bits. w[j, r] = P^T[j, r] vs[j] (P^T: 8 floats at st + 32 j,
+    overwritten by w; vs[j] the value row's scale, the float at vs + 4 j vs_i), j < nk; a step
+    a row, wstep[r] = max_j w[j, r] / 127 (1 where that is 0); codes round(w / wstep) in
+    [0, 127], bytes, the 32-bit word at pw + 4 (8 p + r) holding keys 4 p .. 4 p + 3 of row r
+    (0 past nk), p < (nk + 3) / 4. wq: wstep (8 floats) then the codes' sums (8 int32)."""
+    sig = types.void(pw, st, nk, vs, vs_i, wq)
+
+    def codegen(context, builder, signature, args):
+        pw, st, nk, vs, vs_i, wq = [context.cast(builder, v, t, types.int64)
+                                    for v, t in zip(args, signature.args)]
+        zero = ir.Constant(VF8, [0.0] * 8)
+        vmax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(VF8, [VF8, VF8]),
+                                              "llvm.maxnum.v8f32")
+
+        def row(j):
+            return builder.inttoptr(builder.add(st, builder.shl(j, ir.Constant(_I64, 5))),
+                                    ir.PointerType(VF8))
+        mx = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]
+
+        def scaled(j, slot):         # w[j] = P^T[j] vs[j] in place, into the running max slot
+            s = _at(builder, builder.add(vs, builder.mul(builder.shl(j, ir.Constant(_I64, 2)),
+                                                         vs_i)), _F32, 4)
+            w = builder.fmul(builder.load(row(j), align=4), _bcast(builder, s, 8))
+            builder.store(w, row(j), align=4)
+            builder.store(builder.call(vmax, [builder.load(slot), w]), slot)
+        n4 = builder.ashr(nk, ir.Constant(_I64, 2))
+        with cgutils.for_range(builder, n4) as loop:     # four independent max chains
+            for t in range(4):
+                scaled(builder.add(builder.shl(loop.index, ir.Constant(_I64, 2)),
+                                   ir.Constant(_I64, t)), mx[t])
+        with cgutils.for_range_slice(builder, builder.shl(n4, ir.Constant(_I64, 2)), nk,
+                                     ir.Constant(_I64, 1)) as (j, _):
+            scaled(j, mx[0])
+        m = builder.call(vmax, [builder.call(vmax, [builder.load(mx[0]), builder.load(mx[1])]),
+                                builder.call(vmax, [builder.load(mx[2]), builder.load(mx[3])])])
+        pos = builder.fcmp_ordered(">", m, zero)
+        step = builder.select(pos, builder.fmul(m, ir.Constant(VF8, [1 / 127] * 8)),
+                              ir.Constant(VF8, [1.0] * 8))
+        inv = builder.select(pos, builder.fdiv(ir.Constant(VF8, [127.0] * 8), m), zero)
+        builder.store(step, builder.inttoptr(wq, ir.PointerType(VF8)), align=4)
+        total = cgutils.alloca_once_value(builder, ir.Constant(VI8, [0] * 8))
+        nk32 = builder.trunc(nk, _I32)
+        half = ir.Constant(VF8, [0.5] * 8)
+
+        def pack(p, masked):          # keys 4 p .. 4 p + 3 into one 32-bit word a row
+            word = None
+            for t in range(4):
+                j = builder.add(builder.shl(p, ir.Constant(_I64, 2)), ir.Constant(_I64, t))
+                w = builder.load(row(j), align=4)
+                if masked:
+                    w = builder.select(builder.icmp_signed("<", builder.trunc(j, _I32), nk32),
+                                       w, zero)
+                code = builder.fptosi(builder.fadd(builder.fmul(w, inv), half), VI8)
+                builder.store(builder.add(builder.load(total), code), total)
+                code = builder.shl(code, ir.Constant(VI8, [8 * t] * 8)) if t else code
+                word = code if word is None else builder.or_(word, code)
+            builder.store(word, builder.inttoptr(builder.add(pw, builder.shl(
+                p, ir.Constant(_I64, 5))), ir.PointerType(VI8)), align=4)
+        full = builder.ashr(nk, ir.Constant(_I64, 2))
+        with cgutils.for_range(builder, full) as loop:
+            pack(loop.index, False)
+        with builder.if_then(builder.icmp_signed(">", builder.and_(nk, ir.Constant(_I64, 3)),
+                                                 ir.Constant(_I64, 0))):
+            pack(full, True)
+        builder.store(builder.load(total), builder.inttoptr(builder.add(
+            wq, ir.Constant(_I64, 32)), ir.PointerType(VI8)), align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+def _pv_i8(R):
+    """An intrinsic mk(c, ldc, a, b, ldb, K, alpha, wq): for rows i < R, the 32 floats at
+    c + 4 i ldc become C[i] alpha[i] + wstep[i] (sum_{t < K} W[t, i] V[t, :32] - 128 wsum[i]):
+    W the 7-bit weights _pack_weights packed at a (the word at a + 4 (8 p + i) holds keys
+    4 p .. 4 p + 3), V the unsigned bytes at b + t ldb (codes offset by 128), wq: wstep (8
+    floats) then wsum (8 int32). Four keys' rows are interleaved so that a 32-bit lane holds one
+    column's four bytes, and one vpdpbusd takes four keys of 16 columns of a row."""
+    V32 = ir.VectorType(I8, 32)
+    cat = _const(list(range(64)))
+    spread = [_const([32 * t + 16 * h + col for col in range(16) for t in range(4)])
+              for h in (0, 1)]
+
+    @intrinsic
+    def mk(typingctx, c, ldc, a, b, ldb, K, alpha, wq):
+        sig = types.void(c, ldc, a, b, ldb, K, alpha, wq)
+
+        def codegen(context, builder, signature, args):
+            c, ldc, a, b, ldb, K, alpha, wq = [context.cast(builder, v, t, types.int64)
+                                               for v, t in zip(args, signature.args)]
+            dot = vpdpbusd(builder)
+            acc = [[cgutils.alloca_once_value(builder, ir.Constant(VI16, [0] * 16))
+                    for _ in (0, 1)] for _ in range(R)]
+
+            def group(p, vrows):
+                both = builder.shuffle_vector(builder.shuffle_vector(vrows[0], vrows[1], cat),
+                                              builder.shuffle_vector(vrows[2], vrows[3], cat),
+                                              _const(list(range(128))))
+                vv = [builder.bitcast(builder.shuffle_vector(both, both, spread[h]), VI16)
+                      for h in (0, 1)]
+                word = builder.add(a, builder.shl(p, ir.Constant(_I64, 5)))
+                for i in range(R):
+                    wb = _bcast(builder, _at(builder, builder.add(word, ir.Constant(
+                        _I64, 4 * i)), _I32, 4), 16)
+                    for h in (0, 1):
+                        builder.store(builder.call(dot, [builder.load(acc[i][h]), vv[h], wb]),
+                                      acc[i][h])
+
+            def v_row(t):
+                return _at(builder, builder.add(b, builder.mul(t, ldb)), V32)
+            n4 = builder.ashr(K, ir.Constant(_I64, 2))
+            with cgutils.for_range(builder, n4) as loop:
+                t0 = builder.shl(loop.index, ir.Constant(_I64, 2))
+                group(loop.index, [v_row(builder.add(t0, ir.Constant(_I64, t)))
+                                   for t in range(4)])
+            tail = builder.and_(K, ir.Constant(_I64, 3))
+            with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(_I64, 0))):
+                t0 = builder.shl(n4, ir.Constant(_I64, 2))
+                slots = [cgutils.alloca_once_value(builder, ir.Constant(V32, [0] * 32))
+                         for _ in range(4)]
+                for t in range(3):                     # rows past K stay zeros (never read)
+                    with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(_I64, t))):
+                        builder.store(v_row(builder.add(t0, ir.Constant(_I64, t))), slots[t])
+                group(n4, [builder.load(s) for s in slots])
+            for i in range(R):
+                al = _bcast(builder, _at(builder, builder.add(alpha, ir.Constant(_I64, 4 * i)),
+                                         _F32, 4), 16)
+                step = _bcast(builder, _at(builder, builder.add(wq, ir.Constant(_I64, 4 * i)),
+                                           _F32, 4), 16)
+                wsum = _at(builder, builder.add(wq, ir.Constant(_I64, 32 + 4 * i)), _I32, 4)
+                corr = _bcast(builder, builder.mul(wsum, ir.Constant(_I32, OFFSET)), 16)
+                for h in (0, 1):
+                    out = builder.inttoptr(_addr(builder, c, builder.mul(ir.Constant(
+                        _I64, 4 * i), ldc), ir.Constant(_I64, 64 * h)),
+                        ir.PointerType(ir.VectorType(_F32, 16)))
+                    v = builder.sitofp(builder.sub(builder.load(acc[i][h]), corr),
+                                       ir.VectorType(_F32, 16))
+                    builder.store(builder.fadd(builder.fmul(builder.load(out, align=4), al),
+                                               builder.fmul(v, step)), out, align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return mk
+
+
+_pv_8, _pv_4, _pv_1 = (_pv_i8(r) for r in (8, 4, 1))
+
+
+@njit(inline="always")
+def _head_pv(rows, nk, oh_p, d, pw_p, vh_p, ldk, a_p, wq_p):
+    # O[r] = O[r] alpha[r] + the block's P V, for one KV head's rows (O at oh_p, rows d floats
+    # apart), 32 columns at a time, in groups of 8, 4 and 1 rows
+    i = 0
+    while i < rows:
+        g = 8 if rows - i >= 8 else (4 if rows - i >= 4 else 1)
+        for c0 in range(0, d, 32):
+            o_c, v_c = oh_p + 4 * (i * d + c0), vh_p + c0
+            if g == 8:
+                _pv_8(o_c, d, pw_p + 4 * i, v_c, ldk, nk, a_p + 4 * i, wq_p + 4 * i)
+            elif g == 4:
+                _pv_4(o_c, d, pw_p + 4 * i, v_c, ldk, nk, a_p + 4 * i, wq_p + 4 * i)
+            else:
+                _pv_1(o_c, d, pw_p + 4 * i, v_c, ldk, nk, a_p + 4 * i, wq_p + 4 * i)
+        i += g
+
+
+@njit(inline="always", fastmath=FASTMATH_INF, cache=True)
+def _pack_q(Qb, Qi, q, scale, z, hk, rows, G):
+    # KV head hk's query rows (8, padding rows zeros) in 8 bits into Qb (d * 8 bytes, the score
+    # kernel's layout: step s, lane 2 r + e, byte m: q[r, 8 s + 4 e + m]) and Qi: the rows'
+    # offset corrections (8 int32: 128 x their code sums), then their scales times `scale`
+    d = q.shape[3]
+    qs = Qi[8:].view(np.float32)
+    for r in range(8):
+        if r >= rows:
+            for c in range(d):
+                Qb[(c // 8) * 64 + (2 * r + (c % 8) // 4) * 4 + c % 4] = 0
+            Qi[r] = 0
+            qs[r] = float32(0)
+            continue
+        qr = q[z, r // G, hk * G + r % G]
+        amax = float32(0)
+        for c in range(d):
+            amax = max(amax, abs(qr[c]))
+        inv = float32(127) / amax if amax > 0 else float32(0)
+        total = 0
+        for c in range(d):
+            code = int(np.rint(qr[c] * inv))
+            Qb[(c // 8) * 64 + (2 * r + (c % 8) // 4) * 4 + c % 4] = code
+            total += code
+        Qi[r] = OFFSET * total
+        qs[r] = amax / float32(127) * scale
+
+
+@njit(fastmath=FASTMATH_INF, cache=True)
+def _decode_range(q, kc, ks, vc, vs, scale, causal, z, k_lo, k_hi, Qb, Qi, St, Pw, Wq, O,
+                  m_run, l_run, alpha, n_vis):
+    # the queries of batch z against its keys k_lo..k_hi-1, block by block, each block for
+    # every KV head in turn: O (Hkv, rows, d) unnormalised, m_run and l_run (Hkv, >= 8) the
+    # rows' running max and sum. Row r of KV head hk: query r // G, head hk * G + r % G.
+    # Scratch: Qb (Hkv, d * 8) int8, Qi (Hkv, 16) int32, St (BLOCK_K * 8,) float32 for S^T,
+    # Pw (BLOCK_K * 2,) int32 the packed weights, Wq (16,) int32, alpha (8,), n_vis (8,)
+    q_len, H, d = q.shape[1], q.shape[2], q.shape[3]
+    kv_len, Hkv = kc.shape[1], kc.shape[2]
+    G = H // Hkv
+    rows = q_len * G
+    for hk in range(Hkv):
+        _pack_q(Qb[hk], Qi[hk], q, scale, z, hk, rows, G)
+        for r in range(8):
+            m_run[hk, r] = NEG_INF
+            l_run[hk, r] = float32(0)
+        for r in range(rows):
+            for c in range(d):
+                O[hk, r, c] = float32(0)
+    ldk = Hkv * d                                  # bytes from one key's codes to the next
+    kc_p = np.int64(kc.ctypes.data) + z * kv_len * ldk
+    vc_p = np.int64(vc.ctypes.data) + z * kv_len * ldk
+    ks_p = np.int64(ks.ctypes.data) + 4 * z * kv_len * Hkv
+    vs_p = np.int64(vs.ctypes.data) + 4 * z * kv_len * Hkv
+    qb_p, qi_p, st_p = np.int64(Qb.ctypes.data), np.int64(Qi.ctypes.data), \
+        np.int64(St.ctypes.data)
+    pw_p, wq_p, o_p = np.int64(Pw.ctypes.data), np.int64(Wq.ctypes.data), \
+        np.int64(O.ctypes.data)
+    a_p, mr_p = np.int64(alpha.ctypes.data), np.int64(m_run.ctypes.data)
+    lr_p, nv_p = np.int64(l_run.ctypes.data), np.int64(n_vis.ctypes.data)
+    kpos = kv_len - q_len                          # position of the first query
+    n0 = min(k_hi - k_lo, PREFETCH_KEYS)
+    _prefetch_rows(kc_p + k_lo * ldk, 1, 0, n0 * ldk)
+    _prefetch_rows(vc_p + k_lo * ldk, 1, 0, n0 * ldk)
+    for k0 in range(k_lo, k_hi, BLOCK):
+        nk = min(BLOCK, k_hi - k0)
+        diag = False
+        for r in range(8):
+            n_vis[r] = min(nk, max(0, kpos + r // G + 1 - k0)) if causal and r < rows else nk
+            diag = diag or n_vis[r] < nk
+        f0 = min(k_hi, k0 + PREFETCH_KEYS)         # the scales PREFETCH_KEYS on, a block
+        f1 = min(k_hi, f0 + BLOCK)
+        _prefetch_rows(ks_p + 4 * f0 * Hkv, 1, 0, 4 * (f1 - f0) * Hkv)
+        _prefetch_rows(vs_p + 4 * f0 * Hkv, 1, 0, 4 * (f1 - f0) * Hkv)
+        for hk in range(Hkv):
+            # this head's share of the rows PREFETCH_KEYS on, whole rows in address order
+            r0 = min(k_hi, k0 + PREFETCH_KEYS + hk * BLOCK // Hkv)
+            r1 = min(k_hi, k0 + PREFETCH_KEYS + (hk + 1) * BLOCK // Hkv)
+            at = k0 * Hkv + hk                       # this head's first key, in scale units
+            _head_scores(nk, st_p, 8, kc_p + k0 * ldk + hk * d, ldk, qb_p + hk * d * 8, d,
+                         ks_p + 4 * at, Hkv, qi_p + 64 * hk, kc_p + r0 * ldk, vc_p + r0 * ldk,
+                         (r1 - r0) * Hkv)
+            _softmax8(st_p, 8, nk, mr_p + 4 * hk * m_run.shape[1],
+                      lr_p + 4 * hk * l_run.shape[1], a_p, nv_p, diag)
+            _pack_weights(pw_p, st_p, nk, vs_p + 4 * at, Hkv, wq_p)
+            _head_pv(rows, nk, o_p + 4 * hk * rows * d, d, pw_p, vc_p + k0 * ldk + hk * d,
+                     ldk, a_p, wq_p)
+
+
+@njit(inline="always", cache=True)
+def _scratch(Hkv, d):
+    # a worker's scratch for _decode_range, allocated by the worker itself
+    return (np.empty((Hkv, d * 8), np.int8), np.empty((Hkv, 16), np.int32),
+            np.empty(BLOCK * 8, np.float32), np.empty(BLOCK * 2, np.int32),
+            np.empty(16, np.int32), np.empty(8, np.float32), np.empty(8, np.int32))
+
+
+@njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
+def _attention_decode(out, q, kc, ks, vc, vs, scale, causal, n_workers):
+    # q, out: (b, q_len, H, d), at most 8 rows a KV head; kc, vc: (b, kv_len, Hkv, d) uint8
+    # codes; ks, vs: (b, kv_len, Hkv) float32 scales. A task: a range of keys of one batch for
+    # every head, merged at the end (attention_cpu's plan and merge)
+    kv_len = kc.shape[1]
+    n_split, split_len, n_tasks, O_part, M_part, L_part = _decode_mk_plan(q, kc, n_workers)
+    for w in prange(n_workers):
+        Qb, Qi, St, Pw, Wq, At, Vis = _scratch(kc.shape[2], q.shape[3])
+        for task in range(w, n_tasks, n_workers):
+            z, split = task // n_split, task % n_split
+            _decode_range(q, kc, ks, vc, vs, float32(scale), causal, z, split * split_len,
+                          min(kv_len, (split + 1) * split_len), Qb, Qi, St, Pw, Wq,
+                          O_part[task], M_part[task], L_part[task], At, Vis)
+    _decode_mk_merge(out, O_part, M_part, L_part, n_split)
+
+
+@njit(fastmath=FASTMATH_INF, cache=True)
+def _attention_decode_serial(out, q, kc, ks, vc, vs, scale, causal):
+    # _attention_decode on the calling thread, outside the thread pool (a short context)
+    kv_len = kc.shape[1]
+    n_split, split_len, n_tasks, O_part, M_part, L_part = _decode_mk_plan(q, kc, 1)
+    Qb, Qi, St, Pw, Wq, At, Vis = _scratch(kc.shape[2], q.shape[3])
+    for task in range(n_tasks):
+        z, split = task // n_split, task % n_split
+        _decode_range(q, kc, ks, vc, vs, float32(scale), causal, z, split * split_len,
+                      min(kv_len, (split + 1) * split_len), Qb, Qi, St, Pw, Wq,
+                      O_part[task], M_part[task], L_part[task], At, Vis)
+    _decode_mk_merge(out, O_part, M_part, L_part, n_split)
+
+
+@njit(parallel=True, cache=True)
+def dequantize(out, codes, scales):
+    # out (n, Hkv, d) float32 = (codes - 128) * scales[..., None]; codes (n, Hkv, d) uint8,
+    # scales (n, Hkv) float32 (leading axes flattened by the caller)
+    for i in prange(codes.shape[0]):
+        for h in range(codes.shape[1]):
+            s = scales[i, h]
+            for c in range(codes.shape[2]):
+                out[i, h, c] = float32(np.int32(codes[i, h, c]) - OFFSET) * s
+
+
+def int8_dots(q, k):
+    """True where attention over this 8-bit K takes its products in 8 bits (_attention_decode):
+    a decode (at most f32.DECODE_MAX_Q queries, at most 8 query rows a KV head), head sizes a
+    multiple of 32, and AVX-512 VNNI on the host, allowed (llvm_cpu.CPU_PATH)."""
+    q_len, H, d = q.shape[-3:]
+    return (q_len <= f32.DECODE_MAX_Q and q_len * (H // k.shape[-2]) <= 8 and d % 32 == 0
+            and fast_path("avx512vnni", "avx512bw"))
+
+
+def _widened(x):
+    # an Int8KV's float32 values, (..., n, Hkv, d)
+    out = np.empty(x.codes.shape, np.float32)
+    n, hkv, d = x.codes.shape[-3:]
+    dequantize(out.reshape(-1, hkv, d), x.codes.reshape(-1, hkv, d), x.scales.reshape(-1, hkv))
+    return out
+
+
+def attention(out, q, k, v, scale, causal):
+    # q, out: (b, q_len, H, d) float32; k, v: formats.Int8KV of (b, kv_len, Hkv, d)
+    if not int8_dots(q, k):
+        f32.attention(out, q, _widened(k), _widened(v), scale, causal)
+        return
+    B, q_len, H, d = q.shape
+    work = B * q_len * H * k.shape[1] * d          # multiply-adds of q k^T
+    if work < cpu_pool.PARALLEL_MIN_WORK:
+        _attention_decode_serial(out, q, k.codes, k.scales, v.codes, v.scales, scale, causal)
+    else:
+        _attention_decode(out, q, k.codes, k.scales, v.codes, v.scales, scale, causal,
+                          get_num_threads())
