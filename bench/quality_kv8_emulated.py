@@ -12,7 +12,10 @@ Schemes (each adds one rounding to the one before; scales are float64, products 
   row and block of 64 keys: the block's largest over 255), as vpdpbusd would take P V; the
   softmax's sums stay exact;
 - +p7: the same weights in 7 bits (over 127: signed bytes, for V's codes as the unsigned
-  operand).
+  operand);
+- +p7b: 7 bits with the step from a bound instead of the largest weight: the block's largest
+  probability of the row times its largest value scale, over 127 (known before the weights
+  are: one pass less).
 
     python bench/quality_kv8_emulated.py [--model DIR] [--text FILE] [--context 256]
         [--block 64]"""
@@ -27,7 +30,7 @@ from numba_attn import Model  # noqa: E402
 from numba_attn import model as model_module  # noqa: E402
 from quality_formats import parser, quality, reference  # noqa: E402  (bench/)
 
-SCHEMES = ("exact", "q8.k8", "q8.k8+v8", "q8.k8+v8+p8", "q8.k8+v8+p7")
+SCHEMES = ("exact", "q8.k8", "q8.k8+v8", "q8.k8+v8+p8", "q8.k8+v8+p7", "q8.k8+v8+p7b")
 BLOCK = 64                     # keys per block of the decode kernel's online softmax (--block)
 
 
@@ -57,7 +60,7 @@ def emulated_attention(scheme, block=BLOCK):
             s = scale * q[:, h] @ k[:, hk].T                                     # (S, T)
             s = np.where(seen, s, -np.inf) if causal else s
             m = s.max(axis=1, keepdims=True)
-            if scheme[-2:] in ("p8", "p7"):
+            if scheme[-2:] in ("p8", "p7") or scheme.endswith("p7b"):
                 pad = np.full((S, n_blk * block), -np.inf)
                 pad[:, :T] = s
                 blk = pad.reshape(S, n_blk, block)
@@ -66,7 +69,10 @@ def emulated_attention(scheme, block=BLOCK):
                 p = np.exp(blk - mb_safe)                                        # <= 1
                 w = p * np.pad(dv[:, hk, 0], (0, n_blk * block - T)).reshape(1, n_blk, block)
                 wmax = w.max(axis=2, keepdims=True)
-                levels = 255.0 if scheme.endswith("p8") else 127.0
+                if scheme.endswith("p7b"):             # p's block max is 1 here
+                    wmax = np.pad(dv[:, hk, 0], (0, n_blk * block - T)).reshape(
+                        1, n_blk, block).max(axis=2, keepdims=True) * np.ones((S, 1, 1))
+                levels = 255.0 if scheme.endswith("p8") else 127.0   # p7, p7b
                 wstep = np.where(wmax > 0, wmax / levels, 1.0)
                 w8 = np.round(w / wstep) * wstep                  # the 8-bit weights' values
                 rescale = np.exp(mb_safe - m[:, :, None])

@@ -60,23 +60,25 @@ def _addr(builder, base, *terms):
 
 
 def _qk_i8(R):
-    """An intrinsic qk(c, ldc, a, sa_i, b, K, ks, ks_i, qi): for keys i < R, the 8 floats at
-    c + 4 i ldc become qs[r] ks[i] (sum_{t < K} A[i, t] Q[t, r] - corr[r]) for rows r < 8.
+    """An intrinsic qk(c, a, sa_i, b, K, ks, ks_i, qi): for keys i < R, the 8 floats at c + 32 i
+    (S^T rows) become qs[r] ks[i] (sum_{t < K} A[i, t] Q[t, r] - corr[r]) for rows r < 8.
     A[i, t]: the unsigned byte at a + i sa_i + t; Q: signed bytes, 64 a step of 8 dimensions
     from b on, the 32-bit lane 2 r + e of step s holding Q[8 s + 4 e + (0..3), r]; ks[i]: the
     float at ks + 4 i ks_i; qi: corr (8 int32), then qs (8 floats). K a multiple of 8. Each
     key's 8 bytes a step are broadcast to the 8 64-bit lanes, one vpdpbusd a key and step; the
-    R accumulators stay in registers."""
-    VQ = ir.VectorType(_I64, 8)
-    even, odd = _const(list(range(0, 16, 2))), _const(list(range(1, 16, 2)))
+    R accumulators stay in registers, and are finished two keys a zmm (R even, or 1)."""
+    even = _const(list(range(0, 32, 2)))
+    odd = _const(list(range(1, 32, 2)))
+    twice = _const(list(range(8)) * 2)
+    VF16 = ir.VectorType(_F32, 16)
 
     @intrinsic
-    def qk(typingctx, c, ldc, a, sa_i, b, K, ks, ks_i, qi):
-        sig = types.void(c, ldc, a, sa_i, b, K, ks, ks_i, qi)
+    def qk(typingctx, c, a, sa_i, b, K, ks, ks_i, qi):
+        sig = types.void(c, a, sa_i, b, K, ks, ks_i, qi)
 
         def codegen(context, builder, signature, args):
-            c, ldc, a, sa_i, b, K, ks, ks_i, qi = [context.cast(builder, v, t, types.int64)
-                                                   for v, t in zip(args, signature.args)]
+            c, a, sa_i, b, K, ks, ks_i, qi = [context.cast(builder, v, t, types.int64)
+                                              for v, t in zip(args, signature.args)]
             dot = vpdpbusd(builder)
             acc = [cgutils.alloca_once_value(builder, ir.Constant(VI16, [0] * 16))
                    for _ in range(R)]
@@ -91,16 +93,30 @@ def _qk_i8(R):
                     builder.store(builder.call(dot, [builder.load(acc[i]), kv, qv]), acc[i])
             corr, qs = _at(builder, qi, VI8, 4), _at(builder, builder.add(qi, ir.Constant(
                 _I64, 32)), VF8, 4)
-            for i in range(R):
-                v = builder.load(acc[i])
-                total = builder.sub(builder.add(builder.shuffle_vector(v, v, even),
-                                                builder.shuffle_vector(v, v, odd)), corr)
-                kscale = _at(builder, builder.add(ks, builder.mul(ir.Constant(_I64, 4 * i),
-                                                                  ks_i)), _F32, 4)
+
+            def kscale(i):
+                return _at(builder, builder.add(ks, builder.mul(ir.Constant(_I64, 4 * i), ks_i)),
+                           _F32, 4)
+            if R == 1:
+                v = builder.load(acc[0])
+                total = builder.sub(builder.add(
+                    builder.shuffle_vector(v, v, _const(list(range(0, 16, 2)))),
+                    builder.shuffle_vector(v, v, _const(list(range(1, 16, 2))))), corr)
                 res = builder.fmul(builder.fmul(builder.sitofp(total, VF8), qs),
-                                   _bcast(builder, kscale, 8))
-                out = builder.add(c, builder.mul(ir.Constant(_I64, 4 * i), ldc))
-                builder.store(res, builder.inttoptr(out, ir.PointerType(VF8)), align=4)
+                                   _bcast(builder, kscale(0), 8))
+                builder.store(res, builder.inttoptr(c, ir.PointerType(VF8)), align=4)
+                return context.get_dummy_value()
+            corr2, qs2 = (builder.shuffle_vector(x, x, twice) for x in (corr, qs))
+            for i in range(0, R, 2):          # keys i and i + 1: one zmm, two S^T rows
+                u, w = builder.load(acc[i]), builder.load(acc[i + 1])
+                total = builder.sub(builder.add(builder.shuffle_vector(u, w, even),
+                                                builder.shuffle_vector(u, w, odd)), corr2)
+                pair = builder.shuffle_vector(_bcast(builder, kscale(i), 8),
+                                              _bcast(builder, kscale(i + 1), 8),
+                                              _const(list(range(16))))
+                res = builder.fmul(builder.fmul(builder.sitofp(total, VF16), qs2), pair)
+                out = builder.add(c, ir.Constant(_I64, 32 * i))
+                builder.store(res, builder.inttoptr(out, ir.PointerType(VF16)), align=4)
             return context.get_dummy_value()
         return sig, codegen
     return qk
@@ -111,27 +127,27 @@ _qk_14, _qk_4, _qk_1 = (_qk_i8(r) for r in (_QK_R, 4, 1))
 
 
 @njit(inline="always")
-def _head_scores(nk, st_p, ld, kh_p, ldk, qh_p, d, ks_p, ks_i, qi_p, pf_k, pf_v, n_pf):
-    # S^T (nk, ld) at st_p of one KV head's block: keys at kh_p, rows ldk bytes apart, their
+def _head_scores(nk, st_p, kh_p, ldk, qh_p, d, ks_p, ks_i, qi_p, pf_k, pf_v, n_pf):
+    # S^T (nk, 8) at st_p of one KV head's block: keys at kh_p, rows ldk bytes apart, their
     # scales at ks_p, ks_i floats apart. Before each call of R keys the next R of n_pf pieces
     # of d bytes of K and of V are prefetched (before the last, every piece left), back to back
     # from pf_k and pf_v: spread over the work, so the memory streams while the core computes
     j = p = 0                                  # keys done, pieces prefetched
     while j < nk:
-        cj, aj, kj = st_p + 4 * j * ld, kh_p + j * ldk, ks_p + 4 * j * ks_i
+        cj, aj, kj = st_p + 32 * j, kh_p + j * ldk, ks_p + 4 * j * ks_i
         if p < n_pf:
             npf = min(_QK_R, n_pf - p) if j + _QK_R < nk else n_pf - p
             _prefetch_rows(pf_k + p * d, npf, d, d)
             _prefetch_rows(pf_v + p * d, npf, d, d)
             p += npf
         if nk - j >= _QK_R:
-            _qk_14(cj, ld, aj, ldk, qh_p, d, kj, ks_i, qi_p)
+            _qk_14(cj, aj, ldk, qh_p, d, kj, ks_i, qi_p)
             j += _QK_R
         elif nk - j >= 4:
-            _qk_4(cj, ld, aj, ldk, qh_p, d, kj, ks_i, qi_p)
+            _qk_4(cj, aj, ldk, qh_p, d, kj, ks_i, qi_p)
             j += 4
         else:
-            _qk_1(cj, ld, aj, ldk, qh_p, d, kj, ks_i, qi_p)
+            _qk_1(cj, aj, ldk, qh_p, d, kj, ks_i, qi_p)
             j += 1
 
 
@@ -379,7 +395,7 @@ def _decode_range(q, kc, ks, vc, vs, scale, causal, z, k_lo, k_hi, Qb, Qi, St, P
             r0 = min(k_hi, k0 + PREFETCH_KEYS + hk * BLOCK // Hkv)
             r1 = min(k_hi, k0 + PREFETCH_KEYS + (hk + 1) * BLOCK // Hkv)
             at = k0 * Hkv + hk                       # this head's first key, in scale units
-            _head_scores(nk, st_p, 8, kc_p + k0 * ldk + hk * d, ldk, qb_p + hk * d * 8, d,
+            _head_scores(nk, st_p, kc_p + k0 * ldk + hk * d, ldk, qb_p + hk * d * 8, d,
                          ks_p + 4 * at, Hkv, qi_p + 64 * hk, kc_p + r0 * ldk, vc_p + r0 * ldk,
                          (r1 - r0) * Hkv)
             _softmax8(st_p, 8, nk, mr_p + 4 * hk * m_run.shape[1],
@@ -391,10 +407,23 @@ def _decode_range(q, kc, ks, vc, vs, scale, causal, z, k_lo, k_hi, Qb, Qi, St, P
 
 @njit(inline="always", cache=True)
 def _scratch(Hkv, d):
-    # a worker's scratch for _decode_range, allocated by the worker itself
-    return (np.empty((Hkv, d * 8), np.int8), np.empty((Hkv, 16), np.int32),
-            np.empty(BLOCK * 8, np.float32), np.empty(BLOCK * 2, np.int32),
-            np.empty(16, np.int32), np.empty(8, np.float32), np.empty(8, np.int32))
+    # a worker's scratch for _decode_range, one allocation carved in 64-byte pieces (seven
+    # allocations cost 2 us a call): Qb, Qi, St, Pw, Wq, alpha, n_vis
+    sizes = (Hkv * d * 8, Hkv * 64, BLOCK * 32, BLOCK * 8, 64, 64, 64)
+    buf = np.empty(sum(sizes) + 64, np.uint8)
+    at = (64 - buf.ctypes.data % 64) % 64
+    Qb = buf[at:at + sizes[0]].view(np.int8).reshape((Hkv, d * 8))
+    at += sizes[0]
+    Qi = buf[at:at + sizes[1]].view(np.int32).reshape((Hkv, 16))
+    at += sizes[1]
+    St = buf[at:at + sizes[2]].view(np.float32)
+    at += sizes[2]
+    Pw = buf[at:at + sizes[3]].view(np.int32)
+    at += sizes[3]
+    Wq = buf[at:at + 64].view(np.int32)
+    alpha = buf[at + 64:at + 96].view(np.float32)
+    n_vis = buf[at + 128:at + 160].view(np.int32)
+    return Qb, Qi, St, Pw, Wq, alpha, n_vis
 
 
 @njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
