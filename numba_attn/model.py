@@ -32,6 +32,7 @@ from .kvcache import KVCache, kv_dtype as kv_dtype_of
 from .ops import (add_rmsnorm, apply_rope, attention, embedding, linear, rmsnorm, silu_mul,
                   split_qkv)
 from .cpu_decode import CpuDecodeSteps
+from .kernels.attention_int8_cpu import decode_products as int8_decode_products
 from .cuda_decode import CudaDecoder
 from .rope import RopeTable
 from .weights import CheckpointError, HostArena, LoadNotice, aligned_empty, empty_weight, \
@@ -46,11 +47,18 @@ WEIGHT_DTYPES = {device: tuple(name for name, f in FORMATS.items() if device in 
                  for device in DEVICES}
 # the KV cache's "auto" storage on the CPU follows the weights (formats.KV_DTYPES has every
 # device's): 16-bit weights keep 16-bit keys and values, float32 stays float32; q8_0 takes
-# bfloat16, which decode multiplies without widening on CPUs with AVX-512 BF16 (TinyLlama at
-# context 2000: 7.4-8.5% below context 16 against 11-12% with float16), at 2e-6 nats of KL on
-# the demo model against q8_0's own 3e-5; on CUDA float32
+# int8 where decode multiplies it in 8 bits (AVX-512 VNNI: TinyLlama at context 2000 about 6%
+# below context 16, against 8.5-9% with bfloat16; decoded token by token on the demo model
+# 1.2e-4 nats of KL from float32 against 1.0e-4 with bfloat16), else bfloat16, which decode
+# multiplies without widening on CPUs with AVX-512 BF16; on CUDA float32
 _AUTO_KV = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
             "q8_0": "bfloat16"}
+
+
+def _auto_kv(weight_dtype):
+    if weight_dtype == "q8_0" and int8_decode_products():
+        return "int8"
+    return _AUTO_KV.get(weight_dtype, "float32")
 
 
 def _rope_qk(q, k, table, start_pos, out):
@@ -251,10 +259,9 @@ def resolve_weight_dtype(device, weight_dtype, source=None):
 
 def resolve_kv_dtype(device, kv_dtype, weight_dtype):
     """The name of the KV cache's storage on device: kv_dtype checked against KV_DTYPES[device],
-    or for "auto", on the CPU the 16-bit type matching the weights (_AUTO_KV), on CUDA
-    float32."""
+    or for "auto", on the CPU the type matching the weights (_auto_kv), on CUDA float32."""
     if isinstance(kv_dtype, str) and kv_dtype == "auto":
-        return _AUTO_KV.get(weight_dtype, "float32") if device == "cpu" else "float32"
+        return _auto_kv(weight_dtype) if device == "cpu" else "float32"
     try:
         return kv_dtype_of(device, kv_dtype).name
     except (TypeError, ValueError):

@@ -464,8 +464,8 @@ KV_CASES = [
      lambda: KVCache(1, 8, 2, 16.0)),
     ("bad device", ValueError, "device must be 'cpu' or 'cuda', got 'gpu'",
      lambda: KVCache(1, 8, 2, 16, device="gpu")),
-    ("int8 cache", ValueError, "a cpu KV cache stores float32, float16, bfloat16; got 'int8'",
-     lambda: KVCache(1, 8, 2, 16, dtype=np.int8)),
+    ("int16 cache", ValueError, "a cpu KV cache stores float32, float16, bfloat16, int8; got "
+     "'int16'", lambda: KVCache(1, 8, 2, 16, dtype=np.int16)),
     ("layer negative", ValueError, r"layer must be an integer in \[0, 2\), got -1",
      lambda: kv_append(-1)),
     ("layer past the end", ValueError, r"layer must be an integer in \[0, 2\), got 2",

@@ -167,8 +167,9 @@ def test_16bit_cache_rounds_float32_on_the_way_in(dtype):
 
 
 def test_cache_dtypes_refused():
-    for dtype in ("int8", np.float64, "float8", ml_dtypes.float8_e4m3fn):
-        with pytest.raises(ValueError, match="cpu KV cache stores float32, float16, bfloat16"):
+    for dtype in ("uint8", np.float64, "float8", ml_dtypes.float8_e4m3fn):
+        with pytest.raises(ValueError, match="cpu KV cache stores float32, float16, bfloat16, "
+                                             "int8"):
             KVCache(1, 4, 1, 4, dtype=dtype)
     with pytest.raises(ValueError, match="cuda KV cache stores float32, float16; got 'bfloat16'"):
         KVCache(1, 4, 1, 4, dtype="bfloat16", device="cuda")

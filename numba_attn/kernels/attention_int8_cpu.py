@@ -468,13 +468,19 @@ def dequantize(out, codes, scales):
                 out[i, h, c] = float32(np.int32(codes[i, h, c]) - OFFSET) * s
 
 
+def decode_products():
+    """True where this host takes decode's products over an 8-bit cache in 8 bits: AVX-512
+    VNNI (and BW), allowed by llvm_cpu.CPU_PATH."""
+    return fast_path("avx512vnni", "avx512bw")
+
+
 def int8_dots(q, k):
     """True where attention over this 8-bit K takes its products in 8 bits (_attention_decode):
     a decode (at most f32.DECODE_MAX_Q queries, at most 8 query rows a KV head), head sizes a
-    multiple of 32, and AVX-512 VNNI on the host, allowed (llvm_cpu.CPU_PATH)."""
+    multiple of 32, and decode_products()."""
     q_len, H, d = q.shape[-3:]
     return (q_len <= f32.DECODE_MAX_Q and q_len * (H // k.shape[-2]) <= 8 and d % 32 == 0
-            and fast_path("avx512vnni", "avx512bw"))
+            and decode_products())
 
 
 def _widened(x):
