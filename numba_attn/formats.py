@@ -308,7 +308,21 @@ class Int8KV:
         index = index if isinstance(index, tuple) else (index,)
         if len(index) > self.codes.ndim - 1 - sum(i is None for i in index):
             raise IndexError("an Int8KV is indexed on its leading axes, not head_dim")
-        return Int8KV(self.codes[index], self.scales[index])
+        codes, scales = self.codes[index], self.scales[index]
+        if not (codes.flags.c_contiguous and scales.flags.c_contiguous):
+            raise ValueError("an Int8KV's rows are taken whole: a step or a later axis "
+                             "leaves them non-contiguous")
+        view = object.__new__(Int8KV)              # slices of checked arrays: no checks again
+        view.codes, view.scales = codes, scales
+        return view
+
+    def rows(self):
+        """(codes (rows, head_dim), scales (rows,)): flat views of every row, made once."""
+        flat = self.__dict__.get("_rows")
+        if flat is None:
+            flat = self._rows = (self.codes.reshape(-1, self.codes.shape[-1]),
+                                 self.scales.reshape(-1))
+        return flat
 
     def dequantize(self):
         """The values as float32, (..., n, n_kv_heads, head_dim)."""

@@ -320,14 +320,15 @@ def _head_pv(rows, nk, oh_p, d, pw_p, vh_p, ldk, a_p, wq_p):
 @njit(inline="always", fastmath=FASTMATH_INF, cache=True)
 def _pack_q(Qb, Qi, q, scale, z, hk, rows, G):
     # KV head hk's query rows (8, padding rows zeros) in 8 bits into Qb (d * 8 bytes, the score
-    # kernel's layout: step s, lane 2 r + e, byte m: q[r, 8 s + 4 e + m]) and Qi: the rows'
-    # offset corrections (8 int32: 128 x their code sums), then their scales times `scale`
+    # kernel's layout: step s, lane 2 r + e, byte m: q[r, 8 s + 4 e + m], i.e. row r's 8 bytes
+    # of the step at 64 s + 8 r) and Qi: the rows' offset corrections (8 int32: 128 x their
+    # code sums), then their scales times `scale`
     d = q.shape[3]
     qs = Qi[8:].view(np.float32)
     for r in range(8):
         if r >= rows:
-            for c in range(d):
-                Qb[(c // 8) * 64 + (2 * r + (c % 8) // 4) * 4 + c % 4] = 0
+            for s in range(d // 8):
+                Qb[64 * s + 8 * r:64 * s + 8 * r + 8] = 0
             Qi[r] = 0
             qs[r] = float32(0)
             continue
@@ -337,10 +338,11 @@ def _pack_q(Qb, Qi, q, scale, z, hk, rows, G):
             amax = max(amax, abs(qr[c]))
         inv = float32(127) / amax if amax > 0 else float32(0)
         total = 0
-        for c in range(d):
-            code = int(np.rint(qr[c] * inv))
-            Qb[(c // 8) * 64 + (2 * r + (c % 8) // 4) * 4 + c % 4] = code
-            total += code
+        for s in range(d // 8):
+            for t in range(8):
+                code = np.int32(np.rint(qr[8 * s + t] * inv))
+                Qb[64 * s + 8 * r + t] = code
+                total += code
         Qi[r] = OFFSET * total
         qs[r] = amax / float32(127) * scale
 

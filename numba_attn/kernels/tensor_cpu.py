@@ -60,9 +60,8 @@ def append_kv(k_cache, v_cache, k, v, offset):
     # quantized into an 8-bit one); written from element offset of the caches' flat views
     if isinstance(k_cache, Int8KV):
         d = k.shape[-1]
-        _append_int8(k_cache.codes.reshape(-1, d), k_cache.scales.reshape(-1),
-                     v_cache.codes.reshape(-1, d), v_cache.scales.reshape(-1),
-                     k.reshape(-1, d), v.reshape(-1, d), offset // d)
+        _append_int8(*k_cache.rows(), *v_cache.rows(), k.reshape(-1, d), v.reshape(-1, d),
+                     offset // d)
         return
     n = k.size
     k_cache.reshape(-1)[offset:offset + n] = k.reshape(-1)
