@@ -18,9 +18,10 @@ WEIGHT_DTYPE_HELP = ("Storage of the weights: auto (the checkpoint's own type; q
                      "arithmetic is float32 throughout.")
 KV_DTYPE_CHOICES = ("auto",) + tuple(KV_DTYPES["cpu"])
 KV_DTYPE_HELP = ("Storage of the KV cache: auto (on the CPU: float32 with float32 weights, "
-                 "16 bits with 16-bit weights, bfloat16 with q8_0; on CUDA: float32), float32, "
-                 "float16 or bfloat16 (CPU only); 16 bits halve the bytes decode reads at "
-                 "long context.")
+                 "16 bits with 16-bit weights, int8 with q8_0 where the CPU has AVX-512 VNNI, "
+                 "else bfloat16; on CUDA: float32), float32, float16, bfloat16 (CPU only) or "
+                 "int8 (CPU only: 8-bit codes and a scale a row); 16 bits halve the bytes "
+                 "decode reads at long context, int8 quarters them.")
 DEFAULT_MAX_TOKENS = 256   # generate's default (fewer when the context has less room); chat's
                            # per reply
 
