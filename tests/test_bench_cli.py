@@ -252,14 +252,15 @@ def test_model_text(tiny_folder):
     assert "JIT warm-up" in r.stdout
 
 
-def test_model_with_a_16bit_kv_cache(tiny_folder):
+@pytest.mark.parametrize("kv", ["bfloat16", "int8"])
+def test_model_with_a_16bit_or_8bit_kv_cache(tiny_folder, kv):
     """The generation test and the layer breakdown (its own cache, in the model's storage)
-    with q8_0 weights and a bfloat16 KV cache."""
-    r = ok(["model", "--model", tiny_folder, "--weight-dtype", "q8_0", "--kv-dtype",
-            "bfloat16"] + MODEL_TINY)
+    with q8_0 weights and a bfloat16 or int8 KV cache."""
+    r = ok(["model", "--model", tiny_folder, "--weight-dtype", "q8_0", "--kv-dtype", kv]
+           + MODEL_TINY)
     for name in ("pp8", "tg4", "attention", "decode of 1 token at position 8"):
         assert name in r.stdout, name
-    clean_error(run(["model", "--model", tiny_folder, "--kv-dtype", "int8"]), "--kv-dtype")
+    clean_error(run(["model", "--model", tiny_folder, "--kv-dtype", "int4"]), "--kv-dtype")
 
 
 @pytest.fixture(scope="module")
