@@ -2,6 +2,7 @@
 (one clean `Error:` line, non-zero exit, no traceback)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -68,8 +69,10 @@ def test_generate_sampling_options_and_stdin(tiny_folder):
 
 
 def test_empty_prompt_starts_from_bos(tiny_folder):
+    # sampled without a seed, the random tiny model may draw its end-of-sequence early
     result = invoke("generate", "", "--model", tiny_folder, "--max-tokens", "3")
-    assert result.exit_code == 0 and "prompt 1 token, generated 3 tokens" in result.stderr
+    assert result.exit_code == 0
+    assert re.search(r"prompt 1 token, generated [123] tokens? \|", result.stderr), result.stderr
 
 
 def test_compiling_message_when_numba_compiles(tiny_folder, monkeypatch):
