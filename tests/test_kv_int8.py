@@ -128,9 +128,10 @@ def int8_decode_ref(q, k, v, scale, block=64):
 
 
 # (q_len, kv_len, H, Hkv, d): lengths off the 64-key blocks and the 4-key groups, one key, one
-# to eight query rows a KV head, head sizes 32 to 128
+# to eight query rows a KV head (more: one query at a time), head sizes 32 to 128
 DECODE_SHAPES = [(1, 2000, 32, 4, 64), (1, 1, 8, 1, 32), (1, 67, 8, 8, 128), (2, 131, 8, 2, 64),
-                 (4, 70, 4, 2, 64), (1, 300, 8, 4, 96), (3, 5, 4, 2, 32)]
+                 (4, 70, 4, 2, 64), (1, 300, 8, 4, 96), (3, 5, 4, 2, 32), (3, 40, 16, 2, 64),
+                 (4, 4, 8, 1, 32)]
 
 
 @pytest.mark.parametrize("shape", DECODE_SHAPES)
@@ -156,9 +157,9 @@ def test_decode_in_8bit_products_matches_reference_of_its_roundings(shape):
 
 
 @pytest.mark.parametrize("shape", [(1, 131, 8, 2, 64), (7, 40, 8, 2, 64), (40, 40, 4, 4, 48),
-                                   (1, 64, 16, 2, 64), (2, 9, 4, 1, 24)])
+                                   (1, 64, 16, 2, 64), (2, 9, 4, 1, 24), (2, 30, 32, 2, 64)])
 def test_other_shapes_and_paths_match_float32_attention_of_the_stored_values(shape, cpu_path):
-    # prefill, more than 8 query rows a KV head, head sizes not a multiple of 32, or no VNNI:
+    # prefill, more than 8 query heads a KV head, head sizes not a multiple of 32, or no VNNI:
     # the stored values widened to float32, float32 attention
     S, T, H, Hkv, d = shape
     rng = np.random.default_rng(S * T)
@@ -172,9 +173,10 @@ def test_other_shapes_and_paths_match_float32_attention_of_the_stored_values(sha
                                rtol=1e-4, atol=1e-5)
 
 
-def test_batched_int8_attention():
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_batched_int8_attention(q_len):
     rng = np.random.default_rng(3)
-    q = rng_values(rng, (2, 1, 8, 64))
+    q = rng_values(rng, (2, q_len, 8, 64))          # 3 queries: one at a time, each a batch's
     k, v = (quantize_kv_int8(rng_values(rng, (2, 90, 2, 64))) for _ in range(2))
     got = ops.attention(q, k, v)
     for b in range(2):

@@ -1,7 +1,8 @@
 """Attention over an 8-bit KV cache (formats.Int8KV) on the CPU.
 
-Decode (at most 8 query rows a KV head, head sizes a multiple of 32, on AVX-512 VNNI) takes
-both products in 8 bits with vpdpbusd, 64 multiply-adds an instruction, on the schedule of
+Decode (at most 4 queries and 8 query heads a KV head, head sizes a multiple of 32, on AVX-512
+VNNI; more than 8 query rows a KV head one query at a time) takes both products in 8 bits with
+vpdpbusd, 64 multiply-adds an instruction, on the schedule of
 attention_cpu's decode (key ranges over the threads, blocks of BLOCK_K keys for every KV head
 in turn, the next rows prefetched meanwhile, the ranges merged at the end):
 - scores: q rounded to 8 bits once a call (one scale a row, |q| / 127), against the cache's
@@ -15,8 +16,8 @@ in turn, the next rows prefetched meanwhile, the ranges merged at the end):
 bench/quality_kv8_emulated.py measures what the roundings cost (on the demo model: 8-bit q,
 K, V and 7-bit weights 3.0e-5 nats of KL from float32, perplexity -0.02%).
 
-Everything else (prefill, more rows, other head sizes, CPUs without VNNI) reads the codes
-widened to float32 (dequantize) and runs attention_cpu's float32 kernels."""
+Everything else (prefill, more heads a KV head, other head sizes, CPUs without VNNI) reads the
+codes widened to float32 (dequantize) and runs attention_cpu's float32 kernels."""
 import numpy as np
 from llvmlite import ir
 from numba import float32, get_num_threads, njit, prange, types
@@ -478,10 +479,11 @@ def decode_products():
 
 def int8_dots(q, k):
     """True where attention over this 8-bit K takes its products in 8 bits (_attention_decode):
-    a decode (at most f32.DECODE_MAX_Q queries, at most 8 query rows a KV head), head sizes a
-    multiple of 32, and decode_products()."""
+    a decode (at most f32.DECODE_MAX_Q queries; more than 8 query rows a KV head go one query
+    at a time), at most 8 query heads a KV head, head sizes a multiple of 32, and
+    decode_products()."""
     q_len, H, d = q.shape[-3:]
-    return (q_len <= f32.DECODE_MAX_Q and q_len * (H // k.shape[-2]) <= 8 and d % 32 == 0
+    return (q_len <= f32.DECODE_MAX_Q and H // k.shape[-2] <= 8 and d % 32 == 0
             and decode_products())
 
 
@@ -493,15 +495,32 @@ def _widened(x):
     return out
 
 
+def _decode(out, q, kc, ks, vc, vs, scale, causal):
+    # at most 8 query rows a KV head; on the calling thread when the work is small
+    B, q_len, H, d = q.shape
+    work = B * q_len * H * kc.shape[1] * d         # multiply-adds of q k^T
+    if work < cpu_pool.PARALLEL_MIN_WORK:
+        _attention_decode_serial(out, q, kc, ks, vc, vs, scale, causal)
+    else:
+        _attention_decode(out, q, kc, ks, vc, vs, scale, causal, get_num_threads())
+
+
 def attention(out, q, k, v, scale, causal):
     # q, out: (b, q_len, H, d) float32; k, v: formats.Int8KV of (b, kv_len, Hkv, d)
     if not int8_dots(q, k):
         f32.attention(out, q, _widened(k), _widened(v), scale, causal)
         return
-    B, q_len, H, d = q.shape
-    work = B * q_len * H * k.shape[1] * d          # multiply-adds of q k^T
-    if work < cpu_pool.PARALLEL_MIN_WORK:
-        _attention_decode_serial(out, q, k.codes, k.scales, v.codes, v.scales, scale, causal)
-    else:
-        _attention_decode(out, q, k.codes, k.scales, v.codes, v.scales, scale, causal,
-                          get_num_threads())
+    q_len, H = q.shape[1], q.shape[2]
+    kc, ks, vc, vs = k.codes, k.scales, v.codes, v.scales
+    if q_len * (H // kc.shape[2]) <= 8:
+        _decode(out, q, kc, ks, vc, vs, scale, causal)
+        return
+    # a few queries of more than 8 rows a KV head: one at a time, each over the keys it sees
+    kv_len = kc.shape[1]
+    for i in range(q_len):
+        n = kv_len - q_len + i + 1 if causal else kv_len
+        qi = np.ascontiguousarray(q[:, i:i + 1])
+        oi = np.empty_like(qi)
+        _decode(oi, qi, *(np.ascontiguousarray(a[:, :n]) for a in (kc, ks, vc, vs)), scale,
+                causal)
+        out[:, i:i + 1] = oi
