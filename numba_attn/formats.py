@@ -288,7 +288,6 @@ class Int8KV:
         self.scales = scales    # (..., n, n_kv_heads) float32
 
     dtype = _I8                 # what the rows are stored as, by KV_DTYPES' name
-    device = "cpu"
 
     @property
     def shape(self):

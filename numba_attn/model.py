@@ -32,7 +32,6 @@ from .kvcache import KVCache, kv_dtype as kv_dtype_of
 from .ops import (add_rmsnorm, apply_rope, attention, embedding, linear, rmsnorm, silu_mul,
                   split_qkv)
 from .cpu_decode import CpuDecodeSteps
-from .kernels.attention_int8_cpu import decode_products as int8_decode_products
 from .cuda_decode import CudaDecoder
 from .rope import RopeTable
 from .weights import CheckpointError, HostArena, LoadNotice, aligned_empty, empty_weight, \
@@ -56,8 +55,10 @@ _AUTO_KV = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
 
 
 def _auto_kv(weight_dtype):
-    if weight_dtype == "q8_0" and int8_decode_products():
-        return "int8"
+    if weight_dtype == "q8_0":
+        from .kernels.attention_int8_cpu import decode_products   # imported for q8_0 only
+        if decode_products():
+            return "int8"
     return _AUTO_KV.get(weight_dtype, "float32")
 
 

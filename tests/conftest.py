@@ -28,3 +28,12 @@ def make_folder(tmp_path):
     def make(name="m", **kwargs):
         return build_tiny_model(str(tmp_path / name), **kwargs)
     return make
+
+
+@pytest.fixture(params=["fast", "portable"])
+def cpu_path(request, monkeypatch):
+    """Both CPU paths: the instructions this CPU offers (VNNI, AVX-512 BF16) and the portable
+    loops every x86-64 CPU runs."""
+    from numba_attn.kernels import llvm_cpu
+    monkeypatch.setattr(llvm_cpu, "CPU_PATH", request.param)
+    return request.param

@@ -12,14 +12,6 @@ from numba_attn.kvcache import KVCache
 from reference import attention_ref
 
 
-@pytest.fixture(params=["fast", "portable"])
-def cpu_path(request, monkeypatch):
-    """Both CPU paths: 8-bit products where the CPU has VNNI, and the float32 kernels."""
-    from numba_attn.kernels import llvm_cpu
-    monkeypatch.setattr(llvm_cpu, "CPU_PATH", request.param)
-    return request.param
-
-
 def rng_values(rng, shape, scale=1.0):
     x = rng.standard_normal(shape) * scale
     x[..., 0] *= 8                                   # one large column: a row's scale

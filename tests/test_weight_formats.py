@@ -58,15 +58,6 @@ PREFILL_TOLERANCE = {"bfloat16": 2e-2, "q8_0": 2.5e-6, "q8_0 in bfloat16": 2e-2}
 LONG = np.concatenate([PROMPT] * 5)[:60]
 
 
-@pytest.fixture(params=["fast", "portable"])
-def cpu_path(request, monkeypatch):
-    """Both CPU paths: the instructions this CPU offers (VNNI, AVX-512 BF16) and the portable
-    loops every x86-64 CPU runs."""
-    from numba_attn.kernels import llvm_cpu
-    monkeypatch.setattr(llvm_cpu, "CPU_PATH", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "float16", "q8_0"])
 @pytest.mark.parametrize("stored", ["float32", "bfloat16"])
 def test_logits_match_reference_of_the_stored_weights(make_folder, fmt, stored, cpu_path):

@@ -24,6 +24,7 @@ from numba import float32, get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ..formats import KV_OFFSET as OFFSET   # the codes' offset: stored byte = code + 128
 from . import attention_cpu as f32
 from . import cpu_pool
 from .attention_cpu import BLOCK_K, NEG_INF, _decode_mk_merge, _decode_mk_plan, _prefetch_rows, \
@@ -33,7 +34,6 @@ from .scalar import FASTMATH_INF
 
 I8 = ir.IntType(8)
 VI16, VI8, VF8 = ir.VectorType(_I32, 16), ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
-OFFSET = 128                    # the codes' offset: stored byte = code + 128
 # decode: the K/V rows this many keys ahead are prefetched into L1, whole rows in address order,
 # spread over each head's scores (as attention_cpu's)
 PREFETCH_KEYS = 64
@@ -52,12 +52,6 @@ def _bcast(builder, x, n):
     u = ir.Constant(ir.VectorType(x.type, n), ir.Undefined)
     return builder.shuffle_vector(builder.insert_element(u, x, ir.Constant(_I32, 0)), u,
                                   _const([0] * n))
-
-
-def _addr(builder, base, *terms):
-    for t in terms:
-        base = builder.add(base, t)
-    return base
 
 
 def _qk_i8(R):
@@ -285,8 +279,8 @@ def _pv_i8(R):
                 wsum = _at(builder, builder.add(wq, ir.Constant(_I64, 32 + 4 * i)), _I32, 4)
                 corr = _bcast(builder, builder.mul(wsum, ir.Constant(_I32, OFFSET)), 16)
                 for h in (0, 1):
-                    out = builder.inttoptr(_addr(builder, c, builder.mul(ir.Constant(
-                        _I64, 4 * i), ldc), ir.Constant(_I64, 64 * h)),
+                    out = builder.inttoptr(builder.add(builder.add(c, builder.mul(
+                        ir.Constant(_I64, 4 * i), ldc)), ir.Constant(_I64, 64 * h)),
                         ir.PointerType(ir.VectorType(_F32, 16)))
                     v = builder.sitofp(builder.sub(builder.load(acc[i][h]), corr),
                                        ir.VectorType(_F32, 16))
