@@ -46,14 +46,24 @@ REFERENCE = ("for scale, on this 2-core machine in float32: llama2.c 11.6 tok/s,
 
 # -- writing the folder --------------------------------------------------------------------
 
+WRITTEN_HERE = "RANDOM_WEIGHTS"   # marks a folder write_folder wrote (and may write again)
+
+
 def write_folder(path, shape, dtype="float32"):
-    """config.json + model.safetensors with random weights in float32 or bfloat16. The file is
+    """config.json + model.safetensors with random weights in float32 or bfloat16, into a new
+    or empty folder (or one it wrote before: never over a real model). The file is
     streamed tensor by tensor in the safetensors layout (8-byte header length, JSON header,
     data), so writing 4.4 GB (or 13.5 GB) never holds more than one tensor."""
     import ml_dtypes
+    if os.path.isdir(path) and os.listdir(path) \
+            and not os.path.isfile(os.path.join(path, WRITTEN_HERE)):
+        sys.exit(f"{path} holds other files (a model of another shape or type?): random "
+                 f"weights are written only into a new or empty folder, or one written so before")
     size, code, np_dtype = {"float32": (4, "F32", np.float32),
                             "bfloat16": (2, "BF16", ml_dtypes.bfloat16)}[dtype]
     os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, WRITTEN_HERE), "w") as f:
+        f.write("random weights written by bench/bench_model.py\n")
     c = shape
     h, inter, hd = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
     q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
@@ -235,25 +245,29 @@ def measure(path, decode_tokens, prefill_tokens, repeat, weight_dtype="float32",
     if long_context:
         # decode after a long prompt against decode after a 16-token one, step for step in
         # turn (two caches over the same weights), so both see the same machine: its memory
-        # bandwidth comes and goes by tens of percent within a minute here
+        # bandwidth comes and goes by tens of percent within a minute here. Which of the two
+        # goes first alternates from pair to pair
         far = Model(c, model.weights, max_seq=model.max_seq, kv_dtype=model.kv_dtype)
-        near_tok = int(np.argmax(model.forward(rng.integers(0, c.vocab_size, 16), 0)))
-        far_tok = int(np.argmax(far.forward(rng.integers(0, c.vocab_size, long_context), 0)))
-        near_pos, far_pos, near_times, far_times = 16, long_context, [], []
+        sides = {"near": [model, int(np.argmax(model.forward(rng.integers(0, c.vocab_size, 16),
+                                                            0))), 16, []],
+                 "far": [far, int(np.argmax(far.forward(rng.integers(0, c.vocab_size,
+                                                                     long_context), 0))),
+                         long_context, []]}
         for i in range(decode_tokens):
-            step[0] = near_tok
-            t = time.perf_counter()
-            near_tok = int(np.argmax(model.forward(step, near_pos)))
-            near_times.append(time.perf_counter() - t)
-            step[0] = far_tok
-            t = time.perf_counter()
-            far_tok = int(np.argmax(far.forward(step, far_pos)))
-            far_times.append(time.perf_counter() - t)
-            near_pos, far_pos = near_pos + 1, far_pos + 1
+            for side in (("near", "far") if i % 2 == 0 else ("far", "near")):
+                m, tok, pos, times = sides[side]
+                step[0] = tok
+                t = time.perf_counter()
+                sides[side][1] = int(np.argmax(m.forward(step, pos)))
+                times.append(time.perf_counter() - t)
+                sides[side][2] = pos + 1
+        near_times, far_times = sides["near"][3], sides["far"][3]
         r["long_context"] = long_context
         r["long_decode_tok_s"] = 1 / statistics.median(far_times)
         r["short_decode_tok_s"] = 1 / statistics.median(near_times)
-        r["long_vs_short"] = r["long_decode_tok_s"] / r["short_decode_tok_s"]
+        # the median over pairs of the near step over the far one (drift within a pair is
+        # small; between the pairs' moments it is not)
+        r["long_vs_short"] = statistics.median(n / f for n, f in zip(near_times, far_times))
 
     # prefill: one pass over prefill_tokens from an empty cache, alternating with the GEMM
     # passes (best of `rounds` each). Peak memory is read after the first prefill, before the

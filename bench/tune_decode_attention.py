@@ -7,13 +7,16 @@ loaded as a module of its own.
 
     python bench/tune_decode_attention.py [float32|float16|bfloat16|int8] [VARIANT,...]
 
-VARIANT: as-is (the rows 64 keys on, whole rows in address order, into L1), ahead-32 and
-ahead-128 (32 or 128 keys on), l2, l2-128, l2-256 (into L2 instead, 64, 128 or 256
+VARIANT: as-is (the rows 64 keys on, whole rows in address order, into L1), ahead-16,
+ahead-32 and ahead-128 (16, 32 or 128 keys on), touch (a demand load of each line instead of
+a prefetch), head-major and head-major-none (K and V laid out (Hkv, keys, d), the head's own
+rows prefetched, or none), l2, l2-128, l2-256 (into L2 instead, 64, 128 or 256
 keys on), none, no-scores (the scores left out, their prefetch kept), no-softmax,
 no-pv (the online softmax or P V left out: what each costs in place), farF-nearN (the
 rows F keys on into L2 as well, N into L1: far256-near64, far256-near32, far512-near32,
 far128-near32), or at:REV, the file as git revision REV has it (at:HEAD:
-the committed kernel)."""
+the committed kernel). int8 has as-is, none, ahead-32/96/128, block-128, no-scores,
+no-softmax, no-pv, touch and skeleton (the three parts left out at once)."""
 import os
 import sys
 import tempfile
@@ -50,9 +53,32 @@ FAR_CALL = """
             f1 = min(k_hi, k0 + FAR_KEYS + (hk + 1) * BLOCK_K // Hkv)
             _prefetch_l2(k_p + f0 * row, (f1 - f0) * row)
             _prefetch_l2(v_p + f0 * row, (f1 - f0) * row)"""
+# a demand load of each line, in place of _prefetch_rows' prefetch instruction
+TOUCH_LINE = """                line = builder.add(row, builder.mul(lines.index, ir.Constant(_I64, 64)))
+                builder.load_atomic(builder.inttoptr(line, ir.PointerType(ir.IntType(8))),
+                                    "monotonic", 1)"""
+PF_LINE = """                prefetch(builder, builder.add(row, builder.mul(lines.index,
+                                                               ir.Constant(_I64, 64))), 0)"""
+TOUCH_ROWS = """
+
+@intrinsic
+def _prefetch_rows(typingctx, addr, n_rows, stride, nbytes):
+    sig = types.void(addr, n_rows, stride, nbytes)
+
+    def codegen(context, builder, signature, args):
+        a, n, s, b = [context.cast(builder, v, t, types.int64)
+                      for v, t in zip(args, signature.args)]
+        with cgutils.for_range(builder, n) as rws:
+            row = builder.add(a, builder.mul(rws.index, s))
+            with cgutils.for_range(builder, builder.ashr(b, ir.Constant(_I64, 6))) as lines:
+""" + TOUCH_LINE + """
+        return context.get_dummy_value()
+    return sig, codegen
+"""
 L1 = "ir.Constant(_I64, 64))), 0)"                   # _prefetch_rows: prefetcht0
 L2 = "ir.Constant(_I64, 64))), 0, 2)"                # prefetcht1, into L2
 VARIANTS = {"as-is": [], "ahead-32": [(KEYS, "PREFETCH_KEYS = 32\n")],
+            "ahead-16": [(KEYS, "PREFETCH_KEYS = 16\n")],
             "ahead-128": [(KEYS, "PREFETCH_KEYS = 128\n")],
             "none": [(CALL, "0, 0, 0)")],
             "l2": [(L1, L2)], "l2-128": [(L1, L2), (KEYS, "PREFETCH_KEYS = 128\n")],
@@ -61,7 +87,19 @@ VARIANTS = {"as-is": [], "ahead-32": [(KEYS, "PREFETCH_KEYS = 32\n")],
             "no-scores": [(SCORES, "_prefetch_rows(k_p + r0 * row, 1, 0, (r1 - r0) * row)\n"
                                    "            _prefetch_rows(v_p + r0 * row, 1, 0, (r1 - r0) * row)")],
             "no-softmax": [("_softmax8(st_p, ld, nk, mh, lh, a_p, nv_p, diag)", "pass")],
-            "no-pv": [(PV, "pass")]}
+            "no-pv": [(PV, "pass")],
+            "touch": [(PF_LINE, TOUCH_LINE)],
+            # K and V laid out (Hkv, keys, d) a batch, each head's keys back to back (the
+            # tuner passes such arrays, shaped as the kernel expects); the prefetch: the head's
+            # own rows PREFETCH_KEYS on, a block's worth
+            "head-major": [
+                ("    ldk = Hkv * d                                  # elements from",
+                 "    ldk = d                                  # elements from"),
+                ("kh_p, vh_p = k_p + es * (k0 * ldk + hk * d), v_p + es * (k0 * ldk + hk * d)",
+                 "kh_p, vh_p = k_p + es * (k0 * ldk + hk * kv_len * d), "
+                 "v_p + es * (k0 * ldk + hk * kv_len * d)"),
+                (CALL, "kh_p + es * PREFETCH_KEYS * d, vh_p + es * PREFETCH_KEYS * d, "
+                       "max(0, min(BLOCK_K, k_hi - k0 - PREFETCH_KEYS)))")]}
 # two streams: the rows FAR keys on into L2 (prefetcht1, whole rows, a head's share a block),
 # and the rows NEAR keys on into L1 as now
 for far, near in ((256, 64), (256, 32), (512, 32), (128, 32)):
@@ -72,14 +110,19 @@ for far, near in ((256, 64), (256, 32), (512, 32), (128, 32)):
 
 
 # over int8 K/V (attention_int8_cpu.py): the prefetch distance in keys
+VARIANTS["head-major-none"] = VARIANTS["head-major"][:2] + [(CALL, "0, 0, 0)")]
 VARIANTS_INT8 = {"as-is": [], "none": [("_prefetch_rows(pf_k", "0 and _prefetch_rows(pf_k")]}
 VARIANTS_INT8.update({f"ahead-{n}": [(KEYS, f"PREFETCH_KEYS = {n}\n")] for n in (32, 96, 128)})
 VARIANTS_INT8["block-128"] = [("BLOCK = BLOCK_K ", "BLOCK = 128 ")]
 VARIANTS_INT8.update({            # one part of a key block's work left out, as above
-    "no-scores": [("            _head_scores(nk, st_p, 8,", "            0 and _head_scores(nk, st_p, 8,")],
-    "no-softmax": [("            _softmax8(st_p, 8, nk,", "            0 and _softmax8(st_p, 8, nk,")],
+    "no-scores": [("            _head_scores(nk, st_p, kc_p", "            0 and _head_scores(nk, st_p, kc_p")],
+    "no-softmax": [("            _softmax8(st_p, 8, nk, mr_p", "            0 and _softmax8(st_p, 8, nk, mr_p")],
     "no-pv": [("            _pack_weights(pw_p,", "            0 and _pack_weights(pw_p,"),
               ("            _head_pv(rows, nk,", "            0 and _head_pv(rows, nk,")]})
+VARIANTS_INT8["touch"] = [("_decode_mk_plan, _prefetch_rows, \\\n", "_decode_mk_plan, \\\n"),
+                          ("\nPREFETCH_KEYS = 64", TOUCH_ROWS + "\n\nPREFETCH_KEYS = 64")]
+VARIANTS_INT8["skeleton"] = sum((VARIANTS_INT8[k] for k in ("no-scores", "no-softmax", "no-pv")),
+                               [])                # all three left out: the loops and prefetch
 
 
 def load_variant(name, tmp, int8=False):
@@ -114,17 +157,29 @@ def main():
     if int8:
         from numba_attn.formats import quantize_kv_int8
         k, v = quantize_kv_int8(k), quantize_kv_int8(v)
+    # the head-major variant's K/V: the same values laid out (Hkv, keys, d), shaped as the rest
+    hm = {name: tuple(np.ascontiguousarray(x.transpose(0, 1, 3, 2, 4)).reshape(x.shape)
+                      for x in (k, v)) for name in names if name.startswith("head-major")}
+    for name in names:               # each variant's output against as-is's on layer 0
+        kk, vv = hm.get(name, (k, v))
+        mods[name].attention(out, q, kk[0], vv[0], 0.125, True)
+        if name == names[0]:
+            first = out.copy()
+        elif not np.allclose(out, first, rtol=1e-4, atol=1e-5):
+            print(f"  (variant {name}: output differs from {names[0]}'s, "
+                  f"{np.abs(out - first).max():.2g} at most)")
     times = {name: {"cold": [], "warm": []} for name in names}
     order, at = list(mods), 0
     for it in range(12):
         for name in order[it % len(order):] + order[:it % len(order)]:   # each first in turn
             m = mods[name]
+            kk, vv = hm.get(name, (k, v))
             for layer in range(LAYERS):
                 _parallel_sum(weights[at:at + n])
                 at = (at + n) % (weights.size - n)
                 for mode in ("cold", "warm"):
                     t = time.perf_counter()
-                    m.attention(out, q, k[layer], v[layer], 0.125, True)
+                    m.attention(out, q, kk[layer], vv[layer], 0.125, True)
                     if it:
                         times[name][mode].append(time.perf_counter() - t)
     print(f"{dtype} K/V, {KV} keys, {HKV * G}/{HKV} heads, head dim {D}, {LAYERS} layers; "
