@@ -114,6 +114,7 @@ VARIANTS["head-major-none"] = VARIANTS["head-major"][:2] + [(CALL, "0, 0, 0)")]
 VARIANTS_INT8 = {"as-is": [], "none": [("_prefetch_rows(pf_k", "0 and _prefetch_rows(pf_k")]}
 VARIANTS_INT8.update({f"ahead-{n}": [(KEYS, f"PREFETCH_KEYS = {n}\n")] for n in (32, 96, 128)})
 VARIANTS_INT8["block-128"] = [("BLOCK = BLOCK_K ", "BLOCK = 128 ")]
+VARIANTS_INT8["r16"] = [("_QK_R = 14 ", "_QK_R = 16 ")]     # 16 keys a score call (no tail)
 VARIANTS_INT8.update({            # one part of a key block's work left out, as above
     "no-scores": [("            _head_scores(nk, st_p, kc_p", "            0 and _head_scores(nk, st_p, kc_p")],
     "no-softmax": [("            _softmax8(st_p, 8, nk, mr_p", "            0 and _softmax8(st_p, 8, nk, mr_p")],
