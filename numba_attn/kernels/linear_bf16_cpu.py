@@ -25,8 +25,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import cpu_pool
-from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, STREAM_PREFETCH_BYTES, \
-    _add_bias
+from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, STREAM_LOCALITY, \
+    STREAM_PREFETCH_BYTES, _add_bias
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, amx_path, \
     bits_as_float32, copy_lines, dpbf16ps, fast_path, float32_bits, fma, store_transposed16, \
     prefetch, row_sums, tile_config, tile_config_bytes, tile_dpbf16ps, tile_load, tile_release, \
@@ -93,15 +93,15 @@ def to_float32(h, half):
     return f16_to_float32(h) if half else bf16_to_float32(h)
 
 
-def _make_dots16(n_rows, prefetch_bytes, half):
+def _make_dots16(n_rows, prefetch_bytes, half, locality=3):
     @intrinsic
     def dots(typingctx, x, w, ldw, nv):
         """The dot products of n_rows rows of w (float16 when half, else bfloat16) with x
         (float32) over their first 16 nv elements, a tuple; each 16 weights widened exactly
         (widen16: F16C's conversion, or bfloat16's bits moved up 16). x, w are byte addresses
         (x contiguous; row i of w at w + 2 i ldw). With prefetch_bytes, each row's line that
-        far ahead is prefetched as the loop reaches a line, past the row's end the same line
-        n_rows rows below (the next block of rows)."""
+        far ahead is prefetched (llvm_cpu.prefetch's locality) as the loop reaches a line, past
+        the row's end the same line n_rows rows below (the next block of rows)."""
         sig = types.UniTuple(types.float32, n_rows)(x, w, ldw, nv)
 
         def codegen(context, builder, signature, args):
@@ -125,7 +125,8 @@ def _make_dots16(n_rows, prefetch_bytes, half):
                 ahead = builder.select(builder.icmp_signed(">=", ahead, ldw), below, ahead)
                 for i in range(n_rows):
                     if pf and prefetch_bytes:
-                        prefetch(builder, builder.ptrtoint(builder.gep(rows[i], [ahead]), _I64), 0)
+                        prefetch(builder, builder.ptrtoint(builder.gep(rows[i], [ahead]), _I64), 0,
+                                 locality)
                     wv = builder.load(builder.bitcast(builder.gep(rows[i], [c]),
                                                       ir.PointerType(vh)), align=2)
                     builder.store(builder.call(vfma, [widen16(builder, wv, half), xv,
@@ -147,8 +148,8 @@ def _make_dots16(n_rows, prefetch_bytes, half):
 _dots4_f16 = _make_dots16(4, PREFETCH_BYTES, True)    # few rows: 4 rows of w a pass over x
 # decode: one row, one read stream. bfloat16 this way too, not as _dot1 of _make_dots_bf16
 # (TinyLlama's GEMVs back to back on 2 Zen 5 cores, alternated: 57-61 against 45-46 GB/s)
-_dot1_f16 = _make_dots16(1, STREAM_PREFETCH_BYTES, True)
-_dot1_bf16 = _make_dots16(1, STREAM_PREFETCH_BYTES, False)
+_dot1_f16 = _make_dots16(1, STREAM_PREFETCH_BYTES, True, STREAM_LOCALITY)
+_dot1_bf16 = _make_dots16(1, STREAM_PREFETCH_BYTES, False, STREAM_LOCALITY)
 
 
 def _make_dots_bf16(rows, unroll, prefetch_bytes=0):

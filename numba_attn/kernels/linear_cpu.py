@@ -26,17 +26,24 @@ PREFETCH_BYTES = 2048
 # prefetched this far ahead (TinyLlama's GEMVs back to back on 2 Zen 5 cores, alternated:
 # bfloat16 56-62 GB/s against 45-46 without, 50-52 at 2 KB; q8_0 63-72 against 59; 8 KB alike)
 STREAM_PREFETCH_BYTES = 4096
+# ... and non-temporally (prefetchnta, llvm_cpu.prefetch's locality 0): w is read once a token,
+# and lines fetched so leave L2 and L3 to the KV cache and the activations (TinyLlama's decode
+# on 2 Zen 5 cores, against prefetching into every level, in turn in one process
+# (bench/ab_stream_locality.py): bfloat16 0.6-1.9% faster at context 16 and 3.4-4.1% at 2000,
+# q8_0 0-0.9% and 1.3-3.0%, float32 about even)
+STREAM_LOCALITY = 0
 _VEC = 8      # floats per vector in _dots4 (256 bits; 512-bit vectors measured no faster)
 _UNROLL = 4   # vectors per row per loop step (4 accumulators a row, 128 bytes = 2 lines)
 
 
 
-def _make_dots(n_rows):
+def _make_dots(n_rows, locality=3):
     @intrinsic
     def dots(typingctx, x, w, ldw, nv):
         """The dot products of n_rows rows of w with x over their first 8 nv floats, a tuple.
         x, w are byte addresses (x contiguous; row i of w at w + 4 i ldw, contiguous). Each
-        row's line PREFETCH_BYTES ahead is prefetched as the loop reaches a line."""
+        row's line PREFETCH_BYTES ahead is prefetched (llvm_cpu.prefetch's locality) as the
+        loop reaches a line."""
         sig = types.UniTuple(types.float32, n_rows)(x, w, ldw, nv)
 
         def codegen(context, builder, signature, args):
@@ -67,9 +74,9 @@ def _make_dots(n_rows):
                 below = builder.add(ahead, builder.mul(ldw, ir.Constant(_I64, n_rows - 1)))
                 ahead = builder.select(builder.icmp_signed(">=", ahead, ldw), below, ahead)
                 for i in range(n_rows):
-                    if pf:   # read, keep in all caches, data
+                    if pf:
                         line = builder.gep(rows[i], [ahead])
-                        prefetch(builder, builder.ptrtoint(line, _I64), 0)
+                        prefetch(builder, builder.ptrtoint(line, _I64), 0, locality)
                     builder.store(builder.call(vfma, [vec(rows[i], c), xv,
                                                       builder.load(acc[i][u])]), acc[i][u])
 
@@ -88,7 +95,7 @@ def _make_dots(n_rows):
 
 
 _dots4 = _make_dots(GEMV_ROWS)
-_dot1 = _make_dots(1)
+_dot1 = _make_dots(1, STREAM_LOCALITY)
 
 
 @njit(inline="always", fastmath=True, cache=True)

@@ -34,8 +34,8 @@ from numba.extending import intrinsic
 
 from . import cpu_pool
 from .linear_bf16_cpu import NR, f16_to_float32, gemm_amx, gemm_bf16, packed_x_bf16, round_bf16
-from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, STREAM_PREFETCH_BYTES, \
-    _add_bias
+from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, STREAM_LOCALITY, \
+    STREAM_PREFETCH_BYTES, _add_bias
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, amx_path, \
     fast_path, fma, hsum, prefetch, vpdpbusd
 from ..formats import Q8_BLOCK
@@ -111,15 +111,16 @@ def _codes(x, xq):
     return xc, xd
 
 
-def _make_dots_vnni(rows, unroll, prefetch_bytes):
+def _make_dots_vnni(rows, unroll, prefetch_bytes, locality=3):
     @intrinsic
     def dots(typingctx, xq, xc, xd, wq, wd, k, nb2):
         """The dot products of `rows` rows of w with one row of x over their first 2 nb2 blocks,
         a tuple. Byte addresses: xq the row's int8 codes, xc its int32 starting lanes and xd its
         float32 scales (one per block); wq row r0's codes (row i at wq + i k), wd row r0's
         float16 scales (row i at wd + i k / 16). `unroll` block pairs per loop step. With
-        prefetch_bytes, each row's line that far ahead is prefetched, past the row's end the
-        same line `rows` rows below (the next block of rows)."""
+        prefetch_bytes, each row's line that far ahead is prefetched (llvm_cpu.prefetch's
+        locality), past the row's end the same line `rows` rows below (the next block of
+        rows)."""
         sig = types.UniTuple(types.float32, rows)(xq, xc, xd, wq, wd, k, nb2)
 
         def codegen(context, builder, signature, args):
@@ -164,7 +165,7 @@ def _make_dots_vnni(rows, unroll, prefetch_bytes):
                 for i in range(rows):
                     row = builder.add(wq, builder.mul(k, ir.Constant(_I64, i)))
                     if pf and prefetch_bytes:
-                        prefetch(builder, builder.add(row, ahead), 0)
+                        prefetch(builder, builder.add(row, ahead), 0, locality)
                     wv = builder.xor(load(builder.add(row, off), vi, 1), flip)   # codes + 128
                     isum = builder.call(dot, [init, wv, xv])                     # exact block sums
                     if group is None:
@@ -211,7 +212,8 @@ def _make_dots_vnni(rows, unroll, prefetch_bytes):
 
 _dots4_vnni = _make_dots_vnni(4, _UNROLL, PREFETCH_BYTES)   # few rows: 4 rows of w a pass
 _dots2_vnni = _make_dots_vnni(2, _UNROLL, PREFETCH_BYTES)   # decode on a Xeon: 2 rows a pass
-_dot1_vnni = _make_dots_vnni(1, 4, STREAM_PREFETCH_BYTES)   # decode: one row, one read stream
+_dot1_vnni = _make_dots_vnni(1, 4, STREAM_PREFETCH_BYTES,    # decode: one row, one read stream
+                             STREAM_LOCALITY)
 
 
 @njit(inline="always", fastmath=True, cache=True)

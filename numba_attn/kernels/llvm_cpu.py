@@ -58,8 +58,9 @@ def vexp(builder, x):
 
 def prefetch(builder, addr, write, locality=3):
     """Prefetch the cache line at byte address addr (an i64) for reading (write=0) or writing
-    (write=1): into every cache level (locality 3), or L2 and beyond (2: a line wanted later,
-    kept out of L1 meanwhile); a prefetch never faults, wherever it points."""
+    (write=1): into every cache level (locality 3), L2 and beyond (2: a line wanted later,
+    kept out of L1 meanwhile), or non-temporally (0, prefetchnta: a line read once, kept out of
+    the outer levels as far as the CPU can); a prefetch never faults, wherever it points."""
     fn = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.VoidType(), [I8P, I32, I32, I32]), "llvm.prefetch.p0")
     builder.call(fn, [builder.inttoptr(addr, I8P), ir.Constant(I32, write),
