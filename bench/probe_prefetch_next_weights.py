@@ -6,7 +6,7 @@ first MB megabytes of that matrix into L2 (prefetcht1, locality LOC), spread ove
 blocks and split between its tasks. The question: does the memory left idle by the attention's
 arithmetic carry the next weights for free?
 
-    MB=0,2,4,8,16 LOC=2 python bench/probe_prefetch_next_weights.py"""
+    MB=0,2,4,8,16 LOC=2 KV=2000 python bench/probe_prefetch_next_weights.py"""
 import os, sys, tempfile, time
 import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,12 +51,11 @@ for a, b in rep:
 tmp = tempfile.mkdtemp()
 mod = load_kernel(src, "overlap_attn_%d" % LOC, tmp)
 rng = np.random.default_rng(0)
-dt = {"float32": np.float32}[os.environ.get("DT", "float32")]
 weights = np.ones(300 << 18, np.float32)
 n = (40 << 20) // 4
 q = rng.standard_normal((1, 1, HKV * G, D)).astype(np.float32)
 out = np.empty_like(q)
-k, v = (rng.standard_normal((LAYERS, 1, KV, HKV, D)).astype(dt) for _ in range(2))
+k, v = (rng.standard_normal((LAYERS, 1, KV, HKV, D)).astype(np.float32) for _ in range(2))
 W = [rng.standard_normal((2048, 2048)).astype(np.float32) for _ in range(LAYERS)]
 gemvs = [linear_cpu.bind_gemv(w) for w in W]
 x = rng.standard_normal((1, 2048)).astype(np.float32); y = np.empty((1, 2048), np.float32)

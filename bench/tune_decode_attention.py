@@ -59,22 +59,18 @@ TOUCH_LINE = """                line = builder.add(row, builder.mul(lines.index,
                                     "monotonic", 1)"""
 PF_LINE = """                prefetch(builder, builder.add(row, builder.mul(lines.index,
                                                                ir.Constant(_I64, 64))), 0)"""
-TOUCH_ROWS = """
+def _touch_rows():
+    # attention_cpu's _prefetch_rows with TOUCH_LINE for its prefetch, as source (the int8
+    # kernels import it, so their variant defines its own)
+    with open(os.path.join(HERE, RELATIVE)) as f:
+        src = f.read()
+    start = src.index("@intrinsic\ndef _prefetch_rows(")
+    intrinsic = src[start:src.index("\n\n\n", start)]
+    if PF_LINE not in intrinsic:
+        sys.exit(f"touch: {PF_LINE.strip()!r} is no longer in _prefetch_rows")
+    return "\n\n" + intrinsic.replace(PF_LINE, TOUCH_LINE) + "\n"
 
-@intrinsic
-def _prefetch_rows(typingctx, addr, n_rows, stride, nbytes):
-    sig = types.void(addr, n_rows, stride, nbytes)
 
-    def codegen(context, builder, signature, args):
-        a, n, s, b = [context.cast(builder, v, t, types.int64)
-                      for v, t in zip(args, signature.args)]
-        with cgutils.for_range(builder, n) as rws:
-            row = builder.add(a, builder.mul(rws.index, s))
-            with cgutils.for_range(builder, builder.ashr(b, ir.Constant(_I64, 6))) as lines:
-""" + TOUCH_LINE + """
-        return context.get_dummy_value()
-    return sig, codegen
-"""
 L1 = "ir.Constant(_I64, 64))), 0)"                   # _prefetch_rows: prefetcht0
 L2 = "ir.Constant(_I64, 64))), 0, 2)"                # prefetcht1, into L2
 VARIANTS = {"as-is": [], "ahead-32": [(KEYS, "PREFETCH_KEYS = 32\n")],
@@ -121,7 +117,7 @@ VARIANTS_INT8.update({            # one part of a key block's work left out, as 
     "no-pv": [("            _pack_weights(pw_p,", "            0 and _pack_weights(pw_p,"),
               ("            _head_pv(rows, nk,", "            0 and _head_pv(rows, nk,")]})
 VARIANTS_INT8["touch"] = [("_decode_mk_plan, _prefetch_rows, \\\n", "_decode_mk_plan, \\\n"),
-                          ("\nPREFETCH_KEYS = 64", TOUCH_ROWS + "\n\nPREFETCH_KEYS = 64")]
+                          ("\nPREFETCH_KEYS = 64", _touch_rows() + "\n\nPREFETCH_KEYS = 64")]
 VARIANTS_INT8["skeleton"] = sum((VARIANTS_INT8[k] for k in ("no-scores", "no-softmax", "no-pv")),
                                [])                # all three left out: the loops and prefetch
 
