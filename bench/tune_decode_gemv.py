@@ -11,8 +11,11 @@ SPEC is FORMAT:VARIANT[:PREFETCH_BYTES]:
   float16:one[:P]                  a one-row kernel of _make_dots16, prefetching P bytes ahead
   bfloat16:one | rows4 | rows4pf   linear_bf16_cpu._gemv, ._gemv_rows without / with prefetch
   bfloat16:even_odd[:P]            one row through _make_dots_bf16 (32 weights a vector)
-  q8_0:one | pairs | rows4         linear_q8_cpu._gemv, ._gemv_pairs, ._gemv_rows
-  q8_0:onepf[:P]                   a one-row VNNI kernel prefetching P bytes ahead
+  q8_0:one | pairs | rows4         linear_q8_cpu._gemv, ._gemv_pairs, ._gemv_rows (the host's
+                                   instruction set; avx2-one, avx2-pairs, avx2-rows4: AVX2's)
+  q8_0:portable                    linear_q8_cpu._gemv_rows_portable
+  q8_0:one-ISA-U[:P]               a one-row kernel of _make_block_dots(ISA: vnni or avx2, U
+                                   block pairs a step), prefetching P bytes ahead
 e.g. python bench/tune_decode_gemv.py 9 float32:one bfloat16:one bfloat16:even_odd:4096 q8_0:one"""
 import os
 import sys
@@ -74,10 +77,17 @@ def variant(spec, ws, xs, outs):
     fmt, var = parts[0], parts[1]
     pf = int(parts[2]) if len(parts) > 2 else f32.STREAM_PREFETCH_BYTES
     if fmt == "q8_0":
-        kern = {"one": q8._gemv, "pairs": q8._gemv_pairs, "rows4": q8._gemv_rows}.get(var)
-        kern = kern or one_row_q8(q8._make_dots_vnni(1, 4, pf))
-        return lambda: [kern(outs[w.qs.shape[0]], xs[w.qs.shape[1]], w.qs, w.d.view(np.uint16))
-                        for w in ws]
+        family = q8._gemv_kernel(1)[1]                  # the host's instruction set
+        if var.startswith("avx2-"):
+            family, var = q8.FAMILIES["avx2"], var[5:]
+        kern = {"one": q8._gemv, "pairs": q8._gemv_pairs, "rows4": q8._gemv_rows,
+                "portable": q8._gemv_rows_portable}.get(var)
+        if kern is None:                                # one-ISA-U
+            _, isa, unroll = var.split("-")
+            dots = one_row_q8(q8._make_block_dots(isa, 1, int(unroll), pf, f32.STREAM_LOCALITY))
+            kern = lambda out, x, wq, wd, family: dots(out, x, wq, wd)  # noqa: E731
+        return lambda: [kern(outs[w.qs.shape[0]], xs[w.qs.shape[1]], w.qs, w.d.view(np.uint16),
+                             family) for w in ws]
     if fmt == "float32":
         if var == "blas":
             return lambda: [np.matmul(xs[w.shape[1]], w.T, out=outs[w.shape[0]]) for w in ws]

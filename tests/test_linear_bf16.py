@@ -235,8 +235,8 @@ def test_wrong_reference_is_detected():
 
 
 def test_path_from_the_environment():
-    """NUMBA_ATTN_CPU_PATH=portable, read at import, turns every fast path off, no-amx only AMX;
-    other values are refused."""
+    """NUMBA_ATTN_CPU_PATH=portable, read at import, turns every fast path off, no-amx only AMX,
+    avx2 AMX and AVX-512; other values are refused."""
     import subprocess
     import sys
     code = ("from numba_attn.kernels import llvm_cpu; "
@@ -251,7 +251,14 @@ def test_path_from_the_environment():
                                   "False"], got.stderr
     env["NUMBA_ATTN_CPU_PATH"] = "fastest"
     got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert got.returncode != 0 and ("must be one of 'fast', 'no-amx', 'portable', got "
+    env["NUMBA_ATTN_CPU_PATH"] = "avx2"
+    got = subprocess.run([sys.executable, "-c", code + "; print(llvm_cpu.fast_path('avx2'))"],
+                         env=env, capture_output=True, text=True)
+    assert got.stdout.split() == ["avx2", "True", "False",
+                                  str("avx2" in llvm_cpu.HOST_FEATURES)], got.stderr
+    env["NUMBA_ATTN_CPU_PATH"] = "fastest"
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert got.returncode != 0 and ("must be one of 'fast', 'no-amx', 'avx2', 'portable', got "
                                     "'fastest'") in got.stderr
 
 

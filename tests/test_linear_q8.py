@@ -1,7 +1,7 @@
 """linear and embedding with Q8_0 weights (a Q8Matrix) on the CPU, on every path (AVX-512 VNNI
 with AMX tiles for prefill where the CPU has them, the same with prefill by the AVX-512 BF16
-GEMM where it has that, and the portable loops with prefill by sgemm), against float64
-references on the dequantized weights.
+GEMM where it has that, AVX2 GEMVs with prefill by sgemm, and the portable loops with prefill
+by sgemm), against float64 references on the dequantized weights.
 
 Decode and a few rows quantize x per 32 values as llama.cpp does, so there are two checks:
   - exact arithmetic: against the float64 sum over blocks of d_w d_x (codes . codes) with x's
@@ -31,6 +31,7 @@ from tests.test_formats import q8_0_reference
 U = 2.0 ** -24
 BF16 = ml_dtypes.bfloat16
 FAST = llvm_cpu.fast_path("avx512vnni")
+AVX2 = llvm_cpu.fast_path("avx2")
 AMX = llvm_cpu.amx_path("amx-bf16")
 BF16_GEMM = llvm_cpu.fast_path("avx512bf16")
 
@@ -39,14 +40,23 @@ def randn(seed, *shape):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-@pytest.fixture(params=["fast", "no-amx", "portable"])
+@pytest.fixture(params=["fast", "no-amx", "avx2", "portable"])
 def path(request, monkeypatch):
     """Run the test on one path; the other paths' kernels raise, so the path is the one named
-    (no-amx: prefill by the BF16 GEMM, or sgemm where the CPU lacks AVX-512 BF16)."""
-    if request.param != "portable":
+    (no-amx: prefill by the BF16 GEMM, or sgemm where the CPU lacks AVX-512 BF16; avx2: the
+    GEMVs' AVX2 family, prefill by sgemm)."""
+    if request.param in ("fast", "no-amx"):
         if not FAST:
             pytest.skip("this CPU has no AVX-512 VNNI")
         monkeypatch.setattr(linear_q8_cpu, "_gemv_rows_portable", _not_this_path)
+    if request.param == "avx2":
+        if not AVX2:
+            pytest.skip("this CPU has no AVX2")
+        monkeypatch.setattr(llvm_cpu, "CPU_PATH", "avx2")
+        for name in ("_gemv_rows_portable", "gemm_amx", "_gemm_bf16"):
+            monkeypatch.setattr(linear_q8_cpu, name, _not_this_path)
+        assert all(linear_q8_cpu._gemv_kernel(m)[1] is linear_q8_cpu.FAMILIES["avx2"]
+                   for m in (1, 2))
     if request.param == "fast" and AMX:
         for name in ("_gemm", "_gemm_bf16"):
             monkeypatch.setattr(linear_q8_cpu, name, _not_this_path)
@@ -127,13 +137,22 @@ def test_linear_q8_matches_reference(path, m, k, n):
     assert_q8_close(y.astype(np.float64), x, q)
 
 
+@pytest.fixture(params=["vnni", "avx2"])
+def isa(request, monkeypatch):
+    """The GEMVs' kernel family by instruction set, each where the CPU has it."""
+    if not (FAST if request.param == "vnni" else AVX2):
+        pytest.skip(f"this CPU has no {request.param.upper()}")
+    if request.param == "avx2":
+        monkeypatch.setattr(llvm_cpu, "CPU_PATH", "avx2")
+    assert linear_q8_cpu._gemv_kernel(1)[1] is linear_q8_cpu.FAMILIES[request.param]
+    return request.param
+
+
 @pytest.mark.parametrize("one_stream", [True, False], ids=["one-row", "two-rows"])
 @pytest.mark.parametrize("k,n", [(32, 7), (96, 1000), (4128, 33)])
-def test_decode_reads_one_or_two_rows(monkeypatch, one_stream, k, n):
+def test_decode_reads_one_or_two_rows(monkeypatch, isa, one_stream, k, n):
     """Decode's two ways through w (one row a step on AMD Zen, 2 rows elsewhere), each on any
     CPU; the other kernels raise."""
-    if not FAST:
-        pytest.skip("this CPU has no AVX-512 VNNI")
     monkeypatch.setattr(linear_q8_cpu, "ONE_STREAM_DECODE", one_stream)
     monkeypatch.setattr(linear_q8_cpu, "_gemv_pairs" if one_stream else "_gemv", _not_this_path)
     monkeypatch.setattr(linear_q8_cpu, "_gemv_rows", _not_this_path)
@@ -142,10 +161,8 @@ def test_decode_reads_one_or_two_rows(monkeypatch, one_stream, k, n):
     assert_q8_close(ops.linear(x, q).astype(np.float64), x, q)
 
 
-def test_few_rows_read_four_rows(monkeypatch):
+def test_few_rows_read_four_rows(monkeypatch, isa):
     """A few rows of x (2 to GEMV_MAX_ROWS) go through w 4 rows a pass, on any CPU."""
-    if not FAST:
-        pytest.skip("this CPU has no AVX-512 VNNI")
     for name in ("_gemv", "_gemv_pairs"):
         monkeypatch.setattr(linear_q8_cpu, name, _not_this_path)
     q = quantize_q8_0(randn(3, 1001, 4128) * np.float32(0.05))
@@ -153,19 +170,27 @@ def test_few_rows_read_four_rows(monkeypatch):
     assert_q8_close(ops.linear(x, q).astype(np.float64), x, q)
 
 
-def test_paths_agree_on_block_sums():
-    """The two paths share every block's integer sum; only float32 additions differ."""
-    if not FAST:
-        pytest.skip("this CPU has no AVX-512 VNNI")
+def test_paths_agree_on_block_sums(isa):
+    """The paths share every block's integer sum; only float32 additions differ."""
     q = quantize_q8_0(randn(1, 67, 4096))
     x = randn(2, 5, 4096)
     fast = ops.linear(x, q)
-    llvm_cpu.CPU_PATH, saved = "portable", llvm_cpu.CPU_PATH
+    saved = llvm_cpu.CPU_PATH
+    llvm_cpu.CPU_PATH = "portable"
     try:
         portable = ops.linear(x, q)
     finally:
         llvm_cpu.CPU_PATH = saved
     np.testing.assert_allclose(fast, portable, rtol=0, atol=2e-5 * np.abs(fast).max())
+
+
+def test_codes_of_minus_128_on_every_path(isa):
+    """A code of -128 (outside the Q8_0 rule's [-127, 127], but a byte a file may hold) counts
+    as -128 on every path: AVX2 takes |w| as the unsigned operand."""
+    q = quantize_q8_0(randn(2, 9, 128) * np.float32(0.05))
+    q.qs[:, ::5] = -128
+    x = randn(3, 1, 128)
+    assert_q8_close(ops.linear(x, q).astype(np.float64), x, q)
 
 
 def test_bias_leading_axes_and_out(path):

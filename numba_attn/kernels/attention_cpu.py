@@ -49,7 +49,8 @@ from .linear_bf16_cpu import round_bf16, to_float32
 from . import attention_amx_cpu as amx
 from .linear_bf16_cpu import _AMX_CFG
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, amx_path, dpbf16ps, fast_path, \
-    fma, prefetch, store_transposed16, tile_config, tile_release, vexp, vround_bf16, widen16
+    fma, prefetch, row_passes, store_transposed16, tile_config, tile_release, vexp, \
+    vround_bf16, widen16
 from .scalar import FASTMATH_INF, dots_4x1, dots_4x2, exp_f32, row_max
 
 BLOCK_ROWS = 64        # prefill, BLAS tile (odd head sizes): query rows per tile
@@ -273,8 +274,8 @@ def _microkernel(R, NV, accumulate, b16=None):
     row i of C get sum_{t < K} A[i, t] * B[t, :], where c, a, b, alpha are byte addresses,
     C[i, :] is at c + 4 i ldc, A[i, t] at a + 4 (i sa_i + t sa_t), B[t, :] at b + 4 t ldb.
     accumulate: C[i, :] = C[i, :] * alpha[i] + sum (alpha: R floats), else C[i, :] = sum.
-    The R x NV accumulators of 16 floats stay in zmm registers over the whole loop (R NV <= 24
-    of the 32). b16 "f16" or "bf16": B holds 16-bit floats (B[t, :] at b + 2 t ldb), widened
+    The R x NV accumulators of 16 floats stay in registers over the whole loop (R NV <= 24
+    of AVX-512's 32 zmm; where they do not fit, as on AVX2, in passes of rows: row_passes). b16 "f16" or "bf16": B holds 16-bit floats (B[t, :] at b + 2 t ldb), widened
     exactly in registers as they are loaded."""
     W = 16
     VT = ir.VectorType(_F32, W)
@@ -305,38 +306,40 @@ def _microkernel(R, NV, accumulate, b16=None):
             def c_off(i, n):
                 return builder.add(builder.mul(ir.Constant(_I64, i), ldc), ir.Constant(_I64, W * n))
 
-            acc = []     # allocas in the entry block: promoted to registers by LLVM
-            for i in range(R):
-                row = []
-                if accumulate:
-                    al = bcast(builder.load(builder.gep(alp, [ir.Constant(_I64, i)])))
-                for n in range(NV):
-                    slot = cgutils.alloca_once(builder, VT)
+            for r0, r1 in row_passes(R, NV):     # rows whose accumulators fit the registers
+                acc = {}     # allocas in the entry block: promoted to registers by LLVM
+                for i in range(r0, r1):
+                    row = []
                     if accumulate:
-                        builder.store(builder.fmul(builder.load(vec_at(cp, c_off(i, n)), align=4),
-                                                   al), slot)
-                    else:
-                        builder.store(ir.Constant(VT, [0.0] * W), slot)
-                    row.append(slot)
-                acc.append(row)
-            with cgutils.for_range(builder, K) as loop:
-                t = loop.index
-                bt = builder.add(b, builder.mul(t, builder.mul(ldb, ir.Constant(_I64, eb))))
-                bv = [builder.load(builder.inttoptr(builder.add(bt, ir.Constant(_I64, eb * W * n)),
-                                                    ir.PointerType(VT if b16 is None else VH)),
-                                   align=eb) for n in range(NV)]
-                if b16 is not None:
-                    bv = [widen16(builder, v, b16 == "f16") for v in bv]
-                aoff = builder.mul(t, sa_t)
-                for i in range(R):
-                    av = bcast(builder.load(builder.gep(
-                        ap, [builder.add(aoff, builder.mul(ir.Constant(_I64, i), sa_i))])))
+                        al = bcast(builder.load(builder.gep(alp, [ir.Constant(_I64, i)])))
                     for n in range(NV):
-                        builder.store(builder.call(vfma, [av, bv[n], builder.load(acc[i][n])]),
-                                      acc[i][n])
-            for i in range(R):
-                for n in range(NV):
-                    builder.store(builder.load(acc[i][n]), vec_at(cp, c_off(i, n)), align=4)
+                        slot = cgutils.alloca_once(builder, VT)
+                        if accumulate:
+                            builder.store(builder.fmul(builder.load(vec_at(cp, c_off(i, n)),
+                                                                    align=4), al), slot)
+                        else:
+                            builder.store(ir.Constant(VT, [0.0] * W), slot)
+                        row.append(slot)
+                    acc[i] = row
+                with cgutils.for_range(builder, K) as loop:
+                    t = loop.index
+                    bt = builder.add(b, builder.mul(t, builder.mul(ldb, ir.Constant(_I64, eb))))
+                    bv = [builder.load(builder.inttoptr(
+                        builder.add(bt, ir.Constant(_I64, eb * W * n)),
+                        ir.PointerType(VT if b16 is None else VH)), align=eb) for n in range(NV)]
+                    if b16 is not None:
+                        bv = [widen16(builder, v, b16 == "f16") for v in bv]
+                    aoff = builder.mul(t, sa_t)
+                    for i in range(r0, r1):
+                        av = bcast(builder.load(builder.gep(
+                            ap, [builder.add(aoff, builder.mul(ir.Constant(_I64, i), sa_i))])))
+                        for n in range(NV):
+                            builder.store(builder.call(vfma, [av, bv[n],
+                                                              builder.load(acc[i][n])]),
+                                          acc[i][n])
+                for i in range(r0, r1):
+                    for n in range(NV):
+                        builder.store(builder.load(acc[i][n]), vec_at(cp, c_off(i, n)), align=4)
             return context.get_dummy_value()
         return sig, codegen
     return mk
@@ -1030,7 +1033,8 @@ def _qk_pairs(R, bf16=False):
     """An intrinsic qk(c, ldc, a, sa_i, b, K): for keys i < R, the 8 floats at c + 4 i ldc get
     sum_{t < K} A[i, t] Q^T[t, :8], A[i, t] at byte address a + 4 (i sa_i + t), Q^T packed in
     pairs at b: Qp[t / 2, 2 r + t % 2] = Q^T[t, r], 16 floats a pair; K even. The R
-    accumulators stay in zmm registers over the whole loop.
+    accumulators stay in registers over the whole loop (in passes of keys where they do not
+    fit: row_passes).
     bf16 (AVX-512 BF16): A holds bfloat16 keys (A[i, t] at a + 2 (i sa_i + t)) and Q^T is
     bfloat16, packed four dimensions a zmm: the 32-bit lane 2 r + e of vector t / 4 holds the
     pair Q^T[4 (t / 4) + 2 e + (0, 1), r]; one vdpbf16ps multiplies a key's four elements (a
@@ -1055,21 +1059,20 @@ def _qk_pairs(R, bf16=False):
             rows = [builder.add(a, builder.mul(ir.Constant(_I64, es * i), sa_i))
                     for i in range(R)]
             n_steps = builder.ashr(K, ir.Constant(_I64, step.bit_length() - 1))
-            with cgutils.for_range(builder, n_steps) as loop:
-                t2 = loop.index
-                off = builder.mul(t2, ir.Constant(_I64, 8))        # bytes to elements step t2
-                qv = builder.load(builder.inttoptr(
-                    builder.add(b, builder.mul(t2, ir.Constant(_I64, 64))), ir.PointerType(vb)),
-                    align=4)
-                for i in range(R):
-                    pair = builder.load(builder.inttoptr(builder.add(rows[i], off),
-                                                         ir.PointerType(_I64)), align=2)
-                    kv = builder.bitcast(builder.shuffle_vector(
-                        builder.insert_element(undef, pair, ir.Constant(_I32, 0)), undef, zeros),
-                        vb)
-                    args = [builder.load(acc[i]), kv, qv] if bf16 else \
-                        [kv, qv, builder.load(acc[i])]
-                    builder.store(builder.call(mac, args), acc[i])
+            for r0, r1 in row_passes(R, 1):      # keys whose accumulators fit the registers
+                with cgutils.for_range(builder, n_steps) as loop:
+                    t2 = loop.index
+                    off = builder.mul(t2, ir.Constant(_I64, 8))    # bytes to elements step t2
+                    qv = builder.load(builder.inttoptr(builder.add(
+                        b, builder.mul(t2, ir.Constant(_I64, 64))), ir.PointerType(vb)), align=4)
+                    for i in range(r0, r1):
+                        pair = builder.load(builder.inttoptr(builder.add(rows[i], off),
+                                                             ir.PointerType(_I64)), align=2)
+                        kv = builder.bitcast(builder.shuffle_vector(builder.insert_element(
+                            undef, pair, ir.Constant(_I32, 0)), undef, zeros), vb)
+                        args = [builder.load(acc[i]), kv, qv] if bf16 else \
+                            [kv, qv, builder.load(acc[i])]
+                        builder.store(builder.call(mac, args), acc[i])
             even = ir.Constant(ir.VectorType(_I32, 8), list(range(0, 16, 2)))
             odd = ir.Constant(ir.VectorType(_I32, 8), list(range(1, 16, 2)))
             for i in range(R):

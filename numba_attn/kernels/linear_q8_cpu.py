@@ -30,20 +30,20 @@ import numpy as np
 from llvmlite import ir
 from numba import float32, float64, int32, njit, prange, types, uint64
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from . import cpu_pool
 from .linear_bf16_cpu import NR, f16_to_float32, gemm_amx, gemm_bf16, packed_x_bf16, round_bf16
 from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, STREAM_LOCALITY, \
     STREAM_PREFETCH_BYTES, _add_bias
-from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, amx_path, \
-    fast_path, fma, hsum, prefetch, vpdpbusd
+from .llvm_cpu import F32 as _F32, I8 as _I8, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, \
+    amx_path, fast_path, fma, hsum, prefetch, vpdpbusd
 from ..formats import Q8_BLOCK
 from .scalar import FASTMATH_INF
 
 # prefill: rows of w dequantized per BLAS call (their float32 tile about TILE_BYTES, in L3)
 TILE_BYTES = 1 << 23
-_UNROLL = 2   # block pairs per loop step in _dots4_vnni (2 accumulators a row; best of 1, 2, 4
+_UNROLL = 2   # block pairs per loop step in VNNI's 4-row dots (2 accumulators a row; best of 1, 2, 4
 #               by best times on a busy machine)
 
 
@@ -111,26 +111,56 @@ def _codes(x, xq):
     return xc, xd
 
 
-def _make_dots_vnni(rows, unroll, prefetch_bytes, locality=3):
+def _isums_avx2(builder, xv, wv):
+    """AVX2: the int32 sums of 4 products of x's and w's signed bytes (<64 x i8> each: a block
+    pair) per lane, <16 x i32>. Per 32 bytes, as llama.cpp's AVX2 path: vpmaddubsw of |w|
+    (unsigned; 128 for a code of -128) with x signed by w (vpsignb; x's codes lie in [-127,
+    127]) adds product pairs into int16 lanes (at most 2 * 128 * 127, no saturation), and
+    vpmaddwd by ones adds those pairs into int32."""
+    v32, v16, v8 = ir.VectorType(_I8, 32), ir.VectorType(ir.IntType(16), 16), \
+        ir.VectorType(_I32, 8)
+    mod = builder.module
+    absb = cgutils.get_or_insert_function(mod, ir.FunctionType(v32, [v32, ir.IntType(1)]),
+                                          "llvm.abs.v32i8")
+    sign = cgutils.get_or_insert_function(mod, ir.FunctionType(v32, [v32, v32]),
+                                          "llvm.x86.avx2.psign.b")
+    maddubs = cgutils.get_or_insert_function(mod, ir.FunctionType(v16, [v32, v32]),
+                                             "llvm.x86.avx2.pmadd.ub.sw")
+    maddwd = cgutils.get_or_insert_function(mod, ir.FunctionType(v8, [v16, v16]),
+                                            "llvm.x86.avx2.pmadd.wd")
+    ones = ir.Constant(v16, [1] * 16)
+    sums = []
+    for h in (0, 1):
+        half = ir.Constant(ir.VectorType(_I32, 32), list(range(32 * h, 32 * h + 32)))
+        xh, wh = (builder.shuffle_vector(v, v, half) for v in (xv, wv))
+        pairs = builder.call(maddubs, [builder.call(absb, [wh, ir.Constant(ir.IntType(1), 0)]),
+                                       builder.call(sign, [xh, wh])])
+        sums.append(builder.call(maddwd, [pairs, ones]))
+    return builder.shuffle_vector(sums[0], sums[1], ir.Constant(ir.VectorType(_I32, 16),
+                                                                  list(range(16))))
+
+
+def _make_block_dots(isa, rows, unroll, prefetch_bytes, locality=3):
     @intrinsic
     def dots(typingctx, xq, xc, xd, wq, wd, k, nb2):
         """The dot products of `rows` rows of w with one row of x over their first 2 nb2 blocks,
-        a tuple. Byte addresses: xq the row's int8 codes, xc its int32 starting lanes and xd its
-        float32 scales (one per block); wq row r0's codes (row i at wq + i k), wd row r0's
-        float16 scales (row i at wd + i k / 16). `unroll` block pairs per loop step. With
-        prefetch_bytes, each row's line that far ahead is prefetched (llvm_cpu.prefetch's
-        locality), past the row's end the same line `rows` rows below (the next block of
-        rows)."""
+        a tuple; isa "vnni" (vpdpbusd, AVX-512) or "avx2" (_isums_avx2). Byte addresses: xq
+        the row's int8 codes, xc its int32 starting lanes (VNNI's) and xd its float32 scales
+        (one per block); wq row r0's codes (row i at wq + i k), wd row r0's float16 scales
+        (row i at wd + i k / 16). `unroll` block pairs per loop step. With prefetch_bytes, each
+        row's line that far ahead is prefetched (llvm_cpu.prefetch's locality), past the row's
+        end the same line `rows` rows below (the next block of rows)."""
         sig = types.UniTuple(types.float32, rows)(xq, xc, xd, wq, wd, k, nb2)
 
         def codegen(context, builder, signature, args):
             xq, xc, xd, wq, wd, k, nb2 = [context.cast(builder, v, t, types.int64)
                                           for v, t in zip(args, signature.args)]
-            vi, vf = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
+            vi, vf, vb = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16), ir.VectorType(_I8, 64)
             v2i, v2f = ir.VectorType(_I32, 2), ir.VectorType(_F32, 2)
             v2h = ir.VectorType(ir.HalfType(), 2)
             flip = ir.Constant(vi, [0x80808080 - (1 << 32)] * 16)              # each byte's top bit
-            dot, vfma = vpdpbusd(builder), fma(builder, vf)
+            vfma = fma(builder, vf)
+            dot = vpdpbusd(builder) if isa == "vnni" else None
             acc = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * 16))
                     for _ in range(rows)]
                    for _ in range(unroll)]
@@ -150,7 +180,7 @@ def _make_dots_vnni(rows, unroll, prefetch_bytes, locality=3):
                 # lanes and each row's scale products of the loop step's pairs, loaded once for
                 # them; else this pair's alone
                 off = builder.mul(p, ir.Constant(_I64, 64))          # byte offset in the rows
-                xv = load(builder.add(xq, off), vi, 1)               # 2 blocks of x codes
+                xv = load(builder.add(xq, off), vi if dot else vb, 1)  # 2 blocks of x codes
                 if group is None:
                     c = load(builder.add(xc, builder.mul(p, ir.Constant(_I64, 8))), v2i, 4)
                     dx = load(builder.add(xd, builder.mul(p, ir.Constant(_I64, 8))), v2f, 4)
@@ -166,8 +196,11 @@ def _make_dots_vnni(rows, unroll, prefetch_bytes, locality=3):
                     row = builder.add(wq, builder.mul(k, ir.Constant(_I64, i)))
                     if pf and prefetch_bytes:
                         prefetch(builder, builder.add(row, ahead), 0, locality)
-                    wv = builder.xor(load(builder.add(row, off), vi, 1), flip)   # codes + 128
-                    isum = builder.call(dot, [init, wv, xv])                     # exact block sums
+                    if dot:                                                      # exact block sums
+                        wv = builder.xor(load(builder.add(row, off), vi, 1), flip)  # codes + 128
+                        isum = builder.call(dot, [init, wv, xv])
+                    else:
+                        isum = _isums_avx2(builder, xv, load(builder.add(row, off), vb, 1))
                     if group is None:
                         # this row's two float16 scales, times x's
                         dw = builder.add(wd, builder.add(
@@ -210,10 +243,37 @@ def _make_dots_vnni(rows, unroll, prefetch_bytes, locality=3):
     return dots
 
 
-_dots4_vnni = _make_dots_vnni(4, _UNROLL, PREFETCH_BYTES)   # few rows: 4 rows of w a pass
-_dots2_vnni = _make_dots_vnni(2, _UNROLL, PREFETCH_BYTES)   # decode on a Xeon: 2 rows a pass
-_dot1_vnni = _make_dots_vnni(1, 4, STREAM_PREFETCH_BYTES,    # decode: one row, one read stream
-                             STREAM_LOCALITY)
+# the GEMVs' kernel families, as the drivers take them: an empty array whose dtype names the
+# instruction set (a dtype itself as an argument costs numba's dispatch a few us a call)
+FAMILIES = {"vnni": np.empty(0, np.uint8), "avx2": np.empty(0, np.int8)}
+# (rows a pass, block pairs a loop step, prefetch distance, locality) of decode (one row, one
+# read stream; two rows a pass on a Xeon) and a few rows (4 rows); AVX2 has 16 vector
+# registers, so fewer block pairs a step
+_SHAPES = {"vnni": ((1, 4, STREAM_PREFETCH_BYTES, STREAM_LOCALITY),
+                    (2, _UNROLL, PREFETCH_BYTES, 3), (4, _UNROLL, PREFETCH_BYTES, 3)),
+           "avx2": ((1, 2, STREAM_PREFETCH_BYTES, STREAM_LOCALITY), (2, 1, PREFETCH_BYTES, 3),
+                    (4, 1, PREFETCH_BYTES, 3))}
+_BLOCK_DOTS = {(isa, shape[0]): _make_block_dots(isa, *shape)
+               for isa, shapes in _SHAPES.items() for shape in shapes}
+
+
+def _dots_of(rows):
+    """dots(family, xq, xc, xd, wq, wd, k, nb2): the family's `rows`-row kernel
+    (_make_block_dots), picked while numba types the caller: only that one compiles."""
+    def dots(family, xq, xc, xd, wq, wd, k, nb2):
+        raise NotImplementedError("called from numba-compiled code only")
+
+    @overload(dots, inline="always")
+    def _impl(family, xq, xc, xd, wq, wd, k, nb2):
+        kernel = _BLOCK_DOTS["vnni" if family.dtype == types.uint8 else "avx2", rows]
+
+        def call(family, xq, xc, xd, wq, wd, k, nb2):
+            return kernel(xq, xc, xd, wq, wd, k, nb2)
+        return call
+    return dots
+
+
+_dot1, _dots2, _dots4 = (_dots_of(r) for r in (1, 2, 4))
 
 
 @njit(inline="always", fastmath=True, cache=True)
@@ -271,8 +331,8 @@ def _tail_rows(out, xq, xd, wq, wd, r0):
 
 
 @njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
-def _gemv(out, x, wq, wd):
-    # AVX-512 VNNI, decode on AMD Zen (ONE_STREAM_DECODE): as _gemv_rows for one row of x, w
+def _gemv(out, x, wq, wd, family):
+    # decode on AMD Zen (ONE_STREAM_DECODE): as _gemv_rows for one row of x, w
     # read one row at a time (one read stream a thread: 4 rows interleaved held 2 Zen 4 cores to
     # ~40 GB/s where one stream reached 53-56, 12288x4096; on a Xeon 4 rows streamed faster)
     xq = np.empty(x.shape, np.int8)
@@ -283,15 +343,15 @@ def _gemv(out, x, wq, wd):
     xqa, xca, xda = xq.ctypes.data, xc.ctypes.data, xd.ctypes.data
     wqa, wda = wq.ctypes.data, wd.ctypes.data
     for r in prange(n):
-        s, = _dot1_vnni(xqa, xca, xda, wqa + r * k, wda + 2 * r * nb, k, nb2)
+        s, = _dot1(family, xqa, xca, xda, wqa + r * k, wda + 2 * r * nb, k, nb2)
         if nb % 2:   # an odd block count: the last block here
             s += _block_dot(wq, wd, r, xq, xd, 0, nb - 1)
         out[0, r] = s
 
 
 @njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
-def _gemv_pairs(out, x, wq, wd):
-    # AVX-512 VNNI, decode elsewhere: as _gemv_rows for one row of x, w read 2 rows at a time
+def _gemv_pairs(out, x, wq, wd, family):
+    # decode elsewhere: as _gemv_rows for one row of x, w read 2 rows at a time
     # (TinyLlama's 111 GEMVs of a token back to back on 2 Xeon cores: 29.3-30.5 GB/s against
     # 26.5-29.7 with 4 rows, 25.7-27.8 with 8, 23-26 one row at a time)
     xq = np.empty(x.shape, np.int8)
@@ -304,7 +364,7 @@ def _gemv_pairs(out, x, wq, wd):
     for p in prange((n + 1) // 2):
         r0 = 2 * p
         if r0 + 2 <= n:
-            s0, s1 = _dots2_vnni(xqa, xca, xda, wqa + r0 * k, wda + 2 * r0 * nb, k, nb2)
+            s0, s1 = _dots2(family, xqa, xca, xda, wqa + r0 * k, wda + 2 * r0 * nb, k, nb2)
             if nb % 2:   # an odd block count: the last block here
                 s0 += _block_dot(wq, wd, r0, xq, xd, 0, nb - 1)
                 s1 += _block_dot(wq, wd, r0 + 1, xq, xd, 0, nb - 1)
@@ -314,8 +374,8 @@ def _gemv_pairs(out, x, wq, wd):
 
 
 @njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
-def _gemv_rows(out, x, wq, wd):
-    # AVX-512 VNNI. x: (m, k) float32, quantized first (_codes: xq (m, k) int8, xc (m, nb)
+def _gemv_rows(out, x, wq, wd, family):
+    # family: FAMILIES' array of the instruction set. x: (m, k) float32, quantized first (_codes: xq (m, k) int8, xc (m, nb)
     # int32, xd (m, nb) float32, nb = k // 32); wq: (n, k) int8; wd: (n, nb) float16 bits
     # (uint16); out: (m, n). Each block of 4 rows of w (in cache after the first row of x)
     # meets every row of x; one row is decode's GEMV
@@ -330,7 +390,7 @@ def _gemv_rows(out, x, wq, wd):
         r0 = blk * GEMV_ROWS
         if r0 + GEMV_ROWS <= n:
             for i in range(m):
-                s0, s1, s2, s3 = _dots4_vnni(xqa + i * k, xca + 4 * i * nb, xda + 4 * i * nb,
+                s0, s1, s2, s3 = _dots4(family, xqa + i * k, xca + 4 * i * nb, xda + 4 * i * nb,
                                              wqa + r0 * k, wda + 2 * r0 * nb, k, nb2)
                 if nb % 2:   # an odd block count: the last block here
                     b = nb - 1
@@ -344,8 +404,8 @@ def _gemv_rows(out, x, wq, wd):
 
 
 @njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
-def _gemv_rows_portable(out, x, wq, wd):
-    # as _gemv_rows in plain loops; x's codes xq as float32 (xc unused: no unsigned bytes)
+def _gemv_rows_portable(out, x, wq, wd, family):
+    # as _gemv_rows in plain loops (family unused); x's codes xq as float32 (xc unused)
     xq = np.empty(x.shape, np.float32)
     xc, xd = _codes(x, xq)
     n = wq.shape[0]
@@ -419,12 +479,13 @@ def _gemm_bf16(out, x, wq, wd):
 
 
 def _gemv_kernel(m):
-    # the GEMV for m rows of x
-    if not fast_path("avx512vnni"):
-        return _gemv_rows_portable
+    # the GEMV for m rows of x and its family: AVX-512 VNNI, AVX2, or plain loops
+    isa = "vnni" if fast_path("avx512vnni", "avx512bw") else "avx2" if fast_path("avx2") else None
+    if isa is None:
+        return _gemv_rows_portable, FAMILIES["avx2"]
     if m == 1:
-        return _gemv if ONE_STREAM_DECODE else _gemv_pairs
-    return _gemv_rows
+        return (_gemv if ONE_STREAM_DECODE else _gemv_pairs), FAMILIES[isa]
+    return _gemv_rows, FAMILIES[isa]
 
 
 def linear(out, x, w, bias):
@@ -432,7 +493,8 @@ def linear(out, x, w, bias):
     m = x.shape[0]
     wq, wd = w.qs, w.d.view(np.uint16)
     if m <= GEMV_MAX_ROWS:
-        cpu_pool.run(_gemv_kernel(m), m * wq.size, out, x, wq, wd)
+        kernel, family = _gemv_kernel(m)
+        cpu_pool.run(kernel, m * wq.size, out, x, wq, wd, family)
     elif amx_path("amx-bf16"):
         gemm_amx(out, x, q8=(wq, wd))
     elif fast_path("avx512bf16"):
@@ -447,7 +509,8 @@ def bind_gemv(w):
     """gemv(out, x) = linear(out, x, w, no bias) for one row of x, its kernel and w's views
     picked once (linear_cpu.bind_gemv)."""
     wq = w.qs
-    return cpu_pool.bind(_gemv_kernel(1), wq.size, wq, w.d.view(np.uint16))
+    kernel, family = _gemv_kernel(1)
+    return cpu_pool.bind(kernel, wq.size, wq, w.d.view(np.uint16), family)
 
 
 def embedding(out, table, tokens):

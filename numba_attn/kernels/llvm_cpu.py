@@ -110,9 +110,10 @@ def vround_bf16(builder, bits):
 # -- instruction sets: the kernels with ISA-specific intrinsics run only where the host has them
 
 # "portable" sends every kernel family down its plain-loop path (no ISA-specific intrinsics),
-# as on a CPU without them; "no-amx" keeps the AVX-512 paths and leaves AMX tiles out; read
-# once at import, and the attribute may be set at run time
-CPU_PATHS = ("fast", "no-amx", "portable")
+# as on a CPU without them; "no-amx" keeps the AVX-512 paths and leaves AMX tiles out; "avx2"
+# leaves AVX-512 out too (the paths of a CPU with AVX2 alone, as AMD's Zen 3); read once at
+# import, and the attribute may be set at run time
+CPU_PATHS = ("fast", "no-amx", "avx2", "portable")
 CPU_PATH = os.environ.get("NUMBA_ATTN_CPU_PATH", "fast")
 if CPU_PATH not in CPU_PATHS:
     raise ValueError(f"NUMBA_ATTN_CPU_PATH must be one of {', '.join(map(repr, CPU_PATHS))}, "
@@ -125,11 +126,27 @@ HOST_CPU = _llvm.get_host_cpu_name()
 ONE_STREAM_DECODE = HOST_CPU.startswith("znver")
 
 
+# accumulators of 16 floats a register-blocked kernel keeps in registers at once, room left
+# for its operands: 24 of AVX-512's 32 zmm; AVX2's 16 ymm take two for each, so 5. By the host
+# (numba compiles for the host CPU, whatever CPU_PATH says)
+ACC16 = 24 if "avx512f" in HOST_FEATURES else 5
+
+
+def row_passes(rows, per_row):
+    """The rows of a register-blocked kernel, per_row accumulators of 16 floats each, in passes
+    whose accumulators fit the registers (ACC16): [(r0, r1), ...]."""
+    step = max(1, ACC16 // per_row)
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+_LEFT_OUT = {"no-amx": ("amx",), "avx2": ("amx", "avx512")}   # features' prefixes a path drops
+
+
 def fast_path(*features):
-    """True when the host CPU has every LLVM feature named (e.g. "avx512vnni") and the portable
-    path is not forced (CPU_PATH)."""
-    if CPU_PATH == "portable" or (CPU_PATH == "no-amx" and any(f.startswith("amx")
-                                                                for f in features)):
+    """True when the host CPU has every LLVM feature named (e.g. "avx512vnni") and CPU_PATH
+    allows them."""
+    if CPU_PATH == "portable" or any(f.startswith(_LEFT_OUT.get(CPU_PATH, ()))
+                                     for f in features):
         return False
     return all(f in HOST_FEATURES for f in features)
 
