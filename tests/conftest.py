@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Llama-family model folders (see tiny_model.py)."""
+"""Shared fixtures: tiny random Llama-family model folders (see tiny_model.py); the CUDA
+simulator run started at collection, beside the other tests (tests/cuda/test_simulator.py)."""
 import os
 import sys
 
@@ -7,6 +8,25 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # `import tiny_model` from any test module
 
 from tiny_model import build_tiny_model  # noqa: E402
+
+SIMULATOR_TEST = "test_simulator.py::test_cuda_kernels_under_the_simulator"
+_simulator = []         # the module of the simulator's test, once its child started
+
+
+@pytest.hookimpl(trylast=True)          # after -k and -m have deselected
+def pytest_collection_modifyitems(session, config, items):
+    """The CUDA tests' simulator run (tests/cuda/test_simulator.py), when selected, starts now
+    in its child process and its test goes last: it runs beside the others."""
+    sim = [item for item in items if item.nodeid.endswith(SIMULATOR_TEST)]
+    if sim:
+        items[:] = [item for item in items if item not in sim] + sim
+        sim[0].module.start_child()
+        _simulator.append(sim[0].module)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for module in _simulator:
+        module.stop_child()
 
 
 @pytest.fixture(scope="session")
