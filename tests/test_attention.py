@@ -365,3 +365,37 @@ def test_16bit_kv_must_match(dtype):
         attention(q, k.astype(dtype), v)
     with pytest.raises(TypeError, match="k must have dtype"):
         attention(q, k.astype(np.float64), v.astype(np.float64))
+
+
+PASSES_CHILD = """
+import sys
+import numpy as np
+from numba_attn.kernels import llvm_cpu
+llvm_cpu.ACC16 = 3                    # before the kernels compile: rows in passes of 1-3
+from numba_attn import attention
+from tests.reference import attention_ref
+from tests.test_attention import CASES, check_kv, qkv
+import ml_dtypes
+for i in (0, 3, 4, 6, 8, 9):           # prefill, prefill over a prefix, decode, several ranges
+    q, k, v = qkv(i, *CASES[i][:5])
+    want = attention_ref(q, k, v, causal=True)
+    check_kv(attention(q, k, v, causal=True), want, q, k, v)
+    kb, vb = k.astype(ml_dtypes.bfloat16), v.astype(ml_dtypes.bfloat16)
+    want = attention_ref(q, kb.astype(np.float32), vb.astype(np.float32), causal=True)
+    check_kv(attention(q, kb, vb, causal=True), want, q, kb, vb)
+print("ok")
+"""
+
+
+def test_register_blocking_in_passes(tmp_path):
+    """The micro-kernels with fewer accumulators than their rows (llvm_cpu.row_passes: as on
+    AVX2, here forced to passes of 1-3 rows on any CPU, compiled afresh in a child process with
+    a Numba cache of its own) give the reference's results."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    got = subprocess.run([sys.executable, "-c", PASSES_CHILD], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert got.returncode == 0 and got.stdout.strip() == "ok", got.stderr[-4000:]
