@@ -19,6 +19,17 @@ import numpy as np
 S, H, HKV, D, KV = 512, 32, 4, 64, 2000
 
 
+def timed(call, n):
+    """call() once to compile, then n times: the seconds of each."""
+    call()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def measure(acc16):
     from numba_attn.kernels import llvm_cpu
     llvm_cpu.ACC16 = acc16                  # before attention_cpu compiles anything
@@ -27,12 +38,7 @@ def measure(acc16):
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, S, h, D), dtype=np.float32) for h in (H, HKV, HKV))
     out = np.empty_like(q)
-    A.attention(out, q, k, v, D ** -0.5, True)
-    times = []
-    for _ in range(10):
-        t = time.perf_counter()
-        A.attention(out, q, k, v, D ** -0.5, True)
-        times.append(time.perf_counter() - t)
+    times = timed(lambda: A.attention(out, q, k, v, D ** -0.5, True), 10)
     flops = 4 * H * D * S * S / 2
     line = f"prefill-512 {min(times) * 1e3:6.2f} ms ({flops / min(times) / 1e9:5.1f} GFLOP/s)"
     q1 = rng.standard_normal((1, 1, H, D), dtype=np.float32)
@@ -40,12 +46,7 @@ def measure(acc16):
     for dt in (np.float32, ml_dtypes.bfloat16):
         kk, vv = (rng.standard_normal((1, KV, HKV, D), dtype=np.float32).astype(dt)
                   for _ in range(2))
-        A.attention(o1, q1, kk, vv, D ** -0.5, True)
-        times = []
-        for _ in range(200):
-            t = time.perf_counter()
-            A.attention(o1, q1, kk, vv, D ** -0.5, True)
-            times.append(time.perf_counter() - t)
+        times = timed(lambda: A.attention(o1, q1, kk, vv, D ** -0.5, True), 200)
         line += f" | decode {np.dtype(dt).name} {np.median(times) * 1e6:6.1f} us"
     print(line)
 
