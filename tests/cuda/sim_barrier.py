@@ -1,4 +1,4 @@
-"""A faster barrier for numba's CUDA simulator, for the tests that run many launches (the model).
+"""A faster barrier and kept threads for numba's CUDA simulator (every CUDA test module under it).
 
 The simulator (numba-cuda 0.30.4) runs each block's threads as Python threads, released from
 syncthreads() by a manager thread that polls every thread in a busy loop: with 256 threads the
@@ -82,6 +82,7 @@ class _Worker(_kernel.BlockThread):
         bd = _kernel.Dim3(*manager._block_dim)
         self.thread_id = self.threadIdx.x + bd.x * (self.threadIdx.y + bd.y * self.threadIdx.z)
         self.exception, self.abort, self.job = None, False, job
+        self.__dict__.pop("_shfl_parity", None)   # util_cuda's shfl_xor: as a new thread's
         self.go.release()
 
     def run(self):

@@ -18,7 +18,6 @@ from tests.cuda.helpers import dev, poisoned, randn
 from tiny_model import build_tiny_model
 
 GPU = MODE == "gpu"
-pytestmark = pytest.mark.usefixtures("fast_simulator")
 
 
 def at(pos):

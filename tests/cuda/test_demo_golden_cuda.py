@@ -25,7 +25,6 @@ SIM_NEW_TOKENS = 1                 # golden tokens checked per prompt under the 
 WEIGHT_DTYPES = ["float32", "float16"] if GPU else ["float32"]
 
 
-pytestmark = pytest.mark.usefixtures("fast_simulator")   # many launches: tests/cuda/conftest.py
 
 
 @pytest.fixture(scope="module")

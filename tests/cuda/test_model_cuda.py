@@ -24,7 +24,6 @@ RTOL = 1e-4                        # max |cuda - cpu| relative to max |cpu|
 GREEDY = SamplingParams(temperature=0)
 
 
-pytestmark = pytest.mark.usefixtures("fast_simulator")   # many launches: tests/cuda/conftest.py
 
 
 def assert_close(got, ref, rtol=RTOL):
