@@ -275,8 +275,9 @@ def _microkernel(R, NV, accumulate, b16=None):
     C[i, :] is at c + 4 i ldc, A[i, t] at a + 4 (i sa_i + t sa_t), B[t, :] at b + 4 t ldb.
     accumulate: C[i, :] = C[i, :] * alpha[i] + sum (alpha: R floats), else C[i, :] = sum.
     The R x NV accumulators of 16 floats stay in registers over the whole loop (R NV <= 24
-    of AVX-512's 32 zmm; where they do not fit, as on AVX2, in passes of rows: row_passes). b16 "f16" or "bf16": B holds 16-bit floats (B[t, :] at b + 2 t ldb), widened
-    exactly in registers as they are loaded."""
+    of AVX-512's 32 zmm; where they do not fit, as on AVX2, in passes of rows: row_passes).
+    b16 "f16" or "bf16": B holds 16-bit floats (B[t, :] at b + 2 t ldb), widened exactly in
+    registers as they are loaded."""
     W = 16
     VT = ir.VectorType(_F32, W)
     VH = ir.VectorType(ir.IntType(16), W)

@@ -5,12 +5,15 @@ llama2.c's runq.c mirrors run.c.
 Decode and a few rows (up to GEMV_MAX_ROWS) read w once, 34 bytes per 32 weights. x is
 quantized the same way first (per 32 values: int8 codes and a float32 scale), so each block's
 dot product is exact in int32 and a row's result is the sum over blocks of d_w d_x isum, as
-llama.cpp's Q8_0 x Q8_0 dot product. Two paths:
+llama.cpp's Q8_0 x Q8_0 dot product. Three paths:
   - AVX-512 VNNI (fast_path("avx512vnni")): vpdpbusd multiplies 64 unsigned bytes by 64 signed
     bytes and adds each 4 products into an int32 lane, so one instruction covers two blocks of
     a row. w's codes are made unsigned by flipping their top bit (w + 128), and the excess,
     128 sum(x codes) per block, is taken off by starting the int32 lanes at -16 sum (8 lanes a
     block); then each lane's int32 is scaled by its block's d_w d_x into a float accumulator.
+  - AVX2 (CPUs without AVX-512, as AMD's Zen 3): the same loop, each 32 bytes multiplied by
+    vpmaddubsw (|w| unsigned, x signed by w) and vpmaddwd into the same int32 lanes
+    (_isums_avx2; 2.2-2.4x the portable loops on a Zen 3).
   - portable: plain loops, x's codes as float32: a block's 32 products and their sum are
     integers below 2^24, exact in float32 in any order, so LLVM vectorises them freely.
 Both give the same block sums; only the order of the scaled float32 additions differs. Decode
@@ -43,8 +46,8 @@ from .scalar import FASTMATH_INF
 
 # prefill: rows of w dequantized per BLAS call (their float32 tile about TILE_BYTES, in L3)
 TILE_BYTES = 1 << 23
-_UNROLL = 2   # block pairs per loop step in VNNI's 4-row dots (2 accumulators a row; best of 1, 2, 4
-#               by best times on a busy machine)
+_UNROLL = 2   # block pairs per loop step in VNNI's 4-row dots (2 accumulators a row; best of
+#               1, 2, 4 by best times on a busy machine)
 
 
 @intrinsic
@@ -375,10 +378,10 @@ def _gemv_pairs(out, x, wq, wd, family):
 
 @njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
 def _gemv_rows(out, x, wq, wd, family):
-    # family: FAMILIES' array of the instruction set. x: (m, k) float32, quantized first (_codes: xq (m, k) int8, xc (m, nb)
-    # int32, xd (m, nb) float32, nb = k // 32); wq: (n, k) int8; wd: (n, nb) float16 bits
-    # (uint16); out: (m, n). Each block of 4 rows of w (in cache after the first row of x)
-    # meets every row of x; one row is decode's GEMV
+    # x: (m, k) float32, quantized first (_codes: xq (m, k) int8, xc (m, nb) int32, xd (m, nb)
+    # float32, nb = k // 32); wq: (n, k) int8; wd: (n, nb) float16 bits (uint16); out: (m, n);
+    # family: FAMILIES' array of the instruction set. Each block of 4 rows of w (in cache
+    # after the first row of x) meets every row of x; one row is decode's GEMV
     xq = np.empty(x.shape, np.int8)
     xc, xd = _codes(x, xq)
     n, k = wq.shape
@@ -390,8 +393,9 @@ def _gemv_rows(out, x, wq, wd, family):
         r0 = blk * GEMV_ROWS
         if r0 + GEMV_ROWS <= n:
             for i in range(m):
-                s0, s1, s2, s3 = _dots4(family, xqa + i * k, xca + 4 * i * nb, xda + 4 * i * nb,
-                                             wqa + r0 * k, wda + 2 * r0 * nb, k, nb2)
+                s0, s1, s2, s3 = _dots4(family, xqa + i * k, xca + 4 * i * nb,
+                                        xda + 4 * i * nb, wqa + r0 * k, wda + 2 * r0 * nb, k,
+                                        nb2)
                 if nb % 2:   # an odd block count: the last block here
                     b = nb - 1
                     s0 += _block_dot(wq, wd, r0, xq, xd, i, b)
