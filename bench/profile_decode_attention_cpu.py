@@ -195,7 +195,7 @@ def main():
         work = A.DECODE_FAMILIES[dots]
         kind = A.KV_KINDS[np.dtype(dt)]
         kk, vv = (rng.standard_normal((1, KV, HKV, D)).astype(dt) for _ in range(2))
-        if kind != A.KV_F32:
+        if kind is not A.KV_F32:
             kk, vv = kk.view(np.uint16), vv.view(np.uint16)
         one, two = (median_us(A._attention_decode_mk, out, q, kk, vv, 0.125, True, kind, n,
                               work) for n in (1, 2))

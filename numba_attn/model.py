@@ -526,13 +526,16 @@ class Model:
         return np.ascontiguousarray(tokens, np.int64)
 
     def warmup(self, prefill_tokens=8):
-        """Compile (or load from Numba's cache) every kernel the forward pass uses: a prefill
-        long enough to take attention's prefill schedule (more than 4 queries) and a decode
-        step. Leaves the KV cache empty."""
-        n = max(1, min(prefill_tokens, self.max_seq - 1))
-        self.forward(np.zeros(n, np.int64), 0)
-        if n < self.max_seq:
-            self.forward(np.zeros(1, np.int64), n)
+        """Compile (or load from Numba's cache) the kernels the forward pass uses: a prefill
+        long enough to take attention's prefill schedule (more than 4 queries), a short prompt
+        (a few queries, as a decode step takes them; small work runs in the kernels' serial
+        twins) and a decode step. Leaves the KV cache empty."""
+        pos = 0
+        for n in (max(1, min(prefill_tokens, self.max_seq - 1)), 3, 1):
+            n = min(n, self.max_seq - pos)
+            if n > 0:
+                self.forward(np.zeros(n, np.int64), pos)
+                pos += n
         self.cache.reset()
 
 

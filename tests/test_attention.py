@@ -133,6 +133,25 @@ def test_decode_serial_and_parallel_drivers(monkeypatch, kv_dtype, kv_len, batch
     check_kv(attention(q, k, v, causal=True), want, q, k, v)
 
 
+@pytest.mark.parametrize("kv_dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
+@pytest.mark.parametrize("q_len,kv_len,batch,serial", [(8, 8, None, True), (5, 8, 3, True),
+                                                       (40, 300, None, False)])
+def test_prefill_serial_and_parallel_drivers(monkeypatch, kv_dtype, q_len, kv_len, batch,
+                                             serial):
+    """Prefill work below the thread pool's threshold runs on the calling thread (its own
+    driver, compiled without the parallel machinery), above it on every thread; the other
+    driver raises."""
+    work = (batch or 1) * q_len * 32 * kv_len * 64
+    assert (work < attention_cpu.cpu_pool.PARALLEL_MIN_WORK) == serial
+    other = "_attention_prefill_mk" if serial else "_attention_prefill_mk_serial"
+    monkeypatch.setattr(attention_cpu, other, _not_this_driver)
+    monkeypatch.setattr(attention_cpu, "amx_path", lambda *a: False)
+    q, k, v = qkv(19 + kv_len, q_len, kv_len, 32, 4, 64, batch)
+    k, v = k.astype(kv_dtype), v.astype(kv_dtype)
+    want = attention_ref(q, k.astype(np.float32), v.astype(np.float32), causal=True)
+    check_kv(attention(q, k, v, causal=True), want, q, k, v)
+
+
 @pytest.mark.parametrize("q_len,kv_len", [(7, 3), (129, 1), (4, 2), (2, 1), (70, 65)])
 def test_queries_that_see_no_key_give_zeros(q_len, kv_len):
     """kv_len < q_len, causal, bottom-right: query i sits at kv_len - q_len + i, so the first

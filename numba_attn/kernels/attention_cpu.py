@@ -67,11 +67,34 @@ MIN_SPLIT_KEYS = 256   # decode: a key range is never shorter than this
 # the rows 128 keys ahead (strided), 105 with none; float16 94 against 103-105 and 133-137;
 # float32 123-124 against 138 and 151-153; 32 or 128 keys ahead were slower
 PREFETCH_KEYS = 64
-# K and V storage, passed to the kernels as `kind` (16-bit kinds as their uint16 bits); a
-# uint16 array is bfloat16 bits, as attention_cuda takes them
-KV_F32, KV_BF16, KV_F16 = 0, 1, 2
+# K and V storage, passed to the kernels as `kind`: an empty array whose dtype names it while
+# numba types a kernel, so only the cache's own variant compiles (the kernels take 16-bit K and
+# V as their uint16 bits; a uint16 array is bfloat16 bits, as attention_cuda takes them)
+KV_F32 = np.empty(0, np.float32)
+KV_BF16 = np.empty(0, np.uint16)
+KV_F16 = np.empty(0, np.int16)             # int16: float16's marker, to tell it from bfloat16
 KV_KINDS = {np.dtype(np.float32): KV_F32, np.dtype(ml_dtypes.bfloat16): KV_BF16,
             np.dtype(np.uint16): KV_BF16, np.dtype(np.float16): KV_F16}
+
+
+def _kv_bytes(kind):
+    """Bytes of an element of K and V: 4 or 2, a constant of the compiled kernel."""
+
+
+@overload(_kv_bytes)
+def _kv_bytes_impl(kind):
+    n = 4 if kind.dtype == types.float32 else 2
+    return lambda kind: n
+
+
+def _half(kind):
+    """True for a float16 K and V (else float32 or bfloat16), a constant of the kernel."""
+
+
+@overload(_half)
+def _half_impl(kind):
+    half = kind.dtype == types.int16
+    return lambda kind: half
 
 
 def _single_threaded_jit_blas():
@@ -101,7 +124,7 @@ def _f32(x, kind):
 def _f32_impl(x, kind):
     if isinstance(x, types.Float):
         return lambda x, kind: float32(x)
-    return lambda x, kind: to_float32(x, kind == KV_F16)
+    return lambda x, kind: to_float32(x, _half(kind))
 
 
 def _kv_block(k, z, k0, nk, buf, kind):
@@ -118,7 +141,7 @@ def _kv_block_impl(k, z, k0, nk, buf, kind):
         for j in range(nk):
             for h in range(k.shape[2]):
                 for c in range(k.shape[3]):
-                    buf[j, h, c] = to_float32(k[z, k0 + j, h, c], kind == KV_F16)
+                    buf[j, h, c] = to_float32(k[z, k0 + j, h, c], _half(kind))
         return buf[:nk]
     return widened
 
@@ -708,45 +731,63 @@ def _chunk_keys(chunk, n_chunks, n_qblk, bq, q_len, kv_len, causal):
     return k_need
 
 
+@njit(inline="always", cache=True)
+def _prefill_tasks(out, q, k, v, scale, causal, kind, w, plan, Qf, Of, Sf, Rows, Vis, Kp, Vp):
+    # worker w's tasks of the plan (_prefill_plan), with its scratch: Qf (d * ld,), Of (ld, d),
+    # Sf (BLOCK_K * ld,), Rows (3, ld), Vis (ld,) int32, Kp and Vp (kv_len, d) for a head's
+    # keys and values, packed
+    q_len, d = q.shape[1], q.shape[3]
+    kv_len, Hkv = k.shape[1], k.shape[2]
+    G, bq, ld, n_qblk, n_chunks, n_tasks, owner = plan
+    for task in range(n_tasks):
+        if owner[task] != w:
+            continue
+        z, hk, chunk, k_need = _task_keys(task, n_chunks, n_qblk, bq, q_len, kv_len, Hkv, causal)
+        Kh, Vh = Kp[:k_need], Vp[:k_need]
+        if _kv_bytes(kind) == 4:
+            for j in range(k_need):
+                kr, vr, kd, vd = k[z, j, hk], v[z, j, hk], Kh[j], Vh[j]
+                for c in range(d):
+                    kd[c] = kr[c]
+                    vd[c] = vr[c]
+        else:                                       # 16-bit rows widened, 16 at a time
+            first = 2 * ((z * kv_len * Hkv + hk) * d)       # byte offset of (z, 0, hk, 0)
+            _widen_rows(Kh.ctypes.data, k.ctypes.data + first, k_need, Hkv * d, d, _half(kind))
+            _widen_rows(Vh.ctypes.data, v.ctypes.data + first, k_need, Hkv * d, d, _half(kind))
+        for qb in range(chunk, n_qblk, n_chunks):
+            nq = min(bq, q_len - qb * bq)
+            _mk_tile(out, q, Kp, Vp, float32(scale), causal, G, z, hk, qb * bq, nq, Qf, Of, Sf,
+                     Rows[0], Rows[1], Rows[2], Vis)
+
+
+@njit(inline="always", cache=True)
+def _prefill_scratch(n_workers, kv_len, d, ld):
+    # Qf, Of, Sf, Rows, Vis, Kp, Vp of _prefill_tasks for each worker, allocated once per call
+    return (np.empty((n_workers, d * ld), np.float32), np.empty((n_workers, ld, d), np.float32),
+            np.empty((n_workers, BLOCK_K * ld), np.float32),
+            np.empty((n_workers, 3, ld), np.float32), np.empty((n_workers, ld), np.int32),
+            np.empty((n_workers, kv_len, d), np.float32),
+            np.empty((n_workers, kv_len, d), np.float32))
+
+
 @njit(parallel=True, cache=True)
 def _attention_prefill_mk(out, q, k, v, scale, causal, kind, n_workers):
     # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d); d a multiple of 32
-    q_len, d = q.shape[1], q.shape[3]
-    kv_len, Hkv = k.shape[1], k.shape[2]
-    G, bq, ld, n_qblk, n_chunks, n_tasks, owner = _prefill_plan(q, k, causal, n_workers)
-
-    # per-worker scratch, allocated once per call
-    Qf = np.empty((n_workers, d * ld), np.float32)
-    Of = np.empty((n_workers, ld, d), np.float32)
-    Sf = np.empty((n_workers, BLOCK_K * ld), np.float32)
-    Rows = np.empty((n_workers, 3, ld), np.float32)
-    Vis = np.empty((n_workers, ld), np.int32)
-    Kp = np.empty((n_workers, kv_len, d), np.float32)
-    Vp = np.empty((n_workers, kv_len, d), np.float32)
+    plan = _prefill_plan(q, k, causal, n_workers)
+    Qf, Of, Sf, Rows, Vis, Kp, Vp = _prefill_scratch(n_workers, k.shape[1], q.shape[3], plan[2])
     for w in prange(n_workers):
-        for task in range(n_tasks):
-            if owner[task] != w:
-                continue
-            z, hk, chunk, k_need = _task_keys(task, n_chunks, n_qblk, bq, q_len, kv_len, Hkv,
-                                              causal)
-            Kh, Vh = Kp[w, :k_need], Vp[w, :k_need]
-            if kind == KV_F32:
-                for j in range(k_need):
-                    kr, vr, kd, vd = k[z, j, hk], v[z, j, hk], Kh[j], Vh[j]
-                    for c in range(d):
-                        kd[c] = kr[c]
-                        vd[c] = vr[c]
-            else:                                   # 16-bit rows widened, 16 at a time
-                first = 2 * ((z * kv_len * Hkv + hk) * d)   # byte offset of (z, 0, hk, 0)
-                _widen_rows(Kh.ctypes.data, k.ctypes.data + first, k_need, Hkv * d, d,
-                            kind == KV_F16)
-                _widen_rows(Vh.ctypes.data, v.ctypes.data + first, k_need, Hkv * d, d,
-                            kind == KV_F16)
-            for qb in range(chunk, n_qblk, n_chunks):
-                nq = min(bq, q_len - qb * bq)
-                _mk_tile(out, q, Kp[w, :kv_len], Vp[w, :kv_len], float32(scale), causal, G, z, hk,
-                         qb * bq, nq, Qf[w], Of[w], Sf[w], Rows[w, 0], Rows[w, 1], Rows[w, 2],
-                         Vis[w])
+        _prefill_tasks(out, q, k, v, scale, causal, kind, w, plan, Qf[w], Of[w], Sf[w], Rows[w],
+                       Vis[w], Kp[w], Vp[w])
+
+
+@njit(cache=True)
+def _attention_prefill_mk_serial(out, q, k, v, scale, causal, kind):
+    # _attention_prefill_mk on the calling thread: a short prompt's prefill, compiled without
+    # the parallel machinery (in half the time)
+    plan = _prefill_plan(q, k, causal, 1)
+    Qf, Of, Sf, Rows, Vis, Kp, Vp = _prefill_scratch(1, k.shape[1], q.shape[3], plan[2])
+    _prefill_tasks(out, q, k, v, scale, causal, kind, 0, plan, Qf[0], Of[0], Sf[0], Rows[0],
+                   Vis[0], Kp[0], Vp[0])
 
 
 @njit(fastmath=FASTMATH_INF, cache=True)
@@ -978,7 +1019,7 @@ def _attention_decode(out, q, k, v, scale, causal, kind, n_workers):
     Pt = np.empty((n_workers, rows, BLOCK_K), np.float32)
     At = np.empty((n_workers, rows), np.float32)
     Vis = np.empty((n_workers, rows), np.int64)
-    kb = BLOCK_K if kind != KV_F32 else 0          # rows of the widened K and V blocks
+    kb = BLOCK_K if _kv_bytes(kind) == 2 else 0    # rows of the widened K and V blocks
     Kb = np.empty((n_workers, kb, Hkv, d), np.float32)
     Vb = np.empty((n_workers, kb, Hkv, d), np.float32)
     # each key range's partial result: unnormalised output, running max and sum
@@ -1277,7 +1318,7 @@ def _pack_q(work, Qt, q, scale, z, hk, rows, G, narrow):
     the layout of the family's score micro-kernels."""
 
 
-@overload(_pack_q, inline="always")
+@overload(_pack_q)
 def _pack_q_impl(work, Qt, q, scale, z, hk, rows, G, narrow):
     if work.dtype == types.uint32:
         def bf16_quads(work, Qt, q, scale, z, hk, rows, G, narrow):
@@ -1311,7 +1352,7 @@ def _head_scores(work, narrow, nk, st_p, ld, kh_p, ldk, kind, qh_p, d, pf_k, pf_
     of V, back to back from pf_k and pf_v on."""
 
 
-@overload(_head_scores, inline="always")
+@overload(_head_scores)
 def _head_scores_impl(work, narrow, nk, st_p, ld, kh_p, ldk, kind, qh_p, d, pf_k, pf_v, n_pf):
     if work.dtype == types.uint32:
         def bf16(work, narrow, nk, st_p, ld, kh_p, ldk, kind, qh_p, d, pf_k, pf_v, n_pf):
@@ -1320,11 +1361,11 @@ def _head_scores_impl(work, narrow, nk, st_p, ld, kh_p, ldk, kind, qh_p, d, pf_k
 
     def float32_products(work, narrow, nk, st_p, ld, kh_p, ldk, kind, qh_p, d, pf_k, pf_v,
                          n_pf):
-        es = 4 if kind == KV_F32 else 2
+        es = _kv_bytes(kind)
         ld_k = ldk
-        if kind != KV_F32:                   # 16-bit K widened into L1 (V is widened as P V
+        if es == 2:                          # 16-bit K widened into L1 (V is widened as P V
             kw_p = np.int64(work.ctypes.data)                              # loads it)
-            _widen_rows(kw_p, kh_p, nk, ldk, d, kind == KV_F16)
+            _widen_rows(kw_p, kh_p, nk, ldk, d, _half(kind))
             kh_p, ld_k = kw_p, d
         if narrow:
             _qk_narrow(nk, st_p, ld, kh_p, ld_k, qh_p, d, pf_k, pf_v, n_pf, es * d)
@@ -1342,7 +1383,7 @@ def _head_pv(work, nk, rows, n_vis, oh_p, st_p, ld, vh_p, ldk, kind, a_p, d):
     own)."""
 
 
-@overload(_head_pv, inline="always")
+@overload(_head_pv)
 def _head_pv_impl(work, nk, rows, n_vis, oh_p, st_p, ld, vh_p, ldk, kind, a_p, d):
     if work.dtype == types.uint32:
         def bf16(work, nk, rows, n_vis, oh_p, st_p, ld, vh_p, ldk, kind, a_p, d):
@@ -1358,25 +1399,23 @@ def _head_pv_impl(work, nk, rows, n_vis, oh_p, st_p, ld, vh_p, ldk, kind, a_p, d
                 i += g
         return bf16
 
+    mk_acc = {types.float32: _mk_acc, types.int16: _mk_acc_f16,        # V's own variant only
+              types.uint16: _mk_acc_bf16}[kind.dtype]
+
     def float32_products(work, nk, rows, n_vis, oh_p, st_p, ld, vh_p, ldk, kind, a_p, d):
-        es = 4 if kind == KV_F32 else 2
+        es = _kv_bytes(kind)
         i = 0
         while i < rows:
             g = 12 if rows - i >= 12 else (8 if rows - i >= 8 else (4 if rows - i >= 4 else 1))
             klen = n_vis[i + g - 1]
             for c0 in range(0, d, 32):
                 o_c, p_r, v_c = oh_p + 4 * (i * d + c0), st_p + 4 * i, vh_p + es * c0
-                if kind == KV_F32:
-                    _mk_acc(g, o_c, d, p_r, 1, ld, v_c, ldk, klen, a_p + 4 * i)
-                elif kind == KV_F16:
-                    _mk_acc_f16(g, o_c, d, p_r, 1, ld, v_c, ldk, klen, a_p + 4 * i)
-                else:
-                    _mk_acc_bf16(g, o_c, d, p_r, 1, ld, v_c, ldk, klen, a_p + 4 * i)
+                mk_acc(g, o_c, d, p_r, 1, ld, v_c, ldk, klen, a_p + 4 * i)
             i += g
     return float32_products
 
 
-@njit(fastmath=FASTMATH_INF, cache=True)
+@njit(inline="always", fastmath=FASTMATH_INF, cache=True)
 def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_run, l_run,
                      alpha, n_vis, work):
     # the queries of batch z against its keys k_lo..k_hi-1, block by block, each block for
@@ -1403,7 +1442,7 @@ def _decode_range_mk(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qf, Sf, O, m_r
                 O[hk, r, c] = float32(0)
 
     ldk = Hkv * d                                  # elements from one key row to the next
-    es = 4 if kind == KV_F32 else 2                # bytes of an element of K and V
+    es = _kv_bytes(kind)                           # bytes of an element of K and V
     k_p = np.int64(k.ctypes.data) + es * z * kv_len * ldk
     v_p = np.int64(v.ctypes.data) + es * z * kv_len * ldk
     qt_p, st_p, o_p = np.int64(Qt.ctypes.data), np.int64(St.ctypes.data), np.int64(O.ctypes.data)
@@ -1463,7 +1502,7 @@ def _decode_scratch(Hkv, d, ld, kind, family):
     # (TinyLlama's 32/4 heads at 2000 keys, Zen 5)
     return (np.empty(Hkv * d * ld, np.float32), np.empty(BLOCK_K * ld, np.float32),
             np.empty(ld, np.float32), np.empty(ld, np.int32),
-            np.empty(BLOCK_K * d if kind != KV_F32 else 0, family.dtype))
+            np.empty(BLOCK_K * d if _kv_bytes(kind) == 2 else 0, family.dtype))
 
 
 @njit(inline="always", fastmath=FASTMATH_INF, cache=True)
@@ -1496,22 +1535,39 @@ def _decode_mk_merge(out, O_part, M_part, L_part, n_split):
                     orow[c] *= inv
 
 
+@njit(inline="always", fastmath=FASTMATH_INF, cache=True)
+def _decode_tasks(q, k, v, scale, causal, kind, family, w, n_workers, n_split, split_len, O_part,
+                  M_part, L_part):
+    # worker w's tasks of the plan (_decode_mk_plan): tasks w, w + n_workers, ..., each a range
+    # of keys of one batch, for every head, into its partial result
+    kv_len = k.shape[1]
+    Qf, Sf, At, Vis, W = _decode_scratch(k.shape[2], q.shape[3], M_part.shape[2], kind, family)
+    for task in range(w, O_part.shape[0], n_workers):
+        z, split = task // n_split, task % n_split
+        _decode_range_mk(q, k, v, float32(scale), causal, kind, z, split * split_len,
+                         min(kv_len, (split + 1) * split_len), Qf, Sf, O_part[task],
+                         M_part[task], L_part[task], At, Vis, W)
+
+
+@njit(fastmath=FASTMATH_INF, cache=True)
+def _decode_worker(q, k, v, scale, causal, kind, family, w, n_workers, n_split, split_len,
+                   O_part, M_part, L_part):
+    # _decode_tasks compiled on its own, for the parallel driver's threads: a prange body that
+    # inlined it compiled 30% slower
+    _decode_tasks(q, k, v, scale, causal, kind, family, w, n_workers, n_split, split_len,
+                  O_part, M_part, L_part)
+
+
 @njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
 def _attention_decode_mk(out, q, k, v, scale, causal, kind, n_workers, family):
     # q, out: (b, q_len, H, d) with small q_len; k, v: (b, kv_len, Hkv, d); d a multiple of 32.
     # A task: a range of keys of one batch, for every head; the ranges merged at the end (on
     # the calling thread: a few rows). family: an empty array of the kernel family's work
     # dtype (DECODE_FAMILIES)
-    kv_len = k.shape[1]
     n_split, split_len, n_tasks, O_part, M_part, L_part = _decode_mk_plan(q, k, n_workers)
-    for w in prange(n_workers):
-        Qf, Sf, At, Vis, W = _decode_scratch(k.shape[2], q.shape[3], M_part.shape[2], kind,
-                                             family)
-        for task in range(w, n_tasks, n_workers):
-            z, split = task // n_split, task % n_split
-            _decode_range_mk(q, k, v, float32(scale), causal, kind, z, split * split_len,
-                             min(kv_len, (split + 1) * split_len), Qf, Sf, O_part[task],
-                             M_part[task], L_part[task], At, Vis, W)
+    for w in prange(n_workers):     # w as int64: prange's lowering makes it uint64 (two compiles)
+        _decode_worker(q, k, v, scale, causal, kind, family, np.int64(w), n_workers, n_split,
+                       split_len, O_part, M_part, L_part)
     _decode_mk_merge(out, O_part, M_part, L_part, n_split)
 
 
@@ -1520,16 +1576,11 @@ def _attention_decode_mk_serial(out, q, k, v, scale, causal, kind, family):
     # _attention_decode_mk on the calling thread, outside the thread pool: a short context's
     # decode step sits between parallel GEMVs, and a parallel region of one thread there (its
     # pool shrunk and grown again) cost more than the attention (TinyLlama q8_0 decode at
-    # context 16: 0.9 against 0.4 ms a token, in turn in one process)
-    kv_len = k.shape[1]
+    # context 16: 0.9 against 0.4 ms a token, in turn in one process). _decode_tasks inlined
+    # here: numba optimizes and compiles a function again in every caller that links it
     n_split, split_len, n_tasks, O_part, M_part, L_part = _decode_mk_plan(q, k, 1)
-    Qf, Sf, At, Vis, W = _decode_scratch(k.shape[2], q.shape[3], M_part.shape[2], kind,
-                                         family)
-    for task in range(n_tasks):
-        z, split = task // n_split, task % n_split
-        _decode_range_mk(q, k, v, float32(scale), causal, kind, z, split * split_len,
-                         min(kv_len, (split + 1) * split_len), Qf, Sf, O_part[task],
-                         M_part[task], L_part[task], At, Vis, W)
+    _decode_tasks(q, k, v, scale, causal, kind, family, 0, 1, n_split, split_len, O_part,
+                  M_part, L_part)
     _decode_mk_merge(out, O_part, M_part, L_part, n_split)
 
 
@@ -1543,7 +1594,7 @@ def bf16_dots(kind, rows):
     (vdpbf16ps): a bfloat16 KV cache, at most 8 query rows a KV head, AVX-512 BF16 on the host
     and allowed (llvm_cpu.CPU_PATH). q and the probabilities are then rounded to bfloat16 for
     the products (2^-9 relative, the cache's own precision), sums float32."""
-    return kind == KV_BF16 and rows <= 8 and fast_path("avx512bf16")
+    return kind is KV_BF16 and rows <= 8 and fast_path("avx512bf16")
 
 
 def attention(out, q, k, v, scale, causal):
@@ -1554,7 +1605,7 @@ def attention(out, q, k, v, scale, causal):
         attention_int8_cpu.attention(out, q, k, v, scale, causal)
         return
     kind = KV_KINDS[np.dtype(k.dtype)]
-    if kind != KV_F32:                          # the kernels take 16-bit floats as their bits
+    if kind is not KV_F32:                      # the kernels take 16-bit floats as their bits
         k, v = k.view(np.uint16), v.view(np.uint16)
     B, q_len, H, d = q.shape
     work = B * q_len * H * k.shape[1] * d      # multiply-adds of q k^T (at most)
@@ -1572,8 +1623,11 @@ def attention(out, q, k, v, scale, causal):
         else:
             cpu_pool.run(schedule, work, out, q, k, v, scale, causal, kind, n_workers, family)
         return
-    if schedule is _attention_prefill_mk and kind == KV_BF16 and amx_path("amx-bf16"):
+    if schedule is _attention_prefill_mk and kind is KV_BF16 and amx_path("amx-bf16"):
         cpu_pool.run(_attention_prefill_amx, work, out, q, k, v, scale, causal, _AMX_CFG,
                      n_workers)
+        return
+    if schedule is _attention_prefill_mk and n_workers == 1:
+        _attention_prefill_mk_serial(out, q, k, v, scale, causal, kind)
         return
     cpu_pool.run(schedule, work, out, q, k, v, scale, causal, kind, n_workers)

@@ -1,25 +1,43 @@
 """The CPU thread pool, for the host wrappers of the parallel kernels: work too small to pay for
-waking the pool's threads (a tiny model's decode step) runs on the calling thread alone. On a
-busy machine a parallel region waits for its slowest thread's next time slice, milliseconds."""
-from numba import get_num_threads, set_num_threads
+waking the pool's threads (a tiny model's decode step) runs on the calling thread alone, in the
+kernel's serial twin. On a busy machine a parallel region waits for its slowest thread's next
+time slice, milliseconds."""
+import types
+
+from numba import njit
+from numba.core.registry import CPUDispatcher
 
 PARALLEL_MIN_WORK = 1 << 18  # multiply-adds below which a kernel runs on one thread
 
+_TWINS = {}
+
+
+def serial(kernel):
+    """A parallel kernel's twin compiled without threads (its prange loops plain loops), cached
+    apart: a third of the compile time or less (no parallel machinery), no parallel region when
+    called. Anything else is returned as it is."""
+    twin = _TWINS.get(kernel)
+    if twin is None:
+        twin = kernel
+        if isinstance(kernel, CPUDispatcher) and kernel.targetoptions.get("parallel"):
+            f = kernel.py_func
+            g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial",
+                                   f.__defaults__, f.__closure__)
+            g.__qualname__ = f.__qualname__ + "_serial"        # its own cache files
+            opts = {k: v for k, v in kernel.targetoptions.items()
+                    if k not in ("parallel", "nopython")}
+            twin = njit(**opts)(g)
+        _TWINS[kernel] = twin
+    return twin
+
 
 def run(kernel, work, *args):
-    """kernel(*args), on one thread when work (multiply-adds or elements) is small."""
-    if work >= PARALLEL_MIN_WORK:
-        return kernel(*args)
-    n = get_num_threads()
-    set_num_threads(1)              # thread-local: other Python threads keep their pools
-    try:
-        return kernel(*args)
-    finally:
-        set_num_threads(n)
+    """kernel(*args), on one thread (its serial twin) when work (multiply-adds or elements) is
+    small."""
+    return (kernel if work >= PARALLEL_MIN_WORK else serial(kernel))(*args)
 
 
 def bind(kernel, work, *tail):
     """f(*head) = run(kernel, work, *head, *tail), the choice of threads made once."""
-    if work >= PARALLEL_MIN_WORK:
-        return lambda *head: kernel(*head, *tail)
-    return lambda *head: run(kernel, work, *head, *tail)
+    k = kernel if work >= PARALLEL_MIN_WORK else serial(kernel)
+    return lambda *head: k(*head, *tail)
