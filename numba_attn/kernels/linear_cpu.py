@@ -12,7 +12,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import cpu_pool
-from .llvm_cpu import F32 as _F32, I64 as _I64, ONE_STREAM_DECODE, fma, prefetch, row_sums
+from .llvm_cpu import F32 as _F32, I64 as _I64, fma, prefetch, row_sums
+from .llvm_cpu import ONE_STREAM_DECODE_F32 as ONE_STREAM_DECODE     # float32's own choice
 from .scalar import dots_4x1, dots_4x2
 
 GEMV_ROWS = 4  # rows of w per inner step: x is loaded once for 4 dot products

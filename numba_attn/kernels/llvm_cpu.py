@@ -124,6 +124,10 @@ HOST_CPU = _llvm.get_host_cpu_name()
 # (AMD Zen 4, 12288x4096 bfloat16 on 2 cores: 53-56 GB/s, against ~40 with 4 rows interleaved)
 # and 4 rows interleaved elsewhere (an Intel Xeon's 2 cores: 28.5 against 22.4 GB/s)
 ONE_STREAM_DECODE = HOST_CPU.startswith("znver")
+# ... except float32 rows on Zen 3, where 4 rows interleaved streamed faster (TinyLlama's 155
+# GEMVs back to back, 2 cores: 35.3 against 29.1 GB/s median, 9 of 9 rounds; 31.1 / 32.3
+# against 27.6 / 25.9 in two earlier runs; its float32 decode 7.44 against 6.69 tokens/s)
+ONE_STREAM_DECODE_F32 = ONE_STREAM_DECODE and HOST_CPU != "znver3"
 
 
 # accumulators of 16 floats a register-blocked kernel keeps in registers at once, room left
