@@ -22,6 +22,7 @@ from numba import njit, prange
 
 from .backend import as_device, is_cuda_array
 from .checks import is_c_contiguous
+from .kernels.cpu_pool import PRANGE
 
 Q8_BLOCK = 32  # weights per Q8_0 block: 32 int8 codes and one float16 scale (34 bytes)
 
@@ -209,7 +210,7 @@ def roundf(v):
     return t
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE, cache=True)
 def _quantize_rows(qs, d, w):
     # w: (rows, cols) float32; qs: (rows, cols) int8; d: (rows, cols // 32) float32 scales.
     # Returns the number of rows holding a NaN or an infinity (nothing is valid then)

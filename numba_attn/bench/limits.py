@@ -19,6 +19,7 @@ import numpy as np
 from numba import njit, prange
 
 from .timing import measure
+from ..kernels.cpu_pool import PRANGE
 
 READ_BYTES = 256 * 2**20      # host arrays: far above any CPU's last-level cache
 CACHE_BYTES = 2**20           # host array read from the caches (L2 and below on current CPUs)
@@ -48,7 +49,7 @@ class Limits:
 
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=PRANGE, fastmath=True, cache=True)
 def _parallel_sum(a):
     # a: (n,) float32, read once by every thread's share of the loop
     s = np.float32(0)

@@ -52,6 +52,7 @@ from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, amx_path, dpbf16ps,
     fma, prefetch, row_passes, store_transposed16, tile_config, tile_release, vexp, \
     vround_bf16, widen16
 from .scalar import FASTMATH_INF, dots_4x1, dots_4x2, exp_f32, row_max
+from .cpu_pool import PRANGE
 
 BLOCK_ROWS = 64        # prefill, BLAS tile (odd head sizes): query rows per tile
 BLOCK_K = 64           # keys per block of the online softmax
@@ -247,7 +248,7 @@ def _prefill_tile(out, q, k, v, scale, causal, kind, z, hk, q0, nq, Qs, O, Ks, V
             out[z, q0 + r // G, hk * G + r % G, c] = O[r, c] * inv
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE, cache=True)
 def _attention_prefill(out, q, k, v, scale, causal, kind, n_workers):
     # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d)
     B, q_len, H, d = q.shape
@@ -770,7 +771,7 @@ def _prefill_scratch(n_workers, kv_len, d, ld):
             np.empty((n_workers, kv_len, d), np.float32))
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE, cache=True)
 def _attention_prefill_mk(out, q, k, v, scale, causal, kind, n_workers):
     # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d); d a multiple of 32
     plan = _prefill_plan(q, k, causal, n_workers)
@@ -848,7 +849,7 @@ def _amx_tile(out, q, Kh, Vt, kv_len, scale, causal, G, z, hk, q0, nq, Qf, Qb, O
     _store_rows(out, O, l_run, z, hk, G, q0, rows)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE, cache=True)
 def _attention_prefill_amx(out, q, k, v, scale, causal, cfg, n_workers):
     # _attention_prefill_mk with AMX-BF16 tiles: k, v (b, kv_len, Hkv, d) bfloat16 bits; d a
     # multiple of 32; cfg: the tile configuration
@@ -1003,7 +1004,7 @@ def _decode_range(q, k, v, scale, causal, kind, z, k_lo, k_hi, Qs, S, P, alpha, 
                     _axpys(O, t * H + hk * G, G, P, nk - 1, vb[nk - 1, hk])
 
 
-@njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
+@njit(parallel=PRANGE, fastmath=FASTMATH_INF, cache=True)
 def _attention_decode(out, q, k, v, scale, causal, kind, n_workers):
     # q, out: (b, q_len, H, d) with small q_len; k, v: (b, kv_len, Hkv, d)
     B, q_len, H, d = q.shape
@@ -1558,7 +1559,7 @@ def _decode_worker(q, k, v, scale, causal, kind, family, w, n_workers, n_split, 
                   O_part, M_part, L_part)
 
 
-@njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
+@njit(parallel=PRANGE, fastmath=FASTMATH_INF, cache=True)
 def _attention_decode_mk(out, q, k, v, scale, causal, kind, n_workers, family):
     # q, out: (b, q_len, H, d) with small q_len; k, v: (b, kv_len, Hkv, d); d a multiple of 32.
     # A task: a range of keys of one batch, for every head; the ranges merged at the end (on

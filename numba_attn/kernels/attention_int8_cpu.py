@@ -31,6 +31,7 @@ from .attention_cpu import BLOCK_K, NEG_INF, _decode_mk_merge, _decode_mk_plan, 
     _softmax8
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, fast_path, vpdpbusd
 from .scalar import FASTMATH_INF
+from .cpu_pool import PRANGE
 
 I8 = ir.IntType(8)
 VI16, VI8, VF8 = ir.VectorType(_I32, 16), ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
@@ -423,7 +424,7 @@ def _scratch(Hkv, d):
     return Qb, Qi, St, Pw, Wq, alpha, n_vis
 
 
-@njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
+@njit(parallel=PRANGE, fastmath=FASTMATH_INF, cache=True)
 def _attention_decode(out, q, kc, ks, vc, vs, scale, causal, n_workers):
     # q, out: (b, q_len, H, d), at most 8 rows a KV head; kc, vc: (b, kv_len, Hkv, d) uint8
     # codes; ks, vs: (b, kv_len, Hkv) float32 scales. A task: a range of keys of one batch for
@@ -454,7 +455,7 @@ def _attention_decode_serial(out, q, kc, ks, vc, vs, scale, causal):
     _decode_mk_merge(out, O_part, M_part, L_part, n_split)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE, cache=True)
 def dequantize(out, codes, scales):
     # out (n, Hkv, d) float32 = (codes - 128) * scales[..., None]; codes (n, Hkv, d) uint8,
     # scales (n, Hkv) float32 (leading axes flattened by the caller)

@@ -31,6 +31,7 @@ from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, 
     bits_as_float32, copy_lines, dpbf16ps, fast_path, float32_bits, fma, store_transposed16, \
     prefetch, row_sums, tile_config, tile_config_bytes, tile_dpbf16ps, tile_load, tile_release, \
     tile_store, tile_zero, widen16
+from .cpu_pool import PRANGE
 
 _VEC = 16     # weights per vector in _make_dots16 (32 bytes, widened to 512 bits)
 _UNROLL = 4   # vectors per row per loop step in _dots4_f16 (4 accumulators a row, 2 lines)
@@ -230,7 +231,7 @@ def _tail_rows(out, x, w, r0, half):
             out[i, r] = acc
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=PRANGE, fastmath=True, cache=True)
 def _gemv(out, x, w, half):
     # decode: x (1, k) float32; w: (n, k) 16-bit float bits, float16 when half; out: (1, n).
     # One row of w per step: one read stream a thread
@@ -248,7 +249,7 @@ def _gemv(out, x, w, half):
         o[r] = s
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=PRANGE, fastmath=True, cache=True)
 def _gemv_rows(out, x, xr, w, half, pf):
     # x: (m, k) float32; w: (n, k) 16-bit float bits (uint16), float16 when half; out: (m, n);
     # bfloat16: xr (m, k - k % 32) = x's rows rearranged for _dots4_bf16 (even_odd), w's
@@ -291,7 +292,7 @@ def even_odd(x):
         x[:, :k0].reshape(m, k0 // 32, 16, 2).transpose(0, 1, 3, 2)).reshape(m, k0)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=PRANGE, fastmath=True, cache=True)
 def _gemv_rows_portable(out, x, w, half):
     # as _gemv_rows in plain loops
     n, k = w.shape
@@ -348,7 +349,7 @@ def round_bf16(f):
     return (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE, cache=True)
 def pack_x_bf16(ap, x):
     # x: (m, k) float32 -> ap: (ceil(m / MR), ceil(k / 2), MR) uint32: for each block of MR rows
     # and each pair p of the input axis, the rows' bfloat16 pairs (x[i, 2p] low, x[i, 2p+1]
@@ -433,7 +434,7 @@ def _pack_panel(bp, w2, j0, p0):
                     bp[p, c0 + c] = w2[j0 + c0 + c, p0 + p] if c0 + c < nr else np.uint32(0)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE, cache=True)
 def _gemm_bf16(out, ap, w2, kc_pairs):
     # out: (m, n) float32; ap: x packed by pack_x_bf16; w2: (n, kp) uint32, w's bfloat16 bits
     # two a word. For each slice of kc_pairs (KC_PAIRS) pairs of the input axis, a parallel
@@ -563,7 +564,7 @@ def _pack_rows_amx(ak, w, wq, wd, j0, r0, r1):
             copy_lines(at + 64 * r, w[j0 + r].ctypes.data, nk, 2048, 64)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE, cache=True)
 def _gemm_amx(out, ap, w, wq, wd, cfg, threads):
     # out: (m, n) float32; ap: (mt, kp, 16) uint32, x packed by pack_x_bf16 (mt even, rows past
     # m zeros); the weights as _pack_rows_amx takes them, k a multiple of 32; cfg: the tile

@@ -15,6 +15,7 @@ from . import cpu_pool
 from .llvm_cpu import F32 as _F32, I64 as _I64, fma, prefetch, row_sums
 from .llvm_cpu import ONE_STREAM_DECODE_F32 as ONE_STREAM_DECODE     # float32's own choice
 from .scalar import dots_4x1, dots_4x2
+from .cpu_pool import PRANGE
 
 GEMV_ROWS = 4  # rows of w per inner step: x is loaded once for 4 dot products
 # up to this many rows of x, our kernel streams w once and beats BLAS sgemm (12288x4096 on 2
@@ -112,7 +113,7 @@ def _tail_rows(out, x, w, r0):
             out[i, r] = acc
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=PRANGE, fastmath=True, cache=True)
 def _gemv(out, x, w):
     # x: (1, k); w: (n, k); out: (1, n). Four rows of w per pass over x: the first k - k % 8
     # columns in _dots4, the rest here
@@ -137,7 +138,7 @@ def _gemv(out, x, w):
             _tail_rows(out, x, w, r0)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=PRANGE, fastmath=True, cache=True)
 def _gemv_one(out, x, w):
     # as _gemv, one row of w per step: one read stream a thread (llvm_cpu.ONE_STREAM_DECODE)
     n, k = w.shape
@@ -153,7 +154,7 @@ def _gemv_one(out, x, w):
         o[r] = s
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=PRANGE, fastmath=True, cache=True)
 def _gemv_rows(out, x, w):
     # x: (m, k) a few rows; w: (n, k); out: (m, n). w streamed from memory once: each block of
     # 4 rows of w (in cache) meets every row of x, two at a time (8 dot products per pass)
@@ -175,7 +176,7 @@ def _gemv_rows(out, x, w):
             _tail_rows(out, x, w, r0)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=PRANGE, fastmath=True, cache=True)
 def _add_bias(out, bias):
     # out: (m, n); bias: (n,)
     m, n = out.shape

@@ -43,6 +43,7 @@ from .llvm_cpu import F32 as _F32, I8 as _I8, I32 as _I32, I64 as _I64, ONE_STRE
     amx_path, fast_path, fma, hsum, prefetch, vpdpbusd
 from ..formats import Q8_BLOCK
 from .scalar import FASTMATH_INF
+from .cpu_pool import PRANGE
 
 # prefill: rows of w dequantized per BLAS call (their float32 tile about TILE_BYTES, in L3)
 TILE_BYTES = 1 << 23
@@ -333,7 +334,7 @@ def _tail_rows(out, xq, xd, wq, wd, r0):
             out[i, r] = s
 
 
-@njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
+@njit(parallel=PRANGE, fastmath=FASTMATH_INF, cache=True)
 def _gemv(out, x, wq, wd, family):
     # decode on AMD Zen (ONE_STREAM_DECODE): as _gemv_rows for one row of x, w
     # read one row at a time (one read stream a thread: 4 rows interleaved held 2 Zen 4 cores to
@@ -352,7 +353,7 @@ def _gemv(out, x, wq, wd, family):
         out[0, r] = s
 
 
-@njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
+@njit(parallel=PRANGE, fastmath=FASTMATH_INF, cache=True)
 def _gemv_pairs(out, x, wq, wd, family):
     # decode elsewhere: as _gemv_rows for one row of x, w read 2 rows at a time
     # (TinyLlama's 111 GEMVs of a token back to back on 2 Xeon cores: 29.3-30.5 GB/s against
@@ -376,7 +377,7 @@ def _gemv_pairs(out, x, wq, wd, family):
             _tail_rows(out, xq, xd, wq, wd, r0)
 
 
-@njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
+@njit(parallel=PRANGE, fastmath=FASTMATH_INF, cache=True)
 def _gemv_rows(out, x, wq, wd, family):
     # x: (m, k) float32, quantized first (_codes: xq (m, k) int8, xc (m, nb) int32, xd (m, nb)
     # float32, nb = k // 32); wq: (n, k) int8; wd: (n, nb) float16 bits (uint16); out: (m, n);
@@ -407,7 +408,7 @@ def _gemv_rows(out, x, wq, wd, family):
             _tail_rows(out, xq, xd, wq, wd, r0)
 
 
-@njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
+@njit(parallel=PRANGE, fastmath=FASTMATH_INF, cache=True)
 def _gemv_rows_portable(out, x, wq, wd, family):
     # as _gemv_rows in plain loops (family unused); x's codes xq as float32 (xc unused)
     xq = np.empty(x.shape, np.float32)
@@ -455,7 +456,7 @@ def _gemm(out, x, wq, wd):
         np.matmul(x, t.T, out=out[:, r0:r1])
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE, cache=True)
 def dequantize_rows_bf16(out, wq, wd, r0):
     # out: (rows, k) uint16 = rows r0.. of w dequantized and rounded to bfloat16 (bits)
     rows, k = out.shape

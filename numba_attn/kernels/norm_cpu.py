@@ -14,6 +14,7 @@ from numba.extending import intrinsic
 
 from .llvm_cpu import F32, I64, fast_path, fma, vexp
 from .scalar import silu_vec
+from .cpu_pool import PRANGE
 
 PARALLEL_MIN = 1 << 15  # elements below which the serial function runs alone
 SILU_CHUNK = 4096       # elements per parallel task
@@ -32,7 +33,7 @@ def _rmsnorm_rows(out, x, weight, eps, r0, r1):
             out[r, j] = x[r, j] * inv * weight[j]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE, cache=True)
 def _rmsnorm_parallel(out, x, weight, eps):
     for r in prange(x.shape[0]):
         _rmsnorm_rows(out, x, weight, eps, r, r + 1)
@@ -62,7 +63,7 @@ def _add_rmsnorm_rows(out, x, y, weight, eps, r0, r1):
             out[r, j] = x[r, j] * inv * weight[j]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE, cache=True)
 def _add_rmsnorm_parallel(out, x, y, weight, eps):
     for r in prange(x.shape[0]):
         _add_rmsnorm_rows(out, x, y, weight, eps, r, r + 1)
@@ -96,7 +97,7 @@ def _silu_mul_range(out, gate, up, i0, i1, into):
             o[i] = silu_vec(g[i]) * u[i]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE, cache=True)
 def _silu_mul_parallel(out, gate, up, into):
     n = gate.shape[0]
     for c in prange((n + SILU_CHUNK - 1) // SILU_CHUNK):
@@ -156,7 +157,7 @@ def _silu_mul16_serial(out, gate, up):
     _silu_mul_range16(out, gate, up, 0, gate.shape[0])
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE, cache=True)
 def _silu_mul_parallel16(out, gate, up):
     n = gate.shape[0]
     for c in prange((n + SILU_CHUNK - 1) // SILU_CHUNK):

@@ -14,6 +14,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, masked_store, prefetch, store_nt
+from .cpu_pool import PRANGE
 
 
 PARALLEL_MIN = 1 << 15  # elements below which the serial function runs alone
@@ -242,7 +243,7 @@ def _rope_half_streams(out, x, parts):
             and op != x.ctypes.data and op % 16 == 0)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE, cache=True)
 def _rope_half_parallel(out, x, cos, sin, start_pos, parts):
     # parts: the number of threads (numba's get_num_threads, called here, would keep this
     # function out of the cache) or ranges of rows
@@ -259,7 +260,7 @@ def _rope_half_parallel(out, x, cos, sin, start_pos, parts):
             _rope_half_rows(out, x, cos, sin, start_pos, bt, bt + 1)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE, cache=True)
 def _rope_interleaved_parallel(out, x, cos, sin, start_pos):
     for bt in prange(x.shape[0] * x.shape[1]):
         _rope_interleaved_rows(out, x, cos, sin, start_pos, bt, bt + 1)

@@ -7,9 +7,10 @@ from numba import float32, njit, prange
 
 from . import cpu_pool
 from .scalar import FASTMATH_INF, exp_f32, row_max
+from .cpu_pool import PRANGE
 
 
-@njit(parallel=True, fastmath=FASTMATH_INF, cache=True)
+@njit(parallel=PRANGE, fastmath=FASTMATH_INF, cache=True)
 def _masked_softmax(out, scores, mask, scale, causal):
     # scores, out: (b, q, kv); mask: (q, kv) additive (may be a broadcast view) or (0, 0).
     # out may be scores (in place).
@@ -48,7 +49,7 @@ def masked_softmax(out, scores, mask, scale, causal):
     cpu_pool.run(_masked_softmax, scores.size, out, scores, mask, scale, causal)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE, cache=True)
 def fill_causal_mask(out):
     # out: (q, kv) float32; 0 where key j is visible to query i, -inf elsewhere
     q, kv = out.shape

@@ -9,6 +9,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..formats import Int8KV, quantize_kv_row
+from .cpu_pool import PRANGE
 
 SPLIT_PARALLEL_MIN = 1 << 20  # elements of qkv from which split_qkv copies on every core
 
@@ -24,7 +25,7 @@ def add(out, a, b):
     np.add(a, b, out=out)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE, cache=True)
 def _split_rows(q, k, v, qkv):
     # each row of qkv's three column blocks into q, k, v
     nq, nk = q.shape[1], k.shape[1]
