@@ -42,3 +42,24 @@ def test_run_and_bind_pick_by_work():
     cpu_pool.bind(ramp, cpu_pool.PARALLEL_MIN_WORK, 3.0)(out)      # large: the kernel
     assert ramp.signatures
     np.testing.assert_array_equal(out, np.arange(5) * 3.0)
+
+
+def test_kernels_take_prange_only_options_that_survive_compiling():
+    """The library's parallel kernels run numba's parallel machinery for prange alone, and the
+    options object stays as it is after they compile (numba empties a dict it is given, and
+    every kernel compiled later would then take all of it)."""
+    from numba_attn.kernels import linear_cpu
+
+    @njit(parallel=cpu_pool.PRANGE)
+    def ramp(out):
+        for i in prange(out.shape[0]):
+            out[i] = i
+
+    out = np.empty(300)
+    ramp(out)
+    np.testing.assert_array_equal(out, np.arange(300))
+    assert ramp.targetoptions["parallel"] is cpu_pool.PRANGE
+    assert cpu_pool.PRANGE.prange and not (cpu_pool.PRANGE.numpy or cpu_pool.PRANGE.fusion)
+    assert linear_cpu._gemv.targetoptions["parallel"] is cpu_pool.PRANGE
+    twin = cpu_pool.serial(ramp)
+    assert twin is not ramp and twin.py_func.__qualname__.endswith("ramp_serial")

@@ -5,14 +5,18 @@ time slice, milliseconds."""
 import types
 
 from numba import njit
+from numba.core.caching import NullCache
+from numba.core.cpu_options import ParallelOptions
 from numba.core.registry import CPUDispatcher
 
 PARALLEL_MIN_WORK = 1 << 18  # multiply-adds below which a kernel runs on one thread
 # the kernels' parallel=: numba's parallel machinery for their prange loops only, none of its
 # automatic parallelization of array expressions (these kernels have none to give it); each
 # parallel kernel compiles faster (decode's 4-row 16-bit GEMV: 3.6-3.9 s against 4.8-5.3)
-PRANGE = {"prange": True, "comprehension": False, "reduction": False, "inplace_binop": False,
-          "setitem": False, "numpy": False, "stencil": False, "fusion": False}
+# (an options object: numba empties a dict it is given)
+PRANGE = ParallelOptions({"prange": True, "comprehension": False, "reduction": False,
+                          "inplace_binop": False, "setitem": False, "numpy": False,
+                          "stencil": False, "fusion": False})
 
 _TWINS = {}
 
@@ -24,14 +28,16 @@ def serial(kernel):
     twin = _TWINS.get(kernel)
     if twin is None:
         twin = kernel
-        if isinstance(kernel, CPUDispatcher) and kernel.targetoptions.get("parallel"):
+        parallel = getattr(kernel, "targetoptions", {}).get("parallel", False)
+        if isinstance(kernel, CPUDispatcher) and getattr(parallel, "enabled", parallel):
             f = kernel.py_func
             g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial",
                                    f.__defaults__, f.__closure__)
             g.__qualname__ = f.__qualname__ + "_serial"        # its own cache files
             opts = {k: v for k, v in kernel.targetoptions.items()
                     if k not in ("parallel", "nopython")}
-            twin = njit(**opts)(g)
+            cached = not isinstance(kernel._cache, NullCache)     # cache=True is not an option
+            twin = njit(cache=cached, **opts)(g)
         _TWINS[kernel] = twin
     return twin
 
