@@ -33,6 +33,7 @@ decode: keys a block of one head's rows at a time, into L1, values in registers 
 them), and all arithmetic is float32 (or, on AMX tiles, float32-exact products of bfloat16
 terms, summed in float32), except decode's bfloat16 products above."""
 import ctypes
+import functools
 import glob
 import os
 
@@ -49,7 +50,7 @@ from .linear_bf16_cpu import round_bf16, to_float32
 from . import attention_amx_cpu as amx
 from .linear_bf16_cpu import _AMX_CFG
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, amx_path, dpbf16ps, fast_path, \
-    fma, prefetch, row_passes, store_transposed16, tile_config, tile_release, vexp, \
+    ACC16, fma, prefetch, row_passes, store_transposed16, tile_config, tile_release, vexp, \
     vround_bf16, widen16
 from .scalar import FASTMATH_INF, dots_4x1, dots_4x2, exp_f32, row_max
 from .cpu_pool import PRANGE
@@ -293,6 +294,7 @@ _V16 = ir.VectorType(_F32, 16)
 _VI32 = ir.VectorType(_I32, 16)
 
 
+@functools.lru_cache(maxsize=None)
 def _microkernel(R, NV, accumulate, b16=None):
     """An intrinsic mk(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha): for i < R, the 16 NV floats at
     row i of C get sum_{t < K} A[i, t] * B[t, :], where c, a, b, alpha are byte addresses,
@@ -516,48 +518,55 @@ def _prefetch_rows(typingctx, addr, n_rows, stride, nbytes):
     return sig, codegen
 
 
-_set_12, _set_8 = _microkernel(12, 2, False), _microkernel(8, 2, False)
-_set_4, _set_1 = _microkernel(4, 2, False), _microkernel(1, 2, False)
+# rows of the prefill and P V micro-kernel calls (32 floats wide), largest first, then 1: 12, 8
+# and 4 where AVX-512's registers hold 12 rows at once (24 accumulators, 12 x 32 ~5% faster
+# here than 8 x 32; few variants: each costs compile time); elsewhere only the rows of one
+# register pass (row_passes): a longer kernel would repeat that pass, compiled again for each
+# (AVX2: 2 rows, the three sizes alike)
+_R0, _R1, _R2 = (12, 8, 4) if ACC16 >= 24 else (max(1, ACC16 // 2),) * 3
+_set_0, _set_1, _set_2, _set_r1 = (_microkernel(n, 2, False) for n in (_R0, _R1, _R2, 1))
+
+
+@njit(inline="always")
+def _mk_rows(m):
+    # the rows of the next micro-kernel call with m rows left
+    return _R0 if m >= _R0 else (_R1 if m >= _R1 else (_R2 if m >= _R2 else 1))
 
 
 @njit(inline="always")
 def _mk_set(n, c, ldc, a, sa_i, sa_t, b, ldb, K):
-    # rows 0..n-1 of C (32 floats wide) = A B, in micro-kernel calls of 12, 8, 4 and 1 rows
-    # (12 x 32: 24 accumulators, ~5% faster here than 8 x 32; few variants: each costs compile
-    # time)
+    # rows 0..n-1 of C (32 floats wide) = A B, in micro-kernel calls of _mk_rows rows
     i = 0
     while i < n:
         ci, ai = c + 4 * i * ldc, a + 4 * i * sa_i
-        if n - i >= 12:
-            _set_12(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
-            i += 12
-        elif n - i >= 8:
-            _set_8(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
-            i += 8
-        elif n - i >= 4:
-            _set_4(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
-            i += 4
-        else:
+        g = _mk_rows(n - i)
+        if g == _R0:
+            _set_0(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
+        elif g == _R1:
             _set_1(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
-            i += 1
+        elif g == _R2:
+            _set_2(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
+        else:
+            _set_r1(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
+        i += g
 
 
 def _acc_rows(b16=None):
-    """mk_acc(n, c, ldc, a, sa_i, sa_t, b, ldb, K, alpha): n (12, 8, 4 or 1) rows of C (32
+    """mk_acc(n, c, ldc, a, sa_i, sa_t, b, ldb, K, alpha): n (a size of _mk_rows) rows of C (32
     floats wide) = C * alpha[row] + A B, by _microkernel's accumulating kernel of n rows with B
     in float32 or, b16, 16-bit floats widened as they are loaded."""
-    acc_12, acc_8, acc_4, acc_1 = (_microkernel(n, 2, True, b16) for n in (12, 8, 4, 1))
+    acc_0, acc_1, acc_2, acc_r1 = (_microkernel(n, 2, True, b16) for n in (_R0, _R1, _R2, 1))
 
     @njit(inline="always")
     def mk_acc(n, c, ldc, a, sa_i, sa_t, b, ldb, K, alpha):
-        if n == 12:
-            acc_12(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-        elif n == 8:
-            acc_8(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-        elif n == 4:
-            acc_4(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-        else:
+        if n == _R0:
+            acc_0(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+        elif n == _R1:
             acc_1(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+        elif n == _R2:
+            acc_2(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+        else:
+            acc_r1(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
     return mk_acc
 
 
@@ -605,11 +614,11 @@ def _mk_tile(out, q, Kh, Vh, scale, causal, G, z, hk, q0, nq, Qf, O, Sf, m_run, 
         for r in range(r0a, ld, 16):
             _softmax16(st_p + 4 * r, ld, nk, mr_p + 4 * r, lr_p + 4 * r, a_p + 4 * r,
                        nv_p + 4 * r, diag)
-        # O[r] = O[r] * alpha[r] + sum_j P^T[j, r] V[k0 + j], in groups of 12 rows by 32 columns;
+        # O[r] = O[r] * alpha[r] + sum_j P^T[j, r] V[k0 + j], in groups of _mk_rows by 32 columns;
         # a group runs over the keys its last row sees (P is 0 past each row's own)
         i = r0
         while i < rows:
-            g = 12 if rows - i >= 12 else (8 if rows - i >= 8 else (4 if rows - i >= 4 else 1))
+            g = _mk_rows(rows - i)
             klen = n_vis[i + g - 1]
             for c0 in range(0, d, 32):
                 _mk_acc(g, o_p + 4 * (i * d + c0), d, st_p + 4 * i, 1, ld,
@@ -1407,7 +1416,7 @@ def _head_pv_impl(work, nk, rows, n_vis, oh_p, st_p, ld, vh_p, ldk, kind, a_p, d
         es = _kv_bytes(kind)
         i = 0
         while i < rows:
-            g = 12 if rows - i >= 12 else (8 if rows - i >= 8 else (4 if rows - i >= 4 else 1))
+            g = _mk_rows(rows - i)
             klen = n_vis[i + g - 1]
             for c0 in range(0, d, 32):
                 o_c, p_r, v_c = oh_p + 4 * (i * d + c0), st_p + 4 * i, vh_p + es * c0
