@@ -1077,7 +1077,9 @@ def _attention_decode(out, q, k, v, scale, causal, kind, n_workers):
 # Q^T[2t + e, r], so all 16 lanes work (one element broadcast against 8 rows would fill half);
 # each row's two partial sums are added at the end.
 
-_QK_R = 16                                    # keys per score micro-kernel call
+# keys per score micro-kernel call: 16 where AVX-512's registers hold their accumulators at
+# once; elsewhere one register pass of keys (ACC16), as for the P V kernels' rows (_R0)
+_QK_R = 16 if ACC16 >= 24 else ACC16
 _qk16_16, _qk16_4, _qk16_1 = (_microkernel(r, 1, False) for r in (_QK_R, 4, 1))
 
 
@@ -1140,8 +1142,8 @@ def _qk_pairs(R, bf16=False):
 
 # 14 keys a call, not 16: with 16 accumulators LLVM spilled one to the stack each iteration
 # (the whole decode kernel at TinyLlama's 32/4 heads and 2000 keys, one Zen 5 thread: 131-146
-# against 154-164 us, 10 and 12 keys as 14)
-_QKP_R = 14
+# against 154-164 us, 10 and 12 keys as 14); one register pass of keys without AVX-512
+_QKP_R = 14 if ACC16 >= 24 else ACC16
 _qkp_14, _qkp_4, _qkp_1 = (_qk_pairs(r) for r in (_QKP_R, 4, 1))
 _qkb_14, _qkb_4, _qkb_1 = (_qk_pairs(r, bf16=True) for r in (_QKP_R, 4, 1))
 
