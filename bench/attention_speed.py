@@ -32,7 +32,8 @@ def main():
         q = rng.standard_normal((1, 512, H, D), dtype=np.float32)
         k = rng.standard_normal((1, 512, HKV, D), dtype=np.float32).astype(dt)
         best, med = timed(q, k, k.copy(), 25, lambda ts: (min(ts), np.median(ts)))
-        parts.append(f"prefill-512 {np.dtype(dt).name} best {best * 1e3:.2f} med {med * 1e3:.2f} ms")
+        parts.append(f"prefill-512 {np.dtype(dt).name} best {best * 1e3:.2f} "
+                     f"med {med * 1e3:.2f} ms")
     for dt in (np.float32, ml_dtypes.bfloat16, np.float16):
         for q_len, kv in ((1, 2000), (3, 2000), (1, 64)):
             q = rng.standard_normal((1, q_len, H, D), dtype=np.float32)
