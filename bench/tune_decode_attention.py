@@ -101,8 +101,7 @@ VARIANTS = {"as-is": [], "ahead-32": [(KEYS, "PREFETCH_KEYS = 32\n")],
 for far, near in ((256, 64), (256, 32), (512, 32), (128, 32)):
     VARIANTS[f"far{far}-near{near}"] = [
         (KEYS, f"PREFETCH_KEYS = {near}\nFAR_KEYS = {far}\n"),
-        ("_set_0, _set_1, _set_2, _set_r1 = ",
-         PREFETCH_L2 + "\n\n_set_0, _set_1, _set_2, _set_r1 = "),
+        ("_mk_set_rows = ", PREFETCH_L2 + "\n\n_mk_set_rows = "),
         (SCORES, SCORES + FAR_CALL)]
 
 

@@ -524,7 +524,6 @@ def _prefetch_rows(typingctx, addr, n_rows, stride, nbytes):
 # register pass (row_passes): a longer kernel would repeat that pass, compiled again for each
 # (AVX2: 2 rows, the three sizes alike)
 _R0, _R1, _R2 = (12, 8, 4) if ACC16 >= 24 else (max(1, ACC16 // 2),) * 3
-_set_0, _set_1, _set_2, _set_r1 = (_microkernel(n, 2, False) for n in (_R0, _R1, _R2, 1))
 
 
 @njit(inline="always")
@@ -533,44 +532,37 @@ def _mk_rows(m):
     return _R0 if m >= _R0 else (_R1 if m >= _R1 else (_R2 if m >= _R2 else 1))
 
 
+def _by_rows(accumulate, b16=None):
+    """mk(n, c, ldc, a, sa_i, sa_t, b, ldb, K, alpha): n (a size of _mk_rows) rows of C (32
+    floats wide) by _microkernel's kernel of n rows: C = A B, or accumulate: C = C * alpha[row]
+    + A B; B in float32 or, b16, 16-bit floats widened as they are loaded."""
+    mk_0, mk_1, mk_2, mk_r1 = (_microkernel(n, 2, accumulate, b16) for n in (_R0, _R1, _R2, 1))
+
+    @njit(inline="always")
+    def mk(n, c, ldc, a, sa_i, sa_t, b, ldb, K, alpha):
+        if n == _R0:
+            mk_0(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+        elif n == _R1:
+            mk_1(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+        elif n == _R2:
+            mk_2(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+        else:
+            mk_r1(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
+    return mk
+
+
+_mk_set_rows = _by_rows(False)
+_mk_acc, _mk_acc_f16, _mk_acc_bf16 = _by_rows(True), _by_rows(True, "f16"), _by_rows(True, "bf16")
+
+
 @njit(inline="always")
 def _mk_set(n, c, ldc, a, sa_i, sa_t, b, ldb, K):
     # rows 0..n-1 of C (32 floats wide) = A B, in micro-kernel calls of _mk_rows rows
     i = 0
     while i < n:
-        ci, ai = c + 4 * i * ldc, a + 4 * i * sa_i
         g = _mk_rows(n - i)
-        if g == _R0:
-            _set_0(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
-        elif g == _R1:
-            _set_1(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
-        elif g == _R2:
-            _set_2(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
-        else:
-            _set_r1(ci, ldc, ai, sa_i, sa_t, b, ldb, K, 0)
+        _mk_set_rows(g, c + 4 * i * ldc, ldc, a + 4 * i * sa_i, sa_i, sa_t, b, ldb, K, 0)
         i += g
-
-
-def _acc_rows(b16=None):
-    """mk_acc(n, c, ldc, a, sa_i, sa_t, b, ldb, K, alpha): n (a size of _mk_rows) rows of C (32
-    floats wide) = C * alpha[row] + A B, by _microkernel's accumulating kernel of n rows with B
-    in float32 or, b16, 16-bit floats widened as they are loaded."""
-    acc_0, acc_1, acc_2, acc_r1 = (_microkernel(n, 2, True, b16) for n in (_R0, _R1, _R2, 1))
-
-    @njit(inline="always")
-    def mk_acc(n, c, ldc, a, sa_i, sa_t, b, ldb, K, alpha):
-        if n == _R0:
-            acc_0(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-        elif n == _R1:
-            acc_1(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-        elif n == _R2:
-            acc_2(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-        else:
-            acc_r1(c, ldc, a, sa_i, sa_t, b, ldb, K, alpha)
-    return mk_acc
-
-
-_mk_acc, _mk_acc_f16, _mk_acc_bf16 = _acc_rows(), _acc_rows("f16"), _acc_rows("bf16")
 
 
 @njit(fastmath=FASTMATH_INF, cache=True)
@@ -782,22 +774,13 @@ def _prefill_scratch(n_workers, kv_len, d, ld):
 
 @njit(parallel=PRANGE, cache=True)
 def _attention_prefill_mk(out, q, k, v, scale, causal, kind, n_workers):
-    # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d); d a multiple of 32
+    # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d); d a multiple of 32. Small work runs
+    # in its serial twin (cpu_pool.run), compiled without the parallel machinery
     plan = _prefill_plan(q, k, causal, n_workers)
     Qf, Of, Sf, Rows, Vis, Kp, Vp = _prefill_scratch(n_workers, k.shape[1], q.shape[3], plan[2])
     for w in prange(n_workers):
         _prefill_tasks(out, q, k, v, scale, causal, kind, w, plan, Qf[w], Of[w], Sf[w], Rows[w],
                        Vis[w], Kp[w], Vp[w])
-
-
-@njit(cache=True)
-def _attention_prefill_mk_serial(out, q, k, v, scale, causal, kind):
-    # _attention_prefill_mk on the calling thread: a short prompt's prefill, compiled without
-    # the parallel machinery (in half the time)
-    plan = _prefill_plan(q, k, causal, 1)
-    Qf, Of, Sf, Rows, Vis, Kp, Vp = _prefill_scratch(1, k.shape[1], q.shape[3], plan[2])
-    _prefill_tasks(out, q, k, v, scale, causal, kind, 0, plan, Qf[0], Of[0], Sf[0], Rows[0],
-                   Vis[0], Kp[0], Vp[0])
 
 
 @njit(fastmath=FASTMATH_INF, cache=True)
@@ -1576,7 +1559,7 @@ def _attention_decode_mk(out, q, k, v, scale, causal, kind, n_workers, family):
     # A task: a range of keys of one batch, for every head; the ranges merged at the end (on
     # the calling thread: a few rows). family: an empty array of the kernel family's work
     # dtype (DECODE_FAMILIES)
-    n_split, split_len, n_tasks, O_part, M_part, L_part = _decode_mk_plan(q, k, n_workers)
+    n_split, split_len, _, O_part, M_part, L_part = _decode_mk_plan(q, k, n_workers)
     for w in prange(n_workers):     # w as int64: prange's lowering makes it uint64 (two compiles)
         _decode_worker(q, k, v, scale, causal, kind, family, np.int64(w), n_workers, n_split,
                        split_len, O_part, M_part, L_part)
@@ -1590,7 +1573,7 @@ def _attention_decode_mk_serial(out, q, k, v, scale, causal, kind, family):
     # pool shrunk and grown again) cost more than the attention (TinyLlama q8_0 decode at
     # context 16: 0.9 against 0.4 ms a token, in turn in one process). _decode_tasks inlined
     # here: numba optimizes and compiles a function again in every caller that links it
-    n_split, split_len, n_tasks, O_part, M_part, L_part = _decode_mk_plan(q, k, 1)
+    n_split, split_len, _, O_part, M_part, L_part = _decode_mk_plan(q, k, 1)
     _decode_tasks(q, k, v, scale, causal, kind, family, 0, 1, n_split, split_len, O_part,
                   M_part, L_part)
     _decode_mk_merge(out, O_part, M_part, L_part, n_split)
@@ -1638,8 +1621,5 @@ def attention(out, q, k, v, scale, causal):
     if schedule is _attention_prefill_mk and kind is KV_BF16 and amx_path("amx-bf16"):
         cpu_pool.run(_attention_prefill_amx, work, out, q, k, v, scale, causal, _AMX_CFG,
                      n_workers)
-        return
-    if schedule is _attention_prefill_mk and n_workers == 1:
-        _attention_prefill_mk_serial(out, q, k, v, scale, causal, kind)
         return
     cpu_pool.run(schedule, work, out, q, k, v, scale, causal, kind, n_workers)
