@@ -17,6 +17,7 @@ SPEC is FORMAT:VARIANT[:PREFETCH_BYTES]:
   q8_0:one-ISA-U[:P]               a one-row kernel of _make_block_dots(ISA: vnni or avx2, U
                                    block pairs a step), prefetching P bytes ahead
 e.g. python bench/tune_decode_gemv.py 9 float32:one bfloat16:one bfloat16:even_odd:4096 q8_0:one"""
+import functools
 import os
 import sys
 import time
@@ -29,7 +30,7 @@ import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
 from numba_attn.formats import quantize_q8_0  # noqa: E402
-from numba_attn.kernels import linear_bf16_cpu as bf, linear_cpu as f32, \
+from numba_attn.kernels import cpu_pool, linear_bf16_cpu as bf, linear_cpu as f32, \
     linear_q8_cpu as q8  # noqa: E402
 
 H, I, KV, V, L = 2048, 5632, 256, 32000, 22
@@ -86,12 +87,15 @@ def variant(spec, ws, xs, outs):
             _, isa, unroll = var.split("-")
             dots = one_row_q8(q8._make_block_dots(isa, 1, int(unroll), pf, f32.STREAM_LOCALITY))
             kern = lambda out, x, wq, wd, family: dots(out, x, wq, wd)  # noqa: E731
+        else:                                           # a kernel in parts, on every thread
+            kern = functools.partial(cpu_pool.run_parts, kern, cpu_pool.PARALLEL_MIN_WORK)
         return lambda: [kern(outs[w.qs.shape[0]], xs[w.qs.shape[1]], w.qs, w.d.view(np.uint16),
                              family) for w in ws]
     if fmt == "float32":
         if var == "blas":
             return lambda: [np.matmul(xs[w.shape[1]], w.T, out=outs[w.shape[0]]) for w in ws]
-        kern = {"one": f32._gemv_one, "rows4": f32._gemv}[var]
+        kern = functools.partial(cpu_pool.run_parts, {"one": f32._gemv_one, "rows4": f32._gemv}[var],
+                                 cpu_pool.PARALLEL_MIN_WORK)
         return lambda: [kern(outs[w.shape[0]], xs[w.shape[1]], w) for w in ws]
     bits = [w.view(np.uint16) for w in ws]
     half = fmt == "float16"
@@ -102,11 +106,13 @@ def variant(spec, ws, xs, outs):
     if var == "one" and len(parts) > 2:
         g = one_row(bf._make_dots16(1, pf, half), bf._VEC)
         return lambda: [g(outs[b.shape[0]], xs[b.shape[1]], b, 2) for b in bits]
+    def run(kernel, *args):                              # a kernel in parts, every thread
+        cpu_pool.run_parts(kernel, cpu_pool.PARALLEL_MIN_WORK, *args)
     if var == "one":
-        return lambda: [bf._gemv(outs[b.shape[0]], xs[b.shape[1]], b, half) for b in bits]
+        return lambda: [run(bf._gemv, outs[b.shape[0]], xs[b.shape[1]], b, half) for b in bits]
     xr = {k: xs[k] if half else bf.even_odd(xs[k]) for k in (H, I)}
-    return lambda: [bf._gemv_rows(outs[b.shape[0]], xs[b.shape[1]], xr[b.shape[1]], b, half,
-                                  var == "rows4pf") for b in bits]
+    return lambda: [run(bf._gemv_rows, outs[b.shape[0]], xs[b.shape[1]], xr[b.shape[1]], b,
+                        half, var == "rows4pf") for b in bits]
 
 
 def main():

@@ -122,7 +122,8 @@ def _not_this_driver(*args):
                                                  (2000, None, False), (300, 3, False)])
 def test_decode_serial_and_parallel_drivers(monkeypatch, kv_dtype, kv_len, batch, serial):
     """Decode work below the thread pool's threshold runs on the calling thread (its own
-    driver), above it on every thread; the other driver raises."""
+    driver), above it on every thread (their tasks compiled once, _decode_part, called through
+    its address); the other driver raises."""
     work = (batch or 1) * 32 * kv_len * 64
     assert (work < attention_cpu.cpu_pool.PARALLEL_MIN_WORK) == serial
     other = "_attention_decode_mk" if serial else "_attention_decode_mk_serial"
@@ -138,21 +139,13 @@ def test_decode_serial_and_parallel_drivers(monkeypatch, kv_dtype, kv_len, batch
                                                        (40, 300, None, False)])
 def test_prefill_serial_and_parallel_drivers(monkeypatch, kv_dtype, q_len, kv_len, batch,
                                              serial):
-    """Prefill work below the thread pool's threshold runs on the calling thread (the
-    driver's serial twin, compiled without the parallel machinery), above it on every thread;
-    the other driver raises."""
-    pool = attention_cpu.cpu_pool
+    """Prefill work below the thread pool's threshold runs on the calling thread (its own
+    driver, compiled without the parallel machinery), above it on every thread (the tasks
+    compiled once, _prefill_part, called through its address); the other driver raises."""
     work = (batch or 1) * q_len * 32 * kv_len * 64
-    assert (work < pool.PARALLEL_MIN_WORK) == serial
-    driver = attention_cpu._attention_prefill_mk
-    twin = pool.serial(driver)
-    assert twin is not driver
-    if serial:      # the driver raises; its twin, which the pool runs, is the real one
-        stand_in = lambda *a: _not_this_driver()     # noqa: E731
-        monkeypatch.setitem(pool._TWINS, stand_in, twin)
-        monkeypatch.setattr(attention_cpu, "_attention_prefill_mk", stand_in)
-    else:           # the twin raises
-        monkeypatch.setitem(pool._TWINS, driver, _not_this_driver)
+    assert (work < attention_cpu.cpu_pool.PARALLEL_MIN_WORK) == serial
+    other = "_attention_prefill_mk" if serial else "_attention_prefill_mk_serial"
+    monkeypatch.setattr(attention_cpu, other, _not_this_driver)
     monkeypatch.setattr(attention_cpu, "amx_path", lambda *a: False)
     q, k, v = qkv(19 + kv_len, q_len, kv_len, 32, 4, 64, batch)
     k, v = k.astype(kv_dtype), v.astype(kv_dtype)

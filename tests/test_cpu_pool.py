@@ -60,6 +60,64 @@ def test_kernels_take_prange_only_options_that_survive_compiling():
     np.testing.assert_array_equal(out, np.arange(300))
     assert ramp.targetoptions["parallel"] is cpu_pool.PRANGE
     assert cpu_pool.PRANGE.prange and not (cpu_pool.PRANGE.numpy or cpu_pool.PRANGE.fusion)
-    assert linear_cpu._gemv.targetoptions["parallel"] is cpu_pool.PRANGE
+    assert linear_cpu._add_bias.targetoptions["parallel"] is cpu_pool.PRANGE
     twin = cpu_pool.serial(ramp)
     assert twin is not ramp and twin.py_func.__qualname__.endswith("ramp_serial")
+
+
+@njit
+def _ramp_part(part, parts, out, step):
+    start, stop = cpu_pool.share(out.shape[0], part, parts)
+    for i in range(start, stop):
+        out[i] = i * step + part
+
+
+def test_share_cuts_a_range_into_contiguous_parts():
+    for n in (0, 1, 7, 64, 1001):
+        for parts in (1, 2, 3, 16):
+            got = [cpu_pool.share(n, p, parts) for p in range(parts)]
+            assert got[0][0] == 0 and got[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(got, got[1:]))
+            assert max(b - a for a, b in got) - min(b - a for a, b in got) <= 1
+
+
+def test_kernel_in_parts_runs_as_one_part_or_on_every_thread():
+    """Small work: one part on the calling thread; large: the pool's threads, each its part,
+    through the kernel's address (one compile for both, part and parts int64)."""
+    from numba import get_num_threads
+    parts = get_num_threads()
+    out = np.full(37, -1.0)
+    cpu_pool.run_parts(_ramp_part, 10, out, 2.0)
+    np.testing.assert_array_equal(out, np.arange(37) * 2.0)
+    cpu_pool.run_parts(_ramp_part, cpu_pool.PARALLEL_MIN_WORK, out, 3.0)
+    want = np.arange(37) * 3.0
+    for p in range(parts):
+        start, stop = cpu_pool.share(37, p, parts)
+        want[start:stop] += p
+    np.testing.assert_array_equal(out, want)
+    assert len(_ramp_part.signatures) == 1
+    out2 = np.full(37, -1.0)
+    cpu_pool.bind_parts(_ramp_part, cpu_pool.PARALLEL_MIN_WORK, 3.0)(out2)
+    np.testing.assert_array_equal(out2, want)
+    cpu_pool.bind_parts(_ramp_part, 1, 0.5)(out2)
+    np.testing.assert_array_equal(out2, np.arange(37) * 0.5)
+
+
+def test_address_per_argument_types():
+    a = cpu_pool.address(_ramp_part, np.empty(3), 1.0)
+    assert a == cpu_pool.address(_ramp_part, np.empty(5), 2.0)          # same types
+    b = cpu_pool.address(_ramp_part, np.empty(3, np.float32), 1.0)
+    assert b != a and len(_ramp_part.signatures) >= 2
+    out = np.zeros(6, np.float32)
+    cpu_pool._launch(b, 2, (out, np.float64(1.5)))
+    np.testing.assert_array_equal(out, np.arange(6) * 1.5 + [0, 0, 0, 1, 1, 1])
+
+
+def test_address_refuses_a_kernel_that_returns_a_value():
+    @njit
+    def value(part, parts, x):
+        return x + part
+
+    import pytest
+    with pytest.raises(TypeError, match="must return nothing"):
+        cpu_pool.address(value, 1.0)

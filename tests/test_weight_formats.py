@@ -380,3 +380,9 @@ def test_bound_decode_gemv_is_linear(fmt, n, k, cpu_path):
         gemv(got, x)
         np.testing.assert_array_equal(got, want)
         assert np.isfinite(got).all()
+    # and right: against float64 products of the stored weights (q8_0: x is quantized per
+    # block of 32, at most half a step of max|x| / 127 an element)
+    wd = (w.dequantize() if fmt == "q8_0" else w.astype(np.float32)).astype(np.float64)
+    err = np.abs(got[0] - wd @ x[0].astype(np.float64))
+    scale = np.abs(x).max() * np.abs(wd).sum(axis=1)
+    assert (err <= (5e-3 if fmt == "q8_0" else 1e-5) * scale).all()

@@ -53,7 +53,7 @@ from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, amx_path, dpbf16ps,
     ACC16, fma, prefetch, row_passes, store_transposed16, tile_config, tile_release, vexp, \
     vround_bf16, widen16
 from .scalar import FASTMATH_INF, dots_4x1, dots_4x2, exp_f32, row_max
-from .cpu_pool import PRANGE
+from .cpu_pool import PRANGE, call_part
 
 BLOCK_ROWS = 64        # prefill, BLAS tile (odd head sizes): query rows per tile
 BLOCK_K = 64           # keys per block of the online softmax
@@ -772,15 +772,42 @@ def _prefill_scratch(n_workers, kv_len, d, ld):
             np.empty((n_workers, kv_len, d), np.float32))
 
 
+@njit(cache=True)
+def _prefill_part(part, parts, out, q, k, v, scale, causal, kind, plan, Qf, Of, Sf, Rows, Vis,
+                  Kp, Vp):
+    # _prefill_tasks of worker part, with its row of each scratch array (_prefill_scratch):
+    # compiled once, called through its address (cpu_pool.call_part) by _attention_prefill_mk's
+    # threads
+    _prefill_tasks(out, q, k, v, scale, causal, kind, part, plan, Qf[part], Of[part], Sf[part],
+                   Rows[part], Vis[part], Kp[part], Vp[part])
+
+
+# the types of the plan (_prefill_plan) and scratch (_prefill_scratch) _prefill_part takes
+_PREFILL_PLAN = ((0, 0, 0, 0, 0, 0, np.empty(0, np.int64)), np.empty((0, 0), np.float32),
+                 np.empty((0, 0, 0), np.float32), np.empty((0, 0), np.float32),
+                 np.empty((0, 0, 0), np.float32), np.empty((0, 0), np.int32),
+                 np.empty((0, 0, 0), np.float32), np.empty((0, 0, 0), np.float32))
+
+
 @njit(parallel=PRANGE, cache=True)
-def _attention_prefill_mk(out, q, k, v, scale, causal, kind, n_workers):
-    # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d); d a multiple of 32. Small work runs
-    # in its serial twin (cpu_pool.run), compiled without the parallel machinery
+def _attention_prefill_mk(part_addr, out, q, k, v, scale, causal, kind, n_workers):
+    # q, out: (b, q_len, H, d); k, v: (b, kv_len, Hkv, d); d a multiple of 32; part_addr:
+    # _prefill_part's address for these types
     plan = _prefill_plan(q, k, causal, n_workers)
     Qf, Of, Sf, Rows, Vis, Kp, Vp = _prefill_scratch(n_workers, k.shape[1], q.shape[3], plan[2])
     for w in prange(n_workers):
-        _prefill_tasks(out, q, k, v, scale, causal, kind, w, plan, Qf[w], Of[w], Sf[w], Rows[w],
-                       Vis[w], Kp[w], Vp[w])
+        call_part(part_addr, np.int64(w), n_workers, (out, q, k, v, scale, causal, kind, plan, Qf,
+                                                     Of, Sf, Rows, Vis, Kp, Vp))
+
+
+@njit(cache=True)
+def _attention_prefill_mk_serial(out, q, k, v, scale, causal, kind):
+    # _attention_prefill_mk on the calling thread (a short prompt), its tasks inlined: one
+    # compile, where a serial driver calling _prefill_part compiles 1.5-2 s more
+    plan = _prefill_plan(q, k, causal, 1)
+    Qf, Of, Sf, Rows, Vis, Kp, Vp = _prefill_scratch(1, k.shape[1], q.shape[3], plan[2])
+    _prefill_tasks(out, q, k, v, scale, causal, kind, 0, plan, Qf[0], Of[0], Sf[0], Rows[0],
+                   Vis[0], Kp[0], Vp[0])
 
 
 @njit(fastmath=FASTMATH_INF, cache=True)
@@ -1545,24 +1572,30 @@ def _decode_tasks(q, k, v, scale, causal, kind, family, w, n_workers, n_split, s
 
 
 @njit(fastmath=FASTMATH_INF, cache=True)
-def _decode_worker(q, k, v, scale, causal, kind, family, w, n_workers, n_split, split_len,
-                   O_part, M_part, L_part):
-    # _decode_tasks compiled on its own, for the parallel driver's threads: a prange body that
-    # inlined it compiled 30% slower
-    _decode_tasks(q, k, v, scale, causal, kind, family, w, n_workers, n_split, split_len,
-                  O_part, M_part, L_part)
+def _decode_part(part, parts, q, k, v, scale, causal, kind, family, n_split, split_len, O_part,
+                 M_part, L_part):
+    # _decode_tasks of worker part: compiled once, called through its address
+    # (cpu_pool.call_part) by _attention_decode_mk's threads
+    _decode_tasks(q, k, v, scale, causal, kind, family, part, parts, n_split, split_len, O_part,
+                  M_part, L_part)
+
+
+# the types of the plan's values (_decode_mk_plan) _decode_part takes: n_split, split_len,
+# O_part, M_part, L_part
+_DECODE_PLAN = (0, 0, np.empty((0, 0, 0, 0), np.float32), np.empty((0, 0, 0), np.float32),
+                np.empty((0, 0, 0), np.float32))
 
 
 @njit(parallel=PRANGE, fastmath=FASTMATH_INF, cache=True)
-def _attention_decode_mk(out, q, k, v, scale, causal, kind, n_workers, family):
+def _attention_decode_mk(part_addr, out, q, k, v, scale, causal, kind, n_workers, family):
     # q, out: (b, q_len, H, d) with small q_len; k, v: (b, kv_len, Hkv, d); d a multiple of 32.
     # A task: a range of keys of one batch, for every head; the ranges merged at the end (on
     # the calling thread: a few rows). family: an empty array of the kernel family's work
-    # dtype (DECODE_FAMILIES)
+    # dtype (DECODE_FAMILIES); part_addr: _decode_part's address for these types
     n_split, split_len, _, O_part, M_part, L_part = _decode_mk_plan(q, k, n_workers)
-    for w in prange(n_workers):     # w as int64: prange's lowering makes it uint64 (two compiles)
-        _decode_worker(q, k, v, scale, causal, kind, family, np.int64(w), n_workers, n_split,
-                       split_len, O_part, M_part, L_part)
+    for w in prange(n_workers):
+        call_part(part_addr, np.int64(w), n_workers, (q, k, v, scale, causal, kind, family,
+                                                     n_split, split_len, O_part, M_part, L_part))
     _decode_mk_merge(out, O_part, M_part, L_part, n_split)
 
 
@@ -1616,10 +1649,20 @@ def attention(out, q, k, v, scale, causal):
         if n_workers == 1:
             _attention_decode_mk_serial(out, q, k, v, scale, causal, kind, family)
         else:
-            cpu_pool.run(schedule, work, out, q, k, v, scale, causal, kind, n_workers, family)
+            part = cpu_pool.address(_decode_part, q, k, v, scale, causal, kind, family,
+                                    *_DECODE_PLAN)
+            schedule(part, out, q, k, v, scale, causal, kind, n_workers, family)
         return
     if schedule is _attention_prefill_mk and kind is KV_BF16 and amx_path("amx-bf16"):
         cpu_pool.run(_attention_prefill_amx, work, out, q, k, v, scale, causal, _AMX_CFG,
                      n_workers)
+        return
+    if schedule is _attention_prefill_mk:
+        if n_workers == 1:
+            _attention_prefill_mk_serial(out, q, k, v, scale, causal, kind)
+        else:
+            part = cpu_pool.address(_prefill_part, out, q, k, v, scale, causal, kind,
+                                    *_PREFILL_PLAN)
+            schedule(part, out, q, k, v, scale, causal, kind, n_workers)
         return
     cpu_pool.run(schedule, work, out, q, k, v, scale, causal, kind, n_workers)

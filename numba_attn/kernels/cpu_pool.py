@@ -1,13 +1,27 @@
 """The CPU thread pool, for the host wrappers of the parallel kernels: work too small to pay for
-waking the pool's threads (a tiny model's decode step) runs on the calling thread alone, in the
-kernel's serial twin. On a busy machine a parallel region waits for its slowest thread's next
-time slice, milliseconds."""
+waking the pool's threads (a tiny model's decode step) runs on the calling thread alone. On a
+busy machine a parallel region waits for its slowest thread's next time slice, milliseconds.
+
+Two forms of parallel kernel:
+- a prange kernel (`parallel=PRANGE`); small work runs in its serial twin (`serial`, `run`,
+  `bind`), the same function compiled without threads;
+- a kernel in parts, `kernel(part, parts, *args)` doing share `part` of `parts` (`share`): one
+  compile serves both one thread (`kernel(0, 1, *args)`) and the pool, whose threads call it
+  through its address (`run_parts`, `bind_parts`; `call_part` from a driver of one's own).
+  Numba optimizes and compiles a function again inside every caller that links it, and a
+  parallel kernel twice more (its loop body and the wrapper): a large kernel (the GEMVs'
+  intrinsics, the attention schedules) compiles once this way instead of three or four times."""
 import types
 
-from numba import njit
+import numpy as np
+from numba import get_num_threads, njit, prange
+from numba import types as nbtypes
+from numba.core import cgutils
 from numba.core.caching import NullCache
 from numba.core.cpu_options import ParallelOptions
 from numba.core.registry import CPUDispatcher
+from numba.core.typing.typeof import Purpose, typeof
+from numba.extending import intrinsic
 
 PARALLEL_MIN_WORK = 1 << 18  # multiply-adds below which a kernel runs on one thread
 # the kernels' parallel=: numba's parallel machinery for their prange loops only, none of its
@@ -52,3 +66,75 @@ def bind(kernel, work, *tail):
     """f(*head) = run(kernel, work, *head, *tail), the choice of threads made once."""
     k = kernel if work >= PARALLEL_MIN_WORK else serial(kernel)
     return lambda *head: k(*head, *tail)
+
+
+@njit(inline="always")
+def share(n, part, parts):
+    """(start, stop): share part of range(n) cut into parts contiguous ranges."""
+    return n * part // parts, n * (part + 1) // parts
+
+
+@intrinsic
+def call_part(typingctx, addr, part, parts, args):
+    """addr(part, parts, *args): the kernel in parts compiled at addr (`address`), called through
+    that address in numba's calling convention, its code not linked into the caller."""
+    argtys = (part, parts) + tuple(args.types)
+
+    def codegen(context, builder, signature, llargs):
+        vals = [*llargs[1:3], *cgutils.unpack_tuple(builder, llargs[3], len(args.types))]
+        fnty = context.call_conv.get_function_type(nbtypes.none, argtys)
+        fn = builder.inttoptr(llargs[0], fnty.as_pointer())
+        status, _ = context.call_conv.call_function(builder, fn, nbtypes.none, argtys, vals)
+        with cgutils.if_unlikely(builder, status.is_error):
+            context.call_conv.return_status_propagate(builder, status)
+        return context.get_dummy_value()
+    if isinstance(addr, nbtypes.Integer) and isinstance(args, nbtypes.BaseTuple):
+        return nbtypes.none(addr, part, parts, args), codegen
+
+
+@njit(parallel=PRANGE, cache=True)
+def _launch(addr, parts, args):
+    for part in prange(parts):     # part as int64, the type address() compiled for
+        call_part(addr, np.int64(part), parts, args)
+
+
+_ADDRESSES = {}
+
+
+def _type_key(a):
+    # what numba's type of an argument depends on, cheaper to read than typeof (8 us an array)
+    if isinstance(a, np.ndarray):
+        return a.dtype, a.ndim, a.flags.num
+    return tuple(map(_type_key, a)) if isinstance(a, tuple) else type(a)
+
+
+def address(kernel, *args):
+    """The address of kernel(part, parts, *args) compiled (or loaded from Numba's cache) for
+    these arguments' types, part and parts int64. A driver that passes arrays of its own makes
+    (call_part) gives arrays of their types here: the call trusts the types."""
+    key = (kernel, *map(_type_key, args))
+    addr = _ADDRESSES.get(key)
+    if addr is None:
+        sig = (nbtypes.int64, nbtypes.int64) + tuple(typeof(a, Purpose.argument) for a in args)
+        kernel.compile(sig)
+        cres = kernel.overloads[sig]
+        if cres.signature.return_type != nbtypes.none:
+            raise TypeError(f"{kernel.py_func.__name__} must return nothing to run in parts")
+        addr = _ADDRESSES[key] = cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name)
+    return addr
+
+
+def run_parts(kernel, work, *args):
+    """kernel(part, parts, *args) for every part: on the pool's threads, or as one part on the
+    calling thread when work is small."""
+    if work < PARALLEL_MIN_WORK:
+        kernel(0, 1, *args)
+    else:
+        _launch(address(kernel, *args), get_num_threads(), args)
+
+
+def bind_parts(kernel, work, *tail):
+    """f(*head) = run_parts(kernel, work, *head, *tail), the choice of threads made once."""
+    if work < PARALLEL_MIN_WORK:
+        return lambda *head: kernel(0, 1, *head, *tail)
+    return lambda *head: _launch(address(kernel, *head, *tail), get_num_threads(), head + tail)

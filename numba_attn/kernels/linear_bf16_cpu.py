@@ -231,15 +231,16 @@ def _tail_rows(out, x, w, r0, half):
             out[i, r] = acc
 
 
-@njit(parallel=PRANGE, fastmath=True, cache=True)
-def _gemv(out, x, w, half):
+@njit(fastmath=True, cache=True)
+def _gemv(part, parts, out, x, w, half):
     # decode: x (1, k) float32; w: (n, k) 16-bit float bits, float16 when half; out: (1, n).
-    # One row of w per step: one read stream a thread
+    # One row of w per step: one read stream a thread. In parts (cpu_pool): rows of w
     n, k = w.shape
     k0 = k - k % _VEC
     o = out[0]
     xa, wa = x.ctypes.data, w.ctypes.data
-    for r in prange(n):
+    r_start, r_stop = cpu_pool.share(n, part, parts)
+    for r in range(r_start, r_stop):
         if half:
             s, = _dot1_f16(xa, wa + 2 * r * k, k, k0 // _VEC)
         else:
@@ -249,20 +250,21 @@ def _gemv(out, x, w, half):
         o[r] = s
 
 
-@njit(parallel=PRANGE, fastmath=True, cache=True)
-def _gemv_rows(out, x, xr, w, half, pf):
+@njit(fastmath=True, cache=True)
+def _gemv_rows(part, parts, out, x, xr, w, half, pf):
     # x: (m, k) float32; w: (n, k) 16-bit float bits (uint16), float16 when half; out: (m, n);
     # bfloat16: xr (m, k - k % 32) = x's rows rearranged for _dots4_bf16 (even_odd), w's
     # lines prefetched when pf. Each block of 4 rows of w (in cache after the first row of x)
     # meets every row of x, the first k0 columns in the dots4 intrinsics, the rest here; one
-    # row is decode's GEMV
+    # row is decode's GEMV. In parts (cpu_pool): blocks of rows of w
     n, k = w.shape
     m = x.shape[0]
     step = _VEC if half else 32
     nv = k // step
     k0 = nv * step
     xa, xra, wa = x.ctypes.data, xr.ctypes.data, w.ctypes.data
-    for blk in prange((n + GEMV_ROWS - 1) // GEMV_ROWS):
+    blk_start, blk_stop = cpu_pool.share((n + GEMV_ROWS - 1) // GEMV_ROWS, part, parts)
+    for blk in range(blk_start, blk_stop):
         r0 = blk * GEMV_ROWS
         if r0 + GEMV_ROWS <= n:
             for i in range(m):
@@ -292,12 +294,13 @@ def even_odd(x):
         x[:, :k0].reshape(m, k0 // 32, 16, 2).transpose(0, 1, 3, 2)).reshape(m, k0)
 
 
-@njit(parallel=PRANGE, fastmath=True, cache=True)
-def _gemv_rows_portable(out, x, w, half):
+@njit(fastmath=True, cache=True)
+def _gemv_rows_portable(part, parts, out, x, w, half):
     # as _gemv_rows in plain loops
     n, k = w.shape
     m = x.shape[0]
-    for blk in prange((n + GEMV_ROWS - 1) // GEMV_ROWS):
+    blk_start, blk_stop = cpu_pool.share((n + GEMV_ROWS - 1) // GEMV_ROWS, part, parts)
+    for blk in range(blk_start, blk_stop):
         r0 = blk * GEMV_ROWS
         if r0 + GEMV_ROWS <= n:
             w0, w1, w2, w3 = w[r0], w[r0 + 1], w[r0 + 2], w[r0 + 3]
@@ -655,10 +658,10 @@ def _bind_gemv(bits, half, m):
     # gemv(out, x) for m rows of x (m <= GEMV_MAX_ROWS) over w's bits
     work = m * bits.size
     if not (fast_path("f16c") if half else fast_path()):
-        return cpu_pool.bind(_gemv_rows_portable, work, bits, half)
+        return cpu_pool.bind_parts(_gemv_rows_portable, work, bits, half)
     if m == 1 and ONE_STREAM_DECODE:
-        return cpu_pool.bind(_gemv, work, bits, half)
-    rows = cpu_pool.bind(_gemv_rows, work, bits, half, not ONE_STREAM_DECODE)
+        return cpu_pool.bind_parts(_gemv, work, bits, half)
+    rows = cpu_pool.bind_parts(_gemv_rows, work, bits, half, not ONE_STREAM_DECODE)
     return lambda out, x: rows(out, x, x if half else even_odd(x))
 
 

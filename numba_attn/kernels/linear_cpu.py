@@ -113,17 +113,18 @@ def _tail_rows(out, x, w, r0):
             out[i, r] = acc
 
 
-@njit(parallel=PRANGE, fastmath=True, cache=True)
-def _gemv(out, x, w):
+@njit(fastmath=True, cache=True)
+def _gemv(part, parts, out, x, w):
     # x: (1, k); w: (n, k); out: (1, n). Four rows of w per pass over x: the first k - k % 8
-    # columns in _dots4, the rest here
+    # columns in _dots4, the rest here. In parts (cpu_pool): blocks of rows of w
     n, k = w.shape
     xr, o = x[0], out[0]
     nv = k // _VEC
     k0 = nv * _VEC
     ldw = w.strides[0] // 4
     xa, wa = xr.ctypes.data, w.ctypes.data
-    for blk in prange((n + GEMV_ROWS - 1) // GEMV_ROWS):
+    blk_start, blk_stop = cpu_pool.share((n + GEMV_ROWS - 1) // GEMV_ROWS, part, parts)
+    for blk in range(blk_start, blk_stop):
         r0 = blk * GEMV_ROWS
         if r0 + GEMV_ROWS <= n:
             s0, s1, s2, s3 = _dots4(xa, wa + 4 * r0 * ldw, ldw, nv)
@@ -138,8 +139,8 @@ def _gemv(out, x, w):
             _tail_rows(out, x, w, r0)
 
 
-@njit(parallel=PRANGE, fastmath=True, cache=True)
-def _gemv_one(out, x, w):
+@njit(fastmath=True, cache=True)
+def _gemv_one(part, parts, out, x, w):
     # as _gemv, one row of w per step: one read stream a thread (llvm_cpu.ONE_STREAM_DECODE)
     n, k = w.shape
     xr, o = x[0], out[0]
@@ -147,20 +148,22 @@ def _gemv_one(out, x, w):
     k0 = nv * _VEC
     ldw = w.strides[0] // 4
     xa, wa = xr.ctypes.data, w.ctypes.data
-    for r in prange(n):
+    r_start, r_stop = cpu_pool.share(n, part, parts)
+    for r in range(r_start, r_stop):
         s, = _dot1(xa, wa + 4 * r * ldw, ldw, nv)
         for j in range(k0, k):
             s += w[r, j] * xr[j]
         o[r] = s
 
 
-@njit(parallel=PRANGE, fastmath=True, cache=True)
-def _gemv_rows(out, x, w):
+@njit(fastmath=True, cache=True)
+def _gemv_rows(part, parts, out, x, w):
     # x: (m, k) a few rows; w: (n, k); out: (m, n). w streamed from memory once: each block of
     # 4 rows of w (in cache) meets every row of x, two at a time (8 dot products per pass)
     n = w.shape[0]
     m = x.shape[0]
-    for blk in prange((n + GEMV_ROWS - 1) // GEMV_ROWS):
+    blk_start, blk_stop = cpu_pool.share((n + GEMV_ROWS - 1) // GEMV_ROWS, part, parts)
+    for blk in range(blk_start, blk_stop):
         r0 = blk * GEMV_ROWS
         if r0 + GEMV_ROWS <= n:
             w0, w1, w2, w3 = w[r0], w[r0 + 1], w[r0 + 2], w[r0 + 3]
@@ -191,7 +194,7 @@ def linear(out, x, w, bias):
     if m == 1:
         bind_gemv(w)(out, x)
     elif m <= GEMV_MAX_ROWS:
-        cpu_pool.run(_gemv_rows, m * w.size, out, x, w)
+        cpu_pool.run_parts(_gemv_rows, m * w.size, out, x, w)
     else:
         np.matmul(x, w.T, out=out)  # BLAS sgemm; w.T is a view, no copy
     if bias.shape[0]:
@@ -202,4 +205,4 @@ def bind_gemv(w):
     """gemv(out, x) = linear(out, x, w, no bias) for one row of x, its kernel picked once: a
     decode step calls it for every weight, every token, each time with the caches cold from
     the weights streamed before (each Python step costs microseconds there)."""
-    return cpu_pool.bind(_gemv_one if ONE_STREAM_DECODE else _gemv, w.size, w)
+    return cpu_pool.bind_parts(_gemv_one if ONE_STREAM_DECODE else _gemv, w.size, w)

@@ -334,8 +334,8 @@ def _tail_rows(out, xq, xd, wq, wd, r0):
             out[i, r] = s
 
 
-@njit(parallel=PRANGE, fastmath=FASTMATH_INF, cache=True)
-def _gemv(out, x, wq, wd, family):
+@njit(fastmath=FASTMATH_INF, cache=True)
+def _gemv(part, parts, out, x, wq, wd, family):
     # decode on AMD Zen (ONE_STREAM_DECODE): as _gemv_rows for one row of x, w
     # read one row at a time (one read stream a thread: 4 rows interleaved held 2 Zen 4 cores to
     # ~40 GB/s where one stream reached 53-56, 12288x4096; on a Xeon 4 rows streamed faster)
@@ -346,15 +346,16 @@ def _gemv(out, x, wq, wd, family):
     nb2 = nb // 2
     xqa, xca, xda = xq.ctypes.data, xc.ctypes.data, xd.ctypes.data
     wqa, wda = wq.ctypes.data, wd.ctypes.data
-    for r in prange(n):
+    r_start, r_stop = cpu_pool.share(n, part, parts)
+    for r in range(r_start, r_stop):
         s, = _dot1(family, xqa, xca, xda, wqa + r * k, wda + 2 * r * nb, k, nb2)
         if nb % 2:   # an odd block count: the last block here
             s += _block_dot(wq, wd, r, xq, xd, 0, nb - 1)
         out[0, r] = s
 
 
-@njit(parallel=PRANGE, fastmath=FASTMATH_INF, cache=True)
-def _gemv_pairs(out, x, wq, wd, family):
+@njit(fastmath=FASTMATH_INF, cache=True)
+def _gemv_pairs(part, parts, out, x, wq, wd, family):
     # decode elsewhere: as _gemv_rows for one row of x, w read 2 rows at a time
     # (TinyLlama's 111 GEMVs of a token back to back on 2 Xeon cores: 29.3-30.5 GB/s against
     # 26.5-29.7 with 4 rows, 25.7-27.8 with 8, 23-26 one row at a time)
@@ -365,7 +366,8 @@ def _gemv_pairs(out, x, wq, wd, family):
     nb2 = nb // 2
     xqa, xca, xda = xq.ctypes.data, xc.ctypes.data, xd.ctypes.data
     wqa, wda = wq.ctypes.data, wd.ctypes.data
-    for p in prange((n + 1) // 2):
+    p_start, p_stop = cpu_pool.share((n + 1) // 2, part, parts)
+    for p in range(p_start, p_stop):
         r0 = 2 * p
         if r0 + 2 <= n:
             s0, s1 = _dots2(family, xqa, xca, xda, wqa + r0 * k, wda + 2 * r0 * nb, k, nb2)
@@ -377,12 +379,13 @@ def _gemv_pairs(out, x, wq, wd, family):
             _tail_rows(out, xq, xd, wq, wd, r0)
 
 
-@njit(parallel=PRANGE, fastmath=FASTMATH_INF, cache=True)
-def _gemv_rows(out, x, wq, wd, family):
+@njit(fastmath=FASTMATH_INF, cache=True)
+def _gemv_rows(part, parts, out, x, wq, wd, family):
     # x: (m, k) float32, quantized first (_codes: xq (m, k) int8, xc (m, nb) int32, xd (m, nb)
     # float32, nb = k // 32); wq: (n, k) int8; wd: (n, nb) float16 bits (uint16); out: (m, n);
     # family: FAMILIES' array of the instruction set. Each block of 4 rows of w (in cache
-    # after the first row of x) meets every row of x; one row is decode's GEMV
+    # after the first row of x) meets every row of x; one row is decode's GEMV. In parts
+    # (cpu_pool): blocks of rows of w, each part quantizing x (k values) for itself
     xq = np.empty(x.shape, np.int8)
     xc, xd = _codes(x, xq)
     n, k = wq.shape
@@ -390,7 +393,8 @@ def _gemv_rows(out, x, wq, wd, family):
     nb2 = nb // 2
     xqa, xca, xda = xq.ctypes.data, xc.ctypes.data, xd.ctypes.data
     wqa, wda = wq.ctypes.data, wd.ctypes.data
-    for blk in prange((n + GEMV_ROWS - 1) // GEMV_ROWS):
+    blk_start, blk_stop = cpu_pool.share((n + GEMV_ROWS - 1) // GEMV_ROWS, part, parts)
+    for blk in range(blk_start, blk_stop):
         r0 = blk * GEMV_ROWS
         if r0 + GEMV_ROWS <= n:
             for i in range(m):
@@ -408,14 +412,15 @@ def _gemv_rows(out, x, wq, wd, family):
             _tail_rows(out, xq, xd, wq, wd, r0)
 
 
-@njit(parallel=PRANGE, fastmath=FASTMATH_INF, cache=True)
-def _gemv_rows_portable(out, x, wq, wd, family):
+@njit(fastmath=FASTMATH_INF, cache=True)
+def _gemv_rows_portable(part, parts, out, x, wq, wd, family):
     # as _gemv_rows in plain loops (family unused); x's codes xq as float32 (xc unused)
     xq = np.empty(x.shape, np.float32)
     xc, xd = _codes(x, xq)
     n = wq.shape[0]
     m, nb = xd.shape
-    for blk in prange((n + GEMV_ROWS - 1) // GEMV_ROWS):
+    blk_start, blk_stop = cpu_pool.share((n + GEMV_ROWS - 1) // GEMV_ROWS, part, parts)
+    for blk in range(blk_start, blk_stop):
         r0 = blk * GEMV_ROWS
         if r0 + GEMV_ROWS <= n:
             for i in range(m):
@@ -499,7 +504,7 @@ def linear(out, x, w, bias):
     wq, wd = w.qs, w.d.view(np.uint16)
     if m <= GEMV_MAX_ROWS:
         kernel, family = _gemv_kernel(m)
-        cpu_pool.run(kernel, m * wq.size, out, x, wq, wd, family)
+        cpu_pool.run_parts(kernel, m * wq.size, out, x, wq, wd, family)
     elif amx_path("amx-bf16"):
         gemm_amx(out, x, q8=(wq, wd))
     elif fast_path("avx512bf16"):
@@ -515,7 +520,7 @@ def bind_gemv(w):
     picked once (linear_cpu.bind_gemv)."""
     wq = w.qs
     kernel, family = _gemv_kernel(1)
-    return cpu_pool.bind(kernel, wq.size, wq, w.d.view(np.uint16), family)
+    return cpu_pool.bind_parts(kernel, wq.size, wq, w.d.view(np.uint16), family)
 
 
 def embedding(out, table, tokens):
