@@ -29,14 +29,14 @@ rep = [
   "def _decode_tasks(q, k, v, scale, causal, kind, family, w, n_workers, n_split, split_len, O_part,\n                  M_part, L_part, pw, pwb):"),
  ("                         M_part[task], L_part[task], At, Vis, W)\n",
   "                         M_part[task], L_part[task], At, Vis, W,\n                         pw + task * (pwb // O_part.shape[0]), pwb // O_part.shape[0])\n"),
- ("                   O_part, M_part, L_part):\n",
-  "                   O_part, M_part, L_part, pw, pwb):\n"),
- ("    _decode_tasks(q, k, v, scale, causal, kind, family, w, n_workers, n_split, split_len,\n                  O_part, M_part, L_part)\n",
-  "    _decode_tasks(q, k, v, scale, causal, kind, family, w, n_workers, n_split, split_len,\n                  O_part, M_part, L_part, pw, pwb)\n"),
- ("def _attention_decode_mk(out, q, k, v, scale, causal, kind, n_workers, family):",
-  "def _attention_decode_mk(out, q, k, v, scale, causal, kind, n_workers, family, pw, pwb):"),
- ("                       split_len, O_part, M_part, L_part)\n",
-  "                       split_len, O_part, M_part, L_part, pw, pwb)\n"),
+ ("def _decode_part(part, parts, q, k, v, scale, causal, kind, family, n_split, split_len, O_part,\n                 M_part, L_part):",
+  "def _decode_part(part, parts, q, k, v, scale, causal, kind, family, n_split, split_len, O_part,\n                 M_part, L_part, pw, pwb):"),
+ ("    _decode_tasks(q, k, v, scale, causal, kind, family, part, parts, n_split, split_len, O_part,\n                  M_part, L_part)\n",
+  "    _decode_tasks(q, k, v, scale, causal, kind, family, part, parts, n_split, split_len, O_part,\n                  M_part, L_part, pw, pwb)\n"),
+ ("def _attention_decode_mk(part_addr, out, q, k, v, scale, causal, kind, n_workers, family):",
+  "def _attention_decode_mk(part_addr, out, q, k, v, scale, causal, kind, n_workers, family, pw,\n                         pwb):"),
+ ("n_split, split_len, O_part, M_part, L_part))\n",
+  "n_split, split_len, O_part, M_part, L_part, pw, pwb))\n"),
  ("    _decode_tasks(q, k, v, scale, causal, kind, family, 0, 1, n_split, split_len, O_part,\n                  M_part, L_part)\n",
   "    _decode_tasks(q, k, v, scale, causal, kind, family, 0, 1, n_split, split_len, O_part,\n                  M_part, L_part, 0, 0)\n"),
  ("@intrinsic\ndef _prefetch_rows(", """@intrinsic
@@ -68,6 +68,8 @@ W = [rng.standard_normal((2048, 2048)).astype(np.float32) for _ in range(LAYERS)
 gemvs = [linear_cpu.bind_gemv(w) for w in W]
 x = rng.standard_normal((1, 2048)).astype(np.float32); y = np.empty((1, 2048), np.float32)
 fam = mod.DECODE_FAMILIES[False]
+part = mod.cpu_pool.address(mod._decode_part, q, k[0], v[0], 0.125, True, mod.KV_F32, fam,
+                            *mod._DECODE_PLAN, 0, 0)
 sizes = [int(s) << 20 for s in os.environ.get("MB", "0,2,4,8,16").split(",")]
 T = {s: ([], []) for s in sizes}
 at = 0
@@ -76,7 +78,7 @@ for it in range(10):
         for L in range(LAYERS):
             _parallel_sum(weights[at:at + n]); at = (at + n) % (weights.size - n)
             t0 = time.perf_counter()
-            mod._attention_decode_mk(out, q, k[L], v[L], 0.125, True, mod.KV_F32, 2, fam, W[L].ctypes.data, s)
+            mod._attention_decode_mk(part, out, q, k[L], v[L], 0.125, True, mod.KV_F32, 2, fam, W[L].ctypes.data, s)
             t1 = time.perf_counter()
             gemvs[L](y, x)
             t2 = time.perf_counter()

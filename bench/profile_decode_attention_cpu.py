@@ -197,10 +197,12 @@ def main():
         kk, vv = (rng.standard_normal((1, KV, HKV, D)).astype(dt) for _ in range(2))
         if kind is not A.KV_F32:
             kk, vv = kk.view(np.uint16), vv.view(np.uint16)
-        one, two = (median_us(A._attention_decode_mk, out, q, kk, vv, 0.125, True, kind, n,
-                              work) for n in (1, 2))
-        cold = median_us(A._attention_decode_mk, out, q, kk, vv, 0.125, True, kind, 2, work,
-                         before=lambda: read_through(buf))
+        part = A.cpu_pool.address(A._decode_part, q, kk, vv, 0.125, True, kind, work,
+                                  *A._DECODE_PLAN)
+        one, two = (median_us(A._attention_decode_mk, part, out, q, kk, vv, 0.125, True, kind,
+                              n, work) for n in (1, 2))
+        cold = median_us(A._attention_decode_mk, part, out, q, kk, vv, 0.125, True, kind, 2,
+                         work, before=lambda: read_through(buf))
         how = " (vdpbf16ps)" if dots else ""
         print(f"whole kernel, {np.dtype(dt).name} K/V{how}, warm: 1 thread {one:.0f} us, "
               f"2 threads {two:.0f} us; cold, 2 threads {cold:.0f} us")
