@@ -8,14 +8,16 @@ the same rounds compare.
 
 SPEC is FORMAT:VARIANT[:PREFETCH_BYTES]:
   float32:one | rows4 | blas       linear_cpu._gemv_one, ._gemv (4 rows a pass), NumPy's BLAS
-  float16:one[:P]                  a one-row kernel of _make_dots16, prefetching P bytes ahead
+  float16:one[:P[:LOC]]            a one-row kernel of _make_dots16, prefetching P bytes ahead
+                                   at locality LOC (default STREAM_LOCALITY; bfloat16 too)
   bfloat16:one | rows4 | rows4pf   linear_bf16_cpu._gemv, ._gemv_rows without / with prefetch
-  bfloat16:even_odd[:P]            one row through _make_dots_bf16 (32 weights a vector)
+  bfloat16:even_odd[:P[:U]]        one row through _make_dots_bf16 (32 weights a vector, U
+                                   64-byte chunks a step, default 4)
   q8_0:one | pairs | rows4         linear_q8_cpu._gemv, ._gemv_pairs, ._gemv_rows (the host's
                                    instruction set; avx2-one, avx2-pairs, avx2-rows4: AVX2's)
   q8_0:portable                    linear_q8_cpu._gemv_rows_portable
-  q8_0:one-ISA-U[:P]               a one-row kernel of _make_block_dots(ISA: vnni or avx2, U
-                                   block pairs a step), prefetching P bytes ahead
+  q8_0:one-ISA-U[:P[:LOC]]         a one-row kernel of _make_block_dots(ISA: vnni or avx2, U
+                                   block pairs a step), prefetching P bytes ahead at LOC
 e.g. python bench/tune_decode_gemv.py 9 float32:one bfloat16:one bfloat16:even_odd:4096 q8_0:one"""
 import functools
 import os
@@ -77,6 +79,7 @@ def variant(spec, ws, xs, outs):
     parts = spec.split(":")
     fmt, var = parts[0], parts[1]
     pf = int(parts[2]) if len(parts) > 2 else f32.STREAM_PREFETCH_BYTES
+    loc = int(parts[-1]) if len(parts) > 3 and var != "even_odd" else f32.STREAM_LOCALITY
     if fmt == "q8_0":
         family = q8._gemv_kernel(1)[1]                  # the host's instruction set
         if var.startswith("avx2-"):
@@ -85,7 +88,7 @@ def variant(spec, ws, xs, outs):
                 "portable": q8._gemv_rows_portable}.get(var)
         if kern is None:                                # one-ISA-U
             _, isa, unroll = var.split("-")
-            dots = one_row_q8(q8._make_block_dots(isa, 1, int(unroll), pf, f32.STREAM_LOCALITY))
+            dots = one_row_q8(q8._make_block_dots(isa, 1, int(unroll), pf, loc))
             kern = lambda out, x, wq, wd, family: dots(out, x, wq, wd)  # noqa: E731
         else:                                           # a kernel in parts, on every thread
             kern = functools.partial(cpu_pool.run_parts, kern, cpu_pool.PARALLEL_MIN_WORK)
@@ -100,11 +103,11 @@ def variant(spec, ws, xs, outs):
     bits = [w.view(np.uint16) for w in ws]
     half = fmt == "float16"
     if var == "even_odd":
-        g = one_row(bf._make_dots_bf16(1, 4, pf), 32)
+        g = one_row(bf._make_dots_bf16(1, int(parts[3]) if len(parts) > 3 else 4, pf), 32)
         xr = {k: bf.even_odd(xs[k]) for k in (H, I)}
         return lambda: [g(outs[b.shape[0]], xr[b.shape[1]], b, 2) for b in bits]
     if var == "one" and len(parts) > 2:
-        g = one_row(bf._make_dots16(1, pf, half), bf._VEC)
+        g = one_row(bf._make_dots16(1, pf, half, loc), bf._VEC)
         return lambda: [g(outs[b.shape[0]], xs[b.shape[1]], b, 2) for b in bits]
     def run(kernel, *args):                              # a kernel in parts, every thread
         cpu_pool.run_parts(kernel, cpu_pool.PARALLEL_MIN_WORK, *args)

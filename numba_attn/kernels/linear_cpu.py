@@ -12,7 +12,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import cpu_pool
-from .llvm_cpu import F32 as _F32, I64 as _I64, fma, prefetch, row_sums
+from .llvm_cpu import F32 as _F32, HOST_CPU, I64 as _I64, fma, prefetch, row_sums
 from .llvm_cpu import ONE_STREAM_DECODE_F32 as ONE_STREAM_DECODE     # float32's own choice
 from .scalar import dots_4x1, dots_4x2
 from .cpu_pool import PRANGE
@@ -26,8 +26,12 @@ GEMV_MAX_ROWS = 16
 PREFETCH_BYTES = 2048
 # decode reading w one row a thread (llvm_cpu.ONE_STREAM_DECODE): 16-bit and 8-bit rows
 # prefetched this far ahead (TinyLlama's GEMVs back to back on 2 Zen 5 cores, alternated:
-# bfloat16 56-62 GB/s against 45-46 without, 50-52 at 2 KB; q8_0 63-72 against 59; 8 KB alike)
-STREAM_PREFETCH_BYTES = 4096
+# bfloat16 56-62 GB/s against 45-46 without, 50-52 at 2 KB; q8_0 63-72 against 59; 8 KB alike),
+# 1 KB on Zen 3 (bench/tune_decode_gemv.py, 7-11 rounds a run: bfloat16 33.0 / 35.3 / 37.7
+# against 29.8 / 33.0 / 32.1 GB/s at 4 KB, 31.1 at 2 KB, 31.6 at 512 B; q8_0 33.9 / 32.6
+# against 30.3 / 32.3, 34.4 / 34.1 at 2 KB; TinyLlama's bfloat16 decode 17.9 / 15.8 against
+# 14.0 / 14.3 tokens/s, q8_0 within the noise)
+STREAM_PREFETCH_BYTES = 1024 if HOST_CPU == "znver3" else 4096
 # ... and non-temporally (prefetchnta, llvm_cpu.prefetch's locality 0): w is read once a token,
 # and lines fetched so leave L2 and L3 to the KV cache and the activations (TinyLlama's decode
 # on 2 Zen 5 cores, against prefetching into every level, in turn in one process
