@@ -16,6 +16,7 @@ rounded to 16 bits, or quantized to Q8_0, one tensor at a time), the KV cache an
 activation buffers live there, each forward call copies its token ids to the device, and only
 the final logits (vocab,) come back to the host for sampling.
 """
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from .kvcache import KVCache, kv_dtype as kv_dtype_of
 from .ops import (add_rmsnorm, apply_rope, attention, embedding, linear, rmsnorm, silu_mul,
                   split_qkv)
 from .cpu_decode import CpuDecodeSteps
+from .kernels import cpu_pool
 from .cuda_decode import CudaDecoder
 from .rope import RopeTable
 from .weights import CheckpointError, HostArena, LoadNotice, aligned_empty, empty_weight, \
@@ -529,13 +531,28 @@ class Model:
         """Compile (or load from Numba's cache) the kernels the forward pass uses: a prefill
         long enough to take attention's prefill schedule (more than 4 queries), a short prompt
         (a few queries, as a decode step takes them; small work runs in the kernels' serial
-        twins) and a decode step. Leaves the KV cache empty."""
+        twins) and a decode step. On the CPU, for a model of 1024 query features or more
+        (every real one), also the attention's schedules on the thread pool, which such a
+        model reaches with a prompt of a dozen tokens and a context of a few hundred (else
+        they compile in the middle of the first long prompt or generation). Leaves the KV cache
+        empty."""
         pos = 0
         for n in (max(1, min(prefill_tokens, self.max_seq - 1)), 3, 1):
             n = min(n, self.max_seq - pos)
             if n > 0:
                 self.forward(np.zeros(n, np.int64), pos)
                 pos += n
+        c = self.config
+        features = c.n_heads * c.head_dim
+        if self.device == "cpu" and features >= 1024:
+            # the fewest queries and keys whose work (queries x keys x features) takes the pool
+            prompt = math.isqrt(-(-cpu_pool.PARALLEL_MIN_WORK // features) - 1) + 1
+            keys = -(-cpu_pool.PARALLEL_MIN_WORK // features)
+            if prompt <= self.max_seq:
+                self.forward(np.zeros(prompt, np.int64), 0)
+            if keys <= self.max_seq:         # a decode step at that context (its keys unset)
+                self.cache.set_length(keys - 1)
+                self.forward(np.zeros(1, np.int64), keys - 1)
         self.cache.reset()
 
 

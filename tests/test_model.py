@@ -436,3 +436,31 @@ def test_build_reuses_weights_for_other_tests(tmp_path):
     _, a = build_tiny_model(str(tmp_path / "a"), tokenizer=False)
     _, b = build_tiny_model(str(tmp_path / "b"), tokenizer=False)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("heads,head_dim,pool", [(16, 64, True), (4, 16, False)],
+                         ids=["1024-features", "64-features"])
+def test_warmup_runs_the_pools_attention_schedules_of_a_real_sized_model(make_folder,
+                                                                         monkeypatch, heads,
+                                                                         head_dim, pool):
+    """A model of 1024 query features or more reaches the thread pool's attention schedules
+    with a prompt of a dozen tokens and a few hundred keys: warm-up runs them (prefill of 16
+    tokens, a decode step at 256 keys here), leaving the cache empty; a smaller model's
+    warm-up does not."""
+    from numba_attn.kernels import attention_cpu
+    folder, _ = make_folder(hidden=heads * head_dim, heads=heads, kv_heads=4,
+                            head_dim=head_dim, layers=1, max_pos=512)
+    m = Model.from_pretrained(folder)
+    seen = []
+    for name in ("_attention_prefill_mk", "_attention_decode_mk"):
+        f = getattr(attention_cpu, name)
+        monkeypatch.setattr(attention_cpu, name,
+                            lambda *a, f=f, name=name: (seen.append(
+                                (name, a[2].shape[1], a[3].shape[1])), f(*a))[1])  # q, k
+    m.warmup()
+    assert m.cache.length == 0
+    if pool:     # 16 x 16 x 1024 and 1 x 256 x 1024 multiply-adds: the pool's threshold
+        assert sorted(seen) == [("_attention_decode_mk", 1, 256),
+                                ("_attention_prefill_mk", 16, 16)]
+    else:
+        assert not seen
