@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .backend import as_device, is_cuda_array
 from .checks import is_c_contiguous
-from .kernels.cpu_pool import PRANGE
+from .kernels import cpu_pool
 
 Q8_BLOCK = 32  # weights per Q8_0 block: 32 int8 codes and one float16 scale (34 bytes)
 
@@ -210,13 +210,14 @@ def roundf(v):
     return t
 
 
-@njit(parallel=PRANGE, cache=True)
-def _quantize_rows(qs, d, w):
-    # w: (rows, cols) float32; qs: (rows, cols) int8; d: (rows, cols // 32) float32 scales.
-    # Returns the number of rows holding a NaN or an infinity (nothing is valid then)
+@njit(cache=True)
+def _quantize_rows(part, parts, qs, d, w, bad):
+    # w: (rows, cols) float32; qs: (rows, cols) int8; d: (rows, cols // 32) float32 scales;
+    # bad: (rows,) zeros, set to 1 where a row holds a NaN or an infinity (nothing is valid
+    # then). In parts (cpu_pool): rows
     rows, cols = w.shape
-    bad = np.zeros(rows, np.int64)
-    for r in prange(rows):
+    r_start, r_stop = cpu_pool.share(rows, part, parts)
+    for r in range(r_start, r_stop):
         for b in range(cols // 32):
             j0 = b * 32
             amax = np.float32(0)
@@ -230,7 +231,6 @@ def _quantize_rows(qs, d, w):
             d[r, b] = db
             for j in range(j0, j0 + 32):
                 qs[r, j] = np.int8(roundf(w[r, j] * idb))
-    return bad.sum()
 
 
 def quantize_q8_0(w):
@@ -251,7 +251,9 @@ def quantize_q8_0(w):
     w32 = np.ascontiguousarray(w, dtype=np.float32)
     qs = np.empty((rows, cols), np.int8)
     d = np.empty((rows, cols // Q8_BLOCK), np.float32)
-    if rows and _quantize_rows(qs, d, w32):
+    bad = np.zeros(rows, np.uint8)
+    cpu_pool.run_parts(_quantize_rows, qs.size, qs, d, w32, bad)
+    if bad.any():
         raise ValueError("w holds NaN or infinite weights; Q8_0 needs finite values")
     with np.errstate(over="ignore"):
         d16 = d.astype(np.float16)
