@@ -545,9 +545,10 @@ class Model:
         c = self.config
         features = c.n_heads * c.head_dim
         if self.device == "cpu" and features >= 1024:
-            # the fewest queries and keys whose work (queries x keys x features) takes the pool
-            prompt = math.isqrt(-(-cpu_pool.PARALLEL_MIN_WORK // features) - 1) + 1
+            # the fewest keys, and queries over as many keys, whose work (queries x keys x
+            # features) takes the pool
             keys = -(-cpu_pool.PARALLEL_MIN_WORK // features)
+            prompt = math.isqrt(keys - 1) + 1
             if prompt <= self.max_seq:
                 self.forward(np.zeros(prompt, np.int64), 0)
             if keys <= self.max_seq:         # a decode step at that context (its keys unset)

@@ -1,5 +1,6 @@
 """The thread pool's choice: small work runs in a parallel kernel's serial twin."""
 import numpy as np
+import pytest
 from numba import njit, prange
 
 from numba_attn.kernels import cpu_pool
@@ -118,6 +119,20 @@ def test_address_refuses_a_kernel_that_returns_a_value():
     def value(part, parts, x):
         return x + part
 
-    import pytest
     with pytest.raises(TypeError, match="must return nothing"):
         cpu_pool.address(value, 1.0)
+
+
+def test_call_part_takes_int64_part_and_parts_only():
+    """The kernel at an address is compiled for int64 part and parts; other integer types are
+    refused while typing, not passed to code that reads them as int64."""
+    from numba.core.errors import TypingError
+
+    @njit
+    def launch32(addr, args):
+        cpu_pool.call_part(addr, np.int32(0), np.int32(1), args)
+
+    out = np.zeros(4)
+    addr = cpu_pool.address(_ramp_part, out, 1.0)
+    with pytest.raises(TypingError):
+        launch32(addr, (out, 1.0))

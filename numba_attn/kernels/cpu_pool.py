@@ -88,7 +88,10 @@ def call_part(typingctx, addr, part, parts, args):
         with cgutils.if_unlikely(builder, status.is_error):
             context.call_conv.return_status_propagate(builder, status)
         return context.get_dummy_value()
-    if isinstance(addr, nbtypes.Integer) and isinstance(args, nbtypes.BaseTuple):
+    # part and parts int64, as address() compiles the kernel for: other types would not match
+    # the code at addr, so they do not type here
+    if isinstance(addr, nbtypes.Integer) and part == parts == nbtypes.int64 \
+            and isinstance(args, nbtypes.BaseTuple):
         return nbtypes.none(addr, part, parts, args), codegen
 
 
