@@ -15,7 +15,8 @@ Schemes (each adds one rounding to the one before; scales are float64, products 
   operand);
 - +p7b: 7 bits with the step from a bound instead of the largest weight: the block's largest
   probability of the row times its largest value scale, over 127 (known before the weights
-  are: one pass less).
+  are: one pass less);
+- q7.k8+v8+p7: as +p7 with q in 7 bits (|q| / 63), as AVX2's vpmaddubsw takes q k^T.
 
     python bench/quality_kv8_emulated.py [--model DIR] [--text FILE] [--context 256]
         [--block 64]"""
@@ -30,13 +31,14 @@ from numba_attn import Model  # noqa: E402
 from numba_attn import model as model_module  # noqa: E402
 from quality_formats import parser, quality, reference  # noqa: E402  (bench/)
 
-SCHEMES = ("exact", "q8.k8", "q8.k8+v8", "q8.k8+v8+p8", "q8.k8+v8+p7", "q8.k8+v8+p7b")
+SCHEMES = ("exact", "q8.k8", "q8.k8+v8", "q8.k8+v8+p8", "q8.k8+v8+p7", "q8.k8+v8+p7b",
+           "q7.k8+v8+p7")
 BLOCK = 64                     # keys per block of the decode kernel's online softmax (--block)
 
 
-def rows_8bit(x):
-    """x (..., d) as 8-bit codes and one scale per row: x ~ codes * scale."""
-    scale = np.abs(x).max(axis=-1, keepdims=True) / 127.0
+def rows_8bit(x, levels=127.0):
+    """x (..., d) as 8-bit codes (|codes| <= levels) and one scale per row: x ~ codes * scale."""
+    scale = np.abs(x).max(axis=-1, keepdims=True) / levels
     safe = np.where(scale > 0, scale, 1.0)
     return np.round(x / safe), scale
 
@@ -50,7 +52,8 @@ def emulated_attention(scheme, block=BLOCK):
         G = H // Hkv
         scale = 1.0 / np.sqrt(d) if scale is None else scale
         if scheme != "exact":
-            q, k = (codes * row_scale for codes, row_scale in map(rows_8bit, (q, k)))
+            q, k = (codes * row_scale for codes, row_scale in
+                    (rows_8bit(q, 63.0 if scheme.startswith("q7") else 127.0), rows_8bit(k)))
         vq, dv = (v, np.ones((T, Hkv, 1))) if scheme in ("exact", "q8.k8") else rows_8bit(v)
         seen = np.arange(T)[None, :] <= (T - S + np.arange(S))[:, None]        # (S, T)
         n_blk = -(-T // block)

@@ -15,7 +15,7 @@ keys on), none, no-scores (the scores left out, their prefetch kept), no-softmax
 no-pv (the online softmax or P V left out: what each costs in place), farF-nearN (the
 rows F keys on into L2 as well, N into L1: far256-near64, far256-near32, far512-near32,
 far128-near32), or at:REV, the file as git revision REV has it (at:HEAD:
-the committed kernel). int8 has as-is, none, ahead-32/96/128, block-128, no-scores,
+the committed kernel). int8 has as-is, none, ahead-32/96/128, block-128, r8, no-scores,
 no-softmax, no-pv, touch and skeleton (the three parts left out at once)."""
 import os
 import sys
@@ -110,12 +110,13 @@ VARIANTS["head-major-none"] = VARIANTS["head-major"][:2] + [(CALL, "0, 0, 0)")]
 VARIANTS_INT8 = {"as-is": [], "none": [("_prefetch_rows(pf_k", "0 and _prefetch_rows(pf_k")]}
 VARIANTS_INT8.update({f"ahead-{n}": [(KEYS, f"PREFETCH_KEYS = {n}\n")] for n in (32, 96, 128)})
 VARIANTS_INT8["block-128"] = [("BLOCK = BLOCK_K ", "BLOCK = 128 ")]
-VARIANTS_INT8["r16"] = [("_QK_R = 14 ", "_QK_R = 16 ")]     # 16 keys a score call (no tail)
+VARIANTS_INT8["r8"] = [('"avx2": (63, 4, 12,', '"avx2": (63, 4, 8,')]  # AVX2: 8 keys a score call
 VARIANTS_INT8.update({            # one part of a key block's work left out, as above
-    "no-scores": [("            _head_scores(nk, st_p, kc_p", "            0 and _head_scores(nk, st_p, kc_p")],
+    "no-scores": [("            _head_scores(isa, nk, st_p, kc_p",
+                   "            0 and _head_scores(isa, nk, st_p, kc_p")],
     "no-softmax": [("            _softmax8(st_p, 8, nk, mr_p", "            0 and _softmax8(st_p, 8, nk, mr_p")],
     "no-pv": [("            _pack_weights(pw_p,", "            0 and _pack_weights(pw_p,"),
-              ("            _head_pv(rows, nk,", "            0 and _head_pv(rows, nk,")]})
+              ("            _head_pv(isa, rows, nk,", "            0 and _head_pv(isa, rows, nk,")]})
 VARIANTS_INT8["touch"] = [("_decode_mk_plan, _prefetch_rows, \\\n", "_decode_mk_plan, \\\n"),
                           ("\nPREFETCH_KEYS = 64", _touch_rows() + "\n\nPREFETCH_KEYS = 64")]
 VARIANTS_INT8["skeleton"] = sum((VARIANTS_INT8[k] for k in ("no-scores", "no-softmax", "no-pv")),

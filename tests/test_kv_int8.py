@@ -1,5 +1,5 @@
 """The 8-bit KV cache (formats.Int8KV): the quantization rule against an independent NumPy one,
-the cache, and attention over it: decode's 8-bit products (AVX-512 VNNI) against a float64
+the cache, and attention over it: decode's 8-bit products (AVX-512 VNNI, AVX2) against a float64
 reference of the same roundings, everything else against float64 attention of the stored
 values."""
 import numpy as np
@@ -86,9 +86,9 @@ def test_cache_quantizes_what_it_stores():
         KVCache(1, 4, 1, 32, dtype="int8", device="cuda")
 
 
-def int8_decode_ref(q, k, v, scale, block=64):
-    """float64 attention with decode's 8-bit roundings: q to 8 bits a row (one scale, |q| /
-    127, round half to even), each block of `block` keys' weights P * (V's row scale) to 7 bits
+def int8_decode_ref(q, k, v, scale, q_max, block=64):
+    """float64 attention with decode's 8-bit roundings: q to codes within +-q_max a row (one
+    scale, |q| / q_max, round half to even), each block of `block` keys' weights P * (V's row scale) to 7 bits
     a query row (step: the block's largest / 127, round half up); K and V as stored."""
     q, kd, vd = q.astype(np.float64), k.dequantize().astype(np.float64), v.dequantize()
     vs = v.scales.astype(np.float64)
@@ -97,8 +97,8 @@ def int8_decode_ref(q, k, v, scale, block=64):
     T, Hkv = kd.shape[-3], kd.shape[-2]
     G = H // Hkv
     amax = np.abs(q).max(-1, keepdims=True)
-    q8 = np.rint(q * np.where(amax > 0, 127 / np.where(amax > 0, amax, 1), 0))
-    qd = q8 * amax / 127
+    q8 = np.rint(q * np.where(amax > 0, q_max / np.where(amax > 0, amax, 1), 0))
+    qd = q8 * amax / q_max
     out = np.empty(q.shape)
     for i in range(S):
         for h in range(H):
@@ -126,10 +126,24 @@ DECODE_SHAPES = [(1, 2000, 32, 4, 64), (1, 1, 8, 1, 32), (1, 67, 8, 8, 128), (2,
                  (4, 4, 8, 1, 32)]
 
 
+@pytest.fixture(params=["fast", "avx2"])
+def products_isa(request, monkeypatch):
+    """Each instruction set decode's 8-bit products have on this host, in turn (AVX-512 VNNI
+    where the CPU has it, and AVX2's path, which VNNI CPUs have too): (the isa marker, q's
+    largest code)."""
+    from numba_attn.kernels import llvm_cpu
+    monkeypatch.setattr(llvm_cpu, "CPU_PATH", request.param)
+    isa = attention_int8_cpu.decode_isa()
+    if isa is None:
+        pytest.skip("no AVX2: decode runs the float32 kernels (tested below)")
+    if request.param == "avx2" and "avx512vnni" not in llvm_cpu.HOST_FEATURES:
+        pytest.skip("AVX2 is this CPU's fast path: tested as 'fast'")
+    return isa, 127 if isa is attention_int8_cpu.VNNI else 63
+
+
 @pytest.mark.parametrize("shape", DECODE_SHAPES)
-def test_decode_in_8bit_products_matches_reference_of_its_roundings(shape):
-    if not attention_int8_cpu.decode_products():
-        pytest.skip("no AVX-512 VNNI: decode runs the float32 kernels (tested below)")
+def test_decode_in_8bit_products_matches_reference_of_its_roundings(shape, products_isa):
+    isa, q_max = products_isa
     S, T, H, Hkv, d = shape
     rng = np.random.default_rng(T)
     q = rng_values(rng, (S, H, d))
@@ -140,7 +154,7 @@ def test_decode_in_8bit_products_matches_reference_of_its_roundings(shape):
     vmax = np.abs(v.dequantize()).max()
     # the kernel's float32 sums can move a weight across a rounding midpoint: rare, 1/127 of a
     # block's largest weight each; a wrong step, offset or key is far above this
-    np.testing.assert_allclose(got, int8_decode_ref(q, k, v, 1 / np.sqrt(d)), rtol=0,
+    np.testing.assert_allclose(got, int8_decode_ref(q, k, v, 1 / np.sqrt(d), q_max), rtol=0,
                                atol=2e-3 * vmax)
     exact = attention_ref(q, k.dequantize(), v.dequantize())
     err = np.abs(got - exact).max()
@@ -148,10 +162,27 @@ def test_decode_in_8bit_products_matches_reference_of_its_roundings(shape):
     assert T == 1 or err > 1e-5 * vmax            # and seen (one key: its value exactly)
 
 
+def test_avx2_products_take_q_in_7_bits(monkeypatch):
+    # q's 7 bits on AVX2 are the ones its reference rounds to (8 bits would be off by more)
+    from numba_attn.kernels import llvm_cpu
+    monkeypatch.setattr(llvm_cpu, "CPU_PATH", "avx2")
+    if attention_int8_cpu.decode_isa() is not attention_int8_cpu.AVX2:
+        pytest.skip("no AVX2")
+    rng = np.random.default_rng(11)
+    q = rng_values(rng, (1, 8, 64))
+    k, v = (quantize_kv_int8(rng_values(rng, (300, 1, 64), 2.0)) for _ in range(2))
+    got = ops.attention(q, k, v)
+    err7 = np.abs(got - int8_decode_ref(q, k, v, 1 / 8, 63)).max()
+    err8 = np.abs(got - int8_decode_ref(q, k, v, 1 / 8, 127)).max()
+    vmax = np.abs(v.dequantize()).max()
+    assert err7 < 1e-6 * vmax and err8 > 100 * err7
+
+
 @pytest.mark.parametrize("shape", [(1, 131, 8, 2, 64), (7, 40, 8, 2, 64), (40, 40, 4, 4, 48),
                                    (1, 64, 16, 2, 64), (2, 9, 4, 1, 24), (2, 30, 32, 2, 64)])
 def test_other_shapes_and_paths_match_float32_attention_of_the_stored_values(shape, cpu_path):
-    # prefill, more than 8 query heads a KV head, head sizes not a multiple of 32, or no VNNI:
+    # prefill, more than 8 query heads a KV head, head sizes not a multiple of 32, or the
+    # portable path:
     # the stored values widened to float32, float32 attention
     S, T, H, Hkv, d = shape
     rng = np.random.default_rng(S * T)

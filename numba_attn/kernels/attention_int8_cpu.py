@@ -1,35 +1,41 @@
 """Attention over an 8-bit KV cache (formats.Int8KV) on the CPU.
 
-Decode (at most 4 queries and 8 query heads a KV head, head sizes a multiple of 32, on AVX-512
-VNNI; more than 8 query rows a KV head one query at a time) takes both products in 8 bits with
-vpdpbusd, 64 multiply-adds an instruction, on the schedule of
-attention_cpu's decode (key ranges over the threads, blocks of BLOCK_K keys for every KV head
-in turn, the next rows prefetched meanwhile, the ranges merged at the end):
-- scores: q rounded to 8 bits once a call (one scale a row, |q| / 127), against the cache's
-  key codes as they lie (codes offset by 128: the unsigned operand), int32 sums; then
-  scaled by q's and each key's scale, the offset taken off as 128 times the row's code sum;
+Decode (at most 4 queries and 8 query heads a KV head, head sizes a multiple of 32; more than
+8 query rows a KV head one query at a time) takes both products in 8 bits, on AVX-512 VNNI
+with vpdpbusd (64 multiply-adds an instruction), on AVX2 with vpmaddubsw + vpmaddwd (32 a
+pair: twice float32's FMA rate), on the schedule of attention_cpu's decode (key ranges over
+the threads, blocks of BLOCK_K keys for every KV head in turn, the next rows prefetched
+meanwhile, the ranges merged at the end):
+- scores: q rounded to 8 bits once a call (one scale a row, |q| / 127; 7 bits, |q| / 63, on
+  AVX2, where vpmaddubsw's int16 pair sums must not saturate), against the cache's key codes
+  as they lie (codes offset by 128: the unsigned operand), int32 sums; then scaled by q's and
+  each key's scale, the offset taken off as 128 times the row's code sum;
 - the online softmax in float32 (attention_cpu's);
 - P V: the probabilities times each value row's scale, rounded to 7 bits (one step a query row
-  and block, the block's largest / 127; signed bytes, as the value codes are the unsigned
-  operand), against four keys' value codes at a time, int32 sums a block, then scaled into the
-  float32 output.
+  and block, the block's largest / 127), against four keys' value codes at a time, int32 sums
+  a block, then scaled into the float32 output. VNNI takes the weights as the signed operand
+  and the codes as they lie (the offset taken off as 128 times the weights' sum); AVX2 takes
+  the weights as the unsigned one and the codes with the offset's bit flipped (signed),
+  interleaved four keys a 32-bit lane once a block.
 bench/quality_kv8_emulated.py measures what the roundings cost (on the demo model: 8-bit q,
-K, V and 7-bit weights 3.0e-5 nats of KL from float32, perplexity -0.02%).
+K, V and 7-bit weights 3.0e-5 nats of KL from float32, perplexity -0.02%; q in 7 bits 3.7e-5,
+-0.03%).
 
-Everything else (prefill, more heads a KV head, other head sizes, CPUs without VNNI) reads the
-codes widened to float32 (dequantize) and runs attention_cpu's float32 kernels."""
+Everything else (prefill, more heads a KV head, other head sizes, CPUs without AVX2, the
+portable path) reads the codes widened to float32 (dequantize) and runs attention_cpu's float32
+kernels."""
 import numpy as np
 from llvmlite import ir
 from numba import float32, get_num_threads, njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ..formats import KV_OFFSET as OFFSET   # the codes' offset: stored byte = code + 128
 from . import attention_cpu as f32
 from . import cpu_pool
 from .attention_cpu import BLOCK_K, NEG_INF, _decode_mk_merge, _decode_mk_plan, _prefetch_rows, \
     _softmax8
-from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, fast_path, vpdpbusd
+from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, dpbusd_avx2, fast_path, vpdpbusd
 from .scalar import FASTMATH_INF
 from .cpu_pool import PRANGE
 
@@ -39,6 +45,30 @@ VI16, VI8, VF8 = ir.VectorType(_I32, 16), ir.VectorType(_I32, 8), ir.VectorType(
 # spread over each head's scores (as attention_cpu's)
 PREFETCH_KEYS = 64
 BLOCK = BLOCK_K                 # keys a block of the online softmax
+# the instructions decode's products take, passed to the kernels as `isa`: an empty array whose
+# dtype names them while numba types a kernel (as attention_cpu's `kind`), so each compiles
+# only its own code
+VNNI = np.empty(0, np.int8)     # AVX-512 VNNI: vpdpbusd, 64 multiply-adds an instruction
+AVX2 = np.empty(0, np.uint8)    # AVX2: vpmaddubsw + vpmaddwd, 32 multiply-adds a pair
+# (q's largest code, dimensions a step of the score kernel's Q layout, keys a score call, query
+# rows of the large and middle P V calls, columns a P V call) per instruction set. AVX2 takes q
+# in 7 bits: vpmaddubsw's int16 pair sums of key bytes (<= 255) and codes then stay within 32767
+_SHAPES = {"vnni": (127, 8, 14, 8, 4, 32), "avx2": (63, 4, 12, 4, 2, 16)}
+
+
+def _isa_name(isa):
+    # "vnni" or "avx2" for an isa marker's numba type
+    return "vnni" if isa.dtype == types.int8 else "avx2"
+
+
+def _shape(isa):
+    """_SHAPES' row for an isa marker (a constant tuple, inside a kernel)."""
+
+
+@overload(_shape, inline="always")
+def _shape_impl(isa):
+    row = _SHAPES[_isa_name(isa)]
+    return lambda isa: row
 
 
 def _const(xs, t=_I32):
@@ -55,9 +85,9 @@ def _bcast(builder, x, n):
                                   _const([0] * n))
 
 
-def _qk_i8(R):
-    """An intrinsic qk(c, a, sa_i, b, K, ks, ks_i, qi): for keys i < R, the 8 floats at c + 32 i
-    (S^T rows) become qs[r] ks[i] (sum_{t < K} A[i, t] Q[t, r] - corr[r]) for rows r < 8.
+def _qk_vnni(R):
+    """_qk's code on AVX-512 VNNI, R keys: for keys i < R, the 8 floats at c + 32 i (S^T rows)
+    become qs[r] ks[i] (sum_{t < K} A[i, t] Q[t, r] - corr[r]) for rows r < 8.
     A[i, t]: the unsigned byte at a + i sa_i + t; Q: signed bytes, 64 a step of 8 dimensions
     from b on, the 32-bit lane 2 r + e of step s holding Q[8 s + 4 e + (0..3), r]; ks[i]: the
     float at ks + 4 i ks_i; qi: corr (8 int32), then qs (8 floats). K a multiple of 8. Each
@@ -68,82 +98,125 @@ def _qk_i8(R):
     twice = _const(list(range(8)) * 2)
     VF16 = ir.VectorType(_F32, 16)
 
-    @intrinsic
-    def qk(typingctx, c, a, sa_i, b, K, ks, ks_i, qi):
-        sig = types.void(c, a, sa_i, b, K, ks, ks_i, qi)
+    def qk(builder, c, a, sa_i, b, K, ks, ks_i, qi):
+        dot = vpdpbusd(builder)
+        acc = [cgutils.alloca_once_value(builder, ir.Constant(VI16, [0] * 16))
+               for _ in range(R)]
+        rows = [builder.add(a, builder.mul(ir.Constant(_I64, i), sa_i)) for i in range(R)]
+        with cgutils.for_range(builder, builder.ashr(K, ir.Constant(_I64, 3))) as loop:
+            s = loop.index
+            off = builder.shl(s, ir.Constant(_I64, 3))
+            qv = _at(builder, builder.add(b, builder.shl(s, ir.Constant(_I64, 6))), VI16, 4)
+            for i in range(R):
+                word = _at(builder, builder.add(rows[i], off), _I64)
+                kv = builder.bitcast(_bcast(builder, word, 8), VI16)
+                builder.store(builder.call(dot, [builder.load(acc[i]), kv, qv]), acc[i])
+        corr, qs = _at(builder, qi, VI8, 4), _at(builder, builder.add(qi, ir.Constant(
+            _I64, 32)), VF8, 4)
 
-        def codegen(context, builder, signature, args):
-            c, a, sa_i, b, K, ks, ks_i, qi = [context.cast(builder, v, t, types.int64)
-                                              for v, t in zip(args, signature.args)]
-            dot = vpdpbusd(builder)
-            acc = [cgutils.alloca_once_value(builder, ir.Constant(VI16, [0] * 16))
-                   for _ in range(R)]
-            rows = [builder.add(a, builder.mul(ir.Constant(_I64, i), sa_i)) for i in range(R)]
-            with cgutils.for_range(builder, builder.ashr(K, ir.Constant(_I64, 3))) as loop:
-                s = loop.index
-                off = builder.shl(s, ir.Constant(_I64, 3))
-                qv = _at(builder, builder.add(b, builder.shl(s, ir.Constant(_I64, 6))), VI16, 4)
-                for i in range(R):
-                    word = _at(builder, builder.add(rows[i], off), _I64)
-                    kv = builder.bitcast(_bcast(builder, word, 8), VI16)
-                    builder.store(builder.call(dot, [builder.load(acc[i]), kv, qv]), acc[i])
-            corr, qs = _at(builder, qi, VI8, 4), _at(builder, builder.add(qi, ir.Constant(
-                _I64, 32)), VF8, 4)
-
-            def kscale(i):
-                return _at(builder, builder.add(ks, builder.mul(ir.Constant(_I64, 4 * i), ks_i)),
-                           _F32, 4)
-            if R == 1:
-                v = builder.load(acc[0])
-                total = builder.sub(builder.add(
-                    builder.shuffle_vector(v, v, _const(list(range(0, 16, 2)))),
-                    builder.shuffle_vector(v, v, _const(list(range(1, 16, 2))))), corr)
-                res = builder.fmul(builder.fmul(builder.sitofp(total, VF8), qs),
-                                   _bcast(builder, kscale(0), 8))
-                builder.store(res, builder.inttoptr(c, ir.PointerType(VF8)), align=4)
-                return context.get_dummy_value()
-            corr2, qs2 = (builder.shuffle_vector(x, x, twice) for x in (corr, qs))
-            for i in range(0, R, 2):          # keys i and i + 1: one zmm, two S^T rows
-                u, w = builder.load(acc[i]), builder.load(acc[i + 1])
-                total = builder.sub(builder.add(builder.shuffle_vector(u, w, even),
-                                                builder.shuffle_vector(u, w, odd)), corr2)
-                pair = builder.shuffle_vector(_bcast(builder, kscale(i), 8),
-                                              _bcast(builder, kscale(i + 1), 8),
-                                              _const(list(range(16))))
-                res = builder.fmul(builder.fmul(builder.sitofp(total, VF16), qs2), pair)
-                out = builder.add(c, ir.Constant(_I64, 32 * i))
-                builder.store(res, builder.inttoptr(out, ir.PointerType(VF16)), align=4)
-            return context.get_dummy_value()
-        return sig, codegen
+        def kscale(i):
+            return _at(builder, builder.add(ks, builder.mul(ir.Constant(_I64, 4 * i), ks_i)),
+                       _F32, 4)
+        if R == 1:
+            v = builder.load(acc[0])
+            total = builder.sub(builder.add(
+                builder.shuffle_vector(v, v, _const(list(range(0, 16, 2)))),
+                builder.shuffle_vector(v, v, _const(list(range(1, 16, 2))))), corr)
+            res = builder.fmul(builder.fmul(builder.sitofp(total, VF8), qs),
+                               _bcast(builder, kscale(0), 8))
+            builder.store(res, builder.inttoptr(c, ir.PointerType(VF8)), align=4)
+            return
+        corr2, qs2 = (builder.shuffle_vector(x, x, twice) for x in (corr, qs))
+        for i in range(0, R, 2):          # keys i and i + 1: one zmm, two S^T rows
+            u, w = builder.load(acc[i]), builder.load(acc[i + 1])
+            total = builder.sub(builder.add(builder.shuffle_vector(u, w, even),
+                                            builder.shuffle_vector(u, w, odd)), corr2)
+            pair = builder.shuffle_vector(_bcast(builder, kscale(i), 8),
+                                          _bcast(builder, kscale(i + 1), 8),
+                                          _const(list(range(16))))
+            res = builder.fmul(builder.fmul(builder.sitofp(total, VF16), qs2), pair)
+            out = builder.add(c, ir.Constant(_I64, 32 * i))
+            builder.store(res, builder.inttoptr(out, ir.PointerType(VF16)), align=4)
     return qk
 
 
-_QK_R = 14                      # keys a call: 14 accumulators, the qv and a broadcast in zmm
-_qk_14, _qk_4, _qk_1 = (_qk_i8(r) for r in (_QK_R, 4, 1))
+def _qk_avx2(R):
+    """_qk's code on AVX2, R keys (R <= 12: the accumulators, q's step, ones and a broadcast in
+    16 ymm): as _qk_vnni's, with Q's signed bytes 32 a step of 4 dimensions, the 32-bit lane r
+    of step s holding Q[4 s + (0..3), r] (|Q| <= 63); each key's 4 bytes a step broadcast to the
+    8 lanes, vpmaddubsw and vpmaddwd a key and step (llvm_cpu.dpbusd_avx2)."""
+    def qk(builder, c, a, sa_i, b, K, ks, ks_i, qi):
+        acc = [cgutils.alloca_once_value(builder, ir.Constant(VI8, [0] * 8)) for _ in range(R)]
+        rows = [builder.add(a, builder.mul(ir.Constant(_I64, i), sa_i)) for i in range(R)]
+        with cgutils.for_range(builder, builder.ashr(K, ir.Constant(_I64, 2))) as loop:
+            s = loop.index
+            off = builder.shl(s, ir.Constant(_I64, 2))
+            qv = _at(builder, builder.add(b, builder.shl(s, ir.Constant(_I64, 5))), VI8, 4)
+            for i in range(R):
+                kv = _bcast(builder, _at(builder, builder.add(rows[i], off), _I32), 8)
+                builder.store(dpbusd_avx2(builder, builder.load(acc[i]), kv, qv), acc[i])
+        corr, qs = _at(builder, qi, VI8, 4), _at(builder, builder.add(qi, ir.Constant(
+            _I64, 32)), VF8, 4)
+        for i in range(R):
+            ksi = _at(builder, builder.add(ks, builder.mul(ir.Constant(_I64, 4 * i), ks_i)),
+                      _F32, 4)
+            total = builder.sub(builder.load(acc[i]), corr)
+            res = builder.fmul(builder.fmul(builder.sitofp(total, VF8), qs),
+                               _bcast(builder, ksi, 8))
+            builder.store(res, builder.inttoptr(builder.add(c, ir.Constant(_I64, 32 * i)),
+                                                ir.PointerType(VF8)), align=4)
+    return qk
+
+
+def _codegen(vnni, avx2, isa):
+    """An intrinsic's codegen for f(isa, *int64 args): vnni(builder, *args) or avx2(builder,
+    *args) by the isa marker's type."""
+    body = vnni if _isa_name(isa) == "vnni" else avx2
+
+    def codegen(context, builder, signature, args):
+        body(builder, *[context.cast(builder, v, t, types.int64)
+                        for v, t in zip(args[1:], signature.args[1:])])
+        return context.get_dummy_value()
+    return codegen
+
+
+def _qk(r_vnni, r_avx2):
+    """An intrinsic qk(isa, c, a, sa_i, b, K, ks, ks_i, qi): the scores of r_vnni or r_avx2 keys
+    (_qk_vnni, _qk_avx2)."""
+    vnni, avx2 = _qk_vnni(r_vnni), _qk_avx2(r_avx2)
+
+    @intrinsic
+    def qk(typingctx, isa, c, a, sa_i, b, K, ks, ks_i, qi):
+        return types.void(isa, c, a, sa_i, b, K, ks, ks_i, qi), _codegen(vnni, avx2, isa)
+    return qk
+
+
+_qk_big, _qk_4, _qk_1 = _qk(14, 12), _qk(4, 4), _qk(1, 1)   # big: _SHAPES' keys a call
 
 
 @njit(inline="always")
-def _head_scores(nk, st_p, kh_p, ldk, qh_p, d, ks_p, ks_i, qi_p, pf_k, pf_v, n_pf):
+def _head_scores(isa, nk, st_p, kh_p, ldk, qh_p, d, ks_p, ks_i, qi_p, pf_k, pf_v, n_pf):
     # S^T (nk, 8) at st_p of one KV head's block: keys at kh_p, rows ldk bytes apart, their
     # scales at ks_p, ks_i floats apart. Before each call of R keys the next R of n_pf pieces
     # of d bytes of K and of V are prefetched (before the last, every piece left), back to back
     # from pf_k and pf_v: spread over the work, so the memory streams while the core computes
+    R = _shape(isa)[2]
     j = p = 0                                  # keys done, pieces prefetched
     while j < nk:
         cj, aj, kj = st_p + 32 * j, kh_p + j * ldk, ks_p + 4 * j * ks_i
         if p < n_pf:
-            npf = min(_QK_R, n_pf - p) if j + _QK_R < nk else n_pf - p
+            npf = min(R, n_pf - p) if j + R < nk else n_pf - p
             _prefetch_rows(pf_k + p * d, npf, d, d)
             _prefetch_rows(pf_v + p * d, npf, d, d)
             p += npf
-        if nk - j >= _QK_R:
-            _qk_14(cj, aj, ldk, qh_p, d, kj, ks_i, qi_p)
-            j += _QK_R
+        if nk - j >= R:
+            _qk_big(isa, cj, aj, ldk, qh_p, d, kj, ks_i, qi_p)
+            j += R
         elif nk - j >= 4:
-            _qk_4(cj, aj, ldk, qh_p, d, kj, ks_i, qi_p)
+            _qk_4(isa, cj, aj, ldk, qh_p, d, kj, ks_i, qi_p)
             j += 4
         else:
-            _qk_1(cj, aj, ldk, qh_p, d, kj, ks_i, qi_p)
+            _qk_1(isa, cj, aj, ldk, qh_p, d, kj, ks_i, qi_p)
             j += 1
 
 
@@ -219,9 +292,8 @@ def _pack_weights(typingctx, pw, st, nk, vs, vs_i, wq):
     return sig, codegen
 
 
-def _pv_i8(R):
-    """An intrinsic mk(c, ldc, a, b, ldb, K, alpha, wq): for rows i < R, the 32 floats at
-    c + 4 i ldc become C[i] alpha[i] + wstep[i] (sum_{t < K} W[t, i] V[t, :32] - 128 wsum[i]):
+def _pv_vnni(R):
+    """_pv's code on AVX-512 VNNI, R rows: for rows i < R, the 32 floats at c + 4 i ldc become C[i] alpha[i] + wstep[i] (sum_{t < K} W[t, i] V[t, :32] - 128 wsum[i]):
     W the 7-bit weights _pack_weights packed at a (the word at a + 4 (8 p + i) holds keys
     4 p .. 4 p + 3), V the unsigned bytes at b + t ldb (codes offset by 128), wq: wstep (8
     floats) then wsum (8 int32). Four keys' rows are interleaved so that a 32-bit lane holds one
@@ -231,100 +303,211 @@ def _pv_i8(R):
     spread = [_const([32 * t + 16 * h + col for col in range(16) for t in range(4)])
               for h in (0, 1)]
 
-    @intrinsic
-    def mk(typingctx, c, ldc, a, b, ldb, K, alpha, wq):
-        sig = types.void(c, ldc, a, b, ldb, K, alpha, wq)
+    def mk(builder, c, ldc, a, b, ldb, K, alpha, wq):
+        dot = vpdpbusd(builder)
+        acc = [[cgutils.alloca_once_value(builder, ir.Constant(VI16, [0] * 16))
+                for _ in (0, 1)] for _ in range(R)]
 
-        def codegen(context, builder, signature, args):
-            c, ldc, a, b, ldb, K, alpha, wq = [context.cast(builder, v, t, types.int64)
-                                               for v, t in zip(args, signature.args)]
-            dot = vpdpbusd(builder)
-            acc = [[cgutils.alloca_once_value(builder, ir.Constant(VI16, [0] * 16))
-                    for _ in (0, 1)] for _ in range(R)]
-
-            def group(p, vrows):
-                both = builder.shuffle_vector(builder.shuffle_vector(vrows[0], vrows[1], cat),
-                                              builder.shuffle_vector(vrows[2], vrows[3], cat),
-                                              _const(list(range(128))))
-                vv = [builder.bitcast(builder.shuffle_vector(both, both, spread[h]), VI16)
-                      for h in (0, 1)]
-                word = builder.add(a, builder.shl(p, ir.Constant(_I64, 5)))
-                for i in range(R):
-                    wb = _bcast(builder, _at(builder, builder.add(word, ir.Constant(
-                        _I64, 4 * i)), _I32, 4), 16)
-                    for h in (0, 1):
-                        builder.store(builder.call(dot, [builder.load(acc[i][h]), vv[h], wb]),
-                                      acc[i][h])
-
-            def v_row(t):
-                return _at(builder, builder.add(b, builder.mul(t, ldb)), V32)
-            n4 = builder.ashr(K, ir.Constant(_I64, 2))
-            with cgutils.for_range(builder, n4) as loop:
-                t0 = builder.shl(loop.index, ir.Constant(_I64, 2))
-                group(loop.index, [v_row(builder.add(t0, ir.Constant(_I64, t)))
-                                   for t in range(4)])
-            tail = builder.and_(K, ir.Constant(_I64, 3))
-            with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(_I64, 0))):
-                t0 = builder.shl(n4, ir.Constant(_I64, 2))
-                slots = [cgutils.alloca_once_value(builder, ir.Constant(V32, [0] * 32))
-                         for _ in range(4)]
-                for t in range(3):                     # rows past K stay zeros (never read)
-                    with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(_I64, t))):
-                        builder.store(v_row(builder.add(t0, ir.Constant(_I64, t))), slots[t])
-                group(n4, [builder.load(s) for s in slots])
+        def group(p, vrows):
+            both = builder.shuffle_vector(builder.shuffle_vector(vrows[0], vrows[1], cat),
+                                          builder.shuffle_vector(vrows[2], vrows[3], cat),
+                                          _const(list(range(128))))
+            vv = [builder.bitcast(builder.shuffle_vector(both, both, spread[h]), VI16)
+                  for h in (0, 1)]
+            word = builder.add(a, builder.shl(p, ir.Constant(_I64, 5)))
             for i in range(R):
-                al = _bcast(builder, _at(builder, builder.add(alpha, ir.Constant(_I64, 4 * i)),
-                                         _F32, 4), 16)
-                step = _bcast(builder, _at(builder, builder.add(wq, ir.Constant(_I64, 4 * i)),
-                                           _F32, 4), 16)
-                wsum = _at(builder, builder.add(wq, ir.Constant(_I64, 32 + 4 * i)), _I32, 4)
-                corr = _bcast(builder, builder.mul(wsum, ir.Constant(_I32, OFFSET)), 16)
+                wb = _bcast(builder, _at(builder, builder.add(word, ir.Constant(
+                    _I64, 4 * i)), _I32, 4), 16)
                 for h in (0, 1):
-                    out = builder.inttoptr(builder.add(builder.add(c, builder.mul(
-                        ir.Constant(_I64, 4 * i), ldc)), ir.Constant(_I64, 64 * h)),
-                        ir.PointerType(ir.VectorType(_F32, 16)))
-                    v = builder.sitofp(builder.sub(builder.load(acc[i][h]), corr),
-                                       ir.VectorType(_F32, 16))
-                    builder.store(builder.fadd(builder.fmul(builder.load(out, align=4), al),
-                                               builder.fmul(v, step)), out, align=4)
-            return context.get_dummy_value()
-        return sig, codegen
+                    builder.store(builder.call(dot, [builder.load(acc[i][h]), vv[h], wb]),
+                                  acc[i][h])
+
+        def v_row(t):
+            return _at(builder, builder.add(b, builder.mul(t, ldb)), V32)
+        n4 = builder.ashr(K, ir.Constant(_I64, 2))
+        with cgutils.for_range(builder, n4) as loop:
+            t0 = builder.shl(loop.index, ir.Constant(_I64, 2))
+            group(loop.index, [v_row(builder.add(t0, ir.Constant(_I64, t)))
+                               for t in range(4)])
+        tail = builder.and_(K, ir.Constant(_I64, 3))
+        with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(_I64, 0))):
+            t0 = builder.shl(n4, ir.Constant(_I64, 2))
+            slots = [cgutils.alloca_once_value(builder, ir.Constant(V32, [0] * 32))
+                     for _ in range(4)]
+            for t in range(3):                     # rows past K stay zeros (never read)
+                with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(_I64, t))):
+                    builder.store(v_row(builder.add(t0, ir.Constant(_I64, t))), slots[t])
+            group(n4, [builder.load(s) for s in slots])
+        for i in range(R):
+            al = _bcast(builder, _at(builder, builder.add(alpha, ir.Constant(_I64, 4 * i)),
+                                     _F32, 4), 16)
+            step = _bcast(builder, _at(builder, builder.add(wq, ir.Constant(_I64, 4 * i)),
+                                       _F32, 4), 16)
+            wsum = _at(builder, builder.add(wq, ir.Constant(_I64, 32 + 4 * i)), _I32, 4)
+            corr = _bcast(builder, builder.mul(wsum, ir.Constant(_I32, OFFSET)), 16)
+            for h in (0, 1):
+                out = builder.inttoptr(builder.add(builder.add(c, builder.mul(
+                    ir.Constant(_I64, 4 * i), ldc)), ir.Constant(_I64, 64 * h)),
+                    ir.PointerType(ir.VectorType(_F32, 16)))
+                v = builder.sitofp(builder.sub(builder.load(acc[i][h]), corr),
+                                   ir.VectorType(_F32, 16))
+                builder.store(builder.fadd(builder.fmul(builder.load(out, align=4), al),
+                                           builder.fmul(v, step)), out, align=4)
     return mk
 
 
-_pv_8, _pv_4, _pv_1 = (_pv_i8(r) for r in (8, 4, 1))
+def _pv_avx2(R):
+    """_pv's code on AVX2, R rows (R <= 4: two accumulators a row, the V pieces, ones and a
+    broadcast in 16 ymm): for rows i < R, the 16 floats at c + 4 i ldc become C[i] alpha[i] +
+    wstep[i] sum_{t < K} W[t, i] V[t, :16]: W as _pv_vnni's, V the signed codes _interleave_v
+    laid out from b on, ldb bytes a group of four keys (the 32-bit lane of a column holding its
+    four keys' codes); two vpmaddubsw + vpmaddwd a row and group (weights <= 127 against codes
+    >= -128: no int16 saturation)."""
+    def mk(builder, c, ldc, a, b, ldb, K, alpha, wq):
+        acc = [[cgutils.alloca_once_value(builder, ir.Constant(VI8, [0] * 8)) for _ in (0, 1)]
+               for _ in range(R)]
+        groups = builder.ashr(builder.add(K, ir.Constant(_I64, 3)), ir.Constant(_I64, 2))
+        with cgutils.for_range(builder, groups) as loop:
+            p = loop.index
+            vp = builder.add(b, builder.mul(p, ldb))
+            vv = [_at(builder, builder.add(vp, ir.Constant(_I64, 32 * h)), VI8, 4) for h in (0, 1)]
+            word = builder.add(a, builder.shl(p, ir.Constant(_I64, 5)))
+            for i in range(R):
+                wb = _bcast(builder, _at(builder, builder.add(word, ir.Constant(_I64, 4 * i)),
+                                         _I32, 4), 8)
+                for h in (0, 1):
+                    builder.store(dpbusd_avx2(builder, builder.load(acc[i][h]), wb, vv[h]),
+                                  acc[i][h])
+        for i in range(R):
+            al = _bcast(builder, _at(builder, builder.add(alpha, ir.Constant(_I64, 4 * i)),
+                                     _F32, 4), 8)
+            step = _bcast(builder, _at(builder, builder.add(wq, ir.Constant(_I64, 4 * i)),
+                                       _F32, 4), 8)
+            for h in (0, 1):
+                out = builder.inttoptr(builder.add(builder.add(c, builder.mul(
+                    ir.Constant(_I64, 4 * i), ldc)), ir.Constant(_I64, 32 * h)),
+                    ir.PointerType(VF8))
+                v = builder.sitofp(builder.load(acc[i][h]), VF8)
+                builder.store(builder.fadd(builder.fmul(builder.load(out, align=4), al),
+                                           builder.fmul(v, step)), out, align=4)
+    return mk
+
+
+def _pv(r_vnni, r_avx2):
+    """An intrinsic mk(isa, c, ldc, a, b, ldb, K, alpha, wq): P V of r_vnni or r_avx2 query rows
+    (_pv_vnni, _pv_avx2)."""
+    vnni, avx2 = _pv_vnni(r_vnni), _pv_avx2(r_avx2)
+
+    @intrinsic
+    def mk(typingctx, isa, c, ldc, a, b, ldb, K, alpha, wq):
+        return types.void(isa, c, ldc, a, b, ldb, K, alpha, wq), _codegen(vnni, avx2, isa)
+    return mk
+
+
+_pv_big, _pv_mid, _pv_1 = _pv(8, 4), _pv(4, 2), _pv(1, 1)   # _SHAPES' rows a call
+
+
+def _interleave_avx2(builder, vt, vh, ldk, K, d):
+    """The block's value codes for _pv_avx2: keys t < K of one KV head (d unsigned bytes at
+    vh + t ldk, codes offset by 128) as signed codes (the offset's bit flipped), four keys a
+    group, 4 d bytes a group from vt on: byte 4 c + e of group p is key 4 p + e's column c
+    (0 past K). d a multiple of 32; four unpacks of bytes and words, then halves swapped."""
+    V32, V16 = ir.VectorType(I8, 32), ir.VectorType(ir.IntType(16), 16)
+    V4 = ir.VectorType(_I64, 4)
+    flip = ir.Constant(V32, [-128] * 32)
+
+    def unpack(x, y, n, hi):     # vpunpck{l,h}: lane-wise interleave of n-element vectors
+        half = n // 4
+        idx = [L * n // 2 + hi * half + i + src * n for L in (0, 1) for i in range(half)
+               for src in (0, 1)]
+        return builder.shuffle_vector(x, y, _const(idx))
+
+    def group(p, rows):
+        base = builder.add(vt, builder.mul(p, builder.shl(d, ir.Constant(_I64, 2))))
+        with cgutils.for_range(builder, builder.ashr(d, ir.Constant(_I64, 5))) as loop:
+            c0 = builder.shl(loop.index, ir.Constant(_I64, 5))
+            r = [row(c0) for row in rows]
+            a_lo, a_hi = (builder.bitcast(unpack(r[0], r[1], 32, h), V16) for h in (0, 1))
+            b_lo, b_hi = (builder.bitcast(unpack(r[2], r[3], 32, h), V16) for h in (0, 1))
+            w = [builder.bitcast(unpack(x, y, 16, h), V4)
+                 for x, y in ((a_lo, b_lo), (a_hi, b_hi)) for h in (0, 1)]
+            # w[0..3]: columns (0-3 | 16-19), (4-7 | 20-23), (8-11 | 24-27), (12-15 | 28-31)
+            outs = (builder.shuffle_vector(w[0], w[1], _const([0, 1, 4, 5])),
+                    builder.shuffle_vector(w[2], w[3], _const([0, 1, 4, 5])),
+                    builder.shuffle_vector(w[0], w[1], _const([2, 3, 6, 7])),
+                    builder.shuffle_vector(w[2], w[3], _const([2, 3, 6, 7])))
+            dst = builder.add(base, builder.shl(c0, ir.Constant(_I64, 2)))
+            for k, o in enumerate(outs):
+                builder.store(o, builder.inttoptr(builder.add(dst, ir.Constant(_I64, 32 * k)),
+                                                  ir.PointerType(V4)), align=4)
+
+    def key_row(t):
+        addr = builder.add(vh, builder.mul(t, ldk))
+        return lambda c0: builder.xor(_at(builder, builder.add(addr, c0), V32), flip)
+    n4 = builder.ashr(K, ir.Constant(_I64, 2))
+    with cgutils.for_range(builder, n4) as loop:
+        t0 = builder.shl(loop.index, ir.Constant(_I64, 2))
+        group(loop.index, [key_row(builder.add(t0, ir.Constant(_I64, e))) for e in range(4)])
+    tail = builder.and_(K, ir.Constant(_I64, 3))
+    with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(_I64, 0))):
+        t0 = builder.shl(n4, ir.Constant(_I64, 2))
+        zero = ir.Constant(V32, [0] * 32)
+
+        def tail_row(e):          # key t0 + e where it exists, else zeros (never read past K)
+            def load(c0):
+                slot = cgutils.alloca_once_value(builder, zero)
+                with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(_I64, e))):
+                    builder.store(key_row(builder.add(t0, ir.Constant(_I64, e)))(c0), slot)
+                return builder.load(slot)
+            return load
+        group(n4, [tail_row(e) for e in range(4)])
+
+
+@intrinsic
+def _interleave_v(typingctx, isa, vt, vh, ldk, K, d):
+    """The value codes as _pv's AVX2 code reads them (_interleave_avx2); nothing on VNNI, whose
+    code reads the cache's rows as they lie."""
+    return types.void(isa, vt, vh, ldk, K, d), _codegen(lambda builder, *args: None,
+                                                        _interleave_avx2, isa)
 
 
 @njit(inline="always")
-def _head_pv(rows, nk, oh_p, d, pw_p, vh_p, ldk, a_p, wq_p):
+def _head_pv(isa, rows, nk, oh_p, d, pw_p, vh_p, ldk, a_p, wq_p, vt_p):
     # O[r] = O[r] alpha[r] + the block's P V, for one KV head's rows (O at oh_p, rows d floats
-    # apart), 32 columns at a time, in groups of 8, 4 and 1 rows
+    # apart), cols columns at a time, in groups of big, mid and 1 rows. VNNI reads the values'
+    # rows as they lie (ldk bytes apart), AVX2 their codes interleaved into vt_p first
+    big, mid, cols = _shape(isa)[3:]
+    vnni = big == 8
+    _interleave_v(isa, vt_p, vh_p, ldk, nk, d)
     i = 0
     while i < rows:
-        g = 8 if rows - i >= 8 else (4 if rows - i >= 4 else 1)
-        for c0 in range(0, d, 32):
-            o_c, v_c = oh_p + 4 * (i * d + c0), vh_p + c0
-            if g == 8:
-                _pv_8(o_c, d, pw_p + 4 * i, v_c, ldk, nk, a_p + 4 * i, wq_p + 4 * i)
-            elif g == 4:
-                _pv_4(o_c, d, pw_p + 4 * i, v_c, ldk, nk, a_p + 4 * i, wq_p + 4 * i)
+        g = big if rows - i >= big else (mid if rows - i >= mid else 1)
+        for c0 in range(0, d, cols):
+            o_c = oh_p + 4 * (i * d + c0)
+            v_c, ldv = (vh_p + c0, ldk) if vnni else (vt_p + 4 * c0, 4 * d)
+            if g == big:
+                _pv_big(isa, o_c, d, pw_p + 4 * i, v_c, ldv, nk, a_p + 4 * i, wq_p + 4 * i)
+            elif g == mid:
+                _pv_mid(isa, o_c, d, pw_p + 4 * i, v_c, ldv, nk, a_p + 4 * i, wq_p + 4 * i)
             else:
-                _pv_1(o_c, d, pw_p + 4 * i, v_c, ldk, nk, a_p + 4 * i, wq_p + 4 * i)
+                _pv_1(isa, o_c, d, pw_p + 4 * i, v_c, ldv, nk, a_p + 4 * i, wq_p + 4 * i)
         i += g
 
 
 @njit(inline="always", fastmath=FASTMATH_INF, cache=True)
-def _pack_q(Qb, Qi, q, scale, z, hk, rows, G):
-    # KV head hk's query rows (8, padding rows zeros) in 8 bits into Qb (d * 8 bytes, the score
-    # kernel's layout: step s, lane 2 r + e, byte m: q[r, 8 s + 4 e + m], i.e. row r's 8 bytes
-    # of the step at 64 s + 8 r) and Qi: the rows' offset corrections (8 int32: 128 x their
-    # code sums), then their scales times `scale`
+def _pack_q(isa, Qb, Qi, q, scale, z, hk, rows, G):
+    # KV head hk's query rows (8, padding rows zeros) in 8 bits (|codes| <= lim) into Qb (d * 8
+    # bytes, the score kernel's layout: steps of n dimensions, row r's n bytes of step s at
+    # 8 n s + n r: VNNI's lane 2 r + e holds q[r, 8 s + 4 e + m], AVX2's lane r q[r, 4 s + m])
+    # and Qi: the rows' offset corrections (8 int32: 128 x their code sums), then their scales
+    # times `scale`
+    lim, n = _shape(isa)[:2]
     d = q.shape[3]
     qs = Qi[8:].view(np.float32)
     for r in range(8):
         if r >= rows:
-            for s in range(d // 8):
-                Qb[64 * s + 8 * r:64 * s + 8 * r + 8] = 0
+            for s in range(d // n):
+                Qb[8 * n * s + n * r:8 * n * s + n * r + n] = 0
             Qi[r] = 0
             qs[r] = float32(0)
             continue
@@ -332,31 +515,32 @@ def _pack_q(Qb, Qi, q, scale, z, hk, rows, G):
         amax = float32(0)
         for c in range(d):
             amax = max(amax, abs(qr[c]))
-        inv = float32(127) / amax if amax > 0 else float32(0)
+        inv = float32(lim) / amax if amax > 0 else float32(0)
         total = 0
-        for s in range(d // 8):
-            for t in range(8):
-                code = np.int32(np.rint(qr[8 * s + t] * inv))
-                Qb[64 * s + 8 * r + t] = code
+        for s in range(d // n):
+            for t in range(n):
+                code = np.int32(np.rint(qr[n * s + t] * inv))
+                Qb[8 * n * s + n * r + t] = code
                 total += code
         Qi[r] = OFFSET * total
-        qs[r] = amax / float32(127) * scale
+        qs[r] = amax / float32(lim) * scale
 
 
 @njit(fastmath=FASTMATH_INF, cache=True)
-def _decode_range(q, kc, ks, vc, vs, scale, causal, z, k_lo, k_hi, Qb, Qi, St, Pw, Wq, O,
-                  m_run, l_run, alpha, n_vis):
+def _decode_range(isa, q, kc, ks, vc, vs, scale, causal, z, k_lo, k_hi, Qb, Qi, St, Pw, Wq,
+                  Vt, O, m_run, l_run, alpha, n_vis):
     # the queries of batch z against its keys k_lo..k_hi-1, block by block, each block for
     # every KV head in turn: O (Hkv, rows, d) unnormalised, m_run and l_run (Hkv, >= 8) the
     # rows' running max and sum. Row r of KV head hk: query r // G, head hk * G + r % G.
     # Scratch: Qb (Hkv, d * 8) int8, Qi (Hkv, 16) int32, St (BLOCK_K * 8,) float32 for S^T,
-    # Pw (BLOCK_K * 2,) int32 the packed weights, Wq (16,) int32, alpha (8,), n_vis (8,)
+    # Pw (BLOCK_K * 2,) int32 the packed weights, Wq (16,) int32, Vt (BLOCK_K * d,) int8 the
+    # values' codes as AVX2's P V reads them, alpha (8,), n_vis (8,)
     q_len, H, d = q.shape[1], q.shape[2], q.shape[3]
     kv_len, Hkv = kc.shape[1], kc.shape[2]
     G = H // Hkv
     rows = q_len * G
     for hk in range(Hkv):
-        _pack_q(Qb[hk], Qi[hk], q, scale, z, hk, rows, G)
+        _pack_q(isa, Qb[hk], Qi[hk], q, scale, z, hk, rows, G)
         for r in range(8):
             m_run[hk, r] = NEG_INF
             l_run[hk, r] = float32(0)
@@ -372,6 +556,7 @@ def _decode_range(q, kc, ks, vc, vs, scale, causal, z, k_lo, k_hi, Qb, Qi, St, P
         np.int64(St.ctypes.data)
     pw_p, wq_p, o_p = np.int64(Pw.ctypes.data), np.int64(Wq.ctypes.data), \
         np.int64(O.ctypes.data)
+    vt_p = np.int64(Vt.ctypes.data)
     a_p, mr_p = np.int64(alpha.ctypes.data), np.int64(m_run.ctypes.data)
     lr_p, nv_p = np.int64(l_run.ctypes.data), np.int64(n_vis.ctypes.data)
     kpos = kv_len - q_len                          # position of the first query
@@ -393,21 +578,21 @@ def _decode_range(q, kc, ks, vc, vs, scale, causal, z, k_lo, k_hi, Qb, Qi, St, P
             r0 = min(k_hi, k0 + PREFETCH_KEYS + hk * BLOCK // Hkv)
             r1 = min(k_hi, k0 + PREFETCH_KEYS + (hk + 1) * BLOCK // Hkv)
             at = k0 * Hkv + hk                       # this head's first key, in scale units
-            _head_scores(nk, st_p, kc_p + k0 * ldk + hk * d, ldk, qb_p + hk * d * 8, d,
+            _head_scores(isa, nk, st_p, kc_p + k0 * ldk + hk * d, ldk, qb_p + hk * d * 8, d,
                          ks_p + 4 * at, Hkv, qi_p + 64 * hk, kc_p + r0 * ldk, vc_p + r0 * ldk,
                          (r1 - r0) * Hkv)
             _softmax8(st_p, 8, nk, mr_p + 4 * hk * m_run.shape[1],
                       lr_p + 4 * hk * l_run.shape[1], a_p, nv_p, diag)
             _pack_weights(pw_p, st_p, nk, vs_p + 4 * at, Hkv, wq_p)
-            _head_pv(rows, nk, o_p + 4 * hk * rows * d, d, pw_p, vc_p + k0 * ldk + hk * d,
-                     ldk, a_p, wq_p)
+            _head_pv(isa, rows, nk, o_p + 4 * hk * rows * d, d, pw_p, vc_p + k0 * ldk + hk * d,
+                     ldk, a_p, wq_p, vt_p)
 
 
 @njit(inline="always", cache=True)
 def _scratch(Hkv, d):
-    # a worker's scratch for _decode_range, one allocation carved in 64-byte pieces (seven
-    # allocations cost 2 us a call): Qb, Qi, St, Pw, Wq, alpha, n_vis
-    sizes = (Hkv * d * 8, Hkv * 64, BLOCK * 32, BLOCK * 8, 64, 64, 64)
+    # a worker's scratch for _decode_range, one allocation carved in 64-byte pieces (eight
+    # allocations cost 2 us a call): Qb, Qi, St, Pw, Wq, alpha, n_vis, Vt
+    sizes = (Hkv * d * 8, Hkv * 64, BLOCK * 32, BLOCK * 8, 64, 64, 64, BLOCK * d)
     buf = np.empty(sum(sizes) + 64, np.uint8)
     at = (64 - buf.ctypes.data % 64) % 64
     Qb = buf[at:at + sizes[0]].view(np.int8).reshape((Hkv, d * 8))
@@ -421,36 +606,38 @@ def _scratch(Hkv, d):
     Wq = buf[at:at + 64].view(np.int32)
     alpha = buf[at + 64:at + 96].view(np.float32)
     n_vis = buf[at + 128:at + 160].view(np.int32)
-    return Qb, Qi, St, Pw, Wq, alpha, n_vis
+    at += 192
+    Vt = buf[at:at + sizes[7]].view(np.int8)
+    return Qb, Qi, St, Pw, Wq, alpha, n_vis, Vt
 
 
 @njit(parallel=PRANGE, fastmath=FASTMATH_INF, cache=True)
-def _attention_decode(out, q, kc, ks, vc, vs, scale, causal, n_workers):
+def _attention_decode(isa, out, q, kc, ks, vc, vs, scale, causal, n_workers):
     # q, out: (b, q_len, H, d), at most 8 rows a KV head; kc, vc: (b, kv_len, Hkv, d) uint8
     # codes; ks, vs: (b, kv_len, Hkv) float32 scales. A task: a range of keys of one batch for
-    # every head, merged at the end (attention_cpu's plan and merge)
+    # every head, merged at the end (attention_cpu's plan and merge). isa: VNNI or AVX2
     kv_len = kc.shape[1]
     n_split, split_len, n_tasks, O_part, M_part, L_part = _decode_mk_plan(q, kc, n_workers)
     for w in prange(n_workers):
-        Qb, Qi, St, Pw, Wq, At, Vis = _scratch(kc.shape[2], q.shape[3])
+        Qb, Qi, St, Pw, Wq, At, Vis, Vt = _scratch(kc.shape[2], q.shape[3])
         for task in range(w, n_tasks, n_workers):
             z, split = task // n_split, task % n_split
-            _decode_range(q, kc, ks, vc, vs, float32(scale), causal, z, split * split_len,
-                          min(kv_len, (split + 1) * split_len), Qb, Qi, St, Pw, Wq,
+            _decode_range(isa, q, kc, ks, vc, vs, float32(scale), causal, z, split * split_len,
+                          min(kv_len, (split + 1) * split_len), Qb, Qi, St, Pw, Wq, Vt,
                           O_part[task], M_part[task], L_part[task], At, Vis)
     _decode_mk_merge(out, O_part, M_part, L_part, n_split)
 
 
 @njit(fastmath=FASTMATH_INF, cache=True)
-def _attention_decode_serial(out, q, kc, ks, vc, vs, scale, causal):
+def _attention_decode_serial(isa, out, q, kc, ks, vc, vs, scale, causal):
     # _attention_decode on the calling thread, outside the thread pool (a short context)
     kv_len = kc.shape[1]
     n_split, split_len, n_tasks, O_part, M_part, L_part = _decode_mk_plan(q, kc, 1)
-    Qb, Qi, St, Pw, Wq, At, Vis = _scratch(kc.shape[2], q.shape[3])
+    Qb, Qi, St, Pw, Wq, At, Vis, Vt = _scratch(kc.shape[2], q.shape[3])
     for task in range(n_tasks):
         z, split = task // n_split, task % n_split
-        _decode_range(q, kc, ks, vc, vs, float32(scale), causal, z, split * split_len,
-                      min(kv_len, (split + 1) * split_len), Qb, Qi, St, Pw, Wq,
+        _decode_range(isa, q, kc, ks, vc, vs, float32(scale), causal, z, split * split_len,
+                      min(kv_len, (split + 1) * split_len), Qb, Qi, St, Pw, Wq, Vt,
                       O_part[task], M_part[task], L_part[task], At, Vis)
     _decode_mk_merge(out, O_part, M_part, L_part, n_split)
 
@@ -466,10 +653,18 @@ def dequantize(out, codes, scales):
                 out[i, h, c] = float32(np.int32(codes[i, h, c]) - OFFSET) * s
 
 
+def decode_isa():
+    """The marker of the instructions decode's products over an 8-bit cache take in 8 bits on
+    this host (VNNI: AVX-512 VNNI and BW; else AVX2), as llvm_cpu.CPU_PATH allows; None where
+    neither (the codes widened to float32)."""
+    if fast_path("avx512vnni", "avx512bw"):
+        return VNNI
+    return AVX2 if fast_path("avx2") else None
+
+
 def decode_products():
-    """True where this host takes decode's products over an 8-bit cache in 8 bits: AVX-512
-    VNNI (and BW), allowed by llvm_cpu.CPU_PATH."""
-    return fast_path("avx512vnni", "avx512bw")
+    """True where this host takes decode's products over an 8-bit cache in 8 bits."""
+    return decode_isa() is not None
 
 
 def int8_dots(q, k):
@@ -495,9 +690,10 @@ def _decode(out, q, kc, ks, vc, vs, scale, causal):
     B, q_len, H, d = q.shape
     work = B * q_len * H * kc.shape[1] * d         # multiply-adds of q k^T
     if work < cpu_pool.PARALLEL_MIN_WORK:
-        _attention_decode_serial(out, q, kc, ks, vc, vs, scale, causal)
+        _attention_decode_serial(decode_isa(), out, q, kc, ks, vc, vs, scale, causal)
     else:
-        _attention_decode(out, q, kc, ks, vc, vs, scale, causal, get_num_threads())
+        _attention_decode(decode_isa(), out, q, kc, ks, vc, vs, scale, causal,
+                          get_num_threads())
 
 
 def attention(out, q, k, v, scale, causal):

@@ -1,8 +1,8 @@
 """LLVM IR pieces shared by the CPU kernels written as numba intrinsics (explicit vectors):
 the scalar types, the fma, prefetch and masked-store intrinsics declared once per module, and
-non-temporal stores; the AVX-512 dot-product instructions (VNNI int8, BF16), the AMX tile
-instructions, and the check that the host has them (fast_path), which the environment can
-turn off."""
+non-temporal stores; the AVX-512 dot-product instructions (VNNI int8, BF16) and VNNI's sums on
+AVX2, the AMX tile instructions, and the check that the host has them (fast_path), which the
+environment can turn off."""
 import ctypes
 import functools
 import math
@@ -180,6 +180,20 @@ def vpdpbusd(builder):
     v = ir.VectorType(I32, 16)
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(v, [v, v, v]),
                                           "llvm.x86.avx512.vpdpbusd.512")
+
+
+def dpbusd_avx2(builder, acc, a, b):
+    """vpdpbusd's sums on AVX2: acc + the sums of 4 products of a's unsigned bytes with b's
+    signed bytes, per int32 lane; acc, a, b <8 x i32>. vpmaddubsw adds two products into an
+    int16 with saturation, so a pair's sum must stay within 32767 (e.g. a <= 255 with |b| <= 63,
+    or a <= 127 with b >= -128): then it equals vpdpbusd's; vpmaddwd by ones adds the pairs."""
+    v8, v16, w16 = ir.VectorType(I8, 32), ir.VectorType(ir.IntType(16), 16), ir.VectorType(I32, 8)
+    mub = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v8, v8]),
+                                         "llvm.x86.avx2.pmadd.ub.sw")
+    mwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(w16, [v16, v16]),
+                                         "llvm.x86.avx2.pmadd.wd")
+    pairs = builder.call(mub, [builder.bitcast(a, v8), builder.bitcast(b, v8)])
+    return builder.add(acc, builder.call(mwd, [pairs, ir.Constant(v16, [1] * 16)]))
 
 
 def dpbf16ps(builder):
