@@ -1,10 +1,12 @@
 """CUDA flash attention (decode with key splits, prefill) against the float64 reference and the
 CPU kernel: GQA 4/2 and 8/1, q_len < kv_len, seq 1, head dims that are not powers of two,
 float16 and bfloat16 K/V, a batch axis, rows that see nothing."""
+import zlib
+
 import numpy as np
 import pytest
 
-from numba_attn.kernels import attention_cpu, attention_cuda
+from numba_attn.kernels import attention_cpu, attention_cuda, llvm_cpu
 from tests.cuda.conftest import MODE
 from tests.cuda.helpers import dev, poisoned, randn, rel_err, stored
 from tests.reference import attention_ref
@@ -54,9 +56,9 @@ if GPU:
 
 
 @pytest.mark.parametrize("case,kv_dtype", CASES)
-def test_attention(case, kv_dtype):
+def test_attention(case, kv_dtype, monkeypatch):
     B, ql, kl, H, Hkv, d, causal = case
-    rng = np.random.default_rng(abs(hash((case, kv_dtype))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((case, kv_dtype)).encode()))
     q = randn(rng, B, ql, H, d)
     k, k64 = stored(randn(rng, B, kl, Hkv, d), kv_dtype)
     v, v64 = stored(randn(rng, B, kl, Hkv, d), kv_dtype)
@@ -68,6 +70,9 @@ def test_attention(case, kv_dtype):
     assert rel_err(got, ref) < 1e-5
     assert np.abs(got - ref).max() < 1e-4
     if not GPU or ql * kl <= 10**6:       # the CPU twin, on the same stored K and V
+        # its portable path: float32 products, as the CUDA kernel's (a host with AVX-512 BF16
+        # takes decode's over a bfloat16 cache in bfloat16)
+        monkeypatch.setattr(llvm_cpu, "CPU_PATH", "portable")
         cpu = np.empty_like(q)
         attention_cpu.attention(cpu, q, k, v, scale, causal)
         np.testing.assert_allclose(got, cpu, rtol=1e-4, atol=1e-5)

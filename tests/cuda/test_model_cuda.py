@@ -144,10 +144,11 @@ def test_float16_kv_cache_matches_cpu(folder, prompt):
         assert_close(got, ref.astype(np.float64))
     assert gpu_tokens == cpu_tokens
     # the same float16 keys, but where the float32 values before rounding differ in their
-    # last bits: one float16 step at most
+    # last bits: one float16 step at most, or (a key near zero, its sums cancelling) some
+    # float32 steps of the keys' scale
+    ref = cpu.cache.k[:, :PROMPT_LEN].astype(np.float32)
     np.testing.assert_allclose(gpu.cache.k.copy_to_host()[:, :PROMPT_LEN].astype(np.float32),
-                               cpu.cache.k[:, :PROMPT_LEN].astype(np.float32), rtol=2.0 ** -10,
-                               atol=2.0 ** -24)
+                               ref, rtol=2.0 ** -10, atol=1e-5 * np.abs(ref).max())
 
 
 def test_weights_load_straight_to_the_device(folder):
