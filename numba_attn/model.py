@@ -48,9 +48,10 @@ WEIGHT_DTYPES = {device: tuple(name for name, f in FORMATS.items() if device in 
                  for device in DEVICES}
 # the KV cache's "auto" storage on the CPU follows the weights (formats.KV_DTYPES has every
 # device's): 16-bit weights keep 16-bit keys and values, float32 stays float32; q8_0 takes
-# int8 where decode multiplies it in 8 bits (AVX-512 VNNI: TinyLlama at context 2000 3.1-6.5%
-# below context 16 in seven runs, against 7.7-9.5% with bfloat16; decoded token by token on the
-# demo model 1.2e-4 nats of KL from float32 against 1.0e-4 with bfloat16), else bfloat16, which
+# int8 where decode multiplies it in 8 bits (AVX-512 VNNI, Zen 5: TinyLlama at context 2000
+# 3.1-6.5% below context 16 in seven runs, against 7.7-9.5% with bfloat16; AVX2 alone, Zen 3:
+# 5.3% against 10.4-12.4%; decoded token by token on the demo model 1.2e-4 nats of KL from
+# float32, 1.3e-4 on AVX2 (q in 7 bits), against 1.0e-4 with bfloat16), else bfloat16, which
 # decode multiplies without widening on CPUs with AVX-512 BF16; on CUDA float32
 _AUTO_KV = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
             "q8_0": "bfloat16"}
