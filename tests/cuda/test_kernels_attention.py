@@ -100,7 +100,7 @@ def test_decode_shapes(monkeypatch, dpl, keys, pipe, case, kv_dtype):
     monkeypatch.setattr(attention_cuda, "DECODE_SHAPE",
                         {key: (dpl, keys, bps, pipe) for key, (_, _, bps, _)
                          in attention_cuda.DECODE_SHAPE.items()})
-    test_attention(case, kv_dtype)
+    test_attention(case, kv_dtype, monkeypatch)
 
 
 # decode's key splits with the GPU's constants (2 steps per split at least, one split up to 4
