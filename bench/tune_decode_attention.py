@@ -15,8 +15,8 @@ keys on), none, no-scores (the scores left out, their prefetch kept), no-softmax
 no-pv (the online softmax or P V left out: what each costs in place), farF-nearN (the
 rows F keys on into L2 as well, N into L1: far256-near64, far256-near32, far512-near32,
 far128-near32), or at:REV, the file as git revision REV has it (at:HEAD:
-the committed kernel). int8 has as-is, none, ahead-32/96/128, block-128, r8, no-scores,
-no-softmax, no-pv, touch and skeleton (the three parts left out at once)."""
+the committed kernel). int8 has as-is, none, ahead-32/96/128, block-128, r8, l2, l2-128
+(into L2, 64 or 128 keys on), no-scores, no-softmax, no-pv, touch and skeleton (the three parts left out at once)."""
 import os
 import sys
 import tempfile
@@ -59,8 +59,8 @@ TOUCH_LINE = """                line = builder.add(row, builder.mul(lines.index,
                                     "monotonic", 1)"""
 PF_LINE = """                prefetch(builder, builder.add(row, builder.mul(lines.index,
                                                                ir.Constant(_I64, 64))), 0)"""
-def _touch_rows():
-    # attention_cpu's _prefetch_rows with TOUCH_LINE for its prefetch, as source (the int8
+def _touch_rows(line=TOUCH_LINE):
+    # attention_cpu's _prefetch_rows with `line` for its prefetch, as source (the int8
     # kernels import it, so their variant defines its own)
     with open(os.path.join(HERE, RELATIVE)) as f:
         src = f.read()
@@ -68,7 +68,7 @@ def _touch_rows():
     intrinsic = src[start:src.index("\n\n\n", start)]
     if PF_LINE not in intrinsic:
         sys.exit(f"touch: {PF_LINE.strip()!r} is no longer in _prefetch_rows")
-    return "\n\n" + intrinsic.replace(PF_LINE, TOUCH_LINE) + "\n"
+    return "\n\n" + intrinsic.replace(PF_LINE, line) + "\n"
 
 
 L1 = "ir.Constant(_I64, 64))), 0)"                   # _prefetch_rows: prefetcht0
@@ -117,8 +117,14 @@ VARIANTS_INT8.update({            # one part of a key block's work left out, as 
     "no-softmax": [("            _softmax8(st_p, 8, nk, mr_p", "            0 and _softmax8(st_p, 8, nk, mr_p")],
     "no-pv": [("            _pack_weights(pw_p,", "            0 and _pack_weights(pw_p,"),
               ("            _head_pv(isa, rows, nk,", "            0 and _head_pv(isa, rows, nk,")]})
-VARIANTS_INT8["touch"] = [("_decode_mk_plan, _prefetch_rows, \\\n", "_decode_mk_plan, \\\n"),
+_OWN_ROWS = ("_decode_mk_plan, _prefetch_rows, \\\n", "_decode_mk_plan, \\\n")
+_L2_LINE = PF_LINE.replace("ir.Constant(_I64, 64))), 0)", "ir.Constant(_I64, 64))), 0, 2)")
+VARIANTS_INT8["l2"] = [_OWN_ROWS, ("\nPREFETCH_KEYS = 64",
+                                   "\nfrom numba_attn.kernels.llvm_cpu import prefetch"
+                                   + _touch_rows(_L2_LINE) + "\n\nPREFETCH_KEYS = 64")]
+VARIANTS_INT8["touch"] = [_OWN_ROWS,
                           ("\nPREFETCH_KEYS = 64", _touch_rows() + "\n\nPREFETCH_KEYS = 64")]
+VARIANTS_INT8["l2-128"] = VARIANTS_INT8["l2"] + [(KEYS, "PREFETCH_KEYS = 128\n")]
 VARIANTS_INT8["skeleton"] = sum((VARIANTS_INT8[k] for k in ("no-scores", "no-softmax", "no-pv")),
                                [])                # all three left out: the loops and prefetch
 
