@@ -40,9 +40,13 @@ class KVCache:
 
     def _buffer(self, shape):
         if self.int8:
-            return Int8KV(empty(shape, np.uint8, self.device),
-                          empty(shape[:-1], np.float32, self.device))
-        return empty(shape, self.dtype, self.device)
+            return Int8KV(self._array(shape, np.uint8), self._array(shape[:-1], np.float32))
+        return self._array(shape, self.dtype)
+
+    def _array(self, shape, dtype):
+        # zeros on the host (fresh pages cost nothing more; recycled memory could hold NaNs or
+        # infinities): Model.warmup's decode step reads keys and values past those it wrote
+        return np.zeros(shape, dtype) if self.device == "cpu" else empty(shape, dtype, "cuda")
 
     @property
     def length(self):

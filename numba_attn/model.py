@@ -552,7 +552,8 @@ class Model:
             prompt = math.isqrt(keys - 1) + 1
             if prompt <= self.max_seq:
                 self.forward(np.zeros(prompt, np.int64), 0)
-            if keys <= self.max_seq:         # a decode step at that context (its keys unset)
+            if keys <= self.max_seq:         # a decode step at that context (the keys past
+                                             # those written are the cache's zeros)
                 self.cache.set_length(keys - 1)
                 self.forward(np.zeros(1, np.int64), keys - 1)
         self.cache.reset()

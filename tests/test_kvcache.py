@@ -179,3 +179,17 @@ def test_cache_dtypes_refused():
     with pytest.raises(ValueError, match="same shape and dtype"):
         cache.append(0, randn(1, 1, 1, 4), randn(1, 1, 1, 4).astype(np.float16))
     assert cache.length == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_host_cache_starts_zeroed(dtype):
+    # the allocator may hand back memory just freed: here full of NaNs, as a model's warm-up
+    # (which reads keys past those it wrote) must never see
+    for _ in range(3):
+        junk = np.full(3 * 40 * 2 * 64 * 2, np.nan, np.float32)
+        del junk
+        cache = KVCache(3, 40, 2, 64, dtype=dtype)
+        for a in (cache.k, cache.v):
+            parts = (a.codes, a.scales) if dtype == "int8" else (a,)
+            for p in parts:
+                assert not np.asarray(p, np.float32).any()
