@@ -88,8 +88,9 @@ def test_cache_quantizes_what_it_stores():
 
 def int8_decode_ref(q, k, v, scale, q_max, block=64):
     """float64 attention with decode's 8-bit roundings: q to codes within +-q_max a row (one
-    scale, |q| / q_max, round half to even), each block of `block` keys' weights P * (V's row scale) to 7 bits
-    a query row (step: the block's largest / 127, round half up); K and V as stored."""
+    scale, |q| / q_max, round half to even), each block of `block` keys' weights P * (V's row
+    scale) to 7 bits a query row (step: the block's largest / 127, round half up); K and V as
+    stored."""
     q, kd, vd = q.astype(np.float64), k.dequantize().astype(np.float64), v.dequantize()
     vs = v.scales.astype(np.float64)
     vc = v.codes.astype(np.float64) - 128

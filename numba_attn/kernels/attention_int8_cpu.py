@@ -293,10 +293,11 @@ def _pack_weights(typingctx, pw, st, nk, vs, vs_i, wq):
 
 
 def _pv_vnni(R):
-    """_pv's code on AVX-512 VNNI, R rows: for rows i < R, the 32 floats at c + 4 i ldc become C[i] alpha[i] + wstep[i] (sum_{t < K} W[t, i] V[t, :32] - 128 wsum[i]):
-    W the 7-bit weights _pack_weights packed at a (the word at a + 4 (8 p + i) holds keys
-    4 p .. 4 p + 3), V the unsigned bytes at b + t ldb (codes offset by 128), wq: wstep (8
-    floats) then wsum (8 int32). Four keys' rows are interleaved so that a 32-bit lane holds one
+    """_pv's code on AVX-512 VNNI, R rows: for rows i < R, the 32 floats at c + 4 i ldc become
+    C[i] alpha[i] + wstep[i] (sum_{t < K} W[t, i] V[t, :32] - 128 wsum[i]): W the 7-bit
+    weights _pack_weights packed at a (the word at a + 4 (8 p + i) holds keys 4 p .. 4 p + 3),
+    V the unsigned bytes at b + t ldb (codes offset by 128), wq: wstep (8 floats) then wsum
+    (8 int32). Four keys' rows are interleaved so that a 32-bit lane holds one
     column's four bytes, and one vpdpbusd takes four keys of 16 columns of a row."""
     V32 = ir.VectorType(I8, 32)
     cat = _const(list(range(64)))
