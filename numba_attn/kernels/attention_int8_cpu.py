@@ -180,18 +180,19 @@ def _codegen(vnni, avx2, isa):
     return codegen
 
 
-def _qk(r_vnni, r_avx2):
-    """An intrinsic qk(isa, c, a, sa_i, b, K, ks, ks_i, qi): the scores of r_vnni or r_avx2 keys
-    (_qk_vnni, _qk_avx2)."""
-    vnni, avx2 = _qk_vnni(r_vnni), _qk_avx2(r_avx2)
-
+def _by_isa(vnni, avx2):
+    """An intrinsic f(isa, a0, ..., a7) of eight int64 arguments running the codegen body vnni
+    or avx2 by the isa marker (the score and P V kernels: qk(isa, c, a, sa_i, b, K, ks, ks_i,
+    qi), mk(isa, c, ldc, a, b, ldb, K, alpha, wq))."""
     @intrinsic
-    def qk(typingctx, isa, c, a, sa_i, b, K, ks, ks_i, qi):
-        return types.void(isa, c, a, sa_i, b, K, ks, ks_i, qi), _codegen(vnni, avx2, isa)
-    return qk
+    def f(typingctx, isa, a0, a1, a2, a3, a4, a5, a6, a7):
+        return types.void(isa, a0, a1, a2, a3, a4, a5, a6, a7), _codegen(vnni, avx2, isa)
+    return f
 
 
-_qk_big, _qk_4, _qk_1 = _qk(14, 12), _qk(4, 4), _qk(1, 1)   # big: _SHAPES' keys a call
+# the scores of R keys a call (big: _SHAPES' keys a call)
+_qk_big, _qk_4, _qk_1 = (_by_isa(_qk_vnni(rv), _qk_avx2(ra)) for rv, ra in ((14, 12), (4, 4),
+                                                                           (1, 1)))
 
 
 @njit(inline="always")
@@ -394,18 +395,9 @@ def _pv_avx2(R):
     return mk
 
 
-def _pv(r_vnni, r_avx2):
-    """An intrinsic mk(isa, c, ldc, a, b, ldb, K, alpha, wq): P V of r_vnni or r_avx2 query rows
-    (_pv_vnni, _pv_avx2)."""
-    vnni, avx2 = _pv_vnni(r_vnni), _pv_avx2(r_avx2)
-
-    @intrinsic
-    def mk(typingctx, isa, c, ldc, a, b, ldb, K, alpha, wq):
-        return types.void(isa, c, ldc, a, b, ldb, K, alpha, wq), _codegen(vnni, avx2, isa)
-    return mk
-
-
-_pv_big, _pv_mid, _pv_1 = _pv(8, 4), _pv(4, 2), _pv(1, 1)   # _SHAPES' rows a call
+# P V of R query rows a call (_SHAPES' big and middle, then one)
+_pv_big, _pv_mid, _pv_1 = (_by_isa(_pv_vnni(rv), _pv_avx2(ra)) for rv, ra in ((8, 4), (4, 2),
+                                                                            (1, 1)))
 
 
 def _interleave_avx2(builder, vt, vh, ldk, K, d):
@@ -686,15 +678,14 @@ def _widened(x):
     return out
 
 
-def _decode(out, q, kc, ks, vc, vs, scale, causal):
+def _decode(isa, out, q, kc, ks, vc, vs, scale, causal):
     # at most 8 query rows a KV head; on the calling thread when the work is small
     B, q_len, H, d = q.shape
     work = B * q_len * H * kc.shape[1] * d         # multiply-adds of q k^T
     if work < cpu_pool.PARALLEL_MIN_WORK:
-        _attention_decode_serial(decode_isa(), out, q, kc, ks, vc, vs, scale, causal)
+        _attention_decode_serial(isa, out, q, kc, ks, vc, vs, scale, causal)
     else:
-        _attention_decode(decode_isa(), out, q, kc, ks, vc, vs, scale, causal,
-                          get_num_threads())
+        _attention_decode(isa, out, q, kc, ks, vc, vs, scale, causal, get_num_threads())
 
 
 def attention(out, q, k, v, scale, causal):
@@ -702,10 +693,11 @@ def attention(out, q, k, v, scale, causal):
     if not int8_dots(q, k):
         f32.attention(out, q, _widened(k), _widened(v), scale, causal)
         return
+    isa = decode_isa()
     q_len, H = q.shape[1], q.shape[2]
     kc, ks, vc, vs = k.codes, k.scales, v.codes, v.scales
     if q_len * (H // kc.shape[2]) <= 8:
-        _decode(out, q, kc, ks, vc, vs, scale, causal)
+        _decode(isa, out, q, kc, ks, vc, vs, scale, causal)
         return
     # a few queries of more than 8 rows a KV head: one at a time, each over the keys it sees
     kv_len = kc.shape[1]
@@ -713,6 +705,6 @@ def attention(out, q, k, v, scale, causal):
         n = kv_len - q_len + i + 1 if causal else kv_len
         qi = np.ascontiguousarray(q[:, i:i + 1])
         oi = np.empty_like(qi)
-        _decode(oi, qi, *(np.ascontiguousarray(a[:, :n]) for a in (kc, ks, vc, vs)), scale,
-                causal)
+        _decode(isa, oi, qi, *(np.ascontiguousarray(a[:, :n]) for a in (kc, ks, vc, vs)),
+                scale, causal)
         out[:, i:i + 1] = oi
