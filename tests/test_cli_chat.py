@@ -188,21 +188,24 @@ def run_in_pty(lines, end):
 
 
 def _end_session(fd, end, timeout=60.0):
-    """Type `end` at the prompt until the child closes the terminal (again every 2 s, as a
-    person would, should a key typed the instant the prompt appears be lost); what it wrote
-    meanwhile."""
+    """Type `end` at the prompt and wait until the child closes the terminal; type it again
+    only after 2 s in which nothing came back (a key typed the instant the prompt appears can
+    be lost), never while the child answers: a second Ctrl-C would reach it as it exits. What
+    it wrote meanwhile."""
     out, deadline = b"", time.monotonic() + timeout
     while time.monotonic() < deadline:
         os.write(fd, end)
+        answered = False
         ready, _, _ = select.select([fd], [], [], 2.0)
-        while ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:                           # the child closed the terminal
-                return out.decode("utf-8", "replace")
-            if not chunk:
-                return out.decode("utf-8", "replace")
-            out += chunk
+        while ready or (answered and time.monotonic() < deadline):
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:                       # the child closed the terminal
+                    return out.decode("utf-8", "replace")
+                if not chunk:
+                    return out.decode("utf-8", "replace")
+                out, answered = out + chunk, True
             ready, _, _ = select.select([fd], [], [], 0.5)
     raise AssertionError(f"the session did not end on {end!r} within {timeout} s; got {out!r}")
 
