@@ -401,17 +401,23 @@ def tiny_layer_model(weight_dtype="float32"):
 
 
 @pytest.mark.filterwarnings("error")     # inf/NaN reaching a NumPy matmul fails the run
-def test_model_breakdown_alone_agrees_with_in_layer(tiny_folder):
-    """silu_mul works in place in the layer; alone, looped thousands of times, it must not
-    compound (its values overflowed to inf/NaN and the stages after it ran on them)."""
+def test_model_breakdown_times_each_stage_alone(tiny_folder):
+    """End to end, the layer breakdown times each stage in the layer and alone, each a positive
+    time, and nothing it computes reaches a NumPy matmul as inf/NaN (silu_mul works in place:
+    looped alone it once compounded its values to inf). The values the alone loops leave:
+    test_layer_stages_alone_is_repeatable; how the two times compare is a benchmark's business,
+    not a test's (a loaded machine moves them several fold)."""
     res = json.loads(ok(["model", "--model", tiny_folder, "-p", "32", "-n", "0", "--repeat",
                          "7", "--time-budget", "0.05", "--limits", "none",
                          "--format", "json"]).stdout)
+    alone = 0
     for label, bd in res["breakdown"].items():
         for r in bd["rows"]:
             if r.get("alone"):
-                ratio = r["alone"]["median"] / r["median"]
-                assert 1 / 4 < ratio < 4, (label, r["stage"], r["median"], r["alone"])
+                alone += 1
+                for t in (r["median"], r["alone"]["median"], r["alone"]["min"]):
+                    assert 0 < t < 1, (label, r["stage"], r["median"], r["alone"])
+    assert alone >= 6, res["breakdown"]
 
 
 @pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16", "q8_0"])
