@@ -151,7 +151,8 @@ def read_until(fd, marker=None, timeout=120.0):
     while marker is None or marker.encode() not in out:
         ready, _, _ = select.select([fd], [], [], max(0.0, end - time.monotonic()))
         if not ready:
-            raise AssertionError(f"{marker!r} not seen within {timeout} s; got {out!r}")
+            what = repr(marker) if marker is not None else "the terminal's close"
+            raise AssertionError(f"{what} not seen within {timeout} s; got {out!r}")
         try:
             chunk = os.read(fd, 4096)
         except OSError:                               # the child closed the terminal
@@ -188,26 +189,16 @@ def run_in_pty(lines, end):
 
 
 def _end_session(fd, end, timeout=60.0):
-    """Type `end` at the prompt and wait until the child closes the terminal; type it again
+    """Type `end` at the prompt and read until the child closes the terminal; type it again
     only after 2 s in which nothing came back (a key typed the instant the prompt appears can
-    be lost), never while the child answers: a second Ctrl-C would reach it as it exits. What
+    be lost), never once the child answers: a second Ctrl-C would reach it as it exits. What
     it wrote meanwhile."""
-    out, deadline = b"", time.monotonic() + timeout
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         os.write(fd, end)
-        answered = False
-        ready, _, _ = select.select([fd], [], [], 2.0)
-        while ready or (answered and time.monotonic() < deadline):
-            if ready:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:                       # the child closed the terminal
-                    return out.decode("utf-8", "replace")
-                if not chunk:
-                    return out.decode("utf-8", "replace")
-                out, answered = out + chunk, True
-            ready, _, _ = select.select([fd], [], [], 0.5)
-    raise AssertionError(f"the session did not end on {end!r} within {timeout} s; got {out!r}")
+        if select.select([fd], [], [], 2.0)[0]:
+            return read_until(fd, None, max(0.0, deadline - time.monotonic()))
+    raise AssertionError(f"the session did not end on {end!r} within {timeout} s")
 
 
 def _reap(pid, grace=30.0):
