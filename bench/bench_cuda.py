@@ -415,12 +415,14 @@ GEMV_VARIANTS = {"fp32": ((1, 4, 256), (2, 4, 256), (2, 4, 128), (1, 4, 512), (1
 
 
 # Q8_0 GEMV variants, linear_q8_cuda.GEMV_SHAPE's fields: (rows per warp, blocks of 32 codes in
-# flight per row and lane, threads, lanes per block, blocks per SM or 0)
-GEMV_Q8_VARIANTS = ((2, 2, 256, 1, 0), (4, 2, 256, 1, 4), (1, 4, 256, 2, 4), (1, 4, 256, 2, 2),
-                    (1, 4, 256, 2, 8), (1, 8, 256, 2, 4), (1, 8, 256, 2, 2), (1, 2, 256, 2, 4),
-                    (1, 4, 128, 2, 8), (1, 4, 512, 2, 2), (2, 4, 256, 2, 2), (2, 2, 256, 2, 4))
-GEMV_Q8_MODEL_VARIANTS = ((2, 2, 256, 1, 0), (1, 4, 256, 2, 0), (1, 4, 256, 2, 4),
-                          (1, 4, 256, 2, 8), (1, 2, 256, 2, 0), (1, 2, 128, 2, 0))
+# flight per row and lane, threads, lanes per block, blocks per SM or 0, L2 ahead)
+GEMV_Q8_VARIANTS = ((1, 4, 512, 2, 2, 0), (1, 4, 512, 2, 2, 1), (1, 4, 256, 2, 4, 0),
+                    (1, 4, 256, 2, 4, 1), (1, 2, 512, 2, 2, 1), (1, 8, 512, 2, 2, 1),
+                    (1, 4, 1024, 2, 1, 1), (2, 2, 256, 1, 0, 1), (4, 2, 256, 1, 4, 1),
+                    (1, 4, 256, 2, 0, 1), (1, 4, 512, 2, 0, 1), (2, 4, 256, 2, 2, 1))
+GEMV_Q8_MODEL_VARIANTS = ((2, 2, 256, 1, 0, 0), (1, 4, 256, 2, 0, 0), (1, 4, 256, 2, 0, 1),
+                          (1, 4, 256, 2, 4, 1), (1, 4, 512, 2, 2, 0), (1, 4, 512, 2, 2, 1),
+                          (1, 2, 256, 2, 0, 1), (1, 2, 128, 2, 0, 1))
 MODEL_GEMVS = [(2560, 2048), (2048, 2048), (5632, 2048), (2048, 5632)]   # TinyLlama's decode
 # step: qkv, o, gate / up, down
 
@@ -501,7 +503,8 @@ def bench_tune(parts=("decode", "gemv", "prefill")):
             us = device_us(lambda i: Q.linear(Y, X, W[i], no_bias), sets)
             Q.linear(Y, X, W[0], no_bias)
             print(f"  gemv {n}x{k} q8_0 rows/warp={shape[0]} blocks/step={shape[1]} "
-                  f"threads={shape[2]} lanes/block={shape[3]} blocks/SM={shape[4] or '-'}: "
+                  f"threads={shape[2]} lanes/block={shape[3]} blocks/SM={shape[4] or '-'} "
+                  f"L2 ahead={shape[5]}: "
                   f"{us:.1f} us ({per / us / 1e3:.0f} GB/s) diff {_err(y, y_ref):.1e}", flush=True)
         Q.GEMV_SHAPE = old
     if "prefill" not in parts:
@@ -528,7 +531,8 @@ def resources():
     print("\nkernel resources (registers/thread, shared bytes/block, local bytes/thread):")
     kernels = [(f"gemv {shape}", linear_cuda.gemv_kernel(True, *shape))
                for shape in set(GEMV_VARIANTS["fp32"] + GEMV_VARIANTS["fp16"])]
-    kernels += [(f"gemv q8_0 {shape}", linear_q8_cuda.gemv_kernel(True, *shape[:4], 1))
+    kernels += [(f"gemv q8_0 {shape}", linear_q8_cuda.gemv_kernel(True, *shape[:4], 1,
+                                                                         shape[5]))
                 for shape in GEMV_Q8_VARIANTS]
     kernels += [("gemm q8_0", linear_q8_cuda._gemm)]
     kernels += [("gemm", linear_cuda._gemm), ("rmsnorm", norm_cuda.rmsnorm_kernel(True)),

@@ -22,7 +22,7 @@ from numba import cuda
 
 from .linear_cuda import GEMM_THREADS, MICRO, TILE, TILE_PAD, TK
 from .util_cuda import (ALIGN, SIM, aligned, device, div_rn, dp4a, flat, float32, group_max,
-                        group_sum, load, load16_words, scratch_size, sm_count)
+                        group_sum, load, load16_words, prefetch_l2, scratch_size, sm_count)
 
 if SIM:   # NumPy's scalar types in the simulator (plain Python), numba's on the GPU
     from numpy import int32, int64, uint32
@@ -41,13 +41,15 @@ GEMV_MAX_M = 16                          # rows of x up to which the GEMV serves
 # per block of 32 codes: 1 (two 16-byte loads a lane) or 2 (one each: a warp's load is 512
 # contiguous bytes), blocks per SM: 0 for one block per group of rows, else the grid is capped
 # at that many a multiprocessor where that gives each block two groups or more, each block
-# looping over groups and quantizing x once).
+# looping over groups and quantizing x once; L2 ahead: 1 to ask for the warp's rows of its
+# first group in L2 before x is quantized, and for the next group's while the block works on
+# one, so that w streams while x is quantized and across groups; 0 not to).
 # `bench_cuda.py --only tune-q8` compares the variants. At 12288x4096 on an H100, in four runs
 # over three days: (1, 4, 512, 2, 2) 24.4-25.0 us, (1, 4, 256, 2, 4) 25.1-25.6, (4, 2, 256, 1,
 # 4) 25.4-25.9, (2, 2, 256, 1, 0) 27.2-27.4, the rest 25.5-31; on an H200 with one lane a
 # block, one block a group: (2, 2, 256) 21.2 us, (4, 1, 256) 20.8-21.0. Loading w's first step
 # before x is quantized gained nothing on either (H200 21.3; H100 25.3-26.3 against 24.6-25.1)
-GEMV_SHAPE = (1, 4, 512, 2, 2)
+GEMV_SHAPE = (1, 4, 512, 2, 2, 0)
 
 
 def x_rows(m):
@@ -83,12 +85,13 @@ def load16_bytes(a, i):
 
 @functools.cache
 def gemv_kernel(wide, rpw=GEMV_SHAPE[0], unroll=GEMV_SHAPE[1], threads=GEMV_SHAPE[2],
-                lanes=GEMV_SHAPE[3], xr=1):
+                lanes=GEMV_SHAPE[3], xr=1, ahead=GEMV_SHAPE[5]):
     """The GEMV kernel; wide: qs's base is 16-byte aligned (16-byte loads; rows are, k being a
     multiple of 32); rpw: rows of w per warp; unroll: blocks of each row in flight per lane;
     threads per block (a multiple of 32); lanes per block of 32 codes (1 or 2: each lane one
     16-byte half); xr: rows of x per block (their codes in shared memory; a row past m is
-    clamped, computed and not written)."""
+    clamped, computed and not written); ahead: ask for the rows of a group in L2 before the
+    block reads them (GEMV_SHAPE's L2 ahead)."""
     ldq = load16_words if wide else load16_bytes
     RPW, U, THREADS, XR = rpw, unroll, threads, xr
     HALVES = 2 // lanes                             # 16-byte halves of a block per lane
@@ -133,6 +136,18 @@ def gemv_kernel(wide, rpw=GEMV_SHAPE[0], unroll=GEMV_SHAPE[1], threads=GEMV_SHAP
                     s = dp4a(raw[i, u, 6], xb[2], s)
                     s = dp4a(raw[i, u, 7], xb[3], s)
                 acc[i, r] += float32(s) * (sw[i, u] * dx)
+
+    @device
+    def ask_l2(qs, d, grp, warp, lane, n, k, nbk):
+        # the cache lines of the warp's rows of group grp, codes and scales, asked for in L2
+        # (a line a lane at a time)
+        row0 = grp * ROWS + warp * RPW
+        for i in range(RPW):
+            row = min(row0 + i, n - 1)
+            for e in range(128 * lane, k, 128 * 32):
+                prefetch_l2(qs, row * k + e)
+            for e in range(64 * lane, nbk + 63, 64 * 32):     # 64 scales a line
+                prefetch_l2(d, row * nbk + min(e, nbk - 1))
 
     @device
     def quantize_slab(xw, xd, x, scratch, v, tid, xrow0, m, k, s0, slab):
@@ -206,8 +221,13 @@ def gemv_kernel(wide, rpw=GEMV_SHAPE[0], unroll=GEMV_SHAPE[1], threads=GEMV_SHAP
         # lanes read the second half
         par = (lane >> 2) & 1 if HALVES == 2 else lane & 1
 
+        n_groups = (n + ROWS - 1) // ROWS
+        if ahead:
+            ask_l2(qs, d, cuda.blockIdx.x, warp, lane, n, k, nbk)
         # groups of ROWS rows of w, gridDim.x apart (one a block unless the grid is capped)
-        for grp in range(cuda.blockIdx.x, (n + ROWS - 1) // ROWS, cuda.gridDim.x):
+        for grp in range(cuda.blockIdx.x, n_groups, cuda.gridDim.x):
+            if ahead and grp + cuda.gridDim.x < n_groups:
+                ask_l2(qs, d, grp + cuda.gridDim.x, warp, lane, n, k, nbk)
             # this warp's rows row0 + i, i < RPW; a row past n is clamped (loaded, never
             # written): no warp diverges
             row0 = grp * ROWS + warp * RPW
@@ -320,7 +340,7 @@ def linear(out, x, w, bias, *, stream=0):
     if m == 0 or n == 0:
         return
     if m <= GEMV_MAX_M:
-        rpw, unroll, threads, lanes, per_sm = GEMV_SHAPE
+        rpw, unroll, threads, lanes, per_sm, ahead = GEMV_SHAPE
         xr = x_rows(m)
         rows = threads // 32 * rpw
         groups = (n + rows - 1) // rows
@@ -328,7 +348,7 @@ def linear(out, x, w, bias, *, stream=0):
         # capped only where each block gets two groups or more (fewer: the last round of a
         # capped grid would run part-empty)
         grid = (cap if per_sm and groups > 2 * cap else groups, (m + xr - 1) // xr)
-        gemv_kernel(aligned(qs), rpw, unroll, threads, lanes, xr)[grid, threads, stream](
+        gemv_kernel(aligned(qs), rpw, unroll, threads, lanes, xr, ahead)[grid, threads, stream](
             flat(out), flat(x), flat(qs), flat(d), bias, m, n, k)
     else:
         grid = ((n + TILE - 1) // TILE, (m + TILE - 1) // TILE)

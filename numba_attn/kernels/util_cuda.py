@@ -178,6 +178,22 @@ if not SIM:
         return sig, codegen
 
     @intrinsic
+    def _prefetch_l2(typingctx, arr, idx):
+        # ask for the cache line of a[idx] in L2 (prefetch.L2: no register, no wait)
+        if not isinstance(arr, types.Array):
+            return None
+        sig = types.void(arr, idx)
+
+        def codegen(context, builder, sig, args):
+            ptr = _element_ptr(context, builder, sig, args)
+            fnty = ir.FunctionType(ir.VoidType(), [ptr.type])
+            asm = ir.InlineAsm(fnty, "prefetch.L2 [$0];", "l", side_effect=True)
+            builder.call(asm, [ptr])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
     def _arrive(typingctx, arr, idx):
         # arr[idx] += 1 (float32), atomically at GPU scope with acquire-release semantics;
         # the old value
@@ -367,6 +383,11 @@ if not SIM:
         _prefetch_l1(a, i)
 
     @device
+    def prefetch_l2(a, i):
+        """Start bringing the cache line of a[i] into L2 (nothing to wait for)."""
+        _prefetch_l2(a, i)
+
+    @device
     def arrive(a, i):
         """a[i] += 1 atomically (float32 a), the old value: a release of the writes this thread
         made or saw (a block's, after a barrier) and an acquire of those of every earlier
@@ -430,6 +451,10 @@ else:  # numba's CUDA simulator: plain Python, run per thread
 
     @cuda.jit(device=True)
     def prefetch_l1(a, i):
+        pass
+
+    @cuda.jit(device=True)
+    def prefetch_l2(a, i):
         pass
 
     @cuda.jit(device=True)

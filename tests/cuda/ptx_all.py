@@ -94,10 +94,12 @@ def kernels():
         for xr in (1, 2, 4):
             yield (f"gemv_q8[wide={wide},x rows={xr}]", Q8.gemv_kernel(wide, xr=xr),
                    (F32, F32, Q, H, F32, I, I, I))
-    for rpw, unroll, threads, lanes in ((2, 2, 256, 1), (1, 4, 256, 1), (2, 4, 256, 2),
-                                        (4, 2, 128, 1), (1, 2, 512, 2)):
-        yield (f"gemv_q8[rows/warp={rpw},unroll={unroll},threads={threads},lanes={lanes}]",
-               Q8.gemv_kernel(True, rpw, unroll, threads, lanes), (F32, F32, Q, H, F32, I, I, I))
+    for rpw, unroll, threads, lanes, ahead in ((2, 2, 256, 1, 0), (1, 4, 256, 1, 1),
+                                               (2, 4, 256, 2, 0), (4, 2, 128, 1, 1),
+                                               (1, 2, 512, 2, 0)):
+        yield (f"gemv_q8[rows/warp={rpw},unroll={unroll},threads={threads},lanes={lanes},"
+               f"ahead={ahead}]", Q8.gemv_kernel(True, rpw, unroll, threads, lanes, 1, ahead),
+               (F32, F32, Q, H, F32, I, I, I))
     yield "gemm_q8", Q8._gemm, (F32, F32, Q, H, F32, I, I, I)
     yield "embedding_q8", Q8._embedding, (F32, Q, H, T.int64[::1], I, I)
     yield "add", TN._add, (F32, F32, F32, I)

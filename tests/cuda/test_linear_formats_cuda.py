@@ -113,9 +113,11 @@ def test_q8_x_scale_zero_and_halves():
 
 
 # the GEMV's other shapes: rows of w per warp, blocks in flight, threads, lanes per block,
-# blocks per SM (a grid of 132 under the simulator: its blocks loop over several groups)
-@pytest.mark.parametrize("shape", [(1, 4, 128, 1, 0), (4, 1, 64, 1, 0), (2, 4, 256, 1, 0),
-                                   (2, 2, 256, 2, 0), (1, 3, 64, 2, 1), (1, 2, 32, 1, 1)])
+# blocks per SM (a grid of 132 under the simulator: its blocks loop over several groups), L2
+# ahead
+@pytest.mark.parametrize("shape", [(1, 4, 128, 1, 0, 0), (4, 1, 64, 1, 0, 1),
+                                   (2, 4, 256, 1, 0, 0), (2, 2, 256, 2, 0, 1),
+                                   (1, 3, 64, 2, 1, 1), (1, 2, 32, 1, 1, 0)])
 @pytest.mark.parametrize("m,n,k", [(1, 33, 160), (3, 7, 96)] +
                          ([(1, 12288, 4096), (4, 4096, 11008)] if GPU else []))
 def test_gemv_q8_shapes(monkeypatch, shape, m, n, k):
@@ -125,7 +127,7 @@ def test_gemv_q8_shapes(monkeypatch, shape, m, n, k):
     test_linear_q8(m, n, k, False)
 
 
-@pytest.mark.parametrize("shape", [linear_q8_cuda.GEMV_SHAPE, (1, 2, 32, 1, 1)])
+@pytest.mark.parametrize("shape", [linear_q8_cuda.GEMV_SHAPE, (1, 2, 32, 1, 1, 0)])
 def test_gemv_q8_several_slabs_unaligned_codes(monkeypatch, shape):
     """k past one slab of x (two quantizing rounds, again for each group of rows of a capped
     grid), and codes whose base is not 16-byte aligned (the byte-load path)."""
