@@ -220,16 +220,18 @@ def measure(path, decode_tokens, prefill_tokens, repeat, weight_dtype="float32",
     step = np.empty(1, np.int64)
     gemv = blas_gemv(mats) if f32 else (lambda: None)
     gemv()                                                # first touch of its buffers
-    times, gemv_times, stream_times = [], [], []
+    times, gemv_times, stream_times, round_steps = [], [], [], []
+    per_round = max(1, decode_tokens // rounds)
     for i in range(decode_tokens):
         step[0] = token
         t = time.perf_counter()
         token = int(np.argmax(model.forward(step, pos)))
         times.append(time.perf_counter() - t)
         pos += 1
-        if (i + 1) % max(1, decode_tokens // rounds) == 0:
+        if (i + 1) % per_round == 0:
             gemv_times.append(timed(gemv))
             stream_times.append(min(timed(stream) for _ in range(3)))
+            round_steps.append(statistics.median(times[-per_round:]))
     step_bytes = sum(w.nbytes for _, w in mats) + model.weights.norm.nbytes + sum(
         lw.input_layernorm.nbytes + lw.post_attention_layernorm.nbytes
         for lw in model.weights.layers)
@@ -238,6 +240,11 @@ def measure(path, decode_tokens, prefill_tokens, repeat, weight_dtype="float32",
     r["decode_GBs"] = step_bytes / r["decode_step_s"] / 1e9
     r["stream_GBs"] = stream_bytes / min(stream_times) / 1e9
     r["decode_vs_stream"] = r["decode_GBs"] / r["stream_GBs"]
+    # the same share round by round: each round's median step against the stream measured
+    # right after it (the bandwidth here drifts by tens of percent between minutes; the
+    # share above holds the median step to the best stream of any round)
+    r["decode_vs_stream_paired"] = statistics.median(
+        (step_bytes / sb) / (stream_bytes / st) for st, sb in zip(stream_times, round_steps))
     if f32:
         r["gemv_s"] = statistics.median(gemv_times)
         r["gemv_GBs"] = sum(w.nbytes for _, w in mats) / r["gemv_s"] / 1e9
@@ -512,6 +519,10 @@ def report_formats(runs, peers, command):
              "| resident GB (weights + KV) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
+    def paired(r):       # runs saved before the paired share was measured have none
+        p = r.get("decode_vs_stream_paired")
+        return f" (paired {p:.0%})" if p else ""
+
     def ratio(r, key):
         return f"{r[key] / base[key]:.2f}x" if base and key in r else "-"
     for r in runs:
@@ -520,7 +531,7 @@ def report_formats(runs, peers, command):
         lines.append(
             f"| ours, {r['weight_dtype']}, {r.get('kv_dtype', 'float32')} | {r['decode_tok_s']:.2f} | {ratio(r, 'decode_tok_s')} "
             f"| {r['step_bytes'] / 1e9:.2f} | {r['decode_GBs']:.1f} | "
-            f"{r['decode_vs_stream']:.0%} of {r['stream_GBs']:.1f} | {long} "
+            f"{r['decode_vs_stream']:.0%} of {r['stream_GBs']:.1f}{paired(r)} | {long} "
             f"| {r['prefill_tok_s']:.1f} | {ratio(r, 'prefill_tok_s')} "
             f"| {r['peak_rss_bytes'] / 1e9:.2f} ({r['weight_bytes'] / 1e9:.2f} + "
             f"{r['kv_cache_bytes'] / 1e9:.2f}) |")

@@ -23,6 +23,7 @@ class CpuDecodeSteps:
         self.families = {}         # weight format name -> its kernel module
         self.gemvs = {}            # ids of weights -> (the weight, its family's bound GEMV)
         self.views = {}            # ids of buffers -> (the buffers, views of them)
+        self.qkv, self.split = None, None   # the row split_qkv last split, its views
         self.qk = None             # the q|k heads of the row split_qkv last split
 
     def _views(self, buffers, make):
@@ -70,7 +71,10 @@ class CpuDecodeSteps:
         return out
 
     def split_qkv(self, qkv, n_heads, n_kv_heads, out=None):
-        q, k, v, self.qk = self._views((qkv,), lambda a: qkv_row_views(a, n_heads, n_kv_heads))
+        if qkv is not self.qkv:                          # the model's buffer: once
+            self.qkv = qkv
+            self.split = qkv_row_views(qkv, n_heads, n_kv_heads)
+        q, k, v, self.qk = self.split
         return q, k, v
 
     def rope_qk(self, q, k, table, start_pos, out=None):
@@ -87,6 +91,6 @@ class CpuDecodeSteps:
         return out
 
     def silu_mul(self, gate, up, out):                   # (1, intermediate)
-        g, u, o = self._views((gate, up, out), lambda *a: tuple(b.reshape(-1) for b in a))
-        self.norm.silu_mul(o, g, u)
+        self._views((gate, up, out), lambda g, u, o: self.norm.bind_silu_mul(
+            o.reshape(-1), g.reshape(-1), u.reshape(-1)))()
         return out

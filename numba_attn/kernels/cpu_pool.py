@@ -137,7 +137,18 @@ def run_parts(kernel, work, *args):
 
 
 def bind_parts(kernel, work, *tail):
-    """f(*head) = run_parts(kernel, work, *head, *tail), the choice of threads made once."""
+    """f(*head) = run_parts(kernel, work, *head, *tail), the choice of threads made once, and
+    the kernel's address once for the head's types of the first call (a decode step calls the
+    same GEMV with the same buffers every token, after caches emptied by the weights streamed
+    before it: each Python step costs microseconds there)."""
     if work < PARALLEL_MIN_WORK:
         return lambda *head: kernel(0, 1, *head, *tail)
-    return lambda *head: _launch(address(kernel, *head, *tail), get_num_threads(), head + tail)
+    seen = {}                         # the head's type keys -> the kernel's address
+
+    def call(*head):
+        key = tuple(map(_type_key, head))
+        addr = seen.get(key)
+        if addr is None:
+            addr = seen[key] = address(kernel, *head, *tail)
+        _launch(addr, get_num_threads(), head + tail)
+    return call
