@@ -104,6 +104,22 @@ def test_kernel_in_parts_runs_as_one_part_or_on_every_thread():
     np.testing.assert_array_equal(out2, np.arange(37) * 0.5)
 
 
+def test_bound_parts_follow_the_head_types_of_each_call():
+    """bind_parts finds the kernel's address once per head types: a later call with other
+    types runs the kernel compiled for those, not the first call's code."""
+    from numba import get_num_threads
+    f = cpu_pool.bind_parts(_ramp_part, cpu_pool.PARALLEL_MIN_WORK, 2.0)
+    parts = get_num_threads()
+    for dtype in (np.float64, np.float32, np.float64):
+        out = np.full(11, -1, dtype)
+        f(out)
+        want = np.arange(11) * 2.0
+        for p in range(parts):
+            start, stop = cpu_pool.share(11, p, parts)
+            want[start:stop] += p
+        np.testing.assert_array_equal(out, want.astype(dtype))
+
+
 def test_address_per_argument_types():
     a = cpu_pool.address(_ramp_part, np.empty(3), 1.0)
     assert a == cpu_pool.address(_ramp_part, np.empty(5), 2.0)          # same types

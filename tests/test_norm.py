@@ -98,6 +98,20 @@ def test_silu_mul_matches_reference(shape):
     np.testing.assert_allclose(y, silu_mul_ref(gate, up), rtol=RTOL, atol=ATOL)
 
 
+def test_bound_silu_mul_reads_the_buffers_at_each_call():
+    """norm_cpu.bind_silu_mul (a decode step's, bound to its buffers once) computes from the
+    values the buffers hold when it is called, in place into gate as the model runs it."""
+    gate, up = randn(12, 1, 5632) * np.float32(3), randn(13, 1, 5632)
+    g, u = gate.reshape(-1), up.reshape(-1)
+    f = norm_cpu.bind_silu_mul(g, g, u)
+    for seed in (14, 15):
+        g[:] = randn(seed, 5632) * np.float32(3)
+        u[:] = randn(seed + 10, 5632)
+        want = silu_mul_ref(g.copy(), u.copy())
+        f()
+        np.testing.assert_allclose(g, want, rtol=RTOL, atol=ATOL)
+
+
 def test_silu_mul_extreme_gates_stay_finite():
     gate = np.array([-1e4, -200.0, -88.0, -30.0, -1.0, -1e-8, 0.0, 1e-8, 1.0, 30.0, 88.0, 200.0, 1e4],
                     np.float32)
