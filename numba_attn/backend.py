@@ -38,8 +38,10 @@ def backend_of(*arrays):
     return kinds.pop() if kinds else "cpu"
 
 
+@functools.cache
 def kernels(family, backend):
-    """The kernel module of a family for a backend: kernels/<family>_cpu or <family>_cuda."""
+    """The kernel module of a family for a backend: kernels/<family>_cpu or <family>_cuda
+    (looked up once: a KV cache asks every layer of every token)."""
     return importlib.import_module(f"numba_attn.kernels.{family}_{backend}")
 
 
