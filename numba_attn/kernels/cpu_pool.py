@@ -137,10 +137,10 @@ def run_parts(kernel, work, *args):
 
 
 def bind_parts(kernel, work, *tail):
-    """f(*head) = run_parts(kernel, work, *head, *tail), the choice of threads made once, and
-    the kernel's address once for the head's types of the first call (a decode step calls the
-    same GEMV with the same buffers every token, after caches emptied by the weights streamed
-    before it: each Python step costs microseconds there)."""
+    """f(*head) = run_parts(kernel, work, *head, *tail), the choice of threads made once, the
+    kernel's address found once for each types of head (a decode step calls the same GEMV
+    with the same buffers every token, after caches emptied by the weights streamed before
+    it: each Python step costs microseconds there)."""
     if work < PARALLEL_MIN_WORK:
         return lambda *head: kernel(0, 1, *head, *tail)
     seen = {}                         # the head's type keys -> the kernel's address
