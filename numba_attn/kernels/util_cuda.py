@@ -161,37 +161,26 @@ if not SIM:
 
         return sig, codegen
 
-    @intrinsic
-    def _prefetch_l1(typingctx, arr, idx):
-        # ask for the cache line of a[idx] in L1 (prefetch.L1: no register, no wait)
-        if not isinstance(arr, types.Array):
-            return None
-        sig = types.void(arr, idx)
+    def _prefetch_into(level):
+        @intrinsic
+        def prefetch(typingctx, arr, idx):
+            # ask for the cache line of a[idx] in L1 or L2 (prefetch.L1 / .L2: no register, no
+            # wait)
+            if not isinstance(arr, types.Array):
+                return None
+            sig = types.void(arr, idx)
 
-        def codegen(context, builder, sig, args):
-            ptr = _element_ptr(context, builder, sig, args)
-            fnty = ir.FunctionType(ir.VoidType(), [ptr.type])
-            asm = ir.InlineAsm(fnty, "prefetch.L1 [$0];", "l", side_effect=True)
-            builder.call(asm, [ptr])
-            return context.get_dummy_value()
+            def codegen(context, builder, sig, args):
+                ptr = _element_ptr(context, builder, sig, args)
+                fnty = ir.FunctionType(ir.VoidType(), [ptr.type])
+                asm = ir.InlineAsm(fnty, f"prefetch.{level} [$0];", "l", side_effect=True)
+                builder.call(asm, [ptr])
+                return context.get_dummy_value()
 
-        return sig, codegen
+            return sig, codegen
+        return prefetch
 
-    @intrinsic
-    def _prefetch_l2(typingctx, arr, idx):
-        # ask for the cache line of a[idx] in L2 (prefetch.L2: no register, no wait)
-        if not isinstance(arr, types.Array):
-            return None
-        sig = types.void(arr, idx)
-
-        def codegen(context, builder, sig, args):
-            ptr = _element_ptr(context, builder, sig, args)
-            fnty = ir.FunctionType(ir.VoidType(), [ptr.type])
-            asm = ir.InlineAsm(fnty, "prefetch.L2 [$0];", "l", side_effect=True)
-            builder.call(asm, [ptr])
-            return context.get_dummy_value()
-
-        return sig, codegen
+    _prefetch_l1, _prefetch_l2 = _prefetch_into("L1"), _prefetch_into("L2")
 
     @intrinsic
     def _arrive(typingctx, arr, idx):
