@@ -33,8 +33,7 @@ def main():
         k, v = (quantize_kv_int8(rng.standard_normal((1, n, 4, 64)).astype(np.float32))
                 for _ in range(2))
         args = (isa, out, q, k.codes, k.scales, v.codes, v.scales, 0.125, True)
-        f = ai._attention_decode_serial if n * 32 * 64 < ai.cpu_pool.PARALLEL_MIN_WORK else \
-            (lambda *a: ai._attention_decode(*a, ai.get_num_threads()))
+        f = ai._decode                   # one thread or the pool, as the library picks
         f(*args)
         warm, cold = [], []
         for _ in range(200):

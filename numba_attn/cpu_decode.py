@@ -23,8 +23,7 @@ class CpuDecodeSteps:
         self.families = {}         # weight format name -> its kernel module
         self.gemvs = {}            # ids of weights -> (the weight, its family's bound GEMV)
         self.views = {}            # ids of buffers -> (the buffers, views of them)
-        self.qkv, self.split = None, None   # the row split_qkv last split, its views
-        self.qk = None             # the q|k heads of the row split_qkv last split
+        self.qkv, self.split = None, None   # the row split_qkv last split; q, k, v, q|k views
 
     def _views(self, buffers, make):
         """make(*buffers), made once for these buffers (the model's, reused every step; a
@@ -74,13 +73,13 @@ class CpuDecodeSteps:
         if qkv is not self.qkv:                          # the model's buffer: once
             self.qkv = qkv
             self.split = qkv_row_views(qkv, n_heads, n_kv_heads)
-        q, k, v, self.qk = self.split
-        return q, k, v
+        return self.split[:3]
 
     def rope_qk(self, q, k, table, start_pos, out=None):
         # q and k, split_qkv's views of the row, rotated in place by one call over their heads
-        # together (self.qk); out is not used
-        self.rope.rope_half(self.qk, self.qk, table.cos, table.sin, start_pos)
+        # together (the q|k view of self.split); out is not used
+        qk = self.split[3]
+        self.rope.rope_half(qk, qk, table.cos, table.sin, start_pos)
         return q, k
 
     def append_kv(self, cache, layer, k, v):

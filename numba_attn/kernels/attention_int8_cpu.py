@@ -32,7 +32,7 @@ from numba.extending import intrinsic, overload
 
 from ..formats import KV_OFFSET as OFFSET   # the codes' offset: stored byte = code + 128
 from . import attention_cpu as f32
-from . import cpu_pool, llvm_cpu
+from . import cpu_pool
 from .attention_cpu import BLOCK_K, NEG_INF, _decode_mk_merge, _decode_mk_plan, _prefetch_rows, \
     _softmax8
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, dpbusd_avx2, fast_path, vpdpbusd
@@ -646,18 +646,13 @@ def dequantize(out, codes, scales):
                 out[i, h, c] = float32(np.int32(codes[i, h, c]) - OFFSET) * s
 
 
-_ISA = {}   # llvm_cpu.CPU_PATH -> decode_isa()'s answer (asked every layer of every token)
-
-
 def decode_isa():
     """The marker of the instructions decode's products over an 8-bit cache take in 8 bits on
     this host (VNNI: AVX-512 VNNI and BW; else AVX2), as llvm_cpu.CPU_PATH allows; None where
     neither (the codes widened to float32)."""
-    isa = _ISA.get(llvm_cpu.CPU_PATH, False)
-    if isa is False:
-        isa = _ISA[llvm_cpu.CPU_PATH] = (VNNI if fast_path("avx512vnni", "avx512bw") else
-                                         AVX2 if fast_path("avx2") else None)
-    return isa
+    if fast_path("avx512vnni", "avx512bw"):
+        return VNNI
+    return AVX2 if fast_path("avx2") else None
 
 
 def decode_products():

@@ -146,13 +146,19 @@ def row_passes(rows, per_row):
 _LEFT_OUT = {"no-amx": ("amx",), "avx2": ("amx", "avx512")}   # features' prefixes a path drops
 
 
+_FAST = {}   # (CPU_PATH, features) -> fast_path's answer (asked every layer of every token)
+
+
 def fast_path(*features):
     """True when the host CPU has every LLVM feature named (e.g. "avx512vnni") and CPU_PATH
     allows them."""
-    if CPU_PATH == "portable" or any(f.startswith(_LEFT_OUT.get(CPU_PATH, ()))
-                                     for f in features):
-        return False
-    return all(f in HOST_FEATURES for f in features)
+    key = (CPU_PATH, features)
+    ok = _FAST.get(key)
+    if ok is None:
+        ok = _FAST[key] = CPU_PATH != "portable" and all(
+            f in HOST_FEATURES and not f.startswith(_LEFT_OUT.get(CPU_PATH, ()))
+            for f in features)
+    return ok
 
 
 @functools.lru_cache(maxsize=None)
