@@ -119,6 +119,33 @@ def test_decode_reads_one_or_four_rows(monkeypatch, one_stream, dtype, k, n):
     assert_f32_close(ops.linear(x, w).astype(np.float64), x, w)
 
 
+@pytest.mark.parametrize("skew", [0, 16])
+@pytest.mark.parametrize("dtype", [BF16, np.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("k,n", [(5, 3), (37, 9), (4128, 33)])
+def test_decode_reads_x_from_a_skewed_copy(monkeypatch, skew, dtype, k, n):
+    """One-row decode with x copied 16 bytes past a 32-byte boundary (as on Zen 4) or read where
+    it is: the same sums, call after call with new x (the copy refreshed each call)."""
+    if not (llvm_cpu.fast_path("f16c") if dtype == np.float16 else llvm_cpu.fast_path()):
+        pytest.skip("no fast path on this CPU")
+    monkeypatch.setattr(linear_bf16_cpu, "ONE_STREAM_DECODE", True)
+    monkeypatch.setattr(linear_bf16_cpu, "DECODE_X_SKEW", skew)
+    monkeypatch.setattr(linear_bf16_cpu, "_gemv_rows", _not_this_path)
+    w = (randn(k + n, n, k) * np.float32(0.05)).astype(dtype)
+    gemv = linear_bf16_cpu.bind_gemv(w)
+    for seed in (1, 2):
+        x, out = randn(seed * k, 1, k), np.empty((1, n), np.float32)
+        gemv(out, x)
+        assert_f32_close(out.astype(np.float64), x, w)
+
+
+@pytest.mark.parametrize("k", [1, 5, 2048, 5632])
+def test_skewed_row_starts_past_a_32_byte_boundary(k):
+    for skew in (0, 4, 16, 28):
+        x = linear_bf16_cpu.skewed_row(k, skew)
+        assert x.shape == (1, k) and x.dtype == np.float32 and x.flags.c_contiguous
+        assert x.ctypes.data % 32 == skew
+
+
 @pytest.mark.parametrize("m", [17, 100])
 def test_bf16_gemm_tiles_and_k_blocks(monkeypatch, m):
     """The BF16 GEMM with several k slices (a small slice), row blocks and panels cut off."""

@@ -27,10 +27,10 @@ from numba.extending import intrinsic
 from . import cpu_pool
 from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, STREAM_LOCALITY, \
     STREAM_PREFETCH_BYTES, _add_bias
-from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, amx_path, \
-    bits_as_float32, copy_lines, dpbf16ps, fast_path, float32_bits, fma, store_transposed16, \
-    prefetch, row_sums, tile_config, tile_config_bytes, tile_dpbf16ps, tile_load, tile_release, \
-    tile_store, tile_zero, widen16
+from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, DECODE_X_SKEW, ONE_STREAM_DECODE, \
+    amx_path, bits_as_float32, copy_lines, dpbf16ps, fast_path, float32_bits, fma, \
+    store_transposed16, prefetch, row_sums, tile_config, tile_config_bytes, tile_dpbf16ps, \
+    tile_load, tile_release, tile_store, tile_zero, widen16
 from .cpu_pool import PRANGE
 
 _VEC = 16     # weights per vector in _make_dots16 (32 bytes, widened to 512 bits)
@@ -660,9 +660,25 @@ def _bind_gemv(bits, half, m):
     if not (fast_path("f16c") if half else fast_path()):
         return cpu_pool.bind_parts(_gemv_rows_portable, work, bits, half)
     if m == 1 and ONE_STREAM_DECODE:
-        return cpu_pool.bind_parts(_gemv, work, bits, half)
+        gemv = cpu_pool.bind_parts(_gemv, work, bits, half)
+        if not DECODE_X_SKEW:
+            return gemv
+        xs = skewed_row(bits.shape[1], DECODE_X_SKEW)
+
+        def gemv_skewed(out, x):
+            np.copyto(xs, x)
+            gemv(out, xs)
+        return gemv_skewed
     rows = cpu_pool.bind_parts(_gemv_rows, work, bits, half, not ONE_STREAM_DECODE)
     return lambda out, x: rows(out, x, x if half else even_odd(x))
+
+
+def skewed_row(k, skew):
+    """A (1, k) float32 buffer whose data starts `skew` bytes past a 32-byte boundary
+    (llvm_cpu.DECODE_X_SKEW)."""
+    raw = np.empty(k + 8, np.float32)
+    start = (skew - raw.ctypes.data) % 32 // 4
+    return raw[start:start + k].reshape(1, k)
 
 
 def bind_gemv(w):
