@@ -7,16 +7,17 @@ loaded as a module of its own.
 
     python bench/tune_decode_attention.py [float32|float16|bfloat16|int8] [VARIANT,...]
 
-VARIANT: as-is (the rows 64 keys on, whole rows in address order, into L1), ahead-16,
-ahead-32 and ahead-128 (16, 32 or 128 keys on), touch (a demand load of each line instead of
-a prefetch), head-major and head-major-none (K and V laid out (Hkv, keys, d), the head's own
-rows prefetched, or none), l2, l2-128, l2-256 (into L2 instead, 64, 128 or 256
-keys on), none, no-scores (the scores left out, their prefetch kept), no-softmax,
-no-pv (the online softmax or P V left out: what each costs in place), farF-nearN (the
-rows F keys on into L2 as well, N into L1: far256-near64, far256-near32, far512-near32,
-far128-near32), or at:REV, the file as git revision REV has it (at:HEAD:
-the committed kernel). int8 has as-is, none, ahead-32/96/128, block-128, r8, l2, l2-128
-(into L2, 64 or 128 keys on), no-scores, no-softmax, no-pv, touch and skeleton (the three parts left out at once)."""
+VARIANT: as-is (the rows 64 keys on, whole rows in address order, into L1; into L2 on Zen 4:
+attention_cpu.DECODE_KV_LOCALITY), ahead-16, ahead-32 and ahead-128 (16, 32 or 128 keys on),
+touch (a demand load of each line instead of a prefetch), head-major and head-major-none (K and
+V laid out (Hkv, keys, d), the head's own rows prefetched, or none), l1 (into L1 on every CPU),
+l2, l2-128, l2-256 (into L2 on every CPU, 64, 128 or 256 keys on), none, no-scores (the scores
+left out, their prefetch kept), no-softmax, no-pv (the online softmax or P V left out: what each
+costs in place), farF-nearN (the rows F keys on into L2 as well, N as as-is: far256-near64,
+far256-near32, far512-near32, far128-near32), or at:REV, the file as git revision REV has it
+(at:HEAD: the committed kernel). int8 has as-is, none, ahead-32/96/128, block-128, r8, l1, l2,
+l2-128 (into L1, into L2, 64 or 128 keys on), no-scores, no-softmax, no-pv, touch and skeleton
+(the three parts left out at once)."""
 import os
 import sys
 import tempfile
@@ -58,7 +59,8 @@ TOUCH_LINE = """                line = builder.add(row, builder.mul(lines.index,
                 builder.load_atomic(builder.inttoptr(line, ir.PointerType(ir.IntType(8))),
                                     "monotonic", 1)"""
 PF_LINE = """                prefetch(builder, builder.add(row, builder.mul(lines.index,
-                                                               ir.Constant(_I64, 64))), 0)"""
+                                                               ir.Constant(_I64, 64))), 0,
+                         DECODE_KV_LOCALITY)"""
 def _touch_rows(line=TOUCH_LINE):
     # attention_cpu's _prefetch_rows with `line` for its prefetch, as source (the int8
     # kernels import it, so their variant defines its own)
@@ -71,14 +73,15 @@ def _touch_rows(line=TOUCH_LINE):
     return "\n\n" + intrinsic.replace(PF_LINE, line) + "\n"
 
 
-L1 = "ir.Constant(_I64, 64))), 0)"                   # _prefetch_rows: prefetcht0
-L2 = "ir.Constant(_I64, 64))), 0, 2)"                # prefetcht1, into L2
+LOCALITY = 'DECODE_KV_LOCALITY = 2 if HOST_CPU == "znver4" else 3\n'   # _prefetch_rows' level
+L1 = (LOCALITY, "DECODE_KV_LOCALITY = 3\n")        # prefetcht0, into L1
+L2 = (LOCALITY, "DECODE_KV_LOCALITY = 2\n")        # prefetcht1, into L2
 VARIANTS = {"as-is": [], "ahead-32": [(KEYS, "PREFETCH_KEYS = 32\n")],
             "ahead-16": [(KEYS, "PREFETCH_KEYS = 16\n")],
             "ahead-128": [(KEYS, "PREFETCH_KEYS = 128\n")],
             "none": [(CALL, "0, 0, 0)")],
-            "l2": [(L1, L2)], "l2-128": [(L1, L2), (KEYS, "PREFETCH_KEYS = 128\n")],
-            "l2-256": [(L1, L2), (KEYS, "PREFETCH_KEYS = 256\n")],
+            "l1": [L1], "l2": [L2], "l2-128": [L2, (KEYS, "PREFETCH_KEYS = 128\n")],
+            "l2-256": [L2, (KEYS, "PREFETCH_KEYS = 256\n")],
             # one part of a key block's work left out, to see what it costs in place
             "no-scores": [(SCORES, "_prefetch_rows(k_p + r0 * row, 1, 0, (r1 - r0) * row)\n"
                                    "            _prefetch_rows(v_p + r0 * row, 1, 0, (r1 - r0) * row)")],
@@ -118,10 +121,13 @@ VARIANTS_INT8.update({            # one part of a key block's work left out, as 
     "no-pv": [("            _pack_weights(pw_p,", "            0 and _pack_weights(pw_p,"),
               ("            _head_pv(isa, rows, nk,", "            0 and _head_pv(isa, rows, nk,")]})
 _OWN_ROWS = ("_decode_mk_plan, _prefetch_rows, \\\n", "_decode_mk_plan, \\\n")
-_L2_LINE = PF_LINE.replace("ir.Constant(_I64, 64))), 0)", "ir.Constant(_I64, 64))), 0, 2)")
+_L1_LINE, _L2_LINE = (PF_LINE.replace("DECODE_KV_LOCALITY)", f"{n})") for n in (3, 2))
 VARIANTS_INT8["l2"] = [_OWN_ROWS, ("\nPREFETCH_KEYS = 64",
                                    "\nfrom numba_attn.kernels.llvm_cpu import prefetch"
                                    + _touch_rows(_L2_LINE) + "\n\nPREFETCH_KEYS = 64")]
+VARIANTS_INT8["l1"] = [_OWN_ROWS, ("\nPREFETCH_KEYS = 64",
+                                   "\nfrom numba_attn.kernels.llvm_cpu import prefetch"
+                                   + _touch_rows(_L1_LINE) + "\n\nPREFETCH_KEYS = 64")]
 VARIANTS_INT8["touch"] = [_OWN_ROWS,
                           ("\nPREFETCH_KEYS = 64", _touch_rows() + "\n\nPREFETCH_KEYS = 64")]
 VARIANTS_INT8["l2-128"] = VARIANTS_INT8["l2"] + [(KEYS, "PREFETCH_KEYS = 128\n")]

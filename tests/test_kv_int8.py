@@ -193,8 +193,10 @@ def test_other_shapes_and_paths_match_float32_attention_of_the_stored_values(sha
     if attention_int8_cpu.int8_dots(q, k):
         pytest.skip("decode in 8-bit products (tested above)")
     got = ops.attention(q, k, v)
+    # float32 sums of terms up to the largest value: an output near zero keeps their rounding
+    vmax = np.abs(v.dequantize()).max()
     np.testing.assert_allclose(got, attention_ref(q, k.dequantize(), v.dequantize()),
-                               rtol=1e-4, atol=1e-5)
+                               rtol=1e-4, atol=1e-5 * vmax)
 
 
 @pytest.mark.parametrize("q_len", [1, 3])

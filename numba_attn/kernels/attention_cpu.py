@@ -49,9 +49,9 @@ from . import cpu_pool
 from .linear_bf16_cpu import round_bf16, to_float32
 from . import attention_amx_cpu as amx
 from .linear_bf16_cpu import _AMX_CFG
-from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, amx_path, dpbf16ps, fast_path, \
-    ACC16, fma, prefetch, row_passes, store_transposed16, tile_config, tile_release, vexp, \
-    vround_bf16, widen16
+from .llvm_cpu import F32 as _F32, HOST_CPU, I32 as _I32, I64 as _I64, amx_path, dpbf16ps, \
+    fast_path, ACC16, fma, prefetch, row_passes, store_transposed16, tile_config, tile_release, \
+    vexp, vround_bf16, widen16
 from .scalar import FASTMATH_INF, dots_4x1, dots_4x2, exp_f32, row_max
 from .cpu_pool import PRANGE, call_part
 
@@ -69,6 +69,10 @@ MIN_SPLIT_KEYS = 256   # decode: a key range is never shorter than this
 # the rows 128 keys ahead (strided), 105 with none; float16 94 against 103-105 and 133-137;
 # float32 123-124 against 138 and 151-153; 32 or 128 keys ahead were slower
 PREFETCH_KEYS = 64
+# ... into L2 instead on Zen 4 (prefetcht1), where into L1 was no better than no prefetch: the
+# same cold calls 210 against 401 us (float32 K/V), 132 against 215 (bfloat16), 115 against
+# 127 (int8); into L2 was slower on Zen 5 (102-111 against 81 us, int8) and alike on Zen 3
+DECODE_KV_LOCALITY = 2 if HOST_CPU == "znver4" else 3
 # K and V storage, passed to the kernels as `kind`: an empty array whose dtype names it while
 # numba types a kernel, so only the cache's own variant compiles (the kernels take 16-bit K and
 # V as their uint16 bits; a uint16 array is bfloat16 bits, as attention_cuda takes them)
@@ -502,8 +506,9 @@ def _prefetch_for_write(typingctx, addr, nbytes):
 
 @intrinsic
 def _prefetch_rows(typingctx, addr, n_rows, stride, nbytes):
-    """Prefetch into every cache level, for reading, the first nbytes of n_rows rows stride
-    bytes apart from byte address addr (a 64-byte line at a time)."""
+    """Prefetch for reading, into every cache level (into L2 and beyond where
+    DECODE_KV_LOCALITY says), the first nbytes of n_rows rows stride bytes apart from byte
+    address addr (a 64-byte line at a time)."""
     sig = types.void(addr, n_rows, stride, nbytes)
 
     def codegen(context, builder, signature, args):
@@ -513,7 +518,8 @@ def _prefetch_rows(typingctx, addr, n_rows, stride, nbytes):
             row = builder.add(a, builder.mul(rws.index, s))
             with cgutils.for_range(builder, builder.ashr(b, ir.Constant(_I64, 6))) as lines:
                 prefetch(builder, builder.add(row, builder.mul(lines.index,
-                                                               ir.Constant(_I64, 64))), 0)
+                                                               ir.Constant(_I64, 64))), 0,
+                         DECODE_KV_LOCALITY)
         return context.get_dummy_value()
     return sig, codegen
 
