@@ -5,7 +5,8 @@ linear_cpu.py, function for function; x, out and the sums are float32.
 Decode and a few rows (up to GEMV_MAX_ROWS) read w once, 2 bytes a weight, and are bound by
 memory: each weight is widened to float32 exactly (bfloat16: its bits moved up 16; float16:
 the F16C conversion) and multiplied in float32 FMAs; decode reads w one row at a time (one read
-stream a thread, 16 weights a vector) on AMD Zen, elsewhere as a few rows do, 4 rows of w a
+stream a thread, 16 weights a vector; on Zen 4 against a copy of x 16 bytes off a 32-byte
+boundary, llvm_cpu.DECODE_X_SKEW) on AMD Zen, elsewhere as a few rows do, 4 rows of w a
 pass over x as linear_cpu's _dots4 (bfloat16 32 weights a vector, two instructions widening
 them against x's even and odd elements). x is not rounded: vdpbf16ps would
 round it to bfloat16 (2^-9 relative) for no gain where memory is the limit (12288x4096 on 2
