@@ -1,7 +1,7 @@
 """A decode step's GEMVs with x placed at chosen byte offsets past a page boundary, in turn in one
 process: does this CPU's one-row GEMV care where x lies? (On AMD Zen 4 the 16-bit kernels ran
-30% slower with x on a 32-byte boundary: llvm_cpu.DECODE_X_SKEW.) The GEMVs are bound here with
-no skew of their own, so x is read where it is placed.
+30% slower with x on a 32-byte boundary: linear_bf16_cpu.DECODE_X_SKEW.) The GEMVs are bound
+here with no skew of their own, so x is read where it is placed.
 
     python bench/decode_x_offset.py /tmp/tinyllama --weight-dtype bfloat16 --offsets 0,10,20,4
         [--rounds 5]      (offsets in hex bytes)"""

@@ -6,7 +6,7 @@ Decode and a few rows (up to GEMV_MAX_ROWS) read w once, 2 bytes a weight, and a
 memory: each weight is widened to float32 exactly (bfloat16: its bits moved up 16; float16:
 the F16C conversion) and multiplied in float32 FMAs; decode reads w one row at a time (one read
 stream a thread, 16 weights a vector; on Zen 4 against a copy of x 16 bytes off a 32-byte
-boundary, llvm_cpu.DECODE_X_SKEW) on AMD Zen, elsewhere as a few rows do, 4 rows of w a
+boundary, DECODE_X_SKEW) on AMD Zen, elsewhere as a few rows do, 4 rows of w a
 pass over x as linear_cpu's _dots4 (bfloat16 32 weights a vector, two instructions widening
 them against x's even and odd elements). x is not rounded: vdpbf16ps would
 round it to bfloat16 (2^-9 relative) for no gain where memory is the limit (12288x4096 on 2
@@ -28,7 +28,7 @@ from numba.extending import intrinsic
 from . import cpu_pool
 from .linear_cpu import GEMV_MAX_ROWS, GEMV_ROWS, PREFETCH_BYTES, STREAM_LOCALITY, \
     STREAM_PREFETCH_BYTES, _add_bias
-from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, DECODE_X_SKEW, ONE_STREAM_DECODE, \
+from .llvm_cpu import F32 as _F32, HOST_CPU, I32 as _I32, I64 as _I64, ONE_STREAM_DECODE, \
     amx_path, bits_as_float32, copy_lines, dpbf16ps, fast_path, float32_bits, fma, \
     store_transposed16, prefetch, row_sums, tile_config, tile_config_bytes, tile_dpbf16ps, \
     tile_load, tile_release, tile_store, tile_zero, widen16
@@ -40,6 +40,12 @@ _UNROLL_BF16 = 2   # 64-byte chunks per row per loop step in _dots4_bf16 (2 line
 # decode (one row of x) on AMD Zen reads w one row at a time, so each thread streams one address
 # range: 4 rows interleaved held 2 cores to ~40 GB/s where one stream reached 53-56 (12288x4096);
 # on an Intel Xeon 4 rows interleaved streamed faster (llvm_cpu.ONE_STREAM_DECODE)
+# On Zen 4 the one-row GEMV reads x from a copy 16 bytes past a 32-byte boundary (skewed_row):
+# an x on a 32-byte boundary held it to 21-25 GB/s against 30-35 (2 cores, the same weights in
+# turn in one process; TinyLlama's bfloat16 GEMVs 78.6 against 57.6-60.2 ms a token with x at
+# 0x10, 0x1c, 0x30, 0x4 or 0x8 past a page, 73.9 at 0x20; float32's and q8_0's GEMVs alike at
+# every offset). Measured on Zen 4 alone
+DECODE_X_SKEW = 16 if HOST_CPU == "znver4" else 0
 # prefill without BF16: rows of w widened per BLAS call (their float32 tile about TILE_BYTES)
 TILE_BYTES = 1 << 23
 # prefill with BF16 (gemm_bf16): a micro-kernel computes MR rows of x against NR rows of w, in
@@ -676,7 +682,7 @@ def _bind_gemv(bits, half, m):
 
 def skewed_row(k, skew):
     """A (1, k) float32 buffer whose data starts `skew` bytes past a 32-byte boundary
-    (llvm_cpu.DECODE_X_SKEW)."""
+    (DECODE_X_SKEW)."""
     raw = np.empty(k + 8, np.float32)
     start = (skew - raw.ctypes.data) % 32 // 4
     return raw[start:start + k].reshape(1, k)

@@ -128,12 +128,6 @@ ONE_STREAM_DECODE = HOST_CPU.startswith("znver")
 # GEMVs back to back, 2 cores: 35.3 against 29.1 GB/s median, 9 of 9 rounds; 31.1 / 32.3
 # against 27.6 / 25.9 in two earlier runs; its float32 decode 7.44 against 6.69 tokens/s)
 ONE_STREAM_DECODE_F32 = ONE_STREAM_DECODE and HOST_CPU != "znver3"
-# ... and the 16-bit one-row GEMVs read x from a copy 16 bytes past a 32-byte boundary on Zen 4,
-# where an x on a 32-byte boundary held them to 21-25 GB/s against 30-35 (2 cores, the same
-# weights in turn in one process; TinyLlama's bfloat16 GEMVs 78.6 against 57.6-60.2 ms a token
-# with x at 0x10, 0x1c, 0x30, 0x4 or 0x8 past a page, 73.9 at 0x20; float32 and q8_0 alike at
-# every offset). Measured on Zen 4 alone
-DECODE_X_SKEW = 16 if HOST_CPU == "znver4" else 0
 
 
 # accumulators of 16 floats a register-blocked kernel keeps in registers at once, room left
