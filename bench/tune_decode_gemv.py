@@ -8,8 +8,9 @@ the same rounds compare.
 
 SPEC is FORMAT:VARIANT[:PREFETCH_BYTES]:
   float32:one | rows4 | blas       linear_cpu._gemv_one, ._gemv (4 rows a pass), NumPy's BLAS
-  float16:one[:P[:LOC]]            a one-row kernel of _make_dots16, prefetching P bytes ahead
-                                   at locality LOC (default STREAM_LOCALITY; bfloat16 too)
+  float16:one[:P[:LOC[:U]]]        a one-row kernel of _make_dots16, prefetching P bytes ahead
+                                   at locality LOC (default STREAM_LOCALITY), U vectors a loop
+                                   step (default 4; bfloat16 too)
   bfloat16:one | rows4 | rows4pf   linear_bf16_cpu._gemv, ._gemv_rows without / with prefetch
   bfloat16:even_odd[:P[:U]]        one row through _make_dots_bf16 (32 weights a vector, U
                                    64-byte chunks a step, default 4)
@@ -79,7 +80,7 @@ def variant(spec, ws, xs, outs):
     parts = spec.split(":")
     fmt, var = parts[0], parts[1]
     pf = int(parts[2]) if len(parts) > 2 else f32.STREAM_PREFETCH_BYTES
-    loc = int(parts[-1]) if len(parts) > 3 and var != "even_odd" else f32.STREAM_LOCALITY
+    loc = int(parts[3]) if len(parts) > 3 and var != "even_odd" else f32.STREAM_LOCALITY
     if fmt == "q8_0":
         family = q8._gemv_kernel(1)[1]                  # the host's instruction set
         if var.startswith("avx2-"):
@@ -107,7 +108,8 @@ def variant(spec, ws, xs, outs):
         xr = {k: bf.even_odd(xs[k]) for k in (H, I)}
         return lambda: [g(outs[b.shape[0]], xr[b.shape[1]], b, 2) for b in bits]
     if var == "one" and len(parts) > 2:
-        g = one_row(bf._make_dots16(1, pf, half, loc), bf._VEC)
+        unroll = int(parts[4]) if len(parts) > 4 else bf._UNROLL
+        g = one_row(bf._make_dots16(1, pf, half, loc, unroll), bf._VEC)
         return lambda: [g(outs[b.shape[0]], xs[b.shape[1]], b, 2) for b in bits]
     def run(kernel, *args):                              # a kernel in parts, every thread
         cpu_pool.run_parts(kernel, cpu_pool.PARALLEL_MIN_WORK, *args)

@@ -106,10 +106,11 @@ def test_linear_16bit_matches_reference(path, dtype, m, k, n):
 
 @pytest.mark.parametrize("one_stream", [True, False], ids=["one-row", "four-rows"])
 @pytest.mark.parametrize("dtype", [BF16, np.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("k,n", [(5, 3), (32, 7), (96, 1000), (4128, 33), (37, 9)])
+@pytest.mark.parametrize("k,n", [(5, 3), (32, 7), (96, 1000), (4128, 33), (37, 9), (4133, 101)])
 def test_decode_reads_one_or_four_rows(monkeypatch, one_stream, dtype, k, n):
     """Decode's two ways through w (one row a step on AMD Zen, 4 rows elsewhere), each on any
-    CPU with the fast path; the other's kernel raises."""
+    CPU with the fast path; the other's kernel raises. 4133 x 101: columns past the last whole
+    vector, on every thread."""
     if not (llvm_cpu.fast_path("f16c") if dtype == np.float16 else llvm_cpu.fast_path()):
         pytest.skip("no fast path on this CPU")
     monkeypatch.setattr(linear_bf16_cpu, "ONE_STREAM_DECODE", one_stream)
@@ -117,6 +118,32 @@ def test_decode_reads_one_or_four_rows(monkeypatch, one_stream, dtype, k, n):
     w = (randn(k + n, n, k) * np.float32(0.05)).astype(dtype)
     x = randn(k, 1, k)
     assert_f32_close(ops.linear(x, w).astype(np.float64), x, w)
+
+
+@pytest.mark.parametrize("unroll", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [BF16, np.float16], ids=["bf16", "f16"])
+def test_one_row_dots_at_every_unroll(dtype, unroll):
+    """The one-row decode dots at 2, 4 or 8 vectors a loop step (each a host's choice), with a
+    vector count no multiple of 8 (the loop's remainder)."""
+    half = dtype == np.float16
+    if not (llvm_cpu.fast_path("f16c") if half else llvm_cpu.fast_path()):
+        pytest.skip("no fast path on this CPU")
+    dots = linear_bf16_cpu._make_dots16(1, linear_cpu.STREAM_PREFETCH_BYTES, half,
+                                        linear_cpu.STREAM_LOCALITY, unroll)
+
+    @njit
+    def gemv(out, x, w):
+        n, k = w.shape
+        for r in range(n):
+            s, = dots(x.ctypes.data, w.ctypes.data + 2 * r * k, k, k // 16)
+            out[0, r] = s
+
+    k, n = 16 * 13, 37
+    w = (randn(k + n, n, k) * np.float32(0.05)).astype(dtype)
+    x = randn(unroll, 1, k)
+    y = np.full((1, n), np.nan, np.float32)
+    gemv(y, x, w.view(np.uint16))
+    assert_f32_close(y.astype(np.float64), x, w)
 
 
 @pytest.mark.parametrize("skew", [0, 16])

@@ -149,16 +149,43 @@ def isa(request, monkeypatch):
 
 
 @pytest.mark.parametrize("one_stream", [True, False], ids=["one-row", "two-rows"])
-@pytest.mark.parametrize("k,n", [(32, 7), (96, 1000), (4128, 33)])
+@pytest.mark.parametrize("k,n", [(32, 7), (96, 1000), (4128, 33), (4128, 1001)])
 def test_decode_reads_one_or_two_rows(monkeypatch, isa, one_stream, k, n):
     """Decode's two ways through w (one row a step on AMD Zen, 2 rows elsewhere), each on any
-    CPU; the other kernels raise."""
+    CPU; the other kernels raise. 4128 x 1001: an odd block count and row count, on every
+    thread."""
     monkeypatch.setattr(linear_q8_cpu, "ONE_STREAM_DECODE", one_stream)
     monkeypatch.setattr(linear_q8_cpu, "_gemv_pairs" if one_stream else "_gemv", _not_this_path)
     monkeypatch.setattr(linear_q8_cpu, "_gemv_rows", _not_this_path)
     q = quantize_q8_0(randn(k + n, n, k) * np.float32(0.05))
     x = randn(k, 1, k)
     assert_q8_close(ops.linear(x, q).astype(np.float64), x, q)
+
+
+@pytest.mark.parametrize("unroll", [1, 2, 4])
+def test_one_row_dots_at_every_unroll(isa, unroll):
+    """The one-row decode dots at 1, 2 or 4 block pairs a loop step (each a host's choice),
+    with a pair count no multiple of 4 (the loop's remainder)."""
+    dots = linear_q8_cpu._make_block_dots(isa, 1, unroll, linear_cpu.STREAM_PREFETCH_BYTES,
+                                          linear_cpu.STREAM_LOCALITY)
+
+    @njit
+    def gemv(out, x, wq, wd):
+        xq = np.empty(x.shape, np.int8)
+        xc, xd = linear_q8_cpu._codes(x, xq)
+        n, k = wq.shape
+        nb = xd.shape[1]
+        for r in range(n):
+            s, = dots(xq.ctypes.data, xc.ctypes.data, xd.ctypes.data, wq.ctypes.data + r * k,
+                      wd.ctypes.data + 2 * r * nb, k, nb // 2)
+            out[0, r] = s
+
+    k, n = 32 * 2 * 7, 37                             # 7 block pairs a row
+    q = quantize_q8_0(randn(k + n, n, k) * np.float32(0.05))
+    x = randn(unroll, 1, k)
+    y = np.full((1, n), np.nan, np.float32)
+    gemv(y, x, q.qs, q.d.view(np.uint16))
+    assert_q8_close(y.astype(np.float64), x, q)
 
 
 def test_few_rows_read_four_rows(monkeypatch, isa):

@@ -36,6 +36,10 @@ from .cpu_pool import PRANGE
 
 _VEC = 16     # weights per vector in _make_dots16 (32 bytes, widened to 512 bits)
 _UNROLL = 4   # vectors per row per loop step in _dots4_f16 (4 accumulators a row, 2 lines)
+# ... and in decode's one-row bfloat16 dots: 8 on Zen 4 (TinyLlama's bfloat16 decode step, A/B
+# token by token in one process: 4-12% faster than 4 in three runs; 2 and 16 no faster than 4;
+# float16's 8 was 4.6% slower, so it keeps 4); 4 elsewhere (Zen 5 measured with 4 only)
+_STREAM_UNROLL_BF16 = 8 if HOST_CPU == "znver4" else _UNROLL
 _UNROLL_BF16 = 2   # 64-byte chunks per row per loop step in _dots4_bf16 (2 lines)
 # decode (one row of x) on AMD Zen reads w one row at a time, so each thread streams one address
 # range: 4 rows interleaved held 2 cores to ~40 GB/s where one stream reached 53-56 (12288x4096);
@@ -101,7 +105,7 @@ def to_float32(h, half):
     return f16_to_float32(h) if half else bf16_to_float32(h)
 
 
-def _make_dots16(n_rows, prefetch_bytes, half, locality=3):
+def _make_dots16(n_rows, prefetch_bytes, half, locality=3, unroll=_UNROLL):
     @intrinsic
     def dots(typingctx, x, w, ldw, nv):
         """The dot products of n_rows rows of w (float16 when half, else bfloat16) with x
@@ -122,7 +126,7 @@ def _make_dots16(n_rows, prefetch_bytes, half, locality=3):
                     for i in range(n_rows)]
             vfma = fma(builder, vf)
             acc = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * _VEC))
-                    for _ in range(_UNROLL)] for _ in range(n_rows)]
+                    for _ in range(unroll)] for _ in range(n_rows)]
 
             def step(c, u, pf):
                 # elements c..c+15 of x and of each row into accumulator u
@@ -140,12 +144,12 @@ def _make_dots16(n_rows, prefetch_bytes, half, locality=3):
                     builder.store(builder.call(vfma, [widen16(builder, wv, half), xv,
                                                       builder.load(acc[i][u])]), acc[i][u])
 
-            n_main = builder.udiv(nv, ir.Constant(_I64, _UNROLL))
+            n_main = builder.udiv(nv, ir.Constant(_I64, unroll))
             with cgutils.for_range(builder, n_main) as loop:
-                base = builder.mul(loop.index, ir.Constant(_I64, _UNROLL * _VEC))
-                for u in range(_UNROLL):   # one prefetch per 64-byte line (32 elements)
+                base = builder.mul(loop.index, ir.Constant(_I64, unroll * _VEC))
+                for u in range(unroll):   # one prefetch per 64-byte line (32 elements)
                     step(builder.add(base, ir.Constant(_I64, u * _VEC)), u, u % 2 == 0)
-            done = builder.mul(n_main, ir.Constant(_I64, _UNROLL))
+            done = builder.mul(n_main, ir.Constant(_I64, unroll))
             with cgutils.for_range(builder, builder.sub(nv, done)) as loop:
                 step(builder.mul(builder.add(done, loop.index), ir.Constant(_I64, _VEC)), 0, True)
             return context.make_tuple(builder, signature.return_type, row_sums(builder, acc))
@@ -157,7 +161,7 @@ _dots4_f16 = _make_dots16(4, PREFETCH_BYTES, True)    # few rows: 4 rows of w a 
 # decode: one row, one read stream. bfloat16 this way too, not as _dot1 of _make_dots_bf16
 # (TinyLlama's GEMVs back to back on 2 Zen 5 cores, alternated: 57-61 against 45-46 GB/s)
 _dot1_f16 = _make_dots16(1, STREAM_PREFETCH_BYTES, True, STREAM_LOCALITY)
-_dot1_bf16 = _make_dots16(1, STREAM_PREFETCH_BYTES, False, STREAM_LOCALITY)
+_dot1_bf16 = _make_dots16(1, STREAM_PREFETCH_BYTES, False, STREAM_LOCALITY, _STREAM_UNROLL_BF16)
 
 
 def _make_dots_bf16(rows, unroll, prefetch_bytes=0):
@@ -252,9 +256,13 @@ def _gemv(part, parts, out, x, w, half):
             s, = _dot1_f16(xa, wa + 2 * r * k, k, k0 // _VEC)
         else:
             s, = _dot1_bf16(xa, wa + 2 * r * k, k, k0 // _VEC)
-        for j in range(k0, k):
-            s += to_float32(w[r, j], half) * x[0, j]
         o[r] = s
+    if k0 < k:      # the last k % 16 columns: a pass of their own, the row loop kept tight
+        for r in range(r_start, r_stop):
+            s = o[r]
+            for j in range(k0, k):
+                s += to_float32(w[r, j], half) * x[0, j]
+            o[r] = s
 
 
 @njit(fastmath=True, cache=True)
