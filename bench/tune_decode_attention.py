@@ -6,6 +6,12 @@ Warm: the same call again at once. Each variant is attention_cpu.py's source wit
 loaded as a module of its own.
 
     python bench/tune_decode_attention.py [float32|float16|bfloat16|int8] [VARIANT,...]
+        [--model DIR [--context N] [--steps S]]
+
+With --model (a TinyLlama-shaped folder, bench_model.py's): in a model instead, where the
+synthetic cold above can mislead: decode steps at context N (default 1800) rotating over the
+variants, positions advancing, every attention call timed inside its step; the weights are the
+K/V's type (int8: q8_0 weights, whose cache is int8).
 
 VARIANT: as-is (the rows 64 keys on, whole rows in address order, into L1; into L2 on Zen 4:
 attention_cpu.DECODE_KV_LOCALITY), ahead-16, ahead-32 and ahead-128 (16, 32 or 128 keys on),
@@ -58,19 +64,22 @@ FAR_CALL = """
 TOUCH_LINE = """                line = builder.add(row, builder.mul(lines.index, ir.Constant(_I64, 64)))
                 builder.load_atomic(builder.inttoptr(line, ir.PointerType(ir.IntType(8))),
                                     "monotonic", 1)"""
-PF_LINE = """                prefetch(builder, builder.add(row, builder.mul(lines.index,
-                                                               ir.Constant(_I64, 64))), 0,
-                         DECODE_KV_LOCALITY)"""
-def _touch_rows(line=TOUCH_LINE):
-    # attention_cpu's _prefetch_rows with `line` for its prefetch, as source (the int8
-    # kernels import it, so their variant defines its own)
+PF_LINE = """                    prefetch(builder, builder.add(row, builder.mul(lines.index,
+                                                                   ir.Constant(_I64, 64))), 0,
+                             locality)"""
+TOUCH_LINE = "\n".join("    " + line for line in TOUCH_LINE.split("\n"))   # the factory's depth
+
+
+def _touch_rows():
+    # attention_cpu's make_prefetch_rows with a demand load for its prefetch, as source (the
+    # int8 kernels import it, so their variant defines its own)
     with open(os.path.join(HERE, RELATIVE)) as f:
         src = f.read()
-    start = src.index("@intrinsic\ndef _prefetch_rows(")
-    intrinsic = src[start:src.index("\n\n\n", start)]
-    if PF_LINE not in intrinsic:
-        sys.exit(f"touch: {PF_LINE.strip()!r} is no longer in _prefetch_rows")
-    return "\n\n" + intrinsic.replace(PF_LINE, line) + "\n"
+    start = src.index("def make_prefetch_rows(")
+    factory = src[start:src.index("\n\n\n", start)]
+    if PF_LINE not in factory:
+        sys.exit(f"touch: {PF_LINE.strip()!r} is no longer in make_prefetch_rows")
+    return "\n\n" + factory.replace(PF_LINE, TOUCH_LINE) + "\n"
 
 
 LOCALITY = 'DECODE_KV_LOCALITY = 2 if HOST_CPU == "znver4" else 3\n'   # _prefetch_rows' level
@@ -120,16 +129,12 @@ VARIANTS_INT8.update({            # one part of a key block's work left out, as 
     "no-softmax": [("            _softmax8(st_p, 8, nk, mr_p", "            0 and _softmax8(st_p, 8, nk, mr_p")],
     "no-pv": [("            _pack_weights(pw_p,", "            0 and _pack_weights(pw_p,"),
               ("            _head_pv(isa, rows, nk,", "            0 and _head_pv(isa, rows, nk,")]})
-_OWN_ROWS = ("_decode_mk_plan, _prefetch_rows, \\\n", "_decode_mk_plan, \\\n")
-_L1_LINE, _L2_LINE = (PF_LINE.replace("DECODE_KV_LOCALITY)", f"{n})") for n in (3, 2))
-VARIANTS_INT8["l2"] = [_OWN_ROWS, ("\nPREFETCH_KEYS = 64",
-                                   "\nfrom numba_attn.kernels.llvm_cpu import prefetch"
-                                   + _touch_rows(_L2_LINE) + "\n\nPREFETCH_KEYS = 64")]
-VARIANTS_INT8["l1"] = [_OWN_ROWS, ("\nPREFETCH_KEYS = 64",
-                                   "\nfrom numba_attn.kernels.llvm_cpu import prefetch"
-                                   + _touch_rows(_L1_LINE) + "\n\nPREFETCH_KEYS = 64")]
-VARIANTS_INT8["touch"] = [_OWN_ROWS,
-                          ("\nPREFETCH_KEYS = 64", _touch_rows() + "\n\nPREFETCH_KEYS = 64")]
+_OWN_ROWS = ("_softmax8, \\\n    make_prefetch_rows\n", "_softmax8\n")
+INT8_LEVEL = "_prefetch_rows = make_prefetch_rows(3)"
+VARIANTS_INT8["l1"] = []                                      # as-is: into L1
+VARIANTS_INT8["l2"] = [(INT8_LEVEL, "_prefetch_rows = make_prefetch_rows(2)")]
+VARIANTS_INT8["touch"] = [_OWN_ROWS, ("\nPREFETCH_KEYS = 64",
+                                      _touch_rows() + "\n\nPREFETCH_KEYS = 64")]
 VARIANTS_INT8["l2-128"] = VARIANTS_INT8["l2"] + [(KEYS, "PREFETCH_KEYS = 128\n")]
 VARIANTS_INT8["skeleton"] = sum((VARIANTS_INT8[k] for k in ("no-scores", "no-softmax", "no-pv")),
                                [])                # all three left out: the loops and prefetch
@@ -147,7 +152,60 @@ def load_variant(name, tmp, int8=False):
                        tmp)
 
 
+def in_model(path, dtype, names, n_ctx, n_steps):
+    """Decode steps of a model at context n_ctx, rotating over the variants' attention."""
+    import statistics
+    import types
+    sys.path.insert(0, HERE)
+    from numba_attn.model import Model
+    weights = {"int8": "q8_0"}.get(dtype, dtype)
+    model = Model.from_pretrained(path, weight_dtype=weights, max_seq=n_ctx + n_steps)
+    if np.dtype(model.kv_dtype).name != dtype and not (dtype == "int8" and model.cache.int8):
+        sys.exit(f"{weights} weights keep a {model.kv_dtype} KV cache, not {dtype}")
+    tmp = tempfile.mkdtemp()
+    mods = {name: load_variant(name, tmp, dtype == "int8") for name in names}
+    model.warmup()
+    model.forward(np.random.default_rng(1).integers(0, model.config.vocab_size, n_ctx), 0)
+    steps, calls = model.cpu_steps, []
+    attention = steps.attention
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        out = attention(*args, **kwargs)
+        calls.append(time.perf_counter() - t)
+        return out
+    steps.attention = timed
+    res = {name: ([], []) for name in names}
+    for i in range(n_steps):
+        name = names[i % len(names)]
+        steps.attn = types.SimpleNamespace(attention=mods[name].attention)
+        calls.clear()
+        t = time.perf_counter()
+        model.forward([5], n_ctx + i)
+        if i >= len(names):                              # each variant's first step compiles
+            res[name][0].append(time.perf_counter() - t)
+            res[name][1].extend(calls)
+    print(f"{path}: {weights} weights, {dtype} K/V, context {n_ctx}-{n_ctx + n_steps}; "
+          f"medians of {n_steps // len(names) - 1} steps each, in rotation:")
+    for name, (st, at) in res.items():
+        print(f"  {name:9s} step {statistics.median(st) * 1e3:.2f} ms, attention "
+              f"{statistics.median(at) * 1e6:.0f} us a layer")
+
+
 def main():
+    if "--model" in sys.argv:
+        opts, args, argv = {}, [], sys.argv[1:]
+        while argv:
+            a = argv.pop(0)
+            if a.startswith("--"):
+                opts[a] = argv.pop(0)
+            else:
+                args.append(a)
+        dtype = args[0] if args else "bfloat16"
+        names = args[1].split(",") if len(args) > 1 else ["as-is", "l1", "l2"]
+        in_model(opts["--model"], dtype, names, int(opts.get("--context", 1800)),
+                 int(opts.get("--steps", 120)))
+        return
     sys.path.insert(0, HERE)
     from numba_attn.bench.limits import _parallel_sum
     dtype = sys.argv[1] if len(sys.argv) > 1 else "bfloat16"

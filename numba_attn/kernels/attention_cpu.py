@@ -70,8 +70,10 @@ MIN_SPLIT_KEYS = 256   # decode: a key range is never shorter than this
 # float32 123-124 against 138 and 151-153; 32 or 128 keys ahead were slower
 PREFETCH_KEYS = 64
 # ... into L2 instead on Zen 4 (prefetcht1), where into L1 was no better than no prefetch: the
-# same cold calls 210 against 401 us (float32 K/V), 132 against 215 (bfloat16), 115 against
-# 127 (int8); into L2 was slower on Zen 5 (102-111 against 81 us, int8) and alike on Zen 3
+# same cold calls 210 against 401 us (float32 K/V), 132 against 215 (bfloat16); in a model
+# (TinyLlama at 1800 keys, the two in turn step by step) 176 against 231 us a layer (bfloat16),
+# 228 against 376 (float32). Into L2 was slower on Zen 5 (102-111 against 81 us, int8) and
+# alike on Zen 3. (int8 K/V: attention_int8_cpu, into L1 everywhere)
 DECODE_KV_LOCALITY = 2 if HOST_CPU == "znver4" else 3
 # K and V storage, passed to the kernels as `kind`: an empty array whose dtype names it while
 # numba types a kernel, so only the cache's own variant compiles (the kernels take 16-bit K and
@@ -504,24 +506,30 @@ def _prefetch_for_write(typingctx, addr, nbytes):
     return sig, codegen
 
 
-@intrinsic
-def _prefetch_rows(typingctx, addr, n_rows, stride, nbytes):
-    """Prefetch for reading, into every cache level (into L2 and beyond where
-    DECODE_KV_LOCALITY says), the first nbytes of n_rows rows stride bytes apart from byte
-    address addr (a 64-byte line at a time)."""
-    sig = types.void(addr, n_rows, stride, nbytes)
+def make_prefetch_rows(locality):
+    """An intrinsic prefetch_rows(addr, n_rows, stride, nbytes): prefetch for reading, at
+    llvm_cpu.prefetch's locality (3: into L1 and every level, 2: into L2 and beyond), the first
+    nbytes of n_rows rows stride bytes apart from byte address addr (a 64-byte line at a
+    time)."""
+    @intrinsic
+    def prefetch_rows(typingctx, addr, n_rows, stride, nbytes):
+        sig = types.void(addr, n_rows, stride, nbytes)
 
-    def codegen(context, builder, signature, args):
-        a, n, s, b = [context.cast(builder, v, t, types.int64)
-                      for v, t in zip(args, signature.args)]
-        with cgutils.for_range(builder, n) as rws:
-            row = builder.add(a, builder.mul(rws.index, s))
-            with cgutils.for_range(builder, builder.ashr(b, ir.Constant(_I64, 6))) as lines:
-                prefetch(builder, builder.add(row, builder.mul(lines.index,
-                                                               ir.Constant(_I64, 64))), 0,
-                         DECODE_KV_LOCALITY)
-        return context.get_dummy_value()
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            a, n, s, b = [context.cast(builder, v, t, types.int64)
+                          for v, t in zip(args, signature.args)]
+            with cgutils.for_range(builder, n) as rws:
+                row = builder.add(a, builder.mul(rws.index, s))
+                with cgutils.for_range(builder, builder.ashr(b, ir.Constant(_I64, 6))) as lines:
+                    prefetch(builder, builder.add(row, builder.mul(lines.index,
+                                                                   ir.Constant(_I64, 64))), 0,
+                             locality)
+            return context.get_dummy_value()
+        return sig, codegen
+    return prefetch_rows
+
+
+_prefetch_rows = make_prefetch_rows(DECODE_KV_LOCALITY)
 
 
 # rows of the prefill and P V micro-kernel calls (32 floats wide), largest first, then 1: 12, 8
