@@ -16,14 +16,15 @@ K/V's type (int8: q8_0 weights, whose cache is int8).
 VARIANT: as-is (the rows 64 keys on, whole rows in address order, into L1; into L2 on Zen 4:
 attention_cpu.DECODE_KV_LOCALITY), ahead-16, ahead-32 and ahead-128 (16, 32 or 128 keys on),
 touch (a demand load of each line instead of a prefetch), head-major and head-major-none (K and
-V laid out (Hkv, keys, d), the head's own rows prefetched, or none), l1 (into L1 on every CPU),
-l2, l2-128, l2-256 (into L2 on every CPU, 64, 128 or 256 keys on), none, no-scores (the scores
-left out, their prefetch kept), no-softmax, no-pv (the online softmax or P V left out: what each
-costs in place), farF-nearN (the rows F keys on into L2 as well, N as as-is: far256-near64,
-far256-near32, far512-near32, far128-near32), or at:REV, the file as git revision REV has it
-(at:HEAD: the committed kernel). int8 has as-is, none, ahead-32/96/128, block-128, r8, l1, l2,
-l2-128 (into L1, into L2, 64 or 128 keys on), no-scores, no-softmax, no-pv, touch and skeleton
-(the three parts left out at once)."""
+V laid out (Hkv, keys, d), the head's own rows prefetched, or none), l1, l1-16, l1-32 (into L1
+on every CPU, 64, 16 or 32 keys on), l2, l2-128, l2-256 (into L2 on every CPU, 64, 128 or 256
+keys on), none, no-scores (the scores left out, their prefetch kept), no-softmax, no-pv (the
+online softmax or P V left out: what each costs in place), farF-nearN (the rows F keys on into
+L2 as well, N as as-is: far256-near64, far256-near32, far512-near32, far128-near32), or at:REV,
+the file as git revision REV has it (at:HEAD: the committed kernel). int8 (into L1 on every
+CPU) has as-is, none, ahead-32/96/128, block-128, r8, l1 (as-is), l2, l2-128 (into L2, 64 or
+128 keys on), no-scores, no-softmax, no-pv, touch and skeleton (the three parts left out at
+once)."""
 import os
 import sys
 import tempfile
@@ -90,6 +91,8 @@ VARIANTS = {"as-is": [], "ahead-32": [(KEYS, "PREFETCH_KEYS = 32\n")],
             "ahead-128": [(KEYS, "PREFETCH_KEYS = 128\n")],
             "none": [(CALL, "0, 0, 0)")],
             "l1": [L1], "l2": [L2], "l2-128": [L2, (KEYS, "PREFETCH_KEYS = 128\n")],
+            "l1-16": [L1, (KEYS, "PREFETCH_KEYS = 16\n")],
+            "l1-32": [L1, (KEYS, "PREFETCH_KEYS = 32\n")],
             "l2-256": [L2, (KEYS, "PREFETCH_KEYS = 256\n")],
             # one part of a key block's work left out, to see what it costs in place
             "no-scores": [(SCORES, "_prefetch_rows(k_p + r0 * row, 1, 0, (r1 - r0) * row)\n"
