@@ -46,8 +46,9 @@ VI16, VI8, VF8 = ir.VectorType(_I32, 16), ir.VectorType(_I32, 8), ir.VectorType(
 PREFETCH_KEYS = 64
 # ... into L1 on every CPU (prefetcht0), where attention_cpu's 16-bit and float32 rows go to L2
 # on Zen 4: 64 keys of 8-bit rows are a quarter of float32's bytes ahead, and L1 is where they
-# pay. TinyLlama's q8_0 decode at 1800-2000 keys on 2 Zen 4 cores, the two in turn step by step
-# (the attention timed inside the step): 109-123 against 185-199 us a layer, steps 2-5% faster
+# pay. TinyLlama's q8_0 decode at 1800-1960 keys on 2 Zen 4 cores, the two in turn step by step,
+# the attention timed inside the step (bench/tune_decode_attention.py int8 as-is,l2 --model):
+# 91-93 against 143-145 us a layer in both orders, steps 2-4% faster
 _prefetch_rows = make_prefetch_rows(3)
 BLOCK = BLOCK_K                 # keys a block of the online softmax
 # the instructions decode's products take, passed to the kernels as `isa`: an empty array whose
