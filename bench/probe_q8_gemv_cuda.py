@@ -1,8 +1,8 @@
 """Where the q8_0 decode GEMV's time goes on the GPU, beside our float32 GEMV:
   - time against rows (k = 4096; 3072 to 49152 rows, the weight sets rotated past L2): a line
     fit gives each kernel's streaming rate (slope) and its fixed cost a call (intercept);
-  - the q8_0 GEMV's shape variants (linear_q8_cuda.GEMV_SHAPE's fields) at 12288x4096, twice;
-    one that does not launch (registers) is said;
+  - the q8_0 GEMV's shape variants (linear_q8_cuda.GEMV_SHAPE's fields) at 12288x4096, through
+    bench_cuda.py's tuning (each twice; one that does not launch is said);
   - the kernel with x's quantization replaced by constant codes (wrong sums, timing only).
 
     python bench/probe_q8_gemv_cuda.py"""
@@ -59,27 +59,16 @@ def rows_scan(no_bias):
         print(f"  {fmt}: time = {fixed:.1f} us + bytes / {1 / slope / 1e3:.0f} GB/s", flush=True)
 
 
-def shapes_and_quantization(no_bias):
+def shapes():
+    """bench_cuda's q8_0 tuning (each shape twice, one that does not launch said) over VARIANTS."""
+    B.GEMV_Q8_VARIANTS = (Q.GEMV_SHAPE,) + tuple(VARIANTS)
+    B.bench_tune(("q8",))
+
+
+def x_quantization(no_bias):
     n = 12288
-    y, y_ref = torch.empty(1, n, device="cuda"), torch.empty(1, n, device="cuda")
-    X, Y, Y_ref = B.nb(B.randn(1, K)), B.nb(y), B.nb(y_ref)
+    X, Y = B.nb(B.randn(1, K)), B.nb(torch.empty(1, n, device="cuda"))
     per, sets, W = weights("q8_0", n)
-    default = Q.GEMV_SHAPE
-    Q.linear(Y_ref, X, W[0], no_bias)
-    print(f"q8_0 shapes at {n}x{K} (rows/warp, blocks/step, threads, lanes/block, blocks/SM, "
-          "L2 ahead), twice:")
-    for _ in range(2):
-        for shape in [default] + VARIANTS:
-            Q.GEMV_SHAPE = shape
-            try:
-                us = B.device_us(lambda i: Q.linear(Y, X, W[i], no_bias), sets)
-            except Exception as e:  # noqa: BLE001  (a shape past a block's registers)
-                print(f"  {shape}: does not launch ({type(e).__name__})", flush=True)
-                continue
-            Q.linear(Y, X, W[0], no_bias)
-            print(f"  {shape}: {us:.1f} us ({per / us / 1e3:.0f} GB/s) diff {B._err(y, y_ref):.1e}",
-                  flush=True)
-    Q.GEMV_SHAPE = default
     src = kernel_source("numba_attn/kernels/linear_q8_cuda.py")
     if QUANTIZE not in src:
         sys.exit("the GEMV's call of quantize_slab is no longer as this probe expects")
@@ -94,7 +83,8 @@ def shapes_and_quantization(no_bias):
 def main():
     no_bias = B.nb(torch.empty(0, device="cuda"))
     rows_scan(no_bias)
-    shapes_and_quantization(no_bias)
+    shapes()
+    x_quantization(no_bias)
 
 
 if __name__ == "__main__":
