@@ -62,13 +62,12 @@ FAR_CALL = """
             _prefetch_l2(k_p + f0 * row, (f1 - f0) * row)
             _prefetch_l2(v_p + f0 * row, (f1 - f0) * row)"""
 # a demand load of each line, in place of _prefetch_rows' prefetch instruction
-TOUCH_LINE = """                line = builder.add(row, builder.mul(lines.index, ir.Constant(_I64, 64)))
-                builder.load_atomic(builder.inttoptr(line, ir.PointerType(ir.IntType(8))),
-                                    "monotonic", 1)"""
+TOUCH_LINE = """                    line = builder.add(row, builder.mul(lines.index, ir.Constant(_I64, 64)))
+                    builder.load_atomic(builder.inttoptr(line, ir.PointerType(ir.IntType(8))),
+                                        "monotonic", 1)"""
 PF_LINE = """                    prefetch(builder, builder.add(row, builder.mul(lines.index,
                                                                    ir.Constant(_I64, 64))), 0,
                              locality)"""
-TOUCH_LINE = "\n".join("    " + line for line in TOUCH_LINE.split("\n"))   # the factory's depth
 
 
 def _touch_rows():
