@@ -1,14 +1,31 @@
-"""A CPU decode step's kernels, bound once: ops.py's steps for one token of a CPU model, each a
-straight call of its kernel with no checks (the model's shapes were checked when it was built,
-the token and its position by Model.forward). A decode step is some 13 calls a layer, and
-ops.py's argument checks cost 5-15 us a call: a few milliseconds a token on a 1B model, more
-than the arithmetic of a small one. The host's twin of cuda_decode.DecodeSteps."""
+"""A CPU model's decode step, two ways:
+
+- CpuDecoder: the whole step compiled, one call a token (_decode_token), the host's twin of
+  cuda_decode.CudaDecoder. Its kernels are the ones ops.py calls, most of them called through
+  their compiled addresses (cpu_pool.call_part, call_at) with arguments bound once, so the
+  step links no large kernel and compiles in seconds. A decode step is some 13 calls a layer;
+  from Python each pays its interpreter and dispatch with the caches cold from the weights
+  streamed before it (tens of microseconds), about 2 ms a token on a 1B model.
+- CpuDecodeSteps: ops.py's steps for one token, each a straight call of its kernel with no
+  checks (the model's shapes were checked when it was built, the token and its position by
+  Model.forward); for what CpuDecoder does not cover (biases; kernels that are not in parts)
+  and for measuring steps one by one.
+
+NUMBA_ATTN_CPU_DECODER=0 turns CpuDecoder off."""
 import math
+import os
 
 import numpy as np
+from numba import get_num_threads, njit
 
 from .backend import kernels, qkv_row_views
-from .formats import weight_format
+from .formats import Int8KV, weight_format
+from .kernels.cpu_pool import PARALLEL_MIN_WORK, _launch, address, call_at, call_part, \
+    skewed_row
+from .kernels.norm_cpu import _add_rmsnorm_rows, _rmsnorm_rows
+from .kernels.rope_cpu import _rope_half_rows
+
+DECODER_ENV = "NUMBA_ATTN_CPU_DECODER"   # "0": CpuDecodeSteps for every decode step
 
 
 class CpuDecodeSteps:
@@ -93,3 +110,136 @@ class CpuDecodeSteps:
         self._views((gate, up, out), lambda g, u, o: self.norm.bind_silu_mul(
             o.reshape(-1), g.reshape(-1), u.reshape(-1)))()
         return out
+
+
+@njit(inline="always")
+def _gemv(spec, n_threads, out, x, tail):
+    # out (1, n) = x (1, k) w^T by a family's decode GEMV: spec (address, threaded, skewed x or
+    # a (1, 0) array), tail w's arguments
+    addr, threaded, xs = spec
+    if xs.shape[1]:
+        xs[0, :] = x[0, :]
+        x = xs
+    if threaded and n_threads > 1:
+        _launch(addr, n_threads, (out, x) + tail)
+    else:
+        call_part(addr, np.int64(0), np.int64(1), (out, x) + tail)
+
+
+@njit(cache=True)
+def _decode_token(x, xb, qkv, qk, q, k_new, v_new, att, att_row, gate, up, logits, gemvs, layers,
+                  lm_head, norm0, eps, cos, sin, pos, silu, kv_layer, kv, scale, n_threads):
+    # Model.run_layers for one token whose embedding is in x (1, hidden), at position pos;
+    # the logits into logits (1, vocab). Buffers: xb (1, hidden); qkv (1, qkv_dim) and its
+    # views qk (1, 1, H + Hkv, d), q (1, 1, H, d), k_new, v_new (Hkv, d); att (1, 1, H, d)
+    # and att_row (1, H d) the same memory; gate, up (1, intermediate). gemvs: the GEMVs'
+    # specs (_gemv) for q|k|v, o, gate, up, down, lm_head; layers: per layer (q|k|v, o,
+    # post-attention norm, gate, up, down, the next norm: the next layer's input norm or the
+    # final norm), matrices as their families' arguments; silu: (address, arguments);
+    # kv_layer, kv: the KV cache's decode_layer address and arguments
+    _rmsnorm_rows(xb, x, norm0, eps, 0, 1)
+    for i in range(len(layers)):
+        qkv_w, o_w, post_norm, gate_w, up_w, down_w, next_norm = layers[i]
+        # attention: x += o_proj(attention(rope(q), rope(k), v)); xb = the normed x
+        _gemv(gemvs[0], n_threads, qkv, xb, qkv_w)
+        _rope_half_rows(qk, qk, cos, sin, pos, 0, 1)
+        call_at(kv_layer, (att, q, k_new, v_new, i, pos, scale, n_threads) + kv)
+        _gemv(gemvs[1], n_threads, xb, att_row, o_w)
+        _add_rmsnorm_rows(xb, x, xb, post_norm, eps, 0, 1)
+        # mlp: x += down_proj(silu(gate_proj(xb)) * up_proj(xb)); xb = x normed for the next
+        # layer (the final norm after the last)
+        _gemv(gemvs[2], n_threads, gate, xb, gate_w)
+        _gemv(gemvs[3], n_threads, up, xb, up_w)
+        call_at(silu[0], silu[1])
+        _gemv(gemvs[4], n_threads, xb, gate, down_w)
+        _add_rmsnorm_rows(xb, x, xb, next_norm, eps, 0, 1)
+    _gemv(gemvs[5], n_threads, logits, xb, lm_head)
+
+
+class CpuDecoder:
+    """A CPU model's decode step compiled whole (_decode_token): step(token, pos) returns the
+    logits (vocab,), a view of a buffer the next step overwrites. Bound at the first step,
+    after which a step is one embedding lookup and one compiled call; step returns None where
+    the model needs more than it covers (why_not says what), and the model then decodes
+    through CpuDecodeSteps."""
+
+    def __init__(self, model, buffers):
+        self.model, self.buffers = model, buffers
+        self.ids = np.zeros(1, np.int64)
+        self.why_not = None if os.environ.get(DECODER_ENV, "1") != "0" else f"{DECODER_ENV}=0"
+        self.args = None                  # _decode_token's arguments but the position's
+        self.parallel = False             # the attention's threaded schedule bound
+
+    def step(self, token, pos):
+        if self.why_not is not None:
+            return None
+        threaded = self._threaded_attention(pos)
+        if self.args is None or (threaded and not self.parallel):
+            self.args = self._bind(parallel=threaded)
+            if self.args is None:
+                return None
+        m, b = self.model, self.buffers
+        self.ids[0] = token
+        m.cpu_steps.embedding(m.weights.embed_tokens, self.ids, b.x)
+        head, tail = self.args
+        _decode_token(*head, pos, *tail, get_num_threads())
+        return b.logits[0]
+
+    def _threaded_attention(self, pos):
+        c = self.model.config
+        return c.n_heads * (pos + 1) * c.head_dim >= PARALLEL_MIN_WORK
+
+    def _bind(self, parallel):
+        m, b = self.model, self.buffers
+        c, w = m.config, m.weights
+        if any(lw.qkv_bias is not None or lw.o_bias is not None for lw in w.layers):
+            self.why_not = "biases"
+            return None
+        if not w.layers:
+            self.why_not = "no layers"
+            return None
+        x, xb, qkv, _, _, _, att, gate, up = b.take(1)
+        q, k_new, v_new, qk = qkv_row_views(qkv, c.n_heads, c.n_kv_heads)
+        q = q.reshape(1, 1, c.n_heads, c.head_dim)
+        k_new, v_new = k_new[0], v_new[0]                        # (Hkv, d)
+        att_row = att.reshape(1, c.q_dim)
+        att = att.reshape(1, 1, c.n_heads, c.head_dim)
+        # the GEMVs: one kernel, one skew and one set of argument types per kind of matrix
+        kinds = [[getattr(lw, name) for lw in w.layers]
+                 for name in ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")]
+        specs, tails = [], []
+        for mats, out in zip(kinds + [[w.lm_head]], (qkv, xb, gate, up, xb, b.logits)):
+            got = [m.cpu_steps._family(a).decode_gemv(a) for a in mats]
+            if any(g is None for g in got):
+                self.why_not = "a decode GEMV that is not one kernel in parts on this host"
+                return None
+            kernel, work, tail, skew = got[0]
+            x_in = np.empty((1, mats[0].shape[1]), np.float32)
+            addr = address(kernel, out, x_in, *tail)
+            if any(g[0] is not kernel or g[3] != skew or address(kernel, out, x_in, *g[2]) != addr
+                   for g in got):
+                self.why_not = "matrices of one kind in different formats"
+                return None
+            xs = skewed_row(mats[0].shape[1], skew) if skew else np.empty((1, 0), np.float32)
+            specs.append((addr, work >= PARALLEL_MIN_WORK, xs))
+            tails.append([g[2] for g in got])
+        post = [lw.post_attention_layernorm for lw in w.layers]
+        nxt = [lw.input_layernorm for lw in w.layers[1:]] + [w.norm]
+        layers = tuple(zip(tails[0], tails[1], post, tails[2], tails[3], tails[4], nxt))
+        # the KV cache's layer step: its family's decode_layer
+        family = kernels("attention_int8" if isinstance(m.cache.k, Int8KV) else "attention",
+                         "cpu")
+        got = family.decode_layer_args(att, q, k_new, v_new, m.cache.k, m.cache.v,
+                                       m.cpu_steps.scale, parallel)
+        if got is None:
+            self.why_not = f"{m.kv_dtype} KV cache's decode takes another schedule here"
+            return None
+        kv_layer, kv = got
+        self.parallel = parallel
+        silu_kernel, silu_args = kernels("norm", "cpu").silu_mul_call(
+            gate.reshape(-1), gate.reshape(-1), up.reshape(-1))
+        silu = (address(silu_kernel, *silu_args, parts=False), silu_args)
+        head = (x, xb, qkv, qk, q, k_new, v_new, att, att_row, gate, up, b.logits, tuple(specs),
+                layers, tails[5][0], w.layers[0].input_layernorm, float(c.rms_norm_eps),
+                m.rope.cos, m.rope.sin)
+        return head, (silu, kv_layer, kv, float(m.cpu_steps.scale))

@@ -32,7 +32,7 @@ from .formats import FORMATS, KV_DTYPES, Q8_BLOCK, Q8Matrix, quantize_q8_0, to_d
 from .kvcache import KVCache, kv_dtype as kv_dtype_of
 from .ops import (add_rmsnorm, apply_rope, attention, embedding, linear, rmsnorm, silu_mul,
                   split_qkv)
-from .cpu_decode import CpuDecodeSteps
+from .cpu_decode import CpuDecodeSteps, CpuDecoder
 from .kernels import cpu_pool
 from .cuda_decode import CudaDecoder
 from .rope import RopeTable
@@ -402,10 +402,12 @@ class Model:
         self.cache = KVCache(c.n_layers, self.max_seq, c.n_kv_heads, c.head_dim,
                              dtype=self.kv_dtype, device=device)
         self.buffers = Buffers(c, 1, device)
-        # decode steps: on CUDA replayed as one graph each (cuda_decode.py), on the CPU the
-        # kernels called straight (cpu_decode.py); set up here
-        self.decoder = CudaDecoder(self, Buffers(c, 1, device)) if device == "cuda" else None
-        self.cpu_steps = CpuDecodeSteps(self) if device == "cpu" else None
+        # decode steps: on CUDA replayed as one graph each (cuda_decode.py), on the CPU one
+        # compiled call, or else the kernels called straight (cpu_decode.py); set up here
+        if device == "cuda":
+            self.decoder, self.cpu_steps = CudaDecoder(self, Buffers(c, 1, device)), None
+        else:
+            self.decoder, self.cpu_steps = CpuDecoder(self, Buffers(c, 1)), CpuDecodeSteps(self)
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", max_seq=None, weight_dtype="auto",
@@ -453,10 +455,11 @@ class Model:
         (seq, vocab), in a new host array (for scoring a text)."""
         tokens = self._check_tokens(tokens, start_pos)
         seq = tokens.shape[0]
-        if seq == 1 and not all_logits and self.decoder is not None:    # CUDA: one graph
+        if seq == 1 and not all_logits and self.decoder is not None:    # one graph, one call
             logits = self.decoder.step(int(tokens[0]), start_pos)
-            self.cache.set_length(start_pos + 1)
-            return logits
+            if logits is not None:
+                self.cache.set_length(start_pos + 1)
+                return logits
         if seq > self.buffers.rows:                      # once per longer prompt
             self.buffers = None
             self.buffers = Buffers(self.config, seq, self.device)

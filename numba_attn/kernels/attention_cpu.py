@@ -53,7 +53,7 @@ from .llvm_cpu import F32 as _F32, HOST_CPU, I32 as _I32, I64 as _I64, amx_path,
     fast_path, ACC16, fma, prefetch, row_passes, store_transposed16, tile_config, tile_release, \
     vexp, vround_bf16, widen16
 from .scalar import FASTMATH_INF, dots_4x1, dots_4x2, exp_f32, row_max
-from .cpu_pool import PRANGE, call_part
+from .cpu_pool import PRANGE, call_at, call_part
 
 BLOCK_ROWS = 64        # prefill, BLAS tile (odd head sizes): query rows per tile
 BLOCK_K = 64           # keys per block of the online softmax
@@ -1680,3 +1680,76 @@ def attention(out, q, k, v, scale, causal):
             schedule(part, out, q, k, v, scale, causal, kind, n_workers)
         return
     cpu_pool.run(schedule, work, out, q, k, v, scale, causal, kind, n_workers)
+
+
+# -- a compiled decode step's attention (cpu_decode.py) -------------------------------------
+
+@intrinsic
+def _f16_bits(typingctx, x):
+    """float32 -> float16 bits (uint16), rounded to nearest even (F16C's vcvtps2ph)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    if x == types.float32:
+        return types.uint16(x), codegen
+
+
+def _store_kv(dst, src, kind):
+    """dst (Hkv, d) = src (Hkv, d) float32 in the cache's storage: float32, or 16-bit bits."""
+
+
+@overload(_store_kv)
+def _store_kv_impl(dst, src, kind):
+    if kind.dtype == types.float32:
+        def copy(dst, src, kind):
+            dst[:] = src
+        return copy
+
+    def narrowed(dst, src, kind):
+        for h in range(dst.shape[0]):
+            for c in range(dst.shape[1]):
+                dst[h, c] = _f16_bits(src[h, c]) if _half(kind) else round_bf16(src[h, c])
+    return narrowed
+
+
+@njit(cache=True)
+def decode_layer(out, q, k_new, v_new, layer, pos, scale, n_threads, k_cache, v_cache, kind,
+                 family, serial, part, causal):
+    # one layer of a decode step past its q|k|v projection: k_new, v_new (Hkv, d) float32
+    # stored at position pos of the layer's cache (k_cache, v_cache: (layers, max_seq, Hkv, d),
+    # float32 or 16-bit bits by kind), then out = attention of q over positions 0..pos (out, q:
+    # (1, 1, H, d)): _attention_decode_mk's schedule; serial, part: the addresses of
+    # _attention_decode_mk_serial and _decode_part (0 until a context needs it) for these types
+    _store_kv(k_cache[layer, pos], k_new, kind)
+    _store_kv(v_cache[layer, pos], v_new, kind)
+    n = pos + 1
+    k, v = k_cache[layer, :n], v_cache[layer, :n]
+    k, v = k.reshape((1,) + k.shape), v.reshape((1,) + v.shape)
+    if part and n_threads > 1 and q.shape[2] * n * q.shape[3] >= cpu_pool.PARALLEL_MIN_WORK:
+        n_split, split_len, _, O_part, M_part, L_part = _decode_mk_plan(q, k, n_threads)
+        cpu_pool._launch(part, n_threads, (q, k, v, scale, causal, kind, family, n_split,
+                                           split_len, O_part, M_part, L_part))
+        _decode_mk_merge(out, O_part, M_part, L_part, n_split)
+    else:
+        call_at(serial, (out, q, k, v, scale, causal, kind, family))
+
+
+def decode_layer_args(out, q, k_new, v_new, k_cache, v_cache, scale, parallel=False):
+    """(address, cache arguments) of decode_layer for a compiled decode step over this KV
+    cache (arrays (layers, max_seq, Hkv, d) of float32, bfloat16 or float16), with the threads'
+    schedule compiled too where `parallel`; or None where decode takes another schedule (head
+    sizes not a multiple of 32; float16 without F16C)."""
+    kind = KV_KINDS[np.dtype(k_cache.dtype)]
+    if q.shape[3] % 32 or (kind is KV_F16 and not fast_path("f16c")):
+        return None
+    if kind is not KV_F32:
+        k_cache, v_cache = k_cache.view(np.uint16), v_cache.view(np.uint16)
+    family = DECODE_FAMILIES[bf16_dots(kind, q.shape[2] // k_cache.shape[2])]
+    k, v = k_cache[0, :1][None], v_cache[0, :1][None]      # the types attention sees
+    scale, causal = float(scale), True
+    serial = cpu_pool.address(_attention_decode_mk_serial, out, q, k, v, scale, causal, kind,
+                              family, parts=False)
+    part = cpu_pool.address(_decode_part, q, k, v, scale, causal, kind, family,
+                            *_DECODE_PLAN) if parallel else 0
+    kv = (k_cache, v_cache, kind, family, serial, part, causal)
+    return cpu_pool.address(decode_layer, out, q, k_new, v_new, 0, 0, scale, 1, *kv,
+                            parts=False), kv

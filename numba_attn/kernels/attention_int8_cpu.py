@@ -30,14 +30,14 @@ from numba import float32, get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ..formats import KV_OFFSET as OFFSET   # the codes' offset: stored byte = code + 128
+from ..formats import KV_OFFSET as OFFSET, quantize_kv_row   # OFFSET: stored byte = code + 128
 from . import attention_cpu as f32
 from . import cpu_pool
 from .attention_cpu import BLOCK_K, NEG_INF, _decode_mk_merge, _decode_mk_plan, _softmax8, \
     make_prefetch_rows
 from .llvm_cpu import F32 as _F32, I32 as _I32, I64 as _I64, dpbusd_avx2, fast_path, vpdpbusd
 from .scalar import FASTMATH_INF
-from .cpu_pool import PRANGE
+from .cpu_pool import PRANGE, call_at
 
 I8 = ir.IntType(8)
 VI16, VI8, VF8 = ir.VectorType(_I32, 16), ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
@@ -610,35 +610,48 @@ def _scratch(Hkv, d):
     return Qb, Qi, St, Pw, Wq, alpha, n_vis, Vt
 
 
+@njit(inline="always", fastmath=FASTMATH_INF, cache=True)
+def _decode_worker(isa, q, kc, ks, vc, vs, scale, causal, w, n_workers, n_split, split_len,
+                   O_part, M_part, L_part):
+    # worker w's tasks of n_workers (every n_workers-th): each a range of keys of one batch for
+    # every head (attention_cpu's plan, _decode_mk_plan); its scratch its own
+    kv_len = kc.shape[1]
+    Qb, Qi, St, Pw, Wq, At, Vis, Vt = _scratch(kc.shape[2], q.shape[3])
+    for task in range(w, O_part.shape[0], n_workers):
+        z, split = task // n_split, task % n_split
+        _decode_range(isa, q, kc, ks, vc, vs, float32(scale), causal, z, split * split_len,
+                      min(kv_len, (split + 1) * split_len), Qb, Qi, St, Pw, Wq, Vt,
+                      O_part[task], M_part[task], L_part[task], At, Vis)
+
+
 @njit(parallel=PRANGE, fastmath=FASTMATH_INF, cache=True)
 def _attention_decode(isa, out, q, kc, ks, vc, vs, scale, causal, n_workers):
     # q, out: (b, q_len, H, d), at most 8 rows a KV head; kc, vc: (b, kv_len, Hkv, d) uint8
     # codes; ks, vs: (b, kv_len, Hkv) float32 scales. A task: a range of keys of one batch for
     # every head, merged at the end (attention_cpu's plan and merge). isa: VNNI or AVX2
-    kv_len = kc.shape[1]
-    n_split, split_len, n_tasks, O_part, M_part, L_part = _decode_mk_plan(q, kc, n_workers)
+    n_split, split_len, _, O_part, M_part, L_part = _decode_mk_plan(q, kc, n_workers)
     for w in prange(n_workers):
-        Qb, Qi, St, Pw, Wq, At, Vis, Vt = _scratch(kc.shape[2], q.shape[3])
-        for task in range(w, n_tasks, n_workers):
-            z, split = task // n_split, task % n_split
-            _decode_range(isa, q, kc, ks, vc, vs, float32(scale), causal, z, split * split_len,
-                          min(kv_len, (split + 1) * split_len), Qb, Qi, St, Pw, Wq, Vt,
-                          O_part[task], M_part[task], L_part[task], At, Vis)
+        _decode_worker(isa, q, kc, ks, vc, vs, scale, causal, w, n_workers, n_split, split_len,
+                       O_part, M_part, L_part)
     _decode_mk_merge(out, O_part, M_part, L_part, n_split)
 
 
 @njit(fastmath=FASTMATH_INF, cache=True)
 def _attention_decode_serial(isa, out, q, kc, ks, vc, vs, scale, causal):
     # _attention_decode on the calling thread, outside the thread pool (a short context)
-    kv_len = kc.shape[1]
-    n_split, split_len, n_tasks, O_part, M_part, L_part = _decode_mk_plan(q, kc, 1)
-    Qb, Qi, St, Pw, Wq, At, Vis, Vt = _scratch(kc.shape[2], q.shape[3])
-    for task in range(n_tasks):
-        z, split = task // n_split, task % n_split
-        _decode_range(isa, q, kc, ks, vc, vs, float32(scale), causal, z, split * split_len,
-                      min(kv_len, (split + 1) * split_len), Qb, Qi, St, Pw, Wq, Vt,
-                      O_part[task], M_part[task], L_part[task], At, Vis)
+    n_split, split_len, _, O_part, M_part, L_part = _decode_mk_plan(q, kc, 1)
+    _decode_worker(isa, q, kc, ks, vc, vs, scale, causal, 0, 1, n_split, split_len, O_part,
+                   M_part, L_part)
     _decode_mk_merge(out, O_part, M_part, L_part, n_split)
+
+
+@njit(fastmath=FASTMATH_INF, cache=True)
+def _decode_part(part, parts, isa, q, kc, ks, vc, vs, scale, causal, n_split, split_len, O_part,
+                 M_part, L_part):
+    # _decode_worker as a kernel in parts, called through its address by a compiled decode
+    # step's threads (decode_layer)
+    _decode_worker(isa, q, kc, ks, vc, vs, scale, causal, part, parts, n_split, split_len,
+                   O_part, M_part, L_part)
 
 
 @njit(parallel=PRANGE, cache=True)
@@ -714,3 +727,44 @@ def attention(out, q, k, v, scale, causal):
         _decode(isa, oi, qi, *(np.ascontiguousarray(a[:, :n]) for a in (kc, ks, vc, vs)),
                 scale, causal)
         out[:, i:i + 1] = oi
+
+
+@njit(cache=True)
+def decode_layer(out, q, k_new, v_new, layer, pos, scale, n_threads, kc, ks, vc, vs, isa,
+                 serial, part, causal):
+    # attention_cpu.decode_layer over an 8-bit cache: k_new, v_new (Hkv, d) float32 quantized
+    # into position pos of the layer's codes (layers, max_seq, Hkv, d) and scales (layers,
+    # max_seq, Hkv); serial, part: the addresses of _attention_decode_serial and _decode_part
+    # (0 until a context needs it) for these types
+    for h in range(kc.shape[2]):
+        ks[layer, pos, h] = quantize_kv_row(kc[layer, pos, h], k_new[h])
+        vs[layer, pos, h] = quantize_kv_row(vc[layer, pos, h], v_new[h])
+    n = pos + 1
+    a, b, c, e = kc[layer, :n], ks[layer, :n], vc[layer, :n], vs[layer, :n]
+    a, b = a.reshape((1,) + a.shape), b.reshape((1,) + b.shape)
+    c, e = c.reshape((1,) + c.shape), e.reshape((1,) + e.shape)
+    if part and n_threads > 1 and q.shape[2] * n * q.shape[3] >= cpu_pool.PARALLEL_MIN_WORK:
+        n_split, split_len, _, O_part, M_part, L_part = _decode_mk_plan(q, a, n_threads)
+        cpu_pool._launch(part, n_threads, (isa, q, a, b, c, e, scale, causal, n_split,
+                                           split_len, O_part, M_part, L_part))
+        _decode_mk_merge(out, O_part, M_part, L_part, n_split)
+    else:
+        call_at(serial, (isa, out, q, a, b, c, e, scale, causal))
+
+
+def decode_layer_args(out, q, k_new, v_new, k_cache, v_cache, scale, parallel=False):
+    """attention_cpu.decode_layer_args for an 8-bit cache (formats.Int8KV of (layers, max_seq,
+    Hkv, d)), or None where its decode does not take its products in 8 bits."""
+    if not int8_dots(q, k_cache):
+        return None
+    isa = decode_isa()
+    kc, ks, vc, vs = k_cache.codes, k_cache.scales, v_cache.codes, v_cache.scales
+    a, b, c, e = kc[0, :1][None], ks[0, :1][None], vc[0, :1][None], vs[0, :1][None]
+    scale, causal = float(scale), True
+    serial = cpu_pool.address(_attention_decode_serial, isa, out, q, a, b, c, e, scale, causal,
+                              parts=False)
+    part = cpu_pool.address(_decode_part, isa, q, a, b, c, e, scale, causal,
+                            *f32._DECODE_PLAN) if parallel else 0
+    kv = (kc, ks, vc, vs, isa, serial, part, causal)
+    return cpu_pool.address(decode_layer, out, q, k_new, v_new, 0, 0, scale, 1, *kv,
+                            parts=False), kv

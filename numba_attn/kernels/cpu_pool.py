@@ -22,6 +22,7 @@ from numba.core.cpu_options import ParallelOptions
 from numba.core.registry import CPUDispatcher
 from numba.core.typing.typeof import Purpose, typeof
 from numba.extending import intrinsic
+from numba.np.ufunc.parallel import _launch_threads
 
 PARALLEL_MIN_WORK = 1 << 18  # multiply-adds below which a kernel runs on one thread
 # the kernels' parallel=: numba's parallel machinery for their prange loops only, none of its
@@ -95,6 +96,23 @@ def call_part(typingctx, addr, part, parts, args):
         return nbtypes.none(addr, part, parts, args), codegen
 
 
+@intrinsic
+def call_at(typingctx, addr, args):
+    """addr(*args): a function compiled at addr (`address(..., parts=False)`), called through
+    that address in numba's calling convention, its code not linked into the caller."""
+    def codegen(context, builder, signature, llargs):
+        vals = cgutils.unpack_tuple(builder, llargs[1], len(args.types))
+        fnty = context.call_conv.get_function_type(nbtypes.none, tuple(args.types))
+        fn = builder.inttoptr(llargs[0], fnty.as_pointer())
+        status, _ = context.call_conv.call_function(builder, fn, nbtypes.none,
+                                                    tuple(args.types), vals)
+        with cgutils.if_unlikely(builder, status.is_error):
+            context.call_conv.return_status_propagate(builder, status)
+        return context.get_dummy_value()
+    if isinstance(addr, nbtypes.Integer) and isinstance(args, nbtypes.BaseTuple):
+        return nbtypes.none(addr, args), codegen
+
+
 @njit(parallel=PRANGE, cache=True)
 def _launch(addr, parts, args):
     for part in prange(parts):     # part as int64, the type address() compiled for
@@ -111,18 +129,24 @@ def _type_key(a):
     return tuple(map(_type_key, a)) if isinstance(a, tuple) else type(a)
 
 
-def address(kernel, *args):
+def address(kernel, *args, parts=True):
     """The address of kernel(part, parts, *args) compiled (or loaded from Numba's cache) for
-    these arguments' types, part and parts int64. A driver that passes arrays of its own makes
-    (call_part) gives arrays of their types here: the call trusts the types."""
-    key = (kernel, *map(_type_key, args))
+    these arguments' types, part and parts int64; of kernel(*args) with parts=False (call_at).
+    A driver that passes arrays of its own makes (call_part, call_at) gives arrays of their
+    types here: the call trusts the types."""
+    key = (kernel, parts, *map(_type_key, args))
     addr = _ADDRESSES.get(key)
     if addr is None:
-        sig = (nbtypes.int64, nbtypes.int64) + tuple(typeof(a, Purpose.argument) for a in args)
+        # the pool's threads first: code loaded from Numba's cache that links a parallel
+        # region (_launch) finds the pool's entry points only once they exist
+        _launch_threads()
+        sig = ((nbtypes.int64, nbtypes.int64) if parts else ()) + \
+            tuple(typeof(a, Purpose.argument) for a in args)
         kernel.compile(sig)
         cres = kernel.overloads[sig]
         if cres.signature.return_type != nbtypes.none:
-            raise TypeError(f"{kernel.py_func.__name__} must return nothing to run in parts")
+            raise TypeError(f"{kernel.py_func.__name__} must return nothing to be called "
+                            f"through its address")
         addr = _ADDRESSES[key] = cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name)
     return addr
 
@@ -152,3 +176,28 @@ def bind_parts(kernel, work, *tail):
             addr = seen[key] = address(kernel, *head, *tail)
         _launch(addr, get_num_threads(), head + tail)
     return call
+
+
+def skewed_row(k, skew):
+    """A (1, k) float32 buffer whose data starts `skew` bytes past a 32-byte boundary (a
+    decode GEMV's x, where the family asks for it: linear_bf16_cpu.DECODE_X_SKEW)."""
+    raw = np.empty(k + 8, np.float32)
+    start = (skew - raw.ctypes.data) % 32 // 4
+    return raw[start:start + k].reshape(1, k)
+
+
+def bind_gemv(kernel, work, tail, x_skew):
+    """gemv(out, x) for a family's decode GEMV (its `decode_gemv(w)`: the kernel in parts, its
+    multiply-adds, the weight's arguments after out and x, and the skew its x wants, 0 for
+    none): run_parts(kernel, work, out, x, *tail), x first copied to a skewed row if asked."""
+    gemv = bind_parts(kernel, work, *tail)
+    if not x_skew:
+        return gemv
+    xs = []                           # the skewed row, made at the first call (x's width)
+
+    def gemv_skewed(out, x):
+        if not xs:
+            xs.append(skewed_row(x.shape[1], x_skew))
+        np.copyto(xs[0], x)
+        gemv(out, xs[0])
+    return gemv_skewed

@@ -44,7 +44,7 @@ _UNROLL_BF16 = 2   # 64-byte chunks per row per loop step in _dots4_bf16 (2 line
 # decode (one row of x) on AMD Zen reads w one row at a time, so each thread streams one address
 # range: 4 rows interleaved held 2 cores to ~40 GB/s where one stream reached 53-56 (12288x4096);
 # on an Intel Xeon 4 rows interleaved streamed faster (llvm_cpu.ONE_STREAM_DECODE)
-# On Zen 4 the one-row GEMV reads x from a copy 16 bytes past a 32-byte boundary (skewed_row):
+# On Zen 4 the one-row GEMV reads x from a copy 16 bytes past a 32-byte boundary (cpu_pool.skewed_row):
 # an x on a 32-byte boundary held it to 21-25 GB/s against 30-35 (2 cores, the same weights in
 # turn in one process; TinyLlama's bfloat16 GEMVs 78.6 against 57.6-60.2 ms a token with x at
 # 0x10, 0x1c, 0x30, 0x4 or 0x8 past a page, 73.9 at 0x20; float32's and q8_0's GEMVs alike at
@@ -669,37 +669,38 @@ def linear(out, x, w, bias):
         cpu_pool.run(_add_bias, out.size, out, bias)
 
 
+def _decode_gemv(bits, half):
+    # the one-row GEMV over w's bits as decode_gemv gives it, or None where x needs more than a
+    # copy (the rows kernel's even/odd split of x, where decode does not take one stream)
+    if not (fast_path("f16c") if half else fast_path()):
+        return _gemv_rows_portable, bits.size, (bits, half), 0
+    if ONE_STREAM_DECODE:
+        return _gemv, bits.size, (bits, half), DECODE_X_SKEW
+    return None
+
+
 def _bind_gemv(bits, half, m):
     # gemv(out, x) for m rows of x (m <= GEMV_MAX_ROWS) over w's bits
+    spec = _decode_gemv(bits, half) if m == 1 else None
+    if spec is not None:
+        return cpu_pool.bind_gemv(*spec)
     work = m * bits.size
     if not (fast_path("f16c") if half else fast_path()):
         return cpu_pool.bind_parts(_gemv_rows_portable, work, bits, half)
-    if m == 1 and ONE_STREAM_DECODE:
-        gemv = cpu_pool.bind_parts(_gemv, work, bits, half)
-        if not DECODE_X_SKEW:
-            return gemv
-        xs = skewed_row(bits.shape[1], DECODE_X_SKEW)
-
-        def gemv_skewed(out, x):
-            np.copyto(xs, x)
-            gemv(out, xs)
-        return gemv_skewed
     rows = cpu_pool.bind_parts(_gemv_rows, work, bits, half, not ONE_STREAM_DECODE)
     return lambda out, x: rows(out, x, x if half else even_odd(x))
-
-
-def skewed_row(k, skew):
-    """A (1, k) float32 buffer whose data starts `skew` bytes past a 32-byte boundary
-    (DECODE_X_SKEW)."""
-    raw = np.empty(k + 8, np.float32)
-    start = (skew - raw.ctypes.data) % 32 // 4
-    return raw[start:start + k].reshape(1, k)
 
 
 def bind_gemv(w):
     """gemv(out, x) = linear(out, x, w, no bias) for one row of x, its kernel and w's bits
     picked once (linear_cpu.bind_gemv)."""
     return _bind_gemv(w.view(np.uint16), w.dtype == np.float16, 1)
+
+
+def decode_gemv(w):
+    """The one-row GEMV over w as a compiled decode step calls it (linear_cpu.decode_gemv), or
+    None where this host's takes more than a kernel in parts."""
+    return _decode_gemv(w.view(np.uint16), w.dtype == np.float16)
 
 
 def embedding(out, table, tokens):

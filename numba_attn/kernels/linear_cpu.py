@@ -209,4 +209,10 @@ def bind_gemv(w):
     """gemv(out, x) = linear(out, x, w, no bias) for one row of x, its kernel picked once: a
     decode step calls it for every weight, every token, each time with the caches cold from
     the weights streamed before (each Python step costs microseconds there)."""
-    return cpu_pool.bind_parts(_gemv_one if ONE_STREAM_DECODE else _gemv, w.size, w)
+    return cpu_pool.bind_gemv(*decode_gemv(w))
+
+
+def decode_gemv(w):
+    """The one-row GEMV over w as a compiled decode step calls it (cpu_decode.py): (kernel in
+    parts, multiply-adds, w's arguments after out and x, x's skew in bytes or 0)."""
+    return _gemv_one if ONE_STREAM_DECODE else _gemv, w.size, (w,), 0

@@ -530,9 +530,13 @@ def linear(out, x, w, bias):
 def bind_gemv(w):
     """gemv(out, x) = linear(out, x, w, no bias) for one row of x, its kernel and w's views
     picked once (linear_cpu.bind_gemv)."""
-    wq = w.qs
+    return cpu_pool.bind_gemv(*decode_gemv(w))
+
+
+def decode_gemv(w):
+    """The one-row GEMV over w as a compiled decode step calls it (linear_cpu.decode_gemv)."""
     kernel, family = _gemv_kernel(1)
-    return cpu_pool.bind_parts(kernel, wq.size, wq, w.d.view(np.uint16), family)
+    return kernel, w.qs.size, (w.qs, w.d.view(np.uint16), family), 0
 
 
 def embedding(out, table, tokens):

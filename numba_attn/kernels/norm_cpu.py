@@ -164,18 +164,23 @@ def _silu_mul_parallel16(out, gate, up):
         _silu_mul_range16(out, gate, up, c * SILU_CHUNK, min(n, (c + 1) * SILU_CHUNK))
 
 
-def bind_silu_mul(out, gate, up):
-    """f() = silu_mul(out, gate, up) for these arrays, its kernel picked once (a decode step's
-    buffers, every token: linear_cpu.bind_gemv's reason)."""
+def silu_mul_call(out, gate, up):
+    """(kernel, args): silu_mul(out, gate, up) is kernel(*args), its kernel picked for these
+    arrays (a decode step's buffers, every token: linear_cpu.bind_gemv's reason)."""
     if fast_path("avx512f"):
         kernel = _silu_mul16_serial if gate.size < PARALLEL_MIN else _silu_mul_parallel16
-        return lambda: kernel(out, gate, up)
+        return kernel, (out, gate, up)
     at = out.ctypes.data
     into = 1 if at == gate.ctypes.data else 2 if at == up.ctypes.data else 0
     if gate.size < PARALLEL_MIN:
-        n = gate.shape[0]
-        return lambda: _silu_mul_range(out, gate, up, 0, n, into)
-    return lambda: _silu_mul_parallel(out, gate, up, into)
+        return _silu_mul_range, (out, gate, up, 0, gate.shape[0], into)
+    return _silu_mul_parallel, (out, gate, up, into)
+
+
+def bind_silu_mul(out, gate, up):
+    """f() = silu_mul(out, gate, up) for these arrays, its kernel picked once."""
+    kernel, args = silu_mul_call(out, gate, up)
+    return lambda: kernel(*args)
 
 
 def silu_mul(out, gate, up):
