@@ -36,6 +36,7 @@ def main():
     family = fmt.family("cpu")
     relative = f"numba_attn/kernels/{family}_cpu.py"
     other = load_kernel(kernel_source(relative, args.at), f"{family}_at_rev", tempfile.mkdtemp())
+    model.decoder = None          # the steps, whose kernel family is swapped below
     model.warmup()
     model.forward(np.arange(1, 17), 0)
     ours = model.cpu_steps

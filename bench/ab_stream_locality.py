@@ -54,6 +54,7 @@ def main():
     for key in ("near", "far", "near, variant", "far, variant"):
         m = base if key == "near" else Model(c, base.weights, max_seq=base.max_seq,
                                                kv_dtype=base.kv_dtype)
+        m.decoder = None          # the steps, whose kernel family the variants swap
         if key.endswith("variant"):
             m.cpu_steps.families[base.weight_dtype] = variant
         models[key] = m

@@ -1,9 +1,10 @@
 """Where a CPU decode step's time goes, on a model folder (e.g. the TinyLlama-shaped one
 bench_model.py writes):
 
-- the step with its kernels called straight (Model.cpu_steps, cpu_decode.py) against the same
-  step with each GEMV through its family's linear() (not bound once) and through ops.py's
-  checked functions, in turn in one process (medians);
+- the step compiled whole (Model.decoder, cpu_decode.CpuDecoder) against the step with its
+  kernels called straight (Model.cpu_steps), the same with each GEMV through its family's
+  linear() (not bound once) and through ops.py's checked functions, in turn in one process
+  (medians); the rest measures the straight steps;
 - the straight step's time by step kind (each call timed inside the running step), the rest
   being the forward pass's own Python;
 - every GEMV of a token back to back, nothing else: the read rate of the weights alone;
@@ -58,9 +59,12 @@ def straight_vs_checked(model, pos, n):
             out = np.empty((x.shape[0], w.shape[0]), np.float32)
         direct._family(w).linear(out, x, w, direct.no_bias if bias is None else bias)
         return out
-    times = {"straight": [], "straight, GEMVs not bound": [], "checked (ops.py)": []}
+    decoder = model.decoder
+    times = {"compiled whole": [], "straight": [], "straight, GEMVs not bound": [],
+             "checked (ops.py)": []}
     for _ in range(n):
         for name in times:
+            model.decoder = decoder if name == "compiled whole" else None
             model.cpu_steps = None if name.startswith("checked") else direct
             direct.linear = unbound if name.endswith("not bound") else bound
             t = time.perf_counter()
@@ -68,6 +72,7 @@ def straight_vs_checked(model, pos, n):
             times[name].append(time.perf_counter() - t)
             pos += 1
     model.cpu_steps, direct.linear = direct, bound
+    model.decoder = None                         # the rest times the steps one by one
     for name, ts in times.items():
         step = statistics.median(ts)
         print(f"  {name:26s} {ms(step)} a token, {1 / step:.2f} tok/s")
@@ -118,6 +123,7 @@ def gemvs_alone(model, rounds=6):
 
 def long_context(model, n_ctx, n):
     far = Model(model.config, model.weights, max_seq=model.max_seq, kv_dtype=model.kv_dtype)
+    far.decoder = None                           # the steps, timed one by one
     rng = np.random.default_rng(1)
     model.forward(rng.integers(0, model.config.vocab_size, 16), 0)
     far.forward(rng.integers(0, model.config.vocab_size, n_ctx), 0)
@@ -154,8 +160,8 @@ def main():
           f"{model.config.n_layers} layers")
     model.warmup()
     model.forward(np.arange(1, 17), 0)
-    print("decode step, kernels called straight (GEMVs bound once, or not) against ops.py's "
-          "checked steps:")
+    print("decode step compiled whole, kernels called straight (GEMVs bound once, or not), "
+          "ops.py's checked steps:")
     pos = straight_vs_checked(model, 16, args.steps)
     print("decode step by step kind (kernels called straight):")
     by_kind(model, pos, args.steps)

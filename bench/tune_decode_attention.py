@@ -162,6 +162,7 @@ def in_model(path, dtype, names, n_ctx, n_steps):
     from numba_attn.model import Model
     weights = {"int8": "q8_0"}.get(dtype, dtype)
     model = Model.from_pretrained(path, weight_dtype=weights, max_seq=n_ctx + n_steps)
+    model.decoder = None          # the steps, whose attention the variants replace
     if np.dtype(model.kv_dtype).name != dtype and not (dtype == "int8" and model.cache.int8):
         sys.exit(f"{weights} weights keep a {model.kv_dtype} KV cache, not {dtype}")
     tmp = tempfile.mkdtemp()

@@ -393,23 +393,39 @@ def test_reply_rendered_differently_is_rerun_from_the_first_difference(demo, dem
                         full_recompute_logits(session.cached))
 
 
-def test_interrupt_keeps_the_part_written_and_a_consistent_cache(demo, demo_tok, monkeypatch):
+@pytest.mark.parametrize("decode", ["compiled", "steps"])
+def test_interrupt_keeps_the_part_written_and_a_consistent_cache(demo, demo_tok, monkeypatch,
+                                                                  decode):
     session = ChatSession(demo, demo_tok, sampling=GREEDY, max_tokens=40)
     steps = []
-    write = demo.cache.write                            # under append and decode steps
+    if decode == "steps":                               # mid-forward, in a decode step's layer
+        monkeypatch.setattr(demo, "decoder", None)
+        write = demo.cache.write                        # under append and decode steps
 
-    def interrupting_write(layer, k, v):
-        if k.shape[0] == 1 and layer == 2:              # mid-forward, in a decode step
+        def interrupting_write(layer, k, v):
+            if k.shape[0] == 1 and layer == 2:
+                steps.append(1)
+                if len(steps) == 6:
+                    raise KeyboardInterrupt
+            return write(layer, k, v)
+        monkeypatch.setattr(demo.cache, "write", interrupting_write)
+    else:             # the compiled step: every layer's keys written, the length not yet moved
+        step = demo.decoder.step
+
+        def interrupting_step(token, pos):
+            logits = step(token, pos)
             steps.append(1)
             if len(steps) == 6:
                 raise KeyboardInterrupt
-        return write(layer, k, v)
-    monkeypatch.setattr(demo.cache, "write", interrupting_write)
+            return logits
+        monkeypatch.setattr(demo.decoder, "step", interrupting_step)
     pieces = []
     with pytest.raises(KeyboardInterrupt):
         for piece in session.send("Good morning, Mr. Darcy. How is your sister?"):
             pieces.append(piece)
+    assert len(steps) == 6
     monkeypatch.undo()
+    assert decode == "steps" or demo.decoder.why_not is None
     assert session.messages[-1] == {"role": "assistant", "content": "".join(pieces)}
     assert len(set(demo.cache.lengths)) == 1 and demo.position == len(session.cached)
     "".join(session.send("And your aunt?"))

@@ -460,6 +460,13 @@ def test_warmup_runs_the_pools_attention_schedules_of_a_real_sized_model(make_fo
     m.warmup()
     assert m.cache.length == 0
     if pool:     # 16 x 16 x 1024 and 1 x 256 x 1024 multiply-adds: the pool's threshold
+        # the decode step compiled whole: its threaded attention bound (compiled) at 256 keys
+        assert seen == [("_attention_prefill_mk", 16, 16)]
+        assert m.decoder.why_not is None and m.decoder.parallel
+        m.decoder = None                            # the steps: the schedule itself runs
+        seen.clear()
+        m.warmup()
+        assert m.cache.length == 0
         assert sorted(seen) == [("_attention_decode_mk", 1, 256),
                                 ("_attention_prefill_mk", 16, 16)]
     else:
