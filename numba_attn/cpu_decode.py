@@ -8,7 +8,7 @@
   streamed before it (tens of microseconds), about 2 ms a token on a 1B model.
 - CpuDecodeSteps: ops.py's steps for one token, each a straight call of its kernel with no
   checks (the model's shapes were checked when it was built, the token and its position by
-  Model.forward); for what CpuDecoder does not cover (biases; kernels that are not in parts)
+  Model.forward); for what CpuDecoder does not cover (biases, head sizes not a multiple of 32)
   and for measuring steps one by one.
 
 NUMBA_ATTN_CPU_DECODER=0 turns CpuDecoder off."""
@@ -16,12 +16,14 @@ import math
 import os
 
 import numpy as np
-from numba import get_num_threads, njit
+from numba import get_num_threads, njit, types
+from numba.extending import overload
 
 from .backend import kernels, qkv_row_views
 from .formats import Int8KV, weight_format
 from .kernels.cpu_pool import PARALLEL_MIN_WORK, _launch, address, call_at, call_part, \
     skewed_row
+from .kernels.linear_bf16_cpu import even_odd_into
 from .kernels.norm_cpu import _add_rmsnorm_rows, _rmsnorm_rows
 from .kernels.rope_cpu import _rope_half_rows
 
@@ -115,15 +117,47 @@ class CpuDecodeSteps:
 @njit(inline="always")
 def _gemv(spec, n_threads, out, x, tail):
     # out (1, n) = x (1, k) w^T by a family's decode GEMV: spec (address, threaded, skewed x or
-    # a (1, 0) array), tail w's arguments
-    addr, threaded, xs = spec
+    # a (1, 0) array, what the kernel takes after x: _after_x), tail w's arguments
+    addr, threaded, xs, more = spec
     if xs.shape[1]:
         xs[0, :] = x[0, :]
         x = xs
-    if threaded and n_threads > 1:
-        _launch(addr, n_threads, (out, x) + tail)
-    else:
-        call_part(addr, np.int64(0), np.int64(1), (out, x) + tail)
+    _run_gemv(addr, threaded and n_threads > 1, n_threads, out, x, more, tail)
+
+
+def _run_gemv(addr, threaded, n_threads, out, x, more, tail):
+    """The GEMV kernel at addr on the pool's threads or the calling thread, given out, x,
+    then by `more`: nothing (None), x again (a (1, 0) array) or x's even/odd copy (its
+    buffer, linear_bf16_cpu.even_odd), then tail."""
+
+
+@overload(_run_gemv)
+def _run_gemv_impl(addr, threaded, n_threads, out, x, more, tail):
+    if isinstance(more, types.NoneType):
+        def plain(addr, threaded, n_threads, out, x, more, tail):
+            if threaded:
+                _launch(addr, n_threads, (out, x) + tail)
+            else:
+                call_part(addr, np.int64(0), np.int64(1), (out, x) + tail)
+        return plain
+
+    def with_pairs(addr, threaded, n_threads, out, x, more, tail):
+        xr = x
+        if more.shape[1]:
+            even_odd_into(more, x)
+            xr = more
+        if threaded:
+            _launch(addr, n_threads, (out, x, xr) + tail)
+        else:
+            call_part(addr, np.int64(0), np.int64(1), (out, x, xr) + tail)
+    return with_pairs
+
+
+def _after_x(x_more, k):
+    # the spec's last entry for a family's decode_gemv's last: None, "x" or "even_odd"
+    if x_more is None:
+        return None
+    return np.empty((1, 0 if x_more == "x" else k - k % 32), np.float32)
 
 
 @njit(cache=True)
@@ -210,18 +244,18 @@ class CpuDecoder:
         specs, tails = [], []
         for mats, out in zip(kinds + [[w.lm_head]], (qkv, xb, gate, up, xb, b.logits)):
             got = [m.cpu_steps._family(a).decode_gemv(a) for a in mats]
-            if any(g is None for g in got):
-                self.why_not = "a decode GEMV that is not one kernel in parts on this host"
-                return None
-            kernel, work, tail, skew = got[0]
-            x_in = np.empty((1, mats[0].shape[1]), np.float32)
-            addr = address(kernel, out, x_in, *tail)
-            if any(g[0] is not kernel or g[3] != skew or address(kernel, out, x_in, *g[2]) != addr
-                   for g in got):
+            kernel, work, tail, skew, x_more = got[0]
+            k = mats[0].shape[1]
+            x_in = np.empty((1, k), np.float32)
+            more = _after_x(x_more, k)
+            head = (out, x_in) if more is None else (out, x_in, x_in)
+            addr = address(kernel, *head, *tail)
+            if any(g[0] is not kernel or g[3:] != (skew, x_more)
+                   or address(kernel, *head, *g[2]) != addr for g in got):
                 self.why_not = "matrices of one kind in different formats"
                 return None
-            xs = skewed_row(mats[0].shape[1], skew) if skew else np.empty((1, 0), np.float32)
-            specs.append((addr, work >= PARALLEL_MIN_WORK, xs))
+            xs = skewed_row(k, skew) if skew else np.empty((1, 0), np.float32)
+            specs.append((addr, work >= PARALLEL_MIN_WORK, xs, more))
             tails.append([g[2] for g in got])
         post = [lw.post_attention_layernorm for lw in w.layers]
         nxt = [lw.input_layernorm for lw in w.layers[1:]] + [w.norm]

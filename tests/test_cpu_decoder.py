@@ -82,6 +82,19 @@ def test_compiled_step_on_the_portable_path(folder, cpu_path):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("weight_dtype", ["bfloat16", "float16"])
+def test_compiled_step_with_the_few_rows_gemv(folder, monkeypatch, weight_dtype):
+    # the 16-bit decode GEMV an Intel CPU takes (4 rows of w at a time; bfloat16's x in
+    # even/odd order, made inside the step; float16's x given twice), forced here
+    from numba_attn.kernels import linear_bf16_cpu
+    monkeypatch.setattr(linear_bf16_cpu, "ONE_STREAM_DECODE", False)
+    ours, ref, logits = _decode_both(folder, weight_dtype, "float32", 3)
+    assert ours.decoder.why_not is None
+    assert ours.decoder.args[0][12][0][3] is not None      # the q|k|v GEMV's x after x
+    for got, want in logits:
+        np.testing.assert_array_equal(got, want)
+
+
 def test_steps_where_the_compiled_step_does_not_apply(make_folder, monkeypatch):
     # biases (Qwen2's q|k|v), a head size not a multiple of 32, or switched off: the steps
     qwen, _ = make_folder("qwen", arch="Qwen2ForCausalLM", hidden=64, heads=2, kv_heads=1,

@@ -186,10 +186,13 @@ def skewed_row(k, skew):
     return raw[start:start + k].reshape(1, k)
 
 
-def bind_gemv(kernel, work, tail, x_skew):
+def bind_gemv(kernel, work, tail, x_skew, x_more=None):
     """gemv(out, x) for a family's decode GEMV (its `decode_gemv(w)`: the kernel in parts, its
-    multiply-adds, the weight's arguments after out and x, and the skew its x wants, 0 for
-    none): run_parts(kernel, work, out, x, *tail), x first copied to a skewed row if asked."""
+    multiply-adds, the weight's arguments after out and x, the skew its x wants, 0 for none,
+    and nothing more after x): run_parts(kernel, work, out, x, *tail), x first copied to a
+    skewed row if asked."""
+    if x_more is not None:
+        raise ValueError(f"{kernel.py_func.__name__} takes more than x; its family binds it")
     gemv = bind_parts(kernel, work, *tail)
     if not x_skew:
         return gemv

@@ -670,23 +670,21 @@ def linear(out, x, w, bias):
 
 
 def _decode_gemv(bits, half):
-    # the one-row GEMV over w's bits as decode_gemv gives it, or None where x needs more than a
-    # copy (the rows kernel's even/odd split of x, where decode does not take one stream)
+    # the one-row GEMV over w's bits as decode_gemv gives it
     if not (fast_path("f16c") if half else fast_path()):
-        return _gemv_rows_portable, bits.size, (bits, half), 0
+        return _gemv_rows_portable, bits.size, (bits, half), 0, None
     if ONE_STREAM_DECODE:
-        return _gemv, bits.size, (bits, half), DECODE_X_SKEW
-    return None
+        return _gemv, bits.size, (bits, half), DECODE_X_SKEW, None
+    return _gemv_rows, bits.size, (bits, half, True), 0, "x" if half else "even_odd"
 
 
 def _bind_gemv(bits, half, m):
     # gemv(out, x) for m rows of x (m <= GEMV_MAX_ROWS) over w's bits
-    spec = _decode_gemv(bits, half) if m == 1 else None
-    if spec is not None:
-        return cpu_pool.bind_gemv(*spec)
     work = m * bits.size
     if not (fast_path("f16c") if half else fast_path()):
         return cpu_pool.bind_parts(_gemv_rows_portable, work, bits, half)
+    if m == 1 and ONE_STREAM_DECODE:
+        return cpu_pool.bind_gemv(*_decode_gemv(bits, half))
     rows = cpu_pool.bind_parts(_gemv_rows, work, bits, half, not ONE_STREAM_DECODE)
     return lambda out, x: rows(out, x, x if half else even_odd(x))
 
@@ -698,9 +696,17 @@ def bind_gemv(w):
 
 
 def decode_gemv(w):
-    """The one-row GEMV over w as a compiled decode step calls it (linear_cpu.decode_gemv), or
-    None where this host's takes more than a kernel in parts."""
+    """The one-row GEMV over w as a compiled decode step calls it (linear_cpu.decode_gemv)."""
     return _decode_gemv(w.view(np.uint16), w.dtype == np.float16)
+
+
+@njit(cache=True)
+def even_odd_into(xr, x):
+    # xr (1, k - k % 32) = even_odd(x) for x (1, k)
+    for b in range(xr.shape[1] // 32):
+        for i in range(16):
+            xr[0, 32 * b + i] = x[0, 32 * b + 2 * i]
+            xr[0, 32 * b + 16 + i] = x[0, 32 * b + 2 * i + 1]
 
 
 def embedding(out, table, tokens):

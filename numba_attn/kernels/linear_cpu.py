@@ -214,5 +214,7 @@ def bind_gemv(w):
 
 def decode_gemv(w):
     """The one-row GEMV over w as a compiled decode step calls it (cpu_decode.py): (kernel in
-    parts, multiply-adds, w's arguments after out and x, x's skew in bytes or 0)."""
-    return _gemv_one if ONE_STREAM_DECODE else _gemv, w.size, (w,), 0
+    parts, multiply-adds, w's arguments after out and x, x's skew in bytes or 0, and what the
+    kernel takes after x: None for nothing, "x" for x again, "even_odd" for
+    linear_bf16_cpu.even_odd(x))."""
+    return _gemv_one if ONE_STREAM_DECODE else _gemv, w.size, (w,), 0, None

@@ -536,7 +536,7 @@ def bind_gemv(w):
 def decode_gemv(w):
     """The one-row GEMV over w as a compiled decode step calls it (linear_cpu.decode_gemv)."""
     kernel, family = _gemv_kernel(1)
-    return kernel, w.qs.size, (w.qs, w.d.view(np.uint16), family), 0
+    return kernel, w.qs.size, (w.qs, w.d.view(np.uint16), family), 0, None
 
 
 def embedding(out, table, tokens):
