@@ -114,42 +114,47 @@ class CpuDecodeSteps:
         return out
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _gemv(spec, n_threads, out, x, tail):
-    # out (1, n) = x (1, k) w^T by a family's decode GEMV: spec (address, threaded, skewed x or
-    # a (1, 0) array, what the kernel takes after x: _after_x), tail w's arguments
-    addr, threaded, xs, more = spec
+    # out (1, n) = x (1, k) w^T by a family's decode GEMV: spec (its address, the address of
+    # the pool's launch for it or 0 for the calling thread, skewed x or a (1, 0) array, what
+    # the kernel takes after x: _after_x), tail w's arguments
+    addr, launch, xs, more = spec
     if xs.shape[1]:
-        xs[0, :] = x[0, :]
+        for j in range(x.shape[1]):
+            xs[0, j] = x[0, j]
         x = xs
-    _run_gemv(addr, threaded and n_threads > 1, n_threads, out, x, more, tail)
+    _run_gemv(addr, launch if n_threads > 1 else 0, n_threads, out, x, more, tail)
 
 
-def _run_gemv(addr, threaded, n_threads, out, x, more, tail):
-    """The GEMV kernel at addr on the pool's threads or the calling thread, given out, x,
-    then by `more`: nothing (None), x again (a (1, 0) array) or x's even/odd copy (its
-    buffer, linear_bf16_cpu.even_odd), then tail."""
+def _run_gemv(addr, launch, n_threads, out, x, more, tail):
+    """The GEMV kernel at addr on the pool's threads (launch: cpu_pool._launch's address for
+    its arguments) or the calling thread (launch 0), given out, x, then by `more`: nothing
+    (None), x again (a (1, 0) array) or x's even/odd copy (its buffer,
+    linear_bf16_cpu.even_odd), then tail."""
+
+
+@njit(inline="always")
+def _run_parts(addr, launch, n_threads, args):
+    if launch:
+        call_at(launch, (addr, n_threads, args))
+    else:
+        call_part(addr, np.int64(0), np.int64(1), args)
 
 
 @overload(_run_gemv)
-def _run_gemv_impl(addr, threaded, n_threads, out, x, more, tail):
+def _run_gemv_impl(addr, launch, n_threads, out, x, more, tail):
     if isinstance(more, types.NoneType):
-        def plain(addr, threaded, n_threads, out, x, more, tail):
-            if threaded:
-                _launch(addr, n_threads, (out, x) + tail)
-            else:
-                call_part(addr, np.int64(0), np.int64(1), (out, x) + tail)
+        def plain(addr, launch, n_threads, out, x, more, tail):
+            _run_parts(addr, launch, n_threads, (out, x) + tail)
         return plain
 
-    def with_pairs(addr, threaded, n_threads, out, x, more, tail):
+    def with_pairs(addr, launch, n_threads, out, x, more, tail):
         xr = x
         if more.shape[1]:
             even_odd_into(more, x)
             xr = more
-        if threaded:
-            _launch(addr, n_threads, (out, x, xr) + tail)
-        else:
-            call_part(addr, np.int64(0), np.int64(1), (out, x, xr) + tail)
+        _run_parts(addr, launch, n_threads, (out, x, xr) + tail)
     return with_pairs
 
 
@@ -162,31 +167,35 @@ def _after_x(x_more, k):
 
 @njit(cache=True)
 def _decode_token(x, xb, qkv, qk, q, k_new, v_new, att, att_row, gate, up, logits, gemvs, layers,
-                  lm_head, norm0, eps, cos, sin, pos, silu, kv_layer, kv, scale, n_threads):
+                  lm_head, norm0, eps, cos, sin, small, pos, silu, kv_layer, kv, scale,
+                  n_threads):
     # Model.run_layers for one token whose embedding is in x (1, hidden), at position pos;
     # the logits into logits (1, vocab). Buffers: xb (1, hidden); qkv (1, qkv_dim) and its
     # views qk (1, 1, H + Hkv, d), q (1, 1, H, d), k_new, v_new (Hkv, d); att (1, 1, H, d)
     # and att_row (1, H d) the same memory; gate, up (1, intermediate). gemvs: the GEMVs'
     # specs (_gemv) for q|k|v, o, gate, up, down, lm_head; layers: per layer (q|k|v, o,
     # post-attention norm, gate, up, down, the next norm: the next layer's input norm or the
-    # final norm), matrices as their families' arguments; silu: (address, arguments);
+    # final norm), matrices as their families' arguments; small: the addresses of
+    # _rmsnorm_rows, _add_rmsnorm_rows and _rope_half_rows; silu: (address, arguments);
     # kv_layer, kv: the KV cache's decode_layer address and arguments
-    _rmsnorm_rows(xb, x, norm0, eps, 0, 1)
+    rmsnorm, add_rmsnorm, rope = small
+    zero, one = np.int64(0), np.int64(1)
+    call_at(rmsnorm, (xb, x, norm0, eps, zero, one))
     for i in range(len(layers)):
         qkv_w, o_w, post_norm, gate_w, up_w, down_w, next_norm = layers[i]
         # attention: x += o_proj(attention(rope(q), rope(k), v)); xb = the normed x
         _gemv(gemvs[0], n_threads, qkv, xb, qkv_w)
-        _rope_half_rows(qk, qk, cos, sin, pos, 0, 1)
+        call_at(rope, (qk, qk, cos, sin, pos, zero, one))
         call_at(kv_layer, (att, q, k_new, v_new, i, pos, scale, n_threads) + kv)
         _gemv(gemvs[1], n_threads, xb, att_row, o_w)
-        _add_rmsnorm_rows(xb, x, xb, post_norm, eps, 0, 1)
+        call_at(add_rmsnorm, (xb, x, xb, post_norm, eps, zero, one))
         # mlp: x += down_proj(silu(gate_proj(xb)) * up_proj(xb)); xb = x normed for the next
         # layer (the final norm after the last)
         _gemv(gemvs[2], n_threads, gate, xb, gate_w)
         _gemv(gemvs[3], n_threads, up, xb, up_w)
         call_at(silu[0], silu[1])
         _gemv(gemvs[4], n_threads, xb, gate, down_w)
-        _add_rmsnorm_rows(xb, x, xb, next_norm, eps, 0, 1)
+        call_at(add_rmsnorm, (xb, x, xb, next_norm, eps, zero, one))
     _gemv(gemvs[5], n_threads, logits, xb, lm_head)
 
 
@@ -255,7 +264,10 @@ class CpuDecoder:
                 self.why_not = "matrices of one kind in different formats"
                 return None
             xs = skewed_row(k, skew) if skew else np.empty((1, 0), np.float32)
-            specs.append((addr, work >= PARALLEL_MIN_WORK, xs, more))
+            # the pool's launch compiled for these arguments only where the work takes it
+            launch = address(_launch, addr, 2, (*head, *tail), parts=False) \
+                if work >= PARALLEL_MIN_WORK else 0
+            specs.append((addr, launch, xs, more))
             tails.append([g[2] for g in got])
         post = [lw.post_attention_layernorm for lw in w.layers]
         nxt = [lw.input_layernorm for lw in w.layers[1:]] + [w.norm]
@@ -273,7 +285,10 @@ class CpuDecoder:
         silu_kernel, silu_args = kernels("norm", "cpu").silu_mul_call(
             gate.reshape(-1), gate.reshape(-1), up.reshape(-1))
         silu = (address(silu_kernel, *silu_args, parts=False), silu_args)
+        eps, norm0 = float(c.rms_norm_eps), w.layers[0].input_layernorm
+        small = (address(_rmsnorm_rows, xb, x, norm0, eps, 0, 1, parts=False),
+                 address(_add_rmsnorm_rows, xb, x, xb, norm0, eps, 0, 1, parts=False),
+                 address(_rope_half_rows, qk, qk, m.rope.cos, m.rope.sin, 0, 0, 1, parts=False))
         head = (x, xb, qkv, qk, q, k_new, v_new, att, att_row, gate, up, b.logits, tuple(specs),
-                layers, tails[5][0], w.layers[0].input_layernorm, float(c.rms_norm_eps),
-                m.rope.cos, m.rope.sin)
+                layers, tails[5][0], norm0, eps, m.rope.cos, m.rope.sin, small)
         return head, (silu, kv_layer, kv, float(m.cpu_steps.scale))

@@ -1700,8 +1700,10 @@ def _store_kv(dst, src, kind):
 @overload(_store_kv)
 def _store_kv_impl(dst, src, kind):
     if kind.dtype == types.float32:
-        def copy(dst, src, kind):
-            dst[:] = src
+        def copy(dst, src, kind):        # loops: a slice assignment compiles 10x longer
+            for h in range(dst.shape[0]):
+                for c in range(dst.shape[1]):
+                    dst[h, c] = src[h, c]
         return copy
 
     def narrowed(dst, src, kind):
@@ -1713,21 +1715,22 @@ def _store_kv_impl(dst, src, kind):
 
 @njit(cache=True)
 def decode_layer(out, q, k_new, v_new, layer, pos, scale, n_threads, k_cache, v_cache, kind,
-                 family, serial, part, causal):
+                 family, serial, part, launch, causal):
     # one layer of a decode step past its q|k|v projection: k_new, v_new (Hkv, d) float32
     # stored at position pos of the layer's cache (k_cache, v_cache: (layers, max_seq, Hkv, d),
     # float32 or 16-bit bits by kind), then out = attention of q over positions 0..pos (out, q:
-    # (1, 1, H, d)): _attention_decode_mk's schedule; serial, part: the addresses of
-    # _attention_decode_mk_serial and _decode_part (0 until a context needs it) for these types
+    # (1, 1, H, d)): _attention_decode_mk's schedule; serial, part, launch: the addresses of
+    # _attention_decode_mk_serial, _decode_part and the pool's launch of it (both 0 until a
+    # context needs them) for these types
     _store_kv(k_cache[layer, pos], k_new, kind)
     _store_kv(v_cache[layer, pos], v_new, kind)
     n = pos + 1
     k, v = k_cache[layer, :n], v_cache[layer, :n]
     k, v = k.reshape((1,) + k.shape), v.reshape((1,) + v.shape)
-    if part and n_threads > 1 and q.shape[2] * n * q.shape[3] >= cpu_pool.PARALLEL_MIN_WORK:
+    if launch and n_threads > 1 and q.shape[2] * n * q.shape[3] >= cpu_pool.PARALLEL_MIN_WORK:
         n_split, split_len, _, O_part, M_part, L_part = _decode_mk_plan(q, k, n_threads)
-        cpu_pool._launch(part, n_threads, (q, k, v, scale, causal, kind, family, n_split,
-                                           split_len, O_part, M_part, L_part))
+        call_at(launch, (part, n_threads, (q, k, v, scale, causal, kind, family, n_split,
+                                           split_len, O_part, M_part, L_part)))
         _decode_mk_merge(out, O_part, M_part, L_part, n_split)
     else:
         call_at(serial, (out, q, k, v, scale, causal, kind, family))
@@ -1748,8 +1751,11 @@ def decode_layer_args(out, q, k_new, v_new, k_cache, v_cache, scale, parallel=Fa
     scale, causal = float(scale), True
     serial = cpu_pool.address(_attention_decode_mk_serial, out, q, k, v, scale, causal, kind,
                               family, parts=False)
-    part = cpu_pool.address(_decode_part, q, k, v, scale, causal, kind, family,
-                            *_DECODE_PLAN) if parallel else 0
-    kv = (k_cache, v_cache, kind, family, serial, part, causal)
+    part = launch = 0
+    if parallel:
+        tasks = (q, k, v, scale, causal, kind, family, *_DECODE_PLAN)
+        part = cpu_pool.address(_decode_part, *tasks)
+        launch = cpu_pool.address(cpu_pool._launch, part, 2, tasks, parts=False)
+    kv = (k_cache, v_cache, kind, family, serial, part, launch, causal)
     return cpu_pool.address(decode_layer, out, q, k_new, v_new, 0, 0, scale, 1, *kv,
                             parts=False), kv

@@ -731,11 +731,11 @@ def attention(out, q, k, v, scale, causal):
 
 @njit(cache=True)
 def decode_layer(out, q, k_new, v_new, layer, pos, scale, n_threads, kc, ks, vc, vs, isa,
-                 serial, part, causal):
+                 serial, part, launch, causal):
     # attention_cpu.decode_layer over an 8-bit cache: k_new, v_new (Hkv, d) float32 quantized
     # into position pos of the layer's codes (layers, max_seq, Hkv, d) and scales (layers,
-    # max_seq, Hkv); serial, part: the addresses of _attention_decode_serial and _decode_part
-    # (0 until a context needs it) for these types
+    # max_seq, Hkv); serial, part, launch: the addresses of _attention_decode_serial,
+    # _decode_part and the pool's launch of it (both 0 until a context needs them)
     for h in range(kc.shape[2]):
         ks[layer, pos, h] = quantize_kv_row(kc[layer, pos, h], k_new[h])
         vs[layer, pos, h] = quantize_kv_row(vc[layer, pos, h], v_new[h])
@@ -743,10 +743,10 @@ def decode_layer(out, q, k_new, v_new, layer, pos, scale, n_threads, kc, ks, vc,
     a, b, c, e = kc[layer, :n], ks[layer, :n], vc[layer, :n], vs[layer, :n]
     a, b = a.reshape((1,) + a.shape), b.reshape((1,) + b.shape)
     c, e = c.reshape((1,) + c.shape), e.reshape((1,) + e.shape)
-    if part and n_threads > 1 and q.shape[2] * n * q.shape[3] >= cpu_pool.PARALLEL_MIN_WORK:
+    if launch and n_threads > 1 and q.shape[2] * n * q.shape[3] >= cpu_pool.PARALLEL_MIN_WORK:
         n_split, split_len, _, O_part, M_part, L_part = _decode_mk_plan(q, a, n_threads)
-        cpu_pool._launch(part, n_threads, (isa, q, a, b, c, e, scale, causal, n_split,
-                                           split_len, O_part, M_part, L_part))
+        call_at(launch, (part, n_threads, (isa, q, a, b, c, e, scale, causal, n_split,
+                                           split_len, O_part, M_part, L_part)))
         _decode_mk_merge(out, O_part, M_part, L_part, n_split)
     else:
         call_at(serial, (isa, out, q, a, b, c, e, scale, causal))
@@ -763,8 +763,11 @@ def decode_layer_args(out, q, k_new, v_new, k_cache, v_cache, scale, parallel=Fa
     scale, causal = float(scale), True
     serial = cpu_pool.address(_attention_decode_serial, isa, out, q, a, b, c, e, scale, causal,
                               parts=False)
-    part = cpu_pool.address(_decode_part, isa, q, a, b, c, e, scale, causal,
-                            *f32._DECODE_PLAN) if parallel else 0
-    kv = (kc, ks, vc, vs, isa, serial, part, causal)
+    part = launch = 0
+    if parallel:
+        tasks = (isa, q, a, b, c, e, scale, causal, *f32._DECODE_PLAN)
+        part = cpu_pool.address(_decode_part, *tasks)
+        launch = cpu_pool.address(cpu_pool._launch, part, 2, tasks, parts=False)
+    kv = (kc, ks, vc, vs, isa, serial, part, launch, causal)
     return cpu_pool.address(decode_layer, out, q, k_new, v_new, 0, 0, scale, 1, *kv,
                             parts=False), kv
