@@ -152,3 +152,36 @@ def test_call_part_takes_int64_part_and_parts_only():
     addr = cpu_pool.address(_ramp_part, out, 1.0)
     with pytest.raises(TypingError):
         launch32(addr, (out, 1.0))
+
+
+@njit
+def _scaled(out, x, step):
+    for i in range(out.shape[0]):
+        out[i] = x[i] * step
+
+
+def test_call_at_calls_compiled_code_through_its_address():
+    """address(..., parts=False) compiles kernel(*args) itself; call_at calls it, and the
+    pool's launch of a kernel in parts, from compiled code (as the compiled decode step
+    does), neither linked into the caller."""
+    x, out = np.arange(5.0), np.zeros(5)
+    addr = cpu_pool.address(_scaled, out, x, 2.0, parts=False)
+    with pytest.raises(TypeError, match="Signature mismatch"):   # no (part, parts) here
+        cpu_pool.address(_scaled, out, x, 2.0)
+
+    @njit
+    def call(addr, out, x):
+        cpu_pool.call_at(addr, (out, x, 2.0))
+
+    call(addr, out, x)
+    np.testing.assert_array_equal(out, x * 2.0)
+    ramp = np.zeros(6)
+    part = cpu_pool.address(_ramp_part, ramp, 1.0)
+    launch = cpu_pool.address(cpu_pool._launch, part, 2, (ramp, 1.0), parts=False)
+
+    @njit
+    def pool(launch, part, ramp):
+        cpu_pool.call_at(launch, (part, np.int64(2), (ramp, 1.5)))
+
+    pool(launch, part, ramp)
+    np.testing.assert_array_equal(ramp, np.arange(6) * 1.5 + [0, 0, 0, 1, 1, 1])
