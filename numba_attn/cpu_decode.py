@@ -14,6 +14,7 @@
 NUMBA_ATTN_CPU_DECODER=0 turns CpuDecoder off."""
 import math
 import os
+from operator import is_not
 
 import numpy as np
 from numba import get_num_threads, njit, types
@@ -212,15 +213,27 @@ class CpuDecoder:
         self.why_not = None if os.environ.get(DECODER_ENV, "1") != "0" else f"{DECODER_ENV}=0"
         self.args = None                  # _decode_token's arguments but the position's
         self.parallel = False             # the attention's threaded schedule bound
+        self.bound = ()                   # what the arguments were made from (_sources)
+
+    def _sources(self):
+        # every object the bound arguments come from: a weight, norm or cache replaced on the
+        # model (a study swapping a layer's matrix) binds the step again
+        m = self.model
+        w = m.weights
+        return (w, m.cache, m.cache.k, m.cache.v, m.rope, w.lm_head, w.norm,
+                *(a for lw in w.layers for a in vars(lw).values()))
 
     def step(self, token, pos):
         if self.why_not is not None:
             return None
         threaded = self._threaded_attention(pos)
-        if self.args is None or (threaded and not self.parallel):
-            self.args = self._bind(parallel=threaded)
+        sources = self._sources()
+        if self.args is None or (threaded and not self.parallel) or \
+                len(sources) != len(self.bound) or any(map(is_not, sources, self.bound)):
+            self.args = self._bind(parallel=threaded or self.parallel)
             if self.args is None:
                 return None
+            self.bound = sources
         m, b = self.model, self.buffers
         self.ids[0] = token
         m.cpu_steps.embedding(m.weights.embed_tokens, self.ids, b.x)

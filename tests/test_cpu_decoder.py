@@ -82,6 +82,16 @@ def test_compiled_step_on_the_portable_path(folder, cpu_path):
         np.testing.assert_array_equal(got, want)
 
 
+def test_compiled_step_follows_a_replaced_weight(folder):
+    # a study that swaps a layer's matrix or a norm between steps: the next step uses it
+    ours, ref, _ = _decode_both(folder, "float32", "float32", 1)
+    for m in (ours, ref):
+        lw = m.weights.layers[1]
+        lw.o_proj = np.ascontiguousarray(lw.o_proj * 0.5)
+        m.weights.norm = m.weights.norm * 2.0
+    np.testing.assert_array_equal(ours.forward([3], PROMPT + 1), ref.forward([3], PROMPT + 1))
+
+
 @pytest.mark.parametrize("weight_dtype", ["bfloat16", "float16"])
 def test_compiled_step_with_the_few_rows_gemv(folder, monkeypatch, weight_dtype):
     # the 16-bit decode GEMV an Intel CPU takes (4 rows of w at a time; bfloat16's x in
