@@ -1706,11 +1706,18 @@ def _store_kv_impl(dst, src, kind):
                     dst[h, c] = src[h, c]
         return copy
 
-    def narrowed(dst, src, kind):
+    if kind.dtype == types.int16:           # float16 (KV_F16): F16C's conversion alone
+        def to_f16(dst, src, kind):
+            for h in range(dst.shape[0]):
+                for c in range(dst.shape[1]):
+                    dst[h, c] = _f16_bits(src[h, c])
+        return to_f16
+
+    def to_bf16(dst, src, kind):
         for h in range(dst.shape[0]):
             for c in range(dst.shape[1]):
-                dst[h, c] = _f16_bits(src[h, c]) if _half(kind) else round_bf16(src[h, c])
-    return narrowed
+                dst[h, c] = round_bf16(src[h, c])
+    return to_bf16
 
 
 @njit(cache=True)

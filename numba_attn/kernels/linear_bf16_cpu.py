@@ -44,11 +44,11 @@ _UNROLL_BF16 = 2   # 64-byte chunks per row per loop step in _dots4_bf16 (2 line
 # decode (one row of x) on AMD Zen reads w one row at a time, so each thread streams one address
 # range: 4 rows interleaved held 2 cores to ~40 GB/s where one stream reached 53-56 (12288x4096);
 # on an Intel Xeon 4 rows interleaved streamed faster (llvm_cpu.ONE_STREAM_DECODE)
-# On Zen 4 the one-row GEMV reads x from a copy 16 bytes past a 32-byte boundary (cpu_pool.skewed_row):
-# an x on a 32-byte boundary held it to 21-25 GB/s against 30-35 (2 cores, the same weights in
-# turn in one process; TinyLlama's bfloat16 GEMVs 78.6 against 57.6-60.2 ms a token with x at
-# 0x10, 0x1c, 0x30, 0x4 or 0x8 past a page, 73.9 at 0x20; float32's and q8_0's GEMVs alike at
-# every offset). Measured on Zen 4 alone
+# On Zen 4 the one-row GEMV reads x from a copy 16 bytes past a 32-byte boundary
+# (cpu_pool.skewed_row): an x on a 32-byte boundary held it to 21-25 GB/s against 30-35 (2 cores,
+# the same weights in turn in one process; TinyLlama's bfloat16 GEMVs 78.6 against 57.6-60.2 ms
+# a token with x at 0x10, 0x1c, 0x30, 0x4 or 0x8 past a page, 73.9 at 0x20; float32's and q8_0's
+# GEMVs alike at every offset). Measured on Zen 4 alone
 DECODE_X_SKEW = 16 if HOST_CPU == "znver4" else 0
 # prefill without BF16: rows of w widened per BLAS call (their float32 tile about TILE_BYTES)
 TILE_BYTES = 1 << 23
